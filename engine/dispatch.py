@@ -1,0 +1,39 @@
+"""The one table of operations: the embedded Engine, the server and the CLI
+all dispatch through it. Op numbers are PROTOCOL.md's."""
+from dataclasses import dataclass
+from typing import Callable
+
+from . import ops_query, ops_setup
+
+OP_HELLO = 1
+OP_PING = 2
+OP_PAY = 16
+OP_ISSUE = 17
+
+
+@dataclass(frozen=True)
+class MapOp:
+    code: int
+    name: str
+    apply: Callable            # (state, request, now, draws) -> reply map
+    writes: bool               # changes state: stamped, journaled
+    draw: Callable | None = None  # (state, request, rng) -> draws, outside the apply
+
+
+MAP_OPS = {op.name: op for op in (
+    MapOp(32, "MERCHANTS", ops_setup.merchants, True),
+    MapOp(33, "WALLETS", ops_setup.wallets, True),
+    MapOp(34, "TOPUP", ops_setup.topups, True),
+    MapOp(35, "STOCKS", ops_setup.stocks, True),
+    MapOp(36, "PAYMENT_CODE", ops_setup.payment_code, True, ops_setup.draw_payment_code),
+    MapOp(37, "QUOTE", ops_query.quote, False),
+    MapOp(43, "BALANCES", ops_query.balances, False),
+    MapOp(45, "AUDIT", ops_query.audit, False),
+    MapOp(49, "COUPONS", ops_query.coupons, False),
+)}
+MAP_OPS_BY_CODE = {op.code: op for op in MAP_OPS.values()}
+
+# Ops of PROTOCOL.md that later work implements; until then: unknown_op.
+PLANNED_OPS = {38: "CAPTURE", 39: "VOID", 40: "REFUND", 41: "REVERSE",
+               42: "GET_PAYMENTS", 44: "SETTLE", 46: "STATS", 47: "PROGRAMS",
+               48: "REDEEM_POINTS", 50: "CLOCK"}

@@ -1,0 +1,124 @@
+"""The engine's state as the canonical tables of engine/canonical.py:
+vectorized over the kernel's arrays, slots replaced by ids."""
+import numpy as np
+
+from . import canonical as cn
+from .state import State
+
+
+def canonical(state: State) -> dict:
+    ledger = state.ledger
+    users = ledger.users[:ledger.n_users]
+    merchants = ledger.merchants[:ledger.n_merchants]
+    stocks = ledger.stocks[:ledger.n_stocks]
+    coupons = ledger.coupons[:ledger.n_coupons]
+    codes = ledger.codes[:ledger.n_codes]
+    user_ids = users["id"]
+    payment_ids = ledger.pay_req["id"][:ledger.n_payments]
+    tables = {
+        "meta": np.array([(state.now, ledger.fees, ledger.bank)], cn.META),
+        "users": copy_fields(users, cn.USERS),
+        "merchants": copy_fields(merchants, cn.MERCHANTS),
+        "merchant_tags": merchant_tags(merchants),
+        "stocks": stocks_table(stocks),
+        "stock_lists": stock_lists(ledger, stocks),
+        "stock_slots": stock_slots(ledger, stocks),
+        "coupons": coupons_table(coupons, stocks["id"], user_ids, payment_ids),
+        "payments": payments_table(ledger, user_ids),
+        "topups": np.array([(i, u, a) for i, (u, a) in state.topups.items()], cn.TOPUPS)
+        if state.topups else np.zeros(0, cn.TOPUPS),
+        "codes": codes_table(codes, user_ids),
+    }
+    return {name: cn.normalize(name, table) for name, table in tables.items()}
+
+
+def copy_fields(rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    out = np.zeros(len(rows), dtype)
+    for name in dtype.names:
+        out[name] = rows[name]
+    return out
+
+
+def merchant_tags(merchants: np.ndarray) -> np.ndarray:
+    counts = merchants["tag_count"].astype(np.int64)
+    mask = np.arange(16)[None, :] < counts[:, None]
+    out = np.zeros(int(counts.sum()), cn.MERCHANT_TAGS)
+    out["merchant"] = np.repeat(merchants["id"], counts)
+    out["tag"] = merchants["tags"][mask]
+    return out
+
+
+def stocks_table(stocks: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(stocks), cn.STOCKS)
+    for name in cn.STOCKS.names:
+        out[name] = stocks["merchant_id" if name == "merchant" else name]
+    return out
+
+
+def pool_rows(at, counts, pool):
+    """For rows with (start, count) in `pool`: (row index, value) pairs."""
+    counts = counts.astype(np.int64)
+    owner = np.repeat(np.arange(len(counts)), counts)
+    starts = np.repeat(at.astype(np.int64), counts)
+    offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return owner, pool[starts + offset] if len(owner) else pool[:0]
+
+
+def stock_lists(ledger, stocks: np.ndarray) -> np.ndarray:
+    parts = []
+    at = stocks["list_at"].astype(np.int64)
+    for kind, field, before in ((cn.LIST_MERCHANTS, "merchants_count", ()),
+                                (cn.LIST_TAGS, "tags_count", ("merchants_count",)),
+                                (cn.LIST_GOODS_TAGS, "goods_count",
+                                 ("merchants_count", "tags_count"))):
+        start = at + sum((stocks[b].astype(np.int64) for b in before), np.zeros(len(stocks), np.int64))
+        owner, values = pool_rows(start, stocks[field], ledger.lists)
+        part = np.zeros(len(owner), cn.STOCK_LISTS)
+        part["stock"] = stocks["id"][owner]
+        part["list"] = kind
+        part["value"] = values
+        parts.append(part)
+    return np.concatenate(parts)
+
+
+def stock_slots(ledger, stocks: np.ndarray) -> np.ndarray:
+    triples = ledger.slots.reshape(-1, 3)
+    owner, rows = pool_rows(stocks["slot_at"], stocks["slots_count"], triples)
+    out = np.zeros(len(owner), cn.STOCK_SLOTS)
+    out["stock"] = stocks["id"][owner]
+    if len(owner):
+        out["weekday"], out["start"], out["end"] = rows[:, 0], rows[:, 1], rows[:, 2]
+    return out
+
+
+def coupons_table(coupons, stock_ids, user_ids, payment_ids) -> np.ndarray:
+    out = np.zeros(len(coupons), cn.COUPONS)
+    out["id"] = coupons["id"]
+    out["stock"] = stock_ids[coupons["stock"]]
+    out["user"] = user_ids[coupons["user"]]
+    out["state"] = coupons["state"]
+    out["expires_at"] = coupons["expires_at"]
+    used = coupons["payment"] >= 0
+    out["payment"][used] = payment_ids[coupons["payment"][used]]
+    return out
+
+
+def payments_table(ledger, user_ids) -> np.ndarray:
+    n = ledger.n_payments
+    meta = ledger.pay_meta[:n]
+    out = np.zeros(n, cn.PAYMENTS)
+    out["request"] = ledger.pay_req[:n]
+    out["result"] = ledger.pay_res[:n]
+    out["user"] = user_ids[meta["user"]]
+    out["state"] = meta["state"]
+    out["applied"] = meta["applied"]
+    return out
+
+
+def codes_table(codes, user_ids) -> np.ndarray:
+    out = np.zeros(len(codes), cn.CODES)
+    out["code"] = codes["code"]
+    out["user"] = user_ids[codes["user"]]
+    out["expires_at"] = codes["expires_at"]
+    out["used"] = codes["used"]
+    return out

@@ -1,0 +1,76 @@
+"""Fixed-size binary records of PROTOCOL.md as numpy dtypes.
+
+A frame body of n records is `np.frombuffer(body, PAY_RECORD)`: no copy, no
+per-record parsing. Layouts are little-endian and packed, byte for byte the
+tables of PROTOCOL.md.
+"""
+import numpy as np
+
+PAY_RECORD = np.dtype([
+    ("id", "<u8"),
+    ("payer", "<u8"),
+    ("merchant", "<u8"),
+    ("amount", "<i8"),
+    ("flags", "<u4"),
+    ("goods_tag", "<u4"),
+    ("coupons", "<u8", (4,)),
+    ("user_data", "<u8"),
+])
+
+PAY_RESULT = np.dtype([
+    ("id", "<u8"),
+    ("status", "<u4"),
+    ("flags", "<u4"),
+    ("cash", "<i8"),
+    ("discount", "<i8"),
+    ("fee", "<i8"),
+    ("timestamp", "<u8"),
+    ("coupons", "<u8", (4,)),
+])
+
+ISSUE_RECORD = np.dtype([
+    ("coupon", "<u8"),
+    ("stock", "<u8"),
+    ("user", "<u8"),
+    ("reserved", "<u8"),
+])
+
+ISSUE_RESULT = np.dtype([
+    ("coupon", "<u8"),
+    ("status", "<u4"),
+    ("flags", "<u4"),
+    ("expires_at", "<u8"),
+])
+
+assert PAY_RECORD.itemsize == 80 and PAY_RESULT.itemsize == 80
+assert ISSUE_RECORD.itemsize == 32 and ISSUE_RESULT.itemsize == 24
+
+# PayRecord.flags
+PAY_NO_COUPONS = 1
+PAY_PAYER_IS_CODE = 2
+PAY_AUTHORIZE = 4
+PAY_FLAGS_KNOWN = PAY_NO_COUPONS | PAY_PAYER_IS_CODE | PAY_AUTHORIZE
+
+# PayResult.flags / IssueResult.flags
+RESULT_DUPLICATE = 1
+RESULT_AUTHORIZED = 2
+
+# Limits of RULES.md.
+AMOUNT_MIN = 1
+AMOUNT_MAX = 10**14
+WALLET_BALANCE_MAX = 10**15
+BANK_DEBT_MAX = 2**62
+COUPONS_PER_PAYMENT_MAX = 4
+PAYMENT_CODE_MIN = 10**17
+PAYMENT_CODE_MAX = 10**18  # exclusive
+PAYMENT_CODE_TTL_MS = 60_000
+
+
+def pay_records(n: int) -> np.ndarray:
+    """A zeroed batch of n PayRecords, for callers that build batches."""
+    return np.zeros(n, PAY_RECORD)
+
+
+def issue_records(n: int) -> np.ndarray:
+    """A zeroed batch of n IssueRecords."""
+    return np.zeros(n, ISSUE_RECORD)

@@ -1,0 +1,20 @@
+"""Everything an engine knows: the kernel's tables plus the few small
+Python-side records that map operations keep (top-ups)."""
+from dataclasses import dataclass, field
+
+from ._kernel import Ledger
+
+TZ_OFFSET_MS_DEFAULT = 8 * 3600 * 1000      # UTC+8 (RULES.md)
+HOLD_MS_DEFAULT = 7 * 24 * 3600 * 1000
+
+
+@dataclass
+class State:
+    tz_offset_ms: int = TZ_OFFSET_MS_DEFAULT
+    ledger: Ledger = None
+    now: int = 0                            # the last kept engine stamp
+    topups: dict = field(default_factory=dict)  # id -> (user id, amount)
+
+    def __post_init__(self):
+        if self.ledger is None:
+            self.ledger = Ledger(self.tz_offset_ms)

@@ -1,0 +1,909 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The ledger kernel: state tables and the batch apply of PAY and ISSUE.
+
+State is a set of numpy arrays (one row per wallet, merchant, stock, coupon,
+payment, payment code) with u64-id hash indexes. `pay` and `issue` apply a
+whole batch of wire records in one call without the GIL and without a
+Python object per record. The apply is deterministic: it reads no clock and
+no randomness; the caller passes the batch's engine time.
+
+Rules: RULES.md, "Paying" and "Coupon stocks and coupons". Step numbers in
+comments refer to "Paying".
+"""
+cimport cython
+cimport numpy as cnp
+import numpy as np
+from libc.stdint cimport uint8_t, uint32_t, int32_t, int64_t, uint64_t
+from libc.string cimport memcmp, memset
+
+from tables cimport (PayRecord, PayResult, IssueRecord, IssueResult, User,
+                     Merchant, Stock, Coupon, Payment, Code)
+from index cimport Entry, Index, index_get, index_put, row_id, LOAD_MAX_PCT
+
+from .records import PAY_RECORD, PAY_RESULT
+
+cnp.import_array()
+
+# Status codes (engine/status.py).
+cdef enum:
+    ST_OK = 0
+    ST_INVALID_ID = 1
+    ST_INVALID_AMOUNT = 2
+    ST_INVALID_FLAGS = 3
+    ST_MERCHANT_NOT_FOUND = 4
+    ST_MERCHANT_INACTIVE = 5
+    ST_PAYER_NOT_FOUND = 6
+    ST_PAYMENT_CODE_INVALID = 7
+    ST_INSUFFICIENT_FUNDS = 8
+    ST_EXISTS_WITH_DIFFERENT_FIELDS = 9
+    ST_COUPON_NOT_FOUND = 11
+    ST_COUPON_NOT_OWNED = 12
+    ST_COUPON_NOT_AVAILABLE = 13
+    ST_COUPON_EXPIRED = 14
+    ST_COUPON_NOT_APPLICABLE = 15
+    ST_COUPON_BUDGET_EXHAUSTED = 16
+    ST_COUPONS_NOT_STACKABLE = 17
+    ST_STOCK_NOT_FOUND = 18
+    ST_STOCK_ENDED = 19
+    ST_STOCK_EXHAUSTED = 20
+    ST_PER_USER_LIMIT = 21
+    ST_USER_NOT_FOUND = 22
+
+# Explain reasons beyond status codes (QUOTE).
+REASON_APPLIED = -1
+REASON_NOT_CHOSEN = -2
+
+cdef enum:
+    PAY_NO_COUPONS = 1
+    PAY_PAYER_IS_CODE = 2
+    # Authorize (4) arrives with two-phase payments; until then it is refused.
+    PAY_FLAGS_KNOWN = 3
+    RESULT_DUPLICATE = 1
+
+    COUPON_AVAILABLE = 0
+    COUPON_LOCKED = 1
+    COUPON_USED = 2
+    PAYMENT_COMPLETED = 1
+
+    FUNDER_PLATFORM = 0
+    FUNDER_MERCHANT = 1
+    KIND_FIXED = 0
+    KIND_PERCENT = 1
+    STACKING_EXCLUSIVE = 0
+
+cdef int64_t AMOUNT_MAX = 100000000000000
+cdef int64_t DAY_MS = 86400000
+cdef int64_t MINUTE_MS = 60000
+cdef int64_t BATCH_RECORDS_MAX = 8190
+
+USER = np.dtype([("id", "<u8"), ("balance", "<i8"), ("held", "<i8"),
+                 ("coupon_head", "<i4"), ("coupon_count", "<i4")], align=True)
+MERCHANT = np.dtype([("id", "<u8"), ("balance", "<i8"), ("fee_bps", "<i4"),
+                     ("active", "u1"), ("tag_count", "u1"), ("_pad", "<u2"),
+                     ("tags", "<u4", (16,))], align=True)
+STOCK = np.dtype([("id", "<u8"), ("merchant_id", "<u8")]
+                 + [(f, "<i8") for f in (
+                     "value", "cap", "min_spend", "valid_from", "valid_until",
+                     "validity_ms", "budget", "max_issued", "per_user_limit",
+                     "daily_budget", "per_user_daily_limit", "spent",
+                     "reserved", "issued", "campaign")]
+                 + [(f, "<i4") for f in (
+                     "merchant", "list_at", "merchants_count", "tags_count",
+                     "goods_count", "slot_at", "slots_count")]
+                 + [("funder", "u1"), ("kind", "u1"), ("stacking", "u1")],
+                 align=True)
+COUPON = np.dtype([("id", "<u8"), ("expires_at", "<i8"), ("stock", "<i4"),
+                   ("user", "<i4"), ("next", "<i4"), ("payment", "<i4"),
+                   ("state", "u1")], align=True)
+PAYMENT = np.dtype([("applied", "<i8", (4,)), ("user", "<i4"),
+                    ("merchant", "<i4"), ("state", "u1"),
+                    ("coupon_count", "u1")], align=True)
+CODE = np.dtype([("code", "<u8"), ("expires_at", "<i8"), ("user", "<i4"),
+                 ("used", "u1")], align=True)
+
+assert USER.itemsize == sizeof(User)
+assert MERCHANT.itemsize == sizeof(Merchant)
+assert STOCK.itemsize == sizeof(Stock)
+assert COUPON.itemsize == sizeof(Coupon)
+assert PAYMENT.itemsize == sizeof(Payment)
+assert CODE.itemsize == sizeof(Code)
+assert sizeof(PayRecord) == 80 and sizeof(PayResult) == 80
+assert sizeof(IssueRecord) == 32 and sizeof(IssueResult) == 24
+
+
+cdef inline void* data_of(object arr):
+    return cnp.PyArray_DATA(<cnp.ndarray>arr)
+
+
+cdef class IdIndex:
+    """u64 id -> row slot over one table's rows (see index.pxd)."""
+    cdef Index ix
+    cdef object entries
+
+    def __cinit__(self):
+        self.entries = np.full(16, -1, np.int64)
+        self.ix.entries = <Entry*>data_of(self.entries)
+        self.ix.mask = 15
+        self.ix.count = 0
+        self.ix.rows = NULL
+        self.ix.row_bytes = 0
+
+    cdef void bind(self, object rows):
+        """Point at the (possibly reallocated) rows array."""
+        self.ix.rows = <const char*>data_of(rows)
+        self.ix.row_bytes = rows.dtype.itemsize
+
+    cdef reserve(self, int64_t count_need):
+        """Grow so that `count_need` entries stay under the load limit."""
+        cdef uint64_t capacity = self.ix.mask + 1
+        if count_need * 100 <= <int64_t>capacity * LOAD_MAX_PCT:
+            return
+        while count_need * 100 > <int64_t>capacity * LOAD_MAX_PCT:
+            capacity *= 2
+        cdef object old_entries = self.entries
+        cdef Entry* old = self.ix.entries
+        cdef uint64_t old_capacity = self.ix.mask + 1
+        self.entries = np.full(capacity, -1, np.int64)
+        self.ix.entries = <Entry*>data_of(self.entries)
+        self.ix.mask = capacity - 1
+        self.ix.count = 0
+        cdef uint64_t i
+        for i in range(old_capacity):
+            if old[i].slot >= 0:
+                index_put(&self.ix, row_id(&self.ix, old[i].slot), old[i].slot)
+        del old_entries
+
+    def get(self, uint64_t key):
+        return index_get(&self.ix, key)
+
+    @property
+    def nbytes(self):
+        return self.entries.nbytes
+
+    @property
+    def count(self):
+        return self.ix.count
+
+
+cdef struct Cand:
+    int64_t d
+    int64_t expires_at
+    uint64_t id
+    int32_t slot
+    int32_t stock
+
+
+cdef struct Selection:
+    int32_t count
+    int32_t slot[4]
+    int64_t d[4]            # discount on the original amount
+    int64_t applied[4]
+    int64_t total
+
+
+cdef struct Clock:
+    int64_t now
+    int32_t weekday         # 0 = Monday, engine time zone
+    int32_t minute          # minute of the local day
+
+
+cdef inline bint ranks_before(const Cand* a, const Cand* b) noexcept nogil:
+    # Step 5: d descending, expires_at ascending, coupon id ascending.
+    if a.d != b.d:
+        return a.d > b.d
+    if a.expires_at != b.expires_at:
+        return a.expires_at < b.expires_at
+    return a.id < b.id
+
+
+cdef inline bint contains_u64(const uint64_t* sorted_values, int32_t n,
+                              uint64_t value) noexcept nogil:
+    cdef int32_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if sorted_values[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < n and sorted_values[lo] == value
+
+
+cdef inline int64_t discount_of(const Stock* s, int64_t amount) noexcept nogil:
+    """Step 4: d on the original amount."""
+    cdef int64_t d
+    if s.kind == KIND_FIXED:
+        return s.value if s.value < amount else amount
+    d = amount * s.value // 10000      # <= 10**18: fits in 64 bits
+    if s.cap > 0 and d > s.cap:
+        d = s.cap
+    return d
+
+
+cdef class Ledger:
+    """All state of one engine, and the batch apply over it."""
+    cdef public object users, merchants, stocks, coupons, codes
+    cdef public object pay_req, pay_res, pay_meta
+    cdef public object lists, slots
+    cdef public IdIndex users_ix, merchants_ix, stocks_ix, coupons_ix
+    cdef public IdIndex payments_ix, codes_ix
+    cdef public int64_t n_users, n_merchants, n_stocks, n_coupons
+    cdef public int64_t n_payments, n_codes, n_lists, n_slots
+    cdef public int64_t fees, bank, tz_offset_ms
+    cdef public int32_t coupons_per_user_max
+    # Auto selection scratch: per-stock "best candidate" marks, candidates.
+    cdef object stock_mark, stock_cand, cands
+    cdef int64_t generation
+
+    cdef User* U
+    cdef Merchant* M
+    cdef Stock* S
+    cdef Coupon* C
+    cdef PayRecord* PQ
+    cdef PayResult* PR
+    cdef Payment* PM
+    cdef Code* K
+    cdef uint64_t* LP
+    cdef int32_t* SP
+    cdef int64_t* stock_mark_p
+    cdef int32_t* stock_cand_p
+    cdef Cand* cands_p
+    cdef int64_t cands_capacity
+
+    def __init__(self, int64_t tz_offset_ms=8 * 3600 * 1000):
+        self.tz_offset_ms = tz_offset_ms
+        self.users = np.zeros(1024, USER)
+        self.merchants = np.zeros(64, MERCHANT)
+        self.stocks = np.zeros(64, STOCK)
+        self.coupons = np.zeros(1024, COUPON)
+        self.codes = np.zeros(64, CODE)
+        self.pay_req = np.zeros(1024, PAY_RECORD)
+        self.pay_res = np.zeros(1024, PAY_RESULT)
+        self.pay_meta = np.zeros(1024, PAYMENT)
+        self.lists = np.zeros(256, np.uint64)
+        self.slots = np.zeros(3 * 64, np.int32)
+        self.users_ix = IdIndex()
+        self.merchants_ix = IdIndex()
+        self.stocks_ix = IdIndex()
+        self.coupons_ix = IdIndex()
+        self.payments_ix = IdIndex()
+        self.codes_ix = IdIndex()
+        self.stock_mark = np.zeros(64, np.int64)
+        self.stock_cand = np.zeros(64, np.int32)
+        self.cands = np.zeros(16 * 48, np.uint8)
+        self.cands_capacity = 16
+        self.generation = 0
+        self._bind()
+
+    # -- table management -------------------------------------------------
+
+    cdef _bind(self):
+        """Refresh raw pointers after any array was (re)allocated."""
+        self.U = <User*>data_of(self.users)
+        self.M = <Merchant*>data_of(self.merchants)
+        self.S = <Stock*>data_of(self.stocks)
+        self.C = <Coupon*>data_of(self.coupons)
+        self.K = <Code*>data_of(self.codes)
+        self.PQ = <PayRecord*>data_of(self.pay_req)
+        self.PR = <PayResult*>data_of(self.pay_res)
+        self.PM = <Payment*>data_of(self.pay_meta)
+        self.LP = <uint64_t*>data_of(self.lists)
+        self.SP = <int32_t*>data_of(self.slots)
+        self.stock_mark_p = <int64_t*>data_of(self.stock_mark)
+        self.stock_cand_p = <int32_t*>data_of(self.stock_cand)
+        self.cands_p = <Cand*>data_of(self.cands)
+        self.users_ix.bind(self.users)
+        self.merchants_ix.bind(self.merchants)
+        self.stocks_ix.bind(self.stocks)
+        self.coupons_ix.bind(self.coupons)
+        self.payments_ix.bind(self.pay_req)
+        self.codes_ix.bind(self.codes)
+
+    @staticmethod
+    def _grown(arr, int64_t need):
+        cdef int64_t capacity = len(arr)
+        if need <= capacity:
+            return arr
+        grown = np.zeros(max(need, capacity + capacity // 2), arr.dtype)
+        grown[:capacity] = arr
+        return grown
+
+    def reserve(self, str table, int64_t more):
+        """Room for `more` new rows of `table` (rows and index)."""
+        if table == "users":
+            self.users = self._grown(self.users, self.n_users + more)
+            self._bind()
+            self.users_ix.reserve(self.n_users + more)
+        elif table == "merchants":
+            self.merchants = self._grown(self.merchants, self.n_merchants + more)
+            self._bind()
+            self.merchants_ix.reserve(self.n_merchants + more)
+        elif table == "stocks":
+            self.stocks = self._grown(self.stocks, self.n_stocks + more)
+            self.stock_mark = self._grown(self.stock_mark, self.n_stocks + more)
+            self.stock_cand = self._grown(self.stock_cand, self.n_stocks + more)
+            self._bind()
+            self.stocks_ix.reserve(self.n_stocks + more)
+        elif table == "coupons":
+            self.coupons = self._grown(self.coupons, self.n_coupons + more)
+            self._bind()
+            self.coupons_ix.reserve(self.n_coupons + more)
+        elif table == "payments":
+            need = self.n_payments + more
+            self.pay_req = self._grown(self.pay_req, need)
+            self.pay_res = self._grown(self.pay_res, need)
+            self.pay_meta = self._grown(self.pay_meta, need)
+            self._bind()
+            self.payments_ix.reserve(need)
+        elif table == "codes":
+            self.codes = self._grown(self.codes, self.n_codes + more)
+            self._bind()
+            self.codes_ix.reserve(self.n_codes + more)
+        else:
+            raise ValueError(f"unknown table {table!r}")
+
+    def append(self, str table, uint64_t key):
+        """Add a zeroed row with id `key` (known absent) and return its slot."""
+        assert key != 0
+        self.reserve(table, 1)
+        cdef int32_t slot
+        if table == "users":
+            slot = self.n_users
+            self.U[slot].id = key
+            self.U[slot].coupon_head = -1
+            index_put(&self.users_ix.ix, key, slot)
+            self.n_users += 1
+        elif table == "merchants":
+            slot = self.n_merchants
+            self.M[slot].id = key
+            index_put(&self.merchants_ix.ix, key, slot)
+            self.n_merchants += 1
+        elif table == "stocks":
+            slot = self.n_stocks
+            self.S[slot].id = key
+            self.S[slot].merchant = -1
+            index_put(&self.stocks_ix.ix, key, slot)
+            self.n_stocks += 1
+        elif table == "codes":
+            slot = self.n_codes
+            self.K[slot].code = key
+            index_put(&self.codes_ix.ix, key, slot)
+            self.n_codes += 1
+        else:
+            raise ValueError(f"rows of {table!r} are added by the kernel only")
+        return slot
+
+    def find(self, str table, uint64_t key):
+        """The slot of id `key` in `table`, or -1."""
+        if table == "users":
+            return index_get(&self.users_ix.ix, key)
+        if table == "merchants":
+            return index_get(&self.merchants_ix.ix, key)
+        if table == "stocks":
+            return index_get(&self.stocks_ix.ix, key)
+        if table == "coupons":
+            return index_get(&self.coupons_ix.ix, key)
+        if table == "payments":
+            return index_get(&self.payments_ix.ix, key)
+        if table == "codes":
+            return index_get(&self.codes_ix.ix, key)
+        raise ValueError(f"unknown table {table!r}")
+
+    def append_list(self, values):
+        """Append u64 values to the stock list pool; return where they start."""
+        cdef int64_t n = len(values)
+        cdef int64_t at = self.n_lists
+        self.lists = self._grown(self.lists, at + n)
+        self.lists[at:at + n] = values
+        self.n_lists = at + n
+        self._bind()
+        return at
+
+    def append_slots(self, triples):
+        """Append (weekday, start, end) slots; return the index of the first."""
+        cdef int64_t n = len(triples)
+        cdef int64_t at = self.n_slots
+        self.slots = self._grown(self.slots, 3 * (at + n))
+        for i, (w, s, e) in enumerate(triples):
+            self.slots[3 * (at + i)] = w
+            self.slots[3 * (at + i) + 1] = s
+            self.slots[3 * (at + i) + 2] = e
+        self.n_slots = at + n
+        self._bind()
+        return at
+
+    def user_coupon_slots(self, int32_t user):
+        """Slots of a user's coupons, newest first."""
+        out = []
+        cdef int32_t c = self.U[user].coupon_head
+        while c >= 0:
+            out.append(c)
+            c = self.C[c].next
+        return out
+
+    cdef _reserve_cands(self):
+        cdef int64_t need = self.coupons_per_user_max
+        if need > self.cands_capacity:
+            self.cands = np.zeros(need * sizeof(Cand), np.uint8)
+            self.cands_capacity = need
+            self._bind()
+
+    # -- rules ------------------------------------------------------------
+
+    cdef inline Clock clock_at(self, int64_t now) noexcept nogil:
+        cdef Clock t
+        cdef int64_t local = now + self.tz_offset_ms
+        cdef int64_t day = local / DAY_MS
+        cdef int64_t ms_of_day = local - day * DAY_MS
+        if ms_of_day < 0:                   # floor division for local < 0
+            ms_of_day += DAY_MS
+            day -= 1
+        t.now = now
+        t.weekday = <int32_t>(((day + 3) % 7 + 7) % 7)  # 1970-01-01 was a Thursday
+        t.minute = <int32_t>(ms_of_day / MINUTE_MS)
+        return t
+
+    cdef inline bint in_scope(self, const Stock* s, int32_t m) noexcept nogil:
+        cdef const Merchant* mr = &self.M[m]
+        cdef int32_t i
+        if s.funder == FUNDER_MERCHANT:
+            return s.merchant == m
+        if s.merchants_count == 0 and s.tags_count == 0:
+            return True
+        if s.merchants_count > 0 and contains_u64(self.LP + s.list_at,
+                                                  s.merchants_count, mr.id):
+            return True
+        for i in range(mr.tag_count):
+            if contains_u64(self.LP + s.list_at + s.merchants_count,
+                            s.tags_count, mr.tags[i]):
+                return True
+        return False
+
+    cdef inline bint in_slots(self, const Stock* s, const Clock* t) noexcept nogil:
+        cdef int32_t i
+        cdef const int32_t* slot
+        if s.slots_count == 0:
+            return True
+        for i in range(s.slots_count):
+            slot = self.SP + 3 * (s.slot_at + i)
+            if slot[0] == t.weekday and slot[1] <= t.minute < slot[2]:
+                return True
+        return False
+
+    cdef int check_coupon(self, int32_t c, int32_t m, int64_t amount,
+                          uint32_t goods_tag, const Clock* t, bint explicit,
+                          int64_t* d_out) noexcept nogil:
+        """Steps 4 and 5: whether coupon slot `c` may apply; its d."""
+        cdef const Coupon* cp = &self.C[c]
+        cdef const Stock* s = &self.S[cp.stock]
+        cdef int64_t d = discount_of(s, amount)
+        d_out[0] = d
+        if cp.state != COUPON_AVAILABLE:
+            return ST_COUPON_NOT_AVAILABLE
+        if t.now >= cp.expires_at:
+            return ST_COUPON_EXPIRED
+        if t.now < s.valid_from or not self.in_scope(s, m):
+            return ST_COUPON_NOT_APPLICABLE
+        if s.goods_count > 0 and not contains_u64(
+                self.LP + s.list_at + s.merchants_count + s.tags_count,
+                s.goods_count, goods_tag):
+            return ST_COUPON_NOT_APPLICABLE
+        if not self.in_slots(s, t) or amount < s.min_spend:
+            return ST_COUPON_NOT_APPLICABLE
+        if not explicit and d < 1:
+            return ST_COUPON_NOT_APPLICABLE
+        if s.budget > 0 and s.budget - s.spent - s.reserved < d:
+            return ST_COUPON_BUDGET_EXHAUSTED
+        return ST_OK
+
+    cdef void select_auto(self, int32_t user, int32_t m, int64_t amount,
+                          uint32_t goods_tag, const Clock* t,
+                          Selection* sel) noexcept nogil:
+        """Step 5, automatic mode: the exact best option."""
+        cdef Cand* cands = self.cands_p
+        cdef int32_t count = 0, c, j, i, k, best_ex = -1, top_count = 0
+        cdef int32_t top[4]
+        cdef int64_t d, stack_sum = 0, stack_total, ex_total, left, a
+        cdef bint take_ex
+        cdef Cand cand
+        self.generation += 1
+        # Candidates, keeping only the best-ranked coupon of each stock.
+        c = self.U[user].coupon_head
+        while c >= 0:
+            if self.check_coupon(c, m, amount, goods_tag, t, False, &d) == ST_OK:
+                cand.d = d
+                cand.expires_at = self.C[c].expires_at
+                cand.id = self.C[c].id
+                cand.slot = c
+                cand.stock = self.C[c].stock
+                if self.stock_mark_p[cand.stock] == self.generation:
+                    j = self.stock_cand_p[cand.stock]
+                    if ranks_before(&cand, &cands[j]):
+                        cands[j] = cand
+                else:
+                    self.stock_mark_p[cand.stock] = self.generation
+                    self.stock_cand_p[cand.stock] = count
+                    cands[count] = cand
+                    count += 1
+            c = self.C[c].next
+        # The best exclusive coupon, and the top four stackable ones in rank order.
+        for j in range(count):
+            if self.S[cands[j].stock].stacking == STACKING_EXCLUSIVE:
+                if best_ex < 0 or ranks_before(&cands[j], &cands[best_ex]):
+                    best_ex = j
+                continue
+            i = top_count if top_count < 4 else 4
+            while i > 0 and ranks_before(&cands[j], &cands[top[i - 1]]):
+                if i < 4:
+                    top[i] = top[i - 1]
+                i -= 1
+            if i < 4:
+                top[i] = j
+                if top_count < 4:
+                    top_count += 1
+        # Stack option: the smallest k whose discounts reach the amount.
+        k = 0
+        for i in range(top_count):
+            stack_sum += cands[top[i]].d
+            k = i + 1
+            if stack_sum >= amount:
+                break
+        stack_total = stack_sum if stack_sum < amount else amount
+        ex_total = cands[best_ex].d if best_ex >= 0 else 0
+        sel.count = 0
+        sel.total = 0
+        if best_ex < 0 and top_count == 0:
+            return
+        if best_ex < 0:
+            take_ex = False
+        elif top_count == 0:
+            take_ex = True
+        elif ex_total != stack_total:
+            take_ex = ex_total > stack_total
+        elif k != 1:
+            take_ex = True                  # fewer coupons
+        else:
+            take_ex = ranks_before(&cands[best_ex], &cands[top[0]])
+        if take_ex:
+            sel.count = 1
+            sel.slot[0] = cands[best_ex].slot
+            sel.d[0] = cands[best_ex].d
+        else:
+            sel.count = k
+            for i in range(k):
+                sel.slot[i] = cands[top[i]].slot
+                sel.d[i] = cands[top[i]].d
+        left = amount
+        for i in range(sel.count):
+            a = sel.d[i] if sel.d[i] < left else left
+            sel.applied[i] = a
+            left -= a
+        sel.total = amount - left
+
+    cdef int select_explicit(self, const PayRecord* r, int32_t user, int32_t m,
+                             const Clock* t, Selection* sel,
+                             int32_t* reasons) noexcept nogil:
+        """Step 5, explicit mode. Returns the first failing status.
+
+        With `reasons` (QUOTE) every named coupon is checked and its status
+        written to reasons[i]; without, the first failure ends the check.
+        """
+        cdef int32_t held[4]
+        cdef int32_t held_count = 0, i, j, c, status = ST_OK, st
+        cdef int64_t d, left, a
+        sel.count = 0
+        for i in range(4):
+            if r.coupons[i] == 0:
+                continue
+            c = index_get(&self.coupons_ix.ix, r.coupons[i])
+            if c < 0:
+                st = ST_COUPON_NOT_FOUND
+            elif self.C[c].user != user:
+                st = ST_COUPON_NOT_OWNED
+            else:
+                st = self.check_coupon(c, m, r.amount, r.goods_tag, t, True, &d)
+                for j in range(held_count):
+                    if st != ST_OK:
+                        break
+                    if (self.C[held[j]].stock == self.C[c].stock
+                            or self.S[self.C[c].stock].stacking == STACKING_EXCLUSIVE
+                            or self.S[self.C[held[j]].stock].stacking == STACKING_EXCLUSIVE):
+                        st = ST_COUPONS_NOT_STACKABLE
+                held[held_count] = c
+                held_count += 1
+                if st == ST_OK:
+                    sel.slot[sel.count] = c
+                    sel.d[sel.count] = d
+                    sel.count += 1
+            if reasons != NULL:
+                reasons[i] = st
+            if st != ST_OK and status == ST_OK:
+                status = st
+                if reasons == NULL:
+                    return status
+        left = r.amount
+        for i in range(sel.count):
+            a = sel.d[i] if sel.d[i] < left else left
+            sel.applied[i] = a
+            left -= a
+        sel.total = r.amount - left
+        return status
+
+    cdef int precheck(self, const PayRecord* r, bint has_id) noexcept nogil:
+        """Step 1: checks that need no state."""
+        if has_id and r.id == 0:
+            return ST_INVALID_ID
+        if r.amount < 1 or r.amount > AMOUNT_MAX:
+            return ST_INVALID_AMOUNT
+        if r.flags & ~(<uint32_t>PAY_FLAGS_KNOWN):
+            return ST_INVALID_FLAGS
+        if r.flags & PAY_NO_COUPONS and (r.coupons[0] | r.coupons[1]
+                                         | r.coupons[2] | r.coupons[3]):
+            return ST_INVALID_FLAGS
+        return ST_OK
+
+    cdef int resolve(self, const PayRecord* r, int64_t now, int32_t* m,
+                     int32_t* user, int32_t* code) noexcept nogil:
+        """Step 3: merchant, then payer (by user id or payment code)."""
+        m[0] = index_get(&self.merchants_ix.ix, r.merchant)
+        if m[0] < 0:
+            return ST_MERCHANT_NOT_FOUND
+        if not self.M[m[0]].active:
+            return ST_MERCHANT_INACTIVE
+        code[0] = -1
+        if r.flags & PAY_PAYER_IS_CODE:
+            code[0] = index_get(&self.codes_ix.ix, r.payer)
+            if (code[0] < 0 or self.K[code[0]].used
+                    or now >= self.K[code[0]].expires_at):
+                return ST_PAYMENT_CODE_INVALID
+            user[0] = self.K[code[0]].user
+        else:
+            user[0] = index_get(&self.users_ix.ix, r.payer)
+            if user[0] < 0:
+                return ST_PAYER_NOT_FOUND
+        return ST_OK
+
+    cdef int select(self, const PayRecord* r, int32_t user, int32_t m,
+                    const Clock* t, Selection* sel, int32_t* reasons) noexcept nogil:
+        sel.count = 0
+        sel.total = 0
+        if r.flags & PAY_NO_COUPONS:
+            return ST_OK
+        if r.coupons[0] | r.coupons[1] | r.coupons[2] | r.coupons[3]:
+            return self.select_explicit(r, user, m, t, sel, reasons)
+        self.select_auto(user, m, r.amount, r.goods_tag, t, sel)
+        return ST_OK
+
+    cdef inline int64_t merchant_funded(self, const Selection* sel) noexcept nogil:
+        cdef int64_t total = 0
+        cdef int32_t i
+        for i in range(sel.count):
+            if self.S[self.C[sel.slot[i]].stock].funder == FUNDER_MERCHANT:
+                total += sel.applied[i]
+        return total
+
+    cdef inline int64_t fee_of(self, int64_t amount, int64_t merchant_discount,
+                               int32_t m) noexcept nogil:
+        """Step 7: fee = (base * fee_bps + 5000) // 10000, rounded half up."""
+        return ((amount - merchant_discount) * self.M[m].fee_bps + 5000) / 10000
+
+    cdef void pay_one(self, const PayRecord* r, PayResult* out,
+                      const Clock* t) noexcept nogil:
+        cdef int32_t m, user, code, p, i, c
+        cdef int st
+        cdef int64_t cash, fee, merchant_discount, a
+        cdef Selection sel
+        cdef Stock* s
+        memset(out, 0, sizeof(PayResult))
+        out.id = r.id
+        out.timestamp = <uint64_t>t.now
+        st = self.precheck(r, True)
+        if st != ST_OK:
+            out.status = st
+            return
+        # Step 2: idempotency by payment id, byte-for-byte replay.
+        p = index_get(&self.payments_ix.ix, r.id)
+        if p >= 0:
+            if memcmp(&self.PQ[p], r, sizeof(PayRecord)) == 0:
+                out[0] = self.PR[p]
+                out.flags |= RESULT_DUPLICATE
+            else:
+                out.status = ST_EXISTS_WITH_DIFFERENT_FIELDS
+            return
+        st = self.resolve(r, t.now, &m, &user, &code)
+        if st == ST_OK:
+            st = self.select(r, user, m, t, &sel, NULL)
+        if st != ST_OK:
+            out.status = st
+            return
+        # Step 6: cash from the wallet's available balance, or nothing changes.
+        cash = r.amount - sel.total
+        if self.U[user].balance - self.U[user].held < cash:
+            out.status = ST_INSUFFICIENT_FUNDS
+            return
+        merchant_discount = self.merchant_funded(&sel)
+        fee = self.fee_of(r.amount, merchant_discount, m)
+        # Step 7: postings, all at once.
+        p = <int32_t>self.n_payments
+        self.n_payments += 1
+        out.cash = cash
+        out.discount = sel.total
+        out.fee = fee
+        self.PQ[p] = r[0]
+        self.PM[p].user = user
+        self.PM[p].merchant = m
+        self.PM[p].state = PAYMENT_COMPLETED
+        self.PM[p].coupon_count = <uint8_t>sel.count
+        for i in range(4):
+            self.PM[p].applied[i] = 0
+        for i in range(sel.count):
+            c = sel.slot[i]
+            a = sel.applied[i]
+            out.coupons[i] = self.C[c].id
+            self.PM[p].applied[i] = a
+            self.C[c].state = COUPON_USED
+            self.C[c].payment = p
+            s = &self.S[self.C[c].stock]
+            s.spent += a
+            if s.funder == FUNDER_PLATFORM:
+                s.campaign -= a
+        self.PR[p] = out[0]
+        index_put(&self.payments_ix.ix, r.id, p)
+        self.U[user].balance -= cash
+        self.M[m].balance += r.amount - merchant_discount - fee
+        self.fees += fee
+        if code >= 0:
+            self.K[code].used = 1
+
+    def pay(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
+        """Apply a batch of PayRecords (raw bytes) at engine time `now`."""
+        cdef int64_t n = records.shape[0] // sizeof(PayRecord)
+        assert 1 <= n <= BATCH_RECORDS_MAX
+        assert records.shape[0] == n * sizeof(PayRecord)
+        assert out.shape[0] == n * sizeof(PayResult)
+        self.reserve("payments", n)
+        self._reserve_cands()
+        cdef const PayRecord* rec = <const PayRecord*>&records[0]
+        cdef PayResult* res = <PayResult*>&out[0]
+        cdef Clock t = self.clock_at(now)
+        cdef int64_t i
+        with nogil:
+            for i in range(n):
+                self.pay_one(&rec[i], &res[i], &t)
+
+    cdef void issue_one(self, const IssueRecord* r, IssueResult* out,
+                        int64_t now) noexcept nogil:
+        cdef int32_t c, s, u, owned = 0
+        cdef Stock* st
+        memset(out, 0, sizeof(IssueResult))
+        out.coupon = r.coupon
+        if r.coupon == 0:
+            out.status = ST_INVALID_ID
+            return
+        if r.reserved != 0:
+            out.status = ST_INVALID_FLAGS
+            return
+        c = index_get(&self.coupons_ix.ix, r.coupon)
+        if c >= 0:
+            if (self.S[self.C[c].stock].id == r.stock
+                    and self.U[self.C[c].user].id == r.user):
+                out.flags = RESULT_DUPLICATE
+                out.expires_at = <uint64_t>self.C[c].expires_at
+            else:
+                out.status = ST_EXISTS_WITH_DIFFERENT_FIELDS
+            return
+        s = index_get(&self.stocks_ix.ix, r.stock)
+        if s < 0:
+            out.status = ST_STOCK_NOT_FOUND
+            return
+        st = &self.S[s]
+        if now >= st.valid_until:
+            out.status = ST_STOCK_ENDED
+            return
+        if st.max_issued > 0 and st.issued >= st.max_issued:
+            out.status = ST_STOCK_EXHAUSTED
+            return
+        u = index_get(&self.users_ix.ix, r.user)
+        if u < 0:
+            out.status = ST_USER_NOT_FOUND
+            return
+        if st.per_user_limit > 0:
+            # Coupons are never deleted, so the user's list counts every issue.
+            c = self.U[u].coupon_head
+            while c >= 0:
+                owned += self.C[c].stock == s
+                c = self.C[c].next
+            if owned >= st.per_user_limit:
+                out.status = ST_PER_USER_LIMIT
+                return
+        c = <int32_t>self.n_coupons
+        self.n_coupons += 1
+        self.C[c].id = r.coupon
+        self.C[c].stock = s
+        self.C[c].user = u
+        self.C[c].state = COUPON_AVAILABLE
+        self.C[c].payment = -1
+        self.C[c].expires_at = st.valid_until
+        if st.validity_ms > 0 and st.validity_ms < st.valid_until - now:
+            self.C[c].expires_at = now + st.validity_ms
+        self.C[c].next = self.U[u].coupon_head
+        self.U[u].coupon_head = c
+        self.U[u].coupon_count += 1
+        if self.U[u].coupon_count > self.coupons_per_user_max:
+            self.coupons_per_user_max = self.U[u].coupon_count
+        index_put(&self.coupons_ix.ix, r.coupon, c)
+        st.issued += 1
+        out.expires_at = <uint64_t>self.C[c].expires_at
+
+    def issue(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
+        """Apply a batch of IssueRecords (raw bytes) at engine time `now`."""
+        cdef int64_t n = records.shape[0] // sizeof(IssueRecord)
+        assert 1 <= n <= BATCH_RECORDS_MAX
+        assert records.shape[0] == n * sizeof(IssueRecord)
+        assert out.shape[0] == n * sizeof(IssueResult)
+        self.reserve("coupons", n)
+        cdef const IssueRecord* rec = <const IssueRecord*>&records[0]
+        cdef IssueResult* res = <IssueResult*>&out[0]
+        cdef int64_t i
+        with nogil:
+            for i in range(n):
+                self.issue_one(&rec[i], &res[i], now)
+
+    def quote(self, const uint8_t[::1] record, int64_t now):
+        """PAY's computation for one PayRecord, with no effect.
+
+        Returns (status, cash, discount, fee, coupon ids, explain) where
+        explain is [(coupon id, stock id, discount, reason)] by coupon id and
+        reason is a status code, REASON_APPLIED or REASON_NOT_CHOSEN.
+        """
+        assert record.shape[0] == sizeof(PayRecord)
+        self._reserve_cands()
+        cdef const PayRecord* r = <const PayRecord*>&record[0]
+        cdef Clock t = self.clock_at(now)
+        cdef Selection sel
+        cdef int32_t reasons[4]
+        cdef int32_t m, user, code, c, i
+        cdef int64_t d, cash = 0, fee = 0
+        cdef int st = self.precheck(r, False)
+        if st == ST_OK:
+            st = self.resolve(r, now, &m, &user, &code)
+        if st != ST_OK:
+            return st, 0, 0, 0, [], []
+        for i in range(4):
+            reasons[i] = ST_OK
+        st = self.select(r, user, m, &t, &sel, reasons)
+        if st == ST_OK:
+            cash = r.amount - sel.total
+            fee = self.fee_of(r.amount, self.merchant_funded(&sel), m)
+            if self.U[user].balance - self.U[user].held < cash:
+                st = ST_INSUFFICIENT_FUNDS
+        applied = {}
+        if st in (ST_OK, ST_INSUFFICIENT_FUNDS):
+            for i in range(sel.count):
+                applied[sel.slot[i]] = sel.applied[i]
+        explicit = not (r.flags & PAY_NO_COUPONS) and bool(
+            r.coupons[0] | r.coupons[1] | r.coupons[2] | r.coupons[3])
+        named = {}
+        if explicit:
+            for i in range(4):
+                c = index_get(&self.coupons_ix.ix, r.coupons[i]) if r.coupons[i] else -1
+                if c >= 0 and self.C[c].user == user:
+                    if named.get(c, ST_OK) == ST_OK:
+                        named[c] = reasons[i]
+        explain = []
+        for c in self.user_coupon_slots(user):
+            d = discount_of(&self.S[self.C[c].stock], r.amount)
+            if c in applied:
+                reason, d = REASON_APPLIED, applied[c]
+            elif r.flags & PAY_NO_COUPONS:
+                reason = REASON_NOT_CHOSEN
+            elif explicit:
+                reason = named.get(c, REASON_NOT_CHOSEN) or REASON_NOT_CHOSEN
+            else:
+                reason = self.check_coupon(c, m, r.amount, r.goods_tag, &t, False, &d)
+                reason = reason or REASON_NOT_CHOSEN
+            explain.append((self.C[c].id, self.S[self.C[c].stock].id, d, reason))
+        explain.sort()
+        if st not in (ST_OK, ST_INSUFFICIENT_FUNDS):
+            return st, 0, 0, 0, [], explain
+        coupons = [self.C[sel.slot[i]].id for i in range(sel.count)]
+        return st, cash, sel.total, fee, coupons, explain

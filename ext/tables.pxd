@@ -1,0 +1,109 @@
+# Row layouts of the ledger's tables and of the wire records.
+#
+# Each table is a numpy array whose dtype matches one of these structs (see
+# engine/_layout in kernel.pyx); a payment touches every field of one wallet
+# row, so a row per entity keeps it to one cache line.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, int64_t, uint64_t
+
+cdef enum:
+    TAGS_PER_MERCHANT_MAX = 16
+    COUPONS_PER_PAYMENT_MAX = 4
+
+cdef struct PayRecord:
+    uint64_t id
+    uint64_t payer
+    uint64_t merchant
+    int64_t amount
+    uint32_t flags
+    uint32_t goods_tag
+    uint64_t coupons[4]
+    uint64_t user_data
+
+cdef struct PayResult:
+    uint64_t id
+    uint32_t status
+    uint32_t flags
+    int64_t cash
+    int64_t discount
+    int64_t fee
+    uint64_t timestamp
+    uint64_t coupons[4]
+
+cdef struct IssueRecord:
+    uint64_t coupon
+    uint64_t stock
+    uint64_t user
+    uint64_t reserved
+
+cdef struct IssueResult:
+    uint64_t coupon
+    uint32_t status
+    uint32_t flags
+    uint64_t expires_at
+
+cdef struct User:
+    uint64_t id
+    int64_t balance
+    int64_t held
+    int32_t coupon_head     # newest coupon of the user, -1 when none
+    int32_t coupon_count
+
+cdef struct Merchant:
+    uint64_t id
+    int64_t balance
+    int32_t fee_bps
+    uint8_t active
+    uint8_t tag_count
+    uint16_t _pad
+    uint32_t tags[16]       # sorted, tag_count used
+
+cdef struct Stock:
+    uint64_t id
+    uint64_t merchant_id    # funding merchant of a merchant stock, else 0
+    int64_t value
+    int64_t cap
+    int64_t min_spend
+    int64_t valid_from
+    int64_t valid_until
+    int64_t validity_ms
+    int64_t budget
+    int64_t max_issued
+    int64_t per_user_limit
+    int64_t daily_budget
+    int64_t per_user_daily_limit
+    int64_t spent
+    int64_t reserved
+    int64_t issued
+    int64_t campaign        # balance of campaign(stock); platform stocks only
+    int32_t merchant        # slot of the funding merchant, -1 for platform
+    int32_t list_at         # first of its entries in the u64 list pool
+    int32_t merchants_count # sorted merchant ids, then
+    int32_t tags_count      # sorted tags, then
+    int32_t goods_count     # sorted goods tags
+    int32_t slot_at         # first of its slots (3 x i32 each) in the slot pool
+    int32_t slots_count
+    uint8_t funder
+    uint8_t kind
+    uint8_t stacking
+
+cdef struct Coupon:
+    uint64_t id
+    int64_t expires_at
+    int32_t stock
+    int32_t user
+    int32_t next            # the user's next older coupon, -1 at the end
+    int32_t payment         # payment slot that uses or locks it, -1 none
+    uint8_t state
+
+cdef struct Payment:
+    int64_t applied[4]      # applied discount of result.coupons[i]
+    int32_t user            # payer's wallet slot
+    int32_t merchant
+    uint8_t state
+    uint8_t coupon_count
+
+cdef struct Code:
+    uint64_t code
+    int64_t expires_at
+    int32_t user
+    uint8_t used

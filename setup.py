@@ -1,0 +1,22 @@
+"""Builds the Cython kernel (ext/) into the engine package."""
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extensions = [
+    Extension(
+        "engine._kernel",
+        ["ext/kernel.pyx"],
+        include_dirs=[np.get_include(), "ext"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3"],
+    ),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        include_path=["ext"],
+        compiler_directives={"language_level": "3"},
+    ),
+)
