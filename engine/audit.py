@@ -127,20 +127,22 @@ def stock_budget(t) -> dict:
 
 def stock_issued(t) -> dict:
     s, coupons = t["stocks"], t["coupons"]
-    counts = by_key(coupons["stock"], np.ones(len(coupons), np.int64), s["id"])
+    counts = np.bincount(np.searchsorted(s["id"], coupons["stock"]), minlength=len(s))
     bad = (s["issued"] != counts) | ((s["max_issued"] > 0) & (s["issued"] > s["max_issued"]))
     return first_bad(s["id"], bad, "stocks (issued = coupons <= max_issued)")
 
 
 def per_user_limit(t) -> dict:
-    s, coupons = t["stocks"], t["coupons"]
+    s, users, coupons = t["stocks"], t["users"], t["coupons"]
     if len(coupons) == 0:
         return check(True, "no coupons")
-    pairs, counts = np.unique(np.stack([coupons["stock"], coupons["user"]], 1),
-                              axis=0, return_counts=True)
-    limit = s["per_user_limit"][np.searchsorted(s["id"], pairs[:, 0])]
+    stock_at = np.searchsorted(s["id"], coupons["stock"]).astype(np.int64)
+    pair = stock_at * len(users) + np.searchsorted(users["id"], coupons["user"])
+    pairs, counts = np.unique(pair, return_counts=True)
+    limit = s["per_user_limit"][pairs // len(users)]
     bad = (limit > 0) & (counts > limit)
-    return first_bad(pairs[:, 0], bad, "(stock, user) pairs within per_user_limit")
+    return first_bad(s["id"][pairs // len(users)], bad,
+                     "(stock, user) pairs within per_user_limit")
 
 
 def coupons_used_once(t) -> dict:

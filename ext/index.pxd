@@ -50,6 +50,29 @@ cdef inline int32_t index_get(const Index* ix, uint64_t key) noexcept nogil:
         i = (i + 1) & ix.mask
 
 
+cdef extern from *:
+    void __builtin_prefetch(const void* address) nogil
+
+
+cdef inline void index_prefetch(const Index* ix, uint64_t key) noexcept nogil:
+    """Start loading the bucket of `key` (first step of a batch pipeline)."""
+    __builtin_prefetch(&ix.entries[mix64(key) & ix.mask])
+
+
+cdef inline int32_t index_guess(const Index* ix, uint64_t key) noexcept nogil:
+    """The slot of the first entry whose fingerprint matches `key`, or -1,
+    without touching rows: a guess good enough to prefetch the row."""
+    cdef uint64_t h = mix64(key)
+    cdef uint32_t fp = <uint32_t>(h >> 32)
+    cdef uint64_t i = h & ix.mask
+    cdef Entry e
+    while True:
+        e = ix.entries[i]
+        if e.slot < 0 or e.fp == fp:
+            return e.slot
+        i = (i + 1) & ix.mask
+
+
 cdef inline void index_put(Index* ix, uint64_t key, int32_t slot) noexcept nogil:
     """Insert `key` (known absent). The caller keeps the load below the limit."""
     cdef uint64_t h = mix64(key)

@@ -18,7 +18,8 @@ from libc.string cimport memcmp, memset
 
 from tables cimport (PayRecord, PayResult, IssueRecord, IssueResult, User,
                      Merchant, Stock, Coupon, Payment, Code)
-from index cimport Entry, Index, index_get, index_put, row_id, LOAD_MAX_PCT
+from index cimport (Entry, Index, index_get, index_put, index_prefetch, index_guess,
+                   row_id, LOAD_MAX_PCT, __builtin_prefetch)
 
 from .records import PAY_RECORD, PAY_RESULT
 
@@ -303,8 +304,11 @@ cdef class Ledger:
         cdef int64_t capacity = len(arr)
         if need <= capacity:
             return arr
-        grown = np.zeros(max(need, capacity + capacity // 2), arr.dtype)
+        # Zeroed by writing, not calloc: the pages fault in here, at growth,
+        # rather than one by one inside the batch apply.
+        grown = np.empty(max(need, capacity + capacity // 2), arr.dtype)
         grown[:capacity] = arr
+        grown[capacity:].view(np.uint8).fill(0)
         return grown
 
     def reserve(self, str table, int64_t more):
@@ -768,7 +772,41 @@ cdef class Ledger:
         cdef int64_t i
         with nogil:
             for i in range(n):
+                self.prefetch(rec, n, i)
                 self.pay_one(&rec[i], &res[i], &t)
+
+    cdef inline void prefetch(self, const PayRecord* rec, int64_t n,
+                              int64_t i) noexcept nogil:
+        """Overlap the cache misses of later records with this one's work.
+
+        A payment's misses form a chain (index bucket -> wallet row -> coupon
+        rows); loading each link a few records ahead keeps many misses in
+        flight instead of one. Purely a hint: no state is read for effect.
+        """
+        cdef int32_t user, c
+        cdef const PayRecord* r
+        if i + 12 < n:
+            r = &rec[i + 12]
+            index_prefetch(&self.payments_ix.ix, r.id)
+            if not (r.flags & PAY_PAYER_IS_CODE):
+                index_prefetch(&self.users_ix.ix, r.payer)
+        if i + 6 < n:
+            r = &rec[i + 6]
+            if not (r.flags & PAY_PAYER_IS_CODE):
+                user = index_guess(&self.users_ix.ix, r.payer)
+                if user >= 0:
+                    __builtin_prefetch(&self.U[user])
+        if i + 3 < n:
+            r = &rec[i + 3]
+            if not (r.flags & PAY_PAYER_IS_CODE):
+                user = index_guess(&self.users_ix.ix, r.payer)
+                if user >= 0:
+                    c = self.U[user].coupon_head
+                    if c >= 0:
+                        __builtin_prefetch(&self.C[c])
+                        c = self.C[c].next
+                        if c >= 0:
+                            __builtin_prefetch(&self.C[c])
 
     cdef void issue_one(self, const IssueRecord* r, IssueResult* out,
                         int64_t now) noexcept nogil:
