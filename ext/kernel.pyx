@@ -415,6 +415,61 @@ cdef class Ledger:
         self._bind()
         return at
 
+    # -- snapshots --------------------------------------------------------
+
+    SCALARS = ("n_users", "n_merchants", "n_stocks", "n_coupons", "n_payments",
+               "n_codes", "n_lists", "n_slots", "fees", "bank", "tz_offset_ms",
+               "coupons_per_user_max")
+    INDEXES = ("users", "merchants", "stocks", "coupons", "payments", "codes")
+
+    def dump(self):
+        """(arrays, scalars): the whole ledger as views of its used rows."""
+        arrays = {
+            "users": self.users[:self.n_users],
+            "merchants": self.merchants[:self.n_merchants],
+            "stocks": self.stocks[:self.n_stocks],
+            "coupons": self.coupons[:self.n_coupons],
+            "codes": self.codes[:self.n_codes],
+            "pay_req": self.pay_req[:self.n_payments],
+            "pay_res": self.pay_res[:self.n_payments],
+            "pay_meta": self.pay_meta[:self.n_payments],
+            "lists": self.lists[:self.n_lists],
+            "slots": self.slots[:3 * self.n_slots],
+        }
+        for name in self.INDEXES:
+            arrays[name + "_ix"] = (<IdIndex>getattr(self, name + "_ix")).entries
+        scalars = {name: int(getattr(self, name)) for name in self.SCALARS}
+        return arrays, scalars
+
+    @classmethod
+    def load(cls, arrays, scalars):
+        """A ledger from dump() output (arrays are taken over, not copied)."""
+        cdef Ledger ledger = cls(scalars["tz_offset_ms"])
+        cdef IdIndex ix
+        for name in ("users", "merchants", "stocks", "coupons", "codes",
+                     "pay_req", "pay_res", "pay_meta", "lists", "slots"):
+            current = getattr(ledger, name)
+            loaded = np.ascontiguousarray(arrays[name])
+            assert loaded.dtype == current.dtype, f"{name}: dtype {loaded.dtype}"
+            setattr(ledger, name, loaded if len(loaded) else current)
+        for name in cls.SCALARS:
+            setattr(ledger, name, scalars[name])
+        n_stocks = max(ledger.n_stocks, 64)
+        ledger.stock_mark = np.zeros(n_stocks, np.int64)
+        ledger.stock_cand = np.zeros(n_stocks, np.int32)
+        for name in cls.INDEXES:
+            ix = getattr(ledger, name + "_ix")
+            entries = np.ascontiguousarray(arrays[name + "_ix"], np.int64)
+            capacity = len(entries)
+            assert capacity >= 16 and capacity & (capacity - 1) == 0
+            ix.entries = entries
+            ix.ix.entries = <Entry*>data_of(entries)
+            ix.ix.mask = capacity - 1
+            ix.ix.count = int((entries >> 32 >= 0).sum())
+        ledger._bind()
+        ledger._reserve_cands()
+        return ledger
+
     def user_coupon_slots(self, int32_t user):
         """Slots of a user's coupons, newest first."""
         out = []

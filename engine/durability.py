@@ -1,0 +1,178 @@
+"""The engine's data directory: journal segments plus snapshots.
+
+Journal before acknowledge: a command is appended, applied, and acknowledged
+after the fsync that covers it. Snapshots are written by a forked child from
+a copy-on-write image of the state, so the engine pauses only for the fork.
+Recovery loads the newest valid snapshot and replays the journal after it.
+Storage failures make the engine refuse writes with `unavailable` until the
+journal can rewrite what it had not made durable.
+"""
+import logging
+import os
+import time
+
+import numpy as np
+
+from . import snapshot as snapshots
+from ._kernel import Ledger
+from .command import decode
+from .errors import Unavailable
+from .journal import Journal, JournalError, JournalUnavailable
+from .state import State
+
+log = logging.getLogger("scanpay.storage")
+
+SNAPSHOT_EVERY_ENTRIES_DEFAULT = 20_000     # ~160M payments at full batches
+RETAIN_SNAPSHOTS_DEFAULT = 2
+RECOVER_INTERVAL_MS = 1_000                 # how often a failed journal is retried
+TOPUPS = np.dtype([("id", "<u8"), ("user", "<u8"), ("amount", "<i8")])
+
+
+def state_to_snapshot(state: State) -> tuple[dict, dict]:
+    arrays, scalars = state.ledger.dump()
+    arrays = dict(arrays)
+    arrays["topups"] = np.array([(i, u, a) for i, (u, a) in state.topups.items()], TOPUPS)
+    meta = {"ledger": scalars, "now": state.now, "tz_offset_ms": state.tz_offset_ms}
+    return arrays, meta
+
+
+def state_from_snapshot(arrays: dict, meta: dict) -> State:
+    ledger = Ledger.load(arrays, meta["ledger"])
+    topups = {int(i): (int(u), int(a)) for i, u, a in arrays["topups"].tolist()}
+    return State(tz_offset_ms=meta["tz_offset_ms"], ledger=ledger, now=meta["now"],
+                 topups=topups)
+
+
+class Storage:
+    def __init__(self, path: str, *, snapshot_every_entries: int = SNAPSHOT_EVERY_ENTRIES_DEFAULT,
+                 retain_snapshots: int = RETAIN_SNAPSHOTS_DEFAULT, fs=None,
+                 segment_bytes_max: int | None = None):
+        assert snapshot_every_entries >= 1 and retain_snapshots >= 1
+        self.path = str(path)
+        self.snapshot_every_entries = snapshot_every_entries
+        self.retain_snapshots = retain_snapshots
+        options = {"fs": fs}
+        if segment_bytes_max:
+            options["segment_bytes_max"] = segment_bytes_max
+        self.journal = Journal.open(self.path, **options)
+        self.snapshot_seq = 0
+        self.snapshot_child = None          # (pid, seq, started) of a running snapshot
+        self.last_snapshot = None           # info of the last finished snapshot
+        self.recover_after = 0.0
+
+    # -- recovery ---------------------------------------------------------
+
+    def load_state(self) -> State | None:
+        loaded = snapshots.load_latest(self.path)
+        if loaded is None:
+            return None
+        seq, arrays, meta = loaded
+        if seq > self.journal.last_seq:
+            raise JournalError(
+                f"snapshot {seq} is ahead of the journal (last entry {self.journal.last_seq}) "
+                f"in {self.path}: journal segments are missing; restore them from backup")
+        self.snapshot_seq = seq
+        log.info("loaded snapshot at entry %d", seq)
+        return state_from_snapshot(arrays, meta)
+
+    def commands_after(self, seq: int):
+        for _seq, payload in self.journal.read(seq + 1):
+            yield decode(payload)
+
+    # -- writes -----------------------------------------------------------
+
+    def before_write(self) -> None:
+        """Refuse writes while storage is failed; retry it now and then."""
+        if not self.journal.failed:
+            return
+        if time.monotonic() >= self.recover_after:
+            self.recover_after = time.monotonic() + RECOVER_INTERVAL_MS / 1000
+            try:
+                self.journal.recover()
+                log.warning("journal recovered: accepting writes again")
+                return
+            except JournalUnavailable:
+                pass
+        raise Unavailable("storage failed; writes are refused until it works again "
+                          "(see the server log); retry later")
+
+    def append(self, command) -> int:
+        try:
+            return self.journal.append(command.encode())
+        except JournalUnavailable as e:
+            raise Unavailable(f"storage failed: {e}") from None
+
+    def sync(self) -> int:
+        try:
+            return self.journal.sync()
+        except JournalUnavailable as e:
+            raise Unavailable(f"storage failed, the change is not acknowledged: {e}") from None
+
+    def after_write(self, engine) -> None:
+        self.reap_snapshot(block=False)
+        due = self.journal.last_seq - self.snapshot_seq >= self.snapshot_every_entries
+        if due and self.snapshot_child is None:
+            self.snapshot(engine.state, wait=False)
+
+    # -- snapshots --------------------------------------------------------
+
+    def snapshot(self, state: State, wait: bool = True) -> dict:
+        """Snapshot the state at the last journaled entry (which is applied
+        and, after this sync, durable): a forked child writes it while the
+        engine goes on; the engine pauses only for the fork."""
+        self.reap_snapshot(block=True)
+        self.sync()
+        seq = self.journal.last_seq
+        started = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:                        # child: write and leave, touching nothing else
+            code = 1
+            try:
+                arrays, meta = state_to_snapshot(state)
+                snapshots.write_snapshot(self.path, seq, arrays, meta)
+                code = 0
+            finally:
+                os._exit(code)
+        pause_ms = (time.perf_counter() - started) * 1000
+        self.snapshot_child = (pid, seq, started, pause_ms)
+        self.snapshot_seq = seq
+        if wait:
+            return self.reap_snapshot(block=True)
+        return {"seq": seq, "pause_ms": pause_ms, "done": False}
+
+    def reap_snapshot(self, block: bool) -> dict | None:
+        if self.snapshot_child is None:
+            return None
+        pid, seq, started, pause_ms = self.snapshot_child
+        done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+        if done == 0:
+            return None
+        self.snapshot_child = None
+        info = {"seq": seq, "pause_ms": pause_ms, "done": True,
+                "write_ms": (time.perf_counter() - started) * 1000}
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.error("snapshot at entry %d failed (child exit %s); the journal still "
+                      "holds everything", seq, os.waitstatus_to_exitcode(status))
+            info["ok"] = False
+            return info
+        info["ok"] = True
+        self.last_snapshot = info
+        self.apply_retention()
+        log.info("snapshot at entry %d: pause %.1f ms, written in %.0f ms",
+                 seq, pause_ms, info["write_ms"])
+        return info
+
+    def apply_retention(self) -> None:
+        kept = snapshots.list_snapshots(self.path)[-self.retain_snapshots:]
+        if not kept:
+            return
+        snapshots.remove_snapshots_before(self.path, kept[0].seq, keep=self.retain_snapshots)
+        self.journal.remove_segments_before(kept[0].seq + 1)
+
+    def close(self) -> None:
+        self.reap_snapshot(block=True)
+        try:
+            self.journal.sync()
+        except JournalUnavailable:
+            log.error("journal close: the last entries could not be made durable")
+        self.journal.close()

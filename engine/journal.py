@@ -1,0 +1,793 @@
+"""Append-only journal: checksummed, sequence-numbered entries in segment files.
+
+The journal knows nothing of payments: an entry is opaque bytes. Entry
+sequence numbers start at 1 and are contiguous across segments. The byte
+layout and the recovery rules are in docs/storage-format.md.
+
+Durability contract: `durable_seq` only ever names entries that were written
+and fdatasync'ed (and whose segment's directory entry was fsync'ed). Nothing
+else is ever reported durable, even after a storage failure.
+
+Threading: `append` runs on the caller's thread (the event loop) and only
+encodes into memory. Writing and fsync happen in `sync` (blocking) or in
+`sync_async` (on a dedicated worker thread, coalescing concurrent callers into
+one fdatasync: group commit).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import errno as errno_module
+import fcntl
+import logging
+import os
+import re
+import struct
+import threading
+from typing import Iterator
+
+import crc32c
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SEGMENT_MAGIC = b"SCNPJRNL"
+SEGMENT_VERSION = 1
+# magic, version, header_bytes, first_seq, reserved, crc32c over bytes [0, 28).
+SEGMENT_HEADER = struct.Struct("<8sIIQII")
+SEGMENT_HEADER_BYTES = SEGMENT_HEADER.size
+# crc32c over bytes [4, entry end incl. padding), payload_bytes, seq.
+ENTRY_HEADER = struct.Struct("<IIQ")
+ENTRY_HEADER_BYTES = ENTRY_HEADER.size
+ENTRY_ALIGN_BYTES = 8
+
+SEGMENT_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
+ENTRY_BYTES_MAX_DEFAULT = 64 * 1024 * 1024
+SEQ_MAX = 2**64 - 1
+
+# Payloads up to this size are copied into one buffer with their header: one
+# iovec instead of three. Larger ones are written from the caller's bytes.
+ENTRY_INLINE_BYTES_MAX = 4096
+IOV_MAX = 1024
+
+SEGMENT_NAME = re.compile(r"^journal-(\d{20})\.seg$")
+LOCK_NAME = "journal.lock"
+
+_ENTRY_REST = struct.Struct("<IQ")  # The checksummed part of the header.
+_CRC = struct.Struct("<I")
+_ZEROS = bytes(ENTRY_ALIGN_BYTES)
+_PADDING = [_ZEROS[:-size % ENTRY_ALIGN_BYTES] for size in range(ENTRY_ALIGN_BYTES)]
+
+assert SEGMENT_HEADER_BYTES == 32
+assert ENTRY_HEADER_BYTES == 16
+assert SEGMENT_HEADER_BYTES % ENTRY_ALIGN_BYTES == 0
+
+ADVICE_CORRUPT = (
+    "the journal is damaged before its tail, so entries that were acknowledged "
+    "as durable may be affected; do not start the engine on it: run "
+    "`scanpay journal verify <dir>` to see every problem, then restore the "
+    "journal directory from a backup or a replica"
+)
+ADVICE_UNAVAILABLE = (
+    "fix the storage (free space on a full disk, check the device and kernel "
+    "log for I/O errors), then retry: the engine calls Journal.recover(), "
+    "which rewrites the entries that are not durable yet"
+)
+
+
+class JournalError(Exception):
+    """Base class of the journal's errors."""
+
+
+class JournalCorrupt(JournalError):
+    """The on-disk journal is damaged somewhere other than a torn tail."""
+
+    def __init__(self, file: str, offset: int, detail: str):
+        super().__init__(f"journal corrupt: {file} at byte offset {offset}: "
+                         f"{detail}; {ADVICE_CORRUPT}")
+        self.file = file
+        self.offset = offset
+        self.detail = detail
+
+
+class JournalUnavailable(JournalError):
+    """Storage failed (EIO, ENOSPC, ...). Retryable after `Journal.recover()`."""
+
+    retryable = True
+
+
+@dataclasses.dataclass
+class Problem:
+    file: str
+    offset: int
+    kind: str  # "torn_tail" (open() truncates it) or "corrupt" (open() refuses).
+    detail: str
+
+
+@dataclasses.dataclass
+class SegmentReport:
+    file: str
+    first_seq: int
+    last_seq: int  # first_seq - 1 when the segment holds no entry.
+    entries: int
+    bytes: int  # File size.
+    valid_bytes: int  # Bytes up to the end of the last valid entry.
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    dir: str
+    segments: list[SegmentReport]
+    problems: list[Problem]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def corrupt(self) -> bool:
+        return any(problem.kind == "corrupt" for problem in self.problems)
+
+    @property
+    def entries(self) -> int:
+        return sum(segment.entries for segment in self.segments)
+
+
+def segment_name(first_seq: int) -> str:
+    return f"journal-{first_seq:020d}.seg"
+
+
+def verify(dir: str, *, entry_bytes_max: int = ENTRY_BYTES_MAX_DEFAULT) -> VerifyReport:
+    """Checks every segment and entry; modifies nothing."""
+    segments: list[SegmentReport] = []
+    problems: list[Problem] = []
+    listing = _list_segments(dir)
+    seq_expected = None
+    for index, (name_seq, path) in enumerate(listing):
+        if seq_expected is not None and name_seq != seq_expected:
+            problems.append(Problem(path, 0, "corrupt", _gap_detail(name_seq, seq_expected)))
+        scan = _scan_segment(path, _read_file(path), name_seq,
+                             index == len(listing) - 1, entry_bytes_max)
+        segments.append(SegmentReport(path, name_seq, name_seq + scan.entries - 1,
+                                      scan.entries, scan.file_bytes, scan.valid_bytes))
+        seq_expected = name_seq + scan.entries
+        if scan.problem is not None:
+            problems.append(scan.problem)
+            seq_expected = None  # Unknown where this segment really ended: no gap check.
+        elif scan.entries == 0 and index < len(listing) - 1:
+            problems.append(Problem(path, SEGMENT_HEADER_BYTES, "corrupt", "closed segment holds no entry"))
+    return VerifyReport(dir, segments, problems)
+
+
+@dataclasses.dataclass
+class _Segment:
+    first_seq: int
+    path: str
+
+
+class Journal:
+    """An open journal directory. Use `Journal.open`."""
+
+    def __init__(self, dir: str, fs, segment_bytes_max: int, entry_bytes_max: int):
+        self._dir = dir
+        self._fs = fs
+        self._segment_bytes_max = segment_bytes_max
+        self._entry_bytes_max = entry_bytes_max
+        # Guards the fields below against the sync worker thread.
+        self._lock = threading.Lock()
+        # Held for the whole of any write/fsync/recover: one I/O at a time.
+        self._io_lock = threading.RLock()
+        self._segments: list[_Segment] = []
+        self._last_seq = 0
+        self._durable_seq = 0
+        # Where the durable prefix ends: recover() truncates back to it.
+        self._durable_segment_seq: int | None = None
+        self._durable_bytes = 0
+        # Entries not yet durable, in seq order: (seq, buffers, bytes). Kept
+        # until their fdatasync succeeds, because after a failed fsync the page
+        # cache cannot be trusted and recover() must write them again.
+        self._pending: list[tuple[int, tuple, int]] = []
+        self._fd: int | None = None  # Active (last) segment, O_APPEND.
+        self._active_bytes = 0
+        self._dir_dirty = False  # A segment was created or removed since the last dir fsync.
+        self._failure: str | None = None
+        self._closed = False
+        self._lock_fd: int | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._inflight: asyncio.Future | None = None
+        self.fsync_count = 0  # fdatasync calls that covered new entries (observability).
+
+    # ------------------------------------------------------------------ open
+
+    @classmethod
+    def open(cls, dir: str, *, segment_bytes_max: int = SEGMENT_BYTES_MAX_DEFAULT,
+             entry_bytes_max: int = ENTRY_BYTES_MAX_DEFAULT, fs=None) -> "Journal":
+        """Opens (or creates) the journal in `dir`, validating every entry.
+
+        A torn tail of the last segment is truncated (logged); any other damage
+        raises JournalCorrupt. `fs` supplies the OS calls (default: `os`).
+        """
+        assert 0 < entry_bytes_max < 2**32, entry_bytes_max
+        assert segment_bytes_max >= SEGMENT_HEADER_BYTES + ENTRY_HEADER_BYTES, segment_bytes_max
+        journal = cls(dir, fs if fs is not None else os, segment_bytes_max, entry_bytes_max)
+        if not os.path.isdir(dir):
+            os.makedirs(dir)
+            _fsync_dir_os(os.path.dirname(os.path.abspath(dir)))
+        journal._lock_dir()
+        try:
+            journal._load()
+        except BaseException:
+            journal._release_dir()
+            raise
+        return journal
+
+    def _lock_dir(self) -> None:
+        fd = os.open(os.path.join(self._dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalError(f"journal {self._dir} is open in another process "
+                               f"(or another Journal object): close that one first") from None
+        self._lock_fd = fd
+
+    def _release_dir(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _load(self) -> None:
+        listing = _list_segments(self._dir)
+        seq_next = None
+        for index, (name_seq, path) in enumerate(listing):
+            is_last = index == len(listing) - 1
+            if seq_next is not None and name_seq != seq_next:
+                raise JournalCorrupt(path, 0, _gap_detail(name_seq, seq_next))
+            scan = _scan_segment(path, _read_file(path), name_seq, is_last, self._entry_bytes_max)
+            if scan.problem is not None:
+                if scan.problem.kind != "torn_tail":
+                    raise JournalCorrupt(path, scan.problem.offset, scan.problem.detail)
+                assert is_last
+                self._repair_torn_tail(path, scan)
+                if scan.valid_bytes == 0:
+                    # The segment's own header was torn: it never held a
+                    # durable entry. Its name still says which seq comes next.
+                    seq_next = name_seq
+                    continue
+            if scan.entries == 0 and not is_last:
+                raise JournalCorrupt(path, SEGMENT_HEADER_BYTES, "closed segment holds no entry")
+            self._segments.append(_Segment(name_seq, path))
+            seq_next = name_seq + scan.entries
+            self._active_bytes = scan.valid_bytes
+        self._last_seq = seq_next - 1 if seq_next is not None else 0
+        if self._segments:
+            active = self._segments[-1]
+            self._fd = self._fs.open(active.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            # The previous process may have crashed with entries only in the page cache.
+            self._fs.fdatasync(self._fd)
+            self._durable_segment_seq = active.first_seq
+            self._durable_bytes = self._active_bytes
+        self._fsync_dir()
+        self._durable_seq = self._last_seq
+
+    def _repair_torn_tail(self, path: str, scan: "_Scan") -> None:
+        dropped = scan.file_bytes - scan.valid_bytes
+        log.warning("journal: torn tail in %s at byte offset %d: dropping %d bytes (%s); "
+                    "these entries were never reported durable",
+                    path, scan.valid_bytes, dropped, scan.problem.detail)
+        if scan.valid_bytes == 0:
+            self._fs.unlink(path)
+        else:
+            fd = self._fs.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                self._fs.ftruncate(fd, scan.valid_bytes)
+                self._fs.fdatasync(fd)
+            finally:
+                self._fs.close(fd)
+        self._dir_dirty = True
+
+    # ---------------------------------------------------------------- append
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the last appended entry (0 if none)."""
+        return self._last_seq
+
+    @property
+    def durable_seq(self) -> int:
+        """Highest seq known written and fdatasync'ed."""
+        return self._durable_seq
+
+    @property
+    def first_seq(self) -> int:
+        """Seq of the oldest entry still on disk (last_seq + 1 if none)."""
+        with self._lock:
+            if self._segments:
+                return self._segments[0].first_seq
+            return self._last_seq + 1
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    @property
+    def dir(self) -> str:
+        return self._dir
+
+    def append(self, payload: bytes) -> int:
+        """Queues one entry in memory and returns its seq. Durable after `sync`."""
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # Also a copy the caller cannot mutate later.
+        if len(payload) > self._entry_bytes_max:
+            raise AssertionError(f"journal entry of {len(payload)} bytes exceeds "
+                                 f"entry_bytes_max {self._entry_bytes_max}")
+        with self._lock:
+            if self._failure is not None:
+                raise self._unavailable()
+            assert not self._closed, "journal is closed"
+            seq = self._last_seq + 1
+            assert seq <= SEQ_MAX
+            frame, frame_bytes = _encode_entry(seq, payload)
+            self._pending.append((seq, frame, frame_bytes))
+            self._last_seq = seq
+        return seq
+
+    # ------------------------------------------------------------------ sync
+
+    def sync(self) -> int:
+        """Writes and fdatasyncs everything appended so far; returns durable_seq."""
+        return self._sync_io()
+
+    async def sync_async(self) -> int:
+        """Group commit: returns once everything appended before the call is durable.
+
+        The fsync runs on a worker thread. Concurrent callers share one
+        in-flight fsync if it covers their entries; a caller whose entries were
+        appended after the in-flight one started waits for the next.
+        """
+        target = self._last_seq
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._failure is not None:
+                raise self._unavailable()
+            if self._durable_seq >= target:
+                return self._durable_seq
+            future = self._inflight
+            if future is None or future.done():
+                future = loop.run_in_executor(self._worker(), self._sync_io)
+                # Retrieve the exception even if every waiter was cancelled.
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
+                self._inflight = future
+            try:
+                await asyncio.shield(future)
+            finally:
+                if self._inflight is future and future.done():
+                    self._inflight = None
+
+    def _worker(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="journal-sync")
+        return self._executor
+
+    def _sync_io(self) -> int:
+        with self._io_lock:
+            with self._lock:
+                if self._failure is not None:
+                    raise self._unavailable()
+                assert not self._closed, "journal is closed"
+                batch = list(self._pending)
+                target = self._last_seq
+            if target == self._durable_seq:
+                assert not batch
+                return target
+            assert batch and batch[0][0] == self._durable_seq + 1 and batch[-1][0] == target
+            try:
+                self._write_batch(batch)
+                self._fs.fdatasync(self._fd)
+                if self._dir_dirty:
+                    self._fsync_dir()
+            except OSError as error:
+                self._fail(error)
+                raise self._unavailable() from error
+            with self._lock:
+                assert self._pending[len(batch) - 1][0] == target
+                del self._pending[:len(batch)]
+                self._durable_seq = target
+                self._durable_segment_seq = self._segments[-1].first_seq
+                self._durable_bytes = self._active_bytes
+                self.fsync_count += 1
+            return target
+
+    def _write_batch(self, batch: list) -> None:
+        buffers: list = []
+        for seq, frame, frame_bytes in batch:
+            if self._fd is None or (self._active_bytes > SEGMENT_HEADER_BYTES and
+                                    self._active_bytes + frame_bytes > self._segment_bytes_max):
+                self._write_all(buffers)
+                buffers = []
+                self._roll(seq)
+            buffers.extend(frame)
+            self._active_bytes += frame_bytes
+        self._write_all(buffers)
+
+    def _roll(self, first_seq: int) -> None:
+        """Closes the active segment and starts one whose first entry is `first_seq`."""
+        if self._fd is not None:
+            # A closed segment is durable before its successor exists, so a torn
+            # tail can only ever be in the last segment.
+            self._fs.fdatasync(self._fd)
+            self._fs.close(self._fd)
+            self._fd = None
+        path = os.path.join(self._dir, segment_name(first_seq))
+        self._fd = self._fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        with self._lock:
+            self._segments.append(_Segment(first_seq, path))
+        self._dir_dirty = True
+        self._active_bytes = SEGMENT_HEADER_BYTES
+        self._write_all([_encode_segment_header(first_seq)])
+
+    def _write_all(self, buffers: list) -> None:
+        """writev until every byte is written (regular files may write short)."""
+        done = 0
+        while done < len(buffers):
+            chunk = buffers[done:done + IOV_MAX]
+            written = self._fs.writev(self._fd, chunk)
+            if written <= 0:
+                raise OSError(errno_module.EIO, "writev wrote no bytes")
+            for buffer in chunk:
+                if written < len(buffer):
+                    break
+                written -= len(buffer)
+                done += 1
+            if written:
+                buffers[done] = memoryview(buffers[done])[written:]
+
+    def _fsync_dir(self) -> None:
+        fd = self._fs.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._fs.fsync(fd)
+        finally:
+            self._fs.close(fd)
+        self._dir_dirty = False
+
+    # ------------------------------------------------------------- failures
+
+    def _fail(self, error: OSError) -> None:
+        name = errno_module.errorcode.get(error.errno, str(error.errno))
+        segment = self._segments[-1].path if self._segments else self._dir
+        with self._lock:
+            self._failure = (f"journal storage failed ({name}: {error.strerror or error}) "
+                             f"writing or syncing {segment}")
+        log.error("%s; entries %d..%d are not durable; %s", self._failure,
+                  self._durable_seq + 1, self._last_seq, ADVICE_UNAVAILABLE)
+
+    def _unavailable(self) -> JournalUnavailable:
+        return JournalUnavailable(
+            f"{self._failure}; entries after seq {self._durable_seq} are not durable "
+            f"and must not be acknowledged; {ADVICE_UNAVAILABLE}")
+
+    def recover(self) -> int:
+        """Retries after a storage failure: rewinds to the durable prefix,
+        rewrites the pending entries and fsyncs. Returns durable_seq; raises
+        JournalUnavailable (still failed) if the storage still fails."""
+        with self._io_lock:
+            if self._failure is None:
+                return self._sync_io()
+            try:
+                self._rewind_to_durable()
+            except OSError as error:
+                self._fail(error)
+                raise self._unavailable() from error
+            with self._lock:
+                self._failure = None
+            log.warning("journal: storage recovered at seq %d; rewriting %d pending entries",
+                        self._durable_seq, len(self._pending))
+            return self._sync_io()
+
+    async def recover_async(self) -> int:
+        return await asyncio.get_running_loop().run_in_executor(self._worker(), self.recover)
+
+    def _rewind_to_durable(self) -> None:
+        """Truncates the journal on disk back to exactly its durable prefix."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                self._fs.close(fd)
+            except OSError:
+                pass  # The fd is gone either way; the data is rewritten below.
+        with self._lock:
+            keep = sum(1 for segment in self._segments
+                       if self._durable_segment_seq is not None
+                       and segment.first_seq <= self._durable_segment_seq)
+            doomed = self._segments[keep:]
+        for segment in doomed:
+            try:
+                self._fs.unlink(segment.path)
+            except FileNotFoundError:
+                pass
+            with self._lock:
+                self._segments.remove(segment)
+            self._dir_dirty = True
+        self._active_bytes = 0
+        if self._segments:
+            active = self._segments[-1]
+            assert active.first_seq == self._durable_segment_seq
+            fd = self._fs.open(active.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                self._fs.ftruncate(fd, self._durable_bytes)
+                self._fs.fdatasync(fd)
+            except OSError:
+                self._fs.close(fd)
+                raise
+            self._fd = fd
+            self._active_bytes = self._durable_bytes
+        self._fsync_dir()
+
+    # ------------------------------------------------------------------ read
+
+    def read(self, from_seq: int = 1) -> Iterator[tuple[int, memoryview]]:
+        """Yields (seq, payload) for durable entries >= from_seq, in order.
+
+        Payloads are read-only memoryviews into a per-segment read buffer
+        (zero copy; `bytes(payload)` to keep one independently). Entries
+        appended after the call, or not yet durable, are not yielded.
+        """
+        with self._lock:
+            segments = list(self._segments)
+            seq_limit = self._durable_seq
+        seq_first = segments[0].first_seq if segments else seq_limit + 1
+        if from_seq < seq_first:
+            raise ValueError(f"journal starts at seq {seq_first} (older segments were "
+                             f"removed); cannot read from seq {from_seq}")
+        for index, segment in enumerate(segments):
+            seq_end = segments[index + 1].first_seq if index + 1 < len(segments) else seq_limit + 1
+            if seq_end <= from_seq:
+                continue
+            if segment.first_seq > seq_limit:
+                return
+            yield from _read_segment(segment.path, segment.first_seq, from_seq,
+                                     min(seq_end - 1, seq_limit), self._entry_bytes_max)
+
+    # ------------------------------------------------------------- retention
+
+    def remove_segments_before(self, seq: int) -> list[str]:
+        """Deletes whole segments whose entries are all < seq; never the active
+        one, nor one whose successor holds no durable entry. Returns the paths."""
+        with self._lock:
+            assert not self._closed
+            removable = 0
+            for index in range(len(self._segments) - 1):
+                successor = self._segments[index + 1].first_seq
+                if successor > seq or successor > self._durable_seq:
+                    break
+                removable = index + 1
+            doomed = self._segments[:removable]
+            del self._segments[:removable]
+        for segment in doomed:
+            os.unlink(segment.path)
+        if doomed:
+            _fsync_dir_os(self._dir)
+        return [segment.path for segment in doomed]
+
+    # ----------------------------------------------------------------- close
+
+    def close(self) -> None:
+        """Syncs pending entries (unless failed), then releases everything."""
+        if self._closed:
+            return
+        try:
+            if self._failure is None and self._last_seq > self._durable_seq:
+                self.sync()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            with self._io_lock:
+                if self._pending:
+                    log.warning("journal: closing with entries %d..%d not durable (storage failed)",
+                                self._pending[0][0], self._pending[-1][0])
+                if self._fd is not None:
+                    try:
+                        self._fs.close(self._fd)
+                    except OSError:
+                        pass
+                    self._fd = None
+                self._closed = True
+                self._release_dir()
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------ encoding
+
+def _encode_segment_header(first_seq: int) -> bytes:
+    head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER_BYTES, first_seq, 0, 0)
+    return head[:-4] + _CRC.pack(crc32c.crc32c(head[:-4]))
+
+
+def _encode_entry(seq: int, payload: bytes) -> tuple[tuple, int]:
+    """The entry's buffers (header, payload, padding) and their total bytes."""
+    payload_bytes = len(payload)
+    padding = _PADDING[payload_bytes % ENTRY_ALIGN_BYTES]
+    frame_bytes = ENTRY_HEADER_BYTES + payload_bytes + len(padding)
+    # crc32c's keyword arguments cost more than the checksum of a small entry.
+    if payload_bytes <= ENTRY_INLINE_BYTES_MAX:
+        body = _ENTRY_REST.pack(payload_bytes, seq) + payload + padding
+        return (_CRC.pack(crc32c.crc32c(body)) + body,), frame_bytes
+    rest = _ENTRY_REST.pack(payload_bytes, seq)
+    crc = crc32c.crc32c(padding, crc32c.crc32c(payload, crc32c.crc32c(rest)))
+    return (_CRC.pack(crc) + rest, payload, padding), frame_bytes
+
+
+# ------------------------------------------------------------------- scanning
+
+@dataclasses.dataclass
+class _Scan:
+    entries: int
+    file_bytes: int
+    valid_bytes: int  # 0 when the segment header itself is bad.
+    problem: Problem | None
+
+
+def _list_segments(dir: str) -> list[tuple[int, str]]:
+    listing = []
+    for name in os.listdir(dir):
+        match = SEGMENT_NAME.match(name)
+        if match:
+            listing.append((int(match.group(1)), os.path.join(dir, name)))
+    listing.sort()
+    return listing
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb", buffering=0) as file:
+        return file.readall()
+
+
+def _fsync_dir_os(dir: str) -> None:
+    fd = os.open(dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _gap_detail(name_seq: int, seq_expected: int) -> str:
+    return (f"segment starts at seq {name_seq} but the previous segment ends at seq "
+            f"{seq_expected - 1} (a gap or overlap in the sequence)")
+
+
+def _header_problem(buf, name_seq: int) -> str | None:
+    if len(buf) < SEGMENT_HEADER_BYTES:
+        return f"segment header is short ({len(buf)} of {SEGMENT_HEADER_BYTES} bytes)"
+    magic, version, header_bytes, first_seq, _, crc = SEGMENT_HEADER.unpack_from(buf, 0)
+    if crc32c.crc32c(buf[:SEGMENT_HEADER_BYTES - 4]) != crc:
+        return "segment header checksum mismatch"
+    if magic != SEGMENT_MAGIC:
+        return f"not a journal segment (magic {magic!r})"
+    if version != SEGMENT_VERSION or header_bytes != SEGMENT_HEADER_BYTES:
+        return f"unsupported segment format version {version}"
+    if first_seq != name_seq:
+        return f"segment header says first seq {first_seq} but its name says {name_seq}"
+    if first_seq == 0:
+        return "segment first seq is 0"
+    return None
+
+
+def _walk(mv: memoryview, offset: int, seq: int, entry_bytes_max: int, stop: list):
+    """Yields (seq, payload_start, payload_end, next_offset) for each valid
+    entry from `offset`; on a bad one appends (offset, detail, checksum_ok) to
+    `stop` and returns."""
+    size = len(mv)
+    unpack = ENTRY_HEADER.unpack_from
+    crc_of = crc32c.crc32c
+    while offset < size:
+        if size - offset < ENTRY_HEADER_BYTES:
+            stop.append((offset, f"entry header is short ({size - offset} of "
+                                 f"{ENTRY_HEADER_BYTES} bytes)", False))
+            return
+        crc, payload_bytes, entry_seq = unpack(mv, offset)
+        payload_end = offset + ENTRY_HEADER_BYTES + payload_bytes
+        offset_next = payload_end + (-payload_bytes % ENTRY_ALIGN_BYTES)
+        if offset_next > size:
+            stop.append((offset, f"entry of {payload_bytes} bytes runs past the end of the "
+                                 f"file ({size - offset} bytes left)", False))
+            return
+        if crc_of(mv[offset + 4:offset_next]) != crc:
+            stop.append((offset, f"entry checksum mismatch (seq field {entry_seq}, "
+                                 f"expected seq {seq})", False))
+            return
+        if payload_bytes > entry_bytes_max:
+            # Intact, so not a torn write: was entry_bytes_max lowered?
+            stop.append((offset, f"entry of {payload_bytes} bytes exceeds entry_bytes_max "
+                                 f"{entry_bytes_max}", True))
+            return
+        if entry_seq != seq:
+            stop.append((offset, f"entry has seq {entry_seq}, expected {seq}", True))
+            return
+        yield seq, offset + ENTRY_HEADER_BYTES, payload_end, offset_next
+        offset = offset_next
+        seq += 1
+
+
+def _valid_entry_after(mv: memoryview, offset: int, seq_min: int) -> tuple[int, int] | None:
+    """The first (offset, seq) after `offset` where a whole entry with a
+    plausible seq checks out, or None: tells a torn tail (nothing valid
+    follows) from corruption (valid entries follow the bad bytes)."""
+    assert offset % ENTRY_ALIGN_BYTES == 0
+    size = len(mv)
+    seq_word_first = offset + ENTRY_ALIGN_BYTES + 8  # The seq field of a header at offset + 8.
+    count = (size - seq_word_first) // 8
+    if count <= 0:
+        return None
+    # Entries are 8-aligned, so only aligned words can be a header's seq field.
+    words = np.frombuffer(mv, dtype="<u8", count=count, offset=seq_word_first)
+    seq_max = min(seq_min + size // ENTRY_HEADER_BYTES, SEQ_MAX)
+    for index in np.flatnonzero((words >= seq_min) & (words <= seq_max)).tolist():
+        at = seq_word_first + 8 * index - 8
+        crc, payload_bytes, seq = ENTRY_HEADER.unpack_from(mv, at)
+        end = at + ENTRY_HEADER_BYTES + payload_bytes + (-payload_bytes % ENTRY_ALIGN_BYTES)
+        if end <= size and crc32c.crc32c(mv[at + 4:end]) == crc:
+            return at, seq
+    return None
+
+
+def _scan_segment(path: str, buf: bytes, name_seq: int, is_last: bool,
+                  entry_bytes_max: int) -> _Scan:
+    mv = memoryview(buf)
+    detail = _header_problem(mv, name_seq)
+    if detail is not None:
+        return _Scan(0, len(buf), 0, _classify(path, mv, 0, detail, False, name_seq, is_last))
+    entries = 0
+    valid_bytes = SEGMENT_HEADER_BYTES
+    stop: list = []
+    for _, _, _, offset_next in _walk(mv, SEGMENT_HEADER_BYTES, name_seq, entry_bytes_max, stop):
+        entries += 1
+        valid_bytes = offset_next
+    problem = None
+    if stop:
+        offset, detail, checksum_ok = stop[0]
+        problem = _classify(path, mv, offset, detail, checksum_ok, name_seq + entries, is_last)
+    return _Scan(entries, len(buf), valid_bytes, problem)
+
+
+def _classify(path: str, mv: memoryview, offset: int, detail: str, checksum_ok: bool,
+              seq_expected: int, is_last: bool) -> Problem:
+    """A bad entry is a torn tail only if it is in the last segment, its bytes
+    do not check out, and no valid entry follows it."""
+    if checksum_ok:
+        return Problem(path, offset, "corrupt", detail)
+    if not is_last:
+        return Problem(path, offset, "corrupt", f"{detail}, in a closed segment")
+    later = _valid_entry_after(mv, offset, seq_expected)
+    if later is not None:
+        return Problem(path, offset, "corrupt",
+                       f"{detail}, but a valid entry (seq {later[1]}) follows at byte "
+                       f"offset {later[0]}")
+    return Problem(path, offset, "torn_tail", detail)
+
+
+def _read_segment(path: str, first_seq: int, from_seq: int, last_seq: int,
+                  entry_bytes_max: int) -> Iterator[tuple[int, memoryview]]:
+    mv = memoryview(_read_file(path))
+    detail = _header_problem(mv, first_seq)
+    if detail is not None:
+        raise JournalCorrupt(path, 0, detail)
+    stop: list = []
+    seq_read = first_seq - 1
+    for seq, start, end, _ in _walk(mv, SEGMENT_HEADER_BYTES, first_seq, entry_bytes_max, stop):
+        if seq > last_seq:
+            return
+        seq_read = seq
+        if seq >= from_seq:
+            yield seq, mv[start:end]
+    if seq_read < last_seq:
+        offset, detail, _ = stop[0] if stop else (len(mv), "segment ends early", False)
+        raise JournalCorrupt(path, offset, f"{detail} while reading (seq {seq_read + 1} "
+                                           f"was durable)")
