@@ -4,16 +4,46 @@ import argparse
 import sys
 
 
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run the socket server")
+    p.add_argument("--config", help="TOML config file ([server] settings, [[keys]])")
+    p.add_argument("--data", help="data directory (journal and snapshots); default ./data")
+    p.add_argument("--listen", help="TCP host:port; default 127.0.0.1:7411; '' for none")
+    p.add_argument("--unix", help="also listen on this Unix socket path")
+    p.add_argument("--tls-cert", dest="tls_cert", help="TLS certificate (PEM)")
+    p.add_argument("--tls-key", dest="tls_key", help="TLS private key (PEM)")
+    p.add_argument("--metrics", help="host:port for the Prometheus endpoint")
+    p.add_argument("--test-clock", dest="test_clock", action="store_const", const=True,
+                   help="enable the CLOCK op (tests only: lets clients set the engine time)")
+    p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
+
+
+def run_serve(args) -> int:
+    from . import config as config_module
+    from .server import serve
+    overrides = {k: getattr(args, k) for k in ("data", "listen", "unix", "tls_cert", "tls_key",
+                                               "metrics", "test_clock", "log_format")}
+    try:
+        config = config_module.load(args.config, overrides)
+    except config_module.ConfigError as e:
+        print(f"scanpay serve: {e}", file=sys.stderr)
+        return 2
+    return serve(config)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="scanpay", description="Scanpay payment and coupon settlement engine")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run scan-to-pay traffic through an O2O world and audit it")
-    demo.add_argument("args", nargs=argparse.REMAINDER, help="options of the demo (see scanpay demo -- --help)")
+    demo.add_argument("args", nargs=argparse.REMAINDER, help="options of the demo (scanpay demo --help)")
+    add_serve(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from . import demo as demo_module
         return demo_module.main([a for a in args.args if a != "--"])
+    if args.command == "serve":
+        return run_serve(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

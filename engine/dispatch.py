@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import ops_query, ops_setup
+from .errors import BadBody
 
 OP_HELLO = 1
 OP_PING = 2
@@ -18,13 +19,21 @@ class MapOp:
     apply: Callable            # (state, request, now, draws) -> reply map
     writes: bool               # changes state: stamped, journaled
     draw: Callable | None = None  # (state, request, rng) -> draws, outside the apply
+    list_key: str | None = None   # list operations: the key of the item list
+
+    def check_body(self, request) -> None:
+        """Refuse a body of the wrong shape before anything is journaled."""
+        if self.list_key:
+            ops_setup.list_items(request, self.list_key)
+        elif not isinstance(request, dict):
+            raise BadBody(f"the body of {self.name} must be a map")
 
 
 MAP_OPS = {op.name: op for op in (
-    MapOp(32, "MERCHANTS", ops_setup.merchants, True),
-    MapOp(33, "WALLETS", ops_setup.wallets, True),
-    MapOp(34, "TOPUP", ops_setup.topups, True),
-    MapOp(35, "STOCKS", ops_setup.stocks, True),
+    MapOp(32, "MERCHANTS", ops_setup.merchants, True, list_key="merchants"),
+    MapOp(33, "WALLETS", ops_setup.wallets, True, list_key="users"),
+    MapOp(34, "TOPUP", ops_setup.topups, True, list_key="topups"),
+    MapOp(35, "STOCKS", ops_setup.stocks, True, list_key="stocks"),
     MapOp(36, "PAYMENT_CODE", ops_setup.payment_code, True, ops_setup.draw_payment_code),
     MapOp(37, "QUOTE", ops_query.quote, False),
     MapOp(43, "BALANCES", ops_query.balances, False),
@@ -32,6 +41,10 @@ MAP_OPS = {op.name: op for op in (
     MapOp(49, "COUPONS", ops_query.coupons, False),
 )}
 MAP_OPS_BY_CODE = {op.code: op for op in MAP_OPS.values()}
+
+OP_CLOCK = 50
+OP_NAMES = {OP_HELLO: "HELLO", OP_PING: "PING", OP_PAY: "PAY", OP_ISSUE: "ISSUE",
+            OP_CLOCK: "CLOCK", **{op.code: op.name for op in MAP_OPS.values()}}
 
 # Ops of PROTOCOL.md that later work implements; until then: unknown_op.
 PLANNED_OPS = {38: "CAPTURE", 39: "VOID", 40: "REFUND", 41: "REVERSE",

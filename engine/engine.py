@@ -95,24 +95,44 @@ class Engine:
         request = msgspec.msgpack.decode(command.body)
         return spec.apply(self.state, request, command.now, command.draws)
 
-    def _write(self, op: int, body, draws=()):
-        """Journal, apply and make durable one command; then return its result.
-
-        The fsync runs in a worker thread while the kernel applies (it releases
-        the GIL), so durability costs little more than the apply itself.
-        """
-        command = Command(op, self._now(), tuple(draws), body)
+    def _begin(self, command: Command):
+        """Journal the command and start the fsync that covers it, in a worker
+        thread, so that it runs while the kernel applies (without the GIL).
+        Returns the future of that fsync (None for an in-memory engine)."""
         if self.storage is None:
-            return self._execute(command)
+            return None
         self.storage.before_write()
         self.storage.append(command)
-        durable = self._sync_pool.submit(self.storage.sync)
+        return self._sync_pool.submit(self.storage.sync)
+
+    def _write(self, op: int, body, draws=()):
+        """Journal, apply and make durable one command; then return its result."""
+        command = Command(op, self._now(), tuple(draws), body)
+        durable = self._begin(command)
         try:
             result = self._execute(command)
         finally:
-            durable.result()            # raises Unavailable: not acknowledged
-        self.storage.after_write(self)
+            if durable is not None:
+                durable.result()        # raises Unavailable: not acknowledged
+        if self.storage is not None:
+            self.storage.after_write(self)
         return result
+
+    def write_command(self, op: int, body, draws=()):
+        """For the server's writer: journal and apply a command now; return
+        (result, durability future or None). Reply only once the future is done."""
+        command = Command(op, self._now(), tuple(draws), body)
+        durable = self._begin(command)
+        result = self._execute(command)
+        if self.storage is not None:
+            self.storage.after_write(self)
+        return result, durable
+
+    def sync_pending(self):
+        """A future that completes when everything applied so far is durable."""
+        if self.storage is None:
+            return None
+        return self._sync_pool.submit(self.storage.sync)
 
     def _replay(self) -> None:
         started = time.perf_counter()
@@ -151,12 +171,16 @@ class Engine:
             raise UnknownOp(f"unknown operation {op!r}{planned}")
         if not spec.writes:
             return spec.apply(self.state, request, self._now(), ())
+        spec.check_body(request)
         try:
             body = msgspec.msgpack.encode(request)
         except (TypeError, OverflowError, msgspec.EncodeError) as e:
             raise BadBody(f"the request is not a MessagePack map: {e}") from None
-        draws = spec.draw(self.state, request, self.code_source) if spec.draw else ()
-        return self._write(spec.code, body, draws)
+        return self._write(spec.code, body, self.draws_for(spec, request))
+
+    def draws_for(self, spec, request) -> tuple:
+        """The random draws a map write needs, made outside the apply."""
+        return tuple(spec.draw(self.state, request, self.code_source)) if spec.draw else ()
 
     # -- state ------------------------------------------------------------
 

@@ -1,0 +1,83 @@
+"""HELLO authentication (PROTOCOL.md) and what each role may do.
+
+A key has an id, a secret, a role (`gateway` or `admin`) and, for gateways,
+the merchants it may charge. The MAC is HMAC-SHA256 keyed with the secret over
+f"{ts}.{nonce}.{key_id}"; `ts` must be within 5 minutes of the server clock and
+a nonce is accepted once.
+"""
+import hashlib
+import hmac
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+TS_SKEW_MS_MAX = 5 * 60 * 1000
+NONCES_MAX = 100_000                 # remembered nonces (older ones have expired ts anyway)
+NONCE = re.compile(r"^[0-9a-fA-F]{32}$")
+
+ROLE_GATEWAY = "gateway"
+ROLE_ADMIN = "admin"
+# Ops a gateway may send (PROTOCOL.md names). Everything else is admin only.
+GATEWAY_OPS = frozenset({
+    "HELLO", "PING", "PAY", "ISSUE", "QUOTE", "PAYMENT_CODE", "COUPONS",
+    "CAPTURE", "VOID", "REFUND", "REVERSE", "GET_PAYMENTS",
+})
+
+
+@dataclass(frozen=True)
+class Key:
+    key_id: str
+    secret: str
+    role: str
+    merchants: frozenset = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class Identity:
+    role: str
+    merchants: frozenset | None = None   # None: every merchant
+    key_id: str | None = None
+
+    def may(self, op_name: str) -> bool:
+        return self.role == ROLE_ADMIN or op_name in GATEWAY_OPS
+
+
+ANONYMOUS_ADMIN = Identity(ROLE_ADMIN)   # a server with no keys (loopback only)
+
+
+def mac_of(secret: str, ts: int, nonce: str, key_id: str) -> bytes:
+    message = f"{ts}.{nonce}.{key_id}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).digest()
+
+
+class Authenticator:
+    def __init__(self, keys: list[Key]):
+        self.keys = {k.key_id: k for k in keys}
+        self.nonces = OrderedDict()
+
+    @property
+    def required(self) -> bool:
+        return bool(self.keys)
+
+    def check(self, hello: dict, now_ms: int | None = None) -> Identity:
+        """The identity a HELLO proves; raises ValueError saying why not."""
+        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        key = self.keys.get(hello.get("key_id"))
+        if key is None:
+            raise ValueError("unknown key_id")
+        ts, nonce, mac = hello.get("ts"), hello.get("nonce"), hello.get("mac")
+        if not isinstance(ts, int) or isinstance(ts, bool) or abs(now_ms - ts) > TS_SKEW_MS_MAX:
+            raise ValueError("ts missing or more than 5 minutes off the server clock")
+        if not isinstance(nonce, str) or not NONCE.match(nonce):
+            raise ValueError("nonce must be 32 hex digits")
+        if not isinstance(mac, (bytes, bytearray)) or not hmac.compare_digest(
+                bytes(mac), mac_of(key.secret, ts, nonce, key.key_id)):
+            raise ValueError("mac does not match")
+        if nonce in self.nonces:
+            raise ValueError("nonce already used")
+        self.nonces[nonce] = ts
+        while len(self.nonces) > NONCES_MAX:
+            self.nonces.popitem(last=False)
+        merchants = key.merchants if key.role == ROLE_GATEWAY else None
+        return Identity(key.role, merchants, key.key_id)

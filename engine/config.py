@@ -1,0 +1,98 @@
+"""Server settings: defaults, then a TOML file, then command-line flags."""
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, fields
+
+from .auth import ROLE_ADMIN, ROLE_GATEWAY, Key
+from .frame import FRAME_BYTES_MAX_DEFAULT
+
+PORT_DEFAULT = 7411
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Config:
+    data: str = "./data"
+    listen: str = f"127.0.0.1:{PORT_DEFAULT}"   # "" = no TCP listener
+    unix: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    metrics: str = ""                    # "host:port" of the Prometheus endpoint
+    test_clock: bool = False
+    log_format: str = "text"             # text | json
+    frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT
+    batch_records_max: int = 8190
+    connections_max: int = 1024
+    inflight_frames_max: int = 256       # per connection, then pause_reading
+    inflight_bytes_max: int = 8 << 20    # per connection, then pause_reading
+    queue_records_max: int = 262_144     # all connections; beyond: busy
+    idle_timeout_ms: int = 300_000
+    snapshot_every_entries: int = 20_000
+    keys: list = field(default_factory=list)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def load(path: str | None, overrides: dict) -> Config:
+    """Config from an optional TOML file, then non-None `overrides`."""
+    raw = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from None
+    known = {f.name for f in fields(Config)}
+    server = dict(raw.get("server", {}))
+    unknown = set(server) - known
+    if unknown:
+        raise ConfigError(f"config {path}: unknown [server] setting(s) {sorted(unknown)}")
+    server.update({k: v for k, v in overrides.items() if v is not None})
+    config = Config(**server)
+    config.keys = [parse_key(k) for k in raw.get("keys", [])]
+    check(config)
+    return config
+
+
+def parse_key(item: dict) -> Key:
+    try:
+        key = Key(str(item["id"]), str(item["secret"]), str(item["role"]),
+                  frozenset(int(m) for m in item.get("merchants", [])))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"a [[keys]] entry needs id, secret, role (and merchants for "
+                          f"gateways): {e}") from None
+    if key.role not in (ROLE_GATEWAY, ROLE_ADMIN):
+        raise ConfigError(f"key {key.key_id}: role must be gateway or admin")
+    if len(key.secret) < 16:
+        raise ConfigError(f"key {key.key_id}: the secret must be at least 16 characters")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check(config: Config) -> None:
+    if config.listen:
+        host, _port = config.host_port
+        if not is_loopback(host) and not config.keys:
+            raise ConfigError(
+                f"refusing to listen on {config.listen} without authentication: "
+                f"configure [[keys]] in the config file, or listen on 127.0.0.1")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("TLS needs both tls_cert and tls_key")
+    if not 1 <= config.batch_records_max <= 8190:
+        raise ConfigError("batch_records_max must be in 1..8190")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError("log_format must be text or json")

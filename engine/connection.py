@@ -1,0 +1,266 @@
+"""One client connection: frames in, requests to the writer, replies out in
+request order, with limits on everything a client can make the server hold."""
+import asyncio
+import collections
+import logging
+
+import msgspec
+import numpy as np
+
+from . import frame
+from .auth import ANONYMOUS_ADMIN
+from .dispatch import MAP_OPS_BY_CODE, OP_CLOCK, OP_HELLO, OP_ISSUE, OP_NAMES, OP_PAY, OP_PING
+from .errors import EngineError
+from .records import ISSUE_RECORD, PAY_RECORD, PAY_RESULT
+from .status import ErrorCode, Status
+from .writer import Work
+
+log = logging.getLogger("scanpay.connection")
+
+RECORD_DTYPES = {OP_PAY: PAY_RECORD, OP_ISSUE: ISSUE_RECORD}
+PROTOCOL_VERSION = 1
+_decoder = msgspec.msgpack.Decoder()
+
+
+class Slot:
+    """A request awaiting its reply; replies leave in request order."""
+    __slots__ = ("reply", "request_bytes")
+
+    def __init__(self, request_bytes: int):
+        self.reply = None
+        self.request_bytes = request_bytes
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server):
+        self.server = server
+        self.config = server.config
+        self.reader = frame.FrameReader(self.config.frame_bytes_max)
+        self.identity = None if server.auth.required else ANONYMOUS_ADMIN
+        self.slots = collections.deque()
+        self.inflight_bytes = 0
+        self.transport = None
+        self.paused = False
+        self.closing = False
+        self.idle_timer = None
+        self.peer = None
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        if not self.server.admit(self):
+            transport.write(frame.encode_error(0, 0, ErrorCode.busy,
+                                               "too many connections; retry later", True))
+            transport.close()
+            return
+        self.arm_idle_timer()
+
+    def connection_lost(self, exc):
+        self.closing = True
+        if self.idle_timer:
+            self.idle_timer.cancel()
+        self.server.forget(self)
+
+    def data_received(self, data):
+        if self.closing:
+            return
+        self.arm_idle_timer()
+        try:
+            frames = self.reader.feed(data)
+        except frame.FrameError as e:
+            self.fail(e.op, e.request_id, e.code, e.message)
+            return
+        for op, _flags, request_id, body in frames:
+            if self.closing:
+                return
+            self.handle(op, request_id, body)
+        self.update_flow()
+
+    # -- requests ---------------------------------------------------------
+
+    def handle(self, op: int, request_id: int, body: bytes) -> None:
+        slot = Slot(len(body))
+        self.slots.append(slot)
+        self.inflight_bytes += len(body)
+        name = OP_NAMES.get(op)
+        if op == OP_HELLO:
+            return self.hello(slot, request_id, body)
+        if self.identity is None:
+            return self.error(slot, op, request_id, ErrorCode.not_authenticated,
+                              "send HELLO with a valid key first")
+        if name is None or (op == OP_CLOCK and not self.config.test_clock):
+            return self.error(slot, op, request_id, ErrorCode.unknown_op, f"unknown op {op}")
+        if not self.identity.may(name):
+            return self.error(slot, op, request_id, ErrorCode.forbidden,
+                              f"role {self.identity.role} may not send {name}")
+        if op == OP_PING:
+            return self.complete(slot, frame.encode(op, request_id))
+        if op == OP_CLOCK:
+            return self.clock(slot, request_id, body)
+        if op in RECORD_DTYPES:
+            return self.records(slot, op, request_id, body)
+        return self.map_request(slot, op, request_id, body)
+
+    def hello(self, slot, request_id, body) -> None:
+        request = self.decode_map(body)
+        if request is None:
+            return self.error(slot, OP_HELLO, request_id, ErrorCode.bad_body,
+                              "HELLO takes a MessagePack map")
+        if request.get("protocol") != PROTOCOL_VERSION:
+            self.error(slot, OP_HELLO, request_id, ErrorCode.unsupported_protocol,
+                       f"this server speaks protocol {PROTOCOL_VERSION}")
+            return self.close_after_flush()
+        if self.server.auth.required:
+            try:
+                self.identity = self.server.auth.check(request)
+            except ValueError as e:
+                return self.error(slot, OP_HELLO, request_id, ErrorCode.not_authenticated,
+                                  f"authentication failed: {e}")
+        self.complete(slot, frame.encode_map(OP_HELLO, request_id, self.server.hello_reply()))
+
+    def clock(self, slot, request_id, body) -> None:
+        request = self.decode_map(body)
+        now = request.get("now") if request else None
+        if not isinstance(now, int) or isinstance(now, bool) or now < 0:
+            return self.error(slot, OP_CLOCK, request_id, ErrorCode.bad_body,
+                              "CLOCK takes {now: ms since the epoch}")
+        self.server.clock.set(now)
+        self.complete(slot, frame.encode_map(OP_CLOCK, request_id,
+                                             {"now": self.server.engine._now()}))
+
+    def records(self, slot, op, request_id, body) -> None:
+        dtype = RECORD_DTYPES[op]
+        count = len(body) // dtype.itemsize
+        if len(body) % dtype.itemsize or not 1 <= count <= self.config.batch_records_max:
+            return self.error(slot, op, request_id, ErrorCode.bad_body,
+                              f"a {OP_NAMES[op]} body is 1 to {self.config.batch_records_max} "
+                              f"records of {dtype.itemsize} bytes; got {len(body)} bytes")
+        merge = None
+        if op == OP_PAY and self.identity.merchants is not None:
+            body, merge = self.scope_filter(body)
+            if not body:                    # every record outside the key's merchants
+                return self.complete(slot, frame.encode(op, request_id, merge(None).tobytes()))
+        deliver = self.records_delivery(slot, op, request_id, merge)
+        work = Work(op, body, deliver, records=len(body) // dtype.itemsize)
+        if not self.server.writer.submit(work):
+            self.error(slot, op, request_id, ErrorCode.busy,
+                       "the server queue is full; retry later", True)
+
+    def scope_filter(self, body: bytes):
+        """Split off PAY records for merchants outside a gateway key's scope:
+        they get `forbidden` and never reach the kernel."""
+        records = np.frombuffer(body, PAY_RECORD)
+        allowed = np.isin(records["merchant"], self.server.scope_array(self.identity))
+        if allowed.all():
+            return body, None
+
+        def merge(results):
+            out = np.zeros(len(records), PAY_RESULT)
+            out["id"] = records["id"]
+            out["status"] = Status.forbidden
+            out["timestamp"] = self.server.engine.state.now
+            if results is not None:
+                out[allowed] = results
+            return out
+        return records[allowed].tobytes(), merge
+
+    def records_delivery(self, slot, op, request_id, merge):
+        def deliver(value):
+            if isinstance(value, EngineError):
+                return self.error(slot, op, request_id, value.code, value.message, value.retryable)
+            results = merge(value) if merge else value
+            self.complete(slot, frame.encode(op, request_id, results.tobytes()))
+        return deliver
+
+    def map_request(self, slot, op, request_id, body) -> None:
+        spec = MAP_OPS_BY_CODE[op]
+        request = self.decode_map(body)
+        if request is None:
+            return self.error(slot, op, request_id, ErrorCode.bad_body,
+                              f"{spec.name} takes a MessagePack map")
+        try:
+            spec.check_body(request)
+        except EngineError as e:
+            return self.error(slot, op, request_id, e.code, e.message)
+        if self.identity.merchants is not None and spec.name == "QUOTE":
+            if request.get("merchant") not in self.identity.merchants:
+                reply = {"status": int(Status.forbidden), "error": "forbidden", "cash": 0,
+                         "discount": 0, "fee": 0, "coupons": [], "explain": []}
+                return self.complete(slot, frame.encode_map(op, request_id, reply))
+
+        def deliver(value):
+            if isinstance(value, EngineError):
+                return self.error(slot, op, request_id, value.code, value.message, value.retryable)
+            self.complete(slot, frame.encode_map(op, request_id, value))
+
+        work = Work(op, body or frame._encoder.encode({}), deliver, spec=spec, request=request)
+        if not self.server.writer.submit(work):
+            self.error(slot, op, request_id, ErrorCode.busy,
+                       "the server queue is full; retry later", True)
+
+    @staticmethod
+    def decode_map(body: bytes):
+        if not body:
+            return {}                       # an empty body is the empty map
+        try:
+            value = _decoder.decode(body)
+        except (msgspec.DecodeError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    # -- replies ----------------------------------------------------------
+
+    def error(self, slot, op, request_id, code, message, retryable=False) -> None:
+        self.server.count(OP_NAMES.get(op, str(op)), code.name)
+        self.complete(slot, frame.encode_error(op, request_id, code, message, retryable))
+
+    def complete(self, slot, reply: bytes) -> None:
+        slot.reply = reply
+        if self.closing:
+            return
+        out = []
+        while self.slots and self.slots[0].reply is not None:
+            done = self.slots.popleft()
+            self.inflight_bytes -= done.request_bytes
+            out.append(done.reply)
+        if out:
+            self.transport.write(b"".join(out))
+            self.update_flow()
+
+    def fail(self, op, request_id, code, message) -> None:
+        """A stream error: flush what is answered, send the error, close."""
+        log.info("closing %s: %s", self.peer, message)
+        self.server.count(OP_NAMES.get(op, str(op)), code.name)
+        self.transport.write(frame.encode_error(op, request_id, code, message))
+        self.closing = True
+        self.transport.close()
+
+    def close_after_flush(self) -> None:
+        self.closing = True
+        self.transport.close()
+
+    # -- limits -----------------------------------------------------------
+
+    def update_flow(self) -> None:
+        over = (len(self.slots) >= self.config.inflight_frames_max
+                or self.inflight_bytes >= self.config.inflight_bytes_max)
+        if over and not self.paused and not self.closing:
+            self.transport.pause_reading()
+            self.paused = True
+        elif not over and self.paused and not self.closing:
+            self.transport.resume_reading()
+            self.paused = False
+
+    def arm_idle_timer(self) -> None:
+        if self.idle_timer:
+            self.idle_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self.idle_timer = loop.call_later(self.config.idle_timeout_ms / 1000, self.idle)
+
+    def idle(self) -> None:
+        if self.slots:                      # still waiting on our own replies
+            return self.arm_idle_timer()
+        log.info("closing idle connection %s", self.peer)
+        self.close_after_flush()

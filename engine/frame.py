@@ -1,0 +1,79 @@
+"""Frames of PROTOCOL.md: a 16-byte header (u32 size, u16 op, u16 flags,
+u64 request_id, little-endian) and a body.
+
+`FrameReader` cuts a byte stream into frames with no per-record work: a PAY
+body stays one bytes object that becomes a batch with `np.frombuffer`.
+"""
+import struct
+
+import msgspec
+
+from .status import ErrorCode
+
+HEADER = struct.Struct("<IHHQ")
+HEADER_BYTES = HEADER.size
+FLAG_ERROR = 1
+FRAME_BYTES_MAX_DEFAULT = 1 << 20            # announced in HELLO as max_frame
+assert HEADER_BYTES == 16
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+class FrameError(Exception):
+    """The stream is unusable (bad header, oversized frame): close after replying."""
+
+    def __init__(self, code: ErrorCode, message: str, op: int = 0, request_id: int = 0):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.op = op
+        self.request_id = request_id
+
+
+def encode(op: int, request_id: int, body=b"", flags: int = 0) -> bytes:
+    return HEADER.pack(len(body), op, flags, request_id) + bytes(body)
+
+
+def encode_map(op: int, request_id: int, reply: dict, flags: int = 0) -> bytes:
+    return encode(op, request_id, _encoder.encode(reply), flags)
+
+
+def encode_error(op: int, request_id: int, code: ErrorCode, message: str,
+                 retryable: bool = False) -> bytes:
+    body = {"code": int(code), "name": code.name, "message": message, "retryable": retryable}
+    return encode_map(op, request_id, body, FLAG_ERROR)
+
+
+class FrameReader:
+    """Incremental parser: feed() bytes, get complete (op, flags, request_id, body)."""
+
+    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT):
+        self.frame_bytes_max = frame_bytes_max
+        self.buffer = bytearray()
+
+    def feed(self, data) -> list:
+        self.buffer += data
+        frames = []
+        buffer = self.buffer
+        at = 0
+        while len(buffer) - at >= HEADER_BYTES:
+            size, op, flags, request_id = HEADER.unpack_from(buffer, at)
+            if size > self.frame_bytes_max:
+                raise FrameError(ErrorCode.frame_too_large,
+                                 f"frame body of {size} bytes is over max_frame "
+                                 f"{self.frame_bytes_max}", op, request_id)
+            if flags & FLAG_ERROR:
+                raise FrameError(ErrorCode.bad_frame,
+                                 "a request must not carry the error flag", op, request_id)
+            end = at + HEADER_BYTES + size
+            if len(buffer) < end:
+                break
+            frames.append((op, flags, request_id, bytes(buffer[at + HEADER_BYTES:end])))
+            at = end
+        if at:
+            del buffer[:at]
+        return frames
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self.buffer)

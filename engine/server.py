@@ -1,0 +1,182 @@
+"""The socket server: asyncio on uvloop, TCP and Unix sockets, optional TLS.
+
+Data path: socket -> frame (engine/frame.py) -> connection (requests, limits,
+ordered replies) -> writer (batching, journal, kernel) -> reply after fsync.
+"""
+import asyncio
+import json
+import logging
+import signal
+import ssl
+import sys
+import time
+
+import numpy as np
+
+from .auth import Authenticator
+from .config import Config
+from .connection import Connection
+from .engine import Engine, wall_clock_ms
+from .metrics import Metrics
+from .writer import Writer
+
+log = logging.getLogger("scanpay.server")
+SERVER_NAME = "scanpay/0.1"
+
+
+class SettableClock:
+    """The engine clock: the wall clock, or a test clock moved by CLOCK."""
+
+    def __init__(self, test: bool):
+        self.test = test
+        self.now_ms = wall_clock_ms()
+
+    def __call__(self) -> int:
+        return self.now_ms if self.test else wall_clock_ms()
+
+    def set(self, now_ms: int) -> None:
+        assert self.test
+        self.now_ms = now_ms
+
+
+class Server:
+    def __init__(self, config: Config, engine: Engine | None = None):
+        self.config = config
+        self.clock = SettableClock(config.test_clock)
+        self.engine = engine or Engine(config.data, clock=self.clock,
+                                       snapshot_every_entries=config.snapshot_every_entries)
+        if engine is not None:
+            engine.clock = self.clock if config.test_clock else engine.clock
+        self.auth = Authenticator(config.keys)
+        self.metrics = Metrics()
+        self.writer = Writer(self.engine, self.metrics, config.batch_records_max,
+                             config.queue_records_max)
+        self.connections = set()
+        self.listeners = []
+        self.scopes = {}
+        self.stopped = asyncio.Event()
+
+    def hello_reply(self) -> dict:
+        return {"protocol": 1, "server": SERVER_NAME, "max_frame": self.config.frame_bytes_max,
+                "max_batch": self.config.batch_records_max,
+                "durability": "fsync" if self.engine.storage else "none",
+                "currency": self.engine.currency, "tz_offset_ms": self.engine.state.tz_offset_ms,
+                "hold_ms": self.engine.hold_ms, "test_clock": self.config.test_clock}
+
+    def scope_array(self, identity) -> np.ndarray:
+        key = identity.key_id
+        if key not in self.scopes:
+            self.scopes[key] = np.array(sorted(identity.merchants), np.uint64)
+        return self.scopes[key]
+
+    # -- connections ------------------------------------------------------
+
+    def admit(self, connection) -> bool:
+        if len(self.connections) >= self.config.connections_max:
+            return False
+        self.connections.add(connection)
+        self.metrics.connections.set(len(self.connections))
+        return True
+
+    def forget(self, connection) -> None:
+        self.connections.discard(connection)
+        self.metrics.connections.set(len(self.connections))
+
+    def count(self, op_name: str, outcome: str) -> None:
+        self.metrics.requests.labels(op_name, outcome).inc()
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.writer.start()
+        self.writer.task.add_done_callback(self.writer_ended)
+        tls = self.tls_context()
+        if self.config.listen:
+            host, port = self.config.host_port
+            listener = await loop.create_server(lambda: Connection(self), host, port, ssl=tls,
+                                                reuse_address=True)
+            self.listeners.append(listener)
+            self.config.listen = f"{host}:{listener.sockets[0].getsockname()[1]}"
+        if self.config.unix:
+            listener = await loop.create_unix_server(lambda: Connection(self), self.config.unix,
+                                                     ssl=tls)
+            self.listeners.append(listener)
+        if self.config.metrics:
+            host, _, port = self.config.metrics.rpartition(":")
+            self.metrics.serve(host, int(port))
+        log.info("serving", extra={"fields": {
+            "listen": self.config.listen, "unix": self.config.unix, "tls": tls is not None,
+            "data": self.config.data, "test_clock": self.config.test_clock,
+            "auth": self.auth.required, "counts": self.engine.counts()}})
+        if self.config.test_clock:
+            log.warning("TEST CLOCK enabled: CLOCK sets the engine time; never use in production")
+
+    def tls_context(self):
+        if not self.config.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return context
+
+    def writer_ended(self, task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("the writer failed; stopping", exc_info=task.exception())
+            self.stopped.set()
+
+    async def stop(self) -> None:
+        """Stop accepting, apply and fsync what is in flight, reply, close."""
+        for listener in self.listeners:
+            listener.close()
+        for listener in self.listeners:
+            await listener.wait_closed()
+        await self.writer.stop()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
+        self.engine.close()
+        log.info("stopped")
+
+    async def run_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopped.set)
+        await self.start()
+        await self.stopped.wait()
+        await self.stop()
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record) -> str:
+        entry = {"ts": round(time.time(), 3), "level": record.levelname.lower(),
+                 "logger": record.name, "msg": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record) -> str:
+        text = super().format(record)
+        fields = getattr(record, "fields", None)
+        return f"{text} {json.dumps(fields, default=str)}" if fields else text
+
+
+def setup_logging(log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def serve(config: Config) -> int:
+    import uvloop
+    setup_logging(config.log_format)
+    server = Server(config)
+    uvloop.run(server.run_until_signal())
+    return 0
