@@ -1,0 +1,307 @@
+"""The socket server over real sockets: every error frame of PROTOCOL.md,
+authentication and roles, limits, ordering, durability and shutdown."""
+import asyncio
+import hashlib
+import hmac
+import os
+import secrets
+import ssl
+import subprocess
+import time
+
+import msgspec
+import numpy as np
+import pytest
+
+from engine import Engine, frame
+from engine.config import Config, ConfigError, check
+from engine.records import PAY_RECORD, PAY_RESULT
+from engine.server import Server
+from engine.status import ErrorCode, Status
+
+enc = msgspec.msgpack.encode
+dec = msgspec.msgpack.decode
+SECRET_GW = "gateway-secret-0123456789"
+SECRET_ADMIN = "admin-secret-0123456789ab"
+
+
+class Raw:
+    """A bare protocol client: frames in, frames out, nothing hidden."""
+
+    @classmethod
+    async def open(cls, server, ssl_context=None, unix=None):
+        self = cls()
+        if unix:
+            self.reader, self.writer = await asyncio.open_unix_connection(unix)
+        else:
+            host, port = server.config.host_port
+            self.reader, self.writer = await asyncio.open_connection(
+                host, port, ssl=ssl_context, server_hostname="localhost" if ssl_context else None)
+        return self
+
+    def send(self, op, request_id, body=b"", flags=0):
+        self.writer.write(frame.HEADER.pack(len(body), op, flags, request_id) + bytes(body))
+
+    async def recv(self, timeout=5):
+        header = await asyncio.wait_for(self.reader.readexactly(16), timeout)
+        size, op, flags, request_id = frame.HEADER.unpack(header)
+        body = await asyncio.wait_for(self.reader.readexactly(size), timeout)
+        return op, flags, request_id, body
+
+    async def call(self, op, body=b"", request_id=1):
+        self.send(op, request_id, body)
+        return await self.recv()
+
+    async def map(self, op, request, request_id=1):
+        _op, flags, _rid, body = await self.call(op, enc(request), request_id)
+        return flags, dec(body)
+
+    async def closed(self):
+        try:
+            return await asyncio.wait_for(self.reader.read(1), 5) == b""
+        except ConnectionResetError:
+            return True
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def started(tmp_path=None, engine=None, **settings):
+    config = Config(data=str(tmp_path / "data") if tmp_path else "", listen="127.0.0.1:0",
+                    **settings)
+    server = Server(config, engine=engine or (None if tmp_path else Engine()))
+    await server.start()
+    return server
+
+
+async def world(client):
+    await client.map(32, {"merchants": [{"id": 1, "fee_bps": 60}, {"id": 2, "fee_bps": 0}]})
+    await client.map(33, {"users": [1, 2]})
+    await client.map(34, {"topups": [{"id": 1, "user": 1, "amount": 10**6}]})
+
+
+def pay_body(ids, merchant=1, amount=100):
+    records = np.zeros(len(ids), PAY_RECORD)
+    records["id"], records["payer"], records["merchant"], records["amount"] = ids, 1, merchant, amount
+    return records.tobytes()
+
+
+def hello(key_id, secret, nonce=None, ts=None):
+    ts = ts if ts is not None else time.time_ns() // 1_000_000
+    nonce = nonce or secrets.token_hex(16)
+    mac = hmac.new(secret.encode(), f"{ts}.{nonce}.{key_id}".encode(), hashlib.sha256).digest()
+    return {"protocol": 1, "client": "test", "key_id": key_id, "ts": ts, "nonce": nonce, "mac": mac}
+
+
+def error_of(reply):
+    op, flags, request_id, body = reply
+    assert flags & frame.FLAG_ERROR, f"expected an error frame, got op {op}"
+    return dec(body)
+
+
+def test_hello_and_ping():
+    async def main():
+        server = await started()
+        c = await Raw.open(server)
+        flags, info = await c.map(1, {"protocol": 1, "client": "t"})
+        assert flags == 0 and info["protocol"] == 1 and info["max_batch"] == 8190
+        assert info["durability"] == "none" and info["currency"] == "CNY"
+        assert await c.call(2, b"", 77) == (2, 0, 77, b"")
+        await server.stop()
+    run(main())
+
+
+def test_stream_errors_close_only_that_connection():
+    async def main():
+        server = await started(frame_bytes_max=1024)
+        other = await Raw.open(server)
+        await world(other)
+        bad = await Raw.open(server)
+        bad.send(16, 5, b"", flags=frame.FLAG_ERROR)       # a request flagged as an error
+        assert error_of(await bad.recv())["name"] == "bad_frame"
+        assert await bad.closed()
+        big = await Raw.open(server)
+        big.writer.write(frame.HEADER.pack(4096, 16, 0, 9))  # larger than max_frame
+        reply = error_of(await big.recv())
+        assert reply["name"] == "frame_too_large" and reply["code"] == ErrorCode.frame_too_large
+        assert await big.closed()
+        v2 = await Raw.open(server)
+        flags, body = await v2.map(1, {"protocol": 2})
+        assert body["name"] == "unsupported_protocol"
+        assert await v2.closed()
+        # The other connection never noticed.
+        _op, _flags, _rid, body = await other.call(16, pay_body([1]))
+        assert np.frombuffer(body, PAY_RESULT)["status"][0] == Status.ok
+        await server.stop()
+    run(main())
+
+
+@pytest.mark.parametrize("op,body,name", [
+    (99, b"", "unknown_op"),
+    (50, enc({"now": 5}), "unknown_op"),                   # CLOCK without a test clock
+    (16, b"\x00" * 81, "bad_body"),                        # not whole records
+    (16, b"", "bad_body"),                                 # no records
+    (16, b"\x00" * 80 * 8191, "bad_body"),                 # over max_batch
+    (32, b"\xc1", "bad_body"),                             # invalid MessagePack
+    (32, enc([1, 2]), "bad_body"),                         # MessagePack, but not a map
+    (32, enc({"merchants": 7}), "bad_body"),               # a map of the wrong shape
+])
+def test_request_errors_keep_the_connection_and_change_nothing(op, body, name):
+    async def main():
+        server = await started(frame_bytes_max=1 << 20)
+        c = await Raw.open(server)
+        await world(c)
+        before = server.engine.digest()
+        reply = error_of(await c.call(op, body, 42))
+        assert reply["name"] == name and reply["retryable"] is False
+        assert server.engine.digest() == before
+        assert await c.call(2, b"", 43) == (2, 0, 43, b"")  # still serving
+        await server.stop()
+    run(main())
+
+
+def gateway_config():
+    from engine.auth import Key
+    return [Key("gw", SECRET_GW, "gateway", frozenset({1})),
+            Key("ops", SECRET_ADMIN, "admin")]
+
+
+def test_authentication_roles_and_merchant_scope():
+    async def main():
+        server = await started(keys=gateway_config())
+        c = await Raw.open(server)
+        assert error_of(await c.call(2))["name"] == "not_authenticated"
+        wrong = hello("gw", "not-the-secret-000000")
+        assert (await c.map(1, wrong))[1]["name"] == "not_authenticated"
+        good = hello("ops", SECRET_ADMIN)
+        flags, info = await c.map(1, good)
+        assert flags == 0 and info["protocol"] == 1
+        await world(c)
+        replay = await Raw.open(server)
+        assert (await replay.map(1, good))[1]["name"] == "not_authenticated"  # nonce reused
+        stale = await Raw.open(server)
+        old = hello("ops", SECRET_ADMIN, ts=time.time_ns() // 1_000_000 - 6 * 60_000)
+        assert (await stale.map(1, old))[1]["name"] == "not_authenticated"
+
+        gw = await Raw.open(server)
+        assert (await gw.map(1, hello("gw", SECRET_GW)))[0] == 0
+        before = server.engine.digest()
+        assert error_of(await gw.call(32, enc({"merchants": [{"id": 9}]})))["name"] == "forbidden"
+        assert server.engine.digest() == before
+        _op, _f, _r, body = await gw.call(16, pay_body([10, 11], merchant=1)[:80] + pay_body([11], merchant=2))
+        results = np.frombuffer(body, PAY_RESULT)
+        assert list(results["status"]) == [Status.ok, Status.forbidden]
+        assert list(results["id"]) == [10, 11]
+        assert server.engine.counts()["payments"] == 1
+        flags, quote = await gw.map(37, {"payer": 1, "merchant": 2, "amount": 5})
+        assert quote["status"] == Status.forbidden
+        await server.stop()
+    run(main())
+
+
+def test_busy_when_the_queue_is_full_changes_nothing():
+    async def main():
+        server = await started(queue_records_max=0)
+        c = await Raw.open(server)
+        reply = error_of(await c.call(16, pay_body([1])))
+        assert reply["name"] == "busy" and reply["retryable"] is True
+        assert server.engine.counts()["payments"] == 0
+        await server.stop()
+    run(main())
+
+
+def test_pipelined_frames_are_batched_and_answered_in_order(tmp_path):
+    async def main():
+        server = await started(tmp_path, inflight_frames_max=8)
+        c = await Raw.open(server)
+        await world(c)
+        for i in range(300):
+            c.send(16, 1000 + i, pay_body([i + 1]))
+        replies = [await c.recv() for _ in range(300)]
+        assert [r[2] for r in replies] == [1000 + i for i in range(300)]
+        assert all(np.frombuffer(r[3], PAY_RESULT)["status"][0] == 0 for r in replies)
+        batches = server.metrics.batch_records.collect()[0].samples
+        count = next(s.value for s in batches if s.name.endswith("_count"))
+        assert count < 300                      # frames were coalesced into kernel batches
+        digest = server.engine.digest()
+        await server.stop()
+        with Engine(str(tmp_path / "data")) as again:   # every acknowledged payment is durable
+            assert again.digest() == digest and again.counts()["payments"] == 300
+    run(main())
+
+
+def test_graceful_stop_replies_to_everything_in_flight(tmp_path):
+    async def main():
+        server = await started(tmp_path)
+        c = await Raw.open(server)
+        await world(c)
+        for i in range(50):
+            c.send(16, i, pay_body([i + 1]))
+        await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(server.stop())
+        replies = [await c.recv() for _ in range(50)]
+        await stopping
+        assert sorted(r[2] for r in replies) == list(range(50))
+        # Frames read before the stop are applied and answered; later ones are
+        # refused as busy (retryable), never dropped unanswered.
+        applied = [r for r in replies if not r[1] & frame.FLAG_ERROR]
+        refused = [error_of(r)["name"] for r in replies if r[1] & frame.FLAG_ERROR]
+        assert applied and set(refused) <= {"busy"}
+        with Engine(str(tmp_path / "data")) as again:
+            assert again.counts()["payments"] == len(applied)
+    run(main())
+
+
+def test_test_clock_drives_engine_time():
+    async def main():
+        server = await started(test_clock=True)
+        c = await Raw.open(server)
+        flags, info = await c.map(1, {"protocol": 1})
+        assert info["test_clock"] is True
+        flags, reply = await c.map(50, {"now": 1_800_000_000_000})
+        assert flags == 0 and reply["now"] == 1_800_000_000_000
+        await world(c)
+        _op, _f, _r, body = await c.call(16, pay_body([1]))
+        assert np.frombuffer(body, PAY_RESULT)["timestamp"][0] == 1_800_000_000_000
+        assert error_of(await c.call(50, enc({"now": "soon"})))["name"] == "bad_body"
+        await server.stop()
+    run(main())
+
+
+def test_connection_limit_and_idle_timeout():
+    async def main():
+        server = await started(connections_max=1, idle_timeout_ms=200)
+        first = await Raw.open(server)
+        second = await Raw.open(server)
+        assert error_of(await second.recv())["name"] == "busy"
+        assert await second.closed()
+        assert await first.closed()             # idle for longer than 200 ms
+        await server.stop()
+    run(main())
+
+
+def test_unix_socket_and_tls(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+
+    async def main():
+        unix = str(tmp_path / "scanpay.sock")
+        server = await started(unix=unix, tls_cert=str(cert), tls_key=str(key))
+        context = ssl.create_default_context(cafile=str(cert))
+        c = await Raw.open(server, ssl_context=context)
+        assert (await c.map(1, {"protocol": 1}))[1]["protocol"] == 1
+        await server.stop()
+        plain = await started(unix=unix)
+        u = await Raw.open(plain, unix=unix)
+        assert await u.call(2, b"", 3) == (2, 0, 3, b"")
+        await plain.stop()
+    run(main())
+
+
+def test_non_loopback_listen_without_keys_is_refused():
+    with pytest.raises(ConfigError, match="without authentication"):
+        check(Config(listen="0.0.0.0:7411"))
+    check(Config(listen="0.0.0.0:7411", keys=gateway_config()))
