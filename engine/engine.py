@@ -174,7 +174,13 @@ class Engine:
         spec.check_body(request)
         try:
             body = msgspec.msgpack.encode(request)
-        except (TypeError, OverflowError, msgspec.EncodeError) as e:
+        except OverflowError:
+            # An int MessagePack cannot carry (>= 2**64 or < -2**63) can only be
+            # out of range for its field: journal it as a marker that fails the
+            # same field check, so the item gets invalid_argument as it would
+            # in memory, and replay sees exactly what was applied.
+            body = msgspec.msgpack.encode(out_of_range_ints_marked(request))
+        except (TypeError, msgspec.EncodeError) as e:
             raise BadBody(f"the request is not a MessagePack map: {e}") from None
         return self._write(spec.code, body, self.draws_for(spec, request))
 
@@ -232,6 +238,16 @@ class Engine:
                          + ledger.pay_meta.nbytes + ledger.payments_ix.nbytes),
             "codes": ledger.codes.nbytes + ledger.codes_ix.nbytes,
         }
+
+
+def out_of_range_ints_marked(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if -(2**63) <= value < 2**64 else "<integer out of range>"
+    if isinstance(value, dict):
+        return {k: out_of_range_ints_marked(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [out_of_range_ints_marked(v) for v in value]
+    return value
 
 
 def as_batch(records, dtype: np.dtype) -> np.ndarray:

@@ -30,8 +30,7 @@ def quote_record(request) -> np.ndarray:
     record = np.zeros(1, PAY_RECORD)
     record["payer"] = u64(request, "payer")
     record["merchant"] = u64(request, "merchant")
-    amount = integer(request, "amount", -(2**1000), 2**1000)
-    record["amount"] = amount if -(2**63) <= amount <= I63_MAX else 0  # 0: invalid_amount
+    record["amount"] = integer(request, "amount", -(2**63), I63_MAX)  # then 1..10**14: kernel
     record["flags"] = integer(request, "flags", 0, U32_MAX, default=0)
     record["goods_tag"] = integer(request, "goods_tag", 0, U32_MAX, default=0)
     coupons = u64_list(request, "coupons", 4, nonzero=True)
