@@ -37,15 +37,18 @@ def audit(t: dict) -> dict:
         "sum_zero": sum_zero(t),
         "wallets_nonnegative": wallets_nonnegative(t),
         "wallets_match_history": wallets_match_history(t),
-        "merchants_match_payments": merchants_match_payments(t),
+        "holds_match_authorizations": holds_match_authorizations(t),
+        "merchants_match_history": merchants_match_history(t),
+        "net_matches_balance_change": net_matches_balance_change(t),
         "fees_match_payments": fees_match_payments(t),
         "campaign_matches_spent": campaign_matches_spent(t),
+        "stock_spent_and_reserved": stock_spent_and_reserved(t),
         "stock_budget": stock_budget(t),
         "stock_issued": stock_issued(t),
         "per_user_limit": per_user_limit(t),
-        "coupons_used_once": coupons_used_once(t),
+        "coupons_match_payments": coupons_match_payments(t),
         "payments_balanced": payments_balanced(t),
-        "holds_match_authorizations": holds_match_authorizations(t),
+        "refunds_within_paid": refunds_within_paid(t),
     }
     return {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
 
@@ -69,46 +72,87 @@ def wallets_nonnegative(t) -> dict:
     return first_bad(users["id"], bad, "wallets (held >= 0, available >= 0)")
 
 
-def completed(t) -> np.ndarray:
+PAID_STATES = (cn.PAYMENT_COMPLETED, cn.PAYMENT_PARTIALLY_REFUNDED, cn.PAYMENT_REFUNDED)
+
+
+def paid(t) -> np.ndarray:
+    """Payments whose money moved: completed, then perhaps refunded."""
     p = t["payments"]
-    return p[p["state"] == cn.PAYMENT_COMPLETED]
+    return p[np.isin(p["state"], PAID_STATES)]
 
 
 def wallets_match_history(t) -> dict:
-    users, topups, paid = t["users"], t["topups"], completed(t)
+    users, topups, done = t["users"], t["topups"], paid(t)
     expected = (by_key(topups["user"], topups["amount"], users["id"])
-                - by_key(paid["user"], paid["result"]["cash"], users["id"]))
+                - by_key(done["user"], done["cash"] - done["refunded_cash"], users["id"]))
     return first_bad(users["id"], users["balance"] != expected,
-                     "wallets (balance = top-ups - cash paid)")
+                     "wallets (balance = top-ups - cash paid + cash refunded)")
 
 
-def merchant_discounts(t, paid) -> np.ndarray:
-    """Merchant-funded applied discount of each payment."""
+def holds_match_authorizations(t) -> dict:
+    users, p = t["users"], t["payments"]
+    auth = p[p["state"] == cn.PAYMENT_AUTHORIZED]
+    expected = by_key(auth["user"], auth["cash"], users["id"])
+    return first_bad(users["id"], users["held"] != expected,
+                     "wallets (held = open authorizations)")
+
+
+def funders(t, payments) -> np.ndarray:
+    """The funder of each coupon slot of `payments` (platform where none)."""
     coupons, stocks = t["coupons"], t["stocks"]
-    ids = paid["result"]["coupons"]
-    out = np.zeros(len(paid), np.int64)
-    for i in range(4):
-        used = ids[:, i] != 0
-        if not used.any():
-            continue
-        stock = coupons["stock"][np.searchsorted(coupons["id"], ids[used, i])]
-        funder = stocks["funder"][np.searchsorted(stocks["id"], stock)]
-        out[used] += np.where(funder == cn.FUNDER_MERCHANT, paid["applied"][used, i], 0)
+    ids = payments["result"]["coupons"]
+    out = np.full(ids.shape, cn.FUNDER_PLATFORM, np.uint8)
+    used = ids != 0
+    if used.any():
+        stock = coupons["stock"][np.searchsorted(coupons["id"], ids[used])]
+        out[used] = stocks["funder"][np.searchsorted(stocks["id"], stock)]
     return out
 
 
-def merchants_match_payments(t) -> dict:
-    merchants, paid = t["merchants"], completed(t)
-    net = (paid["request"]["amount"] - merchant_discounts(t, paid) - paid["result"]["fee"])
-    expected = by_key(paid["request"]["merchant"], net, merchants["id"])
+def merchants_match_history(t) -> dict:
+    merchants, done = t["merchants"], paid(t)
+    merchant_funded = funders(t, done) == cn.FUNDER_MERCHANT
+    merchant_discount = np.where(merchant_funded, done["applied"], 0).sum(1)
+    refunded_platform = np.where(merchant_funded, 0, done["refunded_part"]).sum(1)
+    net = (done["amount"] - merchant_discount - done["fee"]
+           - (done["refunded_cash"] + refunded_platform - done["refunded_fee"]))
+    s = t["settlements"]
+    expected = (by_key(done["request"]["merchant"], net, merchants["id"])
+                - by_key(s["merchant"], s["payout"], merchants["id"]))
     return first_bad(merchants["id"], merchants["balance"] != expected,
-                     "merchants (balance = amount - merchant discount - fee)")
+                     "merchants (balance = payments - refunds - payouts)")
+
+
+def net_matches_balance_change(t) -> dict:
+    m = t["merchants"]
+    refunds = m["refund_cash"] + m["refund_platform_discount"] - m["refund_fee"]
+    net = m["gross"] - m["merchant_discount"] - m["fees"] - refunds
+    return first_bad(m["id"], net != m["balance"] - m["settled_balance"],
+                     "merchants (period net = balance change since the last settlement)")
 
 
 def fees_match_payments(t) -> dict:
     fees = int(t["meta"][0]["fees"])
-    expected = total(completed(t)["result"]["fee"])
-    return check(fees == expected, f"fees {fees}, payments' fees {expected}")
+    done = paid(t)
+    expected = total(done["fee"]) - total(done["refunded_fee"])
+    return check(fees == expected, f"fees {fees}, payments' fees less refunded {expected}")
+
+
+def stock_spent_and_reserved(t) -> dict:
+    s, p, coupons = t["stocks"], t["payments"], t["coupons"]
+    spent = np.zeros(len(s), np.int64)
+    reserved = np.zeros(len(s), np.int64)
+    done = paid(t)
+    auth = p[p["state"] == cn.PAYMENT_AUTHORIZED]
+    for rows, target, amounts in ((done, spent, done["applied"] - done["refunded_part"]),
+                                  (auth, reserved, auth["applied"])):
+        ids = rows["result"]["coupons"]
+        used = ids != 0
+        if used.any():
+            stock = coupons["stock"][np.searchsorted(coupons["id"], ids[used])]
+            np.add.at(target, np.searchsorted(s["id"], stock), amounts[used])
+    bad = (s["spent"] != spent) | (s["reserved"] != reserved)
+    return first_bad(s["id"], bad, "stocks (spent and reserved = their payments' coupons)")
 
 
 def campaign_matches_spent(t) -> dict:
@@ -145,35 +189,59 @@ def per_user_limit(t) -> dict:
                      "(stock, user) pairs within per_user_limit")
 
 
-def coupons_used_once(t) -> dict:
+def coupons_match_payments(t) -> dict:
+    """A used coupon is applied in a paid payment, a locked one in an open
+    authorization, and no coupon is in two payments at once."""
     coupons, payments = t["coupons"], t["payments"]
-    held = coupons["state"] != cn.COUPON_AVAILABLE
-    ids = payments["result"]["coupons"].ravel()
-    ids = ids[ids != 0]
-    uses = np.unique(ids, return_counts=True)
+    holding = payments[np.isin(payments["state"], (cn.PAYMENT_AUTHORIZED, cn.PAYMENT_COMPLETED,
+                                                   cn.PAYMENT_PARTIALLY_REFUNDED))]
+    ids = holding["result"]["coupons"].copy()
+    released = (holding["released"][:, None] >> np.arange(4)) & 1
+    ids[released == 1] = 0
+    listed_ids = ids[ids != 0]
+    uses = np.unique(listed_ids, return_counts=True)
     if len(uses[1]) and uses[1].max() > 1:
         return check(False, f"coupon {int(uses[0][uses[1] > 1][0])} is in several payments")
-    listed = np.isin(coupons["id"], ids)
-    # A used or locked coupon is in exactly the payment it names; no other is in any.
+    held = coupons["state"] != cn.COUPON_AVAILABLE
+    listed = np.isin(coupons["id"], listed_ids)
     bad = (held != listed) | (held & (coupons["payment"] == 0)) | (~held & (coupons["payment"] != 0))
     if held.any():
-        pay = payments[np.searchsorted(payments["request"]["id"], coupons["payment"][held])]
-        bad[held] |= ~(pay["result"]["coupons"] == coupons["id"][held][:, None]).any(1)
-    return first_bad(coupons["id"], bad, "coupons (used once, by the payment they name)")
+        at = np.searchsorted(payments["request"]["id"], coupons["payment"][held])
+        pay = payments[np.minimum(at, len(payments) - 1)]
+        named = pay["request"]["id"] == coupons["payment"][held]
+        contains = (pay["result"]["coupons"] == coupons["id"][held][:, None]).any(1)
+        locked_ok = np.where(coupons["state"][held] == cn.COUPON_LOCKED,
+                             pay["state"] == cn.PAYMENT_AUTHORIZED,
+                             pay["state"] != cn.PAYMENT_AUTHORIZED)
+        bad[held] |= ~(named & contains & locked_ok)
+    return first_bad(coupons["id"], bad, "coupons (held by exactly the payment they name)")
 
 
 def payments_balanced(t) -> dict:
     p = t["payments"]
-    amount, r = p["request"]["amount"], p["result"]
-    bad = ((r["cash"] + r["discount"] != amount) | (r["cash"] < 0)
-           | (p["applied"].sum(1) != r["discount"]) | (p["applied"] < 0).any(1)
-           | (r["fee"] < 0) | (r["fee"] > amount) | ((r["coupons"] == 0) & (p["applied"] != 0)).any(1))
+    r = p["result"]
+    bad = ((p["cash"] + p["discount"] != p["amount"]) | (p["cash"] < 0)
+           | (p["applied"].sum(1) != p["discount"]) | (p["applied"] < 0).any(1)
+           | (p["fee"] < 0) | (p["fee"] > p["amount"])
+           | ((r["coupons"] == 0) & (p["applied"] != 0)).any(1)
+           | ((p["authorized_amount"] > 0) & (p["amount"] > p["authorized_amount"])))
     return first_bad(p["request"]["id"], bad, "payments (cash + discount = amount)")
 
 
-def holds_match_authorizations(t) -> dict:
-    users, p = t["users"], t["payments"]
-    auth = p[p["state"] == cn.PAYMENT_AUTHORIZED]
-    expected = by_key(auth["user"], auth["result"]["cash"], users["id"])
-    return first_bad(users["id"], users["held"] != expected,
-                     "wallets (held = open authorizations)")
+def refunds_within_paid(t) -> dict:
+    """Refunded parts are exactly the cumulative floor shares, never more
+    than was paid; refunds by id add up to what each payment shows."""
+    p = t["payments"]
+    some = p[p["refunded_amount"] > 0]
+    bad = np.zeros(len(some), bool)
+    for i in range(len(some)):
+        row = some[i]
+        big_r, big_t = int(row["refunded_amount"]), int(row["amount"])
+        parts = [(row["refunded_cash"], row["cash"]), (row["refunded_fee"], row["fee"])]
+        parts += list(zip(row["refunded_part"], row["applied"]))
+        bad[i] = big_r > big_t or any(int(got) != big_r * int(of) // big_t for got, of in parts)
+    refunds = t["refunds"]
+    by_refund = by_key(refunds["payment"], refunds["amount"], some["request"]["id"])
+    bad |= (by_refund > some["refunded_amount"]) | (
+        (some["reversed"] == 0) & (by_refund != some["refunded_amount"]))
+    return first_bad(some["request"]["id"], bad, "refunded payments (parts = floor shares)")

@@ -46,11 +46,15 @@ LIST_MERCHANTS = 0
 LIST_TAGS = 1
 LIST_GOODS_TAGS = 2
 
-META = np.dtype([("now", "<i8"), ("fees", "<i8"), ("bank", "<i8")])
+META = np.dtype([("now", "<i8"), ("fees", "<i8"), ("bank", "<i8"), ("settlements", "<i8")])
 USERS = np.dtype([("id", "<u8"), ("balance", "<i8"), ("held", "<i8")])
+SETTLEMENT_FIELDS = ("gross", "merchant_discount", "platform_discount", "fees",
+                     "refund_cash", "refund_platform_discount",
+                     "refund_merchant_discount", "refund_fee")
 MERCHANTS = np.dtype([
     ("id", "<u8"), ("fee_bps", "<i4"), ("active", "u1"), ("balance", "<i8"),
-])
+    ("period_active", "u1"), ("settled_balance", "<i8"),
+] + [(f, "<i8") for f in SETTLEMENT_FIELDS])  # totals since the last settlement
 MERCHANT_TAGS = np.dtype([("merchant", "<u8"), ("tag", "<u4")])
 STOCKS = np.dtype([
     ("id", "<u8"), ("funder", "u1"), ("merchant", "<u8"), ("kind", "u1"),
@@ -69,13 +73,24 @@ COUPONS = np.dtype([
     ("id", "<u8"), ("stock", "<u8"), ("user", "<u8"), ("state", "u1"),
     ("expires_at", "<i8"), ("payment", "<u8"),
 ])
+PAYMENT_PARTS = ("amount", "authorized_amount", "cash", "discount", "fee",
+                 "refunded_amount", "refunded_cash", "refunded_fee",
+                 "created_at", "completed_at", "ended_at", "hold_expires_at")
 PAYMENTS = np.dtype([
     ("request", PAY_RECORD),   # as sent (payer may be a payment code)
-    ("result", PAY_RESULT),    # the original result, without the duplicate flag
+    ("result", PAY_RESULT),    # the original PAY/AUTHORIZE result, no duplicate flag
     ("user", "<u8"),           # the payer's user id after resolving a code
     ("state", "u1"),
-    ("applied", "<i8", (4,)),  # applied discount of result.coupons[i]
-])
+    ("released", "u1"),        # bit i: coupon i released at capture
+    ("reversed", "u1"),
+    ("applied", "<i8", (4,)),  # applied (authorized: reserved) part of result.coupons[i]
+    ("refunded_part", "<i8", (4,)),
+] + [(f, "<i8") for f in PAYMENT_PARTS])  # amount: T, the captured amount once captured
+REFUNDS = np.dtype([("id", "<u8"), ("payment", "<u8"), ("amount", "<i8"),
+                    ("cash", "<i8"), ("discount", "<i8"), ("fee", "<i8")])
+TOMBSTONES = np.dtype([("id", "<u8")])
+SETTLEMENTS = np.dtype([("settlement", "<u8"), ("at", "<i8"), ("merchant", "<u8")]
+                       + [(f, "<i8") for f in SETTLEMENT_FIELDS + ("refunds", "net", "payout")])
 TOPUPS = np.dtype([("id", "<u8"), ("user", "<u8"), ("amount", "<i8")])
 CODES = np.dtype([
     ("code", "<u8"), ("user", "<u8"), ("expires_at", "<i8"), ("used", "u1"),
@@ -94,6 +109,9 @@ TABLES = {
     "payments": (PAYMENTS, ("request.id",)),
     "topups": (TOPUPS, ("id",)),
     "codes": (CODES, ("code",)),
+    "refunds": (REFUNDS, ("id",)),
+    "tombstones": (TOMBSTONES, ("id",)),
+    "settlements": (SETTLEMENTS, ("settlement", "merchant")),
 }
 
 

@@ -3,7 +3,7 @@ all dispatch through it. Op numbers are PROTOCOL.md's."""
 from dataclasses import dataclass
 from typing import Callable
 
-from . import ops_query, ops_setup
+from . import ops_money, ops_query, ops_setup
 from .errors import BadBody
 
 OP_HELLO = 1
@@ -36,6 +36,13 @@ MAP_OPS = {op.name: op for op in (
     MapOp(35, "STOCKS", ops_setup.stocks, True, list_key="stocks"),
     MapOp(36, "PAYMENT_CODE", ops_setup.payment_code, True, ops_setup.draw_payment_code),
     MapOp(37, "QUOTE", ops_query.quote, False),
+    MapOp(38, "CAPTURE", ops_money.capture, True, list_key="captures"),
+    MapOp(39, "VOID", ops_money.void, True, list_key="payments"),
+    MapOp(40, "REFUND", ops_money.refund, True, list_key="refunds"),
+    MapOp(41, "REVERSE", ops_money.reverse, True, list_key="payments"),
+    MapOp(42, "GET_PAYMENTS", ops_money.get_payments, False),
+    MapOp(44, "SETTLE", ops_money.settle, True),
+    MapOp(64, "STATEMENT", ops_money.statement, False),
     MapOp(43, "BALANCES", ops_query.balances, False),
     MapOp(45, "AUDIT", ops_query.audit, False),
     MapOp(49, "COUPONS", ops_query.coupons, False),
@@ -43,10 +50,9 @@ MAP_OPS = {op.name: op for op in (
 MAP_OPS_BY_CODE = {op.code: op for op in MAP_OPS.values()}
 
 OP_CLOCK = 50
+OP_EXPIRE = 65             # internal: expiry of holds found by a read, journaled
 OP_NAMES = {OP_HELLO: "HELLO", OP_PING: "PING", OP_PAY: "PAY", OP_ISSUE: "ISSUE",
             OP_CLOCK: "CLOCK", **{op.code: op.name for op in MAP_OPS.values()}}
 
 # Ops of PROTOCOL.md that later work implements; until then: unknown_op.
-PLANNED_OPS = {38: "CAPTURE", 39: "VOID", 40: "REFUND", 41: "REVERSE",
-               42: "GET_PAYMENTS", 44: "SETTLE", 46: "STATS", 47: "PROGRAMS",
-               48: "REDEEM_POINTS", 50: "CLOCK"}
+PLANNED_OPS = {46: "STATS", 47: "PROGRAMS", 48: "REDEEM_POINTS"}

@@ -32,15 +32,16 @@ def state_to_snapshot(state: State) -> tuple[dict, dict]:
     arrays, scalars = state.ledger.dump()
     arrays = dict(arrays)
     arrays["topups"] = np.array([(i, u, a) for i, (u, a) in state.topups.items()], TOPUPS)
-    meta = {"ledger": scalars, "now": state.now, "tz_offset_ms": state.tz_offset_ms}
+    meta = {"ledger": scalars, "now": state.now, "tz_offset_ms": state.tz_offset_ms,
+            "hold_ms": state.hold_ms, "settlements": state.settlements}
     return arrays, meta
 
 
 def state_from_snapshot(arrays: dict, meta: dict) -> State:
     ledger = Ledger.load(arrays, meta["ledger"])
     topups = {int(i): (int(u), int(a)) for i, u, a in arrays["topups"].tolist()}
-    return State(tz_offset_ms=meta["tz_offset_ms"], ledger=ledger, now=meta["now"],
-                 topups=topups)
+    return State(tz_offset_ms=meta["tz_offset_ms"], hold_ms=meta["hold_ms"], ledger=ledger,
+                 now=meta["now"], topups=topups, settlements=meta["settlements"])
 
 
 class Storage:

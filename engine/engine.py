@@ -16,7 +16,7 @@ import numpy as np
 
 from . import canonical, export
 from .command import Command
-from .dispatch import MAP_OPS, MAP_OPS_BY_CODE, OP_ISSUE, OP_PAY, PLANNED_OPS
+from .dispatch import MAP_OPS, MAP_OPS_BY_CODE, OP_EXPIRE, OP_ISSUE, OP_PAY, PLANNED_OPS
 from .durability import Storage
 from .errors import BadBody, UnknownOp
 from .records import (ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
@@ -55,7 +55,7 @@ class Engine:
         self.code_source = code_source or random_payment_code
         self.currency = currency
         self.hold_ms = hold_ms
-        self.state = State(tz_offset_ms=tz_offset_ms)
+        self.state = State(tz_offset_ms=tz_offset_ms, hold_ms=hold_ms)
         self.storage = None
         if path is not None:
             self.storage = Storage(path, **storage_options)
@@ -83,6 +83,9 @@ class Engine:
         assert command.now >= self.state.now, "engine time went back"
         self.state.now = command.now
         ledger = self.state.ledger
+        ledger.expire(command.now)          # RULES.md: before applying anything
+        if command.op == OP_EXPIRE:
+            return None
         if command.op == OP_PAY:
             out = np.empty(len(command.body) // PAY_RECORD.itemsize, PAY_RESULT)
             ledger.pay(command.body, command.now, out.view(np.uint8))
@@ -128,6 +131,15 @@ class Engine:
             self.storage.after_write(self)
         return result, durable
 
+    def read_command(self, spec, request):
+        """A read-only map op: (reply, durability future or None). A read never
+        changes state, except that holds which have expired are voided first,
+        as a journaled EXPIRE command, as before any other command."""
+        durable = None
+        if self.state.ledger.expiry_due(self._now()):
+            _, durable = self.write_command(OP_EXPIRE, b"")
+        return spec.apply(self.state, request, self._now(), ()), durable
+
     def sync_pending(self):
         """A future that completes when everything applied so far is durable."""
         if self.storage is None:
@@ -170,7 +182,10 @@ class Engine:
             planned = " (not implemented yet)" if op in PLANNED_OPS.values() else ""
             raise UnknownOp(f"unknown operation {op!r}{planned}")
         if not spec.writes:
-            return spec.apply(self.state, request, self._now(), ())
+            reply, durable = self.read_command(spec, request)
+            if durable is not None:
+                durable.result()
+            return reply
         spec.check_body(request)
         try:
             body = msgspec.msgpack.encode(request)

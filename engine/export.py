@@ -16,7 +16,8 @@ def canonical(state: State) -> dict:
     user_ids = users["id"]
     payment_ids = ledger.pay_req["id"][:ledger.n_payments]
     tables = {
-        "meta": np.array([(state.now, ledger.fees, ledger.bank)], cn.META),
+        "meta": np.array([(state.now, ledger.fees, ledger.bank, len(state.settlements))],
+                         cn.META),
         "users": copy_fields(users, cn.USERS),
         "merchants": copy_fields(merchants, cn.MERCHANTS),
         "merchant_tags": merchant_tags(merchants),
@@ -28,6 +29,9 @@ def canonical(state: State) -> dict:
         "topups": np.array([(i, u, a) for i, (u, a) in state.topups.items()], cn.TOPUPS)
         if state.topups else np.zeros(0, cn.TOPUPS),
         "codes": codes_table(codes, user_ids),
+        "refunds": copy_fields(ledger.refunds[:ledger.n_refunds], cn.REFUNDS),
+        "tombstones": copy_fields(ledger.tombstones[:ledger.n_tombstones], cn.TOMBSTONES),
+        "settlements": settlements_table(state.settlements),
     }
     return {name: cn.normalize(name, table) for name, table in tables.items()}
 
@@ -110,9 +114,16 @@ def payments_table(ledger, user_ids) -> np.ndarray:
     out["request"] = ledger.pay_req[:n]
     out["result"] = ledger.pay_res[:n]
     out["user"] = user_ids[meta["user"]]
-    out["state"] = meta["state"]
-    out["applied"] = meta["applied"]
+    for name in ("state", "released", "reversed", "applied", "refunded_part") + cn.PAYMENT_PARTS:
+        out[name] = meta[name]
     return out
+
+
+def settlements_table(settlements: list) -> np.ndarray:
+    rows = [(s["settlement"], s["at"], r["merchant"],
+             *(r[f] for f in cn.SETTLEMENT_FIELDS + ("refunds", "net", "payout")))
+            for s in settlements for r in s["rows"]]
+    return np.array(rows, cn.SETTLEMENTS) if rows else np.zeros(0, cn.SETTLEMENTS)
 
 
 def codes_table(codes, user_ids) -> np.ndarray:

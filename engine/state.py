@@ -11,10 +11,12 @@ HOLD_MS_DEFAULT = 7 * 24 * 3600 * 1000
 @dataclass
 class State:
     tz_offset_ms: int = TZ_OFFSET_MS_DEFAULT
+    hold_ms: int = HOLD_MS_DEFAULT
     ledger: Ledger = None
     now: int = 0                            # the last kept engine stamp
     topups: dict = field(default_factory=dict)  # id -> (user id, amount)
+    settlements: list = field(default_factory=list)  # SETTLE replies, in order
 
     def __post_init__(self):
         if self.ledger is None:
-            self.ledger = Ledger(self.tz_offset_ms)
+            self.ledger = Ledger(self.tz_offset_ms, self.hold_ms)

@@ -114,7 +114,8 @@ class Writer:
             elif group[0].spec.writes:
                 self.process_map_write(group[0])
             else:
-                self.schedule(None, [(group[0].deliver, self.read(group[0]))])
+                reply, durable = self.engine.read_command(group[0].spec, group[0].request)
+                self.schedule(durable, [(group[0].deliver, reply)])
         except EngineError as error:        # unavailable storage, a refused body
             self.schedule(None, [(w.deliver, error) for w in group])
 
@@ -142,9 +143,6 @@ class Writer:
         draws = self.engine.draws_for(work.spec, work.request)
         reply, durable = self.engine.write_command(work.spec.code, work.body, draws)
         self.schedule(durable, [(work.deliver, reply)])
-
-    def read(self, work: Work):
-        return work.spec.apply(self.engine.state, work.request, self.engine._now(), ())
 
     # -- release ----------------------------------------------------------
 

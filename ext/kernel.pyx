@@ -17,7 +17,7 @@ from libc.stdint cimport uint8_t, uint32_t, int32_t, int64_t, uint64_t
 from libc.string cimport memcmp, memset
 
 from tables cimport (PayRecord, PayResult, IssueRecord, IssueResult, User,
-                     Merchant, Stock, Coupon, Payment, Code)
+                     Merchant, Stock, Coupon, Payment, Code, Refund, Tombstone)
 from index cimport (Entry, Index, index_get, index_put, index_prefetch, index_guess,
                    row_id, LOAD_MAX_PCT, __builtin_prefetch)
 
@@ -49,6 +49,12 @@ cdef enum:
     ST_STOCK_EXHAUSTED = 20
     ST_PER_USER_LIMIT = 21
     ST_USER_NOT_FOUND = 22
+    ST_PAYMENT_NOT_FOUND = 23
+    ST_PAYMENT_NOT_REFUNDABLE = 24
+    ST_REFUND_EXCEEDS_PAYMENT = 25
+    ST_PAYMENT_NOT_AUTHORIZED = 26
+    ST_AUTHORIZATION_EXPIRED = 27
+    ST_REVERSED = 10
 
 # Explain reasons beyond status codes (QUOTE).
 REASON_APPLIED = -1
@@ -57,14 +63,21 @@ REASON_NOT_CHOSEN = -2
 cdef enum:
     PAY_NO_COUPONS = 1
     PAY_PAYER_IS_CODE = 2
-    # Authorize (4) arrives with two-phase payments; until then it is refused.
-    PAY_FLAGS_KNOWN = 3
+    PAY_AUTHORIZE = 4
+    PAY_FLAGS_KNOWN = 7
     RESULT_DUPLICATE = 1
+    RESULT_AUTHORIZED = 2
 
     COUPON_AVAILABLE = 0
     COUPON_LOCKED = 1
     COUPON_USED = 2
+
+    PAYMENT_AUTHORIZED = 0
     PAYMENT_COMPLETED = 1
+    PAYMENT_PARTIALLY_REFUNDED = 2
+    PAYMENT_REFUNDED = 3
+    PAYMENT_VOIDED = 4
+    PAYMENT_EXPIRED = 5
 
     FUNDER_PLATFORM = 0
     FUNDER_MERCHANT = 1
@@ -77,11 +90,24 @@ cdef int64_t DAY_MS = 86400000
 cdef int64_t MINUTE_MS = 60000
 cdef int64_t BATCH_RECORDS_MAX = 8190
 
+cdef extern from *:
+    ctypedef long long int128 "__int128"
+
+
+cdef inline int64_t share_of(int64_t refunded, int64_t part, int64_t total) noexcept nogil:
+    """floor(refunded * part / total) exactly: the product needs 128 bits."""
+    return <int64_t>((<int128>refunded * <int128>part) / <int128>total)
+
 USER = np.dtype([("id", "<u8"), ("balance", "<i8"), ("held", "<i8"),
                  ("coupon_head", "<i4"), ("coupon_count", "<i4")], align=True)
 MERCHANT = np.dtype([("id", "<u8"), ("balance", "<i8"), ("fee_bps", "<i4"),
-                     ("active", "u1"), ("tag_count", "u1"), ("_pad", "<u2"),
-                     ("tags", "<u4", (16,))], align=True)
+                     ("active", "u1"), ("tag_count", "u1"), ("period_active", "u1"),
+                     ("_pad", "u1"), ("tags", "<u4", (16,))]
+                    + [(f, "<i8") for f in (
+                        "gross", "merchant_discount", "platform_discount", "fees",
+                        "refund_cash", "refund_platform_discount",
+                        "refund_merchant_discount", "refund_fee", "settled_balance")],
+                    align=True)
 STOCK = np.dtype([("id", "<u8"), ("merchant_id", "<u8")]
                  + [(f, "<i8") for f in (
                      "value", "cap", "min_spend", "valid_from", "valid_until",
@@ -96,9 +122,17 @@ STOCK = np.dtype([("id", "<u8"), ("merchant_id", "<u8")]
 COUPON = np.dtype([("id", "<u8"), ("expires_at", "<i8"), ("stock", "<i4"),
                    ("user", "<i4"), ("next", "<i4"), ("payment", "<i4"),
                    ("state", "u1")], align=True)
-PAYMENT = np.dtype([("applied", "<i8", (4,)), ("user", "<i4"),
-                    ("merchant", "<i4"), ("state", "u1"),
-                    ("coupon_count", "u1")], align=True)
+PAYMENT = np.dtype([("applied", "<i8", (4,)), ("refunded_part", "<i8", (4,))]
+                   + [(f, "<i8") for f in (
+                       "amount", "authorized_amount", "cash", "discount", "fee",
+                       "refunded_amount", "refunded_cash", "refunded_fee",
+                       "created_at", "completed_at", "ended_at", "hold_expires_at")]
+                   + [("coupon", "<i4", (4,)), ("user", "<i4"), ("merchant", "<i4"),
+                      ("state", "u1"), ("coupon_count", "u1"), ("released", "u1"),
+                      ("reversed", "u1")], align=True)
+REFUND = np.dtype([("id", "<u8"), ("payment", "<u8"), ("amount", "<i8"),
+                   ("cash", "<i8"), ("discount", "<i8"), ("fee", "<i8")], align=True)
+TOMBSTONE = np.dtype([("id", "<u8")])
 CODE = np.dtype([("code", "<u8"), ("expires_at", "<i8"), ("user", "<i4"),
                  ("used", "u1")], align=True)
 
@@ -108,6 +142,8 @@ assert STOCK.itemsize == sizeof(Stock)
 assert COUPON.itemsize == sizeof(Coupon)
 assert PAYMENT.itemsize == sizeof(Payment)
 assert CODE.itemsize == sizeof(Code)
+assert REFUND.itemsize == sizeof(Refund)
+assert TOMBSTONE.itemsize == sizeof(Tombstone)
 assert sizeof(PayRecord) == 80 and sizeof(PayResult) == 80
 assert sizeof(IssueRecord) == 32 and sizeof(IssueResult) == 24
 
@@ -223,13 +259,14 @@ cdef inline int64_t discount_of(const Stock* s, int64_t amount) noexcept nogil:
 cdef class Ledger:
     """All state of one engine, and the batch apply over it."""
     cdef public object users, merchants, stocks, coupons, codes
-    cdef public object pay_req, pay_res, pay_meta
+    cdef public object pay_req, pay_res, pay_meta, refunds, tombstones, auth_queue
     cdef public object lists, slots
     cdef public IdIndex users_ix, merchants_ix, stocks_ix, coupons_ix
-    cdef public IdIndex payments_ix, codes_ix
+    cdef public IdIndex payments_ix, codes_ix, refunds_ix, tombstones_ix
     cdef public int64_t n_users, n_merchants, n_stocks, n_coupons
     cdef public int64_t n_payments, n_codes, n_lists, n_slots
-    cdef public int64_t fees, bank, tz_offset_ms
+    cdef public int64_t n_refunds, n_tombstones, auth_head, n_auth
+    cdef public int64_t fees, bank, tz_offset_ms, hold_ms
     cdef public int32_t coupons_per_user_max
     # Auto selection scratch: per-stock "best candidate" marks, candidates.
     cdef object stock_mark, stock_cand, cands
@@ -243,6 +280,9 @@ cdef class Ledger:
     cdef PayResult* PR
     cdef Payment* PM
     cdef Code* K
+    cdef Refund* RF
+    cdef Tombstone* TS
+    cdef int32_t* AQ
     cdef uint64_t* LP
     cdef int32_t* SP
     cdef int64_t* stock_mark_p
@@ -250,8 +290,15 @@ cdef class Ledger:
     cdef Cand* cands_p
     cdef int64_t cands_capacity
 
-    def __init__(self, int64_t tz_offset_ms=8 * 3600 * 1000):
+    def __init__(self, int64_t tz_offset_ms=8 * 3600 * 1000,
+                 int64_t hold_ms=7 * 24 * 3600 * 1000):
         self.tz_offset_ms = tz_offset_ms
+        self.hold_ms = hold_ms
+        self.refunds = np.zeros(64, REFUND)
+        self.tombstones = np.zeros(64, TOMBSTONE)
+        self.auth_queue = np.zeros(64, np.int32)
+        self.refunds_ix = IdIndex()
+        self.tombstones_ix = IdIndex()
         self.users = np.zeros(1024, USER)
         self.merchants = np.zeros(64, MERCHANT)
         self.stocks = np.zeros(64, STOCK)
@@ -284,6 +331,9 @@ cdef class Ledger:
         self.S = <Stock*>data_of(self.stocks)
         self.C = <Coupon*>data_of(self.coupons)
         self.K = <Code*>data_of(self.codes)
+        self.RF = <Refund*>data_of(self.refunds)
+        self.TS = <Tombstone*>data_of(self.tombstones)
+        self.AQ = <int32_t*>data_of(self.auth_queue)
         self.PQ = <PayRecord*>data_of(self.pay_req)
         self.PR = <PayResult*>data_of(self.pay_res)
         self.PM = <Payment*>data_of(self.pay_meta)
@@ -298,6 +348,8 @@ cdef class Ledger:
         self.coupons_ix.bind(self.coupons)
         self.payments_ix.bind(self.pay_req)
         self.codes_ix.bind(self.codes)
+        self.refunds_ix.bind(self.refunds)
+        self.tombstones_ix.bind(self.tombstones)
 
     @staticmethod
     def _grown(arr, int64_t need):
@@ -336,12 +388,21 @@ cdef class Ledger:
             self.pay_req = self._grown(self.pay_req, need)
             self.pay_res = self._grown(self.pay_res, need)
             self.pay_meta = self._grown(self.pay_meta, need)
+            self.auth_queue = self._grown(self.auth_queue, self.n_auth + more)
             self._bind()
             self.payments_ix.reserve(need)
         elif table == "codes":
             self.codes = self._grown(self.codes, self.n_codes + more)
             self._bind()
             self.codes_ix.reserve(self.n_codes + more)
+        elif table == "refunds":
+            self.refunds = self._grown(self.refunds, self.n_refunds + more)
+            self._bind()
+            self.refunds_ix.reserve(self.n_refunds + more)
+        elif table == "tombstones":
+            self.tombstones = self._grown(self.tombstones, self.n_tombstones + more)
+            self._bind()
+            self.tombstones_ix.reserve(self.n_tombstones + more)
         else:
             raise ValueError(f"unknown table {table!r}")
 
@@ -390,6 +451,10 @@ cdef class Ledger:
             return index_get(&self.payments_ix.ix, key)
         if table == "codes":
             return index_get(&self.codes_ix.ix, key)
+        if table == "refunds":
+            return index_get(&self.refunds_ix.ix, key)
+        if table == "tombstones":
+            return index_get(&self.tombstones_ix.ix, key)
         raise ValueError(f"unknown table {table!r}")
 
     def append_list(self, values):
@@ -418,9 +483,13 @@ cdef class Ledger:
     # -- snapshots --------------------------------------------------------
 
     SCALARS = ("n_users", "n_merchants", "n_stocks", "n_coupons", "n_payments",
-               "n_codes", "n_lists", "n_slots", "fees", "bank", "tz_offset_ms",
+               "n_codes", "n_lists", "n_slots", "n_refunds", "n_tombstones",
+               "auth_head", "n_auth", "fees", "bank", "tz_offset_ms", "hold_ms",
                "coupons_per_user_max")
-    INDEXES = ("users", "merchants", "stocks", "coupons", "payments", "codes")
+    INDEXES = ("users", "merchants", "stocks", "coupons", "payments", "codes",
+               "refunds", "tombstones")
+    ROWS = ("users", "merchants", "stocks", "coupons", "codes", "pay_req", "pay_res",
+            "pay_meta", "lists", "slots", "refunds", "tombstones", "auth_queue")
 
     def dump(self):
         """(arrays, scalars): the whole ledger as views of its used rows."""
@@ -435,6 +504,9 @@ cdef class Ledger:
             "pay_meta": self.pay_meta[:self.n_payments],
             "lists": self.lists[:self.n_lists],
             "slots": self.slots[:3 * self.n_slots],
+            "refunds": self.refunds[:self.n_refunds],
+            "tombstones": self.tombstones[:self.n_tombstones],
+            "auth_queue": self.auth_queue[:self.n_auth],
         }
         for name in self.INDEXES:
             arrays[name + "_ix"] = (<IdIndex>getattr(self, name + "_ix")).entries
@@ -444,10 +516,9 @@ cdef class Ledger:
     @classmethod
     def load(cls, arrays, scalars):
         """A ledger from dump() output (arrays are taken over, not copied)."""
-        cdef Ledger ledger = cls(scalars["tz_offset_ms"])
+        cdef Ledger ledger = cls(scalars["tz_offset_ms"], scalars["hold_ms"])
         cdef IdIndex ix
-        for name in ("users", "merchants", "stocks", "coupons", "codes",
-                     "pay_req", "pay_res", "pay_meta", "lists", "slots"):
+        for name in cls.ROWS:
             current = getattr(ledger, name)
             loaded = np.ascontiguousarray(arrays[name])
             assert loaded.dtype == current.dtype, f"{name}: dtype {loaded.dtype}"
@@ -750,8 +821,10 @@ cdef class Ledger:
         cdef int32_t m, user, code, p, i, c
         cdef int st
         cdef int64_t cash, fee, merchant_discount, a
+        cdef bint authorize = r.flags & PAY_AUTHORIZE
         cdef Selection sel
         cdef Stock* s
+        cdef Payment* pm
         memset(out, 0, sizeof(PayResult))
         out.id = r.id
         out.timestamp = <uint64_t>t.now
@@ -768,6 +841,9 @@ cdef class Ledger:
             else:
                 out.status = ST_EXISTS_WITH_DIFFERENT_FIELDS
             return
+        if index_get(&self.tombstones_ix.ix, r.id) >= 0:
+            out.status = ST_REVERSED
+            return
         st = self.resolve(r, t.now, &m, &user, &code)
         if st == ST_OK:
             st = self.select(r, user, m, t, &sel, NULL)
@@ -781,37 +857,332 @@ cdef class Ledger:
             return
         merchant_discount = self.merchant_funded(&sel)
         fee = self.fee_of(r.amount, merchant_discount, m)
-        # Step 7: postings, all at once.
+        # Step 7 (or, authorizing, the hold): all at once.
         p = <int32_t>self.n_payments
         self.n_payments += 1
         out.cash = cash
         out.discount = sel.total
         out.fee = fee
+        if authorize:
+            out.flags = RESULT_AUTHORIZED
         self.PQ[p] = r[0]
-        self.PM[p].user = user
-        self.PM[p].merchant = m
-        self.PM[p].state = PAYMENT_COMPLETED
-        self.PM[p].coupon_count = <uint8_t>sel.count
+        pm = &self.PM[p]
+        memset(pm, 0, sizeof(Payment))
+        pm.user = user
+        pm.merchant = m
+        pm.coupon_count = <uint8_t>sel.count
+        pm.amount = r.amount
+        pm.cash = cash
+        pm.discount = sel.total
+        pm.fee = fee
+        pm.created_at = t.now
         for i in range(4):
-            self.PM[p].applied[i] = 0
+            pm.coupon[i] = -1
         for i in range(sel.count):
             c = sel.slot[i]
             a = sel.applied[i]
             out.coupons[i] = self.C[c].id
-            self.PM[p].applied[i] = a
-            self.C[c].state = COUPON_USED
+            pm.applied[i] = a
+            pm.coupon[i] = c
             self.C[c].payment = p
             s = &self.S[self.C[c].stock]
-            s.spent += a
-            if s.funder == FUNDER_PLATFORM:
-                s.campaign -= a
+            if authorize:
+                self.C[c].state = COUPON_LOCKED
+                s.reserved += a
+            else:
+                self.C[c].state = COUPON_USED
+                s.spent += a
+                if s.funder == FUNDER_PLATFORM:
+                    s.campaign -= a
         self.PR[p] = out[0]
         index_put(&self.payments_ix.ix, r.id, p)
-        self.U[user].balance -= cash
-        self.M[m].balance += r.amount - merchant_discount - fee
-        self.fees += fee
+        if authorize:
+            pm.state = PAYMENT_AUTHORIZED
+            pm.authorized_amount = r.amount
+            pm.hold_expires_at = t.now + self.hold_ms
+            self.U[user].held += cash
+            self.AQ[self.n_auth] = p
+            self.n_auth += 1
+        else:
+            pm.state = PAYMENT_COMPLETED
+            pm.completed_at = t.now
+            self.U[user].balance -= cash
+            self.post_completion(pm, m, r.amount, merchant_discount, sel.total - merchant_discount, fee)
         if code >= 0:
             self.K[code].used = 1
+
+    cdef inline void post_completion(self, Payment* pm, int32_t m, int64_t amount,
+                                     int64_t merchant_discount, int64_t platform_discount,
+                                     int64_t fee) noexcept nogil:
+        """Step 7 for the merchant and the fee account, and the period totals
+        that settlement reports."""
+        cdef Merchant* mr = &self.M[m]
+        mr.balance += amount - merchant_discount - fee
+        self.fees += fee
+        mr.gross += amount
+        mr.merchant_discount += merchant_discount
+        mr.platform_discount += platform_discount
+        mr.fees += fee
+        mr.period_active = 1
+
+    # -- two-phase payments -------------------------------------------------
+
+    cdef void release(self, int32_t p, uint8_t state, int64_t now) noexcept nogil:
+        """Void an authorization: the hold, the coupons and their reservation."""
+        cdef Payment* pm = &self.PM[p]
+        cdef int32_t i, c
+        self.U[pm.user].held -= pm.cash
+        for i in range(pm.coupon_count):
+            c = pm.coupon[i]
+            self.S[self.C[c].stock].reserved -= pm.applied[i]
+            self.C[c].state = COUPON_AVAILABLE
+            self.C[c].payment = -1
+        pm.state = state
+        pm.ended_at = now
+
+    cdef void expire_due(self, int64_t now) noexcept nogil:
+        """Void every authorization whose hold has expired. Holds expire in
+        the order they were made (hold_ms is one engine setting), so a FIFO
+        of authorizations finds them without a scan."""
+        cdef int32_t p
+        while self.auth_head < self.n_auth:
+            p = self.AQ[self.auth_head]
+            if self.PM[p].state == PAYMENT_AUTHORIZED:
+                if self.PM[p].hold_expires_at > now:
+                    return
+                self.release(p, PAYMENT_EXPIRED, self.PM[p].hold_expires_at)
+            self.auth_head += 1
+
+    def expire(self, int64_t now):
+        """Apply expiry of holds at engine time `now` (every command does)."""
+        self.expire_due(now)
+
+    def expiry_due(self, int64_t now):
+        """Whether some hold has expired at `now` (read-only)."""
+        cdef int64_t i = self.auth_head
+        cdef int32_t p
+        while i < self.n_auth:
+            p = self.AQ[i]
+            if self.PM[p].state == PAYMENT_AUTHORIZED:
+                return self.PM[p].hold_expires_at <= now
+            i += 1
+        return False
+
+    cdef void result_of(self, int32_t p, PayResult* out, bint released_only,
+                        int64_t timestamp) noexcept nogil:
+        """A PayResult from a payment's current parts (capture, void replays)."""
+        cdef Payment* pm = &self.PM[p]
+        cdef int32_t i, k = 0
+        memset(out, 0, sizeof(PayResult))
+        out.id = self.PQ[p].id
+        out.cash = pm.cash
+        out.discount = pm.discount
+        out.timestamp = <uint64_t>timestamp
+        for i in range(pm.coupon_count):
+            if released_only or not (pm.released >> i) & 1:
+                out.coupons[k] = self.C[pm.coupon[i]].id
+                k += 1
+
+    cdef int capture_one(self, uint64_t payment_id, int64_t amount, int64_t now,
+                         PayResult* out) noexcept nogil:
+        cdef int32_t p = index_get(&self.payments_ix.ix, payment_id)
+        cdef Payment* pm
+        cdef int32_t i, c, m
+        cdef int64_t left, d, a, cash, fee, merchant_discount = 0, hold, total
+        cdef int64_t applied[4]
+        cdef Stock* s
+        memset(out, 0, sizeof(PayResult))
+        out.id = payment_id
+        out.timestamp = <uint64_t>now
+        if p < 0:
+            return ST_PAYMENT_NOT_FOUND
+        pm = &self.PM[p]
+        if pm.authorized_amount == 0 or pm.state == PAYMENT_VOIDED:
+            return ST_PAYMENT_NOT_AUTHORIZED
+        if pm.state == PAYMENT_EXPIRED:
+            return ST_AUTHORIZATION_EXPIRED
+        if pm.state != PAYMENT_AUTHORIZED:      # captured: replay the same capture
+            if amount != pm.amount:
+                return ST_PAYMENT_NOT_AUTHORIZED
+            self.result_of(p, out, False, pm.completed_at)
+            out.fee = pm.fee
+            out.flags = RESULT_DUPLICATE
+            return ST_OK
+        if amount < 1 or amount > pm.authorized_amount:
+            return ST_INVALID_AMOUNT
+        # Coupons again on the final amount, in their applied order; time,
+        # scope and controls are not re-checked.
+        left = amount
+        for i in range(pm.coupon_count):
+            s = &self.S[self.C[pm.coupon[i]].stock]
+            d = discount_of(s, amount) if amount >= s.min_spend else 0
+            a = d if d < left else left
+            applied[i] = a
+            left -= a
+            if s.funder == FUNDER_MERCHANT:
+                merchant_discount += a
+        total = amount - left
+        cash = amount - total
+        m = pm.merchant
+        fee = self.fee_of(amount, merchant_discount, m)
+        hold = pm.cash
+        if self.U[pm.user].balance - (self.U[pm.user].held - hold) < cash:
+            return ST_INSUFFICIENT_FUNDS
+        self.U[pm.user].held -= hold
+        self.U[pm.user].balance -= cash
+        for i in range(pm.coupon_count):
+            c = pm.coupon[i]
+            s = &self.S[self.C[c].stock]
+            s.reserved -= pm.applied[i]
+            pm.applied[i] = applied[i]
+            if applied[i] == 0:
+                pm.released |= 1 << i
+                self.C[c].state = COUPON_AVAILABLE
+                self.C[c].payment = -1
+                continue
+            self.C[c].state = COUPON_USED
+            s.spent += applied[i]
+            if s.funder == FUNDER_PLATFORM:
+                s.campaign -= applied[i]
+        pm.amount = amount
+        pm.cash = cash
+        pm.discount = total
+        pm.fee = fee
+        pm.completed_at = now
+        pm.state = PAYMENT_COMPLETED
+        self.post_completion(pm, m, amount, merchant_discount, total - merchant_discount, fee)
+        self.result_of(p, out, False, now)
+        out.fee = fee
+        return ST_OK
+
+    cdef int void_one(self, uint64_t payment_id, int64_t now, PayResult* out) noexcept nogil:
+        cdef int32_t p = index_get(&self.payments_ix.ix, payment_id)
+        memset(out, 0, sizeof(PayResult))
+        out.id = payment_id
+        out.timestamp = <uint64_t>now
+        if p < 0:
+            return ST_PAYMENT_NOT_FOUND
+        if self.PM[p].state == PAYMENT_VOIDED:
+            self.result_of(p, out, True, self.PM[p].ended_at)
+            out.flags = RESULT_DUPLICATE
+            return ST_OK
+        if self.PM[p].state == PAYMENT_EXPIRED:
+            return ST_AUTHORIZATION_EXPIRED
+        if self.PM[p].state != PAYMENT_AUTHORIZED:
+            return ST_PAYMENT_NOT_AUTHORIZED
+        self.release(p, PAYMENT_VOIDED, now)
+        self.result_of(p, out, True, now)
+        return ST_OK
+
+    # -- refunds and reversals --------------------------------------------
+
+    cdef void refund_parts(self, int32_t p, int64_t amount, int64_t* cash_out,
+                           int64_t* discount_out, int64_t* fee_out) noexcept nogil:
+        """Refund `amount` more of payment p: each part grows to its
+        cumulative floor share, so partial refunds add up to a full one."""
+        cdef Payment* pm = &self.PM[p]
+        cdef Merchant* mr = &self.M[pm.merchant]
+        cdef int64_t r = pm.refunded_amount + amount, t = pm.amount
+        cdef int64_t cash, fee, part, discount = 0
+        cdef int32_t i, c
+        cdef Stock* s
+        cash = share_of(r, pm.cash, t) - pm.refunded_cash
+        fee = share_of(r, pm.fee, t) - pm.refunded_fee
+        mr.balance -= cash
+        self.U[pm.user].balance += cash
+        for i in range(pm.coupon_count):
+            if (pm.released >> i) & 1:
+                continue
+            part = share_of(r, pm.applied[i], t) - pm.refunded_part[i]
+            pm.refunded_part[i] += part
+            discount += part
+            s = &self.S[self.C[pm.coupon[i]].stock]
+            s.spent -= part
+            if s.funder == FUNDER_PLATFORM:
+                s.campaign += part
+                mr.balance -= part
+                mr.refund_platform_discount += part
+            else:
+                mr.refund_merchant_discount += part
+        self.fees -= fee
+        mr.balance += fee
+        mr.refund_cash += cash
+        mr.refund_fee += fee
+        mr.period_active = 1
+        pm.refunded_amount = r
+        pm.refunded_cash += cash
+        pm.refunded_fee += fee
+        if r == t:
+            pm.state = PAYMENT_REFUNDED
+            for i in range(pm.coupon_count):
+                if not (pm.released >> i) & 1:
+                    c = pm.coupon[i]
+                    self.C[c].state = COUPON_AVAILABLE
+                    self.C[c].payment = -1
+        else:
+            pm.state = PAYMENT_PARTIALLY_REFUNDED
+        cash_out[0] = cash
+        discount_out[0] = discount
+        fee_out[0] = fee
+
+    cdef int refund_one(self, uint64_t refund_id, uint64_t payment_id, int64_t amount,
+                        Refund* out) noexcept nogil:
+        cdef int32_t f, p
+        memset(out, 0, sizeof(Refund))
+        out.id = refund_id
+        out.payment = payment_id
+        out.amount = amount
+        if refund_id == 0:
+            return ST_INVALID_ID
+        if amount < 1 or amount > AMOUNT_MAX:
+            return ST_INVALID_AMOUNT
+        f = index_get(&self.refunds_ix.ix, refund_id)
+        if f >= 0:
+            if self.RF[f].payment != payment_id or self.RF[f].amount != amount:
+                return ST_EXISTS_WITH_DIFFERENT_FIELDS
+            out[0] = self.RF[f]
+            return -1                           # a replay
+        p = index_get(&self.payments_ix.ix, payment_id)
+        if p < 0:
+            return ST_PAYMENT_NOT_FOUND
+        if self.PM[p].state != PAYMENT_COMPLETED and self.PM[p].state != PAYMENT_PARTIALLY_REFUNDED:
+            return ST_PAYMENT_NOT_REFUNDABLE
+        if amount > self.PM[p].amount - self.PM[p].refunded_amount:
+            return ST_REFUND_EXCEEDS_PAYMENT
+        self.refund_parts(p, amount, &out.cash, &out.discount, &out.fee)
+        f = <int32_t>self.n_refunds
+        self.n_refunds += 1
+        self.RF[f] = out[0]
+        index_put(&self.refunds_ix.ix, refund_id, f)
+        return ST_OK
+
+    cdef int reverse_one(self, uint64_t payment_id, int64_t now, PayResult* out) noexcept nogil:
+        cdef int32_t p, t
+        cdef Payment* pm
+        memset(out, 0, sizeof(PayResult))
+        out.id = payment_id
+        out.timestamp = <uint64_t>now
+        if payment_id == 0:
+            return ST_INVALID_ID
+        p = index_get(&self.payments_ix.ix, payment_id)
+        if p < 0:
+            if index_get(&self.tombstones_ix.ix, payment_id) < 0:
+                t = <int32_t>self.n_tombstones
+                self.n_tombstones += 1
+                self.TS[t].id = payment_id
+                index_put(&self.tombstones_ix.ix, payment_id, t)
+            return ST_OK
+        pm = &self.PM[p]
+        if pm.state == PAYMENT_AUTHORIZED:
+            self.release(p, PAYMENT_VOIDED, now)
+            pm.reversed = 1
+            self.result_of(p, out, True, now)
+        elif pm.state == PAYMENT_COMPLETED or pm.state == PAYMENT_PARTIALLY_REFUNDED:
+            self.result_of(p, out, False, now)
+            self.refund_parts(p, pm.amount - pm.refunded_amount, &out.cash,
+                              &out.discount, &out.fee)
+            pm.reversed = 1
+        return ST_OK
 
     def pay(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
         """Apply a batch of PayRecords (raw bytes) at engine time `now`."""
@@ -862,6 +1233,77 @@ cdef class Ledger:
                         c = self.C[c].next
                         if c >= 0:
                             __builtin_prefetch(&self.C[c])
+
+    # -- batch entry points of the money lifecycle -------------------------
+
+    def capture(self, const uint64_t[::1] payments, const int64_t[::1] amounts,
+                int64_t now, uint8_t[::1] out):
+        cdef int64_t n = payments.shape[0], i
+        cdef PayResult* res = <PayResult*>&out[0] if n else NULL
+        assert amounts.shape[0] == n and out.shape[0] == n * sizeof(PayResult)
+        with nogil:
+            for i in range(n):
+                res[i].status = self.capture_one(payments[i], amounts[i], now, &res[i])
+
+    def void(self, const uint64_t[::1] payments, int64_t now, uint8_t[::1] out):
+        cdef int64_t n = payments.shape[0], i
+        cdef PayResult* res = <PayResult*>&out[0] if n else NULL
+        assert out.shape[0] == n * sizeof(PayResult)
+        with nogil:
+            for i in range(n):
+                res[i].status = self.void_one(payments[i], now, &res[i])
+
+    def reverse(self, const uint64_t[::1] payments, int64_t now, uint8_t[::1] out):
+        cdef int64_t n = payments.shape[0], i
+        assert out.shape[0] == n * sizeof(PayResult)
+        self.reserve("tombstones", n)
+        cdef PayResult* res = <PayResult*>&out[0] if n else NULL
+        with nogil:
+            for i in range(n):
+                res[i].status = self.reverse_one(payments[i], now, &res[i])
+
+    def refund(self, const uint64_t[::1] ids, const uint64_t[::1] payments,
+               const int64_t[::1] amounts, uint8_t[::1] out, int32_t[::1] status):
+        """Refunds; status[i] is a status code, or -1 for a replay."""
+        cdef int64_t n = ids.shape[0], i
+        assert payments.shape[0] == n and amounts.shape[0] == n and status.shape[0] == n
+        assert out.shape[0] == n * sizeof(Refund)
+        self.reserve("refunds", n)
+        cdef Refund* res = <Refund*>&out[0] if n else NULL
+        with nogil:
+            for i in range(n):
+                status[i] = self.refund_one(ids[i], payments[i], amounts[i], &res[i])
+
+    def settle(self):
+        """Close the period: one row per merchant with activity, by merchant
+        id; pays out positive balances to the bank."""
+        cdef Merchant* mr
+        cdef int64_t refunds, net, payout
+        rows = []
+        active = [m for m in range(self.n_merchants) if self.M[m].period_active]
+        active.sort(key=lambda m: self.M[m].id)
+        for m in active:
+            mr = &self.M[<int32_t>m]
+            refunds = mr.refund_cash + mr.refund_platform_discount - mr.refund_fee
+            net = mr.gross - mr.merchant_discount - mr.fees - refunds
+            assert net == mr.balance - mr.settled_balance, "settlement does not reconcile"
+            payout = mr.balance if mr.balance > 0 else 0
+            rows.append({"merchant": mr.id, "gross": mr.gross,
+                         "merchant_discount": mr.merchant_discount,
+                         "platform_discount": mr.platform_discount, "fees": mr.fees,
+                         "refund_cash": mr.refund_cash,
+                         "refund_platform_discount": mr.refund_platform_discount,
+                         "refund_merchant_discount": mr.refund_merchant_discount,
+                         "refund_fee": mr.refund_fee, "refunds": refunds, "net": net,
+                         "payout": payout})
+            mr.balance -= payout
+            self.bank += payout
+            mr.settled_balance = mr.balance
+            mr.gross = mr.merchant_discount = mr.platform_discount = mr.fees = 0
+            mr.refund_cash = mr.refund_platform_discount = 0
+            mr.refund_merchant_discount = mr.refund_fee = 0
+            mr.period_active = 0
+        return rows
 
     cdef void issue_one(self, const IssueRecord* r, IssueResult* out,
                         int64_t now) noexcept nogil:

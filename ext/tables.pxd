@@ -54,8 +54,19 @@ cdef struct Merchant:
     int32_t fee_bps
     uint8_t active
     uint8_t tag_count
-    uint16_t _pad
+    uint8_t period_active   # activity since the last settlement
+    uint8_t _pad
     uint32_t tags[16]       # sorted, tag_count used
+    # Since the last settlement (RULES.md, Settlement):
+    int64_t gross
+    int64_t merchant_discount
+    int64_t platform_discount
+    int64_t fees
+    int64_t refund_cash
+    int64_t refund_platform_discount
+    int64_t refund_merchant_discount
+    int64_t refund_fee
+    int64_t settled_balance # balance right after the last payout
 
 cdef struct Stock:
     uint64_t id
@@ -96,11 +107,38 @@ cdef struct Coupon:
     uint8_t state
 
 cdef struct Payment:
-    int64_t applied[4]      # applied discount of result.coupons[i]
+    int64_t applied[4]      # applied (or, while authorized, reserved) part of coupon i
+    int64_t refunded_part[4]
+    int64_t amount          # T: the captured amount once captured
+    int64_t authorized_amount   # 0 for a direct PAY
+    int64_t cash            # posted (or held, while authorized)
+    int64_t discount
+    int64_t fee
+    int64_t refunded_amount # R
+    int64_t refunded_cash
+    int64_t refunded_fee
+    int64_t created_at
+    int64_t completed_at    # 0 until completed
+    int64_t ended_at        # void or expiry time
+    int64_t hold_expires_at # 0 for a direct PAY
+    int32_t coupon[4]       # coupon slots of result.coupons
     int32_t user            # payer's wallet slot
     int32_t merchant
     uint8_t state
     uint8_t coupon_count
+    uint8_t released        # bit i: coupon i released at capture
+    uint8_t reversed        # ended by REVERSE
+
+cdef struct Refund:
+    uint64_t id
+    uint64_t payment        # payment id
+    int64_t amount
+    int64_t cash
+    int64_t discount
+    int64_t fee
+
+cdef struct Tombstone:
+    uint64_t id             # a payment id reversed before it was seen
 
 cdef struct Code:
     uint64_t code

@@ -1,0 +1,217 @@
+"""Map operations of the money lifecycle: CAPTURE, VOID, REFUND, REVERSE,
+GET_PAYMENTS, SETTLE, STATEMENT (RULES.md; shapes in
+docs/protocol-extensions.md). Items are parsed into arrays and applied by the
+kernel in one call; only malformed items take the slow path."""
+import numpy as np
+
+from ._kernel import REFUND
+from .canonical import FUNDER_NAMES, PAYMENT_STATE_NAMES
+from .errors import BadBody
+from .ops_query import LOOKUP_IDS_MAX, not_found, require_map
+from .ops_setup import list_items
+from .records import PAY_RESULT, RESULT_DUPLICATE
+from .state import State
+from .status import Status
+from .validate import I63_MAX, U64_MAX, Invalid, failure, integer, only_keys, u64
+
+CAPTURE_KEYS = frozenset({"payment", "amount"})
+REFUND_KEYS = frozenset({"id", "payment", "amount"})
+
+
+def is_u64(value) -> bool:
+    return type(value) is int and 0 <= value <= U64_MAX
+
+
+def is_i64(value) -> bool:
+    return type(value) is int and -(2**63) <= value <= I63_MAX
+
+
+def parse(items: list, parse_one) -> tuple[list, list]:
+    """(parsed tuples or None, failure results or None) per item."""
+    parsed, failures = [], []
+    for item in items:
+        try:
+            parsed.append(parse_one(item))
+            failures.append(None)
+        except Invalid as e:
+            parsed.append(None)
+            failures.append(failure(e.status, str(e)))
+    return parsed, failures
+
+
+def merge(failures: list, results: list) -> dict:
+    """Results of the well-formed items, in order, around the failures."""
+    out = iter(results)
+    return {"results": [f if f is not None else next(out) for f in failures]}
+
+
+def pay_result_maps(results: np.ndarray) -> list:
+    """PayResult records as the maps CAPTURE, VOID and REVERSE reply."""
+    out = []
+    for rid, status, flags, cash, discount, fee, ts, coupons in results.tolist():
+        reply = {"id": rid, "status": status, "flags": flags, "cash": cash,
+                 "discount": discount, "fee": fee, "timestamp": ts,
+                 "coupons": [int(c) for c in coupons if c]}
+        if status:
+            reply["error"] = Status(status).name
+        elif flags & RESULT_DUPLICATE:
+            reply["duplicate"] = True
+        out.append(reply)
+    return out
+
+
+# -- CAPTURE ----------------------------------------------------------------
+
+def parse_capture(item) -> tuple[int, int]:
+    if not isinstance(item, dict):
+        raise Invalid("a capture is a map {payment, amount}")
+    only_keys(item, CAPTURE_KEYS)
+    return u64(item, "payment"), integer(item, "amount", -(2**63), I63_MAX)
+
+
+def capture(state: State, request, now: int, draws) -> dict:
+    items = list_items(request, "captures")
+    parsed, failures = parse(items, parse_capture)
+    ok = [p for p in parsed if p is not None]
+    results = np.zeros(len(ok), PAY_RESULT)
+    if ok:
+        payments = np.array([p[0] for p in ok], np.uint64)
+        amounts = np.array([p[1] for p in ok], np.int64)
+        state.ledger.capture(payments, amounts, now, results.view(np.uint8))
+    return merge(failures, pay_result_maps(results))
+
+
+# -- VOID and REVERSE -------------------------------------------------------
+
+def parse_payment_id(item) -> int:
+    if not is_u64(item):
+        raise Invalid(f"a payment id is a u64, got {item!r}")
+    return item
+
+
+def by_payment_ids(state: State, request, now: int, apply) -> dict:
+    items = list_items(request, "payments")
+    parsed, failures = parse(items, parse_payment_id)
+    ok = np.array([p for p in parsed if p is not None], np.uint64)
+    results = np.zeros(len(ok), PAY_RESULT)
+    if len(ok):
+        apply(ok, now, results.view(np.uint8))
+    return merge(failures, pay_result_maps(results))
+
+
+def void(state: State, request, now: int, draws) -> dict:
+    return by_payment_ids(state, request, now, state.ledger.void)
+
+
+def reverse(state: State, request, now: int, draws) -> dict:
+    return by_payment_ids(state, request, now, state.ledger.reverse)
+
+
+# -- REFUND -----------------------------------------------------------------
+
+def parse_refund(item) -> tuple[int, int, int]:
+    if not isinstance(item, dict):
+        raise Invalid("a refund is a map {id, payment, amount}")
+    only_keys(item, REFUND_KEYS)
+    return (u64(item, "id"), u64(item, "payment"),
+            integer(item, "amount", -(2**63), I63_MAX))
+
+
+def refund(state: State, request, now: int, draws) -> dict:
+    items = list_items(request, "refunds")
+    parsed, failures = parse(items, parse_refund)
+    ok = [p for p in parsed if p is not None]
+    rows = np.zeros(len(ok), REFUND)
+    status = np.zeros(len(ok), np.int32)
+    if ok:
+        columns = list(zip(*ok))
+        state.ledger.refund(np.array(columns[0], np.uint64), np.array(columns[1], np.uint64),
+                            np.array(columns[2], np.int64), rows.view(np.uint8), status)
+    replies = []
+    for (rid, _payment, _amount, cash, discount, fee), st in zip(rows.tolist(), status.tolist()):
+        if st > 0:
+            replies.append({"id": rid, "status": st, "error": Status(st).name,
+                            "cash": 0, "discount": 0, "fee": 0})
+            continue
+        reply = {"id": rid, "status": 0, "cash": cash, "discount": discount, "fee": fee}
+        if st < 0:
+            reply["duplicate"] = True
+        replies.append(reply)
+    return merge(failures, replies)
+
+
+# -- GET_PAYMENTS -----------------------------------------------------------
+
+def get_payments(state: State, request, now: int, draws) -> dict:
+    request = require_map(request, "{ids: [...]}")
+    try:
+        only_keys(request, frozenset({"ids"}))
+        ids = request.get("ids")
+        if not isinstance(ids, list) or len(ids) > LOOKUP_IDS_MAX or not all(map(is_u64, ids)):
+            raise Invalid(f"`ids` must be a list of at most {LOOKUP_IDS_MAX} u64 payment ids")
+    except Invalid as e:
+        return {**failure(e.status, str(e)), "results": []}
+    return {"status": 0, "results": [payment_view(state.ledger, i) for i in ids]}
+
+
+def payment_view(ledger, payment_id: int) -> dict:
+    p = ledger.find("payments", payment_id) if payment_id else -1
+    if p < 0:
+        return not_found(payment_id, Status.payment_not_found)
+    req = ledger.pay_req[p]
+    pm = ledger.pay_meta[p]
+    coupons = []
+    for i in range(int(pm["coupon_count"])):
+        c = int(pm["coupon"][i])
+        stock = int(ledger.coupons["stock"][c])
+        coupons.append({
+            "coupon": int(ledger.coupons["id"][c]),
+            "stock": int(ledger.stocks["id"][stock]),
+            "funder": FUNDER_NAMES[int(ledger.stocks["funder"][stock])],
+            "discount": int(pm["applied"][i]),
+            "refunded": int(pm["refunded_part"][i]),
+            "released": bool((int(pm["released"]) >> i) & 1),
+        })
+    return {
+        "status": 0, "id": payment_id,
+        "payer": int(ledger.users["id"][pm["user"]]),
+        "merchant": int(req["merchant"]),
+        "amount": int(pm["amount"]), "authorized_amount": int(pm["authorized_amount"]),
+        "cash": int(pm["cash"]), "discount": int(pm["discount"]), "fee": int(pm["fee"]),
+        "coupons": coupons,
+        "refunded": {"amount": int(pm["refunded_amount"]), "cash": int(pm["refunded_cash"]),
+                     "discount": int(pm["refunded_part"].sum()), "fee": int(pm["refunded_fee"])},
+        "state": PAYMENT_STATE_NAMES[int(pm["state"])],
+        "user_data": int(req["user_data"]), "goods_tag": int(req["goods_tag"]),
+        "created_at": int(pm["created_at"]), "completed_at": int(pm["completed_at"]),
+        "hold_expires_at": int(pm["hold_expires_at"]),
+    }
+
+
+# -- SETTLE and STATEMENT ---------------------------------------------------
+
+def settle(state: State, request, now: int, draws) -> dict:
+    if request:
+        return failure(Status.invalid_argument, "SETTLE takes an empty map")
+    rows = state.ledger.settle()
+    reply = {"status": 0, "settlement": len(state.settlements) + 1, "at": now, "rows": rows}
+    state.settlements.append(reply)
+    return reply
+
+
+def statement(state: State, request, now: int, draws) -> dict:
+    request = require_map(request, "{settlement}")
+    try:
+        only_keys(request, frozenset({"settlement"}))
+        number = integer(request, "settlement", 1, max(1, len(state.settlements)))
+        if not state.settlements:
+            raise Invalid("there is no settlement yet")
+    except Invalid as e:
+        return failure(e.status, str(e))
+    return state.settlements[number - 1]
+
+
+def check_list_body(request, key: str) -> None:
+    if not isinstance(request, dict):
+        raise BadBody("the body must be a map")
+    list_items(request, key)
