@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from .dispatch import OP_NAMES as _DISPATCH_OP_NAMES
 from .errors import BadBody, Busy, EngineError, Unavailable, UnknownOp
 from .frame import FLAG_ERROR, FRAME_BYTES_MAX_DEFAULT, HEADER, HEADER_BYTES
 from .records import (COUPONS_PER_PAYMENT_MAX, ISSUE_RECORD, ISSUE_RESULT,
@@ -38,7 +39,7 @@ from .status import STATUS_NAMES, ErrorCode
 
 __all__ = [
     "AsyncClient", "Client", "HelloInfo", "PayResult", "IssueResult",
-    "ConnectionLost", "ProtocolError", "OPS", "hello_request", "hello_mac",
+    "ConnectionLost", "ProtocolError", "ServerError", "OPS", "hello_request", "hello_mac",
     "parse_address", "error_from_frame",
     "NotAuthenticated", "Forbidden", "FrameTooLarge", "BadFrame", "UnsupportedProtocol",
 ]
@@ -55,8 +56,8 @@ U64_MAX = 2**64 - 1
 U32_MAX = 2**32 - 1
 I64_MIN, I64_MAX = -2**63, 2**63 - 1
 
-# Op numbers of PROTOCOL.md. The client keeps its own copy so that importing it
-# does not import the engine (tests check it against engine/dispatch.py).
+# Op numbers: PROTOCOL.md's, plus the server's extensions (STATEMENT, ...)
+# from the one dispatch table.
 OPS = {
     "HELLO": 1, "PING": 2, "PAY": 16, "ISSUE": 17,
     "MERCHANTS": 32, "WALLETS": 33, "TOPUP": 34, "STOCKS": 35,
@@ -64,6 +65,7 @@ OPS = {
     "REVERSE": 41, "GET_PAYMENTS": 42, "BALANCES": 43, "SETTLE": 44,
     "AUDIT": 45, "STATS": 46, "PROGRAMS": 47, "REDEEM_POINTS": 48,
     "COUPONS": 49, "CLOCK": 50,
+    **{name: code for code, name in _DISPATCH_OP_NAMES.items()},
 }
 OP_NAMES = {code: name for name, code in OPS.items()}
 OP_HELLO, OP_PING, OP_PAY, OP_ISSUE = 1, 2, 16, 17
@@ -91,6 +93,20 @@ class Forbidden(EngineError):
 
 class UnsupportedProtocol(EngineError):
     code = ErrorCode.unsupported_protocol
+
+
+class ServerError(EngineError):
+    """An error code this client does not know (a newer server)."""
+
+    def __init__(self, code: int, name: str, message: str, retryable: bool):
+        super().__init__(message)
+        self.code = code
+        self._name = name
+        self.retryable = retryable
+
+    @property
+    def name(self) -> str:
+        return self._name
 
 
 ERRORS_BY_CODE: dict[int, type[EngineError]] = {
@@ -121,8 +137,8 @@ def error_from_frame(op: int, request_id: int, body: bytes) -> EngineError:
         return ProtocolError(f"undecodable error frame for op {op}: {e}")  # type: ignore[return-value]
     cls = ERRORS_BY_CODE.get(code)
     if cls is None:
-        error = EngineError(f"{fields.get('name', 'error')} ({code}): {message}")
-        error.retryable = bool(fields.get("retryable", False))
+        error = ServerError(code, str(fields.get("name", f"error_{code}")), message,
+                            bool(fields.get("retryable", False)))
     else:
         error = cls(message)
     error.op = op
@@ -341,6 +357,8 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.client._fail(ConnectionLost(f"connection closed: {exc}" if exc else "connection closed"))
+        if not self.client._lost.done():
+            self.client._lost.set_result(None)
 
     def pause_writing(self):
         self.client._writable.clear()
@@ -352,10 +370,12 @@ class _Protocol(asyncio.Protocol):
 class _Coalescer:
     """Gathers the single-record calls of one loop tick into one batch frame."""
 
-    def __init__(self, client: "AsyncClient", op: int, dtype: np.dtype, to_structs):
+    def __init__(self, client: "AsyncClient", op: int, dtype: np.dtype,
+                 result_dtype: np.dtype, to_structs):
         self.client = client
         self.op = op
         self.dtype = dtype
+        self.result_dtype = result_dtype
         self.to_structs = to_structs
         self.pending: list[tuple[tuple, asyncio.Future]] = []
         self.tasks: set[asyncio.Task] = set()   # strong refs until each batch is done
@@ -383,19 +403,18 @@ class _Coalescer:
         futures = [future for _, future in chunk]
         try:
             records = np.array([record for record, _ in chunk], self.dtype)
-            results = await self.client._batch(self.op, records, self.dtype,
-                                               PAY_RESULT if self.op == OP_PAY else ISSUE_RESULT)
+            self.client.batches_sent += 1
+            results = await self.client._batch(self.op, records, self.dtype, self.result_dtype)
         except asyncio.CancelledError:
             for future in futures:
                 if not future.done():
                     future.set_exception(ConnectionLost("client closed"))
             raise
-        except BaseException as e:  # noqa: BLE001 - every caller gets the error
+        except Exception as e:  # noqa: BLE001 - every caller gets the error
             for future in futures:
                 if not future.done():
                     future.set_exception(e)
             return
-        self.client.batches_sent += 1
         for future, result in zip(futures, self.to_structs(results)):
             if not future.done():
                 future.set_result(result)
@@ -422,8 +441,9 @@ class AsyncClient:
         self._writable = asyncio.Event()
         self._writable.set()
         self._closed: BaseException | None = None
-        self._pay = _Coalescer(self, OP_PAY, PAY_RECORD, pay_results)
-        self._issue = _Coalescer(self, OP_ISSUE, ISSUE_RECORD, issue_results)
+        self._lost = self._loop.create_future()   # done when the transport is gone
+        self._pay = _Coalescer(self, OP_PAY, PAY_RECORD, PAY_RESULT, pay_results)
+        self._issue = _Coalescer(self, OP_ISSUE, ISSUE_RECORD, ISSUE_RESULT, issue_results)
 
     @classmethod
     async def connect(cls, host: str = "127.0.0.1", port: int = PORT_DEFAULT, *,
@@ -505,7 +525,8 @@ class AsyncClient:
         self._fail(ConnectionLost("client closed"))
 
     async def wait_closed(self) -> None:
-        await asyncio.sleep(0)   # let the transport run connection_lost
+        if self._transport is not None:
+            await self._lost
 
     async def __aenter__(self):
         return self
@@ -554,10 +575,11 @@ class AsyncClient:
         entry = self._pending.pop(request_id, None)
         if entry is None:
             # A late reply to a request that timed out or was cancelled; or an
-            # error frame about the stream itself (request id 0), which closes it.
+            # error about the connection itself (request id 0, e.g. busy: too
+            # many connections), which ends it.
             if flags & FLAG_ERROR:
                 error = error_from_frame(op, request_id, body)
-                if getattr(error, "code", None) in CLOSING_CODES:
+                if request_id == 0 or getattr(error, "code", None) in CLOSING_CODES:
                     self._fail(error)
             return
         future, sent_op, timer = entry
@@ -604,6 +626,7 @@ class Client:
         self._sock: socket.socket | None = sock
         self._buffer = bytearray()
         self._next_id = 1
+        self.last_reply_bytes = 0      # frame bytes of the last reply (load-test stats)
 
     @classmethod
     def connect(cls, host: str = "127.0.0.1", port: int = PORT_DEFAULT, *,
@@ -700,7 +723,7 @@ class Client:
                 # unless it is an error about the stream itself.
                 if flags & FLAG_ERROR:
                     error = error_from_frame(reply_op, reply_id, reply)
-                    if getattr(error, "code", None) in CLOSING_CODES:
+                    if reply_id == 0 or getattr(error, "code", None) in CLOSING_CODES:
                         self.close()
                         raise error
         except (socket.timeout, TimeoutError):
@@ -719,6 +742,7 @@ class Client:
         if reply_op != op:
             raise ProtocolError(f"reply to request {request_id} has op {reply_op}, "
                                 f"the request had {op}")
+        self.last_reply_bytes = HEADER_BYTES + len(reply)
         return reply
 
     def _read_frame(self, deadline: float) -> tuple[int, int, int, bytes]:

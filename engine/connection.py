@@ -9,15 +9,17 @@ import numpy as np
 
 from . import frame
 from .auth import ANONYMOUS_ADMIN
-from .dispatch import MAP_OPS_BY_CODE, OP_CLOCK, OP_HELLO, OP_ISSUE, OP_NAMES, OP_PAY, OP_PING
+from .dispatch import (MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_CLOCK, OP_HELLO, OP_ISSUE,
+                       OP_NAMES, OP_PAY, OP_PING, OP_REFUND_RECORDS)
 from .errors import EngineError
-from .records import ISSUE_RECORD, PAY_RECORD, PAY_RESULT
+from .records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, PAY_RESULT, REFUND_RECORD
 from .status import ErrorCode, Status
 from .writer import Work
 
 log = logging.getLogger("scanpay.connection")
 
-RECORD_DTYPES = {OP_PAY: PAY_RECORD, OP_ISSUE: ISSUE_RECORD}
+RECORD_DTYPES = {OP_PAY: PAY_RECORD, OP_ISSUE: ISSUE_RECORD,
+                 OP_CAPTURE_RECORDS: CAPTURE_RECORD, OP_REFUND_RECORDS: REFUND_RECORD}
 PROTOCOL_VERSION = 1
 _decoder = msgspec.msgpack.Decoder()
 

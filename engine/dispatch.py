@@ -10,6 +10,8 @@ OP_HELLO = 1
 OP_PING = 2
 OP_PAY = 16
 OP_ISSUE = 17
+OP_CAPTURE_RECORDS = 18    # extension: CaptureRecord batch -> PayResult batch
+OP_REFUND_RECORDS = 19     # extension: RefundRecord batch -> RefundResult batch
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ MAP_OPS_BY_CODE = {op.code: op for op in MAP_OPS.values()}
 OP_CLOCK = 50
 OP_EXPIRE = 65             # internal: expiry of holds found by a read, journaled
 OP_NAMES = {OP_HELLO: "HELLO", OP_PING: "PING", OP_PAY: "PAY", OP_ISSUE: "ISSUE",
+            OP_CAPTURE_RECORDS: "CAPTURE_RECORDS", OP_REFUND_RECORDS: "REFUND_RECORDS",
             OP_CLOCK: "CLOCK", **{op.code: op.name for op in MAP_OPS.values()}}
 
 # Ops of PROTOCOL.md that later work implements; until then: unknown_op.

@@ -16,11 +16,12 @@ import numpy as np
 
 from . import canonical, export
 from .command import Command
-from .dispatch import MAP_OPS, MAP_OPS_BY_CODE, OP_EXPIRE, OP_ISSUE, OP_PAY, PLANNED_OPS
+from .dispatch import (MAP_OPS, MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_EXPIRE, OP_ISSUE,
+                       OP_PAY, OP_REFUND_RECORDS, PLANNED_OPS)
 from .durability import Storage
 from .errors import BadBody, UnknownOp
-from .records import (ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
-                      PAYMENT_CODE_MAX, PAYMENT_CODE_MIN)
+from .records import (CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
+                      PAYMENT_CODE_MAX, PAYMENT_CODE_MIN, REFUND_RECORD, REFUND_RESULT)
 from .state import HOLD_MS_DEFAULT, TZ_OFFSET_MS_DEFAULT, State
 
 log = logging.getLogger("scanpay.engine")
@@ -93,6 +94,14 @@ class Engine:
         if command.op == OP_ISSUE:
             out = np.empty(len(command.body) // ISSUE_RECORD.itemsize, ISSUE_RESULT)
             ledger.issue(command.body, command.now, out.view(np.uint8))
+            return out
+        if command.op == OP_CAPTURE_RECORDS:
+            out = np.empty(len(command.body) // CAPTURE_RECORD.itemsize, PAY_RESULT)
+            ledger.capture_records(command.body, command.now, out.view(np.uint8))
+            return out
+        if command.op == OP_REFUND_RECORDS:
+            out = np.empty(len(command.body) // REFUND_RECORD.itemsize, REFUND_RESULT)
+            ledger.refund_records(command.body, out.view(np.uint8))
             return out
         spec = MAP_OPS_BY_CODE[command.op]
         request = msgspec.msgpack.decode(command.body)
@@ -167,6 +176,16 @@ class Engine:
         """Apply IssueRecords (ndarray of ISSUE_RECORD, or their bytes)."""
         records = as_batch(records, ISSUE_RECORD)
         return self._write(OP_ISSUE, records.view(np.uint8).data)
+
+    def capture(self, records) -> np.ndarray:
+        """CAPTURE as a batch of CaptureRecords (extension; same rules as the map)."""
+        records = as_batch(records, CAPTURE_RECORD)
+        return self._write(OP_CAPTURE_RECORDS, records.view(np.uint8).data)
+
+    def refund(self, records) -> np.ndarray:
+        """REFUND as a batch of RefundRecords (extension; same rules as the map)."""
+        records = as_batch(records, REFUND_RECORD)
+        return self._write(OP_REFUND_RECORDS, records.view(np.uint8).data)
 
     def kernel_pay(self, records: np.ndarray, now_ms: int, out: np.ndarray) -> None:
         """The raw kernel apply of one checked batch at a given engine time:

@@ -42,7 +42,27 @@ ISSUE_RESULT = np.dtype([
     ("expires_at", "<u8"),
 ])
 
+# Extensions (docs/protocol-extensions.md): the hot lifecycle operations as
+# fixed records too, for batches that must not pay for a map per item.
+CAPTURE_RECORD = np.dtype([("payment", "<u8"), ("amount", "<i8")])
+REFUND_RECORD = np.dtype([
+    ("id", "<u8"),
+    ("payment", "<u8"),
+    ("amount", "<i8"),
+    ("reserved", "<u8"),
+])
+REFUND_RESULT = np.dtype([
+    ("id", "<u8"),
+    ("status", "<u4"),
+    ("flags", "<u4"),     # 1 duplicate
+    ("cash", "<i8"),
+    ("discount", "<i8"),
+    ("fee", "<i8"),
+])
+
 assert PAY_RECORD.itemsize == 80 and PAY_RESULT.itemsize == 80
+assert CAPTURE_RECORD.itemsize == 16 and REFUND_RECORD.itemsize == 32
+assert REFUND_RESULT.itemsize == 40
 assert ISSUE_RECORD.itemsize == 32 and ISSUE_RESULT.itemsize == 24
 
 # PayRecord.flags

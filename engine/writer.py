@@ -13,16 +13,18 @@ import time
 
 import numpy as np
 
-from .dispatch import OP_ISSUE, OP_PAY
+from .dispatch import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS
 from .errors import EngineError
-from .records import ISSUE_RESULT, PAY_RESULT
+from .records import ISSUE_RESULT, PAY_RESULT, REFUND_RESULT
 from .status import STATUS_NAMES
 
 log = logging.getLogger("scanpay.writer")
 
 DELIVERIES_INFLIGHT_MAX = 64       # batches applied but awaiting their fsync
-RESULT_DTYPES = {OP_PAY: PAY_RESULT, OP_ISSUE: ISSUE_RESULT}
-OP_LABELS = {OP_PAY: "PAY", OP_ISSUE: "ISSUE"}
+RESULT_DTYPES = {OP_PAY: PAY_RESULT, OP_ISSUE: ISSUE_RESULT,
+                 OP_CAPTURE_RECORDS: PAY_RESULT, OP_REFUND_RECORDS: REFUND_RESULT}
+OP_LABELS = {OP_PAY: "PAY", OP_ISSUE: "ISSUE", OP_CAPTURE_RECORDS: "CAPTURE_RECORDS",
+             OP_REFUND_RECORDS: "REFUND_RECORDS"}
 
 
 class Work:

@@ -17,6 +17,7 @@ from libc.stdint cimport uint8_t, uint32_t, int32_t, int64_t, uint64_t
 from libc.string cimport memcmp, memset
 
 from tables cimport (PayRecord, PayResult, IssueRecord, IssueResult, User,
+                     CaptureRecord, RefundRecord, RefundResult,
                      Merchant, Stock, Coupon, Payment, Code, Refund, Tombstone)
 from index cimport (Entry, Index, index_get, index_put, index_prefetch, index_guess,
                    row_id, LOAD_MAX_PCT, __builtin_prefetch)
@@ -1273,6 +1274,41 @@ cdef class Ledger:
         with nogil:
             for i in range(n):
                 status[i] = self.refund_one(ids[i], payments[i], amounts[i], &res[i])
+
+    def capture_records(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
+        """CAPTURE_RECORDS: a batch of CaptureRecords -> PayResults."""
+        cdef int64_t n = records.shape[0] // sizeof(CaptureRecord), i
+        assert 1 <= n <= BATCH_RECORDS_MAX and out.shape[0] == n * sizeof(PayResult)
+        cdef const CaptureRecord* rec = <const CaptureRecord*>&records[0]
+        cdef PayResult* res = <PayResult*>&out[0]
+        with nogil:
+            for i in range(n):
+                res[i].status = self.capture_one(rec[i].payment, rec[i].amount, now, &res[i])
+
+    def refund_records(self, const uint8_t[::1] records, uint8_t[::1] out):
+        """REFUND_RECORDS: a batch of RefundRecords -> RefundResults."""
+        cdef int64_t n = records.shape[0] // sizeof(RefundRecord), i
+        assert 1 <= n <= BATCH_RECORDS_MAX and out.shape[0] == n * sizeof(RefundResult)
+        self.reserve("refunds", n)
+        cdef const RefundRecord* rec = <const RefundRecord*>&records[0]
+        cdef RefundResult* res = <RefundResult*>&out[0]
+        cdef Refund row
+        cdef int st
+        with nogil:
+            for i in range(n):
+                memset(&res[i], 0, sizeof(RefundResult))
+                res[i].id = rec[i].id
+                if rec[i].id != 0 and 1 <= rec[i].amount <= AMOUNT_MAX and rec[i].reserved != 0:
+                    res[i].status = ST_INVALID_FLAGS
+                    continue
+                st = self.refund_one(rec[i].id, rec[i].payment, rec[i].amount, &row)
+                if st > 0:
+                    res[i].status = st
+                    continue
+                res[i].flags = RESULT_DUPLICATE if st < 0 else 0
+                res[i].cash = row.cash
+                res[i].discount = row.discount
+                res[i].fee = row.fee
 
     def settle(self):
         """Close the period: one row per merchant with activity, by merchant

@@ -41,6 +41,24 @@ cdef struct IssueResult:
     uint32_t flags
     uint64_t expires_at
 
+cdef struct CaptureRecord:
+    uint64_t payment
+    int64_t amount
+
+cdef struct RefundRecord:
+    uint64_t id
+    uint64_t payment
+    int64_t amount
+    uint64_t reserved
+
+cdef struct RefundResult:
+    uint64_t id
+    uint32_t status
+    uint32_t flags
+    int64_t cash
+    int64_t discount
+    int64_t fee
+
 cdef struct User:
     uint64_t id
     int64_t balance
