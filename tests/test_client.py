@@ -579,8 +579,7 @@ def test_locustfile_headless_smoke(engine_server, tmp_path):
     locust = os.path.join(ROOT, ".venv", "bin", "locust")
     if not os.path.exists(locust):
         locust = shutil.which("locust")
-    if locust is None:
-        pytest.skip("locust is not installed (pip install -e '.[bench]')")
+    assert locust is not None, "locust is not installed: pip install -e '.[test]'"
     env = dict(os.environ, SCANPAY_USERS="50", SCANPAY_MERCHANTS="5")
     proc = subprocess.run(
         [locust, "-f", os.path.join(ROOT, "loadtest", "locustfile.py"), "--headless",
@@ -640,7 +639,6 @@ class RealServer:
 
 @pytest.fixture
 def real():
-    pytest.importorskip("engine.server")
     with RealServer() as server:
         yield server
 
@@ -706,7 +704,6 @@ def test_real_server_pipelining(real):
 
 
 def test_real_server_hmac_and_roles():
-    pytest.importorskip("engine.server")
     from engine.auth import Key
     keys = [Key("gw", "gateway-secret-0123456789", "gateway", frozenset({1})),
             Key("ops", "admin-secret-0123456789ab", "admin")]
@@ -764,8 +761,7 @@ def test_scanpay_serve_command_with_locust(tmp_path):
     """`scanpay serve` as a process, then the documented load test against it."""
     scanpay = os.path.join(ROOT, ".venv", "bin", "scanpay")
     locust = os.path.join(ROOT, ".venv", "bin", "locust")
-    if not os.path.exists(scanpay):
-        pytest.skip("no scanpay script (pip install -e .)")
+    assert os.path.exists(scanpay), "no scanpay script: pip install -e '.[test]'"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -784,17 +780,17 @@ def test_scanpay_serve_command_with_locust(tmp_path):
                 time.sleep(0.1)
         with c:
             assert c.server_info.durability not in (None, "none")
-        if os.path.exists(locust):
-            proc = subprocess.run(
-                [locust, "-f", os.path.join(ROOT, "loadtest", "locustfile.py"), "--headless",
-                 "-u", "4", "-r", "4", "-t", "3s", "--csv", str(tmp_path / "load"),
-                 "--only-summary", "--host", f"tcp://127.0.0.1:{port}"],
-                env=dict(os.environ, SCANPAY_USERS="50"), capture_output=True, text=True,
-                timeout=30, cwd=ROOT)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            stats = (tmp_path / "load_stats.csv").read_text()
-            aggregated = [line for line in stats.splitlines() if ",Aggregated," in line][0]
-            assert aggregated.split(",")[3] == "0", stats     # no failures
+        assert os.path.exists(locust), "locust is not installed: pip install -e '.[test]'"
+        proc = subprocess.run(
+            [locust, "-f", os.path.join(ROOT, "loadtest", "locustfile.py"), "--headless",
+             "-u", "4", "-r", "4", "-t", "3s", "--csv", str(tmp_path / "load"),
+             "--only-summary", "--host", f"tcp://127.0.0.1:{port}"],
+            env=dict(os.environ, SCANPAY_USERS="50"), capture_output=True, text=True,
+            timeout=30, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        stats = (tmp_path / "load_stats.csv").read_text()
+        aggregated = [line for line in stats.splitlines() if ",Aggregated," in line][0]
+        assert aggregated.split(",")[3] == "0", stats     # no failures
         code, _, err = admin_main(["audit", "--connect", f"127.0.0.1:{port}"])
         assert code == 0, err
     finally:
@@ -803,7 +799,6 @@ def test_scanpay_serve_command_with_locust(tmp_path):
 
 
 def test_real_server_unix_socket(tmp_path):
-    pytest.importorskip("engine.server")
     path = str(tmp_path / "scanpay.sock")
     with RealServer(unix=path) as server:
         async def main():
