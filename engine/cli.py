@@ -38,8 +38,9 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="run scan-to-pay traffic through an O2O world and audit it")
     demo.add_argument("args", nargs=argparse.REMAINDER, help="options of the demo (scanpay demo --help)")
     add_serve(sub)
-    from . import admin
+    from . import admin, statements
     admin.add_parsers(sub)
+    statements.add_parsers(sub)
     args = parser.parse_args(argv)
     if admin.handles(args):
         return admin.run(args)
