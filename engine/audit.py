@@ -44,6 +44,7 @@ def audit(t: dict) -> dict:
         "campaign_matches_spent": campaign_matches_spent(t),
         "stock_spent_and_reserved": stock_spent_and_reserved(t),
         "stock_budget": stock_budget(t),
+        "stock_daily_budget": stock_daily_budget(t),
         "stock_issued": stock_issued(t),
         "per_user_limit": per_user_limit(t),
         "coupons_match_payments": coupons_match_payments(t),
@@ -167,6 +168,24 @@ def stock_budget(t) -> dict:
     over = (s["budget"] > 0) & (s["spent"] + s["reserved"] > s["budget"])
     bad = over | (s["spent"] < 0) | (s["reserved"] < 0)
     return first_bad(s["id"], bad, "stocks (0 <= spent + reserved <= budget)")
+
+
+def stock_daily_budget(t) -> dict:
+    """day_spent is the net discount of the payments of its day, within the
+    daily budget."""
+    s, p, coupons = t["stocks"], t["payments"], t["coupons"]
+    live = np.isin(p["state"], PAID_STATES + (cn.PAYMENT_AUTHORIZED,))
+    rows = p[live]
+    amounts = rows["applied"] - rows["refunded_part"]
+    ids = rows["result"]["coupons"]
+    expected = np.zeros(len(s), np.int64)
+    used = ids != 0
+    if used.any():
+        stock_at = np.searchsorted(s["id"], coupons["stock"][np.searchsorted(coupons["id"], ids[used])])
+        same_day = np.repeat(rows["day"], 4).reshape(ids.shape)[used] == s["day"][stock_at]
+        np.add.at(expected, stock_at[same_day], amounts[used][same_day])
+    bad = (s["day_spent"] != expected) | ((s["daily_budget"] > 0) & (s["day_spent"] > s["daily_budget"]))
+    return first_bad(s["id"], bad, "stocks (day_spent = that day's payments <= daily_budget)")
 
 
 def stock_issued(t) -> dict:

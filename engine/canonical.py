@@ -64,6 +64,8 @@ STOCKS = np.dtype([
     ("daily_budget", "<i8"), ("per_user_daily_limit", "<i8"),
     ("spent", "<i8"), ("reserved", "<i8"), ("issued", "<i8"),
     ("campaign", "<i8"),  # balance of campaign(stock); 0 for merchant stocks
+    ("day", "<i8"),       # the engine day day_spent counts (last day with a change)
+    ("day_spent", "<i8"), # net discount of payments of that day (daily_budget)
 ])
 STOCK_LISTS = np.dtype([("stock", "<u8"), ("list", "u1"), ("value", "<u8")])
 STOCK_SLOTS = np.dtype([
@@ -75,7 +77,7 @@ COUPONS = np.dtype([
 ])
 PAYMENT_PARTS = ("amount", "authorized_amount", "cash", "discount", "fee",
                  "refunded_amount", "refunded_cash", "refunded_fee",
-                 "created_at", "completed_at", "ended_at", "hold_expires_at")
+                 "created_at", "completed_at", "ended_at", "hold_expires_at", "day")
 PAYMENTS = np.dtype([
     ("request", PAY_RECORD),   # as sent (payer may be a payment code)
     ("result", PAY_RESULT),    # the original PAY/AUTHORIZE result, no duplicate flag

@@ -163,9 +163,6 @@ def stock_definition(item) -> tuple[int, dict]:
     for key in ("budget", "max_issued", "per_user_limit", "daily_budget",
                 "per_user_daily_limit"):
         d[key] = integer(item, key, 0, COUNT_MAX, default=0)
-    for key in ("daily_budget", "per_user_daily_limit"):
-        if d[key]:
-            raise Invalid(f"`{key}` is not supported yet (campaign controls); use 0")
     d["merchants"] = frozenset(u64_list(item, "merchants", STOCK_LIST_LENGTH_MAX, nonzero=True))
     d["tags"] = frozenset(u64_list(item, "tags", STOCK_LIST_LENGTH_MAX, U32_MAX))
     d["goods_tags"] = frozenset(u64_list(item, "goods_tags", STOCK_LIST_LENGTH_MAX, U32_MAX))

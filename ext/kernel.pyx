@@ -114,7 +114,7 @@ STOCK = np.dtype([("id", "<u8"), ("merchant_id", "<u8")]
                      "value", "cap", "min_spend", "valid_from", "valid_until",
                      "validity_ms", "budget", "max_issued", "per_user_limit",
                      "daily_budget", "per_user_daily_limit", "spent",
-                     "reserved", "issued", "campaign")]
+                     "reserved", "issued", "campaign", "day", "day_spent")]
                  + [(f, "<i4") for f in (
                      "merchant", "list_at", "merchants_count", "tags_count",
                      "goods_count", "slot_at", "slots_count")]
@@ -127,7 +127,7 @@ PAYMENT = np.dtype([("applied", "<i8", (4,)), ("refunded_part", "<i8", (4,))]
                    + [(f, "<i8") for f in (
                        "amount", "authorized_amount", "cash", "discount", "fee",
                        "refunded_amount", "refunded_cash", "refunded_fee",
-                       "created_at", "completed_at", "ended_at", "hold_expires_at")]
+                       "created_at", "completed_at", "ended_at", "hold_expires_at", "day")]
                    + [("coupon", "<i4", (4,)), ("user", "<i4"), ("merchant", "<i4"),
                       ("state", "u1"), ("coupon_count", "u1"), ("released", "u1"),
                       ("reversed", "u1")], align=True)
@@ -221,6 +221,7 @@ cdef struct Selection:
 
 cdef struct Clock:
     int64_t now
+    int64_t day             # engine day, engine time zone
     int32_t weekday         # 0 = Monday, engine time zone
     int32_t minute          # minute of the local day
 
@@ -569,6 +570,7 @@ cdef class Ledger:
             ms_of_day += DAY_MS
             day -= 1
         t.now = now
+        t.day = day
         t.weekday = <int32_t>(((day + 3) % 7 + 7) % 7)  # 1970-01-01 was a Thursday
         t.minute = <int32_t>(ms_of_day / MINUTE_MS)
         return t
@@ -620,11 +622,38 @@ cdef class Ledger:
             return ST_COUPON_NOT_APPLICABLE
         if not self.in_slots(s, t) or amount < s.min_spend:
             return ST_COUPON_NOT_APPLICABLE
+        if s.per_user_daily_limit > 0 and self.redeemed_today(
+                cp.user, cp.stock, t.day) >= s.per_user_daily_limit:
+            return ST_COUPON_NOT_APPLICABLE
         if not explicit and d < 1:
             return ST_COUPON_NOT_APPLICABLE
         if s.budget > 0 and s.budget - s.spent - s.reserved < d:
             return ST_COUPON_BUDGET_EXHAUSTED
+        if s.daily_budget > 0 and (s.day_spent if s.day == t.day else 0) + d > s.daily_budget:
+            return ST_COUPON_BUDGET_EXHAUSTED
         return ST_OK
+
+    cdef int64_t redeemed_today(self, int32_t user, int32_t stock,
+                                int64_t day) noexcept nogil:
+        """Coupons of `stock` the user redeemed in payments of `day` (used or
+        locked: a released or refunded coupon no longer counts)."""
+        cdef int64_t count = 0
+        cdef int32_t c = self.U[user].coupon_head
+        while c >= 0:
+            if (self.C[c].stock == stock and self.C[c].state != COUPON_AVAILABLE
+                    and self.PM[self.C[c].payment].day == day):
+                count += 1
+            c = self.C[c].next
+        return count
+
+    cdef inline void count_day(self, Stock* s, int64_t day, int64_t delta) noexcept nogil:
+        """Attribute a change of a stock's net discount to the payment's day;
+        changes to payments of days already past move only those days."""
+        if day == s.day:
+            s.day_spent += delta
+        elif day > s.day:
+            s.day = day
+            s.day_spent = delta
 
     cdef void select_auto(self, int32_t user, int32_t m, int64_t amount,
                           uint32_t goods_tag, const Clock* t,
@@ -877,6 +906,7 @@ cdef class Ledger:
         pm.discount = sel.total
         pm.fee = fee
         pm.created_at = t.now
+        pm.day = t.day
         for i in range(4):
             pm.coupon[i] = -1
         for i in range(sel.count):
@@ -887,6 +917,7 @@ cdef class Ledger:
             pm.coupon[i] = c
             self.C[c].payment = p
             s = &self.S[self.C[c].stock]
+            self.count_day(s, t.day, a)
             if authorize:
                 self.C[c].state = COUPON_LOCKED
                 s.reserved += a
@@ -936,6 +967,7 @@ cdef class Ledger:
         for i in range(pm.coupon_count):
             c = pm.coupon[i]
             self.S[self.C[c].stock].reserved -= pm.applied[i]
+            self.count_day(&self.S[self.C[c].stock], pm.day, -pm.applied[i])
             self.C[c].state = COUPON_AVAILABLE
             self.C[c].payment = -1
         pm.state = state
@@ -1035,6 +1067,7 @@ cdef class Ledger:
             c = pm.coupon[i]
             s = &self.S[self.C[c].stock]
             s.reserved -= pm.applied[i]
+            self.count_day(s, pm.day, applied[i] - pm.applied[i])
             pm.applied[i] = applied[i]
             if applied[i] == 0:
                 pm.released |= 1 << i
@@ -1099,6 +1132,7 @@ cdef class Ledger:
             discount += part
             s = &self.S[self.C[pm.coupon[i]].stock]
             s.spent -= part
+            self.count_day(s, pm.day, -part)
             if s.funder == FUNDER_PLATFORM:
                 s.campaign += part
                 mr.balance -= part
@@ -1212,17 +1246,27 @@ cdef class Ledger:
         """
         cdef int32_t user, c
         cdef const PayRecord* r
-        if i + 12 < n:
-            r = &rec[i + 12]
+        # Each stage reads only lines an earlier stage prefetched a few
+        # records ago, so no stage waits on a miss of its own.
+        if i + 16 < n:
+            r = &rec[i + 16]
             index_prefetch(&self.payments_ix.ix, r.id)
             if not (r.flags & PAY_PAYER_IS_CODE):
                 index_prefetch(&self.users_ix.ix, r.payer)
+        if i + 10 < n:
+            r = &rec[i + 10]
+            if not (r.flags & PAY_PAYER_IS_CODE):
+                user = index_guess(&self.users_ix.ix, r.payer)
+                if user >= 0:
+                    __builtin_prefetch(&self.U[user])
         if i + 6 < n:
             r = &rec[i + 6]
             if not (r.flags & PAY_PAYER_IS_CODE):
                 user = index_guess(&self.users_ix.ix, r.payer)
                 if user >= 0:
-                    __builtin_prefetch(&self.U[user])
+                    c = self.U[user].coupon_head
+                    if c >= 0:
+                        __builtin_prefetch(&self.C[c])
         if i + 3 < n:
             r = &rec[i + 3]
             if not (r.flags & PAY_PAYER_IS_CODE):
@@ -1230,10 +1274,21 @@ cdef class Ledger:
                 if user >= 0:
                     c = self.U[user].coupon_head
                     if c >= 0:
-                        __builtin_prefetch(&self.C[c])
                         c = self.C[c].next
                         if c >= 0:
                             __builtin_prefetch(&self.C[c])
+        if i + 1 < n:
+            r = &rec[i + 1]
+            if not (r.flags & PAY_PAYER_IS_CODE):
+                user = index_guess(&self.users_ix.ix, r.payer)
+                if user >= 0:
+                    c = self.U[user].coupon_head
+                    if c >= 0:
+                        c = self.C[c].next
+                        if c >= 0:
+                            c = self.C[c].next
+                            if c >= 0:
+                                __builtin_prefetch(&self.C[c])
 
     # -- batch entry points of the money lifecycle -------------------------
 

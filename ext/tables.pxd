@@ -104,6 +104,8 @@ cdef struct Stock:
     int64_t reserved
     int64_t issued
     int64_t campaign        # balance of campaign(stock); platform stocks only
+    int64_t day             # the engine day that day_spent counts
+    int64_t day_spent       # net discount (spent + reserved) of payments of `day`
     int32_t merchant        # slot of the funding merchant, -1 for platform
     int32_t list_at         # first of its entries in the u64 list pool
     int32_t merchants_count # sorted merchant ids, then
@@ -139,6 +141,7 @@ cdef struct Payment:
     int64_t completed_at    # 0 until completed
     int64_t ended_at        # void or expiry time
     int64_t hold_expires_at # 0 for a direct PAY
+    int64_t day             # engine day it was made: its coupons count there
     int32_t coupon[4]       # coupon slots of result.coupons
     int32_t user            # payer's wallet slot
     int32_t merchant
