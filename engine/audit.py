@@ -76,10 +76,34 @@ def wallets_nonnegative(t) -> dict:
 PAID_STATES = (cn.PAYMENT_COMPLETED, cn.PAYMENT_PARTIALLY_REFUNDED, cn.PAYMENT_REFUNDED)
 
 
-def paid(t) -> np.ndarray:
+class Rows:
+    """Fields of the payments selected by a mask, copied field by field on
+    first use: never whole rows of the wide payments table."""
+
+    def __init__(self, payments: np.ndarray, mask: np.ndarray):
+        self.payments, self.mask, self.cache = payments, mask, {}
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        if path not in self.cache:
+            column = self.payments
+            for part in path.split("."):
+                column = column[part]
+            self.cache[path] = column[self.mask]
+        return self.cache[path]
+
+    def __len__(self) -> int:
+        return int(self.mask.sum())
+
+
+def paid(t) -> Rows:
     """Payments whose money moved: completed, then perhaps refunded."""
     p = t["payments"]
-    return p[np.isin(p["state"], PAID_STATES)]
+    return Rows(p, np.isin(p["state"], PAID_STATES))
+
+
+def authorized(t) -> Rows:
+    p = t["payments"]
+    return Rows(p, p["state"] == cn.PAYMENT_AUTHORIZED)
 
 
 def wallets_match_history(t) -> dict:
@@ -91,8 +115,7 @@ def wallets_match_history(t) -> dict:
 
 
 def holds_match_authorizations(t) -> dict:
-    users, p = t["users"], t["payments"]
-    auth = p[p["state"] == cn.PAYMENT_AUTHORIZED]
+    users, auth = t["users"], authorized(t)
     expected = by_key(auth["user"], auth["cash"], users["id"])
     return first_bad(users["id"], users["held"] != expected,
                      "wallets (held = open authorizations)")
@@ -101,7 +124,7 @@ def holds_match_authorizations(t) -> dict:
 def funders(t, payments) -> np.ndarray:
     """The funder of each coupon slot of `payments` (platform where none)."""
     coupons, stocks = t["coupons"], t["stocks"]
-    ids = payments["result"]["coupons"]
+    ids = payments["result.coupons"]
     out = np.full(ids.shape, cn.FUNDER_PLATFORM, np.uint8)
     used = ids != 0
     if used.any():
@@ -118,7 +141,7 @@ def merchants_match_history(t) -> dict:
     net = (done["amount"] - merchant_discount - done["fee"]
            - (done["refunded_cash"] + refunded_platform - done["refunded_fee"]))
     s = t["settlements"]
-    expected = (by_key(done["request"]["merchant"], net, merchants["id"])
+    expected = (by_key(done["request.merchant"], net, merchants["id"])
                 - by_key(s["merchant"], s["payout"], merchants["id"]))
     return first_bad(merchants["id"], merchants["balance"] != expected,
                      "merchants (balance = payments - refunds - payouts)")
@@ -140,14 +163,13 @@ def fees_match_payments(t) -> dict:
 
 
 def stock_spent_and_reserved(t) -> dict:
-    s, p, coupons = t["stocks"], t["payments"], t["coupons"]
+    s, coupons = t["stocks"], t["coupons"]
     spent = np.zeros(len(s), np.int64)
     reserved = np.zeros(len(s), np.int64)
-    done = paid(t)
-    auth = p[p["state"] == cn.PAYMENT_AUTHORIZED]
+    done, auth = paid(t), authorized(t)
     for rows, target, amounts in ((done, spent, done["applied"] - done["refunded_part"]),
                                   (auth, reserved, auth["applied"])):
-        ids = rows["result"]["coupons"]
+        ids = rows["result.coupons"]
         used = ids != 0
         if used.any():
             stock = coupons["stock"][np.searchsorted(coupons["id"], ids[used])]
@@ -174,10 +196,9 @@ def stock_daily_budget(t) -> dict:
     """day_spent is the net discount of the payments of its day, within the
     daily budget."""
     s, p, coupons = t["stocks"], t["payments"], t["coupons"]
-    live = np.isin(p["state"], PAID_STATES + (cn.PAYMENT_AUTHORIZED,))
-    rows = p[live]
+    rows = Rows(p, np.isin(p["state"], PAID_STATES + (cn.PAYMENT_AUTHORIZED,)))
     amounts = rows["applied"] - rows["refunded_part"]
-    ids = rows["result"]["coupons"]
+    ids = rows["result.coupons"]
     expected = np.zeros(len(s), np.int64)
     used = ids != 0
     if used.any():
@@ -212,9 +233,9 @@ def coupons_match_payments(t) -> dict:
     """A used coupon is applied in a paid payment, a locked one in an open
     authorization, and no coupon is in two payments at once."""
     coupons, payments = t["coupons"], t["payments"]
-    holding = payments[np.isin(payments["state"], (cn.PAYMENT_AUTHORIZED, cn.PAYMENT_COMPLETED,
-                                                   cn.PAYMENT_PARTIALLY_REFUNDED))]
-    ids = holding["result"]["coupons"].copy()
+    holding = Rows(payments, np.isin(payments["state"], (
+        cn.PAYMENT_AUTHORIZED, cn.PAYMENT_COMPLETED, cn.PAYMENT_PARTIALLY_REFUNDED)))
+    ids = holding["result.coupons"].copy()
     released = (holding["released"][:, None] >> np.arange(4)) & 1
     ids[released == 1] = 0
     listed_ids = ids[ids != 0]
@@ -222,16 +243,17 @@ def coupons_match_payments(t) -> dict:
     if len(uses[1]) and uses[1].max() > 1:
         return check(False, f"coupon {int(uses[0][uses[1] > 1][0])} is in several payments")
     held = coupons["state"] != cn.COUPON_AVAILABLE
-    listed = np.isin(coupons["id"], listed_ids)
+    listed = np.isin(coupons["id"], listed_ids, assume_unique=True)
     bad = (held != listed) | (held & (coupons["payment"] == 0)) | (~held & (coupons["payment"] != 0))
     if held.any():
-        at = np.searchsorted(payments["request"]["id"], coupons["payment"][held])
-        pay = payments[np.minimum(at, len(payments) - 1)]
-        named = pay["request"]["id"] == coupons["payment"][held]
-        contains = (pay["result"]["coupons"] == coupons["id"][held][:, None]).any(1)
+        payment_ids = payments["request"]["id"]
+        at = np.minimum(np.searchsorted(payment_ids, coupons["payment"][held]),
+                        len(payments) - 1)
+        named = payment_ids[at] == coupons["payment"][held]
+        contains = (payments["result"]["coupons"][at] == coupons["id"][held][:, None]).any(1)
+        state = payments["state"][at]
         locked_ok = np.where(coupons["state"][held] == cn.COUPON_LOCKED,
-                             pay["state"] == cn.PAYMENT_AUTHORIZED,
-                             pay["state"] != cn.PAYMENT_AUTHORIZED)
+                             state == cn.PAYMENT_AUTHORIZED, state != cn.PAYMENT_AUTHORIZED)
         bad[held] |= ~(named & contains & locked_ok)
     return first_bad(coupons["id"], bad, "coupons (held by exactly the payment they name)")
 
@@ -251,7 +273,7 @@ def refunds_within_paid(t) -> dict:
     """Refunded parts are exactly the cumulative floor shares, never more
     than was paid; refunds by id add up to what each payment shows."""
     p = t["payments"]
-    some = p[p["refunded_amount"] > 0]
+    some = p[p["refunded_amount"] > 0]      # few rows: copying them is fine
     bad = np.zeros(len(some), bool)
     for i in range(len(some)):
         row = some[i]

@@ -123,13 +123,20 @@ def _field(arr: np.ndarray, path: str) -> np.ndarray:
     return arr
 
 
+def _sorted_by_first_key(table: np.ndarray, key: tuple) -> bool:
+    """Rows already in strictly increasing order of a unique first key (ids
+    appended in order, the common case) need no sort."""
+    first = _field(table, key[0])
+    return bool(np.all(first[1:] > first[:-1]))
+
+
 def normalize(name: str, rows) -> np.ndarray:
     """Rows (an array or a list of tuples) as the canonical table `name`:
     the table's dtype, sorted by its key."""
     dtype, key = TABLES[name]
     table = rows if isinstance(rows, np.ndarray) else np.array(list(rows), dtype=dtype)
     table = np.ascontiguousarray(table.astype(dtype, copy=False))
-    if key and len(table) > 1:
+    if key and len(table) > 1 and not _sorted_by_first_key(table, key):
         order = np.lexsort([_field(table, k) for k in reversed(key)])
         table = table[order]
     return table
