@@ -98,6 +98,27 @@ CODES = np.dtype([
     ("code", "<u8"), ("user", "<u8"), ("expires_at", "<i8"), ("used", "u1"),
 ])
 
+# Membership and marketing (docs/protocol-extensions.md).
+PROGRAM_POINTS = 0
+PROGRAM_STAMPS = 1
+PROGRAM_KIND_NAMES = ("points", "stamps")
+PROGRAMS = np.dtype([("id", "<u8"), ("kind", "u1"), ("rate", "<i8"), ("threshold", "<i8"),
+                     ("stamps", "<i8"), ("reward_stock", "<u8")])
+PROGRAM_LISTS = np.dtype([("program", "<u8"), ("list", "u1"), ("value", "<u8")])  # 0 merchants, 1 tags
+PROGRAM_OFFERS = np.dtype([("program", "<u8"), ("stock", "<u8"), ("price", "<i8")])
+MEMBERSHIPS = np.dtype([("user", "<u8"), ("program", "<u8"), ("points", "<i8"),
+                        ("stamps", "<i8"), ("reward", "<u8")])  # reward: this cycle's coupon
+EARNINGS = np.dtype([("payment", "<u8"), ("program", "<u8"), ("points", "<i8"),
+                     ("clawed", "<i8"), ("stamped", "u1")])
+REDEMPTIONS = np.dtype([("coupon", "<u8"), ("user", "<u8"), ("program", "<u8"),
+                        ("stock", "<u8"), ("price", "<i8")])
+VISITS = np.dtype([("user", "<u8"), ("merchant", "<u8"), ("payments", "<i8")])
+STOCK_STATS = np.dtype([("stock", "<u8"), ("redeemed", "<i8"), ("gmv", "<i8"),
+                        ("payers_new", "<i8"), ("payers_returning", "<i8")])
+MERCHANT_STATS = np.dtype([("merchant", "<u8"), ("payments", "<i8"), ("gmv", "<i8"),
+                           ("unique_payers", "<i8"), ("repeat_payers", "<i8"),
+                           ("coupon_payments", "<i8"), ("points_issued", "<i8")])
+
 # name -> (dtype, sort key fields). Order here is digest order.
 TABLES = {
     "meta": (META, ()),
@@ -114,6 +135,15 @@ TABLES = {
     "refunds": (REFUNDS, ("id",)),
     "tombstones": (TOMBSTONES, ("id",)),
     "settlements": (SETTLEMENTS, ("settlement", "merchant")),
+    "programs": (PROGRAMS, ("id",)),
+    "program_lists": (PROGRAM_LISTS, ("program", "list", "value")),
+    "program_offers": (PROGRAM_OFFERS, ("program", "stock")),
+    "memberships": (MEMBERSHIPS, ("user", "program")),
+    "earnings": (EARNINGS, ("payment", "program")),
+    "redemptions": (REDEMPTIONS, ("coupon",)),
+    "visits": (VISITS, ("user", "merchant")),
+    "stock_stats": (STOCK_STATS, ("stock",)),       # only stocks with a nonzero counter
+    "merchant_stats": (MERCHANT_STATS, ("merchant",)),  # only merchants with payments
 }
 
 
@@ -146,7 +176,7 @@ def digest(tables: dict) -> str:
     """SHA-256 (hex) of canonical tables; equal states have equal digests."""
     h = hashlib.sha256()
     for name, (dtype, _key) in TABLES.items():
-        table = tables[name]
+        table = tables.get(name, np.zeros(0, dtype))   # an absent table is empty
         assert table.dtype == dtype, f"table {name} has dtype {table.dtype}"
         h.update(name.encode())
         h.update(len(table).to_bytes(8, "little"))
@@ -157,8 +187,8 @@ def digest(tables: dict) -> str:
 def diff(a: dict, b: dict, rows_max: int = 5) -> list[str]:
     """Human-readable differences between two sets of tables (for test failures)."""
     out = []
-    for name in TABLES:
-        ta, tb = a[name], b[name]
+    for name, (dtype, _key) in TABLES.items():
+        ta, tb = a.get(name, np.zeros(0, dtype)), b.get(name, np.zeros(0, dtype))
         if len(ta) != len(tb):
             out.append(f"{name}: {len(ta)} rows vs {len(tb)}")
             continue
