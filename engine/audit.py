@@ -50,6 +50,8 @@ def audit(t: dict) -> dict:
         "coupons_match_payments": coupons_match_payments(t),
         "payments_balanced": payments_balanced(t),
         "refunds_within_paid": refunds_within_paid(t),
+        "points_match_history": points_match_history(t),
+        "stats_match_payments": stats_match_payments(t),
     }
     return {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
 
@@ -286,3 +288,61 @@ def refunds_within_paid(t) -> dict:
     bad |= (by_refund > some["refunded_amount"]) | (
         (some["reversed"] == 0) & (by_refund != some["refunded_amount"]))
     return first_bad(some["request"]["id"], bad, "refunded payments (parts = floor shares)")
+
+
+def pair_key(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """One sortable key per (a, b) id pair (u64 ids: combine as structured)."""
+    out = np.zeros(len(a), [("a", "<u8"), ("b", "<u8")])
+    out["a"], out["b"] = a, b
+    return out
+
+
+def points_match_history(t) -> dict:
+    """Points = earned - clawed back - spent on redemptions, per membership."""
+    m, e, r = t.get("memberships"), t.get("earnings"), t.get("redemptions")
+    if m is None or len(m) == 0:
+        return check(True, "no memberships")
+    keys = pair_key(m["user"], m["program"])
+    expected = np.zeros(len(m), np.int64)
+    if len(e):
+        users = t["payments"]["user"][np.searchsorted(t["payments"]["request"]["id"], e["payment"])]
+        at = np.searchsorted(keys, pair_key(users, e["program"]))
+        np.add.at(expected, at, e["points"] - e["clawed"])
+    if len(r):
+        np.add.at(expected, np.searchsorted(keys, pair_key(r["user"], r["program"])), -r["price"])
+    return first_bad(m["user"], m["points"] != expected,
+                     "memberships (points = earned - clawed - redeemed)")
+
+
+def stats_match_payments(t) -> dict:
+    """Merchant and stock counters equal what the paid payments show."""
+    done = paid(t)
+    ms, ss, visits = t.get("merchant_stats"), t.get("stock_stats"), t.get("visits")
+    if ms is None:
+        return check(True, "no statistics")
+    merchants = np.unique(done["request.merchant"])
+    counts = by_key(done["request.merchant"], np.ones(len(done), np.int64), merchants)
+    gmv = by_key(done["request.merchant"], done["amount"], merchants)
+    bad = (len(ms) != len(merchants)) or not (np.array_equal(ms["merchant"], merchants)
+                                              and np.array_equal(ms["payments"], counts)
+                                              and np.array_equal(ms["gmv"], gmv))
+    if not bad and len(visits):
+        unique = by_key(visits["merchant"], np.ones(len(visits), np.int64), merchants)
+        repeat = by_key(visits["merchant"], (visits["payments"] >= 2).astype(np.int64), merchants)
+        bad = not (np.array_equal(ms["unique_payers"], unique)
+                   and np.array_equal(ms["repeat_payers"], repeat))
+    if bad:
+        return check(False, "merchant statistics differ from the paid payments")
+    # Stock redemptions: coupons applied in paid payments that still hold them.
+    holding = Rows(t["payments"], np.isin(t["payments"]["state"], (
+        cn.PAYMENT_COMPLETED, cn.PAYMENT_PARTIALLY_REFUNDED)))
+    ids = holding["result.coupons"].copy()
+    ids[((holding["released"][:, None] >> np.arange(4)) & 1) == 1] = 0
+    ids = ids[ids != 0]
+    coupons = t["coupons"]
+    stocks = coupons["stock"][np.searchsorted(coupons["id"], ids)]
+    universe = ss["stock"] if len(ss) else np.zeros(0, np.uint64)
+    redeemed = by_key(stocks, np.ones(len(stocks), np.int64), universe) if len(universe) else []
+    ok = len(universe) == 0 and len(stocks) == 0 or np.array_equal(ss["redeemed"], redeemed)
+    return check(bool(ok), "merchant and stock statistics match the payments" if ok
+                 else "stock redemption counts differ from the payments")

@@ -3,7 +3,7 @@ all dispatch through it. Op numbers are PROTOCOL.md's."""
 from dataclasses import dataclass
 from typing import Callable
 
-from . import ops_money, ops_query, ops_setup
+from . import ops_membership, ops_money, ops_query, ops_setup
 from .errors import BadBody
 
 OP_HELLO = 1
@@ -45,6 +45,9 @@ MAP_OPS = {op.name: op for op in (
     MapOp(42, "GET_PAYMENTS", ops_money.get_payments, False),
     MapOp(44, "SETTLE", ops_money.settle, True),
     MapOp(64, "STATEMENT", ops_money.statement, False),
+    MapOp(46, "STATS", ops_membership.stats, False),
+    MapOp(47, "PROGRAMS", ops_membership.programs, True, list_key="programs"),
+    MapOp(48, "REDEEM_POINTS", ops_membership.redeem_points, True, list_key="redemptions"),
     MapOp(43, "BALANCES", ops_query.balances, False),
     MapOp(45, "AUDIT", ops_query.audit, False),
     MapOp(49, "COUPONS", ops_query.coupons, False),
@@ -58,4 +61,4 @@ OP_NAMES = {OP_HELLO: "HELLO", OP_PING: "PING", OP_PAY: "PAY", OP_ISSUE: "ISSUE"
             OP_CLOCK: "CLOCK", **{op.code: op.name for op in MAP_OPS.values()}}
 
 # Ops of PROTOCOL.md that later work implements; until then: unknown_op.
-PLANNED_OPS = {46: "STATS", 47: "PROGRAMS", 48: "REDEEM_POINTS"}
+PLANNED_OPS = {}

@@ -33,7 +33,8 @@ def state_to_snapshot(state: State) -> tuple[dict, dict]:
     arrays = dict(arrays)
     arrays["topups"] = np.array([(i, u, a) for i, (u, a) in state.topups.items()], TOPUPS)
     meta = {"ledger": scalars, "now": state.now, "tz_offset_ms": state.tz_offset_ms,
-            "hold_ms": state.hold_ms, "settlements": state.settlements}
+            "hold_ms": state.hold_ms, "settlements": state.settlements,
+            "programs": {str(k): v for k, v in state.programs.items()}}
     return arrays, meta
 
 
@@ -41,7 +42,8 @@ def state_from_snapshot(arrays: dict, meta: dict) -> State:
     ledger = Ledger.load(arrays, meta["ledger"])
     topups = {int(i): (int(u), int(a)) for i, u, a in arrays["topups"].tolist()}
     return State(tz_offset_ms=meta["tz_offset_ms"], hold_ms=meta["hold_ms"], ledger=ledger,
-                 now=meta["now"], topups=topups, settlements=meta["settlements"])
+                 now=meta["now"], topups=topups, settlements=meta["settlements"],
+                 programs={int(k): v for k, v in meta["programs"].items()})
 
 
 class Storage:
@@ -129,6 +131,12 @@ class Storage:
         if pid == 0:                        # child: write and leave, touching nothing else
             code = 1
             try:
+                # Close (never LOCK_UN: that would unlock the engine too) this
+                # child's copy of the journal's flock'ed fd, so that if the
+                # engine dies while this child still writes, a restart is not
+                # refused as "open in another process".
+                if self.journal._lock_fd is not None:
+                    os.close(self.journal._lock_fd)
                 arrays, meta = state_to_snapshot(state)
                 snapshots.write_snapshot(self.path, seq, arrays, meta)
                 code = 0

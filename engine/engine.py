@@ -101,7 +101,7 @@ class Engine:
             return out
         if command.op == OP_REFUND_RECORDS:
             out = np.empty(len(command.body) // REFUND_RECORD.itemsize, REFUND_RESULT)
-            ledger.refund_records(command.body, out.view(np.uint8))
+            ledger.refund_records(command.body, command.now, out.view(np.uint8))
             return out
         spec = MAP_OPS_BY_CODE[command.op]
         request = msgspec.msgpack.decode(command.body)

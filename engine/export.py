@@ -32,6 +32,7 @@ def canonical(state: State) -> dict:
         "refunds": copy_fields(ledger.refunds[:ledger.n_refunds], cn.REFUNDS),
         "tombstones": copy_fields(ledger.tombstones[:ledger.n_tombstones], cn.TOMBSTONES),
         "settlements": settlements_table(state.settlements),
+        **membership_tables(state, user_ids, payment_ids),
     }
     return {name: cn.normalize(name, table) for name, table in tables.items()}
 
@@ -137,4 +138,69 @@ def codes_table(codes, user_ids) -> np.ndarray:
     out["user"] = user_ids[codes["user"]]
     out["expires_at"] = codes["expires_at"]
     out["used"] = codes["used"]
+    return out
+
+
+def membership_tables(state: State, user_ids, payment_ids) -> dict:
+    ledger = state.ledger
+    programs = ledger.programs[:ledger.n_programs]
+    program_ids = programs["id"]
+    lists = []
+    for program_id, d in state.programs.items():
+        lists += [(program_id, 0, m) for m in d["merchants"]] + [(program_id, 1, t) for t in d["tags"]]
+    offers = [(program_id, stock, price) for program_id, d in state.programs.items()
+              for stock, price in d["offers"]]
+    memberships = ledger.memberships[:ledger.n_memberships]
+    reward_ids = np.zeros(len(memberships), np.uint64)
+    has_reward = memberships["reward"] >= 0
+    reward_ids[has_reward] = ledger.coupons["id"][memberships["reward"][has_reward]]
+    earnings = ledger.earnings[:ledger.n_earnings]
+    redemptions = ledger.redemptions[:ledger.n_redemptions]
+    visits = ledger.visits[:ledger.n_visits]
+    stocks = ledger.stocks[:ledger.n_stocks]
+    stock_counters = ("stat_redeemed", "stat_gmv", "stat_payers_new", "stat_payers_returning")
+    active_stocks = stocks[np.any([stocks[k] != 0 for k in stock_counters], axis=0)] \
+        if len(stocks) else stocks
+    merchants = ledger.merchants[:ledger.n_merchants]
+    paying = merchants[merchants["stat_payments"] > 0]
+    return {
+        "programs": columns(cn.PROGRAMS, id=program_ids, kind=programs["kind"],
+                            rate=programs["rate"], threshold=programs["threshold"],
+                            stamps=programs["stamps"], reward_stock=programs["reward_stock_id"]),
+        "program_lists": np.array(lists, cn.PROGRAM_LISTS) if lists else np.zeros(0, cn.PROGRAM_LISTS),
+        "program_offers": np.array(offers, cn.PROGRAM_OFFERS) if offers else np.zeros(0, cn.PROGRAM_OFFERS),
+        "memberships": columns(cn.MEMBERSHIPS, user=user_ids[memberships["user"]],
+                               program=program_ids[memberships["program"]],
+                               points=memberships["points"], stamps=memberships["stamps"],
+                               reward=reward_ids),
+        "earnings": columns(cn.EARNINGS, payment=payment_ids[earnings["payment"]],
+                            program=program_ids[earnings["program"]], points=earnings["points"],
+                            clawed=earnings["clawed"], stamped=earnings["stamped"]),
+        "redemptions": columns(cn.REDEMPTIONS, coupon=redemptions["coupon"],
+                               user=user_ids[redemptions["user"]],
+                               program=program_ids[redemptions["program"]],
+                               stock=stocks["id"][ledger.coupons["stock"][
+                                   [ledger.find("coupons", int(c)) for c in redemptions["coupon"]]]]
+                               if len(redemptions) else np.zeros(0, np.uint64),
+                               price=redemptions["price"]),
+        "visits": columns(cn.VISITS, user=user_ids[visits["user"]],
+                          merchant=merchants["id"][visits["merchant"]], payments=visits["payments"]),
+        "stock_stats": columns(cn.STOCK_STATS, stock=active_stocks["id"],
+                               redeemed=active_stocks["stat_redeemed"], gmv=active_stocks["stat_gmv"],
+                               payers_new=active_stocks["stat_payers_new"],
+                               payers_returning=active_stocks["stat_payers_returning"]),
+        "merchant_stats": columns(cn.MERCHANT_STATS, merchant=paying["id"],
+                                  payments=paying["stat_payments"], gmv=paying["stat_gmv"],
+                                  unique_payers=paying["stat_unique_payers"],
+                                  repeat_payers=paying["stat_repeat_payers"],
+                                  coupon_payments=paying["stat_coupon_payments"],
+                                  points_issued=paying["stat_points_issued"]),
+    }
+
+
+def columns(dtype: np.dtype, **values) -> np.ndarray:
+    n = len(next(iter(values.values())))
+    out = np.zeros(n, dtype)
+    for name, column in values.items():
+        out[name] = column
     return out

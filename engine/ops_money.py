@@ -126,7 +126,7 @@ def refund(state: State, request, now: int, draws) -> dict:
     if ok:
         columns = list(zip(*ok))
         state.ledger.refund(np.array(columns[0], np.uint64), np.array(columns[1], np.uint64),
-                            np.array(columns[2], np.int64), rows.view(np.uint8), status)
+                            np.array(columns[2], np.int64), now, rows.view(np.uint8), status)
     replies = []
     for (rid, _payment, _amount, cash, discount, fee), st in zip(rows.tolist(), status.tolist()):
         if st > 0:

@@ -66,14 +66,18 @@ def quote(state: State, request, now: int, draws) -> dict:
 # -- BALANCES ---------------------------------------------------------------
 
 def balances(state: State, request, now: int, draws) -> dict:
-    request = require_map(request, "{users?, merchants?, stocks?}")
+    from .ops_membership import membership_balances
+    request = require_map(request, "{users?, merchants?, stocks?, memberships?}")
     try:
-        only_keys(request, frozenset({"users", "merchants", "stocks"}))
+        only_keys(request, frozenset({"users", "merchants", "stocks", "memberships"}))
         asked = {k: u64_list(request, k, LOOKUP_IDS_MAX) for k in ("users", "merchants", "stocks")}
+        memberships = (membership_balances(state, request["memberships"])
+                       if "memberships" in request else None)
     except Invalid as e:
         return failure(e.status, str(e))
     ledger = state.ledger
-    return {
+    extra = {} if memberships is None else {"memberships": memberships}
+    return {**extra, 
         "status": 0,
         "users": [user_balance(ledger, i) for i in asked["users"]],
         "merchants": [merchant_balance(ledger, i) for i in asked["merchants"]],

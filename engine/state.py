@@ -16,6 +16,7 @@ class State:
     now: int = 0                            # the last kept engine stamp
     topups: dict = field(default_factory=dict)  # id -> (user id, amount)
     settlements: list = field(default_factory=list)  # SETTLE replies, in order
+    programs: dict = field(default_factory=dict)     # id -> definition (PROGRAMS)
 
     def __post_init__(self):
         if self.ledger is None:

@@ -18,6 +18,7 @@ from libc.string cimport memcmp, memset
 
 from tables cimport (PayRecord, PayResult, IssueRecord, IssueResult, User,
                      CaptureRecord, RefundRecord, RefundResult,
+                     Program, Membership, Earning, Visit, Redemption,
                      Merchant, Stock, Coupon, Payment, Code, Refund, Tombstone)
 from index cimport (Entry, Index, index_get, index_put, index_prefetch, index_guess,
                    row_id, LOAD_MAX_PCT, __builtin_prefetch)
@@ -56,6 +57,9 @@ cdef enum:
     ST_PAYMENT_NOT_AUTHORIZED = 26
     ST_AUTHORIZATION_EXPIRED = 27
     ST_REVERSED = 10
+    ST_PROGRAM_NOT_FOUND = 30
+    ST_INSUFFICIENT_POINTS = 31
+    ST_OFFER_NOT_FOUND = 32
 
 # Explain reasons beyond status codes (QUOTE).
 REASON_APPLIED = -1
@@ -107,14 +111,18 @@ MERCHANT = np.dtype([("id", "<u8"), ("balance", "<i8"), ("fee_bps", "<i4"),
                     + [(f, "<i8") for f in (
                         "gross", "merchant_discount", "platform_discount", "fees",
                         "refund_cash", "refund_platform_discount",
-                        "refund_merchant_discount", "refund_fee", "settled_balance")],
+                        "refund_merchant_discount", "refund_fee", "settled_balance",
+                        "stat_payments", "stat_gmv", "stat_unique_payers",
+                        "stat_repeat_payers", "stat_coupon_payments", "stat_points_issued")],
                     align=True)
 STOCK = np.dtype([("id", "<u8"), ("merchant_id", "<u8")]
                  + [(f, "<i8") for f in (
                      "value", "cap", "min_spend", "valid_from", "valid_until",
                      "validity_ms", "budget", "max_issued", "per_user_limit",
                      "daily_budget", "per_user_daily_limit", "spent",
-                     "reserved", "issued", "campaign", "day", "day_spent")]
+                     "reserved", "issued", "campaign", "day", "day_spent",
+                     "stat_redeemed", "stat_gmv", "stat_payers_new",
+                     "stat_payers_returning")]
                  + [(f, "<i4") for f in (
                      "merchant", "list_at", "merchants_count", "tags_count",
                      "goods_count", "slot_at", "slots_count")]
@@ -128,12 +136,29 @@ PAYMENT = np.dtype([("applied", "<i8", (4,)), ("refunded_part", "<i8", (4,))]
                        "amount", "authorized_amount", "cash", "discount", "fee",
                        "refunded_amount", "refunded_cash", "refunded_fee",
                        "created_at", "completed_at", "ended_at", "hold_expires_at", "day")]
-                   + [("coupon", "<i4", (4,)), ("user", "<i4"), ("merchant", "<i4"),
+                   + [("coupon", "<i4", (4,)), ("earn_at", "<i4"), ("earn_count", "<i4"),
+                      ("user", "<i4"), ("merchant", "<i4"),
                       ("state", "u1"), ("coupon_count", "u1"), ("released", "u1"),
                       ("reversed", "u1")], align=True)
 REFUND = np.dtype([("id", "<u8"), ("payment", "<u8"), ("amount", "<i8"),
                    ("cash", "<i8"), ("discount", "<i8"), ("fee", "<i8")], align=True)
 TOMBSTONE = np.dtype([("id", "<u8")])
+PROGRAM = np.dtype([("id", "<u8"), ("reward_stock_id", "<u8"), ("rate", "<i8"),
+                    ("threshold", "<i8"), ("stamps", "<i8"), ("reward_stock", "<i4"),
+                    ("list_at", "<i4"), ("merchants_count", "<i4"), ("tags_count", "<i4"),
+                    ("kind", "u1")], align=True)
+MEMBERSHIP = np.dtype([("key", "<u8"), ("points", "<i8"), ("stamps", "<i8"), ("user", "<i4"),
+                       ("program", "<i4"), ("reward", "<i4")], align=True)
+EARNING = np.dtype([("points", "<i8"), ("clawed", "<i8"), ("payment", "<i4"),
+                    ("program", "<i4"), ("stamped", "u1")], align=True)
+VISIT = np.dtype([("key", "<u8"), ("payments", "<i8"), ("user", "<i4"), ("merchant", "<i4")],
+                 align=True)
+REDEMPTION = np.dtype([("coupon", "<u8"), ("price", "<i8"), ("user", "<i4"),
+                       ("program", "<i4")], align=True)
+cdef uint64_t PROGRAMS_MAX = 256            # every payment checks every program's scope
+cdef uint64_t MERCHANTS_MAX = 1 << 24       # visit keys pack (user, merchant) slots in 64 bits
+cdef uint64_t REWARD_ID_BASE = 1ULL << 63   # engine-made reward coupon ids: 2**63 + k
+LIMITS = {"programs": PROGRAMS_MAX, "merchants": MERCHANTS_MAX, "reward_id_base": REWARD_ID_BASE}
 CODE = np.dtype([("code", "<u8"), ("expires_at", "<i8"), ("user", "<i4"),
                  ("used", "u1")], align=True)
 
@@ -145,6 +170,9 @@ assert PAYMENT.itemsize == sizeof(Payment)
 assert CODE.itemsize == sizeof(Code)
 assert REFUND.itemsize == sizeof(Refund)
 assert TOMBSTONE.itemsize == sizeof(Tombstone)
+assert PROGRAM.itemsize == sizeof(Program) and MEMBERSHIP.itemsize == sizeof(Membership)
+assert EARNING.itemsize == sizeof(Earning) and VISIT.itemsize == sizeof(Visit)
+assert REDEMPTION.itemsize == sizeof(Redemption)
 assert sizeof(PayRecord) == 80 and sizeof(PayResult) == 80
 assert sizeof(IssueRecord) == 32 and sizeof(IssueResult) == 24
 
@@ -262,12 +290,16 @@ cdef class Ledger:
     """All state of one engine, and the batch apply over it."""
     cdef public object users, merchants, stocks, coupons, codes
     cdef public object pay_req, pay_res, pay_meta, refunds, tombstones, auth_queue
+    cdef public object programs, memberships, earnings, visits, redemptions
     cdef public object lists, slots
     cdef public IdIndex users_ix, merchants_ix, stocks_ix, coupons_ix
     cdef public IdIndex payments_ix, codes_ix, refunds_ix, tombstones_ix
+    cdef public IdIndex programs_ix, memberships_ix, visits_ix, redemptions_ix
     cdef public int64_t n_users, n_merchants, n_stocks, n_coupons
     cdef public int64_t n_payments, n_codes, n_lists, n_slots
     cdef public int64_t n_refunds, n_tombstones, auth_head, n_auth
+    cdef public int64_t n_programs, n_memberships, n_earnings, n_visits, n_redemptions
+    cdef public int64_t n_rewards
     cdef public int64_t fees, bank, tz_offset_ms, hold_ms
     cdef public int32_t coupons_per_user_max
     # Auto selection scratch: per-stock "best candidate" marks, candidates.
@@ -284,6 +316,11 @@ cdef class Ledger:
     cdef Code* K
     cdef Refund* RF
     cdef Tombstone* TS
+    cdef Program* PG
+    cdef Membership* MS
+    cdef Earning* EA
+    cdef Visit* VS
+    cdef Redemption* RD
     cdef int32_t* AQ
     cdef uint64_t* LP
     cdef int32_t* SP
@@ -301,6 +338,15 @@ cdef class Ledger:
         self.auth_queue = np.zeros(64, np.int32)
         self.refunds_ix = IdIndex()
         self.tombstones_ix = IdIndex()
+        self.programs = np.zeros(16, PROGRAM)
+        self.memberships = np.zeros(1024, MEMBERSHIP)
+        self.earnings = np.zeros(1024, EARNING)
+        self.visits = np.zeros(1024, VISIT)
+        self.redemptions = np.zeros(64, REDEMPTION)
+        self.programs_ix = IdIndex()
+        self.memberships_ix = IdIndex()
+        self.visits_ix = IdIndex()
+        self.redemptions_ix = IdIndex()
         self.users = np.zeros(1024, USER)
         self.merchants = np.zeros(64, MERCHANT)
         self.stocks = np.zeros(64, STOCK)
@@ -335,6 +381,11 @@ cdef class Ledger:
         self.K = <Code*>data_of(self.codes)
         self.RF = <Refund*>data_of(self.refunds)
         self.TS = <Tombstone*>data_of(self.tombstones)
+        self.PG = <Program*>data_of(self.programs)
+        self.MS = <Membership*>data_of(self.memberships)
+        self.EA = <Earning*>data_of(self.earnings)
+        self.VS = <Visit*>data_of(self.visits)
+        self.RD = <Redemption*>data_of(self.redemptions)
         self.AQ = <int32_t*>data_of(self.auth_queue)
         self.PQ = <PayRecord*>data_of(self.pay_req)
         self.PR = <PayResult*>data_of(self.pay_res)
@@ -352,6 +403,10 @@ cdef class Ledger:
         self.codes_ix.bind(self.codes)
         self.refunds_ix.bind(self.refunds)
         self.tombstones_ix.bind(self.tombstones)
+        self.programs_ix.bind(self.programs)
+        self.memberships_ix.bind(self.memberships)
+        self.visits_ix.bind(self.visits)
+        self.redemptions_ix.bind(self.redemptions)
 
     @staticmethod
     def _grown(arr, int64_t need):
@@ -405,6 +460,25 @@ cdef class Ledger:
             self.tombstones = self._grown(self.tombstones, self.n_tombstones + more)
             self._bind()
             self.tombstones_ix.reserve(self.n_tombstones + more)
+        elif table == "programs":
+            self.programs = self._grown(self.programs, self.n_programs + more)
+            self._bind()
+            self.programs_ix.reserve(self.n_programs + more)
+        elif table == "memberships":
+            self.memberships = self._grown(self.memberships, self.n_memberships + more)
+            self._bind()
+            self.memberships_ix.reserve(self.n_memberships + more)
+        elif table == "earnings":
+            self.earnings = self._grown(self.earnings, self.n_earnings + more)
+            self._bind()
+        elif table == "visits":
+            self.visits = self._grown(self.visits, self.n_visits + more)
+            self._bind()
+            self.visits_ix.reserve(self.n_visits + more)
+        elif table == "redemptions":
+            self.redemptions = self._grown(self.redemptions, self.n_redemptions + more)
+            self._bind()
+            self.redemptions_ix.reserve(self.n_redemptions + more)
         else:
             raise ValueError(f"unknown table {table!r}")
 
@@ -435,6 +509,12 @@ cdef class Ledger:
             self.K[slot].code = key
             index_put(&self.codes_ix.ix, key, slot)
             self.n_codes += 1
+        elif table == "programs":
+            assert self.n_programs < <int64_t>PROGRAMS_MAX
+            slot = self.n_programs
+            self.PG[slot].id = key
+            index_put(&self.programs_ix.ix, key, slot)
+            self.n_programs += 1
         else:
             raise ValueError(f"rows of {table!r} are added by the kernel only")
         return slot
@@ -457,6 +537,10 @@ cdef class Ledger:
             return index_get(&self.refunds_ix.ix, key)
         if table == "tombstones":
             return index_get(&self.tombstones_ix.ix, key)
+        if table == "programs":
+            return index_get(&self.programs_ix.ix, key)
+        if table == "redemptions":
+            return index_get(&self.redemptions_ix.ix, key)
         raise ValueError(f"unknown table {table!r}")
 
     def append_list(self, values):
@@ -486,12 +570,15 @@ cdef class Ledger:
 
     SCALARS = ("n_users", "n_merchants", "n_stocks", "n_coupons", "n_payments",
                "n_codes", "n_lists", "n_slots", "n_refunds", "n_tombstones",
+               "n_programs", "n_memberships", "n_earnings", "n_visits", "n_redemptions",
+               "n_rewards",
                "auth_head", "n_auth", "fees", "bank", "tz_offset_ms", "hold_ms",
                "coupons_per_user_max")
     INDEXES = ("users", "merchants", "stocks", "coupons", "payments", "codes",
-               "refunds", "tombstones")
+               "refunds", "tombstones", "programs", "memberships", "visits", "redemptions")
     ROWS = ("users", "merchants", "stocks", "coupons", "codes", "pay_req", "pay_res",
-            "pay_meta", "lists", "slots", "refunds", "tombstones", "auth_queue")
+            "pay_meta", "lists", "slots", "refunds", "tombstones", "auth_queue",
+            "programs", "memberships", "earnings", "visits", "redemptions")
 
     def dump(self):
         """(arrays, scalars): the whole ledger as views of its used rows."""
@@ -509,6 +596,11 @@ cdef class Ledger:
             "refunds": self.refunds[:self.n_refunds],
             "tombstones": self.tombstones[:self.n_tombstones],
             "auth_queue": self.auth_queue[:self.n_auth],
+            "programs": self.programs[:self.n_programs],
+            "memberships": self.memberships[:self.n_memberships],
+            "earnings": self.earnings[:self.n_earnings],
+            "visits": self.visits[:self.n_visits],
+            "redemptions": self.redemptions[:self.n_redemptions],
         }
         for name in self.INDEXES:
             arrays[name + "_ix"] = (<IdIndex>getattr(self, name + "_ix")).entries
@@ -940,6 +1032,7 @@ cdef class Ledger:
             pm.completed_at = t.now
             self.U[user].balance -= cash
             self.post_completion(pm, m, r.amount, merchant_discount, sel.total - merchant_discount, fee)
+            self.complete(p, t.now)
         if code >= 0:
             self.K[code].used = 1
 
@@ -1085,6 +1178,7 @@ cdef class Ledger:
         pm.completed_at = now
         pm.state = PAYMENT_COMPLETED
         self.post_completion(pm, m, amount, merchant_discount, total - merchant_discount, fee)
+        self.complete(p, now)
         self.result_of(p, out, False, now)
         out.fee = fee
         return ST_OK
@@ -1110,7 +1204,7 @@ cdef class Ledger:
 
     # -- refunds and reversals --------------------------------------------
 
-    cdef void refund_parts(self, int32_t p, int64_t amount, int64_t* cash_out,
+    cdef void refund_parts(self, int32_t p, int64_t amount, int64_t now, int64_t* cash_out,
                            int64_t* discount_out, int64_t* fee_out) noexcept nogil:
         """Refund `amount` more of payment p: each part grows to its
         cumulative floor share, so partial refunds add up to a full one."""
@@ -1147,6 +1241,7 @@ cdef class Ledger:
         pm.refunded_amount = r
         pm.refunded_cash += cash
         pm.refunded_fee += fee
+        self.claw_back(p, r, now)
         if r == t:
             pm.state = PAYMENT_REFUNDED
             for i in range(pm.coupon_count):
@@ -1154,6 +1249,7 @@ cdef class Ledger:
                     c = pm.coupon[i]
                     self.C[c].state = COUPON_AVAILABLE
                     self.C[c].payment = -1
+                    self.S[self.C[c].stock].stat_redeemed -= 1
         else:
             pm.state = PAYMENT_PARTIALLY_REFUNDED
         cash_out[0] = cash
@@ -1161,7 +1257,7 @@ cdef class Ledger:
         fee_out[0] = fee
 
     cdef int refund_one(self, uint64_t refund_id, uint64_t payment_id, int64_t amount,
-                        Refund* out) noexcept nogil:
+                        int64_t now, Refund* out) noexcept nogil:
         cdef int32_t f, p
         memset(out, 0, sizeof(Refund))
         out.id = refund_id
@@ -1184,7 +1280,7 @@ cdef class Ledger:
             return ST_PAYMENT_NOT_REFUNDABLE
         if amount > self.PM[p].amount - self.PM[p].refunded_amount:
             return ST_REFUND_EXCEEDS_PAYMENT
-        self.refund_parts(p, amount, &out.cash, &out.discount, &out.fee)
+        self.refund_parts(p, amount, now, &out.cash, &out.discount, &out.fee)
         f = <int32_t>self.n_refunds
         self.n_refunds += 1
         self.RF[f] = out[0]
@@ -1214,7 +1310,7 @@ cdef class Ledger:
             self.result_of(p, out, True, now)
         elif pm.state == PAYMENT_COMPLETED or pm.state == PAYMENT_PARTIALLY_REFUNDED:
             self.result_of(p, out, False, now)
-            self.refund_parts(p, pm.amount - pm.refunded_amount, &out.cash,
+            self.refund_parts(p, pm.amount - pm.refunded_amount, now, &out.cash,
                               &out.discount, &out.fee)
             pm.reversed = 1
         return ST_OK
@@ -1226,6 +1322,7 @@ cdef class Ledger:
         assert records.shape[0] == n * sizeof(PayRecord)
         assert out.shape[0] == n * sizeof(PayResult)
         self.reserve("payments", n)
+        self.reserve_completions(n)
         self._reserve_cands()
         cdef const PayRecord* rec = <const PayRecord*>&records[0]
         cdef PayResult* res = <PayResult*>&out[0]
@@ -1295,8 +1392,9 @@ cdef class Ledger:
     def capture(self, const uint64_t[::1] payments, const int64_t[::1] amounts,
                 int64_t now, uint8_t[::1] out):
         cdef int64_t n = payments.shape[0], i
-        cdef PayResult* res = <PayResult*>&out[0] if n else NULL
         assert amounts.shape[0] == n and out.shape[0] == n * sizeof(PayResult)
+        self.reserve_completions(n)
+        cdef PayResult* res = <PayResult*>&out[0] if n else NULL
         with nogil:
             for i in range(n):
                 res[i].status = self.capture_one(payments[i], amounts[i], now, &res[i])
@@ -1319,7 +1417,8 @@ cdef class Ledger:
                 res[i].status = self.reverse_one(payments[i], now, &res[i])
 
     def refund(self, const uint64_t[::1] ids, const uint64_t[::1] payments,
-               const int64_t[::1] amounts, uint8_t[::1] out, int32_t[::1] status):
+               const int64_t[::1] amounts, int64_t now, uint8_t[::1] out,
+               int32_t[::1] status):
         """Refunds; status[i] is a status code, or -1 for a replay."""
         cdef int64_t n = ids.shape[0], i
         assert payments.shape[0] == n and amounts.shape[0] == n and status.shape[0] == n
@@ -1328,19 +1427,20 @@ cdef class Ledger:
         cdef Refund* res = <Refund*>&out[0] if n else NULL
         with nogil:
             for i in range(n):
-                status[i] = self.refund_one(ids[i], payments[i], amounts[i], &res[i])
+                status[i] = self.refund_one(ids[i], payments[i], amounts[i], now, &res[i])
 
     def capture_records(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
         """CAPTURE_RECORDS: a batch of CaptureRecords -> PayResults."""
         cdef int64_t n = records.shape[0] // sizeof(CaptureRecord), i
         assert 1 <= n <= BATCH_RECORDS_MAX and out.shape[0] == n * sizeof(PayResult)
+        self.reserve_completions(n)
         cdef const CaptureRecord* rec = <const CaptureRecord*>&records[0]
         cdef PayResult* res = <PayResult*>&out[0]
         with nogil:
             for i in range(n):
                 res[i].status = self.capture_one(rec[i].payment, rec[i].amount, now, &res[i])
 
-    def refund_records(self, const uint8_t[::1] records, uint8_t[::1] out):
+    def refund_records(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
         """REFUND_RECORDS: a batch of RefundRecords -> RefundResults."""
         cdef int64_t n = records.shape[0] // sizeof(RefundRecord), i
         assert 1 <= n <= BATCH_RECORDS_MAX and out.shape[0] == n * sizeof(RefundResult)
@@ -1356,7 +1456,7 @@ cdef class Ledger:
                 if rec[i].id != 0 and 1 <= rec[i].amount <= AMOUNT_MAX and rec[i].reserved != 0:
                     res[i].status = ST_INVALID_FLAGS
                     continue
-                st = self.refund_one(rec[i].id, rec[i].payment, rec[i].amount, &row)
+                st = self.refund_one(rec[i].id, rec[i].payment, rec[i].amount, now, &row)
                 if st > 0:
                     res[i].status = st
                     continue
@@ -1396,10 +1496,53 @@ cdef class Ledger:
             mr.period_active = 0
         return rows
 
+    cdef int issue_check(self, int32_t s, int32_t u, int64_t now) noexcept nogil:
+        """The checks of ISSUE after the stock is known, in RULES.md order."""
+        cdef Stock* st = &self.S[s]
+        cdef int32_t c
+        cdef int64_t owned = 0
+        if now >= st.valid_until:
+            return ST_STOCK_ENDED
+        if st.max_issued > 0 and st.issued >= st.max_issued:
+            return ST_STOCK_EXHAUSTED
+        if u < 0:
+            return ST_USER_NOT_FOUND
+        if st.per_user_limit > 0:
+            # Coupons are never deleted, so the user's list counts every issue.
+            c = self.U[u].coupon_head
+            while c >= 0:
+                owned += self.C[c].stock == s
+                c = self.C[c].next
+            if owned >= st.per_user_limit:
+                return ST_PER_USER_LIMIT
+        return ST_OK
+
+    cdef int32_t issue_create(self, uint64_t coupon_id, int32_t s, int32_t u,
+                              int64_t now) noexcept nogil:
+        """A new available coupon (capacity reserved by the caller)."""
+        cdef Stock* st = &self.S[s]
+        cdef int32_t c = <int32_t>self.n_coupons
+        self.n_coupons += 1
+        self.C[c].id = coupon_id
+        self.C[c].stock = s
+        self.C[c].user = u
+        self.C[c].state = COUPON_AVAILABLE
+        self.C[c].payment = -1
+        self.C[c].expires_at = st.valid_until
+        if st.validity_ms > 0 and st.validity_ms < st.valid_until - now:
+            self.C[c].expires_at = now + st.validity_ms
+        self.C[c].next = self.U[u].coupon_head
+        self.U[u].coupon_head = c
+        self.U[u].coupon_count += 1
+        if self.U[u].coupon_count > self.coupons_per_user_max:
+            self.coupons_per_user_max = self.U[u].coupon_count
+        index_put(&self.coupons_ix.ix, coupon_id, c)
+        st.issued += 1
+        return c
+
     cdef void issue_one(self, const IssueRecord* r, IssueResult* out,
                         int64_t now) noexcept nogil:
-        cdef int32_t c, s, u, owned = 0
-        cdef Stock* st
+        cdef int32_t c, s, u
         memset(out, 0, sizeof(IssueResult))
         out.coupon = r.coupon
         if r.coupon == 0:
@@ -1421,44 +1564,213 @@ cdef class Ledger:
         if s < 0:
             out.status = ST_STOCK_NOT_FOUND
             return
-        st = &self.S[s]
-        if now >= st.valid_until:
-            out.status = ST_STOCK_ENDED
-            return
-        if st.max_issued > 0 and st.issued >= st.max_issued:
-            out.status = ST_STOCK_EXHAUSTED
-            return
         u = index_get(&self.users_ix.ix, r.user)
-        if u < 0:
-            out.status = ST_USER_NOT_FOUND
+        out.status = self.issue_check(s, u, now)
+        if out.status != ST_OK:
             return
-        if st.per_user_limit > 0:
-            # Coupons are never deleted, so the user's list counts every issue.
-            c = self.U[u].coupon_head
-            while c >= 0:
-                owned += self.C[c].stock == s
-                c = self.C[c].next
-            if owned >= st.per_user_limit:
-                out.status = ST_PER_USER_LIMIT
-                return
-        c = <int32_t>self.n_coupons
-        self.n_coupons += 1
-        self.C[c].id = r.coupon
-        self.C[c].stock = s
-        self.C[c].user = u
-        self.C[c].state = COUPON_AVAILABLE
-        self.C[c].payment = -1
-        self.C[c].expires_at = st.valid_until
-        if st.validity_ms > 0 and st.validity_ms < st.valid_until - now:
-            self.C[c].expires_at = now + st.validity_ms
-        self.C[c].next = self.U[u].coupon_head
-        self.U[u].coupon_head = c
-        self.U[u].coupon_count += 1
-        if self.U[u].coupon_count > self.coupons_per_user_max:
-            self.coupons_per_user_max = self.U[u].coupon_count
-        index_put(&self.coupons_ix.ix, r.coupon, c)
-        st.issued += 1
+        c = self.issue_create(r.coupon, s, u, now)
         out.expires_at = <uint64_t>self.C[c].expires_at
+
+    # -- membership: points, stamps, stats ----------------------------------
+
+    cdef inline bint covers(self, const Program* pg, int32_t m) noexcept nogil:
+        cdef const Merchant* mr = &self.M[m]
+        cdef int32_t i
+        if pg.merchants_count == 0 and pg.tags_count == 0:
+            return True
+        if pg.merchants_count > 0 and contains_u64(self.LP + pg.list_at,
+                                                   pg.merchants_count, mr.id):
+            return True
+        for i in range(mr.tag_count):
+            if contains_u64(self.LP + pg.list_at + pg.merchants_count,
+                            pg.tags_count, mr.tags[i]):
+                return True
+        return False
+
+    cdef int32_t membership(self, int32_t u, int32_t g, bint create) noexcept nogil:
+        """The (user, program) row, made on first use when `create`."""
+        cdef uint64_t key = <uint64_t>u * PROGRAMS_MAX + <uint64_t>g + 1
+        cdef int32_t k = index_get(&self.memberships_ix.ix, key)
+        if k >= 0 or not create:
+            return k
+        k = <int32_t>self.n_memberships
+        self.n_memberships += 1
+        self.MS[k].key = key
+        self.MS[k].points = 0
+        self.MS[k].stamps = 0
+        self.MS[k].user = u
+        self.MS[k].program = g
+        self.MS[k].reward = -1
+        index_put(&self.memberships_ix.ix, key, k)
+        return k
+
+    cdef int32_t reward(self, const Program* pg, int32_t u, int64_t now) noexcept nogil:
+        """Issue a stamp card's reward coupon, or -1 when the stock can't."""
+        cdef uint64_t k
+        if self.issue_check(pg.reward_stock, u, now) != ST_OK:
+            return -1
+        k = <uint64_t>self.n_rewards + 1
+        while index_get(&self.coupons_ix.ix, REWARD_ID_BASE + k) >= 0:
+            k += 1
+        self.n_rewards = <int64_t>k
+        return self.issue_create(REWARD_ID_BASE + k, pg.reward_stock, u, now)
+
+    cdef void complete(self, int32_t p, int64_t now) noexcept nogil:
+        """A payment completed (PAY, or CAPTURE): stats, points, stamps."""
+        cdef Payment* pm = &self.PM[p]
+        cdef Merchant* mr = &self.M[pm.merchant]
+        cdef uint64_t key = <uint64_t>pm.user * MERCHANTS_MAX + <uint64_t>pm.merchant + 1
+        cdef int32_t v = index_get(&self.visits_ix.ix, key), i, g, e, k
+        cdef int64_t prior, points
+        cdef bint with_coupon = False
+        cdef Stock* s
+        cdef Program* pg
+        if v < 0:
+            v = <int32_t>self.n_visits
+            self.n_visits += 1
+            self.VS[v].key = key
+            self.VS[v].payments = 0
+            self.VS[v].user = pm.user
+            self.VS[v].merchant = pm.merchant
+            index_put(&self.visits_ix.ix, key, v)
+        prior = self.VS[v].payments
+        self.VS[v].payments += 1
+        mr.stat_payments += 1
+        mr.stat_gmv += pm.amount
+        if prior == 0:
+            mr.stat_unique_payers += 1
+        elif prior == 1:
+            mr.stat_repeat_payers += 1
+        for i in range(pm.coupon_count):
+            if (pm.released >> i) & 1:
+                continue
+            with_coupon = True
+            s = &self.S[self.C[pm.coupon[i]].stock]
+            s.stat_redeemed += 1
+            s.stat_gmv += pm.amount
+            if prior == 0:
+                s.stat_payers_new += 1
+            else:
+                s.stat_payers_returning += 1
+        if with_coupon:
+            mr.stat_coupon_payments += 1
+        pm.earn_at = <int32_t>self.n_earnings
+        pm.earn_count = 0
+        for g in range(self.n_programs):
+            pg = &self.PG[g]
+            if not self.covers(pg, pm.merchant):
+                continue
+            e = <int32_t>self.n_earnings
+            self.n_earnings += 1
+            pm.earn_count += 1
+            self.EA[e].points = 0
+            self.EA[e].clawed = 0
+            self.EA[e].payment = p
+            self.EA[e].program = g
+            self.EA[e].stamped = 0
+            if pg.kind == 0:
+                points = pm.cash * pg.rate // 100      # <= 10**18
+                self.EA[e].points = points
+                if points > 0:
+                    self.MS[self.membership(pm.user, g, True)].points += points
+                    mr.stat_points_issued += points
+            elif pm.amount >= pg.threshold:
+                self.EA[e].stamped = 1
+                k = self.membership(pm.user, g, True)
+                self.MS[k].stamps += 1
+                if self.MS[k].stamps >= pg.stamps:
+                    i = self.reward(pg, pm.user, now)
+                    if i >= 0:
+                        self.MS[k].stamps = 0
+                        self.MS[k].reward = i
+                    else:                   # the card stays full until it can
+                        self.MS[k].stamps = pg.stamps
+
+    cdef void claw_back(self, int32_t p, int64_t refunded, int64_t now) noexcept nogil:
+        """A refund takes back its share of points; a full one, the stamp."""
+        cdef Payment* pm = &self.PM[p]
+        cdef Earning* ea
+        cdef Program* pg
+        cdef int32_t e, k, r
+        cdef int64_t target
+        for e in range(pm.earn_at, pm.earn_at + pm.earn_count):
+            ea = &self.EA[e]
+            pg = &self.PG[ea.program]
+            if pg.kind == 0:
+                if ea.points > 0:
+                    target = share_of(refunded, ea.points, pm.amount)
+                    k = self.membership(pm.user, ea.program, False)
+                    self.MS[k].points -= target - ea.clawed
+                    ea.clawed = target
+            elif ea.stamped and refunded == pm.amount:
+                k = self.membership(pm.user, ea.program, False)
+                r = self.MS[k].reward
+                if self.MS[k].stamps > 0:
+                    self.MS[k].stamps -= 1
+                elif self.MS[k].stamps == 0 and r >= 0 and self.C[r].state == COUPON_AVAILABLE:
+                    if self.C[r].expires_at > now:
+                        self.C[r].expires_at = now
+                    self.MS[k].stamps = pg.stamps - 1
+                    self.MS[k].reward = -1
+                else:
+                    self.MS[k].stamps -= 1
+                    self.MS[k].reward = -1
+
+    def redeem(self, uint64_t coupon_id, uint64_t user_id, uint64_t program_id,
+               uint64_t stock_id, int64_t price, int64_t now):
+        """REDEEM_POINTS for one item: (status, duplicate, expires_at, points).
+        `price` is the program's offer for the stock, -1 when not offered."""
+        cdef int32_t r, c, g, s, u, k
+        cdef int st
+        if coupon_id == 0:
+            return ST_INVALID_ID, False, 0, 0
+        r = index_get(&self.redemptions_ix.ix, coupon_id)
+        c = index_get(&self.coupons_ix.ix, coupon_id)
+        if r >= 0:
+            same = (self.U[self.RD[r].user].id == user_id
+                    and self.PG[self.RD[r].program].id == program_id
+                    and self.S[self.C[c].stock].id == stock_id)
+            if not same:
+                return ST_EXISTS_WITH_DIFFERENT_FIELDS, False, 0, 0
+            k = self.membership(self.RD[r].user, self.RD[r].program, False)
+            return ST_OK, True, self.C[c].expires_at, self.MS[k].points
+        if c >= 0:
+            return ST_EXISTS_WITH_DIFFERENT_FIELDS, False, 0, 0
+        g = index_get(&self.programs_ix.ix, program_id) if program_id else -1
+        if g < 0 or self.PG[g].kind != 0:
+            return ST_PROGRAM_NOT_FOUND, False, 0, 0
+        if price < 0:
+            return ST_OFFER_NOT_FOUND, False, 0, 0
+        s = index_get(&self.stocks_ix.ix, stock_id)
+        assert s >= 0, "an offer names a known stock"
+        u = index_get(&self.users_ix.ix, user_id) if user_id else -1
+        st = self.issue_check(s, u, now)
+        if st != ST_OK:
+            return st, False, 0, 0
+        k = self.membership(u, g, False)
+        if k < 0 or self.MS[k].points < price:
+            return ST_INSUFFICIENT_POINTS, False, 0, 0
+        self.reserve("coupons", 1)
+        self.reserve("redemptions", 1)
+        self.MS[k].points -= price
+        c = self.issue_create(coupon_id, s, u, now)
+        r = <int32_t>self.n_redemptions
+        self.n_redemptions += 1
+        self.RD[r].coupon = coupon_id
+        self.RD[r].price = price
+        self.RD[r].user = u
+        self.RD[r].program = g
+        index_put(&self.redemptions_ix.ix, coupon_id, r)
+        return ST_OK, False, self.C[c].expires_at, self.MS[k].points
+
+    cdef void reserve_completions(self, int64_t n):
+        """Room for what n completing payments may add: visits, earnings,
+        memberships, reward coupons."""
+        self.reserve("visits", n)
+        if self.n_programs:
+            self.reserve("earnings", n * self.n_programs)
+            self.reserve("memberships", n * self.n_programs)
+            self.reserve("coupons", n * self.n_programs)
 
     def issue(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
         """Apply a batch of IssueRecords (raw bytes) at engine time `now`."""

@@ -85,6 +85,13 @@ cdef struct Merchant:
     int64_t refund_merchant_discount
     int64_t refund_fee
     int64_t settled_balance # balance right after the last payout
+    # STATS, kept as payments complete:
+    int64_t stat_payments
+    int64_t stat_gmv
+    int64_t stat_unique_payers
+    int64_t stat_repeat_payers
+    int64_t stat_coupon_payments
+    int64_t stat_points_issued
 
 cdef struct Stock:
     uint64_t id
@@ -106,6 +113,10 @@ cdef struct Stock:
     int64_t campaign        # balance of campaign(stock); platform stocks only
     int64_t day             # the engine day that day_spent counts
     int64_t day_spent       # net discount (spent + reserved) of payments of `day`
+    int64_t stat_redeemed   # STATS
+    int64_t stat_gmv
+    int64_t stat_payers_new
+    int64_t stat_payers_returning
     int32_t merchant        # slot of the funding merchant, -1 for platform
     int32_t list_at         # first of its entries in the u64 list pool
     int32_t merchants_count # sorted merchant ids, then
@@ -143,6 +154,8 @@ cdef struct Payment:
     int64_t hold_expires_at # 0 for a direct PAY
     int64_t day             # engine day it was made: its coupons count there
     int32_t coupon[4]       # coupon slots of result.coupons
+    int32_t earn_at         # its rows in the earnings table (set on completion)
+    int32_t earn_count
     int32_t user            # payer's wallet slot
     int32_t merchant
     uint8_t state
@@ -166,3 +179,42 @@ cdef struct Code:
     int64_t expires_at
     int32_t user
     uint8_t used
+
+cdef struct Program:
+    uint64_t id
+    uint64_t reward_stock_id
+    int64_t rate            # points per 100 minor units of cash
+    int64_t threshold       # stamps: minimum qualifying amount
+    int64_t stamps          # stamps: stamps per reward
+    int32_t reward_stock    # slot of the reward stock
+    int32_t list_at         # scope in the u64 list pool: merchants, then tags
+    int32_t merchants_count
+    int32_t tags_count
+    uint8_t kind            # 0 points, 1 stamps
+
+cdef struct Membership:
+    uint64_t key            # user slot * PROGRAMS_MAX + program slot + 1
+    int64_t points
+    int64_t stamps
+    int32_t user
+    int32_t program
+    int32_t reward          # coupon slot of this cycle's reward, -1 none
+
+cdef struct Earning:
+    int64_t points
+    int64_t clawed
+    int32_t payment
+    int32_t program
+    uint8_t stamped
+
+cdef struct Visit:
+    uint64_t key            # user slot * MERCHANTS_MAX + merchant slot + 1
+    int64_t payments
+    int32_t user
+    int32_t merchant
+
+cdef struct Redemption:
+    uint64_t coupon
+    int64_t price
+    int32_t user
+    int32_t program
