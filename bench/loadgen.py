@@ -185,6 +185,7 @@ class RawConnection(asyncio.Protocol):
         done = 0
         at = 0
         stats = self.gen.stats
+        view = good = None
         while len(buf) - at >= HEADER_BYTES:
             n = (len(buf) - at) // self.reply_size
             if n:
@@ -226,6 +227,7 @@ class RawConnection(asyncio.Protocol):
                 self.inflight -= 1
                 done += 1
             at = end
+        view = good = None                  # release the buffer exports before resizing
         if at:
             del buf[:at]
         if done:
