@@ -66,6 +66,8 @@ def parse(argv) -> argparse.Namespace:
                    help=f"payments to stream (default {PAYMENTS_DEFAULT:,})")
     p.add_argument("--users", type=int, default=100_000, help="shoppers in the mall")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--report", default="scanpay-report", metavar="DIR",
+                   help="where to write the campaign report (CSV + PNG); '' for none")
     args = p.parse_args(argv)
     if args.payments < 1 or args.users < 10:
         p.error("--payments must be >= 1 and --users >= 10")
@@ -92,6 +94,13 @@ def main(argv=None) -> int:
     audit = eng.call("AUDIT", {})
     tally.audit_seconds = time.perf_counter() - t0
     _report(console, eng, info, tally, audit)
+    if args.report:
+        from . import report
+        paths = report.write(
+            eng, args.report,
+            stock_names=dict(zip(info.stock_ids.tolist(), info.stock_names)),
+            merchant_names=dict(zip(info.merchant_ids.tolist(), info.merchant_names)))
+        console.print("campaign report: " + ", ".join(paths))
     return 0 if audit.get("ok") is True else 1
 
 

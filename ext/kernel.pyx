@@ -1142,6 +1142,8 @@ cdef class Ledger:
         for i in range(pm.coupon_count):
             s = &self.S[self.C[pm.coupon[i]].stock]
             d = discount_of(s, amount) if amount >= s.min_spend else 0
+            if d > pm.applied[i]:       # never spend more than was reserved
+                d = pm.applied[i]
             a = d if d < left else left
             applied[i] = a
             left -= a

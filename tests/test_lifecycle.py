@@ -219,3 +219,19 @@ def test_settlement_reconciles_with_the_ledger(eng):
     assert [m["balance"] for m in after["merchants"]] == [0, 0]
     assert eng.call("SETTLE", {})["rows"] == []           # nothing happened since
     assert eng.call("STATEMENT", {"settlement": 1}) == settlement
+
+
+def test_capture_never_spends_more_than_the_authorization_reserved(eng):
+    """A fixed coupon cut by the amount left at authorization reserved less
+    than its d; at capture it must not grow past that reservation and take
+    its stock over budget (docs/protocol-extensions.md)."""
+    eng.call("STOCKS", {"stocks": [stock(1, value=100, min_spend=140),
+                                   stock(2, value=100, budget=100)]})
+    issue(eng, (1, 1, 1), (2, 2, 1), (3, 2, 1))
+    auth = pay(eng, 1, 150, flags=4, coupons=(1, 2))
+    assert auth["discount"] == 150                      # coupon 2 reserved only 50
+    assert pay(eng, 2, 50, coupons=(3,))["discount"] == 50
+    capture = one(eng.call("CAPTURE", {"captures": [{"payment": 1, "amount": 120}]}))
+    assert capture["coupons"] == [2] and capture["discount"] == 50
+    (s2,) = eng.call("BALANCES", {"stocks": [2]})["stocks"]
+    assert (s2["spent"], s2["reserved"]) == (100, 0)
