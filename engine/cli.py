@@ -38,10 +38,16 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="run scan-to-pay traffic through an O2O world and audit it")
     demo.add_argument("args", nargs=argparse.REMAINDER, help="options of the demo (scanpay demo --help)")
     add_serve(sub)
-    from . import admin, statements
+    from . import admin, journal_cli, report, statements
     admin.add_parsers(sub)
     statements.add_parsers(sub)
+    journal_cli.add_parsers(sub)
+    report.add_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return report.run(args)
+    if args.command == "journal":
+        return journal_cli.run(args)
     if admin.handles(args):
         return admin.run(args)
     if args.command == "demo":
