@@ -1366,6 +1366,7 @@ cdef class Ledger:
                     c = self.U[user].coupon_head
                     if c >= 0:
                         __builtin_prefetch(&self.C[c])
+                    self.prefetch_completion(user, r.merchant, False)
         if i + 3 < n:
             r = &rec[i + 3]
             if not (r.flags & PAY_PAYER_IS_CODE):
@@ -1376,6 +1377,7 @@ cdef class Ledger:
                         c = self.C[c].next
                         if c >= 0:
                             __builtin_prefetch(&self.C[c])
+                    self.prefetch_completion(user, r.merchant, True)
         if i + 1 < n:
             r = &rec[i + 1]
             if not (r.flags & PAY_PAYER_IS_CODE):
@@ -1388,6 +1390,30 @@ cdef class Ledger:
                             c = self.C[c].next
                             if c >= 0:
                                 __builtin_prefetch(&self.C[c])
+
+    cdef inline void prefetch_completion(self, int32_t user, uint64_t merchant_id,
+                                         bint rows) noexcept nogil:
+        """The visit and membership lines a completion will touch: their
+        index buckets first, their rows (by the bucket's guess) later."""
+        cdef int32_t m = index_guess(&self.merchants_ix.ix, merchant_id), g, k
+        cdef uint64_t key
+        if m < 0:
+            return
+        key = <uint64_t>user * MERCHANTS_MAX + <uint64_t>m + 1
+        if rows:
+            k = index_guess(&self.visits_ix.ix, key)
+            if k >= 0:
+                __builtin_prefetch(&self.VS[k])
+        else:
+            index_prefetch(&self.visits_ix.ix, key)
+        for g in range(self.n_programs if self.n_programs < 4 else 4):
+            key = <uint64_t>user * PROGRAMS_MAX + <uint64_t>g + 1
+            if rows:
+                k = index_guess(&self.memberships_ix.ix, key)
+                if k >= 0:
+                    __builtin_prefetch(&self.MS[k])
+            else:
+                index_prefetch(&self.memberships_ix.ix, key)
 
     # -- batch entry points of the money lifecycle -------------------------
 
