@@ -168,7 +168,9 @@ class Connection(asyncio.Protocol):
         if self.identity is None:
             return self.error(slot, op, request_id, ErrorCode.not_authenticated,
                               "send HELLO with a valid key first")
-        if name is None or (op == OP_CLOCK and not self.config.test_clock):
+        served = (op == OP_PING or op in RECORD_DTYPES or op in MAP_OPS_BY_CODE
+                  or (op == OP_CLOCK and self.config.test_clock))
+        if not served:                      # internal ops (EXPIRE) are not for clients
             return self.error(slot, op, request_id, ErrorCode.unknown_op, f"unknown op {op}")
         if not self.identity.may(name):
             return self.error(slot, op, request_id, ErrorCode.forbidden,

@@ -58,7 +58,8 @@ OP_CLOCK = 50
 OP_EXPIRE = 65             # internal: expiry of holds found by a read, journaled
 OP_NAMES = {OP_HELLO: "HELLO", OP_PING: "PING", OP_PAY: "PAY", OP_ISSUE: "ISSUE",
             OP_CAPTURE_RECORDS: "CAPTURE_RECORDS", OP_REFUND_RECORDS: "REFUND_RECORDS",
-            OP_CLOCK: "CLOCK", **{op.code: op.name for op in MAP_OPS.values()}}
+            OP_CLOCK: "CLOCK", OP_EXPIRE: "EXPIRE",
+            **{op.code: op.name for op in MAP_OPS.values()}}
 
 # Ops of PROTOCOL.md that later work implements; until then: unknown_op.
 PLANNED_OPS = {}

@@ -7,8 +7,10 @@ Recovery loads the newest valid snapshot and replays the journal after it.
 Storage failures make the engine refuse writes with `unavailable` until the
 journal can rewrite what it had not made durable.
 """
+import json
 import logging
 import os
+import resource
 import time
 
 import numpy as np
@@ -62,6 +64,27 @@ class Storage:
         self.snapshot_child = None          # (pid, seq, started) of a running snapshot
         self.last_snapshot = None           # info of the last finished snapshot
         self.recover_after = 0.0
+
+    # -- settings ---------------------------------------------------------
+
+    def check_settings(self, settings: dict) -> None:
+        """The settings replay depends on (time zone, hold length, currency)
+        are fixed when the data directory is made: replaying a journal under
+        other settings would rebuild another state."""
+        path = os.path.join(self.path, "settings.json")
+        if not os.path.exists(path):
+            with open(path + ".tmp", "w") as f:
+                json.dump(settings, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(path + ".tmp", path)
+            return
+        with open(path) as f:
+            kept = json.load(f)
+        if kept != settings:
+            raise ValueError(
+                f"{self.path} was made with settings {kept}, not {settings}: open it with "
+                f"the same settings (or start a new data directory)")
 
     # -- recovery ---------------------------------------------------------
 
@@ -137,6 +160,9 @@ class Storage:
                 # refused as "open in another process".
                 if self.journal._lock_fd is not None:
                     os.close(self.journal._lock_fd)
+                # Nor may it keep the server's sockets (a restarted server
+                # must be able to bind): it needs no inherited fd but stderr.
+                os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
                 arrays, meta = state_to_snapshot(state)
                 snapshots.write_snapshot(self.path, seq, arrays, meta)
                 code = 0

@@ -58,16 +58,21 @@ class Engine:
         self.hold_ms = hold_ms
         self.state = State(tz_offset_ms=tz_offset_ms, hold_ms=hold_ms)
         self.storage = None
+        for table in capacity or {}:
+            if table not in CAPACITY_TABLES:
+                raise ValueError(f"capacity: unknown table {table!r} (known: {CAPACITY_TABLES})")
         if path is not None:
             self.storage = Storage(path, **storage_options)
+            self.storage.check_settings({"tz_offset_ms": tz_offset_ms, "hold_ms": hold_ms,
+                                         "currency": currency})
             recovered = self.storage.load_state()
             if recovered is not None:
                 self.state = recovered
-            self._replay()
+        # Before replay, so that replay does not grow the tables step by step.
         for table, rows in (capacity or {}).items():
-            if table not in CAPACITY_TABLES:
-                raise ValueError(f"capacity: unknown table {table!r} (known: {CAPACITY_TABLES})")
             self.state.ledger.reserve(table, int(rows))
+        if self.storage is not None:
+            self._replay()
         self._sync_pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="scanpay-sync") if self.storage else None
 

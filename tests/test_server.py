@@ -139,6 +139,7 @@ def test_stream_errors_close_only_that_connection():
 
 @pytest.mark.parametrize("op,body,name", [
     (99, b"", "unknown_op"),
+    (65, b"", "unknown_op"),                               # EXPIRE is internal
     (50, enc({"now": 5}), "unknown_op"),                   # CLOCK without a test clock
     (16, b"\x00" * 81, "bad_body"),                        # not whole records
     (16, b"", "bad_body"),                                 # no records
