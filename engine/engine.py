@@ -27,7 +27,8 @@ from .state import HOLD_MS_DEFAULT, TZ_OFFSET_MS_DEFAULT, State
 log = logging.getLogger("scanpay.engine")
 
 BATCH_RECORDS_MAX = 8190
-CAPACITY_TABLES = ("users", "merchants", "stocks", "coupons", "payments", "codes")
+CAPACITY_TABLES = ("users", "merchants", "stocks", "coupons", "payments", "codes",
+                   "refunds", "tombstones", "memberships", "visits", "earnings")
 
 
 def wall_clock_ms() -> int:
