@@ -46,6 +46,12 @@ COLUMNS = {
         "max_issued": INT, "per_user_limit": INT, "stacking": STR, "daily_budget": INT,
         "per_user_daily_limit": INT, "slots": SLOTS,
     },
+    "captures": {"payment": INT, "amount": INT},
+    "refunds": {"id": INT, "payment": INT, "amount": INT},
+    "voids": {"id": INT},
+    "reversals": {"id": INT},
+    "programs": {"id": INT, "kind": STR, "merchants": U64_LIST, "tags": U64_LIST, "rate": INT,
+                 "threshold": INT, "stamps": INT, "reward_stock": INT},
 }
 
 
@@ -62,6 +68,11 @@ WRITES = {w.command: w for w in (
     Write("wallets", "WALLETS", "users", "open wallets from a file (column/field id)"),
     Write("topups", "TOPUP", "topups", "top up wallets from a file"),
     Write("stocks", "STOCKS", "stocks", "create coupon stocks (campaigns) from a file"),
+    Write("captures", "CAPTURE", "captures", "capture authorizations from a file (payment, amount)"),
+    Write("refunds", "REFUND", "refunds", "refund payments from a file (id, payment, amount)"),
+    Write("voids", "VOID", "payments", "void authorizations from a file (column/field id)"),
+    Write("reversals", "REVERSE", "payments", "reverse payments from a file (column/field id)"),
+    Write("programs", "PROGRAMS", "programs", "create points programs and stamp cards from a file"),
 )}
 
 
@@ -228,7 +239,7 @@ def read_items(path: str, command: str, stdin=None) -> list:
         if not isinstance(data, list):
             raise UsageError(f"{path}: expected a JSON list of items (or {{\"{write.key}\": [...]}})")
         items = data
-    if command == "wallets":   # WALLETS takes bare ids; accept {id} maps and CSV rows too
+    if command in ("wallets", "voids", "reversals"):   # bare ids; accept {id} maps and CSV rows
         items = [item.get("id") if isinstance(item, dict) else item for item in items]
     if not items:
         raise UsageError(f"{path}: no items")
@@ -331,7 +342,7 @@ def _run_write(args, stdout, stderr) -> int:
 
 
 def _result_row(index: int, item, result: dict) -> dict:
-    item_id = item.get("id") if isinstance(item, dict) else item
+    item_id = item.get("id", item.get("payment")) if isinstance(item, dict) else item
     return {"index": index, "id": item_id, "status": result.get("status"),
             "error": result.get("error", ""), "duplicate": bool(result.get("duplicate", False)),
             "message": result.get("message", "")}

@@ -70,3 +70,24 @@ def test_settle_writes_a_csv_that_reconciles(server, tmp_path, capsys):
     assert scanpay(["statement", "--settlement", "1", *where]) == 0
     assert (tmp_path / "settlement-000001.csv").read_text() == first
     assert scanpay(["statement", "--settlement", "7", *where]) == 1
+
+
+def test_lifecycle_admin_commands_refund_and_capture_from_files(server, tmp_path, capsys):
+    eng = server.engine
+    eng.call("MERCHANTS", {"merchants": [{"id": 1, "fee_bps": 0}]})
+    eng.call("WALLETS", {"users": [1]})
+    eng.call("TOPUP", {"topups": [{"id": 1, "user": 1, "amount": 10**6}]})
+    records = np.zeros(3, PAY_RECORD)
+    records["id"], records["payer"], records["merchant"] = [1, 2, 3], 1, 1
+    records["amount"], records["flags"] = [1000, 2000, 500], [0, 4, 4]
+    eng.pay(records)
+    where = ["--connect", server.config.listen]
+    (tmp_path / "refunds.csv").write_text("id,payment,amount\n7,1,400\n8,1,700\n")
+    assert scanpay(["refunds", *where, "--file", str(tmp_path / "refunds.csv")]) == 1
+    assert "refunds: 1 ok, 1 failed (first: item 1, id 8 refund_exceeds_payment" in capsys.readouterr().out
+    (tmp_path / "captures.json").write_text('[{"payment": 2, "amount": 1500}]')
+    assert scanpay(["captures", *where, "--file", str(tmp_path / "captures.json")]) == 0
+    (tmp_path / "voids.csv").write_text("id\n3\n")
+    assert scanpay(["voids", *where, "--file", str(tmp_path / "voids.csv")]) == 0
+    states = [p["state"] for p in eng.call("GET_PAYMENTS", {"ids": [1, 2, 3]})["results"]]
+    assert states == ["partially_refunded", "completed", "voided"]
