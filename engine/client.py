@@ -31,7 +31,8 @@ import msgspec
 import numpy as np
 
 from .dispatch import OP_NAMES as _DISPATCH_OP_NAMES
-from .errors import BadBody, Busy, EngineError, Unavailable, UnknownOp
+from .errors import (BadBody, BadFrame, Busy, EngineError, Forbidden, FrameTooLarge,
+                     NotAuthenticated, Unavailable, UnknownOp, UnsupportedProtocol)
 from .frame import FLAG_ERROR, FRAME_BYTES_MAX_DEFAULT, HEADER, HEADER_BYTES
 from .records import (COUPONS_PER_PAYMENT_MAX, ISSUE_RECORD, ISSUE_RESULT,
                       PAY_RECORD, PAY_RESULT, RESULT_AUTHORIZED, RESULT_DUPLICATE)
@@ -72,28 +73,6 @@ OP_HELLO, OP_PING, OP_PAY, OP_ISSUE = 1, 2, 16, 17
 
 
 # -- errors ---------------------------------------------------------------
-# engine/errors.py has the codes the engine raises in process; the ones only
-# a server sends live here until they move there.
-
-class BadFrame(EngineError):
-    code = ErrorCode.bad_frame
-
-
-class FrameTooLarge(EngineError):
-    code = ErrorCode.frame_too_large
-
-
-class NotAuthenticated(EngineError):
-    code = ErrorCode.not_authenticated
-
-
-class Forbidden(EngineError):
-    code = ErrorCode.forbidden
-
-
-class UnsupportedProtocol(EngineError):
-    code = ErrorCode.unsupported_protocol
-
 
 class ServerError(EngineError):
     """An error code this client does not know (a newer server)."""

@@ -27,6 +27,13 @@ from .state import HOLD_MS_DEFAULT, TZ_OFFSET_MS_DEFAULT, State
 log = logging.getLogger("scanpay.engine")
 
 BATCH_RECORDS_MAX = 8190
+# Record ops: op -> (record dtype, result dtype, the kernel's batch apply).
+RECORD_OPS = {
+    OP_PAY: (PAY_RECORD, PAY_RESULT, "pay"),
+    OP_ISSUE: (ISSUE_RECORD, ISSUE_RESULT, "issue"),
+    OP_CAPTURE_RECORDS: (CAPTURE_RECORD, PAY_RESULT, "capture_records"),
+    OP_REFUND_RECORDS: (REFUND_RECORD, REFUND_RESULT, "refund_records"),
+}
 CAPACITY_TABLES = ("users", "merchants", "stocks", "coupons", "payments", "codes",
                    "refunds", "tombstones", "memberships", "visits", "earnings")
 
@@ -93,21 +100,10 @@ class Engine:
         ledger.expire(command.now)          # RULES.md: before applying anything
         if command.op == OP_EXPIRE:
             return None
-        if command.op == OP_PAY:
-            out = np.empty(len(command.body) // PAY_RECORD.itemsize, PAY_RESULT)
-            ledger.pay(command.body, command.now, out.view(np.uint8))
-            return out
-        if command.op == OP_ISSUE:
-            out = np.empty(len(command.body) // ISSUE_RECORD.itemsize, ISSUE_RESULT)
-            ledger.issue(command.body, command.now, out.view(np.uint8))
-            return out
-        if command.op == OP_CAPTURE_RECORDS:
-            out = np.empty(len(command.body) // CAPTURE_RECORD.itemsize, PAY_RESULT)
-            ledger.capture_records(command.body, command.now, out.view(np.uint8))
-            return out
-        if command.op == OP_REFUND_RECORDS:
-            out = np.empty(len(command.body) // REFUND_RECORD.itemsize, REFUND_RESULT)
-            ledger.refund_records(command.body, command.now, out.view(np.uint8))
+        if command.op in RECORD_OPS:
+            record, result, apply = RECORD_OPS[command.op]
+            out = np.empty(len(command.body) // record.itemsize, result)
+            getattr(ledger, apply)(command.body, command.now, out.view(np.uint8))
             return out
         spec = MAP_OPS_BY_CODE[command.op]
         request = msgspec.msgpack.decode(command.body)

@@ -41,3 +41,23 @@ class Busy(EngineError):
 class Unavailable(EngineError):
     code = ErrorCode.unavailable
     retryable = True
+
+
+class BadFrame(EngineError):
+    code = ErrorCode.bad_frame
+
+
+class FrameTooLarge(EngineError):
+    code = ErrorCode.frame_too_large
+
+
+class NotAuthenticated(EngineError):
+    code = ErrorCode.not_authenticated
+
+
+class Forbidden(EngineError):
+    code = ErrorCode.forbidden
+
+
+class UnsupportedProtocol(EngineError):
+    code = ErrorCode.unsupported_protocol

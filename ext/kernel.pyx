@@ -177,6 +177,18 @@ assert sizeof(PayRecord) == 80 and sizeof(PayResult) == 80
 assert sizeof(IssueRecord) == 32 and sizeof(IssueResult) == 24
 
 
+# The row arrays of each table (grown together) and the tables with no index.
+TABLE_ROWS = {
+    "users": ("users",), "merchants": ("merchants",), "coupons": ("coupons",),
+    "stocks": ("stocks", "stock_mark", "stock_cand"),
+    "payments": ("pay_req", "pay_res", "pay_meta"), "codes": ("codes",),
+    "refunds": ("refunds",), "tombstones": ("tombstones",), "programs": ("programs",),
+    "memberships": ("memberships",), "earnings": ("earnings",), "visits": ("visits",),
+    "redemptions": ("redemptions",),
+}
+UNINDEXED_TABLES = frozenset({"earnings"})
+
+
 cdef inline void* data_of(object arr):
     return cnp.PyArray_DATA(<cnp.ndarray>arr)
 
@@ -303,7 +315,7 @@ cdef class Ledger:
     cdef public int64_t fees, bank, tz_offset_ms, hold_ms
     cdef public int32_t coupons_per_user_max
     # Auto selection scratch: per-stock "best candidate" marks, candidates.
-    cdef object stock_mark, stock_cand, cands
+    cdef public object stock_mark, stock_cand, cands
     cdef int64_t generation
 
     cdef User* U
@@ -422,65 +434,16 @@ cdef class Ledger:
 
     def reserve(self, str table, int64_t more):
         """Room for `more` new rows of `table` (rows and index)."""
-        if table == "users":
-            self.users = self._grown(self.users, self.n_users + more)
-            self._bind()
-            self.users_ix.reserve(self.n_users + more)
-        elif table == "merchants":
-            self.merchants = self._grown(self.merchants, self.n_merchants + more)
-            self._bind()
-            self.merchants_ix.reserve(self.n_merchants + more)
-        elif table == "stocks":
-            self.stocks = self._grown(self.stocks, self.n_stocks + more)
-            self.stock_mark = self._grown(self.stock_mark, self.n_stocks + more)
-            self.stock_cand = self._grown(self.stock_cand, self.n_stocks + more)
-            self._bind()
-            self.stocks_ix.reserve(self.n_stocks + more)
-        elif table == "coupons":
-            self.coupons = self._grown(self.coupons, self.n_coupons + more)
-            self._bind()
-            self.coupons_ix.reserve(self.n_coupons + more)
-        elif table == "payments":
-            need = self.n_payments + more
-            self.pay_req = self._grown(self.pay_req, need)
-            self.pay_res = self._grown(self.pay_res, need)
-            self.pay_meta = self._grown(self.pay_meta, need)
-            self.auth_queue = self._grown(self.auth_queue, self.n_auth + more)
-            self._bind()
-            self.payments_ix.reserve(need)
-        elif table == "codes":
-            self.codes = self._grown(self.codes, self.n_codes + more)
-            self._bind()
-            self.codes_ix.reserve(self.n_codes + more)
-        elif table == "refunds":
-            self.refunds = self._grown(self.refunds, self.n_refunds + more)
-            self._bind()
-            self.refunds_ix.reserve(self.n_refunds + more)
-        elif table == "tombstones":
-            self.tombstones = self._grown(self.tombstones, self.n_tombstones + more)
-            self._bind()
-            self.tombstones_ix.reserve(self.n_tombstones + more)
-        elif table == "programs":
-            self.programs = self._grown(self.programs, self.n_programs + more)
-            self._bind()
-            self.programs_ix.reserve(self.n_programs + more)
-        elif table == "memberships":
-            self.memberships = self._grown(self.memberships, self.n_memberships + more)
-            self._bind()
-            self.memberships_ix.reserve(self.n_memberships + more)
-        elif table == "earnings":
-            self.earnings = self._grown(self.earnings, self.n_earnings + more)
-            self._bind()
-        elif table == "visits":
-            self.visits = self._grown(self.visits, self.n_visits + more)
-            self._bind()
-            self.visits_ix.reserve(self.n_visits + more)
-        elif table == "redemptions":
-            self.redemptions = self._grown(self.redemptions, self.n_redemptions + more)
-            self._bind()
-            self.redemptions_ix.reserve(self.n_redemptions + more)
-        else:
+        if table not in TABLE_ROWS:
             raise ValueError(f"unknown table {table!r}")
+        cdef int64_t need = getattr(self, "n_" + table) + more
+        for name in TABLE_ROWS[table]:
+            setattr(self, name, self._grown(getattr(self, name), need))
+        if table == "payments":     # each payment may become an authorization to expire
+            self.auth_queue = self._grown(self.auth_queue, self.n_auth + more)
+        self._bind()
+        if table not in UNINDEXED_TABLES:
+            (<IdIndex>getattr(self, table + "_ix")).reserve(need)
 
     def append(self, str table, uint64_t key):
         """Add a zeroed row with id `key` (known absent) and return its slot."""
@@ -521,27 +484,9 @@ cdef class Ledger:
 
     def find(self, str table, uint64_t key):
         """The slot of id `key` in `table`, or -1."""
-        if table == "users":
-            return index_get(&self.users_ix.ix, key)
-        if table == "merchants":
-            return index_get(&self.merchants_ix.ix, key)
-        if table == "stocks":
-            return index_get(&self.stocks_ix.ix, key)
-        if table == "coupons":
-            return index_get(&self.coupons_ix.ix, key)
-        if table == "payments":
-            return index_get(&self.payments_ix.ix, key)
-        if table == "codes":
-            return index_get(&self.codes_ix.ix, key)
-        if table == "refunds":
-            return index_get(&self.refunds_ix.ix, key)
-        if table == "tombstones":
-            return index_get(&self.tombstones_ix.ix, key)
-        if table == "programs":
-            return index_get(&self.programs_ix.ix, key)
-        if table == "redemptions":
-            return index_get(&self.redemptions_ix.ix, key)
-        raise ValueError(f"unknown table {table!r}")
+        if table not in TABLE_ROWS or table in UNINDEXED_TABLES:
+            raise ValueError(f"unknown table {table!r}")
+        return (<IdIndex>getattr(self, table + "_ix")).get(key)
 
     def append_list(self, values):
         """Append u64 values to the stock list pool; return where they start."""
