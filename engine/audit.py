@@ -306,8 +306,12 @@ def points_match_history(t) -> dict:
     expected = np.zeros(len(m), np.int64)
     if len(e):
         users = t["payments"]["user"][np.searchsorted(t["payments"]["request"]["id"], e["payment"])]
-        at = np.searchsorted(keys, pair_key(users, e["program"]))
-        np.add.at(expected, at, e["points"] - e["clawed"])
+        pairs = pair_key(users, e["program"])
+        at = np.minimum(np.searchsorted(keys, pairs), len(keys) - 1)
+        member = keys[at] == pairs
+        if (e["points"] - e["clawed"])[~member].any():
+            return check(False, "points were earned with no membership to hold them")
+        np.add.at(expected, at[member], (e["points"] - e["clawed"])[member])
     if len(r):
         np.add.at(expected, np.searchsorted(keys, pair_key(r["user"], r["program"])), -r["price"])
     return first_bad(m["user"], m["points"] != expected,

@@ -69,9 +69,10 @@ def parse_offers(offers) -> list:
             raise Invalid("an offer is a map {stock, price}")
         only_keys(offer, frozenset({"stock", "price"}))
         stock = u64(offer, "stock")
-        if stock in out:
-            raise Invalid(f"stock {stock} is offered twice")
-        out[stock] = integer(offer, "price", 1, COUNT_MAX)
+        price = integer(offer, "price", 1, COUNT_MAX)
+        if out.get(stock, price) != price:      # a list is a set: only a conflict is wrong
+            raise Invalid(f"stock {stock} is offered at two prices")
+        out[stock] = price
     return sorted([s, p] for s, p in out.items())
 
 
@@ -114,7 +115,12 @@ def redeem_points(state: State, request, now: int, draws) -> dict:
 
 
 def redeem(state: State, item, now: int) -> dict:
-    coupon = item_id(item, REDEEM_KEYS, key="coupon")
+    try:
+        coupon = item_id(item, REDEEM_KEYS, key="coupon")
+    except Invalid as e:
+        if e.status != Status.invalid_id:
+            raise
+        return {**failed(e.status), "coupon": 0, "points": 0, "expires_at": 0}
     user, program, stock = (u64(item, k) for k in ("user", "program", "stock"))
     definition = state.programs.get(program)
     offers = dict(map(tuple, definition["offers"])) if definition else {}

@@ -48,6 +48,9 @@ KINDS = {"fixed": canonical.KIND_FIXED, "percent": canonical.KIND_PERCENT}
 STACKINGS = {"exclusive": canonical.STACKING_EXCLUSIVE,
              "stackable": canonical.STACKING_STACKABLE}
 
+# A list inside a map: MessagePack gives `list`; in process a tuple is taken too.
+LISTS = (list, tuple)
+
 # The columns of canonical.STOCKS this reference keeps (later work adds others).
 STOCK_COLUMNS = ("id", "funder", "merchant", "kind", "stacking", "value", "cap",
                  "min_spend", "valid_from", "valid_until", "validity_ms", "budget",
@@ -559,7 +562,12 @@ class Reference:
             mentions.append((coupon_id, failure, d))
             if failure is not None and status == Status.ok:
                 status = failure                 # the first failing check decides
-            if coupon is not None:
+            if coupon is not None and coupon.user == user:
+                # ext: QUOTE, explicit mode: stackability is checked against the
+                # coupons named before it that the payer holds, whether or not
+                # they failed their own checks (a coupon not found or not the
+                # payer's blocks nothing). Only QUOTE's explain can see this:
+                # PAY stops at the first failing coupon.
                 before.append(coupon)
             chosen.append((coupon, d))
         if status != Status.ok:
@@ -795,7 +803,7 @@ class Reference:
             return _invalid("fee_bps must be an integer in 0..10000")
         if "tags" in item:
             tags = item["tags"]
-            if not isinstance(tags, list) or not all(_is_u32(t) for t in tags):
+            if not isinstance(tags, LISTS) or not all(_is_u32(t) for t in tags):
                 return _invalid("tags must be a list of u32")
             if len(set(tags)) > MERCHANT_TAGS_MAX:
                 return _invalid(f"at most {MERCHANT_TAGS_MAX} distinct tags")
@@ -942,16 +950,16 @@ class Reference:
         for key, ok in (("merchants", lambda v: _is_u64(v) and v != 0),
                         ("tags", _is_u32), ("goods_tags", _is_u32)):
             value = item.get(key, [])
-            if not isinstance(value, list) or len(value) > LIST_MAX \
+            if not isinstance(value, LISTS) or len(value) > LIST_MAX \
                     or not all(ok(v) for v in value):
                 raise _Invalid(f"{key} must be a list of at most {LIST_MAX} "
                                + ("nonzero u64" if key == "merchants" else "u32"))
             lists[key] = frozenset(value)
         slots = item.get("slots", [])
-        if not isinstance(slots, list) or len(slots) > SLOTS_MAX:
+        if not isinstance(slots, LISTS) or len(slots) > SLOTS_MAX:
             raise _Invalid(f"slots must be a list of at most {SLOTS_MAX} slots")
         for slot in slots:
-            if not (isinstance(slot, list) and len(slot) == 3
+            if not (isinstance(slot, LISTS) and len(slot) == 3
                     and _in_range(slot[0], 0, 6) and _in_range(slot[1], 0, 1440)
                     and _in_range(slot[2], 0, 1440) and slot[1] < slot[2]):
                 raise _Invalid("a slot is [weekday 0..6, start, end] with "
@@ -1036,7 +1044,7 @@ class Reference:
         if not _is_u32(flags):
             return _invalid("flags must be a u32")
         named = request.get("coupons", [])
-        if not isinstance(named, list) or len(named) > COUPONS_PER_PAYMENT_MAX \
+        if not isinstance(named, LISTS) or len(named) > COUPONS_PER_PAYMENT_MAX \
                 or not all(_is_u64(c) and c != 0 for c in named):
             return _invalid("coupons must be a list of at most 4 nonzero u64")
         goods_tag = request.get("goods_tag", 0)
@@ -1082,7 +1090,7 @@ class Reference:
             return _invalid(f"unknown key(s) {sorted(map(str, unknown))}")
         for key in ("users", "merchants", "stocks"):
             ids = request.get(key, [])
-            if not isinstance(ids, list) or not all(_is_u64(i) for i in ids):
+            if not isinstance(ids, LISTS) or not all(_is_u64(i) for i in ids):
                 return _invalid(f"{key} must be a list of u64")
         users = []
         for uid in request.get("users", []):
@@ -1114,7 +1122,7 @@ class Reference:
             return _invalid("COUPONS takes exactly one of ids, user", results=[])
         if "ids" in request:
             ids = request["ids"]
-            if not isinstance(ids, list) or not all(_is_u64(i) for i in ids):
+            if not isinstance(ids, LISTS) or not all(_is_u64(i) for i in ids):
                 return _invalid("ids must be a list of u64", results=[])
             return {"status": 0, "results": [self._coupon_view(i, now) for i in ids]}
         user = request["user"]

@@ -626,3 +626,21 @@ def test_bad_bodies_and_unknown_ops():
         with pytest.raises(UnknownOp):
             ref.call(op, {})
     assert ref.stamp == T0
+
+
+def test_quote_explain_stacking_counts_only_the_payers_earlier_coupons():
+    ref = world()
+    add_stocks(ref, stock(1, value=100), stock(2, value=100, min_spend=10**6))
+    issue(ref, (1, 1, 2), (2, 1, 1), (3, 2, 1), (4, 1, 1))
+    # Coupon 1 (stock 1) is user 2's: it blocks nothing for payer 1's coupon 2.
+    q = ref.call("QUOTE", {"payer": 1, "merchant": 1, "amount": 1000, "coupons": [1, 2]})
+    assert q["status"] == Status.coupon_not_owned
+    assert [(e["coupon"], e["reason"]) for e in q["explain"]] == [
+        (2, "not_chosen"), (3, "not_chosen"), (4, "not_chosen")]
+    # Coupon 3 is the payer's but not applicable: coupon 4 of the same stock as
+    # coupon 2 is still not stackable with 2, and 3 keeps its own reason.
+    q = ref.call("QUOTE", {"payer": 1, "merchant": 1, "amount": 1000,
+                           "coupons": [3, 2, 4]})
+    assert q["status"] == Status.coupon_not_applicable
+    assert [(e["coupon"], e["reason"]) for e in q["explain"]] == [
+        (2, "not_chosen"), (3, "coupon_not_applicable"), (4, "coupons_not_stackable")]
