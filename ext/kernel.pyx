@@ -302,7 +302,7 @@ cdef class Ledger:
     """All state of one engine, and the batch apply over it."""
     cdef public object users, merchants, stocks, coupons, codes
     cdef public object pay_req, pay_res, pay_meta, refunds, tombstones, auth_queue
-    cdef public object programs, memberships, earnings, visits, redemptions
+    cdef public object programs, memberships, earnings, visits, redemptions, program_order
     cdef public object lists, slots
     cdef public IdIndex users_ix, merchants_ix, stocks_ix, coupons_ix
     cdef public IdIndex payments_ix, codes_ix, refunds_ix, tombstones_ix
@@ -329,6 +329,7 @@ cdef class Ledger:
     cdef Refund* RF
     cdef Tombstone* TS
     cdef Program* PG
+    cdef int32_t* PO
     cdef Membership* MS
     cdef Earning* EA
     cdef Visit* VS
@@ -351,6 +352,7 @@ cdef class Ledger:
         self.refunds_ix = IdIndex()
         self.tombstones_ix = IdIndex()
         self.programs = np.zeros(16, PROGRAM)
+        self.program_order = np.zeros(PROGRAMS_MAX, np.int32)
         self.memberships = np.zeros(1024, MEMBERSHIP)
         self.earnings = np.zeros(1024, EARNING)
         self.visits = np.zeros(1024, VISIT)
@@ -394,6 +396,7 @@ cdef class Ledger:
         self.RF = <Refund*>data_of(self.refunds)
         self.TS = <Tombstone*>data_of(self.tombstones)
         self.PG = <Program*>data_of(self.programs)
+        self.PO = <int32_t*>data_of(self.program_order)
         self.MS = <Membership*>data_of(self.memberships)
         self.EA = <Earning*>data_of(self.earnings)
         self.VS = <Visit*>data_of(self.visits)
@@ -478,6 +481,7 @@ cdef class Ledger:
             self.PG[slot].id = key
             index_put(&self.programs_ix.ix, key, slot)
             self.n_programs += 1
+            self.sort_programs()
         else:
             raise ValueError(f"rows of {table!r} are added by the kernel only")
         return slot
@@ -577,6 +581,7 @@ cdef class Ledger:
             ix.ix.mask = capacity - 1
             ix.ix.count = int((entries >> 32 >= 0).sum())
         ledger._bind()
+        ledger.sort_programs()
         ledger._reserve_cands()
         return ledger
 
@@ -588,6 +593,11 @@ cdef class Ledger:
             out.append(c)
             c = self.C[c].next
         return out
+
+    def sort_programs(self):
+        """Programs apply in program id order, whatever order they were made in."""
+        ids = self.programs["id"][:self.n_programs]
+        self.program_order[:self.n_programs] = np.argsort(ids, kind="stable").astype(np.int32)
 
     cdef _reserve_cands(self):
         cdef int64_t need = self.coupons_per_user_max
@@ -1593,7 +1603,7 @@ cdef class Ledger:
         cdef Payment* pm = &self.PM[p]
         cdef Merchant* mr = &self.M[pm.merchant]
         cdef uint64_t key = <uint64_t>pm.user * MERCHANTS_MAX + <uint64_t>pm.merchant + 1
-        cdef int32_t v = index_get(&self.visits_ix.ix, key), i, g, e, k
+        cdef int32_t v = index_get(&self.visits_ix.ix, key), i, g, e, k, j
         cdef int64_t prior, points
         cdef bint with_coupon = False
         cdef Stock* s
@@ -1629,7 +1639,8 @@ cdef class Ledger:
             mr.stat_coupon_payments += 1
         pm.earn_at = <int32_t>self.n_earnings
         pm.earn_count = 0
-        for g in range(self.n_programs):
+        for j in range(self.n_programs):
+            g = self.PO[j]                  # in program id order
             pg = &self.PG[g]
             if not self.covers(pg, pm.merchant):
                 continue
