@@ -159,6 +159,7 @@ class Engine:
 
     def _replay(self) -> None:
         started = time.perf_counter()
+        self._reserve_for_replay()
         count = 0
         for command in self.storage.commands_after(self.storage.snapshot_seq):
             self._execute(command)
@@ -166,6 +167,17 @@ class Engine:
         if count:
             log.info("replayed %d journal entries in %.3f s", count,
                      time.perf_counter() - started)
+
+    def _reserve_for_replay(self) -> None:
+        """Count the records the journal tail will add and make room once:
+        growing the tables step by step while replaying copies them again and
+        again. Reading the tail twice costs far less (it is in the page cache)."""
+        records = {OP_PAY: 0, OP_ISSUE: 0}
+        for command in self.storage.commands_after(self.storage.snapshot_seq):
+            if command.op in records:
+                records[command.op] += len(command.body) // RECORD_OPS[command.op][0].itemsize
+        self.state.ledger.reserve("payments", records[OP_PAY])
+        self.state.ledger.reserve("coupons", records[OP_ISSUE])
 
     # -- batches ----------------------------------------------------------
 

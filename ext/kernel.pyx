@@ -1298,7 +1298,7 @@ cdef class Ledger:
         rows); loading each link a few records ahead keeps many misses in
         flight instead of one. Purely a hint: no state is read for effect.
         """
-        cdef int32_t user, c
+        cdef int32_t user
         cdef const PayRecord* r
         # Each stage reads only lines an earlier stage prefetched a few
         # records ago, so no stage waits on a miss of its own.
@@ -1308,43 +1308,42 @@ cdef class Ledger:
             if not (r.flags & PAY_PAYER_IS_CODE):
                 index_prefetch(&self.users_ix.ix, r.payer)
         if i + 10 < n:
-            r = &rec[i + 10]
-            if not (r.flags & PAY_PAYER_IS_CODE):
-                user = index_guess(&self.users_ix.ix, r.payer)
-                if user >= 0:
-                    __builtin_prefetch(&self.U[user])
+            user = self.payer_guess(&rec[i + 10])
+            if user >= 0:
+                __builtin_prefetch(&self.U[user])
         if i + 6 < n:
             r = &rec[i + 6]
-            if not (r.flags & PAY_PAYER_IS_CODE):
-                user = index_guess(&self.users_ix.ix, r.payer)
-                if user >= 0:
-                    c = self.U[user].coupon_head
-                    if c >= 0:
-                        __builtin_prefetch(&self.C[c])
-                    self.prefetch_completion(user, r.merchant, False)
+            user = self.payer_guess(r)
+            if user >= 0:
+                self.prefetch_coupon(user, 0)
+                self.prefetch_completion(user, r.merchant, False)
         if i + 3 < n:
             r = &rec[i + 3]
-            if not (r.flags & PAY_PAYER_IS_CODE):
-                user = index_guess(&self.users_ix.ix, r.payer)
-                if user >= 0:
-                    c = self.U[user].coupon_head
-                    if c >= 0:
-                        c = self.C[c].next
-                        if c >= 0:
-                            __builtin_prefetch(&self.C[c])
-                    self.prefetch_completion(user, r.merchant, True)
+            user = self.payer_guess(r)
+            if user >= 0:
+                self.prefetch_coupon(user, 1)
+                self.prefetch_completion(user, r.merchant, True)
         if i + 1 < n:
-            r = &rec[i + 1]
-            if not (r.flags & PAY_PAYER_IS_CODE):
-                user = index_guess(&self.users_ix.ix, r.payer)
-                if user >= 0:
-                    c = self.U[user].coupon_head
-                    if c >= 0:
-                        c = self.C[c].next
-                        if c >= 0:
-                            c = self.C[c].next
-                            if c >= 0:
-                                __builtin_prefetch(&self.C[c])
+            user = self.payer_guess(&rec[i + 1])
+            if user >= 0:
+                self.prefetch_coupon(user, 2)
+
+    cdef inline int32_t payer_guess(self, const PayRecord* r) noexcept nogil:
+        """The payer's wallet slot as the index bucket guesses it (-1: none or
+        a payment code, which the prefetch does not chase)."""
+        if r.flags & PAY_PAYER_IS_CODE:
+            return -1
+        return index_guess(&self.users_ix.ix, r.payer)
+
+    cdef inline void prefetch_coupon(self, int32_t user, int32_t skip) noexcept nogil:
+        """Prefetch the user's coupon `skip` links down the list; the links
+        before it were prefetched by earlier stages."""
+        cdef int32_t c = self.U[user].coupon_head
+        while c >= 0 and skip > 0:
+            c = self.C[c].next
+            skip -= 1
+        if c >= 0:
+            __builtin_prefetch(&self.C[c])
 
     cdef inline void prefetch_completion(self, int32_t user, uint64_t merchant_id,
                                          bint rows) noexcept nogil:

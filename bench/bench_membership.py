@@ -1,0 +1,97 @@
+"""PAY with membership and every campaign control on, against PAY without
+them, side by side in one run (issue 6's target: >= 70 %).
+
+    .venv/bin/python -m pytest bench/ --benchmark-only -p no:cacheprovider -k membership
+
+The world is the standard one at SCANPAY_MEMBERSHIP_USERS users (default
+200,000, to keep the two builds short). "Full": a points program and a stamp
+card covering every merchant, and on every stock a daily budget, a per-user
+daily limit and slots covering the whole week (so controls are checked on
+every candidate but admit as before). "Plain": the same world without them.
+Rounds alternate plain/full so that both see the same machine load.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+import engine.world as world
+from engine.records import PAY_RESULT
+from engine.world import BATCH_RECORDS_MAX, World, build, pay_batches
+
+from _common import SUMMARY, load, machine
+
+USERS = int(os.environ.get("SCANPAY_MEMBERSHIP_USERS", "200000"))
+BATCHES = 60
+ROUNDS = 3
+TARGET_SHARE = 0.70
+WHOLE_WEEK = [[day, 0, 1440] for day in range(7)]
+
+
+def with_controls(make_stocks):
+    def stocks(*args, **kwargs):
+        names, defs, weights = make_stocks(*args, **kwargs)
+        for d in defs:
+            d.update(daily_budget=2**61, per_user_daily_limit=1000, slots=WHOLE_WEEK)
+        return names, defs, weights
+    return stocks
+
+
+def world_engine(full: bool):
+    from engine import Engine
+    spec = World.standard()
+    spec = type(spec)(**{**spec.__dict__, "users": USERS})
+    eng = Engine(clock=lambda: 1_700_000_000_000,
+                 capacity={"users": USERS, "coupons": 3 * USERS,
+                           "payments": 2 * ROUNDS * BATCHES * BATCH_RECORDS_MAX,
+                           "visits": ROUNDS * BATCHES * BATCH_RECORDS_MAX})
+    original = world._standard_stocks
+    if full:
+        world._standard_stocks = with_controls(original)
+    try:
+        info = build(eng, spec)
+    finally:
+        world._standard_stocks = original
+    if full:
+        reward = int(info.stock_ids[0])
+        reply = eng.call("PROGRAMS", {"programs": [
+            {"id": 1, "kind": "points", "rate": 5},
+            {"id": 2, "kind": "stamps", "threshold": 1000, "stamps": 10, "reward_stock": reward}]})
+        assert all(r["status"] == 0 for r in reply["results"]), reply
+    return eng, info
+
+
+def test_membership_and_controls_keep_the_pay_rate(benchmark):
+    plain, plain_info = world_engine(False)
+    full, full_info = world_engine(True)
+    out = np.empty(BATCH_RECORDS_MAX, PAY_RESULT)
+    seconds = {"plain": 0.0, "full": 0.0}
+    cpu = {"plain": 0.0, "full": 0.0}
+
+    def one_round(k: int) -> None:
+        for name, (eng, info) in (("plain", (plain, plain_info)), ("full", (full, full_info))):
+            batches = list(pay_batches(info, BATCHES, seed=100 + k,
+                                       start_payment_id=1 + k * BATCHES * BATCH_RECORDS_MAX))
+            started, started_cpu = time.perf_counter(), time.thread_time()
+            for batch in batches:
+                eng.kernel_pay(batch, info.now_ms, out)
+            seconds[name] += time.perf_counter() - started
+            cpu[name] += time.thread_time() - started_cpu
+
+    rounds = iter(range(ROUNDS))
+    benchmark.pedantic(lambda: one_round(next(rounds)), rounds=ROUNDS, iterations=1)
+    payments = ROUNDS * BATCHES * BATCH_RECORDS_MAX
+    rate = {k: payments / v for k, v in seconds.items()}
+    rate_cpu = {k: payments / v for k, v in cpu.items()}
+    share, share_cpu = rate["full"] / rate["plain"], rate_cpu["full"] / rate_cpu["plain"]
+    stats = full.call("STATS", {"merchants": [int(full_info.merchant_ids[0])]})["merchants"][0]
+    assert stats["payments"] > 0 and full.audit()["ok"] and plain.audit()["ok"]
+    benchmark.extra_info.update(plain_per_second=rate["plain"], full_per_second=rate["full"],
+                                share=share, share_per_cpu_second=share_cpu,
+                                target_share=TARGET_SHARE, users=USERS, machine=machine(),
+                                load=load())
+    SUMMARY["PAY with membership + controls"] = (
+        f"{rate['full']:,.0f}/s vs {rate['plain']:,.0f}/s plain: {share:.0%} "
+        f"({share_cpu:.0%} per CPU-s; target {TARGET_SHARE:.0%}); {load()}")
