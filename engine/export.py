@@ -87,7 +87,7 @@ def stock_lists(ledger, stocks: np.ndarray) -> np.ndarray:
 
 
 def stock_slots(ledger, stocks: np.ndarray) -> np.ndarray:
-    triples = ledger.slots.reshape(-1, 3)
+    triples = ledger.slots[:3 * ledger.n_slots].reshape(-1, 3)
     owner, rows = pool_rows(stocks["slot_at"], stocks["slots_count"], triples)
     out = np.zeros(len(owner), cn.STOCK_SLOTS)
     out["stock"] = stocks["id"][owner]

@@ -116,3 +116,12 @@ def test_authorizations_count_until_released(eng):
     assert pay(eng, 2, user=2, coupons=[11])["status"] == Status.coupon_budget_exhausted
     eng.call("VOID", {"payments": [1]})
     assert pay(eng, 3, user=2, coupons=[11])["discount"] == 500
+
+
+def test_many_stocks_with_slots_keep_the_state_readable(eng):
+    """The slot pool grows past its first allocation (and not by multiples of 3)."""
+    eng.call("STOCKS", {"stocks": [stock(100 + i, slots=[[d, 0, 1440] for d in range(7)])
+                                   for i in range(40)]})
+    tables = eng.canonical()
+    assert len(tables["stock_slots"]) == 40 * 7
+    assert eng.audit()["ok"]
