@@ -669,8 +669,11 @@ cdef class Ledger:
             return ST_COUPON_NOT_APPLICABLE
         if not self.in_slots(s, t) or amount < s.min_spend:
             return ST_COUPON_NOT_APPLICABLE
-        if s.per_user_daily_limit > 0 and self.redeemed_today(
-                cp.user, cp.stock, t.day) >= s.per_user_daily_limit:
+        # A user holding fewer coupons than the limit cannot have reached it:
+        # the walk over their coupons is needed only near the limit.
+        if (s.per_user_daily_limit > 0
+                and self.U[cp.user].coupon_count >= s.per_user_daily_limit
+                and self.redeemed_today(cp.user, cp.stock, t.day) >= s.per_user_daily_limit):
             return ST_COUPON_NOT_APPLICABLE
         if not explicit and d < 1:
             return ST_COUPON_NOT_APPLICABLE
