@@ -55,7 +55,12 @@ def world_engine(full: bool):
     finally:
         world._standard_stocks = original
     if full:
-        reward = int(info.stock_ids[0])
+        # The card's reward: a small platform coupon good anywhere, so rewards
+        # are redeemed as they would be, not hoarded by the heaviest payers.
+        reward = 2**40
+        eng.call("STOCKS", {"stocks": [{
+            "id": reward, "funder": "platform", "kind": "fixed", "value": 100,
+            "valid_from": 0, "valid_until": 2**62, "stacking": "stackable"}]})
         reply = eng.call("PROGRAMS", {"programs": [
             {"id": 1, "kind": "points", "rate": 5},
             {"id": 2, "kind": "stamps", "threshold": 1000, "stamps": 10, "reward_stock": reward}]})

@@ -104,7 +104,8 @@ cdef inline int64_t share_of(int64_t refunded, int64_t part, int64_t total) noex
     return <int64_t>((<int128>refunded * <int128>part) / <int128>total)
 
 USER = np.dtype([("id", "<u8"), ("balance", "<i8"), ("held", "<i8"),
-                 ("coupon_head", "<i4"), ("coupon_count", "<i4")], align=True)
+                 ("coupon_head", "<i4"), ("coupon_count", "<i4"), ("live_head", "<i4")],
+                align=True)
 MERCHANT = np.dtype([("id", "<u8"), ("balance", "<i8"), ("fee_bps", "<i4"),
                      ("active", "u1"), ("tag_count", "u1"), ("period_active", "u1"),
                      ("_pad", "u1"), ("tags", "<u4", (16,))]
@@ -130,7 +131,7 @@ STOCK = np.dtype([("id", "<u8"), ("merchant_id", "<u8")]
                  align=True)
 COUPON = np.dtype([("id", "<u8"), ("expires_at", "<i8"), ("stock", "<i4"),
                    ("user", "<i4"), ("next", "<i4"), ("payment", "<i4"),
-                   ("state", "u1")], align=True)
+                   ("next_live", "<i4"), ("state", "u1"), ("live", "u1")], align=True)
 PAYMENT = np.dtype([("applied", "<i8", (4,)), ("refunded_part", "<i8", (4,))]
                    + [(f, "<i8") for f in (
                        "amount", "authorized_amount", "cash", "discount", "fee",
@@ -457,6 +458,7 @@ cdef class Ledger:
             slot = self.n_users
             self.U[slot].id = key
             self.U[slot].coupon_head = -1
+            self.U[slot].live_head = -1
             index_put(&self.users_ix.ix, key, slot)
             self.n_users += 1
         elif table == "merchants":
@@ -710,15 +712,27 @@ cdef class Ledger:
                           Selection* sel) noexcept nogil:
         """Step 5, automatic mode: the exact best option."""
         cdef Cand* cands = self.cands_p
-        cdef int32_t count = 0, c, j, i, k, best_ex = -1, top_count = 0
+        cdef int32_t count = 0, c, j, i, k, best_ex = -1, top_count = 0, prev = -1, nxt
         cdef int32_t top[4]
         cdef int64_t d, stack_sum = 0, stack_total, ex_total, left, a
         cdef bint take_ex
         cdef Cand cand
         self.generation += 1
-        # Candidates, keeping only the best-ranked coupon of each stock.
-        c = self.U[user].coupon_head
+        # Candidates, keeping only the best-ranked coupon of each stock. The
+        # walk is over the live list; used coupons met on the way leave it, so
+        # a heavy payer's history is not walked again on every payment.
+        c = self.U[user].live_head
         while c >= 0:
+            nxt = self.C[c].next_live
+            if self.C[c].state == COUPON_USED:
+                if prev < 0:
+                    self.U[user].live_head = nxt
+                else:
+                    self.C[prev].next_live = nxt
+                self.C[c].live = 0
+                c = nxt
+                continue
+            prev = c
             if self.check_coupon(c, m, amount, goods_tag, t, False, &d) == ST_OK:
                 cand.d = d
                 cand.expires_at = self.C[c].expires_at
@@ -734,7 +748,7 @@ cdef class Ledger:
                     self.stock_cand_p[cand.stock] = count
                     cands[count] = cand
                     count += 1
-            c = self.C[c].next
+            c = nxt
         # The best exclusive coupon, and the top four stackable ones in rank order.
         for j in range(count):
             if self.S[cands[j].stock].stacking == STACKING_EXCLUSIVE:
@@ -1010,6 +1024,17 @@ cdef class Ledger:
 
     # -- two-phase payments -------------------------------------------------
 
+    cdef inline void make_available(self, int32_t c) noexcept nogil:
+        """A coupon back to available (released, or returned by a full
+        refund): on its user's live list again if the walk had dropped it."""
+        cdef int32_t u = self.C[c].user
+        self.C[c].state = COUPON_AVAILABLE
+        self.C[c].payment = -1
+        if not self.C[c].live:
+            self.C[c].next_live = self.U[u].live_head
+            self.U[u].live_head = c
+            self.C[c].live = 1
+
     cdef void release(self, int32_t p, uint8_t state, int64_t now) noexcept nogil:
         """Void an authorization: the hold, the coupons and their reservation."""
         cdef Payment* pm = &self.PM[p]
@@ -1019,8 +1044,7 @@ cdef class Ledger:
             c = pm.coupon[i]
             self.S[self.C[c].stock].reserved -= pm.applied[i]
             self.count_day(&self.S[self.C[c].stock], pm.day, -pm.applied[i])
-            self.C[c].state = COUPON_AVAILABLE
-            self.C[c].payment = -1
+            self.make_available(c)
         pm.state = state
         pm.ended_at = now
 
@@ -1124,8 +1148,7 @@ cdef class Ledger:
             pm.applied[i] = applied[i]
             if applied[i] == 0:
                 pm.released |= 1 << i
-                self.C[c].state = COUPON_AVAILABLE
-                self.C[c].payment = -1
+                self.make_available(c)
                 continue
             self.C[c].state = COUPON_USED
             s.spent += applied[i]
@@ -1207,8 +1230,7 @@ cdef class Ledger:
             for i in range(pm.coupon_count):
                 if not (pm.released >> i) & 1:
                     c = pm.coupon[i]
-                    self.C[c].state = COUPON_AVAILABLE
-                    self.C[c].payment = -1
+                    self.make_available(c)
                     self.S[self.C[c].stock].stat_redeemed -= 1
         else:
             pm.state = PAYMENT_PARTIALLY_REFUNDED
@@ -1341,9 +1363,9 @@ cdef class Ledger:
     cdef inline void prefetch_coupon(self, int32_t user, int32_t skip) noexcept nogil:
         """Prefetch the user's coupon `skip` links down the list; the links
         before it were prefetched by earlier stages."""
-        cdef int32_t c = self.U[user].coupon_head
+        cdef int32_t c = self.U[user].live_head
         while c >= 0 and skip > 0:
-            c = self.C[c].next
+            c = self.C[c].next_live
             skip -= 1
         if c >= 0:
             __builtin_prefetch(&self.C[c])
@@ -1518,6 +1540,9 @@ cdef class Ledger:
             self.C[c].expires_at = now + st.validity_ms
         self.C[c].next = self.U[u].coupon_head
         self.U[u].coupon_head = c
+        self.C[c].next_live = self.U[u].live_head
+        self.U[u].live_head = c
+        self.C[c].live = 1
         self.U[u].coupon_count += 1
         if self.U[u].coupon_count > self.coupons_per_user_max:
             self.coupons_per_user_max = self.U[u].coupon_count

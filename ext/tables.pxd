@@ -65,6 +65,7 @@ cdef struct User:
     int64_t held
     int32_t coupon_head     # newest coupon of the user, -1 when none
     int32_t coupon_count
+    int32_t live_head       # the user's coupons that may still apply (see Coupon.next_live)
 
 cdef struct Merchant:
     uint64_t id
@@ -135,7 +136,9 @@ cdef struct Coupon:
     int32_t user
     int32_t next            # the user's next older coupon, -1 at the end
     int32_t payment         # payment slot that uses or locks it, -1 none
+    int32_t next_live       # next in the user's live list: used coupons leave it
     uint8_t state
+    uint8_t live            # on the live list
 
 cdef struct Payment:
     int64_t applied[4]      # applied (or, while authorized, reserved) part of coupon i
