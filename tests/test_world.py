@@ -78,10 +78,19 @@ def test_zipf_ranks_in_range_and_skewed():
     assert counts[0] > 5 * counts[500]
 
 
-def test_demo_end_to_end():
+def test_demo_end_to_end(tmp_path, capsys):
     from engine import demo
 
     with pytest.raises(SystemExit) as bad:
         demo.main(["--payments", "0"])
     assert bad.value.code != 0
-    assert demo.main(["--payments", "20000", "--users", "2000"]) == 0
+    # Over the wire (the default): a durable server and 16 gateway connections.
+    report = tmp_path / "report"
+    assert demo.main(["--payments", "20000", "--users", "2000", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "over the wire, durable" in out and "PAY frame latency" in out
+    assert (report / "report.png").exists()
+    # The same traffic through the embedded engine.
+    assert demo.main(["--payments", "20000", "--users", "2000", "--embedded",
+                      "--report", ""]) == 0
+    assert "Engine.pay, in memory" in capsys.readouterr().out
