@@ -162,10 +162,8 @@ def membership_view(state: State, pair) -> dict:
 
 
 def membership_row(ledger, user: int, program: int) -> int:
-    key = user * LIMITS["programs"] + program + 1
-    rows = ledger.memberships[:ledger.n_memberships]
-    found = np.nonzero(rows["key"] == key)[0]
-    return int(found[0]) if len(found) else -1
+    """The (user slot, program slot) row, by the kernel's key, or -1."""
+    return ledger.find("memberships", user * LIMITS["programs"] + program + 1)
 
 
 # -- STATS ------------------------------------------------------------------

@@ -6,7 +6,6 @@ import numpy as np
 
 from ._kernel import REFUND
 from .canonical import FUNDER_NAMES, PAYMENT_STATE_NAMES
-from .errors import BadBody
 from .ops_query import LOOKUP_IDS_MAX, not_found, require_map
 from .ops_setup import list_items
 from .records import PAY_RESULT, RESULT_DUPLICATE
@@ -209,9 +208,3 @@ def statement(state: State, request, now: int, draws) -> dict:
     except Invalid as e:
         return failure(e.status, str(e))
     return state.settlements[number - 1]
-
-
-def check_list_body(request, key: str) -> None:
-    if not isinstance(request, dict):
-        raise BadBody("the body must be a map")
-    list_items(request, key)
