@@ -21,74 +21,20 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from engine import Engine, audit, canonical
+from engine import audit, canonical
 from engine.records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, REFUND_RECORD
 
+import differential_pair
+from differential_pair import HOLD_MS
 from reference_membership import REWARD_BASE, MembershipReference
 
-HOLD_MS = 10_000
 T0 = 1_700_000_000_000 + 2 * 86_400_000 + 13 * 3_600_000     # a weekday afternoon
 DAY = 86_400_000
 
 
-class Clock:
-    def __init__(self, t: int):
-        self.t = t
-
-    def __call__(self) -> int:
-        return self.t
-
-
-class Codes:
+class Pair(differential_pair.Pair):
     def __init__(self):
-        self.n = 0
-
-    def __call__(self) -> int:
-        self.n += 1
-        return 10**17 + 1000 * self.n
-
-
-def strip_messages(value):
-    if isinstance(value, dict):
-        return {k: strip_messages(v) for k, v in value.items() if k != "message"}
-    if isinstance(value, list):
-        return [strip_messages(v) for v in value]
-    return value
-
-
-class Pair:
-    """The engine and the reference on one clock; every step goes to both."""
-
-    def __init__(self):
-        self.clock = Clock(T0)
-        self.eng = Engine(clock=self.clock, code_source=Codes(), hold_ms=HOLD_MS)
-        self.ref = MembershipReference(clock=self.clock, code_source=Codes(), hold_ms=HOLD_MS)
-        self.log = []
-
-    def _both(self, what, fn):
-        self.log.append(what)
-        a, b = fn(self.eng), fn(self.ref)
-        if isinstance(a, np.ndarray):
-            assert np.array_equal(a, b), self._failure(f"engine    {a}\n reference {b}")
-        else:
-            a, b = strip_messages(a), strip_messages(b)
-            assert a == b, self._failure(f"engine    {a}\n reference {b}")
-        return a
-
-    def _failure(self, text: str) -> str:
-        steps = "\n".join(f"  {i}: {s}" for i, s in enumerate(self.log[-40:]))
-        return f"mismatch at the last step:\n{steps}\n {text}"
-
-    def call(self, op, request):
-        return self._both(f"call({op!r}, {request!r})", lambda x: x.call(op, request))
-
-    def batch(self, method, records):
-        return self._both(f"{method}({records.tolist()!r})",
-                          lambda x: getattr(x, method)(records.copy()))
-
-    def tick(self, ms: int):
-        self.log.append(f"clock += {ms}")
-        self.clock.t += ms
+        super().__init__(MembershipReference, T0)
 
     def finish(self):
         a, b = self.eng.canonical(), self.ref.canonical()
