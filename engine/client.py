@@ -139,7 +139,24 @@ class HelloInfo(msgspec.Struct, frozen=True):
     hold_ms: int = 0
 
 
-class PayResult(msgspec.Struct, frozen=True):
+class _Outcome:
+    """What every result record tells: its status and the duplicate flag."""
+    __slots__ = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    @property
+    def status_name(self) -> str:
+        return STATUS_NAMES.get(self.status, f"status_{self.status}")
+
+    @property
+    def duplicate(self) -> bool:
+        return bool(self.flags & RESULT_DUPLICATE)
+
+
+class PayResult(_Outcome, msgspec.Struct, frozen=True):
     """One PayResult. `coupons` holds only the coupons applied, no zero slots."""
     id: int
     status: int
@@ -150,40 +167,18 @@ class PayResult(msgspec.Struct, frozen=True):
     timestamp: int
     coupons: tuple[int, ...]
 
-    @property
-    def ok(self) -> bool:
-        return self.status == 0
-
-    @property
-    def status_name(self) -> str:
-        return STATUS_NAMES.get(self.status, f"status_{self.status}")
-
-    @property
-    def duplicate(self) -> bool:
-        return bool(self.flags & RESULT_DUPLICATE)
 
     @property
     def authorized(self) -> bool:
         return bool(self.flags & RESULT_AUTHORIZED)
 
 
-class IssueResult(msgspec.Struct, frozen=True):
+class IssueResult(_Outcome, msgspec.Struct, frozen=True):
     coupon: int
     status: int
     flags: int
     expires_at: int
 
-    @property
-    def ok(self) -> bool:
-        return self.status == 0
-
-    @property
-    def status_name(self) -> str:
-        return STATUS_NAMES.get(self.status, f"status_{self.status}")
-
-    @property
-    def duplicate(self) -> bool:
-        return bool(self.flags & RESULT_DUPLICATE)
 
 
 def pay_results(results: np.ndarray) -> list[PayResult]:
