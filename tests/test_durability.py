@@ -20,7 +20,6 @@ minutes on 2 cores).
 """
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import os
@@ -39,6 +38,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import crash_child as cc
 import engine.durability as durability
+from faulty_fs import FaultyFs
 from engine import Engine, canonical
 from engine.command import decode
 from engine.dispatch import OP_EXPIRE, OP_ISSUE, OP_NAMES, OP_PAY
@@ -587,61 +587,6 @@ def test_all_snapshots_damaged_after_retention_refuses_to_start(tmp_path):
 
 # ------------------------------------------------------------ storage failures
 
-class FaultyFs:
-    """The os calls the journal makes, with injectable failures."""
-
-    def __init__(self):
-        self.faults = {}                # name -> errno
-        self.partial = False            # on a writev fault, first write half the bytes
-        self.calls = collections.Counter()
-
-    def fail(self, name, error):
-        self.faults[name] = error
-
-    def heal(self):
-        self.faults.clear()
-
-    def _check(self, name):
-        self.calls[name] += 1
-        if name in self.faults:
-            raise OSError(self.faults[name], os.strerror(self.faults[name]))
-
-    def open(self, *args):
-        self._check("open")
-        return os.open(*args)
-
-    def writev(self, fd, buffers):
-        try:
-            self._check("writev")
-        except OSError:
-            if self.partial and buffers:
-                data = b"".join(bytes(b) for b in buffers)
-                self.partial = False
-                return os.write(fd, data[:max(1, len(data) // 2)])
-            raise
-        return os.writev(fd, buffers)
-
-    def fdatasync(self, fd):
-        self._check("fdatasync")
-        os.fdatasync(fd)
-
-    def fsync(self, fd):
-        self._check("fsync")
-        os.fsync(fd)
-
-    def ftruncate(self, fd, length):
-        self._check("ftruncate")
-        os.ftruncate(fd, length)
-
-    def close(self, fd):
-        self._check("close")
-        os.close(fd)
-
-    def unlink(self, path):
-        self._check("unlink")
-        os.unlink(path)
-
-
 def batch_of(seed: int, k: int):
     """A PAY op of the stream at or after k (its records)."""
     while True:
@@ -702,7 +647,7 @@ def test_enospc_partial_write_then_restart_keeps_only_acknowledged(tmp_path, fas
     k, records = batch_of(3, 60)
     eng.clock = lambda: cc.T0 + k * cc.STEP_MS
     fs.fail("writev", errno.ENOSPC)
-    fs.partial = True                     # half the entry reaches the file
+    fs.partial_then_fail = True                     # half the entry reaches the file
     with pytest.raises(Unavailable, match="ENOSPC"):
         eng.pay(records)
     with pytest.raises(Unavailable):

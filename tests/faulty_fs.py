@@ -1,0 +1,68 @@
+"""An `fs` for the journal: the os calls it makes, counted, with injectable
+failures (EIO, ENOSPC, short and partial writes)."""
+import collections
+import os
+
+
+class FaultyFs:
+    """The os calls the journal makes, counted, with injectable failures."""
+
+    def __init__(self):
+        self.calls = collections.Counter()
+        self.faults = {}  # name -> [successful calls left, errno]
+        self.writev_bytes_max = None  # Simulates short writes.
+        self.partial_then_fail = False  # On a writev fault, first write half.
+
+    def fail(self, name, error, after=0):
+        self.faults[name] = [after, error]
+
+    def heal(self):
+        self.faults.clear()
+
+    def _check(self, name):
+        self.calls[name] += 1
+        fault = self.faults.get(name)
+        if fault is not None:
+            if fault[0] > 0:
+                fault[0] -= 1
+            else:
+                raise OSError(fault[1], os.strerror(fault[1]))
+
+    def open(self, *args):
+        self._check("open")
+        return os.open(*args)
+
+    def writev(self, fd, buffers):
+        try:
+            self._check("writev")
+        except OSError:
+            if self.partial_then_fail and buffers:
+                half = b"".join(bytes(b) for b in buffers)
+                os.write(fd, half[:max(1, len(half) // 2)])
+                self.partial_then_fail = False
+                return max(1, len(half) // 2)
+            raise
+        if self.writev_bytes_max is not None:
+            data = b"".join(bytes(b) for b in buffers)[:self.writev_bytes_max]
+            return os.write(fd, data)
+        return os.writev(fd, buffers)
+
+    def fdatasync(self, fd):
+        self._check("fdatasync")
+        os.fdatasync(fd)
+
+    def fsync(self, fd):
+        self._check("fsync")
+        os.fsync(fd)
+
+    def ftruncate(self, fd, length):
+        self._check("ftruncate")
+        os.ftruncate(fd, length)
+
+    def close(self, fd):
+        self._check("close")
+        os.close(fd)
+
+    def unlink(self, path):
+        self._check("unlink")
+        os.unlink(path)
