@@ -54,6 +54,14 @@ cdef extern from *:
     void __builtin_prefetch(const void* address) nogil
 
 
+cdef inline void prefetch_row(const void* row, size_t row_bytes) noexcept nogil:
+    """Start loading every line of a row: rows of 24-40 bytes straddle two
+    cache lines about half the time, and a miss on the second line costs as
+    much as one on the first."""
+    __builtin_prefetch(row)
+    __builtin_prefetch(<const char*>row + row_bytes - 1)
+
+
 cdef inline void index_prefetch(const Index* ix, uint64_t key) noexcept nogil:
     """Start loading the bucket of `key` (first step of a batch pipeline)."""
     __builtin_prefetch(&ix.entries[mix64(key) & ix.mask])

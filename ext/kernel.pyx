@@ -21,7 +21,7 @@ from tables cimport (PayRecord, PayResult, IssueRecord, IssueResult, User,
                      Program, Membership, Earning, Visit, Redemption,
                      Merchant, Stock, Coupon, Payment, Code, Refund, Tombstone)
 from index cimport (Entry, Index, index_get, index_put, index_prefetch, index_guess,
-                   row_id, LOAD_MAX_PCT, __builtin_prefetch)
+                   row_id, LOAD_MAX_PCT, __builtin_prefetch, prefetch_row)
 
 from .records import PAY_RECORD, PAY_RESULT
 
@@ -156,6 +156,9 @@ VISIT = np.dtype([("key", "<u8"), ("payments", "<i8"), ("user", "<i4"), ("mercha
                  align=True)
 REDEMPTION = np.dtype([("coupon", "<u8"), ("price", "<i8"), ("user", "<i4"),
                        ("program", "<i4")], align=True)
+cdef enum:
+    AHEAD_RECORDS = 16      # how far the PAY prefetch pipeline looks ahead (a power of two)
+
 cdef uint64_t PROGRAMS_MAX = 256            # every payment checks every program's scope
 cdef uint64_t MERCHANTS_MAX = 1 << 24       # visit keys pack (user, merchant) slots in 64 bits
 cdef uint64_t REWARD_ID_BASE = 1ULL << 63   # engine-made reward coupon ids: 2**63 + k
@@ -219,18 +222,20 @@ cdef class IdIndex:
             return
         while count_need * 100 > <int64_t>capacity * LOAD_MAX_PCT:
             capacity *= 2
-        cdef object old_entries = self.entries
-        cdef Entry* old = self.ix.entries
-        cdef uint64_t old_capacity = self.ix.mask + 1
+        cdef int64_t count = self.ix.count, slot
         self.entries = np.full(capacity, -1, np.int64)
         self.ix.entries = <Entry*>data_of(self.entries)
         self.ix.mask = capacity - 1
         self.ix.count = 0
-        cdef uint64_t i
-        for i in range(old_capacity):
-            if old[i].slot >= 0:
-                index_put(&self.ix, row_id(&self.ix, old[i].slot), old[i].slot)
-        del old_entries
+        # Every row 0..count-1 is indexed (rows are never removed), so the
+        # rehash reads the rows in order, a stream, instead of chasing each
+        # old entry's slot to a random row; the new buckets are prefetched.
+        with nogil:
+            for slot in range(count):
+                if slot + 8 < count:
+                    index_prefetch(&self.ix, row_id(&self.ix, <int32_t>(slot + 8)))
+                index_put(&self.ix, row_id(&self.ix, <int32_t>slot), <int32_t>slot)
+        assert self.ix.count == count
 
     def get(self, uint64_t key):
         return index_get(&self.ix, key)
@@ -342,6 +347,11 @@ cdef class Ledger:
     cdef int32_t* stock_cand_p
     cdef Cand* cands_p
     cdef int64_t cands_capacity
+    # The prefetch pipeline's guesses (wallet and merchant slot) of the next
+    # AHEAD_RECORDS records, by record number mod AHEAD_RECORDS: each is
+    # hashed once, when its record enters the pipeline, not at every stage.
+    cdef int32_t ahead_user[AHEAD_RECORDS]
+    cdef int32_t ahead_merchant[AHEAD_RECORDS]
 
     def __init__(self, int64_t tz_offset_ms=8 * 3600 * 1000,
                  int64_t hold_ms=7 * 24 * 3600 * 1000):
@@ -446,8 +456,12 @@ cdef class Ledger:
         if table == "payments":     # each payment may become an authorization to expire
             self.auth_queue = self._grown(self.auth_queue, self.n_auth + more)
         self._bind()
+        cdef IdIndex ix
         if table not in UNINDEXED_TABLES:
-            (<IdIndex>getattr(self, table + "_ix")).reserve(need)
+            ix = getattr(self, table + "_ix")
+            # The rehash relies on it: rows 0..n-1 are exactly the indexed ones.
+            assert ix.ix.count == need - more, f"{table}: index out of step with rows"
+            ix.reserve(need)
 
     def append(self, str table, uint64_t key):
         """Add a zeroed row with id `key` (known absent) and return its slot."""
@@ -866,9 +880,15 @@ cdef class Ledger:
         return ST_OK
 
     cdef int resolve(self, const PayRecord* r, int64_t now, int32_t* m,
-                     int32_t* user, int32_t* code) noexcept nogil:
-        """Step 3: merchant, then payer (by user id or payment code)."""
-        m[0] = index_get(&self.merchants_ix.ix, r.merchant)
+                     int32_t* user, int32_t* code, int32_t user_guess=-1,
+                     int32_t merchant_guess=-1) noexcept nogil:
+        """Step 3: merchant, then payer (by user id or payment code). A
+        guessed slot whose row holds the id sought is that id's slot (ids are
+        unique), which spares a second hash probe."""
+        if merchant_guess >= 0 and self.M[merchant_guess].id == r.merchant:
+            m[0] = merchant_guess
+        else:
+            m[0] = index_get(&self.merchants_ix.ix, r.merchant)
         if m[0] < 0:
             return ST_MERCHANT_NOT_FOUND
         if not self.M[m[0]].active:
@@ -880,6 +900,8 @@ cdef class Ledger:
                     or now >= self.K[code[0]].expires_at):
                 return ST_PAYMENT_CODE_INVALID
             user[0] = self.K[code[0]].user
+        elif user_guess >= 0 and self.U[user_guess].id == r.payer:
+            user[0] = user_guess
         else:
             user[0] = index_get(&self.users_ix.ix, r.payer)
             if user[0] < 0:
@@ -911,7 +933,9 @@ cdef class Ledger:
         return ((amount - merchant_discount) * self.M[m].fee_bps + 5000) / 10000
 
     cdef void pay_one(self, const PayRecord* r, PayResult* out,
-                      const Clock* t) noexcept nogil:
+                      const Clock* t, int32_t user_guess, int32_t merchant_guess) noexcept nogil:
+        """Steps 1-7 of RULES.md Paying for one record; the guesses are the
+        prefetch pipeline's (see resolve)."""
         cdef int32_t m, user, code, p, i, c
         cdef int st
         cdef int64_t cash, fee, merchant_discount, a
@@ -938,7 +962,7 @@ cdef class Ledger:
         if index_get(&self.tombstones_ix.ix, r.id) >= 0:
             out.status = ST_REVERSED
             return
-        st = self.resolve(r, t.now, &m, &user, &code)
+        st = self.resolve(r, t.now, &m, &user, &code, user_guess, merchant_guess)
         if st == ST_OK:
             st = self.select(r, user, m, t, &sel, NULL)
         if st != ST_OK:
@@ -1311,9 +1335,12 @@ cdef class Ledger:
         cdef Clock t = self.clock_at(now)
         cdef int64_t i
         with nogil:
+            for i in range(-AHEAD_RECORDS, 0):      # fill the pipeline
+                self.prefetch(rec, n, i)
             for i in range(n):
                 self.prefetch(rec, n, i)
-                self.pay_one(&rec[i], &res[i], &t)
+                self.pay_one(&rec[i], &res[i], &t, self.ahead_user[i & (AHEAD_RECORDS - 1)],
+                             self.ahead_merchant[i & (AHEAD_RECORDS - 1)])
 
     cdef inline void prefetch(self, const PayRecord* rec, int64_t n,
                               int64_t i) noexcept nogil:
@@ -1322,43 +1349,44 @@ cdef class Ledger:
         A payment's misses form a chain (index bucket -> wallet row -> coupon
         rows); loading each link a few records ahead keeps many misses in
         flight instead of one. Purely a hint: no state is read for effect.
+        Each stage reads only lines an earlier stage prefetched a few records
+        ago, so no stage waits on a miss of its own.
         """
+        cdef int64_t j
         cdef int32_t user
         cdef const PayRecord* r
-        # Each stage reads only lines an earlier stage prefetched a few
-        # records ago, so no stage waits on a miss of its own.
-        if i + 16 < n:
-            r = &rec[i + 16]
+        j = i + AHEAD_RECORDS - 1
+        if 0 <= j < n:
+            r = &rec[j]
             index_prefetch(&self.payments_ix.ix, r.id)
             if not (r.flags & PAY_PAYER_IS_CODE):
                 index_prefetch(&self.users_ix.ix, r.payer)
-        if i + 10 < n:
-            user = self.payer_guess(&rec[i + 10])
+        j = i + 10
+        if 0 <= j < n:
+            r = &rec[j]
+            user = -1 if r.flags & PAY_PAYER_IS_CODE else index_guess(&self.users_ix.ix, r.payer)
+            self.ahead_user[j & (AHEAD_RECORDS - 1)] = user
+            self.ahead_merchant[j & (AHEAD_RECORDS - 1)] = index_guess(
+                &self.merchants_ix.ix, r.merchant)
             if user >= 0:
-                __builtin_prefetch(&self.U[user])
-        if i + 6 < n:
-            r = &rec[i + 6]
-            user = self.payer_guess(r)
+                prefetch_row(&self.U[user], sizeof(User))
+        j = i + 6
+        if 0 <= j < n:
+            user = self.ahead_user[j & (AHEAD_RECORDS - 1)]
             if user >= 0:
                 self.prefetch_coupon(user, 0)
-                self.prefetch_completion(user, r.merchant, False)
-        if i + 3 < n:
-            r = &rec[i + 3]
-            user = self.payer_guess(r)
+                self.prefetch_completion(user, self.ahead_merchant[j & (AHEAD_RECORDS - 1)], False)
+        j = i + 3
+        if 0 <= j < n:
+            user = self.ahead_user[j & (AHEAD_RECORDS - 1)]
             if user >= 0:
                 self.prefetch_coupon(user, 1)
-                self.prefetch_completion(user, r.merchant, True)
-        if i + 1 < n:
-            user = self.payer_guess(&rec[i + 1])
+                self.prefetch_completion(user, self.ahead_merchant[j & (AHEAD_RECORDS - 1)], True)
+        j = i + 1
+        if 0 <= j < n:
+            user = self.ahead_user[j & (AHEAD_RECORDS - 1)]
             if user >= 0:
                 self.prefetch_coupon(user, 2)
-
-    cdef inline int32_t payer_guess(self, const PayRecord* r) noexcept nogil:
-        """The payer's wallet slot as the index bucket guesses it (-1: none or
-        a payment code, which the prefetch does not chase)."""
-        if r.flags & PAY_PAYER_IS_CODE:
-            return -1
-        return index_guess(&self.users_ix.ix, r.payer)
 
     cdef inline void prefetch_coupon(self, int32_t user, int32_t skip) noexcept nogil:
         """Prefetch the user's coupon `skip` links down the list; the links
@@ -1368,13 +1396,13 @@ cdef class Ledger:
             c = self.C[c].next_live
             skip -= 1
         if c >= 0:
-            __builtin_prefetch(&self.C[c])
+            prefetch_row(&self.C[c], sizeof(Coupon))
 
-    cdef inline void prefetch_completion(self, int32_t user, uint64_t merchant_id,
+    cdef inline void prefetch_completion(self, int32_t user, int32_t m,
                                          bint rows) noexcept nogil:
         """The visit and membership lines a completion will touch: their
         index buckets first, their rows (by the bucket's guess) later."""
-        cdef int32_t m = index_guess(&self.merchants_ix.ix, merchant_id), g, k
+        cdef int32_t g, k
         cdef uint64_t key
         if m < 0:
             return
@@ -1382,7 +1410,7 @@ cdef class Ledger:
         if rows:
             k = index_guess(&self.visits_ix.ix, key)
             if k >= 0:
-                __builtin_prefetch(&self.VS[k])
+                prefetch_row(&self.VS[k], sizeof(Visit))
         else:
             index_prefetch(&self.visits_ix.ix, key)
         for g in range(self.n_programs if self.n_programs < 4 else 4):
@@ -1390,7 +1418,7 @@ cdef class Ledger:
             if rows:
                 k = index_guess(&self.memberships_ix.ix, key)
                 if k >= 0:
-                    __builtin_prefetch(&self.MS[k])
+                    prefetch_row(&self.MS[k], sizeof(Membership))
             else:
                 index_prefetch(&self.memberships_ix.ix, key)
 
