@@ -283,14 +283,17 @@ cdef inline bint ranks_before(const Cand* a, const Cand* b) noexcept nogil:
 
 cdef inline bint contains_u64(const uint64_t* sorted_values, int32_t n,
                               uint64_t value) noexcept nogil:
-    cdef int32_t lo = 0, hi = n, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if sorted_values[mid] < value:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo < n and sorted_values[lo] == value
+    """Branch-free binary search: scope lists are probed with random merchant
+    ids, so a branch per step would mispredict half the time."""
+    cdef const uint64_t* base = sorted_values
+    cdef int32_t half
+    if n <= 0:
+        return False
+    while n > 1:
+        half = n >> 1
+        base = base + half if base[half] <= value else base     # a cmov
+        n -= half
+    return base[0] == value
 
 
 cdef inline int64_t discount_of(const Stock* s, int64_t amount) noexcept nogil:
@@ -440,7 +443,9 @@ cdef class Ledger:
         if need <= capacity:
             return arr
         # Zeroed by writing, not calloc: the pages fault in here, at growth,
-        # rather than one by one inside the batch apply.
+        # rather than one by one inside the batch apply. Rows past the used
+        # count are always zero (nothing writes a row it does not keep), so
+        # the kernel fills a new row's fields without clearing it first.
         grown = np.empty(max(need, capacity + capacity // 2), arr.dtype)
         grown[:capacity] = arr
         grown[capacity:].view(np.uint8).fill(0)
@@ -677,13 +682,14 @@ cdef class Ledger:
             return ST_COUPON_NOT_AVAILABLE
         if t.now >= cp.expires_at:
             return ST_COUPON_EXPIRED
-        if t.now < s.valid_from or not self.in_scope(s, m):
+        # Cheap tests first: all of these give the same status.
+        if t.now < s.valid_from or amount < s.min_spend or not self.in_scope(s, m):
             return ST_COUPON_NOT_APPLICABLE
         if s.goods_count > 0 and not contains_u64(
                 self.LP + s.list_at + s.merchants_count + s.tags_count,
                 s.goods_count, goods_tag):
             return ST_COUPON_NOT_APPLICABLE
-        if not self.in_slots(s, t) or amount < s.min_spend:
+        if not self.in_slots(s, t):
             return ST_COUPON_NOT_APPLICABLE
         # A user holding fewer coupons than the limit cannot have reached it:
         # the walk over their coupons is needed only near the limit.
@@ -984,8 +990,7 @@ cdef class Ledger:
         if authorize:
             out.flags = RESULT_AUTHORIZED
         self.PQ[p] = r[0]
-        pm = &self.PM[p]
-        memset(pm, 0, sizeof(Payment))
+        pm = &self.PM[p]                    # a zeroed row: see _grown
         pm.user = user
         pm.merchant = m
         pm.coupon_count = <uint8_t>sel.count
