@@ -1358,8 +1358,11 @@ cdef class Ledger:
         ago, so no stage waits on a miss of its own.
         """
         cdef int64_t j
-        cdef int32_t user
+        cdef int32_t user, m
+        cdef size_t line
         cdef const PayRecord* r
+        if i + 2 * AHEAD_RECORDS < n:            # the records themselves
+            __builtin_prefetch(&rec[i + 2 * AHEAD_RECORDS])
         j = i + AHEAD_RECORDS - 1
         if 0 <= j < n:
             r = &rec[j]
@@ -1375,6 +1378,10 @@ cdef class Ledger:
                 &self.merchants_ix.ix, r.merchant)
             if user >= 0:
                 prefetch_row(&self.U[user], sizeof(User))
+            m = self.ahead_merchant[j & (AHEAD_RECORDS - 1)]
+            if m >= 0:          # a payment touches most of its merchant's row
+                for line in range(0, sizeof(Merchant), 64):
+                    __builtin_prefetch(<const char*>&self.M[m] + line)
         j = i + 6
         if 0 <= j < n:
             user = self.ahead_user[j & (AHEAD_RECORDS - 1)]
