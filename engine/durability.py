@@ -21,19 +21,19 @@ from .command import decode
 from .errors import Unavailable
 from .journal import Journal, JournalError, JournalUnavailable
 from .state import State
+from .topups import Topups
 
 log = logging.getLogger("scanpay.storage")
 
 SNAPSHOT_EVERY_ENTRIES_DEFAULT = 20_000     # ~160M payments at full batches
 RETAIN_SNAPSHOTS_DEFAULT = 2
 RECOVER_INTERVAL_MS = 1_000                 # how often a failed journal is retried
-TOPUPS = np.dtype([("id", "<u8"), ("user", "<u8"), ("amount", "<i8")])
 
 
 def state_to_snapshot(state: State) -> tuple[dict, dict]:
     arrays, scalars = state.ledger.dump()
     arrays = dict(arrays)
-    arrays["topups"] = np.array([(i, u, a) for i, (u, a) in state.topups.items()], TOPUPS)
+    arrays["topups"] = state.topups.to_array()
     meta = {"ledger": scalars, "now": state.now, "tz_offset_ms": state.tz_offset_ms,
             "hold_ms": state.hold_ms, "settlements": state.settlements,
             "programs": {str(k): v for k, v in state.programs.items()}}
@@ -42,7 +42,7 @@ def state_to_snapshot(state: State) -> tuple[dict, dict]:
 
 def state_from_snapshot(arrays: dict, meta: dict) -> State:
     ledger = Ledger.load(arrays, meta["ledger"])
-    topups = {int(i): (int(u), int(a)) for i, u, a in arrays["topups"].tolist()}
+    topups = Topups(arrays["topups"])
     return State(tz_offset_ms=meta["tz_offset_ms"], hold_ms=meta["hold_ms"], ledger=ledger,
                  now=meta["now"], topups=topups, settlements=meta["settlements"],
                  programs={int(k): v for k, v in meta["programs"].items()})
@@ -88,8 +88,13 @@ class Storage:
 
     # -- recovery ---------------------------------------------------------
 
-    def load_state(self) -> State | None:
-        loaded = snapshots.load_latest(self.path)
+    def newest_snapshot_seq(self) -> int:
+        """The seq of the newest snapshot file (0: none), before verifying it."""
+        found = snapshots.list_snapshots(self.path)
+        return found[-1].seq if found else 0
+
+    def load_state(self, rows_for: snapshots.RowsFor | None = None) -> State | None:
+        loaded = snapshots.load_latest(self.path, rows_for)
         if loaded is None:
             return None
         seq, arrays, meta = loaded

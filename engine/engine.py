@@ -18,6 +18,7 @@ from . import canonical, export
 from .command import Command
 from .dispatch import (MAP_OPS, MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_EXPIRE, OP_ISSUE,
                        OP_PAY, OP_REFUND_RECORDS, PLANNED_OPS)
+from ._kernel import TABLE_ROWS
 from .durability import Storage
 from .errors import BadBody, UnknownOp
 from .records import (CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
@@ -36,6 +37,21 @@ RECORD_OPS = {
 }
 CAPACITY_TABLES = ("users", "merchants", "stocks", "coupons", "payments", "codes",
                    "refunds", "tombstones", "memberships", "visits", "earnings")
+
+
+def rows_for_tables(capacity: dict, tail: dict):
+    """What a snapshot load allocates for each ledger array: the table's
+    capacity hint, or its loaded rows plus the journal tail, if more. Loading
+    with that headroom spares copying every table once more right after."""
+    wanted = {}
+    for table, names in TABLE_ROWS.items():
+        for name in names + (("auth_queue",) if table == "payments" else ()):
+            wanted[name] = (int(capacity.get(table, 0)), tail.get(table, 0))
+
+    def rows_for(name: str, rows: int) -> int:
+        hint, more = wanted.get(name, (0, 0))
+        return max(hint, rows + more)
+    return rows_for
 
 
 def wall_clock_ms() -> int:
@@ -66,6 +82,7 @@ class Engine:
         self.hold_ms = hold_ms
         self.state = State(tz_offset_ms=tz_offset_ms, hold_ms=hold_ms)
         self.storage = None
+        self._tail_counted = {}         # snapshot seq -> rows its journal tail adds
         for table in capacity or {}:
             if table not in CAPACITY_TABLES:
                 raise ValueError(f"capacity: unknown table {table!r} (known: {CAPACITY_TABLES})")
@@ -73,12 +90,15 @@ class Engine:
             self.storage = Storage(path, **storage_options)
             self.storage.check_settings({"tz_offset_ms": tz_offset_ms, "hold_ms": hold_ms,
                                          "currency": currency})
-            recovered = self.storage.load_state()
+            tail = self._tail_records(self.storage.newest_snapshot_seq())
+            recovered = self.storage.load_state(rows_for_tables(capacity or {}, tail))
             if recovered is not None:
                 self.state = recovered
         # Before replay, so that replay does not grow the tables step by step.
+        # A hint is the table's whole size: after a restart it is not added again.
+        ledger = self.state.ledger
         for table, rows in (capacity or {}).items():
-            self.state.ledger.reserve(table, int(rows))
+            ledger.reserve(table, max(0, int(rows) - ledger.rows(table)))
         if self.storage is not None:
             self._replay()
         self._sync_pool = concurrent.futures.ThreadPoolExecutor(
@@ -169,15 +189,27 @@ class Engine:
                      time.perf_counter() - started)
 
     def _reserve_for_replay(self) -> None:
-        """Count the records the journal tail will add and make room once:
-        growing the tables step by step while replaying copies them again and
-        again. Reading the tail twice costs far less (it is in the page cache)."""
+        """Make room once for what the journal tail adds: growing the tables
+        step by step while replaying copies them again and again. (Loading
+        the snapshot already made this room when it was the newest one.)"""
+        tail = self._tail_records(self.storage.snapshot_seq)
+        self.state.ledger.reserve_payments(tail["payments"])     # and their visits
+        self.state.ledger.reserve("coupons", tail["coupons"])
+
+    def _tail_records(self, seq: int) -> dict[str, int]:
+        """Rows the journal after entry `seq` may add, by table: each PAY
+        record a payment and a visit, each ISSUE record a coupon. Reading the
+        tail costs little next to applying it (it stays in the page cache)."""
+        if seq in self._tail_counted:
+            return self._tail_counted[seq]
         records = {OP_PAY: 0, OP_ISSUE: 0}
-        for command in self.storage.commands_after(self.storage.snapshot_seq):
+        for command in self.storage.commands_after(seq):
             if command.op in records:
                 records[command.op] += len(command.body) // RECORD_OPS[command.op][0].itemsize
-        self.state.ledger.reserve("payments", records[OP_PAY])
-        self.state.ledger.reserve("coupons", records[OP_ISSUE])
+        tail = {"payments": records[OP_PAY], "visits": records[OP_PAY],
+                "coupons": records[OP_ISSUE]}
+        self._tail_counted[seq] = tail
+        return tail
 
     # -- batches ----------------------------------------------------------
 

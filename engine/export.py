@@ -26,8 +26,7 @@ def canonical(state: State) -> dict:
         "stock_slots": stock_slots(ledger, stocks),
         "coupons": coupons_table(coupons, stocks["id"], user_ids, payment_ids),
         "payments": payments_table(ledger, user_ids),
-        "topups": np.array([(i, u, a) for i, (u, a) in state.topups.items()], cn.TOPUPS)
-        if state.topups else np.zeros(0, cn.TOPUPS),
+        "topups": copy_fields(state.topups.to_array(), cn.TOPUPS),
         "codes": codes_table(codes, user_ids),
         "refunds": copy_fields(ledger.refunds[:ledger.n_refunds], cn.REFUNDS),
         "tombstones": copy_fields(ledger.tombstones[:ledger.n_tombstones], cn.TOMBSTONES),

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import struct
+from collections.abc import Callable
 
 import crc32c
 import numpy as np
@@ -40,6 +41,8 @@ SNAPSHOT_NAME = re.compile(r"^snapshot-(\d{20})\.snap$")
 TEMP_NAME = re.compile(r"^\.snapshot-(\d{20})\.snap\.tmp$")
 
 assert SNAPSHOT_HEADER_BYTES == 64
+
+RowsFor = Callable[[str, int], int]     # (array name, rows in the file) -> rows wanted
 
 
 class SnapshotCorrupt(Exception):
@@ -172,8 +175,13 @@ def _fsync_dir(dir: str) -> None:
 
 # ---------------------------------------------------------------------- load
 
-def load_snapshot(path: str) -> tuple[int, dict[str, np.ndarray], dict]:
-    """Loads and fully verifies one snapshot; raises SnapshotCorrupt."""
+def load_snapshot(path: str, rows_for: RowsFor | None = None
+                  ) -> tuple[int, dict[str, np.ndarray], dict]:
+    """Loads and fully verifies one snapshot; raises SnapshotCorrupt.
+
+    `rows_for(name, rows)` may ask for more rows than array `name` has in the
+    file: the array is then allocated that long, zeroed past the loaded rows,
+    so that a table about to grow is not copied again right after loading."""
     match = SNAPSHOT_NAME.match(os.path.basename(path))
     if match is None:
         raise SnapshotCorrupt(path, "file name is not snapshot-<seq>.snap")
@@ -190,8 +198,8 @@ def load_snapshot(path: str) -> tuple[int, dict[str, np.ndarray], dict]:
             meta, layout = decoded["meta"], decoded["arrays"]
         except (ValueError, KeyError, TypeError) as error:
             raise SnapshotCorrupt(path, f"index is not valid: {error}") from None
-        arrays = _allocate(path, layout, data_bytes)
-        crc = _read_data(file, path, layout, arrays, data_bytes)
+        arrays, stored = _allocate(path, layout, data_bytes, rows_for)
+        crc = _read_data(file, path, layout, stored, data_bytes)
         if crc != data_crc:
             raise SnapshotCorrupt(path, "array data checksum mismatch")
     return seq, arrays, meta
@@ -216,24 +224,34 @@ def _decode_header(path: str, header: bytearray, name_seq: int,
     return seq, index_bytes, data_bytes, index_crc, data_crc
 
 
-def _allocate(path: str, layout: list, data_bytes: int) -> dict[str, np.ndarray]:
-    arrays = {}
+def _allocate(path: str, layout: list, data_bytes: int, rows_for: RowsFor | None
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(arrays, stored): the arrays to return, and the views of them that the
+    file's bytes are read into (the same arrays unless given headroom)."""
+    arrays, stored = {}, {}
     position = 0
     try:
         for entry in layout:
+            name = entry["name"]
             dtype = np.lib.format.descr_to_dtype(ast.literal_eval(entry["descr"]))
             shape = tuple(int(n) for n in entry["shape"])
-            array = np.empty(shape, dtype)
-            if (entry["offset"] != position or array.nbytes != entry["bytes"]
-                    or entry["name"] in arrays):
-                raise ValueError(f"array {entry['name']!r} does not match its layout")
-            position += _align(array.nbytes)
-            arrays[entry["name"]] = array
+            rows = rows_for(name, shape[0]) if rows_for and shape else 0
+            if shape and rows > shape[0]:
+                # np.zeros: calloc'ed pages, zeroed by the OS as they are touched.
+                array = np.zeros((rows,) + shape[1:], dtype)
+                view = array[:shape[0]]
+            else:
+                array = view = np.empty(shape, dtype)
+            if (entry["offset"] != position or view.nbytes != entry["bytes"]
+                    or name in arrays):
+                raise ValueError(f"array {name!r} does not match its layout")
+            position += _align(view.nbytes)
+            arrays[name], stored[name] = array, view
     except (ValueError, KeyError, TypeError, SyntaxError) as error:
         raise SnapshotCorrupt(path, f"index is not valid: {error}") from None
     if position != data_bytes:
         raise SnapshotCorrupt(path, "array layout does not match the data section")
-    return arrays
+    return arrays, stored
 
 
 def _read_data(file, path: str, layout: list, arrays: dict[str, np.ndarray], data_bytes: int) -> int:
@@ -279,11 +297,12 @@ def list_snapshots(dir: str) -> list[SnapshotInfo]:
     return found
 
 
-def load_latest(dir: str) -> tuple[int, dict[str, np.ndarray], dict] | None:
+def load_latest(dir: str, rows_for: RowsFor | None = None
+                ) -> tuple[int, dict[str, np.ndarray], dict] | None:
     """The newest snapshot that verifies, or None. Invalid ones are logged and skipped."""
     for info in reversed(list_snapshots(dir)):
         try:
-            return load_snapshot(info.path)
+            return load_snapshot(info.path, rows_for)
         except (SnapshotCorrupt, OSError) as error:
             log.warning("snapshot: skipping %s: %s; falling back to an older snapshot",
                         info.path, error)

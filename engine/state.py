@@ -3,6 +3,7 @@ Python-side records that map operations keep (top-ups)."""
 from dataclasses import dataclass, field
 
 from ._kernel import Ledger
+from .topups import Topups
 
 TZ_OFFSET_MS_DEFAULT = 8 * 3600 * 1000      # UTC+8 (RULES.md)
 HOLD_MS_DEFAULT = 7 * 24 * 3600 * 1000
@@ -14,7 +15,7 @@ class State:
     hold_ms: int = HOLD_MS_DEFAULT
     ledger: Ledger = None
     now: int = 0                            # the last kept engine stamp
-    topups: dict = field(default_factory=dict)  # id -> (user id, amount)
+    topups: Topups = field(default_factory=Topups)  # id -> (user id, amount)
     settlements: list = field(default_factory=list)  # SETTLE replies, in order
     programs: dict = field(default_factory=dict)     # id -> definition (PROGRAMS)
 

@@ -468,6 +468,12 @@ cdef class Ledger:
             assert ix.ix.count == need - more, f"{table}: index out of step with rows"
             ix.reserve(need)
 
+    def rows(self, str table):
+        """Rows in use in `table`."""
+        if table not in TABLE_ROWS:
+            raise ValueError(f"unknown table {table!r}")
+        return getattr(self, "n_" + table)
+
     def append(self, str table, uint64_t key):
         """Add a zeroed row with id `key` (known absent) and return its slot."""
         assert key != 0
@@ -1813,6 +1819,11 @@ cdef class Ledger:
         self.RD[r].program = g
         index_put(&self.redemptions_ix.ix, coupon_id, r)
         return ST_OK, False, self.C[c].expires_at, self.MS[k].points
+
+    def reserve_payments(self, int64_t n):
+        """Room for n more payments and all that completing them may add."""
+        self.reserve("payments", n)
+        self.reserve_completions(n)
 
     cdef void reserve_completions(self, int64_t n):
         """Room for what n completing payments may add: visits, earnings,

@@ -46,6 +46,7 @@ from engine.errors import Unavailable
 from engine.journal import JournalCorrupt, JournalError, verify
 from engine.records import RESULT_DUPLICATE
 from engine.snapshot import list_snapshots, load_snapshot
+from engine.status import Status
 
 CHILD = Path(__file__).with_name("crash_child.py")
 ROOT = CHILD.parent.parent
@@ -712,3 +713,35 @@ def test_snapshot_pause_is_reported(tmp_path, capsys):
         print(f"\n  snapshot of {spec.users:,} users / {len(eng.state.topups):,} top-ups "
               f"({size / 1e6:.0f} MB): pause_ms {', '.join(f'{p:.1f}' for p in pauses)}, "
               f"write {info['write_ms']:.0f} ms")
+
+
+def test_restart_loads_with_headroom_and_keeps_hints_and_topups(tmp_path):
+    """A capacity hint is a table's whole size: a restart loads the snapshot
+    into arrays that already hold the hint (or the journal tail), instead of
+    adding the hint again; top-ups loaded from the snapshot stay idempotent."""
+    datadir = str(tmp_path / "data")
+    hints = {"payments": 50_000, "visits": 50_000, "users": 100}
+    eng = Engine(datadir, hold_ms=cc.HOLD_MS, capacity=hints)
+    send_stream(eng, 5, range(0, 40))
+    eng.snapshot()
+    send_stream(eng, 5, range(40, 60))               # a tail after the snapshot
+    topup_k2 = cc.op_at(5, 2)[1]["topups"][0]        # kept in the snapshot
+    live, payments = eng.digest(), eng.state.ledger.rows("payments")
+    eng.close()
+    with Engine(datadir, hold_ms=cc.HOLD_MS, capacity=hints) as again:
+        ledger = again.state.ledger
+        assert again.digest() == live
+        assert ledger.rows("payments") == payments > 0
+        assert len(ledger.pay_req) == len(ledger.pay_meta) == hints["payments"]
+        assert len(ledger.visits) == hints["visits"]
+        assert not ledger.pay_meta[payments:].view(np.uint8).any()    # rows past n are zero
+        same = again.call("TOPUP", {"topups": [topup_k2]})["results"][0]
+        assert same == {"status": 0, "duplicate": True}
+        other = dict(topup_k2, amount=topup_k2["amount"] + 1)
+        assert again.call("TOPUP", {"topups": [other]})["results"][0]["status"] == \
+            Status.exists_with_different_fields
+        live = again.digest()
+    # Without hints, the load makes room for the tail it is about to replay.
+    with Engine(datadir, hold_ms=cc.HOLD_MS) as bare:
+        assert bare.digest() == live
+        assert len(bare.state.ledger.pay_req) >= payments

@@ -199,3 +199,19 @@ def test_any_single_byte_flip_is_detected(data):
             load_snapshot(path)
     finally:
         shutil.rmtree(directory)
+
+
+def test_load_with_headroom_pads_with_zero_rows(tmp_path):
+    arrays = sample_arrays(3)
+    write_snapshot(str(tmp_path), 7, arrays, {"k": 1})
+    path = os.path.join(str(tmp_path), snapshot_name(7))
+    wanted = {"pay": 1500, "matrix": 10}             # 10 < 17 rows: no headroom asked
+    seq, loaded, meta = load_snapshot(path, lambda name, rows: wanted.get(name, rows))
+    assert seq == 7 and meta == {"k": 1}
+    assert len(loaded["pay"]) == 1500
+    assert np.array_equal(loaded["pay"][:1000], arrays["pay"])
+    assert not loaded["pay"][1000:].view(np.uint8).any()
+    for name in arrays:
+        if name != "pay":
+            assert np.array_equal(loaded[name], arrays[name]), name
+            assert loaded[name].dtype == arrays[name].dtype
