@@ -46,7 +46,12 @@ def world_engine(full: bool):
     eng = Engine(clock=lambda: 1_700_000_000_000,
                  capacity={"users": USERS, "coupons": 3 * USERS,
                            "payments": 2 * ROUNDS * BATCHES * BATCH_RECORDS_MAX,
-                           "visits": ROUNDS * BATCHES * BATCH_RECORDS_MAX})
+                           "visits": ROUNDS * BATCHES * BATCH_RECORDS_MAX,
+                           # Sized as an operator with two programs would: a
+                           # membership per user and program, an earning per
+                           # payment and program.
+                           "memberships": 2 * USERS,
+                           "earnings": 2 * ROUNDS * BATCHES * BATCH_RECORDS_MAX})
     original = world._standard_stocks
     if full:
         world._standard_stocks = with_controls(original)
