@@ -104,7 +104,8 @@ cdef inline int64_t share_of(int64_t refunded, int64_t part, int64_t total) noex
     return <int64_t>((<int128>refunded * <int128>part) / <int128>total)
 
 USER = np.dtype([("id", "<u8"), ("balance", "<i8"), ("held", "<i8"),
-                 ("coupon_head", "<i4"), ("coupon_count", "<i4"), ("live_head", "<i4")],
+                 ("coupon_head", "<i4"), ("coupon_count", "<i4"), ("live_head", "<i4"),
+                 ("membership_head", "<i4")],
                 align=True)
 MERCHANT = np.dtype([("id", "<u8"), ("balance", "<i8"), ("fee_bps", "<i4"),
                      ("active", "u1"), ("tag_count", "u1"), ("period_active", "u1"),
@@ -149,7 +150,7 @@ PROGRAM = np.dtype([("id", "<u8"), ("reward_stock_id", "<u8"), ("rate", "<i8"),
                     ("list_at", "<i4"), ("merchants_count", "<i4"), ("tags_count", "<i4"),
                     ("kind", "u1")], align=True)
 MEMBERSHIP = np.dtype([("key", "<u8"), ("points", "<i8"), ("stamps", "<i8"), ("user", "<i4"),
-                       ("program", "<i4"), ("reward", "<i4")], align=True)
+                       ("program", "<i4"), ("reward", "<i4"), ("next", "<i4")], align=True)
 EARNING = np.dtype([("points", "<i8"), ("clawed", "<i8"), ("payment", "<i4"),
                     ("program", "<i4"), ("stamped", "u1")], align=True)
 VISIT = np.dtype([("key", "<u8"), ("payments", "<i8"), ("user", "<i4"), ("merchant", "<i4")],
@@ -484,6 +485,7 @@ cdef class Ledger:
             self.U[slot].id = key
             self.U[slot].coupon_head = -1
             self.U[slot].live_head = -1
+            self.U[slot].membership_head = -1
             index_put(&self.users_ix.ix, key, slot)
             self.n_users += 1
         elif table == "merchants":
@@ -1431,14 +1433,13 @@ cdef class Ledger:
                 prefetch_row(&self.VS[k], sizeof(Visit))
         else:
             index_prefetch(&self.visits_ix.ix, key)
-        for g in range(self.n_programs if self.n_programs < 4 else 4):
-            key = <uint64_t>user * PROGRAMS_MAX + <uint64_t>g + 1
-            if rows:
-                k = index_guess(&self.memberships_ix.ix, key)
-                if k >= 0:
-                    prefetch_row(&self.MS[k], sizeof(Membership))
-            else:
-                index_prefetch(&self.memberships_ix.ix, key)
+        # The user's memberships, one link per stage (most users have one
+        # or two): the wallet row, loaded by now, holds the first.
+        k = self.U[user].membership_head
+        if rows and k >= 0:
+            k = self.MS[k].next
+        if k >= 0:
+            prefetch_row(&self.MS[k], sizeof(Membership))
 
     # -- batch entry points of the money lifecycle -------------------------
 
@@ -1644,9 +1645,13 @@ cdef class Ledger:
         return False
 
     cdef int32_t membership(self, int32_t u, int32_t g, bint create) noexcept nogil:
-        """The (user, program) row, made on first use when `create`."""
+        """The (user, program) row, made on first use when `create`. Found
+        on the user's own list (a user is in a few programs), which the PAY
+        pipeline prefetches; the index serves the other lookups by key."""
         cdef uint64_t key = <uint64_t>u * PROGRAMS_MAX + <uint64_t>g + 1
-        cdef int32_t k = index_get(&self.memberships_ix.ix, key)
+        cdef int32_t k = self.U[u].membership_head
+        while k >= 0 and self.MS[k].program != g:
+            k = self.MS[k].next
         if k >= 0 or not create:
             return k
         k = <int32_t>self.n_memberships
@@ -1657,6 +1662,8 @@ cdef class Ledger:
         self.MS[k].user = u
         self.MS[k].program = g
         self.MS[k].reward = -1
+        self.MS[k].next = self.U[u].membership_head
+        self.U[u].membership_head = k
         index_put(&self.memberships_ix.ix, key, k)
         return k
 

@@ -66,6 +66,7 @@ cdef struct User:
     int32_t coupon_head     # newest coupon of the user, -1 when none
     int32_t coupon_count
     int32_t live_head       # the user's coupons that may still apply (see Coupon.next_live)
+    int32_t membership_head # the user's newest membership, -1 none (see Membership.next)
 
 cdef struct Merchant:
     uint64_t id
@@ -202,6 +203,7 @@ cdef struct Membership:
     int32_t user
     int32_t program
     int32_t reward          # coupon slot of this cycle's reward, -1 none
+    int32_t next            # the user's next older membership, -1 at the end
 
 cdef struct Earning:
     int64_t points
