@@ -51,7 +51,12 @@ cdef inline int32_t index_get(const Index* ix, uint64_t key) noexcept nogil:
 
 
 cdef extern from *:
+    """
+    #define scanpay_prefetch_for_write(address) __builtin_prefetch((address), 1)
+    """
     void __builtin_prefetch(const void* address) nogil
+    # Lines about to be written for the first time: fetched in exclusive state.
+    void prefetch_for_write "scanpay_prefetch_for_write"(const void* address) nogil
 
 
 cdef inline void prefetch_row(const void* row, size_t row_bytes) noexcept nogil:

@@ -21,7 +21,8 @@ from tables cimport (PayRecord, PayResult, IssueRecord, IssueResult, User,
                      Program, Membership, Earning, Visit, Redemption,
                      Merchant, Stock, Coupon, Payment, Code, Refund, Tombstone)
 from index cimport (Entry, Index, index_get, index_put, index_prefetch, index_guess,
-                   row_id, LOAD_MAX_PCT, __builtin_prefetch, prefetch_row)
+                   row_id, LOAD_MAX_PCT, __builtin_prefetch, prefetch_row,
+                   prefetch_for_write)
 
 from .records import PAY_RECORD, PAY_RESULT
 
@@ -1371,6 +1372,15 @@ cdef class Ledger:
         cdef const PayRecord* r
         if i + 2 * AHEAD_RECORDS < n:            # the records themselves
             __builtin_prefetch(&rec[i + 2 * AHEAD_RECORDS])
+        # The rows this batch appends (reserved before the loop): a stream
+        # of first writes, fetched a few payments ahead.
+        if i + AHEAD_RECORDS < n:
+            prefetch_for_write(&self.PM[self.n_payments + AHEAD_RECORDS])
+            prefetch_for_write(<const char*>&self.PM[self.n_payments + AHEAD_RECORDS] + 64)
+            prefetch_for_write(<const char*>&self.PM[self.n_payments + AHEAD_RECORDS] + 128)
+            prefetch_for_write(<const char*>&self.PM[self.n_payments + AHEAD_RECORDS] + 192)
+            if self.n_programs:
+                prefetch_for_write(&self.EA[self.n_earnings + AHEAD_RECORDS * self.n_programs])
         j = i + AHEAD_RECORDS - 1
         if 0 <= j < n:
             r = &rec[j]
@@ -1676,6 +1686,7 @@ cdef class Ledger:
         while index_get(&self.coupons_ix.ix, REWARD_ID_BASE + k) >= 0:
             k += 1
         self.n_rewards = <int64_t>k
+        index_prefetch(&self.coupons_ix.ix, REWARD_ID_BASE + k + 1)     # the next reward's
         return self.issue_create(REWARD_ID_BASE + k, pg.reward_stock, u, now)
 
     cdef void complete(self, int32_t p, int64_t now) noexcept nogil:
