@@ -19,13 +19,15 @@ class Topups:
         base = np.zeros(0, TOPUPS) if loaded is None else np.asarray(loaded, TOPUPS)
         order = np.argsort(base["id"], kind="stable")
         self._base = base[order]
-        ids = self._base["id"]
+        self._base_ids = ids = np.ascontiguousarray(self._base["id"])
         assert not (ids[1:] == ids[:-1]).any(), "duplicate top-up ids"
         self._recent: dict[int, tuple[int, int]] = {}
 
     def _base_slot(self, topup_id: int) -> int:
-        ids = self._base["id"]
-        i = int(np.searchsorted(ids, np.uint64(topup_id)))
+        if not len(self._base):             # a fresh engine: skip numpy's call cost
+            return -1
+        ids = self._base_ids
+        i = int(ids.searchsorted(np.uint64(topup_id)))   # a Python int would compare as float
         return i if i < len(ids) and int(ids[i]) == topup_id else -1
 
     def __contains__(self, topup_id: int) -> bool:
@@ -40,7 +42,9 @@ class Topups:
         return int(self._base["user"][i]), int(self._base["amount"][i])
 
     def __setitem__(self, topup_id: int, value: tuple[int, int]) -> None:
-        assert topup_id not in self, "a top-up id is kept once"
+        # Callers look the id up first (TOPUP answers duplicates from it), so
+        # only the cheap half of "kept once" is asserted here.
+        assert topup_id not in self._recent, "a top-up id is kept once"
         self._recent[topup_id] = value
 
     def __len__(self) -> int:

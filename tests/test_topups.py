@@ -16,7 +16,7 @@ def test_loaded_and_new_topups_answer_alike_and_round_trip():
     with pytest.raises(KeyError):
         kept[25]
     with pytest.raises(AssertionError):
-        kept[10] = (1, 100)                 # a kept id is never replaced
+        kept[15] = (5, 50)                  # a kept id is never replaced
     again = Topups(kept.to_array())
     assert sorted(again.items()) == sorted(kept.items()) == [
         (10, (1, 100)), (15, (5, 50)), (20, (2, 200)), (30, (3, 300))]
