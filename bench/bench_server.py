@@ -86,6 +86,17 @@ def load() -> str:
     return f"{one:.1f}/{five:.1f}"
 
 
+# Both the server and its twin allocate their tables up front, as an operator
+# would (`--capacity`), so neither pays for growing them mid-run: 10 s of big
+# frames at 1 M/s plus the small-frame runs, and 3 twin measurements.
+CAPACITY_PAYMENTS = 14_000_000
+# Frames in flight per connection in the closed-loop small-frame run. By
+# Little's law the mean latency is (64 x window) / rate: 32 in flight per
+# connection at 200k/s is already 10 ms, so the p99 target needs a few.
+SMALL_WINDOW = int(os.environ.get("SCANPAY_SMALL_WINDOW", "32"))
+TWIN_PAYMENTS_PER_MEASURE_MAX = 4_000_000
+
+
 def world_spec() -> World:
     """A mid-size world: built over the socket in seconds, wallets topped up
     far beyond what the benchmark spends, 3 coupons per user."""
@@ -117,7 +128,9 @@ class ServerProcess:
             cmd += ["-m", "cProfile", "-o", profile]
         cmd += ["-m", "engine.cli", "serve", "--data", data_dir,
                 "--listen", f"127.0.0.1:{self.port}",
-                "--metrics", f"127.0.0.1:{self.metrics_port}"]
+                "--metrics", f"127.0.0.1:{self.metrics_port}",
+                "--capacity", f"payments={CAPACITY_PAYMENTS}",
+                "--capacity", f"visits={CAPACITY_PAYMENTS}"]
         self.cmd = cmd
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(ROOT), stdout=self.log, stderr=subprocess.STDOUT)
@@ -211,7 +224,8 @@ def kernel_rate(eng, info, batch_records: int, seconds: float = 2.0, seed: int =
         for b in batches:
             eng.kernel_pay(b, now, out)
         done += len(batches) * batch_records
-        if time.perf_counter() - t0 >= seconds:
+        if (time.perf_counter() - t0 >= seconds
+                or done + len(batches) * batch_records > TWIN_PAYMENTS_PER_MEASURE_MAX):
             break
         # further rounds need fresh ids, else they would be duplicates
         id_base += len(batches) * batch_records * 2
@@ -245,7 +259,8 @@ class Bench:
             remote.close()
         self.build_seconds = time.perf_counter() - t0
         # the in-memory twin: same spec and seed, so the same state
-        self.twin = make_engine(lambda: spec.now_ms)
+        self.twin = make_engine(lambda: spec.now_ms, {"payments": CAPACITY_PAYMENTS,
+                                                      "visits": CAPACITY_PAYMENTS})
         self.twin_info = build(self.twin, spec)
         pool = np.concatenate(list(pay_batches(self.info, 32, seed=99, start_payment_id=1)))
         self.pool_path = os.path.join(self.tmp, "pool.npy")
@@ -325,7 +340,7 @@ def test_server_pay_big_frames(benchmark, bench):
 
 def test_server_pay_small_frames(benchmark, bench):
     out = _once(benchmark, lambda: bench.scenario(
-        "small frames (1/frame, 64 conns)", records=1, connections=64, window=32))
+        "small frames (1/frame, 64 conns)", records=1, connections=64, window=SMALL_WINDOW))
     _extra(benchmark, out, target_rate=TARGET_SMALL, target_p99_us=TARGET_SMALL_P99_US,
            target_p999_us=TARGET_SMALL_P999_US)
     assert out["error_count"] == 0

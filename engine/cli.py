@@ -16,6 +16,16 @@ def add_serve(sub) -> None:
     p.add_argument("--test-clock", dest="test_clock", action="store_const", const=True,
                    help="enable the CLOCK op (tests only: lets clients set the engine time)")
     p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
+    p.add_argument("--capacity", action="append", metavar="TABLE=ROWS", type=capacity_item,
+                   help="allocate TABLE for ROWS rows at start (repeatable), e.g. "
+                        "payments=20000000; see docs/operations.md")
+
+
+def capacity_item(text: str) -> tuple[str, int]:
+    table, sep, rows = text.partition("=")
+    if not sep or not rows.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected TABLE=ROWS, got {text!r}")
+    return table.strip(), int(rows)
 
 
 def run_serve(args) -> int:
@@ -23,6 +33,7 @@ def run_serve(args) -> int:
     from .server import serve
     overrides = {k: getattr(args, k) for k in ("data", "listen", "unix", "tls_cert", "tls_key",
                                                "metrics", "test_clock", "log_format")}
+    overrides["capacity"] = dict(args.capacity) if args.capacity else None
     try:
         config = config_module.load(args.config, overrides)
     except config_module.ConfigError as e:

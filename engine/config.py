@@ -32,6 +32,10 @@ class Config:
     idle_timeout_ms: int = 300_000
     snapshot_every_entries: int = 20_000
     keys: list = field(default_factory=list)
+    # Table sizes to allocate up front (Engine capacity hints: rows per
+    # table, e.g. payments, visits, users, coupons): growing a big table
+    # mid-traffic copies it and stalls every reply meanwhile.
+    capacity: dict = field(default_factory=dict)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -56,6 +60,7 @@ def load(path: str | None, overrides: dict) -> Config:
     server.update({k: v for k, v in overrides.items() if v is not None})
     config = Config(**server)
     config.keys = [parse_key(k) for k in raw.get("keys", [])]
+    config.capacity = {**raw.get("capacity", {}), **(overrides.get("capacity") or {})}
     check(config)
     return config
 
@@ -96,3 +101,9 @@ def check(config: Config) -> None:
         raise ConfigError("batch_records_max must be in 1..8190")
     if config.log_format not in ("text", "json"):
         raise ConfigError("log_format must be text or json")
+    from .engine import CAPACITY_TABLES
+    for table, rows in config.capacity.items():
+        if table not in CAPACITY_TABLES:
+            raise ConfigError(f"capacity: unknown table {table!r} (known: {', '.join(CAPACITY_TABLES)})")
+        if not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= 2**31 - 1:
+            raise ConfigError(f"capacity: {table} must be a row count in 0..2147483647")

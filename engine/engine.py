@@ -9,6 +9,7 @@ same `_execute`, so a recovered engine equals the one that crashed.
 import concurrent.futures
 import logging
 import secrets
+import threading
 import time
 
 import msgspec
@@ -103,6 +104,9 @@ class Engine:
             self._replay()
         self._sync_pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="scanpay-sync") if self.storage else None
+        self._sync_lock = threading.Lock()
+        self._sync_waiting = None       # the future the next fsync completes
+        self._sync_busy = False         # the sync thread is running fsyncs
 
     # -- time -------------------------------------------------------------
 
@@ -137,7 +141,35 @@ class Engine:
             return None
         self.storage.before_write()
         self.storage.append(command)
-        return self._sync_pool.submit(self.storage.sync)
+        return self._request_sync()
+
+    def _request_sync(self):
+        """A future done once everything appended so far is durable.
+
+        Group commit: one fsync runs at a time, and every request made while
+        it runs shares the single next one, which covers them all. (A sync job
+        per command would queue thousands a second behind one another, each
+        waiting for the GIL, and every reply behind them.)"""
+        with self._sync_lock:
+            if self._sync_waiting is None:
+                self._sync_waiting = concurrent.futures.Future()
+                if not self._sync_busy:
+                    self._sync_busy = True
+                    self._sync_pool.submit(self._sync_worker)
+            return self._sync_waiting
+
+    def _sync_worker(self) -> None:
+        """The sync thread: fsync for the waiting requests until none wait."""
+        while True:
+            with self._sync_lock:
+                future, self._sync_waiting = self._sync_waiting, None
+                if future is None:
+                    self._sync_busy = False
+                    return
+            try:
+                future.set_result(self.storage.sync())
+            except BaseException as error:  # Unavailable: those writes are not acknowledged
+                future.set_exception(error)
 
     def _write(self, op: int, body, draws=()):
         """Journal, apply and make durable one command; then return its result."""
@@ -175,7 +207,7 @@ class Engine:
         """A future that completes when everything applied so far is durable."""
         if self.storage is None:
             return None
-        return self._sync_pool.submit(self.storage.sync)
+        return self._request_sync()
 
     def _replay(self) -> None:
         started = time.perf_counter()

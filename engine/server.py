@@ -46,7 +46,8 @@ class Server:
         self.config = config
         self.clock = SettableClock(config.test_clock)
         self.engine = engine or Engine(config.data, clock=self.clock,
-                                       snapshot_every_entries=config.snapshot_every_entries)
+                                       snapshot_every_entries=config.snapshot_every_entries,
+                                       capacity=config.capacity)
         if engine is not None:
             engine.clock = self.clock if config.test_clock else engine.clock
         self.auth = Authenticator(config.keys)

@@ -306,3 +306,28 @@ def test_non_loopback_listen_without_keys_is_refused():
     with pytest.raises(ConfigError, match="without authentication"):
         check(Config(listen="0.0.0.0:7411"))
     check(Config(listen="0.0.0.0:7411", keys=gateway_config()))
+
+
+def test_capacity_from_the_config_file_and_flags_sizes_the_tables(tmp_path):
+    import engine.cli as cli
+    from engine.config import load
+    toml = tmp_path / "scanpay.toml"
+    toml.write_text("[capacity]\npayments = 30000\nusers = 500\n")
+    flags = [cli.capacity_item("visits=20000"), cli.capacity_item("users=700")]
+    config = load(str(toml), {"capacity": dict(flags)})      # flags win over the file
+    assert config.capacity == {"payments": 30000, "users": 700, "visits": 20000}
+    config.data = str(tmp_path / "data")
+
+    async def main():
+        server = Server(config)
+        ledger = server.engine.state.ledger
+        assert len(ledger.pay_meta) >= 30000 and len(ledger.visits) >= 20000
+        assert len(ledger.users) >= 700
+        server.engine.close()
+    run(main())
+    with pytest.raises(ConfigError, match="unknown table 'wallets'"):
+        load(None, {"capacity": {"wallets": 5}})
+    with pytest.raises(ConfigError, match="row count"):
+        load(None, {"capacity": {"users": -1}})
+    with pytest.raises(cli.argparse.ArgumentTypeError, match="TABLE=ROWS"):
+        cli.capacity_item("payments")
