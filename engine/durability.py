@@ -104,7 +104,14 @@ class Storage:
                 f"in {self.path}: journal segments are missing; restore them from backup")
         self.snapshot_seq = seq
         log.info("loaded snapshot at entry %d", seq)
-        return state_from_snapshot(arrays, meta)
+        try:
+            return state_from_snapshot(arrays, meta)
+        except (AssertionError, KeyError) as error:     # row layouts of another version
+            raise JournalError(
+                f"snapshot {seq} in {self.path} holds tables this version cannot load "
+                f"({error}); run the version that wrote it, or move the snapshot files "
+                f"aside to rebuild the state by replaying the journal from entry 1 "
+                f"(only if no journal segment was removed since)") from None
 
     def commands_after(self, seq: int):
         for _seq, payload in self.journal.read(seq + 1):
