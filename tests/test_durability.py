@@ -745,3 +745,18 @@ def test_restart_loads_with_headroom_and_keeps_hints_and_topups(tmp_path):
     with Engine(datadir, hold_ms=cc.HOLD_MS) as bare:
         assert bare.digest() == live
         assert len(bare.state.ledger.pay_req) >= payments
+
+
+def test_snapshot_of_other_row_layouts_is_refused_with_what_to_do(tmp_path):
+    from engine.snapshot import write_snapshot
+    datadir = str(tmp_path / "data")
+    with Engine(datadir) as eng:
+        eng.call("WALLETS", {"users": [1, 2]})
+        eng.snapshot()
+    path = list_snapshots(datadir)[-1].path
+    seq, arrays, meta = load_snapshot(path)
+    arrays["users"] = np.zeros(len(arrays["users"]), [("id", "<u8"), ("balance", "<i8")])
+    os.unlink(path)
+    write_snapshot(datadir, seq, arrays, meta)          # valid file, older layout
+    with pytest.raises(JournalError, match="cannot load.*move the snapshot files aside"):
+        Engine(datadir)
