@@ -162,8 +162,8 @@ def membership_view(state: State, pair) -> dict:
 
 
 def membership_row(ledger, user: int, program: int) -> int:
-    """The (user slot, program slot) row, by the kernel's key, or -1."""
-    return ledger.find("memberships", user * LIMITS["programs"] + program + 1)
+    """The (user slot, program slot) row, or -1."""
+    return ledger.find_membership(user, program)
 
 
 # -- STATS ------------------------------------------------------------------

@@ -192,7 +192,7 @@ TABLE_ROWS = {
     "memberships": ("memberships",), "earnings": ("earnings",), "visits": ("visits",),
     "redemptions": ("redemptions",),
 }
-UNINDEXED_TABLES = frozenset({"earnings"})
+UNINDEXED_TABLES = frozenset({"earnings", "memberships"})   # memberships: see membership()
 
 
 cdef inline void* data_of(object arr):
@@ -317,7 +317,7 @@ cdef class Ledger:
     cdef public object lists, slots
     cdef public IdIndex users_ix, merchants_ix, stocks_ix, coupons_ix
     cdef public IdIndex payments_ix, codes_ix, refunds_ix, tombstones_ix
-    cdef public IdIndex programs_ix, memberships_ix, visits_ix, redemptions_ix
+    cdef public IdIndex programs_ix, visits_ix, redemptions_ix
     cdef public int64_t n_users, n_merchants, n_stocks, n_coupons
     cdef public int64_t n_payments, n_codes, n_lists, n_slots
     cdef public int64_t n_refunds, n_tombstones, auth_head, n_auth
@@ -374,7 +374,6 @@ cdef class Ledger:
         self.visits = np.zeros(1024, VISIT)
         self.redemptions = np.zeros(64, REDEMPTION)
         self.programs_ix = IdIndex()
-        self.memberships_ix = IdIndex()
         self.visits_ix = IdIndex()
         self.redemptions_ix = IdIndex()
         self.users = np.zeros(1024, USER)
@@ -435,7 +434,6 @@ cdef class Ledger:
         self.refunds_ix.bind(self.refunds)
         self.tombstones_ix.bind(self.tombstones)
         self.programs_ix.bind(self.programs)
-        self.memberships_ix.bind(self.memberships)
         self.visits_ix.bind(self.visits)
         self.redemptions_ix.bind(self.redemptions)
 
@@ -554,7 +552,7 @@ cdef class Ledger:
                "auth_head", "n_auth", "fees", "bank", "tz_offset_ms", "hold_ms",
                "coupons_per_user_max")
     INDEXES = ("users", "merchants", "stocks", "coupons", "payments", "codes",
-               "refunds", "tombstones", "programs", "memberships", "visits", "redemptions")
+               "refunds", "tombstones", "programs", "visits", "redemptions")
     ROWS = ("users", "merchants", "stocks", "coupons", "codes", "pay_req", "pay_res",
             "pay_meta", "lists", "slots", "refunds", "tombstones", "auth_queue",
             "programs", "memberships", "earnings", "visits", "redemptions")
@@ -1657,7 +1655,8 @@ cdef class Ledger:
     cdef int32_t membership(self, int32_t u, int32_t g, bint create) noexcept nogil:
         """The (user, program) row, made on first use when `create`. Found
         on the user's own list (a user is in a few programs), which the PAY
-        pipeline prefetches; the index serves the other lookups by key."""
+        pipeline prefetches: no hash index, whose insert on a user's first
+        payment in a program was a random miss."""
         cdef uint64_t key = <uint64_t>u * PROGRAMS_MAX + <uint64_t>g + 1
         cdef int32_t k = self.U[u].membership_head
         while k >= 0 and self.MS[k].program != g:
@@ -1674,8 +1673,12 @@ cdef class Ledger:
         self.MS[k].reward = -1
         self.MS[k].next = self.U[u].membership_head
         self.U[u].membership_head = k
-        index_put(&self.memberships_ix.ix, key, k)
         return k
+
+    def find_membership(self, int32_t user, int32_t program):
+        """The (user slot, program slot) membership row, or -1."""
+        assert 0 <= user < self.n_users and 0 <= program < self.n_programs
+        return self.membership(user, program, False)
 
     cdef int32_t reward(self, const Program* pg, int32_t u, int64_t now) noexcept nogil:
         """Issue a stamp card's reward coupon, or -1 when the stock can't."""
