@@ -7,7 +7,7 @@ short-circuits it; wallets hold far more than the rounds can spend.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import pathlib
 import statistics

@@ -13,7 +13,6 @@ import os
 import resource
 import time
 
-import numpy as np
 
 from . import snapshot as snapshots
 from ._kernel import Ledger
