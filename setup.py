@@ -1,4 +1,4 @@
-"""Builds the Cython kernel (ext/) into the engine package."""
+"""Builds the Cython kernel and the frame fast path (ext/) into the engine package."""
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -8,6 +8,13 @@ extensions = [
         "engine._kernel",
         ["ext/kernel.pyx"],
         include_dirs=[np.get_include(), "ext"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3"],
+    ),
+    Extension(
+        "engine._framing",
+        ["ext/framing.pyx"],
+        include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
     ),

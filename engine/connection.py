@@ -72,42 +72,25 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         self.arm_idle_timer()
+        # Runs of well-formed PAY frames are cut in one step (ext/framing.pyx)
+        # and go to the writer as one work item, answered with one write (the
+        # writer would coalesce them into the same kernel batch anyway);
+        # anything else, and any frame that may be refused, goes frame by frame.
+        pay_run = ((OP_PAY, PAY_RECORD.itemsize, self.config.batch_records_max)
+                   if self.pay_fast_path() else None)
         try:
-            frames = self.reader.feed(data)
+            items = self.reader.feed(data, pay_run)
         except frame.FrameError as e:
             self.fail(e.op, e.request_id, e.code, e.message)
             return
-        # Consecutive well-formed PAY frames of this read are submitted to the
-        # writer as one work item and answered with one write (the writer
-        # would coalesce them into the same kernel batch anyway); anything
-        # else, and any frame that may be refused, takes the per-frame path.
-        fast = self.pay_fast_path()
-        run = []
-        run_records = 0
-        batch_max = self.config.batch_records_max
-        record_bytes = PAY_RECORD.itemsize
-        for op, _flags, request_id, body in frames:
-            if fast and op == OP_PAY:
-                size = len(body)
-                count = size // record_bytes
-                if size % record_bytes == 0 and 1 <= count <= batch_max:
-                    if run_records + count > batch_max:
-                        self.submit_run(run)
-                        run = []
-                        run_records = 0
-                    run.append((request_id, body))
-                    run_records += count
-                    continue
-            if run:
-                self.submit_run(run)
-                run = []
-                run_records = 0
+        for item in items:
             if self.closing:
                 return
-            self.handle(op, request_id, body)
-            fast = self.pay_fast_path()
-        if run:
-            self.submit_run(run)
+            if isinstance(item, frame.PayRun):
+                self.submit_run(item)
+            else:
+                op, _flags, request_id, body = item
+                self.handle(op, request_id, body)
         self.update_flow()
 
     def pay_fast_path(self) -> bool:
@@ -115,44 +98,36 @@ class Connection(asyncio.Protocol):
         return (identity is not None and identity.merchants is None and identity.may("PAY")
                 and not self.closing)
 
-    def submit_run(self, run: list) -> None:
-        """PAY frames (request_id, body), each valid, as one work item; the
-        same replies, in the same order, as frame-by-frame handling."""
-        if len(run) == 1:
-            return self.handle(OP_PAY, run[0][0], run[0][1])
-        request_bytes = 0
-        for _rid, body in run:
-            request_bytes += len(body)
-        slot = Slot(request_bytes, len(run))
-        work = Work(OP_PAY, b"".join([body for _rid, body in run]), self.run_delivery(slot, run),
+    def submit_run(self, run: frame.PayRun) -> None:
+        """PAY frames, each valid, as one work item; the same replies, in the
+        same order, as frame-by-frame handling."""
+        frames = len(run.request_ids)
+        if frames == 1 or not self.pay_fast_path():    # (a HELLO in between may rescope)
+            for request_id, body in run.frames():
+                self.handle(OP_PAY, request_id, body)
+            return
+        request_bytes = len(run.body)
+        slot = Slot(request_bytes, frames)
+        work = Work(OP_PAY, run.body, self.run_delivery(slot, run),
                     records=request_bytes // PAY_RECORD.itemsize)
         if not self.server.writer.submit(work):
-            for request_id, body in run:        # busy: answer frame by frame, as before
+            for request_id, body in run.frames():   # busy: answer frame by frame, as before
                 self.handle(OP_PAY, request_id, body)
             return
         self.slots.append(slot)
         self.inflight_bytes += request_bytes
-        self.inflight_frames += len(run)
+        self.inflight_frames += frames
 
-    def run_delivery(self, slot, run):
+    def run_delivery(self, slot, run: frame.PayRun):
         def deliver(value):
             if isinstance(value, EngineError):
                 parts = []
-                for request_id, _body in run:
+                for request_id in run.request_ids.tolist():
                     self.server.count("PAY", value.code.name)
                     parts.append(frame.encode_error(OP_PAY, request_id, value.code,
                                                     value.message, value.retryable))
                 return self.complete(slot, b"".join(parts))
-            results = memoryview(value.tobytes())
-            pack = frame.HEADER.pack
-            parts = []
-            at = 0
-            for request_id, body in run:        # a PayResult is as long as a PayRecord
-                size = len(body)
-                parts.append(pack(size, OP_PAY, 0, request_id))
-                parts.append(results[at:at + size])
-                at += size
-            self.complete(slot, b"".join(parts))
+            self.complete(slot, run.replies(value, OP_PAY))
         return deliver
 
     # -- requests ---------------------------------------------------------

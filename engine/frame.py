@@ -5,9 +5,12 @@ u64 request_id, little-endian) and a body.
 body stays one bytes object that becomes a batch with `np.frombuffer`.
 """
 import struct
+from dataclasses import dataclass
 
 import msgspec
+import numpy as np
 
+from ._framing import pack_pay_replies, take_pay_run
 from .status import ErrorCode
 
 HEADER = struct.Struct("<IHHQ")
@@ -44,19 +47,49 @@ def encode_error(op: int, request_id: int, code: ErrorCode, message: str,
     return encode_map(op, request_id, body, FLAG_ERROR)
 
 
+@dataclass(slots=True)
+class PayRun:
+    """Consecutive well-formed PAY frames cut in one step (ext/framing.pyx):
+    their bodies joined, their request ids and body sizes side by side."""
+    body: bytes
+    request_ids: np.ndarray     # u64
+    sizes: np.ndarray           # u32, body bytes of each frame
+
+    def frames(self):
+        """(request_id, body) of each frame, for frame-by-frame handling."""
+        at = 0
+        for request_id, size in zip(self.request_ids.tolist(), self.sizes.tolist()):
+            yield request_id, self.body[at:at + size]
+            at += size
+
+    def replies(self, results: np.ndarray, op: int) -> bytes:
+        """The run's reply frames, one buffer, from its results in order."""
+        return pack_pay_replies(results.view(np.uint8), self.request_ids, self.sizes, op)
+
+
 class FrameReader:
-    """Incremental parser: feed() bytes, get complete (op, flags, request_id, body)."""
+    """Incremental parser: feed() bytes, get complete (op, flags, request_id,
+    body) frames, and, when asked for, runs of PAY frames as `PayRun`s."""
 
     def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT):
         self.frame_bytes_max = frame_bytes_max
         self.buffer = bytearray()
 
-    def feed(self, data) -> list:
+    def feed(self, data, pay_run: tuple[int, int, int] | None = None) -> list:
+        """`pay_run` = (PAY op, record bytes, records per run at most): cut
+        runs of PAY frames in one step instead of frame by frame."""
         self.buffer += data
         frames = []
         buffer = self.buffer
         at = 0
         while len(buffer) - at >= HEADER_BYTES:
+            if pay_run is not None:
+                count, end, body, request_ids, sizes = take_pay_run(
+                    buffer, at, pay_run[0], pay_run[1], pay_run[2], self.frame_bytes_max)
+                if count:
+                    frames.append(PayRun(body, request_ids, sizes))
+                    at = end
+                    continue
             size, op, flags, request_id = HEADER.unpack_from(buffer, at)
             if size > self.frame_bytes_max:
                 raise FrameError(ErrorCode.frame_too_large,
