@@ -760,3 +760,30 @@ def test_snapshot_of_other_row_layouts_is_refused_with_what_to_do(tmp_path):
     write_snapshot(datadir, seq, arrays, meta)          # valid file, older layout
     with pytest.raises(JournalError, match="cannot load.*move the snapshot files aside"):
         Engine(datadir)
+
+
+def test_group_commit_shares_one_fsync_among_the_commands_made_meanwhile(tmp_path):
+    import msgspec
+    from engine.dispatch import MAP_OPS
+
+    class SlowFs(FaultyFs):
+        def fdatasync(self, fd):
+            time.sleep(0.02)                # a slow disk: commands pile up meanwhile
+            super().fdatasync(fd)
+    fs = SlowFs()
+    datadir = str(tmp_path / "data")
+    eng = Engine(datadir, fs=fs)
+    before = fs.calls["fdatasync"]
+    syncs = []                              # journal syncs run by the sync thread
+    storage_sync = eng.storage.sync
+    eng.storage.sync = lambda: syncs.append(1) or storage_sync()
+    wallets = MAP_OPS["WALLETS"].code
+    futures = [eng.write_command(wallets, msgspec.msgpack.encode({"users": [u]}))[1]
+               for u in range(1, 41)]
+    seqs = [f.result(timeout=10) for f in futures]
+    assert seqs == sorted(seqs) and seqs[-1] == eng.storage.journal.last_seq
+    assert fs.calls["fdatasync"] - before <= 4      # 40 commands, a few fsyncs
+    assert len(syncs) <= 4                  # and as few sync jobs, not one per command
+    eng.close()
+    with Engine(datadir) as again:
+        assert again.call("BALANCES", {"users": [1, 40]})["users"][1]["status"] == 0
