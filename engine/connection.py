@@ -48,6 +48,7 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.closing = False
         self.idle_timer = None
+        self.active_at = 0.0                # loop time of the last read
         self.peer = None
 
     # -- asyncio.Protocol -------------------------------------------------
@@ -60,7 +61,8 @@ class Connection(asyncio.Protocol):
                                                "too many connections; retry later", True))
             transport.close()
             return
-        self.arm_idle_timer()
+        self.active_at = asyncio.get_running_loop().time()
+        self.arm_idle_timer(self.config.idle_timeout_ms / 1000)
 
     def connection_lost(self, exc):
         self.closing = True
@@ -71,7 +73,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data):
         if self.closing:
             return
-        self.arm_idle_timer()
+        # A timestamp, not a new timer per read: the one timer looks at it.
+        self.active_at = asyncio.get_running_loop().time()
         # Runs of well-formed PAY frames are cut in one step (ext/framing.pyx)
         # and go to the writer as one work item, answered with one write (the
         # writer would coalesce them into the same kernel batch anyway);
@@ -309,14 +312,16 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
             self.paused = False
 
-    def arm_idle_timer(self) -> None:
-        if self.idle_timer:
-            self.idle_timer.cancel()
+    def arm_idle_timer(self, delay_s: float) -> None:
         loop = asyncio.get_running_loop()
-        self.idle_timer = loop.call_later(self.config.idle_timeout_ms / 1000, self.idle)
+        self.idle_timer = loop.call_later(delay_s, self.idle)
 
     def idle(self) -> None:
+        timeout_s = self.config.idle_timeout_ms / 1000
+        quiet_s = asyncio.get_running_loop().time() - self.active_at
+        if quiet_s < timeout_s:             # read since: wait out the rest
+            return self.arm_idle_timer(timeout_s - quiet_s)
         if self.slots:                      # still waiting on our own replies
-            return self.arm_idle_timer()
+            return self.arm_idle_timer(timeout_s)
         log.info("closing idle connection %s", self.peer)
         self.close_after_flush()

@@ -78,9 +78,12 @@ class FrameReader:
     def feed(self, data, pay_run: tuple[int, int, int] | None = None) -> list:
         """`pay_run` = (PAY op, record bytes, records per run at most): cut
         runs of PAY frames in one step instead of frame by frame."""
-        self.buffer += data
+        if self.buffer:
+            self.buffer += data
+            buffer = self.buffer
+        else:           # the usual case: no partial frame left from the last read
+            buffer = data
         frames = []
-        buffer = self.buffer
         at = 0
         while len(buffer) - at >= HEADER_BYTES:
             if pay_run is not None:
@@ -103,8 +106,11 @@ class FrameReader:
                 break
             frames.append((op, flags, request_id, bytes(buffer[at + HEADER_BYTES:end])))
             at = end
-        if at:
-            del buffer[:at]
+        if buffer is self.buffer:
+            if at:
+                del buffer[:at]
+        elif at < len(buffer):              # keep the partial frame for the next read
+            self.buffer += memoryview(buffer)[at:]
         return frames
 
     @property

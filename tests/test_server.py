@@ -279,6 +279,14 @@ def test_connection_limit_and_idle_timeout():
         assert await second.closed()
         assert await first.closed()             # idle for longer than 200 ms
         await server.stop()
+        # A connection that keeps talking is not idle, however long it lives.
+        server = await started(idle_timeout_ms=200)
+        busy = await Raw.open(server)
+        for k in range(8):                      # 8 x 80 ms: 640 ms in all
+            await asyncio.sleep(0.08)
+            assert await busy.call(2, b"", k + 1) == (2, 0, k + 1, b"")   # PING
+        assert await busy.closed()              # then idle: closed
+        await server.stop()
     run(main())
 
 
