@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine import Engine
+from engine.client import issue_record, pay_record
 from engine.records import ISSUE_RECORD, PAY_RECORD
 from engine.status import Status
 
@@ -40,18 +41,13 @@ def stock(sid, **fields):
 
 
 def issue(eng, coupons):
-    records = np.zeros(len(coupons), ISSUE_RECORD)
-    for i, (coupon, stock_id, user) in enumerate(coupons):
-        records[i] = (coupon, stock_id, user, 0)
+    records = np.array([issue_record(*triple) for triple in coupons], ISSUE_RECORD)
     assert (eng.issue(records)["status"] == 0).all()
 
 
 def pay(eng, pid, user=1, amount=3000, coupons=(), goods_tag=0):
-    record = np.zeros(1, PAY_RECORD)
-    record[0]["id"], record[0]["payer"], record[0]["merchant"] = pid, user, 1
-    record[0]["amount"], record[0]["goods_tag"] = amount, goods_tag
-    record[0]["coupons"][:len(coupons)] = coupons
-    return eng.pay(record)[0]
+    record = pay_record(pid, user, 1, amount, goods_tag=goods_tag, coupons=coupons)
+    return eng.pay(np.array([record], PAY_RECORD))[0]
 
 
 def test_lunch_slot_coupon_is_refused_at_15_00(eng):

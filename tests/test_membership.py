@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from engine import Engine
+from engine.client import pay_record
 from engine.records import PAY_RECORD
 from engine.status import Status
 
@@ -34,13 +35,8 @@ def eng():
 
 
 def pay(eng, pid, amount, user=1, merchant=1, coupons=(), flags=1):
-    record = np.zeros(1, PAY_RECORD)
-    record[0]["id"], record[0]["payer"], record[0]["merchant"] = pid, user, merchant
-    record[0]["amount"], record[0]["flags"] = amount, flags
-    record[0]["coupons"][:len(coupons)] = coupons
-    if coupons:
-        record[0]["flags"] = 0
-    return eng.pay(record)[0]
+    record = pay_record(pid, user, merchant, amount, 0 if coupons else flags, coupons=coupons)
+    return eng.pay(np.array([record], PAY_RECORD))[0]
 
 
 def membership(eng, user, program):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from engine.errors import BadBody, UnknownOp
+from engine.client import pay_record
 from engine.records import ISSUE_RECORD, PAY_RECORD
 from engine.status import Status
 
@@ -76,10 +77,8 @@ def issue(ref, *triples, reserved=0):
 
 def pay(ref, pid=1, payer=1, merchant=1, amount=1000, flags=0, goods_tag=0, coupons=(),
         user_data=0):
-    rec = np.zeros(1, PAY_RECORD)
-    rec[0] = (pid, payer, merchant, amount, flags, goods_tag,
-              list(coupons) + [0] * (4 - len(coupons)), user_data)
-    return ref.pay(rec)[0]
+    record = pay_record(pid, payer, merchant, amount, flags, goods_tag, coupons, user_data)
+    return ref.pay(np.array([record], PAY_RECORD))[0]
 
 
 def coupons_of(result):

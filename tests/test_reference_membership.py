@@ -12,6 +12,7 @@ import pytest
 
 from engine import audit, canonical
 from engine.errors import BadBody
+from engine.client import issue_record, pay_record
 from engine.records import ISSUE_RECORD, PAY_RECORD
 
 from reference_membership import REWARD_BASE, MembershipReference
@@ -55,17 +56,12 @@ def world(programs=(), stocks=()):
 
 
 def pay(ref, pid, payer, merchant, amount, flags=0, coupons=()):
-    rec = np.zeros(1, PAY_RECORD)
-    rec[0]["id"], rec[0]["payer"], rec[0]["merchant"] = pid, payer, merchant
-    rec[0]["amount"], rec[0]["flags"] = amount, flags
-    rec[0]["coupons"][:len(coupons)] = list(coupons)
-    return ref.pay(rec)[0]
+    record = pay_record(pid, payer, merchant, amount, flags, coupons=coupons)
+    return ref.pay(np.array([record], PAY_RECORD))[0]
 
 
 def issue(ref, coupon, stock_id, user):
-    rec = np.zeros(1, ISSUE_RECORD)
-    rec[0] = (coupon, stock_id, user, 0)
-    return ref.issue(rec)[0]
+    return ref.issue(np.array([issue_record(coupon, stock_id, user)], ISSUE_RECORD))[0]
 
 
 def card(ref, user, program):

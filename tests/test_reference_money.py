@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from engine import audit
+from engine.client import issue_record, pay_record
 from engine.records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, REFUND_RECORD
 from engine.status import Status
 
@@ -40,18 +41,13 @@ def stock(sid, **fields):
 
 
 def issue(ref, *triples):
-    records = np.zeros(len(triples), ISSUE_RECORD)
-    for i, (coupon, stock_id, user) in enumerate(triples):
-        records[i] = (coupon, stock_id, user, 0)
+    records = np.array([issue_record(*triple) for triple in triples], ISSUE_RECORD)
     assert (ref.issue(records)["status"] == 0).all()
 
 
 def pay(ref, pid, amount, merchant=1, payer=1, flags=0, coupons=()):
-    record = np.zeros(1, PAY_RECORD)
-    record[0]["id"], record[0]["payer"], record[0]["merchant"] = pid, payer, merchant
-    record[0]["amount"], record[0]["flags"] = amount, flags
-    record[0]["coupons"][:len(coupons)] = coupons
-    return ref.pay(record)[0]
+    record = pay_record(pid, payer, merchant, amount, flags, coupons=coupons)
+    return ref.pay(np.array([record], PAY_RECORD))[0]
 
 
 def one(reply):
