@@ -597,15 +597,21 @@ def batch_of(seed: int, k: int):
         k += 1
 
 
-def test_fdatasync_eio_is_unavailable_then_writes_resume(tmp_path, fast_recover):
+def engine_before_a_fault(tmp_path):
+    """A durable engine on a fault-injecting fs, 60 ops of stream 3 in, and
+    the next PAY batch of the stream at its engine time: (data dir, fs,
+    engine, acknowledged digest, durable seq, op number, the batch)."""
     datadir = str(tmp_path / "data")
     fs = FaultyFs()
     eng = Engine(datadir, hold_ms=cc.HOLD_MS, fs=fs)
     send_stream(eng, 3, range(60))
-    acked = eng.digest()
-    durable = eng.storage.journal.durable_seq
     k, records = batch_of(3, 60)
     eng.clock = lambda: cc.T0 + k * cc.STEP_MS
+    return datadir, fs, eng, eng.digest(), eng.storage.journal.durable_seq, k, records
+
+
+def test_fdatasync_eio_is_unavailable_then_writes_resume(tmp_path, fast_recover):
+    datadir, fs, eng, acked, durable, k, records = engine_before_a_fault(tmp_path)
 
     fs.fail("fdatasync", errno.EIO)
     with pytest.raises(Unavailable) as caught:
@@ -639,14 +645,7 @@ def test_fdatasync_eio_is_unavailable_then_writes_resume(tmp_path, fast_recover)
 
 
 def test_enospc_partial_write_then_restart_keeps_only_acknowledged(tmp_path, fast_recover):
-    datadir = str(tmp_path / "data")
-    fs = FaultyFs()
-    eng = Engine(datadir, hold_ms=cc.HOLD_MS, fs=fs)
-    send_stream(eng, 3, range(60))
-    acked = eng.digest()
-    durable = eng.storage.journal.durable_seq
-    k, records = batch_of(3, 60)
-    eng.clock = lambda: cc.T0 + k * cc.STEP_MS
+    datadir, fs, eng, acked, durable, k, records = engine_before_a_fault(tmp_path)
     fs.fail("writev", errno.ENOSPC)
     fs.partial_then_fail = True                     # half the entry reaches the file
     with pytest.raises(Unavailable, match="ENOSPC"):
