@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import Engine
+from engine import Engine, audit, canonical
 from engine.records import PAYMENT_CODE_MIN
 
 HOLD_MS = 10_000
@@ -68,6 +68,20 @@ class Pair:
     def batch(self, method, records):
         return self._both(f"{method}({records.tolist()!r})",
                           lambda x: getattr(x, method)(records.copy()))
+
+    def assert_same_tables(self, tables=None) -> None:
+        """The canonical tables of the engine and the reference (those named,
+        or all) are equal, so are their digests, and AUDIT holds on the
+        reference's."""
+        a, b = self.eng.canonical(), self.ref.canonical()
+        if tables is not None:
+            a, b = {n: a[n] for n in tables}, {n: b[n] for n in tables}
+        differences = canonical.diff(a, b)
+        assert not differences, self._failure("canonical tables differ (engine vs reference):\n"
+                                              + "\n".join(differences))
+        assert canonical.digest(a) == canonical.digest(b)
+        report = audit.audit(b)
+        assert report["ok"], {k: v for k, v in report["checks"].items() if not v["ok"]}
 
     def tick(self, ms: int):
         self.log.append(f"clock += {ms}")
