@@ -1373,10 +1373,8 @@ cdef class Ledger:
         # The rows this batch appends (reserved before the loop): a stream
         # of first writes, fetched a few payments ahead.
         if i + AHEAD_RECORDS < n:
-            prefetch_for_write(&self.PM[self.n_payments + AHEAD_RECORDS])
-            prefetch_for_write(<const char*>&self.PM[self.n_payments + AHEAD_RECORDS] + 64)
-            prefetch_for_write(<const char*>&self.PM[self.n_payments + AHEAD_RECORDS] + 128)
-            prefetch_for_write(<const char*>&self.PM[self.n_payments + AHEAD_RECORDS] + 192)
+            for line in range(0, sizeof(Payment), 64):
+                prefetch_for_write(<const char*>&self.PM[self.n_payments + AHEAD_RECORDS] + line)
             if self.n_programs:
                 prefetch_for_write(&self.EA[self.n_earnings + AHEAD_RECORDS * self.n_programs])
         j = i + AHEAD_RECORDS - 1
