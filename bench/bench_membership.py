@@ -43,8 +43,12 @@ def with_controls(make_stocks):
     return stocks
 
 
-def world_engine(full: bool):
+def world_engine(full: bool, controls: bool | None = None, programs: int | None = None):
+    """The standard world at USERS users; `full` turns on the controls and
+    both programs, or `controls` and the first `programs` programs apart."""
     from engine import Engine
+    controls = full if controls is None else controls
+    programs = (2 if full else 0) if programs is None else programs
     spec = World.standard()
     spec = type(spec)(**{**spec.__dict__, "users": USERS})
     eng = Engine(clock=lambda: 1_700_000_000_000,
@@ -60,13 +64,13 @@ def world_engine(full: bool):
                            "memberships": 2 * USERS,
                            "earnings": 2 * ROUNDS * BATCHES * BATCH_RECORDS_MAX})
     original = world._standard_stocks
-    if full:
+    if controls:
         world._standard_stocks = with_controls(original)
     try:
         info = build(eng, spec)
     finally:
         world._standard_stocks = original
-    if full:
+    if programs:
         # The card's reward: a small platform coupon good anywhere, so rewards
         # are redeemed as they would be, not hoarded by the heaviest payers.
         reward = 2**40
@@ -75,7 +79,8 @@ def world_engine(full: bool):
             "valid_from": 0, "valid_until": 2**62, "stacking": "stackable"}]})
         reply = eng.call("PROGRAMS", {"programs": [
             {"id": 1, "kind": "points", "rate": 5},
-            {"id": 2, "kind": "stamps", "threshold": 1000, "stamps": 10, "reward_stock": reward}]})
+            {"id": 2, "kind": "stamps", "threshold": 1000, "stamps": 10,
+             "reward_stock": reward}][:programs]})
         assert all(r["status"] == 0 for r in reply["results"]), reply
     return eng, info
 
@@ -124,3 +129,38 @@ def test_membership_and_controls_keep_the_pay_rate(benchmark):
         f"{rate['full']:,.0f}/s vs {rate['plain']:,.0f}/s plain: {share:.0%} median of "
         f"{ROUNDS} rounds ({min(round_shares):.0%}-{max(round_shares):.0%}; totals "
         f"{share_total:.0%}, {share_cpu:.0%} per CPU-s; target {TARGET_SHARE:.0%}); {load()}")
+
+
+PART_BATCHES = 50
+PART_ROUNDS = 3
+PARTS = {"plain": (False, 0), "controls": (True, 0), "points": (False, 1),
+         "points + stamps": (False, 2), "everything": (True, 2)}
+
+
+def test_membership_cost_by_part(benchmark):
+    """Which part costs: each of the controls, one program, two programs,
+    and all of them, against plain, rounds interleaved in one process."""
+    engines = {name: world_engine(False, controls, programs)
+               for name, (controls, programs) in PARTS.items()}
+    gc.collect()
+    gc.freeze()
+    out = np.empty(BATCH_RECORDS_MAX, PAY_RESULT)
+    cpu = dict.fromkeys(PARTS, 0.0)
+
+    def rounds():
+        for k in range(PART_ROUNDS):
+            for name, (eng, info) in engines.items():
+                batches = list(pay_batches(info, PART_BATCHES, seed=300 + k, start_payment_id=1
+                                           + k * PART_BATCHES * BATCH_RECORDS_MAX))
+                started = time.thread_time()
+                for batch in batches:
+                    eng.kernel_pay(batch, info.now_ms, out)
+                cpu[name] += time.thread_time() - started
+
+    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    payments = PART_ROUNDS * PART_BATCHES * BATCH_RECORDS_MAX
+    rate = {name: payments / seconds for name, seconds in cpu.items()}
+    benchmark.extra_info.update(per_cpu_second=rate, machine=machine(), load=load())
+    SUMMARY["PAY by membership part"] = ", ".join(
+        f"{name} {r / 1e6:.2f} M/s ({r / rate['plain']:.0%})" for name, r in rate.items()
+    ) + f" per CPU-s; {load()}"
