@@ -129,8 +129,7 @@ class ServerProcess:
         cmd += ["-m", "engine.cli", "serve", "--data", data_dir,
                 "--listen", f"127.0.0.1:{self.port}",
                 "--metrics", f"127.0.0.1:{self.metrics_port}",
-                "--capacity", f"payments={CAPACITY_PAYMENTS}",
-                "--capacity", f"visits={CAPACITY_PAYMENTS}"]
+                "--capacity", f"payments={CAPACITY_PAYMENTS}"]     # and visits
         self.cmd = cmd
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(ROOT), stdout=self.log, stderr=subprocess.STDOUT)
@@ -259,8 +258,7 @@ class Bench:
             remote.close()
         self.build_seconds = time.perf_counter() - t0
         # the in-memory twin: same spec and seed, so the same state
-        self.twin = make_engine(lambda: spec.now_ms, {"payments": CAPACITY_PAYMENTS,
-                                                      "visits": CAPACITY_PAYMENTS})
+        self.twin = make_engine(lambda: spec.now_ms, {"payments": CAPACITY_PAYMENTS})
         self.twin_info = build(self.twin, spec)
         pool = np.concatenate(list(pay_batches(self.info, 32, seed=99, start_payment_id=1)))
         self.pool_path = os.path.join(self.tmp, "pool.npy")

@@ -40,6 +40,15 @@ CAPACITY_TABLES = ("users", "merchants", "stocks", "coupons", "payments", "codes
                    "refunds", "tombstones", "memberships", "visits", "earnings")
 
 
+def with_visits(capacity: dict) -> dict:
+    """A payments hint sizes the visits too, unless they have their own: a
+    payment adds at most one visit row (a new payer at a merchant), and
+    growing the visits index mid-traffic rehashes it while replies wait."""
+    if "payments" in capacity and "visits" not in capacity:
+        return {**capacity, "visits": capacity["payments"]}
+    return capacity
+
+
 def rows_for_tables(capacity: dict, tail: dict):
     """What a snapshot load allocates for each ledger array: the table's
     capacity hint, or its loaded rows plus the journal tail, if more. Loading
@@ -87,18 +96,19 @@ class Engine:
         for table in capacity or {}:
             if table not in CAPACITY_TABLES:
                 raise ValueError(f"capacity: unknown table {table!r} (known: {CAPACITY_TABLES})")
+        capacity = with_visits(capacity or {})
         if path is not None:
             self.storage = Storage(path, **storage_options)
             self.storage.check_settings({"tz_offset_ms": tz_offset_ms, "hold_ms": hold_ms,
                                          "currency": currency})
             tail = self._tail_records(self.storage.newest_snapshot_seq())
-            recovered = self.storage.load_state(rows_for_tables(capacity or {}, tail))
+            recovered = self.storage.load_state(rows_for_tables(capacity, tail))
             if recovered is not None:
                 self.state = recovered
         # Before replay, so that replay does not grow the tables step by step.
         # A hint is the table's whole size: after a restart it is not added again.
         ledger = self.state.ledger
-        for table, rows in (capacity or {}).items():
+        for table, rows in capacity.items():
             ledger.reserve(table, max(0, int(rows) - ledger.rows(table)))
         if self.storage is not None:
             self._replay()

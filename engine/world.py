@@ -572,8 +572,7 @@ def make_engine(clock: Callable[[], int], capacity: dict | None = None):
 
 
 def capacity_for(spec: World, payments: int) -> dict:
-    """Capacity hints for the world and `payments` payments. Each payment
-    adds at most one visit row (a new payer at a merchant), so visits get
-    the same hint: growing that index mid-run rehashes millions of entries."""
+    """Capacity hints for the world and `payments` payments (the engine
+    sizes the visits by the payments)."""
     return {"users": spec.users, "coupons": spec.users * spec.coupons_per_user,
-            "payments": payments, "visits": payments}
+            "payments": payments}

@@ -142,6 +142,12 @@ def test_capacity_hints_preallocate_and_unknown_tables_are_refused():
     assert sizes["users"] >= 10_000 * 32 and sizes["coupons"] >= 30_000 * 40
     with pytest.raises(ValueError, match="unknown table"):
         Engine(capacity={"wallets": 5})
+    # A payments hint sizes the visits too (a payment adds at most one),
+    # unless they have a hint of their own.
+    ledger = Engine(capacity={"payments": 5_000}).state.ledger
+    assert len(ledger.pay_meta) >= 5_000 and len(ledger.visits) >= 5_000
+    ledger = Engine(capacity={"payments": 5_000, "visits": 2_000}).state.ledger
+    assert 2_000 <= len(ledger.visits) < 5_000
 
 
 def test_insufficient_funds_changes_nothing():
