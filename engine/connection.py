@@ -8,6 +8,7 @@ import msgspec
 import numpy as np
 
 from . import frame
+from ._framing import intake_pay
 from .auth import ANONYMOUS_ADMIN
 from .dispatch import (MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_CLOCK, OP_HELLO, OP_ISSUE,
                        OP_NAMES, OP_PAY, OP_PING, OP_REFUND_RECORDS)
@@ -50,6 +51,13 @@ class Connection(asyncio.Protocol):
         self.idle_timer = None
         self.active_at = 0.0                # loop time of the last read
         self.peer = None
+        self.loop = None
+        self.writer = server.writer
+        # The PayBatch this connection's latest reply slot belongs to, if
+        # any: further PAY frames join that slot (ext/framing.pyx intake_pay).
+        self.pay_batch = None
+        self.pay_member = 0
+        self.pay_slot = None
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -61,7 +69,8 @@ class Connection(asyncio.Protocol):
                                                "too many connections; retry later", True))
             transport.close()
             return
-        self.active_at = asyncio.get_running_loop().time()
+        self.loop = asyncio.get_running_loop()
+        self.active_at = self.loop.time()
         self.arm_idle_timer(self.config.idle_timeout_ms / 1000)
 
     def connection_lost(self, exc):
@@ -74,70 +83,49 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         # A timestamp, not a new timer per read: the one timer looks at it.
-        self.active_at = asyncio.get_running_loop().time()
-        # Runs of well-formed PAY frames are cut in one step (ext/framing.pyx)
-        # and go to the writer as one work item, answered with one write (the
-        # writer would coalesce them into the same kernel batch anyway);
-        # anything else, and any frame that may be refused, goes frame by frame.
-        pay_run = ((OP_PAY, PAY_RECORD.itemsize, self.config.batch_records_max)
-                   if self.pay_fast_path() else None)
+        self.active_at = self.loop.time()
+        reader = self.reader
+        buffer = reader.begin(data)
+        at, end = 0, len(buffer)
         try:
-            items = self.reader.feed(data, pay_run)
+            while at < end and not self.closing:
+                # Runs of PAY frames go straight into the writer's open batch
+                # (no Python object per frame); anything else, and any frame
+                # that could be refused, is parsed and handled frame by frame.
+                if self.pay_fast_path():
+                    at = intake_pay(self.writer, self, buffer, at)
+                parsed = reader.next_frame(buffer, at)
+                if parsed is None:
+                    break
+                (op, _flags, request_id, body), at = parsed
+                self.handle(op, request_id, body)
         except frame.FrameError as e:
             self.fail(e.op, e.request_id, e.code, e.message)
             return
-        for item in items:
-            if self.closing:
-                return
-            if isinstance(item, frame.PayRun):
-                self.submit_run(item)
-            else:
-                op, _flags, request_id, body = item
-                self.handle(op, request_id, body)
-        self.update_flow()
+        if not self.closing:
+            reader.keep(buffer, at)
+            self.update_flow()
 
     def pay_fast_path(self) -> bool:
+        """PAY frames of this connection need no per-record check: an admin,
+        or a gateway key with no merchant scope."""
         identity = self.identity
         return (identity is not None and identity.merchants is None and identity.may("PAY")
                 and not self.closing)
 
-    def submit_run(self, run: frame.PayRun) -> None:
-        """PAY frames, each valid, as one work item; the same replies, in the
-        same order, as frame-by-frame handling."""
-        frames = len(run.request_ids)
-        if frames == 1 or not self.pay_fast_path():    # (a HELLO in between may rescope)
-            for request_id, body in run.frames():
-                self.handle(OP_PAY, request_id, body)
-            return
-        request_bytes = len(run.body)
-        slot = Slot(request_bytes, frames)
-        work = Work(OP_PAY, run.body, self.run_delivery(slot, run),
-                    records=request_bytes // PAY_RECORD.itemsize)
-        if not self.server.writer.submit(work):
-            for request_id, body in run.frames():   # busy: answer frame by frame, as before
-                self.handle(OP_PAY, request_id, body)
-            return
+    def open_slot(self) -> Slot:
+        """A reply slot for frames the writer takes straight into a batch; it
+        counts them (and their bytes) as they are added."""
+        slot = Slot(0, 0)
         self.slots.append(slot)
-        self.inflight_bytes += request_bytes
-        self.inflight_frames += frames
-
-    def run_delivery(self, slot, run: frame.PayRun):
-        def deliver(value):
-            if isinstance(value, EngineError):
-                parts = []
-                for request_id in run.request_ids.tolist():
-                    self.server.count("PAY", value.code.name)
-                    parts.append(frame.encode_error(OP_PAY, request_id, value.code,
-                                                    value.message, value.retryable))
-                return self.complete(slot, b"".join(parts))
-            self.complete(slot, run.replies(value, OP_PAY))
-        return deliver
+        return slot
 
     # -- requests ---------------------------------------------------------
 
     def handle(self, op: int, request_id: int, body: bytes) -> None:
         slot = Slot(len(body))
         self.slots.append(slot)
+        self.pay_batch = None               # later PAY frames need a slot after this one
         self.inflight_bytes += len(body)
         self.inflight_frames += 1
         name = OP_NAMES.get(op)
@@ -313,12 +301,11 @@ class Connection(asyncio.Protocol):
             self.paused = False
 
     def arm_idle_timer(self, delay_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        self.idle_timer = loop.call_later(delay_s, self.idle)
+        self.idle_timer = self.loop.call_later(delay_s, self.idle)
 
     def idle(self) -> None:
         timeout_s = self.config.idle_timeout_ms / 1000
-        quiet_s = asyncio.get_running_loop().time() - self.active_at
+        quiet_s = self.loop.time() - self.active_at
         if quiet_s < timeout_s:             # read since: wait out the rest
             return self.arm_idle_timer(timeout_s - quiet_s)
         if self.slots:                      # still waiting on our own replies

@@ -2,15 +2,14 @@
 u64 request_id, little-endian) and a body.
 
 `FrameReader` cuts a byte stream into frames with no per-record work: a PAY
-body stays one bytes object that becomes a batch with `np.frombuffer`.
+body stays one bytes object that becomes a batch with `np.frombuffer`. Runs
+of PAY frames skip it altogether: `engine._framing.PayBatch` (ext/framing.pyx)
+copies them from the read buffer straight into a kernel batch.
 """
 import struct
-from dataclasses import dataclass
 
 import msgspec
-import numpy as np
 
-from ._framing import pack_pay_replies, take_pay_run
 from .status import ErrorCode
 
 HEADER = struct.Struct("<IHHQ")
@@ -47,70 +46,58 @@ def encode_error(op: int, request_id: int, code: ErrorCode, message: str,
     return encode_map(op, request_id, body, FLAG_ERROR)
 
 
-@dataclass(slots=True)
-class PayRun:
-    """Consecutive well-formed PAY frames cut in one step (ext/framing.pyx):
-    their bodies joined, their request ids and body sizes side by side."""
-    body: bytes
-    request_ids: np.ndarray     # u64
-    sizes: np.ndarray           # u32, body bytes of each frame
-
-    def frames(self):
-        """(request_id, body) of each frame, for frame-by-frame handling."""
-        at = 0
-        for request_id, size in zip(self.request_ids.tolist(), self.sizes.tolist()):
-            yield request_id, self.body[at:at + size]
-            at += size
-
-    def replies(self, results: np.ndarray, op: int) -> bytes:
-        """The run's reply frames, one buffer, from its results in order."""
-        return pack_pay_replies(results.view(np.uint8), self.request_ids, self.sizes, op)
-
-
 class FrameReader:
-    """Incremental parser: feed() bytes, get complete (op, flags, request_id,
-    body) frames, and, when asked for, runs of PAY frames as `PayRun`s."""
+    """Incremental parser. A read goes `buffer = begin(data)`, then
+    `next_frame(buffer, at)` as long as it returns a frame (others, such as
+    the PAY fast path, may consume frames from the same buffer in between),
+    then `keep(buffer, at)` for the partial frame left over."""
 
     def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT):
         self.frame_bytes_max = frame_bytes_max
         self.buffer = bytearray()
 
-    def feed(self, data, pay_run: tuple[int, int, int] | None = None) -> list:
-        """`pay_run` = (PAY op, record bytes, records per run at most): cut
-        runs of PAY frames in one step instead of frame by frame."""
+    def begin(self, data):
+        """The bytes to parse: the partial frame of the last read plus `data`,
+        or in the usual case (nothing left over) `data` itself, uncopied."""
         if self.buffer:
             self.buffer += data
-            buffer = self.buffer
-        else:           # the usual case: no partial frame left from the last read
-            buffer = data
-        frames = []
-        at = 0
-        while len(buffer) - at >= HEADER_BYTES:
-            if pay_run is not None:
-                count, end, body, request_ids, sizes = take_pay_run(
-                    buffer, at, pay_run[0], pay_run[1], pay_run[2], self.frame_bytes_max)
-                if count:
-                    frames.append(PayRun(body, request_ids, sizes))
-                    at = end
-                    continue
-            size, op, flags, request_id = HEADER.unpack_from(buffer, at)
-            if size > self.frame_bytes_max:
-                raise FrameError(ErrorCode.frame_too_large,
-                                 f"frame body of {size} bytes is over max_frame "
-                                 f"{self.frame_bytes_max}", op, request_id)
-            if flags & FLAG_ERROR:
-                raise FrameError(ErrorCode.bad_frame,
-                                 "a request must not carry the error flag", op, request_id)
-            end = at + HEADER_BYTES + size
-            if len(buffer) < end:
-                break
-            frames.append((op, flags, request_id, bytes(buffer[at + HEADER_BYTES:end])))
-            at = end
+            return self.buffer
+        return data
+
+    def next_frame(self, buffer, at: int):
+        """((op, flags, request_id, body), end) of the frame at `at`, or None
+        when it is incomplete. Raises FrameError when the stream is unusable."""
+        if len(buffer) - at < HEADER_BYTES:
+            return None
+        size, op, flags, request_id = HEADER.unpack_from(buffer, at)
+        if size > self.frame_bytes_max:
+            raise FrameError(ErrorCode.frame_too_large,
+                             f"frame body of {size} bytes is over max_frame "
+                             f"{self.frame_bytes_max}", op, request_id)
+        if flags & FLAG_ERROR:
+            raise FrameError(ErrorCode.bad_frame,
+                             "a request must not carry the error flag", op, request_id)
+        end = at + HEADER_BYTES + size
+        if len(buffer) < end:
+            return None
+        return (op, flags, request_id, bytes(buffer[at + HEADER_BYTES:end])), end
+
+    def keep(self, buffer, at: int) -> None:
+        """Keep what is left of `buffer` from `at` for the next read."""
         if buffer is self.buffer:
             if at:
                 del buffer[:at]
-        elif at < len(buffer):              # keep the partial frame for the next read
+        elif at < len(buffer):
             self.buffer += memoryview(buffer)[at:]
+
+    def feed(self, data) -> list:
+        """Every complete frame of the stream so far (the general path alone)."""
+        buffer = self.begin(data)
+        frames, at = [], 0
+        while (parsed := self.next_frame(buffer, at)) is not None:
+            item, at = parsed
+            frames.append(item)
+        self.keep(buffer, at)
         return frames
 
     @property

@@ -53,7 +53,7 @@ class Server:
         self.auth = Authenticator(config.keys)
         self.metrics = Metrics()
         self.writer = Writer(self.engine, self.metrics, config.batch_records_max,
-                             config.queue_records_max)
+                             config.queue_records_max, config.frame_bytes_max)
         self.connections = set()
         self.listeners = []
         self.scopes = {}

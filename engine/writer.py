@@ -5,6 +5,13 @@ the fsync covering it has returned (TigerBeetle-style automatic batching).
 Work is applied strictly in arrival order. Consecutive PAY (or ISSUE) frames
 become one kernel batch of up to `batch_records_max` records, so a busy
 server turns many small frames into few large commands and few fsyncs.
+
+PAY frames from connections with no per-record checks to make take a fast
+path: `intake_pay` (ext/framing.pyx) copies them from the read buffer
+straight into the open `PayBatch` at the queue's tail (`pay_batch`), with no
+Python object per frame, and each connection's share of a batch is answered
+in one write. Queueing anything else closes the open batch, so work is still
+applied in arrival order.
 """
 import asyncio
 import collections
@@ -13,9 +20,11 @@ import time
 
 import numpy as np
 
+from . import frame
+from ._framing import PayBatch
 from .dispatch import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS
-from .errors import EngineError
-from .records import ISSUE_RESULT, PAY_RESULT, REFUND_RESULT
+from .errors import EngineError, Unavailable
+from .records import ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RESULT
 from .status import STATUS_NAMES
 
 log = logging.getLogger("scanpay.writer")
@@ -41,17 +50,29 @@ class Work:
         self.deliver = deliver
 
 
+def queued_weight(item) -> int:
+    """What an item counts against queue_records_max: its records, and at
+    least one for a map request."""
+    return item.records if isinstance(item, PayBatch) else max(item.records, 1)
+
+
 class Writer:
     def __init__(self, engine, metrics=None, batch_records_max: int = 8190,
-                 queue_records_max: int = 262_144):
+                 queue_records_max: int = 262_144,
+                 frame_bytes_max: int = frame.FRAME_BYTES_MAX_DEFAULT):
         self.engine = engine
         self.metrics = metrics
         self.batch_records_max = batch_records_max
         self.queue_records_max = queue_records_max
-        self.queue = collections.deque()
+        self.frame_bytes_max = frame_bytes_max
+        self.queue = collections.deque()        # Work and PayBatch, in arrival order
+        self.pay_batch = None                   # the open PayBatch: the queue's tail
         self.queued_records = 0
         self.wake = asyncio.Event()
-        self.deliveries = collections.deque()
+        self.deliveries = collections.deque()   # (durable, parts, scheduled_at), in order
+        self.watched = None                     # the last fsync future with our callback
+        self.released = asyncio.Event()
+        self.loop = None
         self.stopping = False
         self.task = None
 
@@ -62,12 +83,29 @@ class Writer:
         if self.stopping or self.queued_records + max(work.records, 1) > self.queue_records_max:
             return False
         self.queue.append(work)
+        self.pay_batch = None                   # PAY frames after it go to a new batch
         self.queued_records += max(work.records, 1)
         self.wake.set()
         return True
 
+    def open_pay_batch(self) -> PayBatch:
+        """A new PayBatch at the queue's tail, for intake_pay (ext/framing.pyx)
+        to fill until it is full or something else is queued after it."""
+        batch = PayBatch(self.batch_records_max, PAY_RECORD.itemsize, self.frame_bytes_max,
+                         OP_PAY)
+        self.queue.append(batch)
+        self.pay_batch = batch
+        return batch
+
+    def drop_pay_batch(self, batch: PayBatch) -> None:
+        """Take back a batch opened for a read that had no frame for it."""
+        assert batch.records == 0 and self.queue[-1] is batch
+        self.queue.pop()
+        self.pay_batch = None
+
     def start(self):
-        self.task = asyncio.get_running_loop().create_task(self.run())
+        self.loop = asyncio.get_running_loop()
+        self.task = self.loop.create_task(self.run())
 
     async def stop(self):
         """Apply what is queued, release every reply, then stop."""
@@ -87,22 +125,29 @@ class Writer:
                 await self.wake.wait()
                 continue
             group = self.take_group()
-            self.queued_records -= sum(max(w.records, 1) for w in group)
+            self.queued_records -= sum(queued_weight(w) for w in group)
             if self.metrics:
                 self.metrics.queue_records.set(self.queued_records)
             self.process(group)
             while len(self.deliveries) > DELIVERIES_INFLIGHT_MAX:
-                await self.deliveries[0]
+                self.released.clear()
+                await self.released.wait()
             await asyncio.sleep(0)          # let connections read, replies go out
-        while self.deliveries:
-            await self.deliveries.popleft()
+        while self.deliveries:              # each fsync's callback releases its share
+            self.released.clear()
+            await self.released.wait()
 
     def take_group(self) -> list:
         first = self.queue.popleft()
         group = [first]
+        if isinstance(first, PayBatch):
+            if first is self.pay_batch:         # taken: intake opens the next one
+                self.pay_batch = None
+            return group
         if first.op in RESULT_DTYPES:
             total = first.records
-            while (self.queue and self.queue[0].op == first.op
+            while (self.queue and isinstance(self.queue[0], Work)
+                   and self.queue[0].op == first.op
                    and total + self.queue[0].records <= self.batch_records_max):
                 work = self.queue.popleft()
                 total += work.records
@@ -110,6 +155,8 @@ class Writer:
         return group
 
     def process(self, group: list) -> None:
+        if isinstance(group[0], PayBatch):
+            return self.process_pay_batch(group[0])
         try:
             if group[0].op in RESULT_DTYPES:
                 self.process_records(group)
@@ -134,6 +181,36 @@ class Writer:
             at += work.records
         self.schedule(durable, parts)
 
+    def process_pay_batch(self, batch: PayBatch) -> None:
+        def deliver(value):
+            self.deliver_pay_batch(batch, value)
+        try:
+            results, durable = self.engine.write_command(OP_PAY, batch.body())
+        except EngineError as error:
+            return self.schedule(None, [(deliver, error)])
+        if self.metrics:
+            self.count_records(OP_PAY, results)
+        self.schedule(durable, [(deliver, results)])
+
+    @staticmethod
+    def deliver_pay_batch(batch: PayBatch, value) -> None:
+        """Each connection's share of the batch in one write, in request order."""
+        if isinstance(value, EngineError):
+            for member, (conn, slot) in enumerate(batch.parts):
+                rids = batch.request_ids(member).tolist()
+                for _ in rids:
+                    conn.server.count("PAY", value.code.name)
+                conn.complete(slot, b"".join(
+                    frame.encode_error(OP_PAY, rid, value.code, value.message, value.retryable)
+                    for rid in rids))
+            return
+        replies, ends = batch.replies(value.view(np.uint8))
+        replies = memoryview(replies)
+        start = 0
+        for (conn, slot), end in zip(batch.parts, ends.tolist()):
+            conn.complete(slot, replies[start:end])
+            start = end
+
     def count_records(self, op, results) -> None:
         self.metrics.batch_records.observe(len(results))
         counts = np.bincount(results["status"])
@@ -150,32 +227,45 @@ class Writer:
 
     def schedule(self, durable, parts) -> None:
         """Release `parts` after `durable` and after every earlier release, so
-        that no reply ever overtakes the fsync of what it depends on."""
-        previous = self.deliveries[-1] if self.deliveries else None
-        task = asyncio.get_running_loop().create_task(self.release(previous, durable, parts))
-        self.deliveries.append(task)
-        task.add_done_callback(self.forget)
+        that no reply ever overtakes the fsync of what it depends on.
 
-    def forget(self, task) -> None:
-        if self.deliveries and self.deliveries[0] is task:
-            self.deliveries.popleft()
-        elif task in self.deliveries:
-            self.deliveries.remove(task)
+        Releases wait in one queue, in order. Group commit makes many batches
+        share one fsync future; each future, once done, wakes the loop once
+        (not once per batch) and everything it covers goes out."""
+        self.deliveries.append((durable, parts, time.perf_counter()))
+        if durable is None:
+            if len(self.deliveries) == 1:
+                self.loop.call_soon(self.release_ready)
+        elif durable is not self.watched:
+            self.watched = durable
+            durable.add_done_callback(self.durable_done)
 
-    async def release(self, previous, durable, parts) -> None:
-        error = None
-        if durable is not None:
-            started = time.perf_counter()
-            try:
-                await asyncio.wrap_future(durable)
-            except EngineError as e:
-                error = e
-            if self.metrics:
-                self.metrics.fsync_seconds.observe(time.perf_counter() - started)
-        if previous is not None:
-            await asyncio.shield(previous)
-        for deliver, value in parts:
-            try:
-                deliver(error if error is not None else value)
-            except Exception:               # a closed connection must not stop others
-                log.exception("delivering a reply failed")
+    def durable_done(self, _future) -> None:
+        """In the sync thread: hand over to the event loop."""
+        self.loop.call_soon_threadsafe(self.release_ready)
+
+    def release_ready(self) -> None:
+        """Deliver, in order, every release whose fsync has returned."""
+        deliveries = self.deliveries
+        released = False
+        while deliveries:
+            durable, parts, scheduled_at = deliveries[0]
+            if durable is not None and not durable.done():
+                break
+            deliveries.popleft()
+            released = True
+            error = None
+            if durable is not None:
+                error = durable.exception()
+                if error is not None and not isinstance(error, EngineError):
+                    log.error("fsync failed unexpectedly", exc_info=error)
+                    error = Unavailable(f"storage failed: {error}")
+                if self.metrics:
+                    self.metrics.fsync_seconds.observe(time.perf_counter() - scheduled_at)
+            for deliver, value in parts:
+                try:
+                    deliver(error if error is not None else value)
+                except Exception:           # a closed connection must not stop others
+                    log.exception("delivering a reply failed")
+        if released:
+            self.released.set()

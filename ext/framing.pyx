@@ -1,17 +1,25 @@
-# cython: boundscheck=False, wraparound=False
-"""The PAY fast path of the frame layer, with no Python object per frame.
+# cython: boundscheck=False, wraparound=False, cdivision=True
+"""The PAY fast path of the frame layer: frames cut straight into a kernel
+batch, with no Python object per frame.
 
-A gateway pipelines many small PAY frames; cutting each into a header tuple
-and a body bytes object, and packing each reply header, cost more than the
-kernel spends on the payment. `take_pay_run` cuts a run of consecutive
-well-formed PAY frames out of the read buffer in one call (their bodies
-joined, their request ids and sizes in two arrays), and `pack_pay_replies`
-writes all their reply frames into one buffer. Anything else (another op, an
-odd size, a flag, an incomplete frame) ends the run and is left to the
-general path in engine/frame.py.
+Gateways pipeline many small PAY frames over many connections. Cutting each
+into a header tuple and a body bytes object, giving it a request object,
+queueing it and packing its reply cost the server ten times what the kernel
+spends on the payment, and each read usually carries one or two frames. So a
+`PayBatch` is filled directly from read buffers: `take` copies the bodies of a
+run of well-formed PAY frames onto the batch's records and notes each
+frame's (member, request id, records) in a table, where a member is one
+connection's share of the batch. Once the batch is durable, `replies` writes
+every reply frame into one buffer, grouped by member and in request order
+within each, so each connection gets one write.
+
+Anything else (another op, an odd size, a flag, a frame over max_frame, an
+incomplete frame) ends a run and is left to the general parser in
+engine/frame.py, which answers or refuses it exactly as for a lone frame.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 import sys
@@ -22,6 +30,7 @@ assert sys.byteorder == "little", "frames are little-endian; so are the header s
 
 cdef enum:
     HEADER_BYTES = 16
+    FRAMES_INITIAL = 64
 
 
 cdef packed struct Header:
@@ -31,66 +40,223 @@ cdef packed struct Header:
     uint64_t request_id
 
 
-def take_pay_run(const uint8_t[::1] buffer, Py_ssize_t at, uint16_t op_pay,
-                 uint32_t record_bytes, Py_ssize_t records_max, Py_ssize_t frame_bytes_max):
-    """(frames, end, body, request_ids, sizes) of the longest run of complete
-    PAY frames from `at` whose records fit in `records_max`; frames == 0 when
-    the frame at `at` is not one (the caller parses it the general way)."""
-    cdef Py_ssize_t n = buffer.shape[0], pos = at, records = 0, count, frames = 0
-    cdef Py_ssize_t body_bytes = 0
-    cdef const Header* h
-    # First pass: how far the run goes (no copying yet).
-    while n - pos >= HEADER_BYTES:
-        h = <const Header*>&buffer[pos]
-        if h.op != op_pay or h.flags != 0 or h.size == 0 or h.size % record_bytes:
-            break
-        if h.size > frame_bytes_max or n - pos - HEADER_BYTES < h.size:
-            break
-        count = h.size // record_bytes
-        if records + count > records_max:
-            break
-        records += count
-        body_bytes += h.size
-        frames += 1
-        pos += HEADER_BYTES + h.size
-    if frames == 0:
-        return 0, at, b"", None, None
-    body = PyBytes_FromStringAndSize(NULL, body_bytes)     # filled below, then immutable
-    request_ids = np.empty(frames, np.uint64)
-    sizes = np.empty(frames, np.uint32)
-    cdef uint8_t* out = <uint8_t*>PyBytes_AS_STRING(body)
-    cdef uint64_t[::1] rid = request_ids
-    cdef uint32_t[::1] size = sizes
-    cdef Py_ssize_t k, copied = 0
-    pos = at
-    for k in range(frames):
-        h = <const Header*>&buffer[pos]
-        rid[k] = h.request_id
-        size[k] = h.size
-        memcpy(&out[copied], &buffer[pos + HEADER_BYTES], h.size)
-        copied += h.size
-        pos += HEADER_BYTES + h.size
-    return frames, pos, body, request_ids, sizes
+cdef struct FrameRow:
+    int32_t member              # index into the batch's members (connections)
+    uint32_t records
+    uint64_t request_id
 
 
-def pack_pay_replies(const uint8_t[::1] results, const uint64_t[::1] request_ids,
-                     const uint32_t[::1] sizes, uint16_t op_pay):
-    """Reply frames for a run: frame k carries the next sizes[k] bytes of
-    `results` (a PayResult is as long as a PayRecord), in request order."""
-    cdef Py_ssize_t frames = request_ids.shape[0], k, total = 0, at = 0, taken = 0
-    for k in range(frames):
-        total += HEADER_BYTES + sizes[k]
-    assert total - frames * HEADER_BYTES == results.shape[0], "results do not fill the run"
-    reply = PyBytes_FromStringAndSize(NULL, total)
-    cdef uint8_t* out = <uint8_t*>PyBytes_AS_STRING(reply)
-    cdef Header* h
-    for k in range(frames):
-        h = <Header*>&out[at]
-        h.size = sizes[k]
-        h.op = op_pay
-        h.flags = 0
-        h.request_id = request_ids[k]
-        memcpy(&out[at + HEADER_BYTES], &results[taken], sizes[k])
-        taken += sizes[k]
-        at += HEADER_BYTES + sizes[k]
-    return reply
+cdef class PayBatch:
+    """PAY frames from any number of connections, as one kernel batch.
+
+    A member is one connection's run of frames answered in one reply slot
+    (`parts[member]` is that connection and slot); a connection that has
+    queued something else meanwhile joins again as a new member, so replies
+    keep request order."""
+    cdef readonly Py_ssize_t records        # taken so far
+    cdef readonly Py_ssize_t frames
+    cdef readonly Py_ssize_t records_max
+    cdef Py_ssize_t record_bytes, frame_bytes_max
+    cdef uint16_t op
+    cdef uint8_t* body_buffer
+    cdef Py_ssize_t body_records_capacity
+    cdef FrameRow* rows
+    cdef Py_ssize_t rows_capacity
+    cdef public list parts                  # member -> (connection, reply slot)
+
+    def __cinit__(self, Py_ssize_t records_max, Py_ssize_t record_bytes,
+                  Py_ssize_t frame_bytes_max, uint16_t op):
+        assert records_max > 0 and record_bytes > 0
+        self.records_max = records_max
+        self.record_bytes = record_bytes
+        self.frame_bytes_max = frame_bytes_max
+        self.op = op
+        self.parts = []
+
+    def __dealloc__(self):
+        PyMem_Free(self.body_buffer)
+        PyMem_Free(self.rows)
+
+    @property
+    def room(self) -> int:
+        """Records this batch can still take."""
+        return self.records_max - self.records
+
+    cdef int reserve(self, Py_ssize_t records, Py_ssize_t frames) except -1:
+        """Grow the body and the frame table (doubling, up to records_max) so
+        that a batch of a few frames costs a few small allocations."""
+        cdef Py_ssize_t capacity
+        cdef void* grown
+        if records > self.body_records_capacity:
+            capacity = max(self.body_records_capacity * 2, records, FRAMES_INITIAL)
+            capacity = min(capacity, self.records_max)
+            grown = PyMem_Realloc(self.body_buffer, capacity * self.record_bytes)
+            if grown == NULL:
+                raise MemoryError()
+            self.body_buffer = <uint8_t*>grown
+            self.body_records_capacity = capacity
+        if frames > self.rows_capacity:
+            capacity = max(self.rows_capacity * 2, frames, FRAMES_INITIAL)
+            capacity = min(capacity, self.records_max)      # a frame holds >= 1 record
+            grown = PyMem_Realloc(self.rows, capacity * sizeof(FrameRow))
+            if grown == NULL:
+                raise MemoryError()
+            self.rows = <FrameRow*>grown
+            self.rows_capacity = capacity
+        return 0
+
+    def take(self, const uint8_t[::1] buffer, Py_ssize_t at, int32_t member,
+             Py_ssize_t records_room):
+        """Take the run of complete, well-formed PAY frames at `at` for
+        `member`, as far as `records_room` and the batch's own room allow.
+        Returns (frames, records, end, blocked): `blocked` is the record count
+        of the well-formed PAY frame at `end` that did not fit (0 when the run
+        ended for another reason), so the caller can open a new batch."""
+        cdef Py_ssize_t out[4]
+        self.take_run(buffer, at, member, records_room, out)
+        return out[0], out[1], out[2], out[3]
+
+    cdef int take_run(self, const uint8_t[::1] buffer, Py_ssize_t at, int32_t member,
+                      Py_ssize_t records_room, Py_ssize_t* out) except -1:
+        """`take`, with (frames, records, end, blocked) written to out[0..3]."""
+        cdef Py_ssize_t n = buffer.shape[0], pos = at, count, run_records = 0, run_frames = 0
+        cdef Py_ssize_t blocked = 0
+        cdef Py_ssize_t room = min(records_room, self.records_max - self.records)
+        cdef const Header* h
+        # First pass: how far the run goes.
+        while n - pos >= HEADER_BYTES:
+            h = <const Header*>&buffer[pos]
+            if h.op != self.op or h.flags != 0 or h.size == 0 or h.size % self.record_bytes:
+                break
+            if h.size > self.frame_bytes_max or n - pos - HEADER_BYTES < h.size:
+                break
+            count = h.size // self.record_bytes
+            if run_records + count > room:
+                blocked = count
+                break
+            run_records += count
+            run_frames += 1
+            pos += HEADER_BYTES + h.size
+        out[0] = run_frames
+        out[1] = run_records
+        out[2] = pos
+        out[3] = blocked
+        if run_frames == 0:
+            return 0
+        self.reserve(self.records + run_records, self.frames + run_frames)
+        cdef uint8_t* body = self.body_buffer + self.records * self.record_bytes
+        cdef FrameRow* row = self.rows + self.frames
+        pos = at
+        for _ in range(run_frames):
+            h = <const Header*>&buffer[pos]
+            row.member = member
+            row.records = h.size // self.record_bytes
+            row.request_id = h.request_id
+            memcpy(body, &buffer[pos + HEADER_BYTES], h.size)
+            body += h.size
+            row += 1
+            pos += HEADER_BYTES + h.size
+        self.records += run_records
+        self.frames += run_frames
+        return 0
+
+    def body(self) -> bytes:
+        """The batch's records, one buffer, for the journal and the kernel."""
+        return PyBytes_FromStringAndSize(<char*>self.body_buffer, self.records * self.record_bytes)
+
+    def replies(self, const uint8_t[::1] results):
+        """(buffer, ends): every reply frame, grouped by member (member m's
+        are buffer[ends[m-1]:ends[m]]), each member's in request order. Frame
+        k's reply carries its records' results (a PayResult is as long as a
+        PayRecord)."""
+        cdef Py_ssize_t members = len(self.parts), k, m, taken = 0, size
+        assert results.shape[0] == self.records * self.record_bytes, "results do not fill the batch"
+        ends = np.zeros(members, np.int64)
+        cdef int64_t[::1] end = ends
+        for k in range(self.frames):        # bytes per member, then where each one's begin
+            m = self.rows[k].member
+            assert 0 <= m < members
+            end[m] += HEADER_BYTES + self.rows[k].records * self.record_bytes
+        for m in range(1, members):
+            end[m] += end[m - 1]
+        cursor = np.empty(members, np.int64)
+        cdef int64_t[::1] at = cursor
+        for m in range(members):
+            at[m] = end[m - 1] if m else 0
+        reply = PyBytes_FromStringAndSize(NULL, end[members - 1] if members else 0)
+        cdef uint8_t* out = <uint8_t*>PyBytes_AS_STRING(reply)
+        cdef Header* h
+        for k in range(self.frames):
+            m = self.rows[k].member
+            size = self.rows[k].records * self.record_bytes
+            h = <Header*>&out[at[m]]
+            h.size = <uint32_t>size
+            h.op = self.op
+            h.flags = 0
+            h.request_id = self.rows[k].request_id
+            memcpy(&out[at[m] + HEADER_BYTES], &results[taken], size)
+            taken += size
+            at[m] += HEADER_BYTES + size
+        return reply, ends
+
+    def request_ids(self, int32_t member):
+        """The request ids of one member's frames, in order (for error replies)."""
+        cdef Py_ssize_t k
+        return np.array([self.rows[k].request_id for k in range(self.frames)
+                         if self.rows[k].member == member], np.uint64)
+
+
+cdef enum:
+    INTAKE_BATCHES_PER_READ_MAX = 256       # a 1 MiB read of 1-record frames fills about 2
+
+
+def intake_pay(writer, conn, buffer, Py_ssize_t at):
+    """The PAY fast path of one read (engine/writer.py, engine/connection.py):
+    take the run of PAY frames at `at` of `buffer` for `conn` into the
+    writer's open PayBatch, opening batches as they fill. Returns where the
+    frames taken end: `at` itself when the frame there is not for this path
+    (another op, malformed, incomplete) or the writer's queue is full, so the
+    general path answers it as a lone frame."""
+    cdef const uint8_t[::1] view = buffer
+    cdef PayBatch batch
+    cdef Py_ssize_t out[4]
+    cdef Py_ssize_t room, member, frames, records, request_bytes, taken = 0
+    cdef bint joined
+    for _ in range(INTAKE_BATCHES_PER_READ_MAX):
+        if writer.stopping:
+            break
+        room = writer.queue_records_max - writer.queued_records
+        if room <= 0:
+            break
+        batch = writer.pay_batch
+        if batch is None or batch.records == batch.records_max:
+            batch = writer.open_pay_batch()
+        joined = conn.pay_batch is batch    # and its slot there is still its latest
+        member = conn.pay_member if joined else len(batch.parts)
+        batch.take_run(view, at, <int32_t>member, room, out)
+        frames, records = out[0], out[1]
+        if frames:
+            if joined:
+                slot = conn.pay_slot
+            else:
+                slot = conn.open_slot()
+                batch.parts.append((conn, slot))
+                conn.pay_batch = batch
+                conn.pay_member = member
+                conn.pay_slot = slot
+            request_bytes = records * batch.record_bytes
+            slot.frames += frames
+            slot.request_bytes += request_bytes
+            conn.inflight_frames += frames
+            conn.inflight_bytes += request_bytes
+            writer.queued_records += records
+            taken += records
+            at = out[2]
+        elif batch.records == 0:            # opened for nothing: take it back
+            writer.drop_pay_batch(batch)
+        if out[3] == 0 or out[3] > min(<Py_ssize_t>writer.batch_records_max, room - records):
+            break
+        writer.pay_batch = None             # full for the next frame: open the next batch
+    if taken:
+        writer.wake.set()
+    return at

@@ -1,27 +1,73 @@
-"""The PAY fast path of the frame layer (ext/framing.pyx) against the general
-parser: the same frames, in the same order, however the stream is cut."""
+"""The PAY fast path of the frame layer (ext/framing.pyx): frames cut straight
+into a kernel batch must be exactly the frames the general parser sees, in
+the same order, however the stream is cut, and their replies must go back
+to each connection in request order."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from engine import frame
-from engine._framing import pack_pay_replies, take_pay_run
+from engine._framing import PayBatch
 from engine.dispatch import OP_PAY, OP_PING
 from engine.records import PAY_RECORD
 
 RECORD = PAY_RECORD.itemsize
-FAST = (OP_PAY, RECORD, 8)                  # at most 8 records per run
 
 
-def expand(items) -> list:
-    """Runs back into (op, flags, request_id, body) frames."""
-    out = []
-    for item in items:
-        if isinstance(item, frame.PayRun):
-            out.extend((OP_PAY, 0, rid, body) for rid, body in item.frames())
-        else:
+def pay(rid: int, records: int, fill: int = 0) -> bytes:
+    return frame.HEADER.pack(records * RECORD, OP_PAY, 0, rid) + bytes([fill]) * (records * RECORD)
+
+
+def new_batch(records_max: int) -> PayBatch:
+    batch = PayBatch(records_max, RECORD, 1 << 20, OP_PAY)
+    batch.parts.append(("the connection", None))          # member 0
+    return batch
+
+
+def cut_with_batches(pieces, records_max: int) -> list:
+    """Parse the pieces as a connection does: PAY runs into batches of at most
+    `records_max` records, everything else through the general parser; then
+    expand the batches back into (op, flags, request_id, body) frames."""
+    reader = frame.FrameReader()
+    batches, out = [], []
+    for piece in pieces:
+        buffer = reader.begin(piece)
+        at = 0
+        while at < len(buffer):
+            while True:                     # as intake_pay: a new batch when one is full
+                if not batches or batches[-1][0].room == 0:
+                    batches.append((new_batch(records_max), len(out)))
+                frames, records, end, blocked = batches[-1][0].take(buffer, at, 0, 1 << 30)
+                if frames:
+                    out.append(("batch", len(batches) - 1))
+                    at = end
+                if not blocked or blocked > records_max:
+                    break
+                batches.append((new_batch(records_max), len(out)))
+            parsed = reader.next_frame(buffer, at)
+            if parsed is None:
+                break
+            item, at = parsed
             out.append(item)
-    return out
+            batches.append((new_batch(records_max), len(out)))   # later frames: after it
+        reader.keep(buffer, at)
+    frames, expanded = [], set()
+    for item in out:
+        if item[0] != "batch":
+            frames.append(item)
+        elif item[1] not in expanded:
+            expanded.add(item[1])
+            frames.extend(batch_frames(batches[item[1]][0]))
+    return frames, reader
+
+
+def batch_frames(batch: PayBatch) -> list:
+    """A batch back into frames, through its own reply path: the 'results'
+    are the records themselves, so each reply body is its request body."""
+    body = batch.body()
+    replies, ends = batch.replies(np.frombuffer(body, np.uint8))
+    assert len(ends) == 1 and ends[0] == len(replies)
+    return frame.FrameReader().feed(replies)
 
 
 a_frame = st.one_of(
@@ -34,8 +80,8 @@ a_frame = st.one_of(
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(a_frame, max_size=25), st.lists(st.integers(1, 400), max_size=30),
-       st.randoms(use_true_random=False))
-def test_runs_cut_the_same_frames_as_the_general_parser(frames, cuts, rnd):
+       st.integers(1, 8), st.randoms(use_true_random=False))
+def test_batches_take_the_same_frames_as_the_general_parser(frames, cuts, records_max, rnd):
     stream = b"".join(frame.HEADER.pack(size, op, flags, rid) + rnd.randbytes(size)
                       for op, flags, rid, size in frames)
     pieces, at = [], 0
@@ -43,39 +89,45 @@ def test_runs_cut_the_same_frames_as_the_general_parser(frames, cuts, rnd):
         pieces.append(stream[at:at + cut])
         at += cut
     pieces.append(stream[at:])
-    fast, slow = frame.FrameReader(), frame.FrameReader()
-    got, want = [], []
-    for piece in pieces:
-        got += expand(fast.feed(piece, FAST))
-        want += slow.feed(piece)
+    got, reader = cut_with_batches(pieces, records_max)
+    want = frame.FrameReader().feed(stream)
+    # A PAY frame larger than a batch is left to the general parser too.
     assert got == want
-    assert fast.buffered_bytes == slow.buffered_bytes == 0
-    assert [(op, fl, rid, len(body)) for op, fl, rid, body in got] == frames
+    assert reader.buffered_bytes == 0
 
 
-def test_a_run_stops_at_the_record_limit_and_at_anything_else():
-    def pay(rid, records):
-        return frame.HEADER.pack(records * RECORD, OP_PAY, 0, rid) + bytes(records * RECORD)
+def test_a_run_stops_at_the_batch_room_and_at_anything_else():
     stream = pay(1, 3) + pay(2, 5) + pay(3, 1) + frame.encode(OP_PING, 4) + pay(5, 2)
-    count, end, body, rids, sizes = take_pay_run(stream, 0, OP_PAY, RECORD, 8, 1 << 20)
-    assert (count, len(body), rids.tolist(), sizes.tolist()) == (2, 8 * RECORD, [1, 2],
-                                                                 [3 * RECORD, 5 * RECORD])
-    count, end, *_ = take_pay_run(stream, end, OP_PAY, RECORD, 8, 1 << 20)
-    assert count == 1                        # frame 3, then the PING ends the run
-    assert take_pay_run(stream, end, OP_PAY, RECORD, 8, 1 << 20)[0] == 0
+    batch = PayBatch(8, RECORD, 1 << 20, OP_PAY)
+    frames, records, end, blocked = batch.take(stream, 0, 0, 1 << 30)
+    assert (frames, records, blocked, batch.room) == (2, 8, 1, 0)    # frame 3 does not fit
+    assert batch.take(stream, end, 0, 1 << 30)[0] == 0
+    other = PayBatch(8, RECORD, 1 << 20, OP_PAY)
+    frames, records, end, blocked = other.take(stream, end, 0, 1 << 30)
+    assert (frames, records, blocked) == (1, 1, 0)                   # the PING ends the run
+    # The caller's room (the writer's queue) limits a run as the batch does.
+    assert PayBatch(8, RECORD, 1 << 20, OP_PAY).take(stream, 0, 0, 2)[:2] == (0, 0)
     # A frame over max_frame is left to the general parser, which refuses it.
     big = pay(9, 4)
-    assert take_pay_run(big, 0, OP_PAY, RECORD, 8, 2 * RECORD)[0] == 0
+    assert PayBatch(8, RECORD, 2 * RECORD, OP_PAY).take(big, 0, 0, 1 << 30)[0] == 0
     with pytest.raises(frame.FrameError):
-        frame.FrameReader(2 * RECORD).feed(big, (OP_PAY, RECORD, 8))
+        frame.FrameReader(2 * RECORD).feed(big)
 
 
-def test_replies_are_packed_in_request_order():
-    results = np.arange(3 * RECORD, dtype=np.uint8) % 251
-    reply = pack_pay_replies(results, np.array([7, 2**64 - 1], np.uint64),
-                             np.array([RECORD, 2 * RECORD], np.uint32), OP_PAY)
-    assert reply == (frame.encode(OP_PAY, 7, results[:RECORD].tobytes())
-                     + frame.encode(OP_PAY, 2**64 - 1, results[RECORD:].tobytes()))
+def test_replies_go_to_each_member_in_request_order():
+    batch = PayBatch(100, RECORD, 1 << 20, OP_PAY)
+    batch.parts.extend([("conn a", None), ("conn b", None)])
+    # Interleaved runs of two members: a(1), b(2,3), a(4), b(5)
+    for member, stream in ((0, pay(1, 1, 11)), (1, pay(2, 2, 22) + pay(3, 1, 33)),
+                           (0, pay(4, 3, 44)), (1, pay(5, 1, 55))):
+        assert batch.take(stream, 0, member, 1 << 30)[0] >= 1
+    assert (batch.frames, batch.records) == (5, 8)
+    results = np.frombuffer(batch.body(), np.uint8)      # each reply echoes its request
+    replies, ends = batch.replies(results)
+    a, b = replies[:ends[0]], replies[ends[0]:ends[1]]
+    assert ends[1] == len(replies)
+    assert a == pay(1, 1, 11) + pay(4, 3, 44)
+    assert b == pay(2, 2, 22) + pay(3, 1, 33) + pay(5, 1, 55)
+    assert batch.request_ids(1).tolist() == [2, 3, 5]
     with pytest.raises(AssertionError):
-        pack_pay_replies(results[:-1], np.array([7], np.uint64),
-                         np.array([3 * RECORD], np.uint32), OP_PAY)
+        batch.replies(results[:-1])

@@ -81,9 +81,10 @@ async def world(client):
     await client.map(34, {"topups": [{"id": 1, "user": 1, "amount": 10**6}]})
 
 
-def pay_body(ids, merchant=1, amount=100):
+def pay_body(ids, merchant=1, amount=100, payer=1):
     records = np.zeros(len(ids), PAY_RECORD)
-    records["id"], records["payer"], records["merchant"], records["amount"] = ids, 1, merchant, amount
+    records["id"], records["payer"], records["merchant"], records["amount"] = (ids, payer,
+                                                                              merchant, amount)
     return records.tobytes()
 
 
@@ -229,6 +230,46 @@ def test_pipelined_frames_are_batched_and_answered_in_order(tmp_path):
         await server.stop()
         with Engine(str(tmp_path / "data")) as again:   # every acknowledged payment is durable
             assert again.digest() == digest and again.counts()["payments"] == 300
+    run(main())
+
+
+def test_mixed_pipelines_keep_arrival_order_and_request_order(tmp_path):
+    """PAY runs go straight into the open batch, everything else frame by
+    frame: in one write, a PAY after a TOPUP sees the money, a PING or a bad
+    frame between PAYs is answered in its place, and another connection's
+    frames share the batches without disturbing either order."""
+    async def main():
+        server = await started(tmp_path)
+        a, b = await Raw.open(server), await Raw.open(server)
+        await world(a)
+        frames = [
+            (16, 1, pay_body([101], payer=2)),                     # wallet 2 is empty
+            (2, 2, b""),                                           # PING
+            (34, 3, enc({"topups": [{"id": 9, "user": 2, "amount": 1_000}]})),
+            (16, 4, pay_body([102, 103], payer=2)),                # after the top-up: ok
+            (16, 5, b"\0" * (PAY_RECORD.itemsize - 1)),            # not whole records
+            (16, 6, pay_body([104], payer=2, amount=700)),         # 800 spent: 200 left
+            (2, 7, b""),
+            (16, 8, pay_body([105], payer=2, amount=300)),
+        ]
+        a.writer.write(b"".join(frame.HEADER.pack(len(body), op, 0, rid) + body
+                                for op, rid, body in frames))
+        for i in range(40):                                        # meanwhile, on b
+            b.send(16, 500 + i, pay_body([1000 + i]))
+        replies = [await a.recv() for _ in frames]
+        assert [(op, rid) for op, _f, rid, _b in replies] == [(op, rid) for op, rid, _ in frames]
+
+        def statuses(reply):
+            return [Status(s).name for s in np.frombuffer(reply[3], PAY_RESULT)["status"]]
+        assert statuses(replies[0]) == ["insufficient_funds"]
+        assert statuses(replies[3]) == ["ok", "ok"] and statuses(replies[5]) == ["ok"]
+        assert error_of(replies[4])["name"] == "bad_body"
+        assert statuses(replies[7]) == ["insufficient_funds"]
+        assert not replies[1][1] and not replies[6][1] and not replies[2][1]
+        others = [await b.recv() for _ in range(40)]
+        assert [r[2] for r in others] == [500 + i for i in range(40)]
+        assert all(statuses(r) == ["ok"] for r in others)
+        await server.stop()
     run(main())
 
 
