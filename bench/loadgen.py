@@ -66,8 +66,13 @@ STATUS_SLOTS = 64
 def connect(args) -> list[socket.socket]:
     socks = []
     for _ in range(args.connections):
-        sock = socket.create_connection((args.host, args.port), timeout=10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if args.unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(args.unix)
+        else:
+            sock = socket.create_connection((args.host, args.port), timeout=10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         socks.append(sock)
     return socks
@@ -94,7 +99,8 @@ def run_raw(args) -> dict:
             errors[key] = got[key]
     elapsed = got["measured_s"]
     out = {
-        "mode": "raw", "connections": args.connections, "window": args.window,
+        "mode": "raw", "transport": "unix" if args.unix else "tcp",
+        "connections": args.connections, "window": args.window,
         "records_per_frame": args.records, "target_rate": args.rate or None,
         "loop": "open" if args.rate > 0 else "closed", "tick_us": args.tick_us,
         "duration_s": round(elapsed, 3), "warmup_s": args.warmup,
@@ -228,7 +234,8 @@ def load_pool(path: str | None) -> np.ndarray:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--unix", default="", help="a Unix socket path instead of TCP (raw mode)")
     p.add_argument("--connections", type=int, default=1)
     p.add_argument("--window", type=int, default=4, help="frames in flight per connection")
     p.add_argument("--records", type=int, default=8190, help="PayRecords per frame")
@@ -247,6 +254,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         p.error("loadgen only drives loopback servers")
+    if not args.port and not args.unix:
+        p.error("give --port (TCP) or --unix PATH")
+    if args.unix and args.mode != "raw":
+        p.error("--unix works in raw mode only")
     if args.tick_us < 1 or args.window < 1 or args.connections < 1 or args.records < 1:
         p.error("--tick-us, --window, --connections and --records must be at least 1")
     # Hard cap: SIGALRM's default action ends the process, even inside the

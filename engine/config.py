@@ -31,6 +31,8 @@ class Config:
     queue_records_max: int = 262_144     # all connections; beyond: busy
     idle_timeout_ms: int = 300_000
     snapshot_every_entries: int = 20_000
+    snapshot_mb_per_s: int = 64          # pacing of snapshot writes; 0 = full speed
+    commit_interval_us: int = 1500       # group commit: fsyncs start at least this far apart
     keys: list = field(default_factory=list)
     # Table sizes to allocate up front (Engine capacity hints: rows per
     # table, e.g. payments, visits, users, coupons): growing a big table
@@ -99,6 +101,11 @@ def check(config: Config) -> None:
         raise ConfigError("TLS needs both tls_cert and tls_key")
     if not 1 <= config.batch_records_max <= 8190:
         raise ConfigError("batch_records_max must be in 1..8190")
+    if (not isinstance(config.commit_interval_us, int) or isinstance(config.commit_interval_us, bool)
+            or not 0 <= config.commit_interval_us <= 100_000):
+        raise ConfigError("commit_interval_us must be 0..100000 microseconds")
+    if not isinstance(config.snapshot_mb_per_s, int) or config.snapshot_mb_per_s < 0:
+        raise ConfigError("snapshot_mb_per_s must be a whole number of MB/s (0: no pacing)")
     if config.log_format not in ("text", "json"):
         raise ConfigError("log_format must be text or json")
     from .engine import CAPACITY_TABLES

@@ -26,6 +26,8 @@ log = logging.getLogger("scanpay.storage")
 
 SNAPSHOT_EVERY_ENTRIES_DEFAULT = 20_000     # ~160M payments at full batches
 RETAIN_SNAPSHOTS_DEFAULT = 2
+SNAPSHOT_MB_PER_S_DEFAULT = 64          # pacing of snapshot writes (None: full speed)
+SNAPSHOT_NICE = 10                      # the snapshot child yields the cores to the engine
 RECOVER_INTERVAL_MS = 1_000                 # how often a failed journal is retried
 
 
@@ -50,10 +52,13 @@ def state_from_snapshot(arrays: dict, meta: dict) -> State:
 class Storage:
     def __init__(self, path: str, *, snapshot_every_entries: int = SNAPSHOT_EVERY_ENTRIES_DEFAULT,
                  retain_snapshots: int = RETAIN_SNAPSHOTS_DEFAULT, fs=None,
-                 segment_bytes_max: int | None = None):
+                 segment_bytes_max: int | None = None,
+                 snapshot_mb_per_s: int | None = SNAPSHOT_MB_PER_S_DEFAULT):
         assert snapshot_every_entries >= 1 and retain_snapshots >= 1
+        assert snapshot_mb_per_s is None or snapshot_mb_per_s > 0
         self.path = str(path)
         self.snapshot_every_entries = snapshot_every_entries
+        self.snapshot_mb_per_s = snapshot_mb_per_s
         self.retain_snapshots = retain_snapshots
         options = {"fs": fs}
         if segment_bytes_max:
@@ -174,8 +179,13 @@ class Storage:
                 # Nor may it keep the server's sockets (a restarted server
                 # must be able to bind): it needs no inherited fd but stderr.
                 os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+                # The engine's threads come first: the child only uses what
+                # they leave of the cores and, paced, of the disk.
+                os.nice(SNAPSHOT_NICE)
                 arrays, meta = state_to_snapshot(state)
-                snapshots.write_snapshot(self.path, seq, arrays, meta)
+                snapshots.write_snapshot(self.path, seq, arrays, meta,
+                                         self.snapshot_mb_per_s << 20
+                                         if self.snapshot_mb_per_s else None)
                 code = 0
             finally:
                 os._exit(code)

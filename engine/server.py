@@ -19,7 +19,7 @@ from .config import Config
 from .connection import Connection
 from .engine import Engine, wall_clock_ms
 from .metrics import Metrics
-from .writer import Writer
+from .writer import OP_LABELS, Writer
 
 log = logging.getLogger("scanpay.server")
 SERVER_NAME = "scanpay/0.1"
@@ -47,11 +47,13 @@ class Server:
         self.clock = SettableClock(config.test_clock)
         self.engine = engine or Engine(config.data, clock=self.clock,
                                        snapshot_every_entries=config.snapshot_every_entries,
+                                       snapshot_mb_per_s=config.snapshot_mb_per_s or None,
+                                       commit_interval_us=config.commit_interval_us,
                                        capacity=config.capacity)
         if engine is not None:
             engine.clock = self.clock if config.test_clock else engine.clock
         self.auth = Authenticator(config.keys)
-        self.metrics = Metrics()
+        self.metrics = Metrics(OP_LABELS)
         self.writer = Writer(self.engine, self.metrics, config.batch_records_max,
                              config.queue_records_max, config.frame_bytes_max)
         self.connections = set()

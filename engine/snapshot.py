@@ -13,12 +13,14 @@ while still in cache.
 from __future__ import annotations
 
 import ast
+import ctypes
 import dataclasses
 import json
 import logging
 import os
 import re
 import struct
+import time
 from collections.abc import Callable
 
 import crc32c
@@ -76,12 +78,14 @@ def _bytes_of(array: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------- write
 
-def write_snapshot(dir: str, seq: int, arrays: dict[str, np.ndarray], meta: dict) -> str:
+def write_snapshot(dir: str, seq: int, arrays: dict[str, np.ndarray], meta: dict,
+                   bytes_per_s_max: int | None = None) -> str:
     """Writes snapshot `seq` atomically and durably; returns its path.
 
     The arrays must not be mutated while this runs (pass copies if another
     thread keeps changing them). `meta` must be JSON-serializable (dict keys
-    become strings, tuples lists).
+    become strings, tuples lists). `bytes_per_s_max` paces the writing (see
+    `Pacer`); None writes at full speed.
     """
     assert 0 <= seq <= SEQ_MAX, seq
     assert isinstance(meta, dict), type(meta)
@@ -101,7 +105,7 @@ def write_snapshot(dir: str, seq: int, arrays: dict[str, np.ndarray], meta: dict
     try:
         _write_all(fd, bytes(SNAPSHOT_HEADER_BYTES))  # Filled in once the checksums are known.
         _write_all(fd, index)
-        data_crc = _write_data(fd, layout, views, data_bytes)
+        data_crc = _write_data(fd, layout, views, data_bytes, Pacer(fd, bytes_per_s_max))
         header = _encode_header(seq, len(index), data_bytes, file_bytes,
                                 crc32c.crc32c(index), data_crc)
         assert os.pwrite(fd, header, 0) == SNAPSHOT_HEADER_BYTES
@@ -133,15 +137,71 @@ def _layout(arrays: dict[str, np.ndarray]) -> tuple[list[dict], list[np.ndarray]
     return layout, views, offset
 
 
-def _write_data(fd: int, layout: list[dict], views: list[np.ndarray], data_bytes: int) -> int:
+class Pacer:
+    """Keeps a snapshot's writing from starving the journal's fsyncs.
+
+    Written at full speed, a snapshot of a gigabyte leaves the page cache
+    full of dirty pages, and the fsync at its end (or the kernel's own
+    writeback) queues the journal's small fdatasyncs behind all of them:
+    replies stalled for 0.6-0.8 s on this project's test VM. Paced, each
+    chunk's writeback is started as soon as it is written and waited for one
+    chunk later (sync_file_range), and the writer sleeps to stay under
+    `bytes_per_s_max`: the journal's p99 fdatasync stayed at 1.7 ms at 50
+    MB/s (docs/operations-durability.md)."""
+
+    def __init__(self, fd: int, bytes_per_s_max: int | None):
+        self.fd = fd
+        self.bytes_per_s_max = bytes_per_s_max
+        self.started = time.perf_counter()
+        self.written = 0
+        self.previous = None                # (offset, bytes) of the last chunk
+
+    def wrote(self, offset: int, size: int) -> None:
+        if not self.bytes_per_s_max:
+            return
+        if self.previous is not None:
+            _sync_file_range(self.fd, *self.previous, SYNC_FILE_RANGE_WAIT_ALL)
+        _sync_file_range(self.fd, offset, size, SYNC_FILE_RANGE_WRITE)
+        self.previous = (offset, size)
+        self.written += size
+        due = self.started + self.written / self.bytes_per_s_max
+        time.sleep(max(0.0, due - time.perf_counter()))
+
+
+SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_ALL = 1 | 2 | 4        # wait before, write, wait after
+
+
+def _load_sync_file_range():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.sync_file_range
+    except (OSError, AttributeError):       # not Linux: pacing by sleeping alone
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return call
+
+
+_sync_file_range_call = _load_sync_file_range()
+
+
+def _sync_file_range(fd: int, offset: int, size: int, flags: int) -> None:
+    if _sync_file_range_call is not None:
+        _sync_file_range_call(fd, offset, size, flags)     # advisory: errors are ignored
+
+
+def _write_data(fd: int, layout: list[dict], views: list[np.ndarray], data_bytes: int,
+                pacer: Pacer) -> int:
     crc = 0
     position = 0
+    file_offset = os.lseek(fd, 0, os.SEEK_CUR)
     for entry, view in zip(layout, views):
         assert entry["offset"] == position
         for start in range(0, len(view), CHUNK_BYTES):
             chunk = memoryview(view[start:start + CHUNK_BYTES])
             crc = crc32c.crc32c(chunk, value=crc)
             _write_all(fd, chunk)
+            pacer.wrote(file_offset + position + start, len(chunk))
         padding = bytes(_align(len(view)) - len(view))
         crc = crc32c.crc32c(padding, value=crc)
         _write_all(fd, padding)

@@ -25,7 +25,6 @@ from ._framing import PayBatch
 from .dispatch import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS
 from .errors import EngineError, Unavailable
 from .records import ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RESULT
-from .status import STATUS_NAMES
 
 log = logging.getLogger("scanpay.writer")
 
@@ -213,10 +212,7 @@ class Writer:
 
     def count_records(self, op, results) -> None:
         self.metrics.batch_records.observe(len(results))
-        counts = np.bincount(results["status"])
-        for status in np.nonzero(counts)[0]:
-            self.metrics.records.labels(OP_LABELS[op], STATUS_NAMES.get(int(status), "?")).inc(
-                int(counts[status]))
+        self.metrics.records.add(op, results["status"])
 
     def process_map_write(self, work: Work) -> None:
         draws = self.engine.draws_for(work.spec, work.request)

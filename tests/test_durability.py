@@ -786,3 +786,23 @@ def test_group_commit_shares_one_fsync_among_the_commands_made_meanwhile(tmp_pat
     eng.close()
     with Engine(datadir) as again:
         assert again.call("BALANCES", {"users": [1, 40]})["users"][1]["status"] == 0
+
+
+def test_commit_interval_spaces_the_fsyncs_and_each_covers_what_came_meanwhile(tmp_path):
+    import msgspec
+    from engine.dispatch import MAP_OPS
+    wallets = MAP_OPS["WALLETS"].code
+    interval_s = 0.03
+    with Engine(str(tmp_path / "data"), commit_interval_us=int(interval_s * 1e6)) as eng:
+        started = []                        # when each journal sync began
+        storage_sync = eng.storage.sync
+        eng.storage.sync = lambda: started.append(time.perf_counter()) or storage_sync()
+        futures = []
+        for user in range(1, 61):           # 60 commands over about 3 intervals
+            futures.append(eng.write_command(wallets, msgspec.msgpack.encode({"users": [user]}))[1])
+            time.sleep(interval_s / 20)
+        seqs = [f.result(timeout=10) for f in futures]
+        assert seqs == sorted(seqs) and seqs[-1] == eng.storage.journal.last_seq
+        gaps = np.diff(started)
+        assert 2 <= len(started) <= 6, started
+        assert gaps.min() >= interval_s * 0.95   # never two fsyncs closer than the interval

@@ -273,6 +273,34 @@ def test_mixed_pipelines_keep_arrival_order_and_request_order(tmp_path):
     run(main())
 
 
+def test_metrics_count_records_by_op_and_status(tmp_path):
+    from prometheus_client import generate_latest
+
+    async def main():
+        server = await started(tmp_path)
+        c = await Raw.open(server)
+        await world(c)
+        for i in range(20):
+            c.send(16, i, pay_body([i + 1]))
+        c.send(16, 20, pay_body([100, 101, 102], merchant=99))     # no such merchant
+        c.send(250, 21)                                             # unknown op
+        replies = [await c.recv() for _ in range(22)]
+        assert error_of(replies[-1])["name"] == "unknown_op"
+        text = generate_latest(server.metrics.registry).decode()
+        lines = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                     if line and not line.startswith("#"))
+        assert float(lines['scanpay_records_total{op="PAY",status="ok"}']) == 20
+        assert float(lines['scanpay_records_total{op="PAY",status="merchant_not_found"}']) == 3
+        assert float(lines['scanpay_requests_total{op="250",outcome="unknown_op"}']) == 1
+        assert 1 <= float(lines["scanpay_batch_records_count"]) <= 21
+        assert float(lines["scanpay_batch_records_sum"]) == 23
+        assert float(lines["scanpay_fsync_seconds_count"]) >= 1
+        assert float(lines["scanpay_connections"]) == 1
+        assert float(lines["scanpay_queue_records"]) == 0
+        await server.stop()
+    run(main())
+
+
 def test_graceful_stop_replies_to_everything_in_flight(tmp_path):
     async def main():
         server = await started(tmp_path)

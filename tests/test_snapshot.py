@@ -4,6 +4,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -74,6 +75,18 @@ def test_arrays_larger_than_a_chunk(tmp_path):
     write_snapshot(tmp_path, 1, {"big": big, "tail": np.arange(3, dtype=np.uint8)}, {})
     _, loaded, _ = load_latest(tmp_path)
     assert np.array_equal(loaded["big"], big) and list(loaded["tail"]) == [0, 1, 2]
+
+
+def test_paced_writing_keeps_under_its_rate_and_writes_the_same(tmp_path):
+    arrays = {"big": np.arange(3 * CHUNK_BYTES // 8 // 2, dtype=np.int64)}   # 1.5 chunks
+    size = arrays["big"].nbytes
+    started = time.perf_counter()
+    paced = write_snapshot(str(tmp_path / "paced"), 7, arrays, {}, bytes_per_s_max=size * 4)
+    assert time.perf_counter() - started >= 0.2                # 1/4 s at that rate
+    plain = write_snapshot(str(tmp_path / "plain"), 7, arrays, {})
+    assert open(paced, "rb").read() == open(plain, "rb").read()
+    loaded, _meta = load_snapshot(paced)[1:]
+    assert np.array_equal(loaded["big"], arrays["big"])
 
 
 def test_empty_snapshot_and_seq_zero(tmp_path):
