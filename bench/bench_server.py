@@ -103,6 +103,9 @@ TWIN_CAPACITY_PAYMENTS = 14_000_000
 # rate, where a connection may hold up to OPEN_WINDOW frames in flight.
 SMALL_WINDOW = int(os.environ.get("SCANPAY_SMALL_WINDOW", "32"))
 OPEN_WINDOW = 64
+# The machine settles between scenarios: started right after the big-frame run
+# (a server of 16M rows just freed), the next scenario had one 0.2-0.3 s stall.
+PAUSE_BEFORE_SCENARIO_S = float(os.environ.get("SCANPAY_BENCH_PAUSE_S", "10"))
 SMALL_CLOSED = "small frames (1/frame, 64 conns)"
 SMALL_OPEN = "small frames, open loop 200k/s"
 TWIN_PAYMENTS_PER_MEASURE_MAX = 2_000_000
@@ -304,6 +307,7 @@ class Bench:
 
     def scenario(self, name: str, capacity_payments: int = CAPACITY_PAYMENTS_SMALL,
                  unix: bool = False, **kw) -> dict:
+        time.sleep(PAUSE_BEFORE_SCENARIO_S)
         s = self.start_server(capacity_payments)
         try:
             out = self.measure(s, unix, **kw)

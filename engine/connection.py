@@ -266,6 +266,16 @@ class Connection(asyncio.Protocol):
         slot.reply = reply
         if self.closing:
             return
+        writer = self.writer
+        if writer.releasing:                # the writer flushes us once, after the round
+            writer.to_flush[self] = None
+            return
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every reply that is next in request order, in one write."""
+        if self.closing:
+            return
         out = []
         while self.slots and self.slots[0].reply is not None:
             done = self.slots.popleft()

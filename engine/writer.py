@@ -71,6 +71,11 @@ class Writer:
         self.deliveries = collections.deque()   # (durable, parts, scheduled_at), in order
         self.watched = None                     # the last fsync future with our callback
         self.released = asyncio.Event()
+        # While a release round delivers, connections queue themselves here
+        # and are flushed once at its end: a connection with frames in three
+        # batches covered by one fsync gets one write, not three.
+        self.releasing = False
+        self.to_flush = {}                      # connection -> None, in order
         self.loop = None
         self.stopping = False
         self.task = None
@@ -241,7 +246,22 @@ class Writer:
         self.loop.call_soon_threadsafe(self.release_ready)
 
     def release_ready(self) -> None:
-        """Deliver, in order, every release whose fsync has returned."""
+        """Deliver, in order, every release whose fsync has returned; then
+        write each connection's replies once."""
+        released = False
+        self.releasing = True
+        try:
+            released = self.release_durable()
+        finally:
+            self.releasing = False
+            to_flush, self.to_flush = self.to_flush, {}
+            for conn in to_flush:
+                conn.flush()
+        if released:
+            self.released.set()
+
+    def release_durable(self) -> bool:
+        """Deliver the releases whose fsync has returned; True if any."""
         deliveries = self.deliveries
         released = False
         while deliveries:
@@ -263,5 +283,4 @@ class Writer:
                     deliver(error if error is not None else value)
                 except Exception:           # a closed connection must not stop others
                     log.exception("delivering a reply failed")
-        if released:
-            self.released.set()
+        return released
