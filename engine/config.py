@@ -30,7 +30,8 @@ class Config:
     inflight_bytes_max: int = 8 << 20    # per connection, then pause_reading
     queue_records_max: int = 262_144     # all connections; beyond: busy
     idle_timeout_ms: int = 300_000
-    snapshot_every_entries: int = 20_000
+    snapshot_every_entries: int = 1_000_000
+    snapshot_every_mb: int = 1024        # or after this much journal, whichever first
     snapshot_mb_per_s: int = 64          # pacing of snapshot writes; 0 = full speed
     commit_interval_us: int = 1500       # group commit: fsyncs start at least this far apart
     keys: list = field(default_factory=list)
@@ -104,6 +105,10 @@ def check(config: Config) -> None:
     if (not isinstance(config.commit_interval_us, int) or isinstance(config.commit_interval_us, bool)
             or not 0 <= config.commit_interval_us <= 100_000):
         raise ConfigError("commit_interval_us must be 0..100000 microseconds")
+    for name in ("snapshot_every_entries", "snapshot_every_mb"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a whole number, at least 1")
     if not isinstance(config.snapshot_mb_per_s, int) or config.snapshot_mb_per_s < 0:
         raise ConfigError("snapshot_mb_per_s must be a whole number of MB/s (0: no pacing)")
     if config.log_format not in ("text", "json"):

@@ -236,7 +236,7 @@ class Engine:
         started = time.perf_counter()
         self._reserve_for_replay()
         count = 0
-        for command in self.storage.commands_after(self.storage.snapshot_seq):
+        for command in self.storage.commands_after(self.storage.snapshot_seq, replaying=True):
             self._execute(command)
             count += 1
         if count:

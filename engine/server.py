@@ -47,6 +47,7 @@ class Server:
         self.clock = SettableClock(config.test_clock)
         self.engine = engine or Engine(config.data, clock=self.clock,
                                        snapshot_every_entries=config.snapshot_every_entries,
+                                       snapshot_every_mb=config.snapshot_every_mb,
                                        snapshot_mb_per_s=config.snapshot_mb_per_s or None,
                                        commit_interval_us=config.commit_interval_us,
                                        capacity=config.capacity)

@@ -806,3 +806,29 @@ def test_commit_interval_spaces_the_fsyncs_and_each_covers_what_came_meanwhile(t
         gaps = np.diff(started)
         assert 2 <= len(started) <= 6, started
         assert gaps.min() >= interval_s * 0.95   # never two fsyncs closer than the interval
+
+
+def test_a_snapshot_is_due_by_journal_bytes_as_well_as_entries(tmp_path):
+    from engine.durability import Storage
+
+    class Command:
+        def __init__(self, size):
+            self.size = size
+
+        def encode(self):
+            return bytes(self.size)
+
+    storage = Storage(str(tmp_path / "data"), snapshot_every_entries=1000, snapshot_every_mb=1)
+    started = []
+    storage.snapshot = lambda state, wait=True: started.append(storage.journal.last_seq)
+    engine = type("E", (), {"state": None})()
+    for _ in range(3):                      # 3 entries of 400 KiB: due at the third
+        storage.append(Command(400 << 10))
+        storage.after_write(engine)
+    assert started == [3]
+    storage.close()
+    # After a restart the replayed tail counts too.
+    again = Storage(str(tmp_path / "data"), snapshot_every_entries=1000, snapshot_every_mb=1)
+    list(again.commands_after(0, replaying=True))
+    assert again.bytes_since_snapshot >= 3 * (400 << 10)
+    again.close()
