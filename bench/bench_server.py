@@ -103,6 +103,7 @@ TWIN_CAPACITY_PAYMENTS = 14_000_000
 # rate, where a connection may hold up to OPEN_WINDOW frames in flight.
 SMALL_WINDOW = int(os.environ.get("SCANPAY_SMALL_WINDOW", "32"))
 OPEN_WINDOW = 64
+STOP_TIMEOUT_S = 90
 # The machine settles between scenarios: started right after the big-frame run
 # (a server of 16M rows just freed), the next scenario had one 0.2-0.3 s stall.
 PAUSE_BEFORE_SCENARIO_S = float(os.environ.get("SCANPAY_BENCH_PAUSE_S", "10"))
@@ -179,7 +180,10 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.terminate()           # SIGTERM: graceful stop (and cProfile dump)
             try:
-                self.proc.wait(20)
+                # A graceful stop waits for a snapshot being written (paced:
+                # ~25 s for the big-frame run's 1.5 GB): left running, it
+                # would weigh on the next scenario.
+                self.proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
@@ -449,9 +453,9 @@ def print_table(b: Bench) -> None:
         print(f"  {name}: loadgen {r['command']}")
     for name, log_path in b.server_logs:
         with contextlib.suppress(OSError), open(log_path) as f:
-            snaps = [line.strip() for line in f if "snapshot" in line]
+            snaps = [line.strip() for line in f if "snapshot" in line or "slow" in line]
         if snaps:
-            print(f"server snapshots during '{name}': {len(snaps)}")
+            print(f"server snapshots and slow batches during '{name}': {len(snaps)}")
             for line in snaps[-3:]:
                 print(f"  {line}")
     path = os.environ.get("SCANPAY_BENCH_OUT")

@@ -29,6 +29,7 @@ from .records import ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RESULT
 log = logging.getLogger("scanpay.writer")
 
 DELIVERIES_INFLIGHT_MAX = 64       # batches applied but awaiting their fsync
+SLOW_MS = 100                      # a batch or a wait for its fsync longer than this is logged
 RESULT_DTYPES = {OP_PAY: PAY_RESULT, OP_ISSUE: ISSUE_RESULT,
                  OP_CAPTURE_RECORDS: PAY_RESULT, OP_REFUND_RECORDS: REFUND_RESULT}
 OP_LABELS = {OP_PAY: "PAY", OP_ISSUE: "ISSUE", OP_CAPTURE_RECORDS: "CAPTURE_RECORDS",
@@ -132,7 +133,12 @@ class Writer:
             self.queued_records -= sum(queued_weight(w) for w in group)
             if self.metrics:
                 self.metrics.queue_records.set(self.queued_records)
+            started = time.perf_counter()
             self.process(group)
+            took_ms = (time.perf_counter() - started) * 1000
+            if took_ms > SLOW_MS:
+                log.warning("slow batch: %.0f ms to journal and apply %d records", took_ms,
+                            sum(queued_weight(w) for w in group))
             while len(self.deliveries) > DELIVERIES_INFLIGHT_MAX:
                 self.released.clear()
                 await self.released.wait()
@@ -276,8 +282,11 @@ class Writer:
                 if error is not None and not isinstance(error, EngineError):
                     log.error("fsync failed unexpectedly", exc_info=error)
                     error = Unavailable(f"storage failed: {error}")
+                waited_s = time.perf_counter() - scheduled_at
                 if self.metrics:
-                    self.metrics.fsync_seconds.observe(time.perf_counter() - scheduled_at)
+                    self.metrics.fsync_seconds.observe(waited_s)
+                if waited_s * 1000 > SLOW_MS:
+                    log.warning("slow fsync: a batch waited %.0f ms to be durable", waited_s * 1000)
             for deliver, value in parts:
                 try:
                     deliver(error if error is not None else value)

@@ -301,6 +301,30 @@ def test_metrics_count_records_by_op_and_status(tmp_path):
     run(main())
 
 
+def test_a_batch_that_waits_long_for_its_fsync_is_logged(tmp_path, caplog):
+    import logging
+
+    from faulty_fs import FaultyFs
+
+    class SlowFs(FaultyFs):
+        def fdatasync(self, fd):
+            time.sleep(0.15)                # over the writer's SLOW_MS (100 ms)
+            super().fdatasync(fd)
+
+    async def main():
+        engine = Engine(str(tmp_path / "data"), fs=SlowFs())
+        server = await started(engine=engine)
+        c = await Raw.open(server)
+        await world(c)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="scanpay.writer"):
+            op, flags, _rid, body = await c.call(16, pay_body([1]))
+        assert not flags and np.frombuffer(body, PAY_RESULT)["status"][0] == 0
+        assert any("slow fsync" in r.getMessage() for r in caplog.records)
+        await server.stop()
+    run(main())
+
+
 def test_graceful_stop_replies_to_everything_in_flight(tmp_path):
     async def main():
         server = await started(tmp_path)
