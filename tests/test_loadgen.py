@@ -3,7 +3,6 @@ against a real server: what it counts is what the server did."""
 import asyncio
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np

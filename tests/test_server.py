@@ -3,7 +3,6 @@ authentication and roles, limits, ordering, durability and shutdown."""
 import asyncio
 import hashlib
 import hmac
-import os
 import secrets
 import ssl
 import subprocess
