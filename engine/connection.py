@@ -85,8 +85,15 @@ class Connection(asyncio.Protocol):
         # A timestamp, not a new timer per read: the one timer looks at it.
         self.active_at = self.loop.time()
         reader = self.reader
+        at = 0
+        if not reader.buffer and self.pay_fast_path():
+            # The usual read of a gateway: nothing left over from the last
+            # read and nothing but whole PAY frames in this one.
+            at = intake_pay(self.writer, self, data, 0)
+            if at == len(data):
+                return self.update_flow()
         buffer = reader.begin(data)
-        at, end = 0, len(buffer)
+        end = len(buffer)
         try:
             while at < end and not self.closing:
                 # Runs of PAY frames go straight into the writer's open batch
