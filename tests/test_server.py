@@ -431,3 +431,57 @@ def test_capacity_from_the_config_file_and_flags_sizes_the_tables(tmp_path):
         load(None, {"capacity": {"users": -1}})
     with pytest.raises(cli.argparse.ArgumentTypeError, match="TABLE=ROWS"):
         cli.capacity_item("payments")
+
+
+def test_durability_settings_come_from_the_config_file_and_are_checked(tmp_path):
+    from engine.config import load
+    toml = tmp_path / "scanpay.toml"
+    toml.write_text("[server]\ncommit_interval_us = 800\nsnapshot_mb_per_s = 20\n"
+                    "snapshot_every_mb = 256\nsnapshot_every_entries = 5000\n")
+    config = load(str(toml), {})
+    config.data = str(tmp_path / "data")
+    server = Server(config)
+    storage = server.engine.storage
+    assert server.engine._commit_interval_s == 0.0008
+    assert (storage.snapshot_mb_per_s, storage.snapshot_every_bytes,
+            storage.snapshot_every_entries) == (20, 256 << 20, 5000)
+    server.engine.close()
+    for setting, bad in (("commit_interval_us", -1), ("commit_interval_us", 100_001),
+                         ("snapshot_mb_per_s", -5), ("snapshot_every_mb", 0),
+                         ("snapshot_every_entries", True)):
+        with pytest.raises(ConfigError, match=setting):
+            check(Config(**{setting: bad}))
+
+
+def test_a_storage_failure_answers_each_batched_pay_frame_and_a_retry_is_a_duplicate(tmp_path):
+    """PROTOCOL.md: unavailable is retryable. The frames of a batch whose
+    fsync failed each get it, in request order; once storage is back, a retry
+    of the same payment gets its original result with the duplicate flag
+    (docs/operations-durability.md), so it is never charged twice."""
+    import errno
+
+    from faulty_fs import FaultyFs
+
+    from engine.records import RESULT_DUPLICATE
+
+    async def main():
+        fs = FaultyFs()
+        server = await started(engine=Engine(str(tmp_path / "data"), fs=fs))
+        c = await Raw.open(server)
+        await world(c)
+        fs.fail("fdatasync", errno.EIO)
+        for i in range(6):
+            c.send(16, 10 + i, pay_body([100 + i]))
+        replies = [await c.recv() for _ in range(6)]
+        assert [r[2] for r in replies] == list(range(10, 16))
+        errors = [error_of(r) for r in replies]
+        assert {(e["name"], e["retryable"]) for e in errors} == {("unavailable", True)}
+        fs.heal()
+        await asyncio.sleep(1.1)            # the journal retries its storage once a second
+        _op, flags, _rid, body = await c.call(16, pay_body([100]), request_id=20)
+        result = np.frombuffer(body, PAY_RESULT)[0]
+        assert not flags and result["status"] == Status.ok
+        assert result["flags"] & RESULT_DUPLICATE
+        assert server.engine.counts()["payments"] == 6
+        await server.stop()
+    run(main())
