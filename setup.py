@@ -4,30 +4,23 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-extensions = [
-    Extension(
-        "engine._kernel",
-        ["ext/kernel.pyx"],
+
+def cython_extension(name: str, source: str, optimize: str = "-O3") -> Extension:
+    return Extension(
+        f"engine.{name}",
+        [f"ext/{source}"],
         include_dirs=[np.get_include(), "ext"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3"],
-    ),
-    Extension(
-        "engine._framing",
-        ["ext/framing.pyx"],
-        include_dirs=[np.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3"],
-    ),
+        extra_compile_args=[optimize],
+    )
+
+
+extensions = [
+    cython_extension("_kernel", "kernel.pyx"),
+    cython_extension("_framing", "framing.pyx"),
     # The load generator's event loop (bench/loadgen.py): built with the
     # engine so that benchmarks need no build step of their own.
-    Extension(
-        "engine._loadgen",
-        ["ext/loadgen.pyx"],
-        include_dirs=[np.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O2"],
-    ),
+    cython_extension("_loadgen", "loadgen.pyx", "-O2"),
 ]
 
 setup(

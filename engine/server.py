@@ -88,8 +88,8 @@ class Server:
         self.connections.discard(connection)
         self.metrics.connections.set(len(self.connections))
 
-    def count(self, op_name: str, outcome: str) -> None:
-        self.metrics.requests.labels(op_name, outcome).inc()
+    def count(self, op_name: str, outcome: str, frames: int = 1) -> None:
+        self.metrics.requests.labels(op_name, outcome).inc(frames)
 
     # -- lifecycle --------------------------------------------------------
 

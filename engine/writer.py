@@ -208,8 +208,7 @@ class Writer:
         if isinstance(value, EngineError):
             for member, (conn, slot) in enumerate(batch.parts):
                 rids = batch.request_ids(member).tolist()
-                for _ in rids:
-                    conn.server.count("PAY", value.code.name)
+                conn.server.count("PAY", value.code.name, len(rids))
                 conn.complete(slot, b"".join(
                     frame.encode_error(OP_PAY, rid, value.code, value.message, value.retryable)
                     for rid in rids))

@@ -74,6 +74,14 @@ async def started(tmp_path=None, engine=None, **settings):
     return server
 
 
+async def started_with_world(tmp_path=None, engine=None, **settings):
+    """A started server and a connection that has set up the test world."""
+    server = await started(tmp_path, engine, **settings)
+    client = await Raw.open(server)
+    await world(client)
+    return server, client
+
+
 async def world(client):
     await client.map(32, {"merchants": [{"id": 1, "fee_bps": 60}, {"id": 2, "fee_bps": 0}]})
     await client.map(33, {"users": [1, 2]})
@@ -150,9 +158,7 @@ def test_stream_errors_close_only_that_connection():
 ])
 def test_request_errors_keep_the_connection_and_change_nothing(op, body, name):
     async def main():
-        server = await started(frame_bytes_max=1 << 20)
-        c = await Raw.open(server)
-        await world(c)
+        server, c = await started_with_world(frame_bytes_max=1 << 20)
         before = server.engine.digest()
         reply = error_of(await c.call(op, body, 42))
         assert reply["name"] == name and reply["retryable"] is False
@@ -214,9 +220,7 @@ def test_busy_when_the_queue_is_full_changes_nothing():
 
 def test_pipelined_frames_are_batched_and_answered_in_order(tmp_path):
     async def main():
-        server = await started(tmp_path, inflight_frames_max=8)
-        c = await Raw.open(server)
-        await world(c)
+        server, c = await started_with_world(tmp_path, inflight_frames_max=8)
         for i in range(300):
             c.send(16, 1000 + i, pay_body([i + 1]))
         replies = [await c.recv() for _ in range(300)]
@@ -276,9 +280,7 @@ def test_metrics_count_records_by_op_and_status(tmp_path):
     from prometheus_client import generate_latest
 
     async def main():
-        server = await started(tmp_path)
-        c = await Raw.open(server)
-        await world(c)
+        server, c = await started_with_world(tmp_path)
         for i in range(20):
             c.send(16, i, pay_body([i + 1]))
         c.send(16, 20, pay_body([100, 101, 102], merchant=99))     # no such merchant
@@ -312,9 +314,7 @@ def test_a_batch_that_waits_long_for_its_fsync_is_logged(tmp_path, caplog):
 
     async def main():
         engine = Engine(str(tmp_path / "data"), fs=SlowFs())
-        server = await started(engine=engine)
-        c = await Raw.open(server)
-        await world(c)
+        server, c = await started_with_world(engine=engine)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="scanpay.writer"):
             op, flags, _rid, body = await c.call(16, pay_body([1]))
@@ -326,9 +326,7 @@ def test_a_batch_that_waits_long_for_its_fsync_is_logged(tmp_path, caplog):
 
 def test_graceful_stop_replies_to_everything_in_flight(tmp_path):
     async def main():
-        server = await started(tmp_path)
-        c = await Raw.open(server)
-        await world(c)
+        server, c = await started_with_world(tmp_path)
         for i in range(50):
             c.send(16, i, pay_body([i + 1]))
         await asyncio.sleep(0)
@@ -466,9 +464,7 @@ def test_a_storage_failure_answers_each_batched_pay_frame_and_a_retry_is_a_dupli
 
     async def main():
         fs = FaultyFs()
-        server = await started(engine=Engine(str(tmp_path / "data"), fs=fs))
-        c = await Raw.open(server)
-        await world(c)
+        server, c = await started_with_world(engine=Engine(str(tmp_path / "data"), fs=fs))
         fs.fail("fdatasync", errno.EIO)
         for i in range(6):
             c.send(16, 10 + i, pay_body([100 + i]))
@@ -476,6 +472,9 @@ def test_a_storage_failure_answers_each_batched_pay_frame_and_a_retry_is_a_dupli
         assert [r[2] for r in replies] == list(range(10, 16))
         errors = [error_of(r) for r in replies]
         assert {(e["name"], e["retryable"]) for e in errors} == {("unavailable", True)}
+        from prometheus_client import generate_latest
+        assert 'scanpay_requests_total{op="PAY",outcome="unavailable"} 6.0' in \
+            generate_latest(server.metrics.registry).decode()
         fs.heal()
         await asyncio.sleep(1.1)            # the journal retries its storage once a second
         _op, flags, _rid, body = await c.call(16, pay_body([100]), request_id=20)
