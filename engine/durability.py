@@ -60,7 +60,8 @@ class Storage:
                  snapshot_every_mb: int = SNAPSHOT_EVERY_MB_DEFAULT,
                  retain_snapshots: int = RETAIN_SNAPSHOTS_DEFAULT, fs=None,
                  segment_bytes_max: int | None = None,
-                 snapshot_mb_per_s: int | None = SNAPSHOT_MB_PER_S_DEFAULT):
+                 snapshot_mb_per_s: int | None = SNAPSHOT_MB_PER_S_DEFAULT,
+                 journal_prealloc: bool = False):
         assert snapshot_every_entries >= 1 and snapshot_every_mb >= 1 and retain_snapshots >= 1
         assert snapshot_mb_per_s is None or snapshot_mb_per_s > 0
         self.path = str(path)
@@ -69,7 +70,7 @@ class Storage:
         self.bytes_since_snapshot = 0       # journaled since the last snapshot began
         self.snapshot_mb_per_s = snapshot_mb_per_s
         self.retain_snapshots = retain_snapshots
-        options = {"fs": fs}
+        options = {"fs": fs, "prealloc": journal_prealloc}
         if segment_bytes_max:
             options["segment_bytes_max"] = segment_bytes_max
         self.journal = Journal.open(self.path, **options)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno as errno_module
 import fcntl
@@ -25,6 +26,7 @@ import os
 import re
 import struct
 import threading
+import time
 from typing import Iterator
 
 import crc32c
@@ -53,6 +55,11 @@ IOV_MAX = 1024
 
 SEGMENT_NAME = re.compile(r"^journal-(\d{20})\.seg$")
 LOCK_NAME = "journal.lock"
+# The next segment, zero-filled ahead of time (`prealloc`); renamed into
+# place when the active segment is full.
+SPARE_NAME = "journal-spare.tmp"
+SPARE_CHUNK_BYTES = 1 << 20
+SPARE_BYTES_PER_S_MAX = 128 << 20   # zero-filling must not crowd out the fsyncs
 
 _ENTRY_REST = struct.Struct("<IQ")  # The checksummed part of the header.
 _CRC = struct.Struct("<I")
@@ -188,8 +195,14 @@ class Journal:
         # until their fdatasync succeeds, because after a failed fsync the page
         # cache cannot be trusted and recover() must write them again.
         self._pending: list[tuple[int, tuple, int]] = []
-        self._fd: int | None = None  # Active (last) segment, O_APPEND.
+        self._fd: int | None = None  # Active (last) segment.
         self._active_bytes = 0
+        self._write_at = 0  # Where the next write goes in the active segment.
+        # Preallocation: segments are zero-filled ahead of time (the spare),
+        # so that an fdatasync writes data blocks only, not the file's size
+        # and extents through the filesystem's own journal.
+        self._spare: "_Spare | None" = None
+        self._active_preallocated = False
         self._dir_dirty = False  # A segment was created or removed since the last dir fsync.
         self._failure: str | None = None
         self._closed = False
@@ -202,11 +215,15 @@ class Journal:
 
     @classmethod
     def open(cls, dir: str, *, segment_bytes_max: int = SEGMENT_BYTES_MAX_DEFAULT,
-             entry_bytes_max: int = ENTRY_BYTES_MAX_DEFAULT, fs=None) -> "Journal":
+             entry_bytes_max: int = ENTRY_BYTES_MAX_DEFAULT, fs=None,
+             prealloc: bool = False) -> "Journal":
         """Opens (or creates) the journal in `dir`, validating every entry.
 
         A torn tail of the last segment is truncated (logged); any other damage
         raises JournalCorrupt. `fs` supplies the OS calls (default: `os`).
+        `prealloc`: write into segments zero-filled ahead of time by a
+        background thread (see `_Spare`); a server's fsyncs are then cheaper
+        and steadier (docs/operations-durability.md).
         """
         assert 0 < entry_bytes_max < 2**32, entry_bytes_max
         assert segment_bytes_max >= SEGMENT_HEADER_BYTES + ENTRY_HEADER_BYTES, segment_bytes_max
@@ -220,6 +237,9 @@ class Journal:
         except BaseException:
             journal._release_dir()
             raise
+        if prealloc:
+            journal._spare = _Spare(os.path.join(dir, SPARE_NAME), segment_bytes_max)
+            journal._spare.start()
         return journal
 
     def _lock_dir(self) -> None:
@@ -261,9 +281,13 @@ class Journal:
             seq_next = name_seq + scan.entries
             self._active_bytes = scan.valid_bytes
         self._last_seq = seq_next - 1 if seq_next is not None else 0
+        with contextlib.suppress(FileNotFoundError):   # half made when the last process stopped
+            os.unlink(os.path.join(self._dir, SPARE_NAME))
         if self._segments:
             active = self._segments[-1]
-            self._fd = self._fs.open(active.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self._fd = self._fs.open(active.path, os.O_WRONLY | os.O_CLOEXEC)
+            self._write_at = self._active_bytes
+            self._active_preallocated = os.fstat(self._fd).st_size > self._active_bytes
             # The previous process may have crashed with entries only in the page cache.
             self._fs.fdatasync(self._fd)
             self._durable_segment_seq = active.first_seq
@@ -402,6 +426,9 @@ class Journal:
 
     def _write_batch(self, batch: list) -> None:
         buffers: list = []
+        if (self._spare is not None and not self._active_preallocated and self._spare.ready()
+                and self._active_bytes > SEGMENT_HEADER_BYTES):
+            self._roll(batch[0][0])         # move to a preallocated segment as soon as one is ready
         for seq, frame, frame_bytes in batch:
             if self._fd is None or (self._active_bytes > SEGMENT_HEADER_BYTES and
                                     self._active_bytes + frame_bytes > self._segment_bytes_max):
@@ -421,11 +448,16 @@ class Journal:
             self._fs.close(self._fd)
             self._fd = None
         path = os.path.join(self._dir, segment_name(first_seq))
-        self._fd = self._fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._active_preallocated = self._spare is not None and self._spare.take(path)
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        if not self._active_preallocated:
+            flags |= os.O_CREAT | os.O_EXCL
+        self._fd = self._fs.open(path, flags, 0o644)
         with self._lock:
             self._segments.append(_Segment(first_seq, path))
         self._dir_dirty = True
         self._active_bytes = SEGMENT_HEADER_BYTES
+        self._write_at = 0
         self._write_all([_encode_segment_header(first_seq)])
 
     def _write_all(self, buffers: list) -> None:
@@ -433,9 +465,10 @@ class Journal:
         done = 0
         while done < len(buffers):
             chunk = buffers[done:done + IOV_MAX]
-            written = self._fs.writev(self._fd, chunk)
+            written = self._fs.pwritev(self._fd, chunk, self._write_at)
             if written <= 0:
-                raise OSError(errno_module.EIO, "writev wrote no bytes")
+                raise OSError(errno_module.EIO, "pwritev wrote no bytes")
+            self._write_at += written
             for buffer in chunk:
                 if written < len(buffer):
                     break
@@ -514,7 +547,7 @@ class Journal:
         if self._segments:
             active = self._segments[-1]
             assert active.first_seq == self._durable_segment_seq
-            fd = self._fs.open(active.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            fd = self._fs.open(active.path, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 self._fs.ftruncate(fd, self._durable_bytes)
                 self._fs.fdatasync(fd)
@@ -523,6 +556,8 @@ class Journal:
                 raise
             self._fd = fd
             self._active_bytes = self._durable_bytes
+            self._write_at = self._durable_bytes
+            self._active_preallocated = False
         self._fsync_dir()
 
     # ------------------------------------------------------------------ read
@@ -584,6 +619,8 @@ class Journal:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._spare is not None:
+                self._spare.stop()
             with self._io_lock:
                 if self._pending:
                     log.warning("journal: closing with entries %d..%d not durable (storage failed)",
@@ -602,6 +639,83 @@ class Journal:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Spare:
+    """The next segment, zero-filled by a background thread while the active
+    one fills. Overwriting blocks that are already written makes an
+    fdatasync write just those blocks; appending (or writing into fallocated
+    space) also commits the file's new size or extents through the
+    filesystem's journal, a second device write that needs its own kernel
+    thread to be scheduled. Measured on this project's VM (ext4, 8 KiB
+    writes): fdatasync p50 150-180 us appending, 92 us preallocated; with
+    both cores busy, p90 4 ms appending, 125 us preallocated.
+
+    Zero-filling is paced (SPARE_BYTES_PER_S_MAX, with sync_file_range) so
+    that it does not queue the journal's own fsyncs behind it. If the spare
+    is not ready when a segment is full, the next segment is an appending
+    one, and the journal moves to the spare once it is (Journal._write_batch).
+    """
+
+    def __init__(self, path: str, size: int):
+        self.path = path
+        self.size = size
+        self._ready = threading.Event()
+        self._wanted = threading.Event()    # make one (again)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="journal-spare", daemon=True)
+
+    def start(self) -> None:
+        self._wanted.set()
+        self._thread.start()
+
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def take(self, path: str) -> bool:
+        """Rename the spare to `path` if it is ready (and start the next)."""
+        if not self._ready.is_set():
+            return False
+        os.rename(self.path, path)
+        self._ready.clear()
+        self._wanted.set()
+        return True
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stopping:
+                return
+            try:
+                self._fill()
+            except OSError as error:        # no spare: segments are appended to, as without
+                log.warning("journal: could not preallocate %s (%s); appending instead",
+                            self.path, error)
+                return
+
+    def _fill(self) -> None:
+        from .snapshot import Pacer         # the same pacing as snapshots
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            zeros = bytes(SPARE_CHUNK_BYTES)
+            pacer = Pacer(fd, SPARE_BYTES_PER_S_MAX)
+            for offset in range(0, self.size, SPARE_CHUNK_BYTES):
+                if self._stopping:
+                    return
+                chunk = min(SPARE_CHUNK_BYTES, self.size - offset)
+                os.pwrite(fd, zeros[:chunk], offset)
+                pacer.wrote(offset, chunk)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        if not self._stopping:
+            self._ready.set()
 
 
 # ------------------------------------------------------------------ encoding
@@ -751,10 +865,16 @@ def _scan_segment(path: str, buf: bytes, name_seq: int, is_last: bool,
         entries += 1
         valid_bytes = offset_next
     problem = None
-    if stop:
+    if stop and not _all_zero(mv[valid_bytes:]):    # zeros: space preallocated ahead
         offset, detail, checksum_ok = stop[0]
         problem = _classify(path, mv, offset, detail, checksum_ok, name_seq + entries, is_last)
     return _Scan(entries, len(buf), valid_bytes, problem)
+
+
+def _all_zero(mv: memoryview) -> bool:
+    head = len(mv) - len(mv) % 8
+    return (not np.frombuffer(mv[:head], np.uint64).any()
+            and not any(mv[head:]))
 
 
 def _classify(path: str, mv: memoryview, offset: int, detail: str, checksum_ok: bool,

@@ -10,8 +10,8 @@ class FaultyFs:
     def __init__(self):
         self.calls = collections.Counter()
         self.faults = {}  # name -> [successful calls left, errno]
-        self.writev_bytes_max = None  # Simulates short writes.
-        self.partial_then_fail = False  # On a writev fault, first write half.
+        self.write_bytes_max = None  # Simulates short writes.
+        self.partial_then_fail = False  # On a pwritev fault, first write half.
 
     def fail(self, name, error, after=0):
         self.faults[name] = [after, error]
@@ -32,20 +32,20 @@ class FaultyFs:
         self._check("open")
         return os.open(*args)
 
-    def writev(self, fd, buffers):
+    def pwritev(self, fd, buffers, offset):
         try:
-            self._check("writev")
+            self._check("pwritev")
         except OSError:
             if self.partial_then_fail and buffers:
                 half = b"".join(bytes(b) for b in buffers)
-                os.write(fd, half[:max(1, len(half) // 2)])
+                os.pwrite(fd, half[:max(1, len(half) // 2)], offset)
                 self.partial_then_fail = False
                 return max(1, len(half) // 2)
             raise
-        if self.writev_bytes_max is not None:
-            data = b"".join(bytes(b) for b in buffers)[:self.writev_bytes_max]
-            return os.write(fd, data)
-        return os.writev(fd, buffers)
+        if self.write_bytes_max is not None:
+            data = b"".join(bytes(b) for b in buffers)[:self.write_bytes_max]
+            return os.pwrite(fd, data, offset)
+        return os.pwritev(fd, buffers, offset)
 
     def fdatasync(self, fd):
         self._check("fdatasync")

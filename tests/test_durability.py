@@ -646,7 +646,7 @@ def test_fdatasync_eio_is_unavailable_then_writes_resume(tmp_path, fast_recover)
 
 def test_enospc_partial_write_then_restart_keeps_only_acknowledged(tmp_path, fast_recover):
     datadir, fs, eng, acked, durable, k, records = engine_before_a_fault(tmp_path)
-    fs.fail("writev", errno.ENOSPC)
+    fs.fail("pwritev", errno.ENOSPC)
     fs.partial_then_fail = True                     # half the entry reaches the file
     with pytest.raises(Unavailable, match="ENOSPC"):
         eng.pay(records)

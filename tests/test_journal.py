@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
@@ -239,16 +240,115 @@ def test_torn_tail_inside_a_new_segment_header(tmp_path, caplog):
             assert read_all(journal) == [(1, bytes(90)), (2, b"x")]
 
 
-def test_zero_filled_or_garbage_tail_is_truncated(tmp_path):
+def test_garbage_tail_is_truncated(tmp_path):
     write_journal(tmp_path, [b"one", b"two"])
     path = tmp_path / segment_name(1)
     size = os.path.getsize(path)
-    for garbage in [bytes(4096), b"\xff" * 100, os.urandom(333)]:
+    for garbage in [b"\xff" * 100, os.urandom(333), b"\x01" + bytes(4095)]:
         with open(path, "ab") as file:
             file.write(garbage)
         with Journal.open(tmp_path) as journal:
             assert read_all(journal) == [(1, b"one"), (2, b"two")]
         assert os.path.getsize(path) == size
+
+
+def test_zero_tail_is_space_allocated_ahead(tmp_path):
+    """Zeros after the last entry are a preallocated segment's unused space:
+    kept, written into, and never reported as damage."""
+    write_journal(tmp_path, [b"one", b"two"])
+    path = tmp_path / segment_name(1)
+    with open(path, "ab") as file:
+        file.write(bytes(4096))
+    size = os.path.getsize(path)
+    assert verify(str(tmp_path)).ok
+    with Journal.open(tmp_path) as journal:
+        assert read_all(journal) == [(1, b"one"), (2, b"two")]
+        journal.append(b"three")
+        journal.sync()
+    assert os.path.getsize(path) == size        # written into the zeros, not appended
+    with Journal.open(tmp_path) as journal:
+        assert read_all(journal) == [(1, b"one"), (2, b"two"), (3, b"three")]
+
+
+def wait_for_spare(journal, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not journal._spare.ready():
+        assert time.monotonic() < deadline, "the spare segment was never filled"
+        time.sleep(0.001)
+
+
+def test_preallocated_segments(tmp_path):
+    """prealloc: entries go into segments zero-filled ahead of time; the
+    journal reads, verifies and reopens as any other."""
+    segment_bytes = 16 * 1024
+    payloads = [payload_of(seq, 500) for seq in range(1, 201)]   # about 6 segments
+    with Journal.open(tmp_path, segment_bytes_max=segment_bytes, prealloc=True) as journal:
+        for payload in payloads:
+            wait_for_spare(journal)         # every roll finds its spare ready
+            journal.append(payload)
+            journal.sync()
+        assert read_all(journal) == list(enumerate(payloads, 1))
+    names = segments_in(tmp_path)
+    assert len(names) >= 5
+    # The first segment was created before any spare was ready; the journal
+    # moved to a preallocated one as soon as there was one.
+    sizes = [os.path.getsize(tmp_path / name) for name in names]
+    assert all(size == segment_bytes for size in sizes[1:]), sizes
+    assert "journal-spare.tmp" in os.listdir(tmp_path)
+    report = verify(str(tmp_path))
+    assert report.ok and report.entries == len(payloads)
+    with Journal.open(tmp_path, segment_bytes_max=segment_bytes, prealloc=True) as journal:
+        assert read_all(journal) == list(enumerate(payloads, 1))
+        assert journal.append(b"more") == len(payloads) + 1
+        journal.sync()
+    assert os.path.getsize(tmp_path / segments_in(tmp_path)[-1]) == segment_bytes
+
+
+def test_torn_write_in_a_preallocated_segment_is_truncated(tmp_path, caplog):
+    """A crash mid-write leaves part of an entry before the zeros: a torn
+    tail, dropped as in an appended segment."""
+    segment_bytes = 16 * 1024
+    with Journal.open(tmp_path, segment_bytes_max=segment_bytes, prealloc=True) as journal:
+        journal.append(b"first")
+        journal.sync()
+        wait_for_spare(journal)
+        journal.append(b"second")           # moves to the preallocated segment
+        journal.sync()
+    path = tmp_path / segments_in(tmp_path)[-1]
+    assert os.path.getsize(path) == segment_bytes
+    valid = max(offset + size for offset, size in entry_offsets_upto_zeros(path))
+    with open(path, "r+b") as file:
+        file.seek(valid)
+        file.write(b"\x2a" * 20)          # half an entry header and a bit
+    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+        with Journal.open(tmp_path, segment_bytes_max=segment_bytes, prealloc=True) as journal:
+            assert read_all(journal) == [(1, b"first"), (2, b"second")]
+            assert journal.append(b"third") == 3
+            journal.sync()
+    assert "torn tail" in caplog.text
+    with Journal.open(tmp_path) as journal:
+        assert read_all(journal) == [(1, b"first"), (2, b"second"), (3, b"third")]
+
+
+def entry_offsets_upto_zeros(path):
+    data = open(path, "rb").read()
+    offsets, offset = [], SEGMENT_HEADER_BYTES
+    while offset + ENTRY_HEADER_BYTES <= len(data):
+        size = int.from_bytes(data[offset + 4:offset + 8], "little")
+        if data[offset:offset + ENTRY_HEADER_BYTES] == bytes(ENTRY_HEADER_BYTES):
+            break
+        frame = ENTRY_HEADER_BYTES + size + (-size % 8)
+        offsets.append((offset, frame))
+        offset += frame
+    return offsets
+
+
+def test_leftover_spare_is_removed_on_open(tmp_path):
+    write_journal(tmp_path, [b"one"])
+    (tmp_path / "journal-spare.tmp").write_bytes(b"half made")
+    with Journal.open(tmp_path) as journal:
+        assert read_all(journal) == [(1, b"one")]
+    assert "journal-spare.tmp" not in os.listdir(tmp_path)
 
 
 def test_flipped_byte_in_middle_entry_is_corruption(tmp_path):
@@ -529,7 +629,7 @@ def test_enospc_on_a_partial_write_then_recover(tmp_path):
     durable_bytes = os.path.getsize(tmp_path / segment_name(1))
     for seq in range(2, 12):
         journal.append(payload_of(seq, 5000))
-    fs.fail("writev", errno.ENOSPC)
+    fs.fail("pwritev", errno.ENOSPC)
     fs.partial_then_fail = True
     with pytest.raises(JournalUnavailable, match="ENOSPC"):
         journal.sync()
@@ -630,7 +730,7 @@ def test_crash_while_failed_keeps_the_durable_prefix(tmp_path):
 
 def test_short_writes_are_completed(tmp_path):
     fs = FaultyFs()
-    fs.writev_bytes_max = 50
+    fs.write_bytes_max = 50
     payloads = [payload_of(seq, 1000 + seq) for seq in range(1, 30)]
     with Journal.open(tmp_path, fs=fs, segment_bytes_max=8000) as journal:
         for payload in payloads:
