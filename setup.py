@@ -18,6 +18,7 @@ def cython_extension(name: str, source: str, optimize: str = "-O3") -> Extension
 extensions = [
     cython_extension("_kernel", "kernel.pyx"),
     cython_extension("_framing", "framing.pyx"),
+    cython_extension("_outlet", "outlet.pyx"),
     # The load generator's event loop (bench/loadgen.py): built with the
     # engine so that benchmarks need no build step of their own.
     cython_extension("_loadgen", "loadgen.pyx", "-O2"),

@@ -45,6 +45,7 @@ import contextlib
 import json
 import os
 import pathlib
+import shlex
 import socket
 import subprocess
 import sys
@@ -109,6 +110,8 @@ STOP_TIMEOUT_S = 90
 # The machine settles between scenarios: started right after the big-frame run
 # (a server of 16M rows just freed), the next scenario had one 0.2-0.3 s stall.
 PAUSE_BEFORE_SCENARIO_S = float(os.environ.get("SCANPAY_BENCH_PAUSE_S", "10"))
+# More `scanpay serve` arguments, e.g. "--config other.toml" to compare settings.
+SERVER_ARGS = shlex.split(os.environ.get("SCANPAY_SERVER_ARGS", ""))
 SMALL_CLOSED = "small frames (1/frame, 64 conns)"
 SMALL_OPEN = "small frames, open loop 200k/s"
 TWIN_PAYMENTS_PER_MEASURE_MAX = 2_000_000
@@ -149,6 +152,7 @@ class ServerProcess:
                 "--listen", f"127.0.0.1:{self.port}", "--unix", self.unix,
                 "--metrics", f"127.0.0.1:{self.metrics_port}",
                 "--capacity", f"payments={capacity_payments}"]     # and visits
+        cmd += SERVER_ARGS
         self.cmd = cmd
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(ROOT), stdout=self.log, stderr=subprocess.STDOUT)

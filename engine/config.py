@@ -34,6 +34,8 @@ class Config:
     snapshot_every_mb: int = 1024        # or after this much journal, whichever first
     snapshot_mb_per_s: int = 64          # pacing of snapshot writes; 0 = full speed
     commit_interval_us: int = 1500       # group commit: fsyncs start at least this far apart
+    direct_replies: bool = True          # PAY replies sent by the sender thread after the fsync
+    journal_prealloc: bool = True        # journal segments zero-filled ahead (cheaper fsyncs)
     keys: list = field(default_factory=list)
     # Table sizes to allocate up front (Engine capacity hints: rows per
     # table, e.g. payments, visits, users, coupons): growing a big table
@@ -111,6 +113,9 @@ def check(config: Config) -> None:
             raise ConfigError(f"{name} must be a whole number, at least 1")
     if not isinstance(config.snapshot_mb_per_s, int) or config.snapshot_mb_per_s < 0:
         raise ConfigError("snapshot_mb_per_s must be a whole number of MB/s (0: no pacing)")
+    for name in ("direct_replies", "journal_prealloc"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name} must be true or false")
     if config.log_format not in ("text", "json"):
         raise ConfigError("log_format must be text or json")
     from .engine import CAPACITY_TABLES

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import frame
 from ._framing import intake_pay
+from ._outlet import Outlet
 from .auth import ANONYMOUS_ADMIN
 from .dispatch import (MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_CLOCK, OP_HELLO, OP_ISSUE,
                        OP_NAMES, OP_PAY, OP_PING, OP_REFUND_RECORDS)
@@ -58,6 +59,9 @@ class Connection(asyncio.Protocol):
         self.pay_batch = None
         self.pay_member = 0
         self.pay_slot = None
+        # The socket as the sender thread sends on it (ext/outlet.pyx); None
+        # for TLS, whose bytes only the transport can write.
+        self.outlet = None
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -72,12 +76,26 @@ class Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.active_at = self.loop.time()
         self.arm_idle_timer(self.config.idle_timeout_ms / 1000)
+        sock = transport.get_extra_info("socket")
+        if (self.writer.direct_replies and sock is not None
+                and transport.get_extra_info("ssl_object") is None):
+            self.outlet = Outlet(sock.fileno())
 
     def connection_lost(self, exc):
         self.closing = True
         if self.idle_timer:
             self.idle_timer.cancel()
+        self.stop_outlet()
         self.server.forget(self)
+
+    def stop_outlet(self) -> None:
+        """No more sends from the sender thread; the dup'ed socket is closed
+        once none is queued (else by the last outlet_released)."""
+        outlet = self.outlet
+        if outlet is not None:
+            outlet.block()
+            if outlet.outstanding == 0:
+                outlet.close()
 
     def data_received(self, data):
         if self.closing:
@@ -293,16 +311,53 @@ class Connection(asyncio.Protocol):
             self.transport.write(b"".join(out))
             self.update_flow()
 
+    def may_send_directly(self, slot) -> bool:
+        """May the sender thread send `slot`'s replies? Only if every reply
+        before it on this connection is itself queued there (so nothing can
+        overtake it) and the transport has nothing buffered."""
+        outlet = self.outlet
+        if outlet is None or self.closing:
+            return False
+        queued = outlet.outstanding
+        if queued == 0:
+            if self.transport.get_write_buffer_size() or self.slots[0] is not slot:
+                return False
+            if outlet.blocked:
+                outlet.reset()
+            return True
+        return not outlet.blocked and len(self.slots) > queued and self.slots[queued] is slot
+
+    def sent_directly(self, slot) -> None:
+        """The sender thread sent `slot`'s replies whole: forget it."""
+        if self.closing:
+            return
+        done = self.slots.popleft()
+        assert done is slot, "a reply sent by the sender thread was not the next one"
+        self.inflight_bytes -= done.request_bytes
+        self.inflight_frames -= done.frames
+        if self.slots and self.slots[0].reply is not None:
+            self.complete(self.slots[0], self.slots[0].reply)   # answered ones behind it
+        else:
+            self.update_flow()
+
+    def outlet_released(self) -> None:
+        outlet = self.outlet
+        outlet.released()
+        if self.closing and outlet.outstanding == 0:
+            outlet.close()
+
     def fail(self, op, request_id, code, message) -> None:
         """A stream error: flush what is answered, send the error, close."""
         log.info("closing %s: %s", self.peer, message)
         self.server.count(OP_NAMES.get(op, str(op)), code.name)
         self.transport.write(frame.encode_error(op, request_id, code, message))
         self.closing = True
+        self.stop_outlet()
         self.transport.close()
 
     def close_after_flush(self) -> None:
         self.closing = True
+        self.stop_outlet()
         self.transport.close()
 
     # -- limits -----------------------------------------------------------

@@ -125,6 +125,10 @@ class Engine:
         assert commit_interval_us >= 0
         self._commit_interval_s = commit_interval_us / 1e6
         self._sync_started_at = 0.0
+        # Called in the sync thread with each fsync's future once that fsync
+        # has returned, before the future completes: the server's writer
+        # hands the replies it covers to its sender thread (ext/outlet.pyx).
+        self.on_durable = None
 
     # -- time -------------------------------------------------------------
 
@@ -190,9 +194,16 @@ class Engine:
                     self._sync_busy = False
                     return
             try:
-                future.set_result(self.storage.sync())
+                durable_seq = self.storage.sync()
             except BaseException as error:  # Unavailable: those writes are not acknowledged
                 future.set_exception(error)
+                continue
+            if self.on_durable is not None:
+                try:
+                    self.on_durable(future)
+                except Exception:           # the replies then go out from the event loop
+                    log.exception("the on_durable hook failed")
+            future.set_result(durable_seq)
 
     def _write(self, op: int, body, draws=()):
         """Journal, apply and make durable one command; then return its result."""

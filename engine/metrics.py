@@ -51,6 +51,13 @@ class Metrics:
             "scanpay_fsync_seconds", "Journal sync latency", registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
         self.connections = Gauge("scanpay_connections", "Open connections", registry=r)
+        # One write of a connection's share of a PAY batch: by the sender thread
+        # right after the fsync, or by the event loop (TLS, replies queued
+        # behind others, a full socket buffer). See ext/outlet.pyx.
+        self.pay_reply_writes = Counter(
+            "scanpay_pay_reply_writes", "Writes of PAY replies by sender", ["sender"], registry=r)
+        self.pay_reply_writes_sender = self.pay_reply_writes.labels("sender_thread")
+        self.pay_reply_writes_loop = self.pay_reply_writes.labels("event_loop")
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -50,13 +50,15 @@ class Server:
                                        snapshot_every_mb=config.snapshot_every_mb,
                                        snapshot_mb_per_s=config.snapshot_mb_per_s or None,
                                        commit_interval_us=config.commit_interval_us,
+                                       journal_prealloc=config.journal_prealloc,
                                        capacity=config.capacity)
         if engine is not None:
             engine.clock = self.clock if config.test_clock else engine.clock
         self.auth = Authenticator(config.keys)
         self.metrics = Metrics(OP_LABELS)
         self.writer = Writer(self.engine, self.metrics, config.batch_records_max,
-                             config.queue_records_max, config.frame_bytes_max)
+                             config.queue_records_max, config.frame_bytes_max,
+                             config.direct_replies)
         self.connections = set()
         self.listeners = []
         self.scopes = {}

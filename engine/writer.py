@@ -16,12 +16,15 @@ applied in arrival order.
 import asyncio
 import collections
 import logging
+import queue
+import threading
 import time
 
 import numpy as np
 
 from . import frame
 from ._framing import PayBatch
+from ._outlet import Sends
 from .dispatch import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS
 from .errors import EngineError, Unavailable
 from .records import ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RESULT
@@ -59,7 +62,8 @@ def queued_weight(item) -> int:
 class Writer:
     def __init__(self, engine, metrics=None, batch_records_max: int = 8190,
                  queue_records_max: int = 262_144,
-                 frame_bytes_max: int = frame.FRAME_BYTES_MAX_DEFAULT):
+                 frame_bytes_max: int = frame.FRAME_BYTES_MAX_DEFAULT,
+                 direct_replies: bool = True):
         self.engine = engine
         self.metrics = metrics
         self.batch_records_max = batch_records_max
@@ -69,7 +73,7 @@ class Writer:
         self.pay_batch = None                   # the open PayBatch: the queue's tail
         self.queued_records = 0
         self.wake = asyncio.Event()
-        self.deliveries = collections.deque()   # (durable, parts, scheduled_at), in order
+        self.deliveries = collections.deque()   # (durable, parts, scheduled_at, sends), in order
         self.watched = None                     # the last fsync future with our callback
         self.released = asyncio.Event()
         # While a release round delivers, connections queue themselves here
@@ -77,6 +81,15 @@ class Writer:
         # batches covered by one fsync gets one write, not three.
         self.releasing = False
         self.to_flush = {}                      # connection -> None, in order
+        # PAY replies the sender thread sends once their fsync returns, per
+        # fsync future (ext/outlet.pyx); connections without an outlet (TLS)
+        # and replies that must wait for others go out from the event loop.
+        self.direct_replies = direct_replies and engine.storage is not None
+        self.sends = {}                         # durability future -> Sends
+        self.to_send = queue.SimpleQueue()      # Sends whose fsync returned, in order
+        self.sender = None
+        if self.direct_replies:
+            engine.on_durable = self.send_replies
         self.loop = None
         self.stopping = False
         self.task = None
@@ -111,6 +124,10 @@ class Writer:
     def start(self):
         self.loop = asyncio.get_running_loop()
         self.task = self.loop.create_task(self.run())
+        if self.direct_replies:
+            self.sender = threading.Thread(target=self.send_loop, name="scanpay-send",
+                                           daemon=True)
+            self.sender.start()
 
     async def stop(self):
         """Apply what is queued, release every reply, then stop."""
@@ -118,6 +135,24 @@ class Writer:
         self.wake.set()
         if self.task is not None:
             await self.task
+        if self.sender is not None:
+            self.to_send.put(None)
+            self.sender.join()
+            self.sender = None
+
+    def send_loop(self) -> None:
+        """The sender thread: each fsync's direct replies, in fsync order,
+        then a wake-up for the event loop to release their slots. Apart from
+        the fsyncs (the sync thread goes on with the next one meanwhile)."""
+        while True:
+            sends = self.to_send.get()
+            if sends is None:
+                return
+            try:
+                sends.send_all()
+            except Exception:               # the event loop writes what was not sent
+                log.exception("sending replies failed")
+            self.loop.call_soon_threadsafe(self.release_ready)
 
     # -- the loop ---------------------------------------------------------
 
@@ -192,33 +227,84 @@ class Writer:
         self.schedule(durable, parts)
 
     def process_pay_batch(self, batch: PayBatch) -> None:
-        def deliver(value):
-            self.deliver_pay_batch(batch, value)
         try:
             results, durable = self.engine.write_command(OP_PAY, batch.body())
         except EngineError as error:
-            return self.schedule(None, [(deliver, error)])
+            return self.schedule(None, [(lambda value: self.deliver_pay_batch(batch, value),
+                                         error)])
         if self.metrics:
             self.count_records(OP_PAY, results)
-        self.schedule(durable, [(deliver, results)])
+        replies, ends = batch.replies(results.view(np.uint8))
+        ends = ends.tolist()
+        sends, direct = self.queue_direct(batch, replies, ends, durable)
 
-    @staticmethod
-    def deliver_pay_batch(batch: PayBatch, value) -> None:
-        """Each connection's share of the batch in one write, in request order."""
+        def deliver(value):
+            self.deliver_pay_batch(batch, value, replies, ends, sends, direct, durable)
+        self.schedule(durable, [(deliver, results)], sends)
+
+    def queue_direct(self, batch: PayBatch, replies: bytes, ends: list, durable):
+        """Queue each member's replies for the sender thread to send right after
+        `durable`'s fsync (ext/outlet.pyx), where its connection allows.
+        Returns (Sends or None, entry index per member, -1 for none)."""
+        if durable is None or not self.direct_replies or durable.done():
+            return None, None
+        sends = self.sends.get(durable)
+        if sends is None:
+            sends = self.sends[durable] = Sends()
+        direct = []
+        start = 0
+        for (conn, slot), end in zip(batch.parts, ends):
+            index = -1
+            if conn.may_send_directly(slot):
+                index = sends.add(conn.outlet, replies, start, end)
+            direct.append(index)
+            start = end
+        return sends, direct
+
+    def send_replies(self, durable) -> None:
+        """In the sync thread, once `durable`'s fsync has returned
+        (Engine.on_durable): its replies to the sender thread."""
+        sends = self.sends.pop(durable, None)
+        if sends is not None:
+            sends.hand()
+            self.to_send.put(sends)
+
+    def deliver_pay_batch(self, batch: PayBatch, value, replies=None, ends=None, sends=None,
+                          direct=None, durable=None) -> None:
+        """Each connection's share of the batch in one write, in request
+        order, unless the sender thread already sent it."""
+        if sends is not None:
+            sends.close()                   # whatever it did not send, we write
+            self.sends.pop(durable, None)    # if its fsync failed, or ran before we queued
         if isinstance(value, EngineError):
             for member, (conn, slot) in enumerate(batch.parts):
+                if direct is not None and direct[member] >= 0:
+                    conn.outlet_released()
                 rids = batch.request_ids(member).tolist()
                 conn.server.count("PAY", value.code.name, len(rids))
                 conn.complete(slot, b"".join(
                     frame.encode_error(OP_PAY, rid, value.code, value.message, value.retryable)
                     for rid in rids))
             return
-        replies, ends = batch.replies(value.view(np.uint8))
         replies = memoryview(replies)
         start = 0
-        for (conn, slot), end in zip(batch.parts, ends.tolist()):
+        sent_whole = 0
+        for member, ((conn, slot), end) in enumerate(zip(batch.parts, ends)):
+            index = direct[member] if direct is not None else -1
+            if index >= 0:
+                conn.outlet_released()
+                sent = sends.sent(index)
+                if sent == end - start:
+                    conn.sent_directly(slot)
+                    sent_whole += 1
+                    start = end
+                    continue
+                start += sent               # the rest goes through the transport
             conn.complete(slot, replies[start:end])
             start = end
+        if self.metrics:
+            self.metrics.pay_reply_writes_sender.inc(sent_whole)
+            self.metrics.pay_reply_writes_loop.inc(len(ends) - sent_whole)
 
     def count_records(self, op, results) -> None:
         self.metrics.batch_records.observe(len(results))
@@ -231,14 +317,14 @@ class Writer:
 
     # -- release ----------------------------------------------------------
 
-    def schedule(self, durable, parts) -> None:
+    def schedule(self, durable, parts, sends=None) -> None:
         """Release `parts` after `durable` and after every earlier release, so
         that no reply ever overtakes the fsync of what it depends on.
 
         Releases wait in one queue, in order. Group commit makes many batches
         share one fsync future; each future, once done, wakes the loop once
         (not once per batch) and everything it covers goes out."""
-        self.deliveries.append((durable, parts, time.perf_counter()))
+        self.deliveries.append((durable, parts, time.perf_counter(), sends))
         if durable is None:
             if len(self.deliveries) == 1:
                 self.loop.call_soon(self.release_ready)
@@ -270,9 +356,11 @@ class Writer:
         deliveries = self.deliveries
         released = False
         while deliveries:
-            durable, parts, scheduled_at = deliveries[0]
+            durable, parts, scheduled_at, sends = deliveries[0]
             if durable is not None and not durable.done():
                 break
+            if sends is not None and sends.handed and not sends.finished:
+                break                       # the sender thread wakes us when it has sent
             deliveries.popleft()
             released = True
             error = None

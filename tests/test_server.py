@@ -388,15 +388,64 @@ def test_unix_socket_and_tls(tmp_path):
 
     async def main():
         unix = str(tmp_path / "scanpay.sock")
-        server = await started(unix=unix, tls_cert=str(cert), tls_key=str(key))
+        server = await started(tmp_path, unix=unix, tls_cert=str(cert), tls_key=str(key))
         context = ssl.create_default_context(cafile=str(cert))
         c = await Raw.open(server, ssl_context=context)
         assert (await c.map(1, {"protocol": 1}))[1]["protocol"] == 1
+        await world(c)
+        for i in range(3):                  # TLS: replies only the transport can encrypt
+            c.send(16, 40 + i, pay_body([70 + i]))
+        replies = [await c.recv() for _ in range(3)]
+        assert [r[2] for r in replies] == [40, 41, 42]
+        assert all(np.frombuffer(r[3], PAY_RESULT)["status"][0] == Status.ok for r in replies)
+        assert reply_writes(server)["sender_thread"] == 0
         await server.stop()
         plain = await started(unix=unix)
         u = await Raw.open(plain, unix=unix)
         assert await u.call(2, b"", 3) == (2, 0, 3, b"")
         await plain.stop()
+    run(main())
+
+
+def reply_writes(server) -> dict:
+    from prometheus_client import generate_latest
+    text = generate_latest(server.metrics.registry).decode()
+    return {sender: float(text.split(f'scanpay_pay_reply_writes_total{{sender="{sender}"}} ')[1]
+                          .split()[0])
+            for sender in ("sender_thread", "event_loop")}
+
+
+def test_replies_sent_after_the_fsync_by_the_sender_thread(tmp_path):
+    """Durable PAY replies leave from the sender thread (ext/outlet.pyx);
+    when a client stops reading and its socket fills, the rest of them go
+    out from the event loop, in request order and whole; once the client has
+    read everything, the sender thread takes over again."""
+    async def main():
+        unix = str(tmp_path / "scanpay.sock")
+        server = await started(tmp_path, unix=unix)
+        c = await Raw.open(server, unix=unix)
+        await world(c)
+        await c.call(16, pay_body([1], amount=1), request_id=1)
+        assert reply_writes(server) == {"sender_thread": 1, "event_loop": 0}
+        frames = 40                         # 40 x 88 KB of replies: more than the socket holds
+        ids = [[10_000 * (f + 1) + k for k in range(1000)] for f in range(frames)]
+        for f in range(frames):
+            c.send(16, 100 + f, pay_body(ids[f], amount=1))
+        await asyncio.sleep(1.0)            # not reading meanwhile
+        for f in range(frames):
+            _op, flags, rid, body = await c.recv()
+            results = np.frombuffer(body, PAY_RESULT)
+            assert (rid, flags) == (100 + f, 0)
+            assert results["id"].tolist() == ids[f]
+            assert (results["status"] == Status.ok).all()
+        writes = reply_writes(server)
+        assert writes["event_loop"] >= 1 and writes["sender_thread"] >= 2, writes
+        for i in range(5):                  # drained: the sender thread again
+            assert (await c.call(16, pay_body([900 + i], amount=1), request_id=200 + i))[2] \
+                == 200 + i
+        assert reply_writes(server)["sender_thread"] == writes["sender_thread"] + 5
+        assert server.engine.counts()["payments"] == 1 + frames * 1000 + 5
+        await server.stop()
     run(main())
 
 
@@ -446,7 +495,8 @@ def test_durability_settings_come_from_the_config_file_and_are_checked(tmp_path)
     server.engine.close()
     for setting, bad in (("commit_interval_us", -1), ("commit_interval_us", 100_001),
                          ("snapshot_mb_per_s", -5), ("snapshot_every_mb", 0),
-                         ("snapshot_every_entries", True)):
+                         ("snapshot_every_entries", True), ("direct_replies", 1),
+                         ("journal_prealloc", "yes")):
         with pytest.raises(ConfigError, match=setting):
             check(Config(**{setting: bad}))
 

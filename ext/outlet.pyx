@@ -1,0 +1,259 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True
+"""PAY replies sent by a sender thread the moment their fsync returns.
+
+At 100-200 k single-record PAY frames a second from 64 connections, the
+event loop spent about a third of its time in the reply writes (on loopback
+a send also runs the receiver's TCP input), and every reply waited for the
+loop to wake up after the fsync and reach its connection in the release
+round. The replies of a PAY batch are known as soon as the kernel applied it
+(before its fsync), so the writer queues them here (`Sends`, one per fsync).
+The sync thread hands each `Sends` over once its fdatasync has returned, and
+the sender thread (engine/writer.py) sends them without the GIL, one
+sendmsg per connection, while the sync thread goes on with the next fsync.
+No reply can leave before its fsync: a `Sends` is handed over only after
+the fsync covering its batches returned.
+
+Order per connection is the hard part, and `Outlet` keeps it: the writer
+queues a member only if every earlier reply of its connection is itself
+queued here (engine/connection.py `may_send_directly`), and the sender sends
+a connection's members strictly in the order they were queued, each only if
+all before it went out whole. The first one that cannot (a short send, a
+full socket buffer, a member whose fsync's sends had already run) blocks the
+outlet: it and every later one are left to the event loop, which writes
+them through the transport in request order, once the sender is done with
+that fsync. The event loop unblocks an outlet only when nothing is queued
+on it and the transport has nothing buffered.
+
+The outlet sends on a dup of the transport's socket, so that the number can
+never name another connection's socket while a send is queued; the dup is
+closed once the connection is gone and nothing is queued.
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport int64_t, uint8_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset
+from posix.unistd cimport close, dup
+
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void* iov_base
+        size_t iov_len
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        iovec* msg_iov
+        size_t msg_iovlen
+    ssize_t sendmsg(int fd, const msghdr* msg, int flags)
+    enum: MSG_DONTWAIT
+    enum: MSG_NOSIGNAL
+
+
+cdef class Outlet:
+    """A connection's socket as the sender thread sees it."""
+    cdef readonly int fd
+    # Event loop only: members queued so far, and those not yet released.
+    cdef readonly int64_t queued
+    cdef readonly int64_t outstanding
+    # Sender thread (and `reset`, only while nothing is outstanding):
+    cdef int64_t sent_whole             # members sent whole, in queue order
+    cdef int blocked
+
+    def __cinit__(self, int fd):
+        self.fd = dup(fd)
+        if self.fd < 0:
+            raise OSError(errno, "dup of a connection's socket failed")
+
+    @property
+    def blocked(self) -> bool:
+        return self.blocked != 0
+
+    def block(self) -> None:
+        """No more sends from the sender thread (the connection is closing)."""
+        self.blocked = 1
+
+    def reset(self) -> None:
+        """Sends from the sender thread may resume: only when nothing is outstanding
+        and the transport has nothing buffered (the caller checks the latter)."""
+        assert self.outstanding == 0, "reset with members outstanding"
+        self.blocked = 0
+        self.sent_whole = self.queued
+
+    def released(self) -> None:
+        """One queued member was released by the event loop."""
+        assert self.outstanding > 0
+        self.outstanding -= 1
+
+    def close(self) -> None:
+        assert self.outstanding == 0, "closing an outlet with members outstanding"
+        self.blocked = 1
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)
+
+
+cdef struct Entry:
+    int fd
+    int* blocked
+    int64_t* sent_whole
+    int64_t seq                         # the member's place in its outlet's queue
+    const uint8_t* data
+    Py_ssize_t size
+    Py_ssize_t sent                     # bytes sent; -1 never tried
+
+
+cdef enum:
+    GROUP_ENTRIES_MAX = 64              # entries of one connection per sendmsg
+
+
+cdef Py_ssize_t send_group(Entry* entries, Py_ssize_t count, Py_ssize_t first,
+                           uint8_t* taken) noexcept nogil:
+    """Send entry `first` and the later entries of its outlet (next in its
+    queue) in one sendmsg; the first that cannot go out whole blocks the
+    outlet. Returns how many went out whole."""
+    cdef iovec iov[GROUP_ENTRIES_MAX]
+    cdef Py_ssize_t members[GROUP_ENTRIES_MAX]
+    cdef Py_ssize_t n = 0, j, k, left
+    cdef int64_t* outlet_sent = entries[first].sent_whole
+    cdef int64_t seq = entries[first].seq
+    cdef Entry* e
+    cdef msghdr msg
+    cdef ssize_t sent
+    for j in range(first, count):
+        e = &entries[j]
+        if e.sent_whole != outlet_sent:
+            continue
+        taken[j] = 1
+        if n < GROUP_ENTRIES_MAX and e.seq == seq + n:
+            iov[n].iov_base = <void*>e.data
+            iov[n].iov_len = e.size
+            members[n] = j
+            n += 1
+        # else left unsent (sent stays -1): the outlet blocks below or next time
+    e = &entries[first]
+    if e.blocked[0] or seq != outlet_sent[0] or e.fd < 0:
+        e.blocked[0] = 1                # an earlier member was not sent: keep order
+        return 0
+    memset(&msg, 0, sizeof(msg))
+    msg.msg_iov = iov
+    msg.msg_iovlen = n
+    while True:
+        sent = sendmsg(e.fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if sent >= 0 or errno != EINTR:
+            break
+    left = sent if sent > 0 else 0
+    for k in range(n):
+        e = &entries[members[k]]
+        e.sent = min(left, e.size)
+        left -= e.sent
+        if e.sent == e.size:
+            outlet_sent[0] += 1
+        else:                           # a full socket buffer, or the peer is gone
+            e.blocked[0] = 1
+            return k
+    for j in range(first, count):       # any of this outlet's entries not in the group
+        if entries[j].sent_whole == outlet_sent and entries[j].sent < 0:
+            entries[j].blocked[0] = 1
+    return n
+
+
+cdef class Sends:
+    """The replies one fsync releases: filled by the event loop's writer,
+    sent once by the sender thread after that fsync (`send_all`)."""
+    cdef list keep                      # outlets and buffers the entries point into
+    cdef Entry* entries
+    cdef Py_ssize_t count, capacity
+    cdef readonly bint done             # no more entries (sending began, or never will)
+    cdef readonly bint handed           # given to the sender thread: its replies wait for it
+    cdef readonly bint finished         # send_all has returned
+
+    def __cinit__(self):
+        self.keep = []
+        self.entries = NULL
+        self.count = 0
+        self.capacity = 0
+        self.done = False
+        self.handed = False
+        self.finished = False
+
+    def __dealloc__(self):
+        PyMem_Free(self.entries)
+
+    def add(self, Outlet outlet, bytes buffer, Py_ssize_t start, Py_ssize_t end) -> int:
+        """Queue buffer[start:end] on `outlet`; the entry's index, or -1 when
+        these sends already ran (the event loop writes it instead)."""
+        cdef Entry* grown
+        cdef Entry* e
+        assert 0 <= start <= end <= PyBytes_GET_SIZE(buffer)
+        if self.done:
+            return -1
+        if self.count == self.capacity:
+            grown = <Entry*>PyMem_Malloc(max(16, 2 * self.capacity) * sizeof(Entry))
+            if grown == NULL:
+                raise MemoryError()
+            for i in range(self.count):
+                grown[i] = self.entries[i]
+            PyMem_Free(self.entries)
+            self.entries = grown
+            self.capacity = max(16, 2 * self.capacity)
+        e = &self.entries[self.count]
+        e.fd = outlet.fd
+        e.blocked = &outlet.blocked
+        e.sent_whole = &outlet.sent_whole
+        e.seq = outlet.queued
+        e.data = <const uint8_t*>PyBytes_AS_STRING(buffer) + start
+        e.size = end - start
+        e.sent = -1
+        outlet.queued += 1
+        outlet.outstanding += 1
+        self.keep.append(outlet)
+        self.keep.append(buffer)
+        self.count += 1
+        return self.count - 1
+
+    def close(self) -> None:
+        """No more entries, and no sends: what was not sent stays unsent."""
+        self.done = True
+
+    def hand(self) -> None:
+        """Its fsync returned and it is queued for the sender thread: no
+        more entries, and the event loop waits for `finished`."""
+        self.done = True
+        self.handed = True
+
+    def send_all(self) -> int:
+        """In the sender thread, after the fsync: send every entry that may
+        go out, in order, without the GIL; a connection's entries in one
+        sendmsg. Returns how many went out whole.
+
+        `done` is set before the GIL is released, so `add` (which runs with
+        the GIL) can no longer grow the entries while they are sent."""
+        cdef Py_ssize_t i, count = self.count, whole = 0
+        if self.finished or (self.done and not self.handed):
+            return 0
+        self.done = True
+        cdef uint8_t* taken = <uint8_t*>calloc(count + 1, 1)
+        if taken == NULL:
+            raise MemoryError()
+        with nogil:
+            for i in range(count):
+                if not taken[i]:
+                    whole += send_group(self.entries, count, i, taken)
+        free(taken)
+        self.finished = True
+        return whole
+
+    def sent(self, Py_ssize_t index) -> int:
+        """Bytes of entry `index` the sender thread sent (0 if none)."""
+        assert 0 <= index < self.count
+        return max(self.entries[index].sent, 0)
+
+    def __len__(self):
+        return self.count
