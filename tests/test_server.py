@@ -449,6 +449,39 @@ def test_replies_sent_after_the_fsync_by_the_sender_thread(tmp_path):
     run(main())
 
 
+def test_clients_that_vanish_with_replies_queued_leak_nothing(tmp_path):
+    """Connections that close with PAY replies queued for the sender thread:
+    their payments are applied, the server goes on serving, and every dup'ed
+    socket is closed once nothing is queued on it."""
+    import os
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    async def main():
+        server, c = await started_with_world(tmp_path)
+        await c.call(16, pay_body([1], amount=1), request_id=1)
+        baseline = open_fds()
+        for k in range(20):
+            gone = await Raw.open(server)
+            for i in range(50):
+                gone.send(16, i, pay_body([1000 * (k + 1) + i], amount=1))
+            if k % 2:
+                await asyncio.sleep(0.01)   # some after their replies were queued
+            gone.writer.transport.abort()
+        await asyncio.sleep(0.5)
+        assert (await c.call(16, pay_body([2], amount=1), request_id=2))[2] == 2
+        for _ in range(100):                # the server notices the closes in its own time
+            if open_fds() <= baseline:
+                break
+            await asyncio.sleep(0.05)
+        assert open_fds() <= baseline
+        assert len(server.connections) == 1
+        assert server.engine.counts()["payments"] >= 2
+        await server.stop()
+    run(main())
+
+
 def test_non_loopback_listen_without_keys_is_refused():
     with pytest.raises(ConfigError, match="without authentication"):
         check(Config(listen="0.0.0.0:7411"))
