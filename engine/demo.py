@@ -96,8 +96,12 @@ def main(argv=None) -> int:
         eng = make_engine(clock, capacity_for(spec, args.payments))
     else:
         from . import Engine
+        from .config import Config
         data_dir = tempfile.mkdtemp(prefix="scanpay-demo-")
-        eng = Engine(data_dir, clock=clock, capacity=capacity_for(spec, args.payments))
+        defaults = Config()                 # durable as `scanpay serve` is by default
+        eng = Engine(data_dir, clock=clock, capacity=capacity_for(spec, args.payments),
+                     commit_interval_us=defaults.commit_interval_us,
+                     journal_prealloc=defaults.journal_prealloc)
     console.rule(f"[bold]Scanpay demo: a weekend at Riverside Mall[/] ({spec.users:,} shoppers)")
     try:
         info = _build(console, eng, spec)
