@@ -240,7 +240,8 @@ cdef class Sends:
             return 0
         self.done = True
         cdef uint8_t* taken = <uint8_t*>calloc(count + 1, 1)
-        if taken == NULL:
+        if taken == NULL:                   # nothing sent: the event loop writes it all
+            self.finished = True
             raise MemoryError()
         with nogil:
             for i in range(count):

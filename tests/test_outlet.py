@@ -1,0 +1,121 @@
+"""ext/outlet.pyx on its own: the sender thread's sends keep each
+connection's order, stop at the first short send, and never send a member
+whose predecessor was not sent whole."""
+import socket
+
+import pytest
+
+from engine._outlet import Outlet, Sends
+
+
+def receive_all(sock, size_max=1 << 22) -> bytes:
+    sock.setblocking(False)
+    out = bytearray()
+    while len(out) < size_max:
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def release_all(outlet, count):
+    for _ in range(count):
+        outlet.released()
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_entries_of_one_outlet_go_out_in_order_in_one_sendmsg(pair):
+    a, b = pair
+    outlet = Outlet(a.fileno())
+    other_a, other_b = socket.socketpair()
+    other = Outlet(other_a.fileno())
+    sends = Sends()
+    buffer = b"0123456789abcdef"
+    assert sends.add(outlet, buffer, 0, 4) == 0
+    assert sends.add(other, buffer, 4, 8) == 1
+    assert sends.add(outlet, buffer, 8, 16) == 2
+    sends.hand()
+    assert sends.add(outlet, buffer, 0, 1) == -1       # handed over: no more entries
+    assert sends.send_all() == 3 and sends.finished
+    assert [sends.sent(i) for i in range(3)] == [4, 4, 8]
+    assert receive_all(b) == b"012389abcdef"
+    assert receive_all(other_b) == b"4567"
+    assert not outlet.blocked and outlet.outstanding == 2
+    release_all(outlet, 2)
+    release_all(other, 1)
+    other.close()
+    other_a.close()
+    other_b.close()
+    outlet.close()
+
+
+def test_a_full_socket_blocks_the_outlet_until_reset(pair):
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    outlet = Outlet(a.fileno())
+    big = bytes(range(256)) * 4096                      # 1 MiB: more than the socket holds
+    first = Sends()
+    first.add(outlet, big, 0, len(big))
+    first.add(outlet, b"after", 0, 5)
+    first.hand()
+    assert first.send_all() == 0
+    assert 0 < first.sent(0) < len(big) and first.sent(1) == 0
+    assert outlet.blocked
+    second = Sends()                                    # the next fsync's: skipped too
+    second.add(outlet, b"later", 0, 5)
+    second.hand()
+    assert second.send_all() == 0 and second.sent(0) == 0
+    got = receive_all(b)
+    assert got == big[:first.sent(0)]                   # a prefix, nothing out of order
+    release_all(outlet, 3)
+    outlet.reset()                                      # the event loop wrote the rest
+    third = Sends()
+    third.add(outlet, b"again", 0, 5)
+    third.hand()
+    assert third.send_all() == 1
+    assert receive_all(b) == b"again"
+    release_all(outlet, 1)
+    outlet.close()
+
+
+def test_a_member_whose_sends_never_ran_blocks_the_ones_after_it(pair):
+    """A Sends made after its fsync's hook ran is never sent: the event loop
+    writes its entries, so a later fsync's entries for the same connection
+    must not go out before them."""
+    a, b = pair
+    outlet = Outlet(a.fileno())
+    missed = Sends()
+    missed.add(outlet, b"first", 0, 5)
+    missed.close()                                      # released by the event loop instead
+    later = Sends()
+    later.add(outlet, b"second", 0, 6)
+    later.hand()
+    assert later.send_all() == 0 and later.sent(0) == 0
+    assert outlet.blocked and receive_all(b) == b""
+    release_all(outlet, 2)
+    outlet.close()
+
+
+def test_a_closed_peer_blocks_without_raising(pair):
+    a, b = pair
+    outlet = Outlet(a.fileno())
+    b.close()
+    sends = Sends()
+    sends.add(outlet, b"nobody", 0, 6)
+    sends.hand()
+    assert sends.send_all() == 0 and outlet.blocked      # EPIPE, no SIGPIPE
+    release_all(outlet, 1)
+    outlet.close()
+    with pytest.raises(AssertionError):
+        Outlet(a.fileno()).released()                   # nothing outstanding
