@@ -152,7 +152,10 @@ class Writer:
                 sends.send_all()
             except Exception:               # the event loop writes what was not sent
                 log.exception("sending replies failed")
-            self.loop.call_soon_threadsafe(self.release_ready)
+            try:
+                self.loop.call_soon_threadsafe(self.release_ready)
+            except RuntimeError:            # the loop is closed: nothing left to release
+                return
 
     # -- the loop ---------------------------------------------------------
 
