@@ -289,6 +289,10 @@ class Connection(asyncio.Protocol):
 
     def complete(self, slot, reply: bytes) -> None:
         slot.reply = reply
+        self.flush_soon()
+
+    def flush_soon(self) -> None:
+        """Flush now, or once at the end of the writer's release round."""
         if self.closing:
             return
         writer = self.writer
@@ -336,7 +340,7 @@ class Connection(asyncio.Protocol):
         self.inflight_bytes -= done.request_bytes
         self.inflight_frames -= done.frames
         if self.slots and self.slots[0].reply is not None:
-            self.complete(self.slots[0], self.slots[0].reply)   # answered ones behind it
+            self.flush_soon()               # replies answered behind it can go now
         else:
             self.update_flow()
 
