@@ -36,6 +36,7 @@ class Config:
     commit_interval_us: int = 1500       # group commit: fsyncs start at least this far apart
     direct_replies: bool = True          # PAY replies sent by the sender thread after the fsync
     journal_prealloc: bool = True        # journal segments zero-filled ahead (cheaper fsyncs)
+    io_threads_nice: int = -10           # sync and sender threads ahead of the rest (threads.py)
     keys: list = field(default_factory=list)
     # Table sizes to allocate up front (Engine capacity hints: rows per
     # table, e.g. payments, visits, users, coupons): growing a big table
@@ -107,6 +108,9 @@ def check(config: Config) -> None:
     if (not isinstance(config.commit_interval_us, int) or isinstance(config.commit_interval_us, bool)
             or not 0 <= config.commit_interval_us <= 100_000):
         raise ConfigError("commit_interval_us must be 0..100000 microseconds")
+    if (not isinstance(config.io_threads_nice, int) or isinstance(config.io_threads_nice, bool)
+            or not -20 <= config.io_threads_nice <= 0):
+        raise ConfigError("io_threads_nice must be -20..0 (0: the process's priority)")
     for name in ("snapshot_every_entries", "snapshot_every_mb"):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         defaults = Config()                 # durable as `scanpay serve` is by default
         eng = Engine(data_dir, clock=clock, capacity=capacity_for(spec, args.payments),
                      commit_interval_us=defaults.commit_interval_us,
-                     journal_prealloc=defaults.journal_prealloc)
+                     journal_prealloc=defaults.journal_prealloc,
+                     io_threads_nice=defaults.io_threads_nice)
     console.rule(f"[bold]Scanpay demo: a weekend at Riverside Mall[/] ({spec.users:,} shoppers)")
     try:
         info = _build(console, eng, spec)

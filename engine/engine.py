@@ -25,6 +25,7 @@ from .errors import BadBody, UnknownOp
 from .records import (CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
                       PAYMENT_CODE_MAX, PAYMENT_CODE_MIN, REFUND_RECORD, REFUND_RESULT)
 from .state import HOLD_MS_DEFAULT, TZ_OFFSET_MS_DEFAULT, State
+from .threads import NICE_MIN, raise_thread_priority
 
 log = logging.getLogger("scanpay.engine")
 
@@ -86,7 +87,7 @@ class Engine:
                  tz_offset_ms: int = TZ_OFFSET_MS_DEFAULT,
                  hold_ms: int = HOLD_MS_DEFAULT, currency: str = "CNY",
                  capacity: dict | None = None, commit_interval_us: int = 0,
-                 **storage_options):
+                 io_threads_nice: int = 0, **storage_options):
         self.clock = clock or wall_clock_ms
         self.code_source = code_source or random_payment_code
         self.currency = currency
@@ -113,8 +114,13 @@ class Engine:
             ledger.reserve(table, max(0, int(rows) - ledger.rows(table)))
         if self.storage is not None:
             self._replay()
+        # The sync thread (and the server's sender thread) at this nice value
+        # relative to the process: engine/threads.py says why.
+        assert NICE_MIN <= io_threads_nice <= 0
+        self.io_threads_nice = io_threads_nice
         self._sync_pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="scanpay-sync") if self.storage else None
+            1, thread_name_prefix="scanpay-sync", initializer=raise_thread_priority,
+            initargs=(io_threads_nice, "sync")) if self.storage else None
         self._sync_lock = threading.Lock()
         self._sync_waiting = None       # the future the next fsync completes
         self._sync_busy = False         # the sync thread is running fsyncs

@@ -51,6 +51,7 @@ class Server:
                                        snapshot_mb_per_s=config.snapshot_mb_per_s or None,
                                        commit_interval_us=config.commit_interval_us,
                                        journal_prealloc=config.journal_prealloc,
+                                       io_threads_nice=config.io_threads_nice,
                                        capacity=config.capacity)
         if engine is not None:
             engine.clock = self.clock if config.test_clock else engine.clock

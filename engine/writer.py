@@ -28,6 +28,7 @@ from ._outlet import Sends
 from .dispatch import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS
 from .errors import EngineError, Unavailable
 from .records import ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RESULT
+from .threads import raise_thread_priority
 
 log = logging.getLogger("scanpay.writer")
 
@@ -144,6 +145,7 @@ class Writer:
         """The sender thread: each fsync's direct replies, in fsync order,
         then a wake-up for the event loop to release their slots. Apart from
         the fsyncs (the sync thread goes on with the next one meanwhile)."""
+        raise_thread_priority(self.engine.io_threads_nice, "sender")
         while True:
             sends = self.to_send.get()
             if sends is None:

@@ -465,6 +465,32 @@ def test_replies_sent_after_the_fsync_by_the_sender_thread(tmp_path):
     run(main())
 
 
+def test_the_sync_and_sender_threads_run_ahead_of_the_event_loop(tmp_path):
+    """io_threads_nice (engine/threads.py): the threads every durable reply
+    waits on get the CPU first; the event loop keeps the process's priority."""
+    import os
+    import threading
+
+    from engine.threads import thread_nice
+
+    async def main():
+        base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        server = await started(tmp_path, io_threads_nice=-4)
+        c = await Raw.open(server)
+        await world(c)
+        assert (await c.call(16, pay_body([1]), request_id=1))[2] == 1
+        await all_released(server)
+        sync_ids = [t.native_id for t in server.engine._sync_pool._threads]
+        io_ids = sync_ids + [server.writer.sender.native_id]
+        assert len(io_ids) == 2
+        permitted = os.geteuid() == 0 or thread_nice(io_ids[0]) != base
+        want = max(-20, base - 4) if permitted else base
+        assert [thread_nice(i) for i in io_ids] == [want, want]
+        assert thread_nice(threading.get_native_id()) == base
+        await server.stop()
+    run(main())
+
+
 def test_clients_that_vanish_with_replies_queued_leak_nothing(tmp_path):
     """Connections that close with PAY replies queued for the sender thread:
     their payments are applied, the server goes on serving, and every dup'ed
@@ -545,7 +571,8 @@ def test_durability_settings_come_from_the_config_file_and_are_checked(tmp_path)
     for setting, bad in (("commit_interval_us", -1), ("commit_interval_us", 100_001),
                          ("snapshot_mb_per_s", -5), ("snapshot_every_mb", 0),
                          ("snapshot_every_entries", True), ("direct_replies", 1),
-                         ("journal_prealloc", "yes")):
+                         ("journal_prealloc", "yes"), ("io_threads_nice", 1),
+                         ("io_threads_nice", -21), ("io_threads_nice", 2.5)):
         with pytest.raises(ConfigError, match=setting):
             check(Config(**{setting: bad}))
 
