@@ -42,12 +42,17 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.config = server.config
         self.reader = frame.FrameReader(self.config.frame_bytes_max)
-        self.identity = None if server.auth.required else ANONYMOUS_ADMIN
+        self.identity = None
+        self.pay_unchecked = False          # see set_identity
+        self.set_identity(None if server.auth.required else ANONYMOUS_ADMIN)
         self.slots = collections.deque()
         self.inflight_bytes = 0
         self.inflight_frames = 0
         self.transport = None
         self.paused = False
+        # The in-flight counts at which reading pauses (update_flow).
+        self.inflight_frames_max = self.config.inflight_frames_max
+        self.inflight_bytes_max = self.config.inflight_bytes_max
         self.closing = False
         self.idle_timer = None
         self.active_at = 0.0                # loop time of the last read
@@ -104,12 +109,16 @@ class Connection(asyncio.Protocol):
         self.active_at = self.loop.time()
         reader = self.reader
         at = 0
-        if not reader.buffer and self.pay_fast_path():
+        if not reader.buffer and self.pay_unchecked:
             # The usual read of a gateway: nothing left over from the last
-            # read and nothing but whole PAY frames in this one.
+            # read and nothing but whole PAY frames in this one. (Once a
+            # read per connection and tick: every call here counts.)
             at = intake_pay(self.writer, self, data, 0)
             if at == len(data):
-                return self.update_flow()
+                if (self.paused or self.inflight_frames >= self.inflight_frames_max
+                        or self.inflight_bytes >= self.inflight_bytes_max):
+                    self.update_flow()
+                return
         buffer = reader.begin(data)
         end = len(buffer)
         try:
@@ -131,12 +140,15 @@ class Connection(asyncio.Protocol):
             reader.keep(buffer, at)
             self.update_flow()
 
+    def set_identity(self, identity) -> None:
+        self.identity = identity
+        # PAY frames of this connection need no per-record check: an admin,
+        # or a gateway key with no merchant scope.
+        self.pay_unchecked = (identity is not None and identity.merchants is None
+                              and identity.may("PAY"))
+
     def pay_fast_path(self) -> bool:
-        """PAY frames of this connection need no per-record check: an admin,
-        or a gateway key with no merchant scope."""
-        identity = self.identity
-        return (identity is not None and identity.merchants is None and identity.may("PAY")
-                and not self.closing)
+        return self.pay_unchecked and not self.closing
 
     def open_slot(self) -> Slot:
         """A reply slot for frames the writer takes straight into a batch; it
@@ -185,7 +197,7 @@ class Connection(asyncio.Protocol):
             return self.close_after_flush()
         if self.server.auth.required:
             try:
-                self.identity = self.server.auth.check(request)
+                self.set_identity(self.server.auth.check(request))
             except ValueError as e:
                 return self.error(slot, OP_HELLO, request_id, ErrorCode.not_authenticated,
                                   f"authentication failed: {e}")
@@ -367,8 +379,8 @@ class Connection(asyncio.Protocol):
     # -- limits -----------------------------------------------------------
 
     def update_flow(self) -> None:
-        over = (self.inflight_frames >= self.config.inflight_frames_max
-                or self.inflight_bytes >= self.config.inflight_bytes_max)
+        over = (self.inflight_frames >= self.inflight_frames_max
+                or self.inflight_bytes >= self.inflight_bytes_max)
         if over and not self.paused and not self.closing:
             self.transport.pause_reading()
             self.paused = True

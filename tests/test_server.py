@@ -524,6 +524,57 @@ def test_clients_that_vanish_with_replies_queued_leak_nothing(tmp_path):
     run(main())
 
 
+class RecordingTransport:
+    """A transport that keeps what is written and counts pause/resume."""
+    def __init__(self):
+        self.written = bytearray()
+        self.pauses = self.resumes = 0
+
+    def write(self, data):
+        self.written += data
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def pause_reading(self):
+        self.pauses += 1
+
+    def resume_reading(self):
+        self.resumes += 1
+
+    def get_extra_info(self, _name):
+        return None
+
+
+@pytest.mark.parametrize("limit", ["frames", "bytes"])
+def test_pay_fast_path_pauses_reading_at_the_inflight_limit(limit):
+    """PAY frames taken straight into the writer's batch count against the
+    connection's in-flight limits like any other: reading pauses once the
+    limit is reached, and resumes when the replies have gone out."""
+    from engine.connection import Connection
+
+    frame_bytes = frame.encode(16, 1, pay_body([1]))
+    limits = ({"inflight_frames_max": 4} if limit == "frames"
+              else {"inflight_bytes_max": 4 * (len(frame_bytes) - frame.HEADER.size)})
+
+    async def main():
+        server = Server(Config(data="", listen="127.0.0.1:0", **limits), engine=Engine())
+        server.writer.loop = asyncio.get_running_loop()
+        conn = Connection(server)
+        transport = RecordingTransport()
+        conn.transport, conn.loop = transport, asyncio.get_running_loop()
+        conn.data_received(frame_bytes * 3)
+        assert (conn.paused, transport.pauses) == (False, 0)
+        conn.data_received(frame_bytes)     # the fourth in flight
+        assert (conn.paused, transport.pauses) == (True, 1)
+        assert server.writer.queued_records == 4    # all four took the fast path
+        server.writer.start()
+        await server.writer.stop()          # applies the batch, releases the replies
+        assert len(transport.written) > 0 and (conn.paused, transport.resumes) == (False, 1)
+        assert conn.inflight_frames == 0 and conn.inflight_bytes == 0
+    run(main())
+
+
 def test_non_loopback_listen_without_keys_is_refused():
     with pytest.raises(ConfigError, match="without authentication"):
         check(Config(listen="0.0.0.0:7411"))
