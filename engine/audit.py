@@ -32,7 +32,11 @@ def first_bad(ids: np.ndarray, bad: np.ndarray, what: str) -> dict:
     return check(False, f"{count} {what} fail, first id {int(ids[bad][0])}")
 
 
+ROWS_CACHE = "_rows"        # per audit: payments by state, each column copied once
+
+
 def audit(t: dict) -> dict:
+    t = {**t, ROWS_CACHE: {}}
     checks = {
         "sum_zero": sum_zero(t),
         "wallets_nonnegative": wallets_nonnegative(t),
@@ -97,15 +101,26 @@ class Rows:
         return int(self.mask.sum())
 
 
+def payments_in(t, states: tuple) -> Rows:
+    """The payments in `states`; within one audit() the same Rows (and its
+    copied columns) serve every check that asks."""
+    cache = t.get(ROWS_CACHE)
+    if cache is None or states not in cache:
+        p = t["payments"]
+        rows = Rows(p, np.isin(p["state"], states))
+        if cache is None:
+            return rows
+        cache[states] = rows
+    return cache[states]
+
+
 def paid(t) -> Rows:
     """Payments whose money moved: completed, then perhaps refunded."""
-    p = t["payments"]
-    return Rows(p, np.isin(p["state"], PAID_STATES))
+    return payments_in(t, PAID_STATES)
 
 
 def authorized(t) -> Rows:
-    p = t["payments"]
-    return Rows(p, p["state"] == cn.PAYMENT_AUTHORIZED)
+    return payments_in(t, (cn.PAYMENT_AUTHORIZED,))
 
 
 def wallets_match_history(t) -> dict:
@@ -197,8 +212,8 @@ def stock_budget(t) -> dict:
 def stock_daily_budget(t) -> dict:
     """day_spent is the net discount of the payments of its day, within the
     daily budget."""
-    s, p, coupons = t["stocks"], t["payments"], t["coupons"]
-    rows = Rows(p, np.isin(p["state"], PAID_STATES + (cn.PAYMENT_AUTHORIZED,)))
+    s, coupons = t["stocks"], t["coupons"]
+    rows = payments_in(t, PAID_STATES + (cn.PAYMENT_AUTHORIZED,))
     amounts = rows["applied"] - rows["refunded_part"]
     ids = rows["result.coupons"]
     expected = np.zeros(len(s), np.int64)
@@ -235,8 +250,8 @@ def coupons_match_payments(t) -> dict:
     """A used coupon is applied in a paid payment, a locked one in an open
     authorization, and no coupon is in two payments at once."""
     coupons, payments = t["coupons"], t["payments"]
-    holding = Rows(payments, np.isin(payments["state"], (
-        cn.PAYMENT_AUTHORIZED, cn.PAYMENT_COMPLETED, cn.PAYMENT_PARTIALLY_REFUNDED)))
+    holding = payments_in(t, (cn.PAYMENT_AUTHORIZED, cn.PAYMENT_COMPLETED,
+                              cn.PAYMENT_PARTIALLY_REFUNDED))
     ids = holding["result.coupons"].copy()
     released = (holding["released"][:, None] >> np.arange(4)) & 1
     ids[released == 1] = 0
@@ -338,8 +353,7 @@ def stats_match_payments(t) -> dict:
     if bad:
         return check(False, "merchant statistics differ from the paid payments")
     # Stock redemptions: coupons applied in paid payments that still hold them.
-    holding = Rows(t["payments"], np.isin(t["payments"]["state"], (
-        cn.PAYMENT_COMPLETED, cn.PAYMENT_PARTIALLY_REFUNDED)))
+    holding = payments_in(t, (cn.PAYMENT_COMPLETED, cn.PAYMENT_PARTIALLY_REFUNDED))
     ids = holding["result.coupons"].copy()
     ids[((holding["released"][:, None] >> np.arange(4)) & 1) == 1] = 0
     ids = ids[ids != 0]
