@@ -42,8 +42,6 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.config = server.config
         self.reader = frame.FrameReader(self.config.frame_bytes_max)
-        self.identity = None
-        self.pay_unchecked = False          # see set_identity
         self.set_identity(None if server.auth.required else ANONYMOUS_ADMIN)
         self.slots = collections.deque()
         self.inflight_bytes = 0

@@ -43,8 +43,3 @@ def raise_thread_priority(nice_delta: int, role: str) -> bool:
                         nice_delta, role, nice)
         return False
     return True
-
-
-def thread_nice(thread_id: int) -> int:
-    """The nice value of thread `thread_id` of this process (observability, tests)."""
-    return os.getpriority(os.PRIO_PROCESS, thread_id)

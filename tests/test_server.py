@@ -471,8 +471,6 @@ def test_the_sync_and_sender_threads_run_ahead_of_the_event_loop(tmp_path):
     import os
     import threading
 
-    from engine.threads import thread_nice
-
     async def main():
         base = os.getpriority(os.PRIO_PROCESS, os.getpid())
         server = await started(tmp_path, io_threads_nice=-4)
@@ -483,10 +481,10 @@ def test_the_sync_and_sender_threads_run_ahead_of_the_event_loop(tmp_path):
         sync_ids = [t.native_id for t in server.engine._sync_pool._threads]
         io_ids = sync_ids + [server.writer.sender.native_id]
         assert len(io_ids) == 2
-        permitted = os.geteuid() == 0 or thread_nice(io_ids[0]) != base
+        permitted = os.geteuid() == 0 or os.getpriority(os.PRIO_PROCESS, io_ids[0]) != base
         want = max(-20, base - 4) if permitted else base
-        assert [thread_nice(i) for i in io_ids] == [want, want]
-        assert thread_nice(threading.get_native_id()) == base
+        assert [os.getpriority(os.PRIO_PROCESS, i) for i in io_ids] == [want, want]
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
         await server.stop()
     run(main())
 

@@ -4,7 +4,7 @@ import os
 import threading
 
 from engine import threads
-from engine.threads import raise_thread_priority, thread_nice
+from engine.threads import raise_thread_priority
 
 
 def in_thread(fn):
@@ -13,7 +13,7 @@ def in_thread(fn):
     def run():
         out["id"] = threading.get_native_id()
         out["result"] = fn()
-        out["nice"] = thread_nice(out["id"])
+        out["nice"] = os.getpriority(os.PRIO_PROCESS, out["id"])
     t = threading.Thread(target=run)
     t.start()
     t.join()
@@ -35,7 +35,7 @@ def test_only_the_calling_thread_moves_and_relative_to_the_process(monkeypatch):
         assert out["nice"] == max(-20, base - 3)
     else:
         assert out["nice"] == base
-    assert thread_nice(threading.get_native_id()) == base     # this thread untouched
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # untouched
 
 
 def test_not_permitted_warns_once_and_goes_on(monkeypatch, caplog):
