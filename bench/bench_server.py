@@ -41,6 +41,7 @@ starts a server exactly as the benchmark does (on a free port).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -62,6 +63,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from engine import world as world_module  # noqa: E402
 from engine.client import Client  # noqa: E402
+from engine.metrics import STAGES  # noqa: E402
 from engine.records import PAY_RESULT  # noqa: E402
 from engine.world import World, build, make_engine, pay_batches  # noqa: E402
 
@@ -184,6 +186,28 @@ class ServerProcess:
             if line.startswith(name + " ") or line.startswith(name + "{}"):
                 return float(line.split()[-1])
         return 0.0
+
+    def stages(self) -> dict:
+        """Cumulative scanpay_stage_seconds (and scanpay_fsync_seconds as
+        stage "fsync"): {stage: {"le": {bound_s: count}, "sum": s, "count": n}}."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                      timeout=5).read().decode()
+        out = collections.defaultdict(lambda: {"le": {}, "sum": 0.0, "count": 0.0})
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name.startswith("scanpay_stage_seconds"):
+                stage = name.split('stage="')[1].split('"')[0]
+            elif name.startswith("scanpay_fsync_seconds"):
+                stage = "fsync"
+            else:
+                continue
+            if "_bucket{" in name:
+                out[stage]["le"][float(name.split('le="')[1].split('"')[0])] = float(value)
+            elif "_sum" in name:
+                out[stage]["sum"] = float(value)
+            elif "_count" in name:
+                out[stage]["count"] = float(value)
+        return dict(out)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -337,10 +361,12 @@ class Bench:
             kw["unix"] = s.unix
         b_sum0, b_n0 = s.metric("scanpay_batch_records_sum"), s.metric("scanpay_batch_records_count")
         f_sum0, f_n0 = s.metric("scanpay_fsync_seconds_sum"), s.metric("scanpay_fsync_seconds_count")
+        stages0 = s.stages()
         cpu0 = s.cpu_seconds()
         load_before = load()
         out = run_loadgen(s.port, self.pool_path, self.id_base(), **kw)
         cpu1 = s.cpu_seconds()
+        out["stages_ms"] = stage_summary(stages0, s.stages())
         b_sum, b_n = (s.metric("scanpay_batch_records_sum") - b_sum0,
                       s.metric("scanpay_batch_records_count") - b_n0)
         f_sum, f_n = (s.metric("scanpay_fsync_seconds_sum") - f_sum0,
@@ -358,6 +384,25 @@ class Bench:
         out["ratio_to_kernel"] = out["rate"] / out["kernel_rate"]
         out["ratio_to_kernel_cpu"] = out["rate"] / out["kernel_rate_cpu"]
         return out
+
+
+def stage_summary(before: dict, after: dict) -> dict:
+    """Per stage over the run: mean, and the bucket bound that holds 99 % of
+    the observations (the server's histograms have fixed buckets), in ms."""
+    out = {}
+    for stage in [*STAGES, "fsync"]:
+        a = after.get(stage)
+        if a is None:
+            continue
+        b = before.get(stage, {"le": {}, "sum": 0.0, "count": 0.0})
+        count = a["count"] - b["count"]
+        if count <= 0:
+            continue
+        p99_le = next((le for le in sorted(a["le"])
+                       if a["le"][le] - b["le"].get(le, 0.0) >= 0.99 * count), float("inf"))
+        out[stage] = {"mean": round(1000 * (a["sum"] - b["sum"]) / count, 3),
+                      "p99_le": round(1000 * p99_le, 3), "count": int(count)}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -463,6 +508,12 @@ def print_table(b: Bench) -> None:
             print(f"{'  (from scheduled send time)':<34} {'':>10} {'':>10} {'':>6} {'':>10} {'':>6} "
                   f"{_ms(sched['p50']):>7} {_ms(sched['p99']):>7} {_ms(sched['p999']):>8} "
                   f"{_ms(sched['max']):>8}")
+    print("\nwhere a batch's time went in the server (scanpay_stage_seconds; "
+          "mean / bucket holding p99, ms):")
+    for name, r in RESULTS.items():
+        stages = r.get("stages_ms") or {}
+        cells = [f"{stage} {v['mean']:.2f}/<={v['p99_le']:g}" for stage, v in stages.items()]
+        print(f"  {name}: {', '.join(cells)}")
     for name, r in RESULTS.items():
         print(f"  {name}: loadgen {r['command']}")
     for name, log_path in b.server_logs:

@@ -29,6 +29,19 @@ from .threads import NICE_MIN, raise_thread_priority
 
 log = logging.getLogger("scanpay.engine")
 
+
+class SyncFuture(concurrent.futures.Future):
+    """Done once one group-commit fsync has made everything journaled before
+    it durable (its result: the durable seq). The sync thread notes, before
+    completing it, when that fsync's write + fdatasync began and returned
+    (`time.perf_counter` seconds; 0.0 until then), for the server's latency
+    metrics."""
+
+    def __init__(self):
+        super().__init__()
+        self.sync_started_at = 0.0
+        self.synced_at = 0.0
+
 BATCH_RECORDS_MAX = 8190
 # Record ops: op -> (record dtype, result dtype, the kernel's batch apply).
 RECORD_OPS = {
@@ -180,7 +193,7 @@ class Engine:
         waiting for the GIL, and every reply behind them.)"""
         with self._sync_lock:
             if self._sync_waiting is None:
-                self._sync_waiting = concurrent.futures.Future()
+                self._sync_waiting = SyncFuture()
                 if not self._sync_busy:
                     self._sync_busy = True
                     self._sync_pool.submit(self._sync_worker)
@@ -199,11 +212,13 @@ class Engine:
                 if future is None:
                     self._sync_busy = False
                     return
+            future.sync_started_at = time.perf_counter()
             try:
                 durable_seq = self.storage.sync()
             except BaseException as error:  # Unavailable: those writes are not acknowledged
                 future.set_exception(error)
                 continue
+            future.synced_at = time.perf_counter()
             if self.on_durable is not None:
                 try:
                     self.on_durable(future)

@@ -43,7 +43,7 @@ OP_LABELS = {OP_PAY: "PAY", OP_ISSUE: "ISSUE", OP_CAPTURE_RECORDS: "CAPTURE_RECO
 class Work:
     """One request for the writer. `deliver(result | EngineError)` runs on the
     event loop once the result may be released."""
-    __slots__ = ("op", "body", "records", "spec", "request", "deliver")
+    __slots__ = ("op", "body", "records", "spec", "request", "deliver", "submitted_at")
 
     def __init__(self, op, body, deliver, records=0, spec=None, request=None):
         self.op = op
@@ -52,6 +52,7 @@ class Work:
         self.spec = spec
         self.request = request
         self.deliver = deliver
+        self.submitted_at = 0.0                 # set by Writer.submit (metrics)
 
 
 def queued_weight(item) -> int:
@@ -76,6 +77,8 @@ class Writer:
         self.wake = asyncio.Event()
         self.deliveries = collections.deque()   # (durable, parts, scheduled_at, sends), in order
         self.watched = None                     # the last fsync future with our callback
+        self.observed = None                    # the last fsync future in the metrics
+        self.observed_sends = None              # and the last Sends
         self.released = asyncio.Event()
         # While a release round delivers, connections queue themselves here
         # and are flushed once at its end: a connection with frames in three
@@ -101,6 +104,7 @@ class Writer:
         """Queue work; False when the queue is full (the caller answers busy)."""
         if self.stopping or self.queued_records + max(work.records, 1) > self.queue_records_max:
             return False
+        work.submitted_at = time.perf_counter()
         self.queue.append(work)
         self.pay_batch = None                   # PAY frames after it go to a new batch
         self.queued_records += max(work.records, 1)
@@ -112,6 +116,7 @@ class Writer:
         to fill until it is full or something else is queued after it."""
         batch = PayBatch(self.batch_records_max, PAY_RECORD.itemsize, self.frame_bytes_max,
                          OP_PAY)
+        batch.opened_at = time.perf_counter()
         self.queue.append(batch)
         self.pay_batch = batch
         return batch
@@ -175,7 +180,13 @@ class Writer:
                 self.metrics.queue_records.set(self.queued_records)
             started = time.perf_counter()
             self.process(group)
-            took_ms = (time.perf_counter() - started) * 1000
+            took_s = time.perf_counter() - started
+            if self.metrics:
+                first = group[0]
+                queued_at = first.opened_at if isinstance(first, PayBatch) else first.submitted_at
+                self.metrics.stage["queue"].observe(started - queued_at)
+                self.metrics.stage["apply"].observe(took_s)
+            took_ms = took_s * 1000
             if took_ms > SLOW_MS:
                 log.warning("slow batch: %.0f ms to journal and apply %d records", took_ms,
                             sum(queued_weight(w) for w in group))
@@ -356,6 +367,20 @@ class Writer:
         if released:
             self.released.set()
 
+    def observe_durable(self, durable, scheduled_at: float, sends, now: float) -> None:
+        """The stages of a batch after it was applied (engine/metrics.py), and
+        its fsync's own duration and sends once per fsync."""
+        stage = self.metrics.stage
+        # (A big batch's fsync can return before the kernel has applied it.)
+        stage["commit"].observe(max(durable.synced_at - scheduled_at, 0.0))
+        stage["release"].observe(now - durable.synced_at)
+        if durable is not self.observed:
+            self.observed = durable
+            self.metrics.fsync_seconds.observe(durable.synced_at - durable.sync_started_at)
+        if sends is not None and sends is not self.observed_sends and sends.finished and len(sends):
+            self.observed_sends = sends
+            stage["send"].observe(sends.finished_at - durable.synced_at)
+
     def release_durable(self) -> bool:
         """Deliver the releases whose fsync has returned; True if any."""
         deliveries = self.deliveries
@@ -374,9 +399,10 @@ class Writer:
                 if error is not None and not isinstance(error, EngineError):
                     log.error("fsync failed unexpectedly", exc_info=error)
                     error = Unavailable(f"storage failed: {error}")
-                waited_s = time.perf_counter() - scheduled_at
-                if self.metrics:
-                    self.metrics.fsync_seconds.observe(waited_s)
+                now = time.perf_counter()
+                if self.metrics and error is None:
+                    self.observe_durable(durable, scheduled_at, sends, now)
+                waited_s = now - scheduled_at
                 if waited_s * 1000 > SLOW_MS:
                     log.warning("slow fsync: a batch waited %.0f ms to be durable", waited_s * 1000)
             for deliver, value in parts:

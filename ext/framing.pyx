@@ -63,6 +63,7 @@ cdef class PayBatch:
     cdef FrameRow* rows
     cdef Py_ssize_t rows_capacity
     cdef public list parts                  # member -> (connection, reply slot)
+    cdef public double opened_at            # time.perf_counter() when opened (metrics)
 
     def __cinit__(self, Py_ssize_t records_max, Py_ssize_t record_bytes,
                   Py_ssize_t frame_bytes_max, uint16_t op):

@@ -36,6 +36,8 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 from posix.unistd cimport close, dup
 
+from time import perf_counter
+
 
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
@@ -173,6 +175,7 @@ cdef class Sends:
     cdef readonly bint done             # no more entries (sending began, or never will)
     cdef readonly bint handed           # given to the sender thread: its replies wait for it
     cdef readonly bint finished         # send_all has returned
+    cdef readonly double finished_at    # time.perf_counter() when send_all returned
 
     def __cinit__(self):
         self.keep = []
@@ -248,6 +251,7 @@ cdef class Sends:
                 if not taken[i]:
                     whole += send_group(self.entries, count, i, taken)
         free(taken)
+        self.finished_at = perf_counter()
         self.finished = True
         return whole
 

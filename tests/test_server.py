@@ -14,6 +14,7 @@ import pytest
 
 from engine import Engine, frame
 from engine.config import Config, ConfigError, check
+from engine.metrics import STAGES, FastHistogram
 from engine.records import PAY_RECORD, PAY_RESULT
 from engine.server import Server
 from engine.status import ErrorCode, Status
@@ -407,6 +408,57 @@ def test_unix_socket_and_tls(tmp_path):
         u = await Raw.open(plain, unix=unix)
         assert await u.call(2, b"", 3) == (2, 0, 3, b"")
         await plain.stop()
+    run(main())
+
+
+def metric_lines(server) -> dict:
+    from prometheus_client import generate_latest
+    text = generate_latest(server.metrics.registry).decode()
+    return dict(line.rsplit(" ", 1) for line in text.splitlines()
+                if line and not line.startswith("#"))
+
+
+def test_fast_histogram_counts_as_prometheus_le_buckets():
+    histogram = FastHistogram((0.001, 0.002))
+    for seconds in (0.0005, 0.001, 0.0015, 0.003):
+        histogram.observe(seconds)
+    assert histogram.buckets() == [("0.001", 2), ("0.002", 3), ("+Inf", 4)]
+    assert histogram.sum == pytest.approx(0.006)
+
+
+def test_metrics_time_each_stage_of_a_batch(tmp_path):
+    """scanpay_stage_seconds: a lone PAY, answered before the next is sent, is
+    one kernel batch and one fsync, observed once in each stage; the stages
+    before its fsync returned add up to less than the client waited."""
+    pays = 12
+
+    async def main():
+        server, c = await started_with_world(tmp_path)
+        await all_released(server)
+        before = metric_lines(server)
+        waited_s = 0.0
+        for i in range(pays):
+            started_at = time.perf_counter()
+            reply = await c.call(16, pay_body([i + 1]), i)
+            waited_s += time.perf_counter() - started_at
+            assert np.frombuffer(reply[3], PAY_RESULT)["status"].tolist() == [Status.ok]
+        await all_released(server)
+        after = metric_lines(server)
+        await server.stop()
+
+        def grew(name):
+            return float(after[name]) - float(before.get(name, 0))
+        count = {s: grew(f'scanpay_stage_seconds_count{{stage="{s}"}}') for s in STAGES}
+        total_s = {s: grew(f'scanpay_stage_seconds_sum{{stage="{s}"}}') for s in STAGES}
+        assert count["queue"] == count["apply"] == count["commit"] == count["release"] == pays
+        assert grew("scanpay_fsync_seconds_count") == pays
+        assert grew("scanpay_fsync_seconds_sum") > 0
+        # One Sends per fsync, each reply in one write by the sender thread.
+        assert count["send"] == grew('scanpay_pay_reply_writes_total{sender="sender_thread"}')
+        assert count["send"] + grew('scanpay_pay_reply_writes_total{sender="event_loop"}') == pays
+        before_fsync_returned_s = total_s["queue"] + total_s["apply"] + total_s["commit"]
+        assert 0 < before_fsync_returned_s < waited_s
+        assert all(total_s[s] >= 0 for s in STAGES)
     run(main())
 
 
