@@ -16,7 +16,6 @@ applied in arrival order.
 import asyncio
 import collections
 import logging
-import queue
 import threading
 import time
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from . import frame
 from ._framing import PayBatch
-from ._outlet import Sends
+from ._outlet import Courier, Sends
 from .dispatch import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS
 from .errors import EngineError, Unavailable
 from .records import ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RESULT
@@ -33,6 +32,7 @@ from .threads import raise_thread_priority
 log = logging.getLogger("scanpay.writer")
 
 DELIVERIES_INFLIGHT_MAX = 64       # batches applied but awaiting their fsync
+SENDS_WAITING_MAX = 2 * DELIVERIES_INFLIGHT_MAX   # fsyncs' replies handed, not yet sent
 SLOW_MS = 100                      # a batch or a wait for its fsync longer than this is logged
 RESULT_DTYPES = {OP_PAY: PAY_RESULT, OP_ISSUE: ISSUE_RESULT,
                  OP_CAPTURE_RECORDS: PAY_RESULT, OP_REFUND_RECORDS: REFUND_RESULT}
@@ -90,7 +90,8 @@ class Writer:
         # and replies that must wait for others go out from the event loop.
         self.direct_replies = direct_replies and engine.storage is not None
         self.sends = {}                         # durability future -> Sends
-        self.to_send = queue.SimpleQueue()      # Sends whose fsync returned, in order
+        # Sends whose fsync returned, in order, for the sender thread.
+        self.courier = Courier(SENDS_WAITING_MAX)
         self.sender = None
         if self.direct_replies:
             engine.on_durable = self.send_replies
@@ -142,7 +143,7 @@ class Writer:
         if self.task is not None:
             await self.task
         if self.sender is not None:
-            self.to_send.put(None)
+            self.courier.close()
             self.sender.join()
             self.sender = None
 
@@ -152,13 +153,10 @@ class Writer:
         the fsyncs (the sync thread goes on with the next one meanwhile)."""
         raise_thread_priority(self.engine.io_threads_nice, "sender")
         while True:
-            sends = self.to_send.get()
-            if sends is None:
+            # Waits and sends without the GIL (ext/outlet.pyx); whatever it
+            # could not send, the event loop writes.
+            if self.courier.next_sent() is None:
                 return
-            try:
-                sends.send_all()
-            except Exception:               # the event loop writes what was not sent
-                log.exception("sending replies failed")
             try:
                 self.loop.call_soon_threadsafe(self.release_ready)
             except RuntimeError:            # the loop is closed: nothing left to release
@@ -283,7 +281,9 @@ class Writer:
         sends = self.sends.pop(durable, None)
         if sends is not None:
             sends.hand()
-            self.to_send.put(sends)
+            if not self.courier.put(sends):
+                sends.abandon()                 # the event loop writes them
+                self.loop.call_soon_threadsafe(self.release_ready)
 
     def deliver_pay_batch(self, batch: PayBatch, value, replies=None, ends=None, sends=None,
                           direct=None, durable=None) -> None:

@@ -7,9 +7,13 @@ a send also runs the receiver's TCP input), and every reply waited for the
 loop to wake up after the fsync and reach its connection in the release
 round. The replies of a PAY batch are known as soon as the kernel applied it
 (before its fsync), so the writer queues them here (`Sends`, one per fsync).
-The sync thread hands each `Sends` over once its fdatasync has returned, and
-the sender thread (engine/writer.py) sends them without the GIL, one
-sendmsg per connection, while the sync thread goes on with the next fsync.
+The sync thread hands each `Sends` over once its fdatasync has returned,
+through a `Courier` (a C queue and condition), and the sender thread
+(engine/writer.py) waits there and sends them without the GIL, one sendmsg
+per connection, while the sync thread goes on with the next fsync. (With a
+Python queue the woken sender first had to take the GIL back from the busy
+event loop: the `send` stage measured 0.76-1.10 ms on the mean that way,
+0.58-0.78 ms with the courier, six runs each side by side.)
 No reply can leave before its fsync: a `Sends` is handed over only after
 the fsync covering its batches returned.
 
@@ -30,6 +34,7 @@ closed once the connection is gone and nothing is queued.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport calloc, free
@@ -52,6 +57,21 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t sendmsg(int fd, const msghdr* msg, int flags)
     enum: MSG_DONTWAIT
     enum: MSG_NOSIGNAL
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t* mutex, const void* attr)
+    int pthread_mutex_destroy(pthread_mutex_t* mutex)
+    int pthread_mutex_lock(pthread_mutex_t* mutex)
+    int pthread_mutex_unlock(pthread_mutex_t* mutex)
+    int pthread_cond_init(pthread_cond_t* cond, const void* attr)
+    int pthread_cond_destroy(pthread_cond_t* cond)
+    int pthread_cond_wait(pthread_cond_t* cond, pthread_mutex_t* mutex)
+    int pthread_cond_signal(pthread_cond_t* cond)
 
 
 cdef class Outlet:
@@ -166,6 +186,21 @@ cdef Py_ssize_t send_group(Entry* entries, Py_ssize_t count, Py_ssize_t first,
     return n
 
 
+cdef Py_ssize_t send_entries(Entry* entries, Py_ssize_t count) noexcept nogil:
+    """Send every entry that may go out, in order, a connection's entries in
+    one sendmsg. Returns how many went out whole, or -1 (out of memory:
+    none sent)."""
+    cdef Py_ssize_t i, whole = 0
+    cdef uint8_t* taken = <uint8_t*>calloc(count + 1, 1)
+    if taken == NULL:
+        return -1
+    for i in range(count):
+        if not taken[i]:
+            whole += send_group(entries, count, i, taken)
+    free(taken)
+    return whole
+
+
 cdef class Sends:
     """The replies one fsync releases: filled by the event loop's writer,
     sent once by the sender thread after that fsync (`send_all`)."""
@@ -238,22 +273,26 @@ cdef class Sends:
 
         `done` is set before the GIL is released, so `add` (which runs with
         the GIL) can no longer grow the entries while they are sent."""
-        cdef Py_ssize_t i, count = self.count, whole = 0
+        cdef Py_ssize_t whole
         if self.finished or (self.done and not self.handed):
             return 0
         self.done = True
-        cdef uint8_t* taken = <uint8_t*>calloc(count + 1, 1)
-        if taken == NULL:                   # nothing sent: the event loop writes it all
-            self.finished = True
-            raise MemoryError()
         with nogil:
-            for i in range(count):
-                if not taken[i]:
-                    whole += send_group(self.entries, count, i, taken)
-        free(taken)
+            whole = send_entries(self.entries, self.count)
+        self.finish()
+        if whole < 0:                       # nothing sent: the event loop writes it all
+            raise MemoryError()
+        return whole
+
+    def abandon(self) -> None:
+        """Handed but never to be sent (the courier refused it): finished with
+        nothing sent, so the event loop writes every reply."""
+        assert self.handed and not self.finished
+        self.finish()
+
+    cdef void finish(self):
         self.finished_at = perf_counter()
         self.finished = True
-        return whole
 
     def sent(self, Py_ssize_t index) -> int:
         """Bytes of entry `index` the sender thread sent (0 if none)."""
@@ -262,3 +301,94 @@ cdef class Sends:
 
     def __len__(self):
         return self.count
+
+
+cdef struct Parcel:
+    PyObject* sends                     # a reference the courier holds
+    Entry* entries
+    Py_ssize_t count
+
+
+cdef class Courier:
+    """Hands each fsync's `Sends` from the sync thread to the sender thread.
+
+    The sender thread waits on a C condition and sends without the GIL, so
+    a reply can leave as soon as its fdatasync has returned and been handed
+    over, without the sender first waiting for the GIL (which the event loop
+    holds most of the time). It takes the GIL only afterwards, to mark the
+    `Sends` finished. Bounded: `put` refuses when `capacity` are waiting."""
+    cdef pthread_mutex_t lock
+    cdef pthread_cond_t ready
+    cdef Parcel* ring
+    cdef readonly Py_ssize_t capacity
+    cdef Py_ssize_t head, count
+    cdef bint closed
+
+    def __cinit__(self, Py_ssize_t capacity):
+        assert capacity > 0
+        self.ring = <Parcel*>PyMem_Malloc(capacity * sizeof(Parcel))
+        if self.ring == NULL:
+            raise MemoryError()
+        self.capacity = capacity
+        pthread_mutex_init(&self.lock, NULL)
+        pthread_cond_init(&self.ready, NULL)
+
+    def __dealloc__(self):
+        cdef Py_ssize_t k
+        for k in range(self.count):         # never sent: their replies were written by the loop
+            Py_DECREF(<object>self.ring[(self.head + k) % self.capacity].sends)
+        PyMem_Free(self.ring)
+        pthread_cond_destroy(&self.ready)
+        pthread_mutex_destroy(&self.lock)
+
+    def put(self, Sends sends) -> bool:
+        """Queue a handed `Sends` for the sender thread; False if the courier
+        is closed or full (the caller then lets the event loop write them)."""
+        cdef bint queued = False
+        assert sends.handed and not sends.finished
+        Py_INCREF(sends)
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            if not self.closed and self.count < self.capacity:
+                self.ring[(self.head + self.count) % self.capacity] = Parcel(
+                    <PyObject*>sends, sends.entries, sends.count)
+                self.count += 1
+                queued = True
+                pthread_cond_signal(&self.ready)
+            pthread_mutex_unlock(&self.lock)
+        if not queued:
+            Py_DECREF(sends)
+        return queued
+
+    def close(self) -> None:
+        """The sender thread's `next_sent` returns None once the queue is empty."""
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self.closed = True
+            pthread_cond_signal(&self.ready)
+            pthread_mutex_unlock(&self.lock)
+
+    def next_sent(self):
+        """In the sender thread: wait for the next `Sends`, send it without the
+        GIL, mark it finished and return it; None once closed and empty."""
+        cdef Parcel parcel
+        cdef bint got = False
+        cdef Py_ssize_t whole = 0
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            while self.count == 0 and not self.closed:
+                pthread_cond_wait(&self.ready, &self.lock)
+            if self.count:
+                parcel = self.ring[self.head]
+                self.head = (self.head + 1) % self.capacity
+                self.count -= 1
+                got = True
+            pthread_mutex_unlock(&self.lock)
+            if got:
+                whole = send_entries(parcel.entries, parcel.count)
+        if not got:
+            return None
+        sends = <Sends>parcel.sends
+        Py_DECREF(sends)                    # the courier's reference; `sends` holds its own
+        sends.finish()
+        return sends

@@ -1,11 +1,15 @@
 """ext/outlet.pyx on its own: the sender thread's sends keep each
 connection's order, stop at the first short send, and never send a member
-whose predecessor was not sent whole."""
+whose predecessor was not sent whole; the courier hands each fsync's sends
+to the sender thread, which sends them without the GIL."""
+import ctypes
 import socket
+import threading
+import time
 
 import pytest
 
-from engine._outlet import Outlet, Sends
+from engine._outlet import Courier, Outlet, Sends
 
 
 def receive_all(sock, size_max=1 << 22) -> bytes:
@@ -119,3 +123,72 @@ def test_a_closed_peer_blocks_without_raising(pair):
     outlet.close()
     with pytest.raises(AssertionError):
         Outlet(a.fileno()).released()                   # nothing outstanding
+
+
+def handed(outlet, data: bytes) -> Sends:
+    sends = Sends()
+    sends.add(outlet, data, 0, len(data))
+    sends.hand()
+    return sends
+
+
+def test_the_courier_sends_each_fsyncs_replies_in_order_then_ends_when_closed(pair):
+    a, b = pair
+    outlet = Outlet(a.fileno())
+    courier = Courier(4)
+    batches = [handed(outlet, f"fsync {k};".encode()) for k in range(3)]
+    assert all(courier.put(sends) for sends in batches)
+    sent = [courier.next_sent() for _ in batches]
+    assert sent == batches and all(sends.finished and sends.finished_at > 0 for sends in sent)
+    assert receive_all(b) == b"fsync 0;fsync 1;fsync 2;"
+    courier.close()
+    assert courier.next_sent() is None
+    assert not courier.put(handed(outlet, b"late"))     # closed: the event loop writes it
+    release_all(outlet, 4)
+    outlet.close()
+
+
+def test_a_full_courier_refuses_and_abandoned_sends_send_nothing(pair):
+    a, b = pair
+    outlet = Outlet(a.fileno())
+    courier = Courier(1)
+    first, second = handed(outlet, b"first"), handed(outlet, b"second")
+    assert courier.put(first) and not courier.put(second)
+    second.abandon()
+    assert second.finished and second.sent(0) == 0
+    assert courier.next_sent() is first
+    assert receive_all(b) == b"first"
+    release_all(outlet, 2)
+    outlet.close()
+
+
+class PollFd(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
+
+
+def readable_while_holding_the_gil(sock, timeout_ms: int) -> bool:
+    """poll(2) called through ctypes.PyDLL, which keeps the GIL for the whole
+    call: True only if another thread made `sock` readable without the GIL."""
+    fd = PollFd(sock.fileno(), 1, 0)                    # POLLIN
+    return ctypes.PyDLL(None).poll(ctypes.byref(fd), 1, timeout_ms) == 1
+
+
+def test_the_courier_sends_while_another_thread_holds_the_gil(pair):
+    """The sender thread waits and sends without the GIL: a reply goes out
+    while the event loop holds it."""
+    a, b = pair
+    outlet = Outlet(a.fileno())
+    courier = Courier(2)
+    done = []
+    sender = threading.Thread(target=lambda: done.append(courier.next_sent()))
+    sender.start()
+    time.sleep(0.05)                                    # the sender waits in next_sent
+    sends = handed(outlet, b"durable reply")
+    assert courier.put(sends)
+    assert readable_while_holding_the_gil(b, 2000)
+    sender.join(5)
+    assert receive_all(b) == b"durable reply"
+    assert done == [sends] and sends.finished
+    courier.close()
+    release_all(outlet, 1)
+    outlet.close()

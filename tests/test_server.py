@@ -517,6 +517,36 @@ def test_replies_sent_after_the_fsync_by_the_sender_thread(tmp_path):
     run(main())
 
 
+def test_replies_the_courier_refuses_are_written_by_the_event_loop(tmp_path):
+    """When the courier cannot take an fsync's sends (full, or closed), the
+    sync thread abandons them and the event loop writes every reply, in
+    order; nothing is lost or sent twice."""
+    from engine._outlet import Courier
+
+    async def main():
+        server = await started(tmp_path)
+        c = await Raw.open(server)
+        await world(c)
+        writer = server.writer
+        refusing = Courier(1)
+        refusing.close()
+        writer.courier, running = refusing, writer.courier
+        running.close()                     # the sender thread ends
+        writer.sender.join(5)
+        writer.sender = None
+        for i in range(30):
+            c.send(16, i, pay_body([1000 + i], amount=1))
+        replies = [await c.recv() for _ in range(30)]
+        assert [rid for _op, _flags, rid, _body in replies] == list(range(30))
+        assert all(np.frombuffer(body, PAY_RESULT)["status"].tolist() == [Status.ok]
+                   for *_, body in replies)
+        await all_released(server)
+        assert reply_writes(server)["sender_thread"] == 0
+        assert server.engine.counts()["payments"] == 30
+        await server.stop()
+    run(main())
+
+
 def test_the_sync_and_sender_threads_run_ahead_of_the_event_loop(tmp_path):
     """io_threads_nice (engine/threads.py): the threads every durable reply
     waits on get the CPU first; the event loop keeps the process's priority."""
