@@ -12,8 +12,8 @@ through a `Courier` (a C queue and condition), and the sender thread
 (engine/writer.py) waits there and sends them without the GIL, one sendmsg
 per connection, while the sync thread goes on with the next fsync. (With a
 Python queue the woken sender first had to take the GIL back from the busy
-event loop: the `send` stage measured 0.76-1.10 ms on the mean that way,
-0.58-0.78 ms with the courier, six runs each side by side.)
+event loop: the `send` stage measured 0.77-1.10 ms on the mean that way,
+0.58-0.78 ms with the courier, twelve runs each side by side.)
 No reply can leave before its fsync: a `Sends` is handed over only after
 the fsync covering its batches returned.
 
