@@ -29,19 +29,6 @@ from .threads import NICE_MIN, raise_thread_priority
 
 log = logging.getLogger("scanpay.engine")
 
-
-class SyncFuture(concurrent.futures.Future):
-    """Done once one group-commit fsync has made everything journaled before
-    it durable (its result: the durable seq). The sync thread notes, before
-    completing it, when that fsync's write + fdatasync began and returned
-    (`time.perf_counter` seconds; 0.0 until then), for the server's latency
-    metrics."""
-
-    def __init__(self):
-        super().__init__()
-        self.sync_started_at = 0.0
-        self.synced_at = 0.0
-
 BATCH_RECORDS_MAX = 8190
 # Record ops: op -> (record dtype, result dtype, the kernel's batch apply).
 RECORD_OPS = {
@@ -85,6 +72,19 @@ def wall_clock_ms() -> int:
 def random_payment_code() -> int:
     """18 decimal digits from the OS CSPRNG."""
     return PAYMENT_CODE_MIN + secrets.randbelow(PAYMENT_CODE_MAX - PAYMENT_CODE_MIN)
+
+
+class SyncFuture(concurrent.futures.Future):
+    """Done once one group-commit fsync has made everything journaled before
+    it durable (its result: the durable seq). The sync thread notes, before
+    completing it, when that fsync's write + fdatasync began and returned
+    (`time.perf_counter` seconds; 0.0 until then), for the server's latency
+    metrics."""
+
+    def __init__(self):
+        super().__init__()
+        self.sync_started_at = 0.0
+        self.synced_at = 0.0
 
 
 class Engine:

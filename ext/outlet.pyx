@@ -203,14 +203,15 @@ cdef Py_ssize_t send_entries(Entry* entries, Py_ssize_t count) noexcept nogil:
 
 cdef class Sends:
     """The replies one fsync releases: filled by the event loop's writer,
-    sent once by the sender thread after that fsync (`send_all`)."""
+    sent once by the sender thread after that fsync (`Courier.next_sent`)."""
     cdef list keep                      # outlets and buffers the entries point into
     cdef Entry* entries
     cdef Py_ssize_t count, capacity
     cdef readonly bint done             # no more entries (sending began, or never will)
     cdef readonly bint handed           # given to the sender thread: its replies wait for it
-    cdef readonly bint finished         # send_all has returned
-    cdef readonly double finished_at    # time.perf_counter() when send_all returned
+    cdef readonly bint finished         # its sends have run (or never will)
+    cdef readonly double finished_at    # time.perf_counter() when they had
+    cdef readonly Py_ssize_t whole      # entries sent whole
 
     def __cinit__(self):
         self.keep = []
@@ -266,31 +267,14 @@ cdef class Sends:
         self.done = True
         self.handed = True
 
-    def send_all(self) -> int:
-        """In the sender thread, after the fsync: send every entry that may
-        go out, in order, without the GIL; a connection's entries in one
-        sendmsg. Returns how many went out whole.
-
-        `done` is set before the GIL is released, so `add` (which runs with
-        the GIL) can no longer grow the entries while they are sent."""
-        cdef Py_ssize_t whole
-        if self.finished or (self.done and not self.handed):
-            return 0
-        self.done = True
-        with nogil:
-            whole = send_entries(self.entries, self.count)
-        self.finish()
-        if whole < 0:                       # nothing sent: the event loop writes it all
-            raise MemoryError()
-        return whole
-
     def abandon(self) -> None:
         """Handed but never to be sent (the courier refused it): finished with
         nothing sent, so the event loop writes every reply."""
         assert self.handed and not self.finished
-        self.finish()
+        self.finish(0)
 
-    cdef void finish(self):
+    cdef void finish(self, Py_ssize_t whole):
+        self.whole = whole
         self.finished_at = perf_counter()
         self.finished = True
 
@@ -343,7 +327,9 @@ cdef class Courier:
 
     def put(self, Sends sends) -> bool:
         """Queue a handed `Sends` for the sender thread; False if the courier
-        is closed or full (the caller then lets the event loop write them)."""
+        is closed or full (the caller then lets the event loop write them).
+        Its entries are fixed from here: `hand` set `done`, so `add` (which
+        runs with the GIL) can no longer grow them while they are sent."""
         cdef bint queued = False
         assert sends.handed and not sends.finished
         Py_INCREF(sends)
@@ -390,5 +376,5 @@ cdef class Courier:
             return None
         sends = <Sends>parcel.sends
         Py_DECREF(sends)                    # the courier's reference; `sends` holds its own
-        sends.finish()
+        sends.finish(max(whole, 0))        # out of memory: none sent, the event loop writes
         return sends
