@@ -61,6 +61,16 @@ def queued_weight(item) -> int:
     return item.records if isinstance(item, PayBatch) else max(item.records, 1)
 
 
+def describe(group: list) -> str:
+    """What a writer group is, for the logs: its records, or its map op."""
+    first = group[0]
+    if isinstance(first, PayBatch):
+        return f"{first.records} PAY records"
+    if first.op in RESULT_DTYPES:
+        return f"{sum(w.records for w in group)} {OP_LABELS[first.op]} records"
+    return f"one {first.spec.name} request"
+
+
 class Writer:
     def __init__(self, engine, metrics=None, batch_records_max: int = 8190,
                  queue_records_max: int = 262_144,
@@ -186,8 +196,8 @@ class Writer:
                 self.metrics.stage["apply"].observe(took_s)
             took_ms = took_s * 1000
             if took_ms > SLOW_MS:
-                log.warning("slow batch: %.0f ms to journal and apply %d records", took_ms,
-                            sum(queued_weight(w) for w in group))
+                log.warning("slow batch: %.0f ms to journal and apply %s", took_ms,
+                            describe(group))
             while len(self.deliveries) > DELIVERIES_INFLIGHT_MAX:
                 self.released.clear()
                 await self.released.wait()

@@ -326,6 +326,31 @@ def test_a_batch_that_waits_long_for_its_fsync_is_logged(tmp_path, caplog):
     run(main())
 
 
+def test_a_slow_batch_is_logged_with_what_it_was(caplog):
+    """An operator reading `slow batch` learns whether it was payments or a
+    map op (a big TOPUP is one command and can take 100 ms)."""
+    import logging
+
+    async def main():
+        server, c = await started_with_world()
+        engine, write_command = server.engine, server.engine.write_command
+
+        def slow_write_command(op, body, draws=()):
+            time.sleep(0.15)                # over the writer's SLOW_MS (100 ms)
+            return write_command(op, body, draws)
+        engine.write_command = slow_write_command
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="scanpay.writer"):
+            await c.map(34, {"topups": [{"id": 2, "user": 2, "amount": 500}]})
+            await c.call(16, pay_body([1, 2]))
+        messages = [r.getMessage() for r in caplog.records if "slow batch" in r.getMessage()]
+        assert len(messages) == 2, messages
+        assert messages[0].endswith("one TOPUP request")
+        assert messages[1].endswith("2 PAY records")
+        await server.stop()
+    run(main())
+
+
 def test_graceful_stop_replies_to_everything_in_flight(tmp_path):
     async def main():
         server, c = await started_with_world(tmp_path)
