@@ -74,9 +74,10 @@ class FrameReader:
             raise FrameError(ErrorCode.frame_too_large,
                              f"frame body of {size} bytes is over max_frame "
                              f"{self.frame_bytes_max}", op, request_id)
-        if flags & FLAG_ERROR:
+        if flags:                           # none is defined for requests (protocol-extensions.md)
             raise FrameError(ErrorCode.bad_frame,
-                             "a request must not carry the error flag", op, request_id)
+                             f"request flags must be 0 (got {flags}): PROTOCOL.md defines none "
+                             f"for requests, and bit 0 marks error replies", op, request_id)
         end = at + HEADER_BYTES + size
         if len(buffer) < end:
             return None

@@ -130,6 +130,11 @@ def test_stream_errors_close_only_that_connection():
         bad.send(16, 5, b"", flags=frame.FLAG_ERROR)       # a request flagged as an error
         assert error_of(await bad.recv())["name"] == "bad_frame"
         assert await bad.closed()
+        flagged = await Raw.open(server)                    # a flag no request defines
+        flagged.send(16, 6, pay_body([77]), flags=2)
+        assert error_of(await flagged.recv())["name"] == "bad_frame"
+        assert await flagged.closed()
+        assert server.engine.counts()["payments"] == 0      # and nothing was applied
         big = await Raw.open(server)
         big.writer.write(frame.HEADER.pack(4096, 16, 0, 9))  # larger than max_frame
         reply = error_of(await big.recv())
