@@ -10,13 +10,15 @@ oversized headers. Whatever it sends:
 - payments only come from well-formed PAY frames (none at all when keys
   are configured: a random stream cannot authenticate), and AUDIT holds after
   every example (tests/conftest.py audits every Engine a test made);
-- nothing is logged at ERROR (an exception in a protocol callback would be).
+- nothing is logged at ERROR (an exception in a protocol callback would be);
+- on a durable server, the journal replays to the very state it served.
 """
 import asyncio
 import hashlib
 import hmac
 import logging
 import secrets
+import tempfile
 import time
 
 import msgspec
@@ -164,16 +166,16 @@ class Errors(logging.Handler):
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(pieces(), min_size=1, max_size=12), st.lists(st.integers(1, 200), max_size=8),
-       st.booleans())
+       st.booleans(), st.booleans())
 def test_the_server_survives_any_stream_and_changes_only_what_valid_frames_ask(parts, cuts,
-                                                                              auth):
+                                                                              auth, durable):
     stream = b"".join(parts)
 
-    async def main():
-        engine = Engine()
-        server = Server(Config(data="", listen="127.0.0.1:0", frame_bytes_max=FRAME_BYTES_MAX,
-                               inflight_frames_max=8, keys=[ADMIN] if auth else []),
-                        engine=engine)
+    async def main(data: str):
+        config = Config(data=data, listen="127.0.0.1:0", frame_bytes_max=FRAME_BYTES_MAX,
+                        inflight_frames_max=8, keys=[ADMIN] if auth else [])
+        server = Server(config, engine=None if durable else Engine())
+        engine = server.engine
         await server.start()
         host, port = server.config.host_port
         witness = await asyncio.open_connection(host, port)
@@ -207,10 +209,13 @@ def test_the_server_survives_any_stream_and_changes_only_what_valid_frames_ask(p
         assert 0 <= made <= (0 if auth else whole_pay_records(stream))
         witness[1].close()
         await server.stop()
+        if durable:                         # what it served is what its journal replays to
+            assert Engine(data).digest() == engine.digest()
     errors = Errors()
     logging.getLogger().addHandler(errors)
     try:
-        asyncio.run(main())
+        with tempfile.TemporaryDirectory(prefix="scanpay-fuzz-") as data:
+            asyncio.run(main(data if durable else ""))
     finally:
         logging.getLogger().removeHandler(errors)
     assert not errors.records, [r.getMessage() for r in errors.records]
