@@ -101,7 +101,7 @@ class Writer:
         self.direct_replies = direct_replies and engine.storage is not None
         self.sends = {}                         # durability future -> Sends
         # Sends whose fsync returned, in order, for the sender thread.
-        self.courier = Courier(SENDS_WAITING_MAX)
+        self.courier = Courier(SENDS_WAITING_MAX) if self.direct_replies else None
         self.sender = None
         if self.direct_replies:
             engine.on_durable = self.send_replies

@@ -14,12 +14,8 @@ oversized headers. Whatever it sends:
 - on a durable server, the journal replays to the very state it served.
 """
 import asyncio
-import hashlib
-import hmac
 import logging
-import secrets
 import tempfile
-import time
 
 import msgspec
 import numpy as np
@@ -32,6 +28,7 @@ from engine.dispatch import OP_NAMES
 from engine.records import PAY_RECORD, PAY_RESULT
 from engine.server import Server
 from engine.status import ErrorCode, Status
+from test_server import hello
 
 FRAME_BYTES_MAX = 4096
 IDLE_S = 0.15                       # no reply for this long: the server has answered all it will
@@ -112,14 +109,6 @@ def whole_pay_records(stream: bytes) -> int:
 ADMIN = Key("ops", "admin-secret-0123456789ab", "admin")
 
 
-def hello_body(key: Key) -> bytes:
-    ts, nonce = time.time_ns() // 1_000_000, secrets.token_hex(16)
-    mac = hmac.new(key.secret.encode(), f"{ts}.{nonce}.{key.key_id}".encode(),
-                   hashlib.sha256).digest()
-    return msgspec.msgpack.encode({"protocol": 1, "client": "witness", "key_id": key.key_id,
-                                   "ts": ts, "nonce": nonce, "mac": mac})
-
-
 async def call(reader, writer, op, request_id, body=b""):
     writer.write(frame.HEADER.pack(len(body), op, 0, request_id) + body)
     header = await asyncio.wait_for(reader.readexactly(frame.HEADER.size), 5)
@@ -180,7 +169,8 @@ def test_the_server_survives_any_stream_and_changes_only_what_valid_frames_ask(p
         host, port = server.config.host_port
         witness = await asyncio.open_connection(host, port)
         if auth:
-            flags, _ = await call(*witness, 1, 1, hello_body(ADMIN))
+            body = msgspec.msgpack.encode(hello(ADMIN.key_id, ADMIN.secret))
+            flags, _ = await call(*witness, 1, 1, body)
             assert flags == 0
         for op, request in ((32, {"merchants": [{"id": 1, "fee_bps": 60}, {"id": 2}]}),
                             (33, {"users": [1, 2]}),
