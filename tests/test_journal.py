@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from faulty_fs import FaultyFs
 from engine.journal import (
-    ENTRY_HEADER_BYTES, SEGMENT_HEADER_BYTES, Journal, JournalCorrupt, JournalError,
-    JournalUnavailable, segment_name, verify,
+    ENTRY_HEADER_BYTES, MANIFEST_NAME, SEGMENT_HEADER_BYTES, Journal, JournalCorrupt,
+    JournalError, JournalUnavailable, Manifest, _write_manifest, segment_name, verify,
 )
 
 
@@ -49,6 +49,20 @@ def entry_offsets(path):
         offsets.append((offset, frame))
         offset += frame
     return offsets
+
+
+def crash_manifest(directory, segment_seq, durable_seq, first_seq=1):
+    """The manifest of a journal that crashed while entries after
+    `durable_seq` were being written (never reported durable)."""
+    _write_manifest(str(directory), Manifest(first_seq, segment_seq, durable_seq))
+
+
+def quarantined(directory):
+    """{name: bytes} of the files recovery moved to quarantine/."""
+    folder = os.path.join(directory, "quarantine")
+    if not os.path.isdir(folder):
+        return {}
+    return {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
 
 
 def flip(path, offset):
@@ -206,6 +220,7 @@ def test_torn_tail_at_every_byte_offset_of_the_last_entry(tmp_path, caplog):
         directory = tmp_path / f"torn-{size}"
         directory.mkdir()
         (directory / segment_name(1)).write_bytes(data[:size])
+        crash_manifest(directory, 1, 2)     # crashed while writing entry 3
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="engine.journal"):
             journal = Journal.open(directory)
@@ -216,6 +231,10 @@ def test_torn_tail_at_every_byte_offset_of_the_last_entry(tmp_path, caplog):
                 assert f"byte offset {last_offset}" in caplog.text
                 assert f"dropping {size - last_offset} bytes" in caplog.text
                 assert str(directory / segment_name(1)) in caplog.text
+                # Never deleted: the dropped bytes (up to the last non-zero one) are kept.
+                kept = data[last_offset:size].rstrip(b"\0")
+                assert quarantined(directory) == (
+                    {f"{segment_name(1)}.{last_offset}.torn": kept} if kept else {})
             assert os.path.getsize(directory / segment_name(1)) == last_offset
             assert journal.append(b"again") == 3
         with Journal.open(directory) as journal:
@@ -232,6 +251,7 @@ def test_torn_tail_inside_a_new_segment_header(tmp_path, caplog):
         directory = tmp_path / f"torn-{size}"
         shutil.copytree(source, directory)
         (directory / segment_name(2)).write_bytes(data[:size])
+        crash_manifest(directory, 1, 1)     # crashed while rolling to segment 2
         with caplog.at_level(logging.WARNING, logger="engine.journal"):
             with Journal.open(directory, segment_bytes_max=128) as journal:
                 assert read_all(journal) == [(1, bytes(90))]
@@ -441,16 +461,28 @@ def test_verify_reports_and_modifies_nothing(tmp_path):
 @given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=8),
        segment_bytes_max=st.integers(64, 700), data=st.data())
 def test_random_damage_never_yields_a_wrong_payload(sizes, segment_bytes_max, data):
-    """A truncation or a byte flip anywhere: every payload read is exact; the
-    only loss allowed is the tail; anything else is JournalCorrupt."""
+    """A truncation or a byte flip anywhere, after a clean close or in the
+    image a crash leaves: every payload read is exact; the only loss allowed
+    is a tail beyond the durable mark; anything else is JournalCorrupt."""
     directory = tempfile.mkdtemp()
     try:
         payloads = [payload_of(seq, size) for seq, size in enumerate(sizes, 1)]
+        crashed = data.draw(st.booleans())
         with Journal.open(directory, segment_bytes_max=segment_bytes_max) as journal:
             for payload in payloads:
                 journal.append(payload)
                 if data.draw(st.booleans()):
                     journal.sync()
+            journal.sync()
+            if crashed:     # the files as they are now; the manifest as last written
+                image = os.path.join(directory, "crash")
+                os.mkdir(image)
+                for name in segments_in(directory) + [MANIFEST_NAME]:
+                    shutil.copy(os.path.join(directory, name), image)
+        if crashed:
+            directory = image
+        manifest = verify(directory).manifest
+        mark = manifest.durable_seq
         names = segments_in(directory)
         last_path = os.path.join(directory, names[-1])
         last_first_seq = int(names[-1][8:28])
@@ -464,6 +496,7 @@ def test_random_damage_never_yields_a_wrong_payload(sizes, segment_bytes_max, da
             # Entries wholly below the cut survive; the rest are the tail.
             surviving = last_first_seq - 1 + sum(
                 1 for offset, frame in last_entries if offset + frame <= size)
+            header_cut = size < SEGMENT_HEADER_BYTES and last_first_seq <= manifest.segment_seq
         else:
             name = data.draw(st.sampled_from(names))
             path = os.path.join(directory, name)
@@ -474,12 +507,14 @@ def test_random_damage_never_yields_a_wrong_payload(sizes, segment_bytes_max, da
             with Journal.open(directory, segment_bytes_max=segment_bytes_max) as journal:
                 got = read_all(journal)
         except JournalCorrupt:
-            assert not truncate
+            # Cutting a torn tail beyond the mark is never refused.
+            assert not truncate or surviving < mark or header_cut
             event("corrupt")
             return
         event("intact" if len(got) == len(payloads) else "tail dropped")
         seqs = [seq for seq, _ in got]
         assert seqs == list(range(1, len(seqs) + 1))
+        assert len(got) >= mark             # nothing reported durable is ever lost
         for seq, payload in got:
             assert payload == payloads[seq - 1]
         if truncate:
@@ -488,7 +523,7 @@ def test_random_damage_never_yields_a_wrong_payload(sizes, segment_bytes_max, da
             # A flip may only cost the entry it hit, and only if that was the last.
             assert len(got) == len(payloads) or (in_last_entry and len(got) == len(payloads) - 1)
     finally:
-        shutil.rmtree(directory)
+        shutil.rmtree(directory.removesuffix("/crash"))
 
 
 # ------------------------------------------------------------- group commit
