@@ -720,6 +720,12 @@ class Journal:
         self.close()
 
 
+def _free_bytes(dir: str) -> int:
+    """Bytes an unprivileged writer may still use on dir's filesystem."""
+    stat = os.statvfs(dir)
+    return stat.f_bavail * stat.f_frsize
+
+
 class _Spare:
     """The next segment, zero-filled by a background thread while the active
     one fills. Overwriting blocks that are already written makes an
@@ -772,11 +778,21 @@ class _Spare:
             self._wanted.clear()
             if self._stopping:
                 return
+            free_bytes = _free_bytes(os.path.dirname(self.path))
+            if free_bytes < SPARE_FREE_SEGMENTS_MIN * self.size:
+                log.warning("journal: not preallocating %s: %d bytes free, fewer than %d "
+                            "segments of %d bytes; appending instead (restart once there "
+                            "is room)", self.path, free_bytes, SPARE_FREE_SEGMENTS_MIN,
+                            self.size)
+                return
             try:
                 self._fill()
             except OSError as error:        # no spare: segments are appended to, as without
-                log.warning("journal: could not preallocate %s (%s); appending instead",
-                            self.path, error)
+                # A half-filled spare would hold the space the journal needs (ENOSPC).
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                log.warning("journal: could not preallocate %s (%s); removed it, appending "
+                            "instead", self.path, error)
                 return
 
     def _fill(self) -> None:

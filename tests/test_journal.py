@@ -773,3 +773,185 @@ def test_short_writes_are_completed(tmp_path):
         journal.sync()
     with Journal.open(tmp_path) as journal:
         assert read_all(journal) == list(enumerate(payloads, 1))
+
+
+# ------------------------------------- the durable mark: never delete, never skip
+
+def crash_image(journal, image):
+    """The files a crash would leave now (journal still open): the segments
+    as written and the manifest as last written."""
+    os.mkdir(image)
+    for name in segments_in(journal.dir) + [MANIFEST_NAME]:
+        shutil.copy(os.path.join(journal.dir, name), image)
+    return image
+
+
+def test_foreign_file_under_a_segment_name_is_refused_and_kept(tmp_path):
+    """Random bytes named like a segment used to be a "torn tail at byte
+    offset 0": deleted, and the journal started empty."""
+    garbage = os.urandom(100_000)
+    path = tmp_path / segment_name(1)
+    path.write_bytes(garbage)
+    with pytest.raises(JournalCorrupt, match="foreign file under a segment name") as caught:
+        Journal.open(tmp_path)
+    assert caught.value.file == str(path) and caught.value.offset == 0
+    assert path.read_bytes() == garbage
+    assert verify(tmp_path).corrupt
+
+
+def test_a_torn_segment_header_is_quarantined_not_deleted(tmp_path, caplog):
+    with Journal.open(tmp_path, segment_bytes_max=128) as journal:
+        journal.append(bytes(90))
+        journal.sync()
+        image = crash_image(journal, tmp_path / "crash")
+        journal.append(bytes(90))           # rolls to segment 2
+    # The crash came while segment 2 got its header: 20 of its 32 bytes.
+    header = (tmp_path / segment_name(2)).read_bytes()[:SEGMENT_HEADER_BYTES]
+    (image / segment_name(2)).write_bytes(header[:20])
+    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+        with Journal.open(image, segment_bytes_max=128) as journal:
+            assert read_all(journal) == [(1, bytes(90))]
+    assert segment_name(2) not in segments_in(image)
+    # Kept up to the last non-zero byte (the zeros after it carry nothing).
+    assert quarantined(image) == {f"{segment_name(2)}.0.torn": header[:20].rstrip(b"\0")}
+    assert "dropping 20 bytes (0 entries" in caplog.text
+    assert str(image / "quarantine") in caplog.text
+
+
+@pytest.mark.parametrize("crashed", [False, True])
+def test_deleting_the_last_segment_is_refused(tmp_path, crashed):
+    """Without a snapshot, a deleted last segment used to leave a shorter
+    journal that started silently: every entry in it was lost."""
+    with Journal.open(tmp_path / "data", segment_bytes_max=1024) as journal:
+        for seq in range(1, 21):            # 8 entries a segment: 1.., 9.., 17..20
+            journal.append(payload_of(seq, 100))
+            journal.sync()
+        if crashed:     # the mark was last rewritten after the roll, not at close
+            directory = crash_image(journal, tmp_path / "crash")
+    directory = tmp_path / "crash" if crashed else tmp_path / "data"
+    names = segments_in(directory)
+    assert len(names) >= 3
+    os.unlink(directory / names[-1])
+    with pytest.raises(JournalCorrupt, match="missing") as caught:
+        Journal.open(directory, segment_bytes_max=1024)
+    assert caught.value.file == str(directory / names[-1])
+    assert verify(directory).corrupt
+
+
+def test_retention_moves_the_first_seq_so_only_a_missing_first_segment_after_it_is_refused(
+        tmp_path):
+    with Journal.open(tmp_path, segment_bytes_max=128) as journal:
+        for seq in range(1, 6):
+            journal.append(bytes(90))
+            journal.sync()
+        assert [os.path.basename(p) for p in journal.remove_segments_before(3)] == \
+            [segment_name(1), segment_name(2)]
+    with Journal.open(tmp_path, segment_bytes_max=128) as journal:    # retention: fine
+        assert journal.first_seq == 3 and read_all(journal, 3)[-1][0] == 5
+    os.unlink(tmp_path / segment_name(3))
+    with pytest.raises(JournalCorrupt, match="must start at seq 3"):
+        Journal.open(tmp_path, segment_bytes_max=128)
+
+
+def test_a_lost_manifest_is_refused(tmp_path):
+    write_journal(tmp_path, [b"one", b"two"])
+    os.unlink(tmp_path / MANIFEST_NAME)
+    with pytest.raises(JournalCorrupt, match="manifest is missing"):
+        Journal.open(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_bytes(os.urandom(48))
+    with pytest.raises(JournalCorrupt, match="manifest checksum"):
+        Journal.open(tmp_path)
+
+
+def test_flipped_byte_in_the_last_acknowledged_entry_is_corruption(tmp_path):
+    """It used to be dropped as "a torn tail that was never acknowledged"."""
+    write_journal(tmp_path / "data", [payload_of(seq, 800) for seq in range(1, 4)])
+    last_offset, last_frame = entry_offsets(tmp_path / "data" / segment_name(1))[-1]
+    for at in (last_offset + 100, last_offset + last_frame - 20, last_offset + 2):
+        directory = tmp_path / f"flip-{at}"
+        shutil.copytree(tmp_path / "data", directory)
+        flip(directory / segment_name(1), at)
+        before = (directory / segment_name(1)).read_bytes()
+        with pytest.raises(JournalCorrupt) as caught:
+            Journal.open(directory)
+        assert caught.value.offset == last_offset
+        assert "seq 3" in str(caught.value)
+        assert (directory / segment_name(1)).read_bytes() == before
+
+
+def test_flipped_byte_in_a_whole_last_entry_is_corruption_even_after_a_crash(tmp_path):
+    """Without the mark (a crash before the entry's segment was named), the
+    shape decides: every byte of the entry is there, so it was written in
+    full and damaged afterwards, not torn."""
+    write_journal(tmp_path, [payload_of(seq, 800) for seq in range(1, 4)])
+    crash_manifest(tmp_path, 1, 2)
+    last_offset, _ = entry_offsets(tmp_path / segment_name(1))[-1]
+    flip(tmp_path / segment_name(1), last_offset + 300)
+    with pytest.raises(JournalCorrupt, match="every byte of the entry is present"):
+        Journal.open(tmp_path)
+
+
+def test_zeroed_last_entry_is_corruption(tmp_path):
+    """Zeros look like space never written: it used to be dropped without
+    even a warning. The mark says the entry was durable."""
+    write_journal(tmp_path, [payload_of(seq, 100) for seq in range(1, 4)])
+    last_offset, last_frame = entry_offsets(tmp_path / segment_name(1))[-1]
+    with open(tmp_path / segment_name(1), "r+b") as file:
+        file.seek(last_offset)
+        file.write(bytes(last_frame))
+    with pytest.raises(JournalCorrupt, match="ends at seq 2, but entries up to seq 3"):
+        Journal.open(tmp_path)
+    report = verify(tmp_path)
+    assert report.corrupt and report.manifest.durable_seq == 3
+
+
+def test_truncated_active_segment_is_refused_once_the_mark_covers_it(tmp_path):
+    write_journal(tmp_path, [payload_of(seq, 100) for seq in range(1, 4)])
+    last_offset, _ = entry_offsets(tmp_path / segment_name(1))[-1]
+    os.truncate(tmp_path / segment_name(1), last_offset + 10)
+    with pytest.raises(JournalCorrupt, match="reported durable"):
+        Journal.open(tmp_path)
+    assert os.path.getsize(tmp_path / segment_name(1)) == last_offset + 10
+
+
+def test_spare_is_removed_when_the_disk_fills(tmp_path, monkeypatch, caplog):
+    """ENOSPC while zero-filling used to leave the half-made spare behind,
+    holding the space the journal needed."""
+    real_pwrite = os.pwrite
+    chunks = [0]
+
+    def pwrite(fd, data, offset):
+        chunks[0] += 1
+        if chunks[0] > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+        journal = Journal.open(tmp_path, segment_bytes_max=1 << 20, prealloc=True)
+        journal._spare._thread.join(timeout=10)
+        assert not journal._spare._thread.is_alive()
+        assert chunks[0] == 4
+        assert "journal-spare.tmp" not in os.listdir(tmp_path)
+        journal.append(b"still works")
+        journal.sync()
+        journal.close()
+    assert "No space left" in caplog.text
+
+
+def test_spare_is_not_made_while_the_disk_cannot_hold_it(tmp_path, monkeypatch, caplog):
+    real_statvfs = os.statvfs
+
+    class Full:
+        def __init__(self, path):
+            stat = real_statvfs(path)
+            self.f_frsize = stat.f_frsize
+            self.f_bavail = (1 << 20) // stat.f_frsize     # 1 MiB free
+
+    monkeypatch.setattr(os, "statvfs", Full)
+    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+        with Journal.open(tmp_path, segment_bytes_max=1 << 20, prealloc=True) as journal:
+            journal._spare._thread.join(timeout=10)
+            assert "journal-spare.tmp" not in os.listdir(tmp_path)
+            journal.append(b"appended")
+    assert "not preallocating" in caplog.text
