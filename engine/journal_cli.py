@@ -10,7 +10,8 @@ too: both must give the same state, and each snapshot must equal the full
 replay at its seq. Then AUDIT runs on the recovered state.
 
 `verify` exits 0 only if all is well (a torn tail, which every crash may
-leave and the engine drops at start, is a warning), 1 if anything is wrong,
+leave and the engine moves to quarantine/ at start, is a warning), 1 if anything is wrong
+(including entries it could not read),
 2 if DIR is not a data directory. `inspect` prints the same facts and exits 0
 whatever it finds; `--entries N` lists the first and last N entries.
 """
@@ -295,7 +296,32 @@ def examine(dir: str, *, hold_ms=None, tz_offset_ms=None, replay=True, entries=0
                      f"(older segments were removed after snapshots): the state cannot be "
                      f"rebuilt; restore the directory from a backup")
 
-    # Entry statistics (and the listing), from every valid entry.
+    _entry_stats(report, entries)
+    unknown = [name for name in report.by_op
+               if name.startswith("op ") or name in ("HELLO", "PING", "CLOCK")]
+    if unknown:
+        report.error(f"entries of unknown ops ({', '.join(unknown)}): written by a newer "
+                     f"engine? Verify with the version that wrote them")
+    if not replay:
+        return report
+
+    # Settings the replay needs (not journaled): the snapshot's, unless given.
+    hold = hold_ms if hold_ms is not None else (meta_newest or {}).get("hold_ms", HOLD_MS_DEFAULT)
+    tz = tz_offset_ms if tz_offset_ms is not None else (meta_newest or {}).get(
+        "tz_offset_ms", TZ_OFFSET_MS_DEFAULT)
+    report.settings = f"hold_ms {hold}, tz_offset_ms {tz}" + (
+        " (from the newest snapshot)" if meta_newest and hold_ms is None and tz_offset_ms is None
+        else "")
+    if meta_newest and (meta_newest.get("hold_ms"), meta_newest.get("tz_offset_ms")) != (hold, tz):
+        report.warn(f"the newest snapshot was written with hold_ms {meta_newest.get('hold_ms')}, "
+                    f"tz_offset_ms {meta_newest.get('tz_offset_ms')}, not the settings given")
+    _replays(report, valid, hold, tz)
+    return report
+
+
+def _entry_stats(report: Report, entries: int) -> None:
+    """Entry statistics (and the listing) from every valid entry, read in
+    order; entries that could not be read are an error that says so."""
     listing_last = collections.deque(maxlen=max(entries, 0))
     read = 0
     try:
@@ -319,26 +345,6 @@ def examine(dir: str, *, hold_ms=None, tz_offset_ms=None, replay=True, entries=0
                      f"order (the rest follow a gap or damage reported above): entries after "
                      f"seq {report.first_seq + read - 1} were not checked or replayed")
     report.listing_last = listing_last
-    unknown = [name for name in report.by_op
-               if name.startswith("op ") or name in ("HELLO", "PING", "CLOCK")]
-    if unknown:
-        report.error(f"entries of unknown ops ({', '.join(unknown)}): written by a newer "
-                     f"engine? Verify with the version that wrote them")
-    if not replay:
-        return report
-
-    # Settings the replay needs (not journaled): the snapshot's, unless given.
-    hold = hold_ms if hold_ms is not None else (meta_newest or {}).get("hold_ms", HOLD_MS_DEFAULT)
-    tz = tz_offset_ms if tz_offset_ms is not None else (meta_newest or {}).get(
-        "tz_offset_ms", TZ_OFFSET_MS_DEFAULT)
-    report.settings = f"hold_ms {hold}, tz_offset_ms {tz}" + (
-        " (from the newest snapshot)" if meta_newest and hold_ms is None and tz_offset_ms is None
-        else "")
-    if meta_newest and (meta_newest.get("hold_ms"), meta_newest.get("tz_offset_ms")) != (hold, tz):
-        report.warn(f"the newest snapshot was written with hold_ms {meta_newest.get('hold_ms')}, "
-                    f"tz_offset_ms {meta_newest.get('tz_offset_ms')}, not the settings given")
-    _replays(report, valid, hold, tz)
-    return report
 
 
 def _engine(hold: int, tz: int):
