@@ -955,3 +955,29 @@ def test_spare_is_not_made_while_the_disk_cannot_hold_it(tmp_path, monkeypatch, 
             assert "journal-spare.tmp" not in os.listdir(tmp_path)
             journal.append(b"appended")
     assert "not preallocating" in caplog.text
+
+
+def test_an_entry_with_an_unwritten_sector_is_a_torn_write(tmp_path, caplog):
+    """The shape rule must not refuse a real torn write: an entry whose
+    header made it to disk but one of whose sectors did not (still zero, as
+    preallocated) is dropped to quarantine/, not refused."""
+    with Journal.open(tmp_path / "data") as journal:
+        journal.append(payload_of(1, 100))
+        journal.sync()
+        directory = crash_image(journal, tmp_path / "crash")
+    path = directory / segment_name(1)
+    with Journal.open(tmp_path / "whole") as other:     # the bytes entry 2 would have had
+        other.append(payload_of(1, 100))
+        other.append(payload_of(2, 3000))
+    offset, frame = entry_offsets(tmp_path / "whole" / segment_name(1))[-1]
+    entry = bytearray((tmp_path / "whole" / segment_name(1)).read_bytes()[offset:offset + frame])
+    sector = 512 - offset % 512 + 512                   # file offset of a whole sector inside
+    entry[sector:sector + 512] = bytes(512)
+    with open(path, "ab") as file:
+        file.write(bytes(entry) + bytes(8192))
+    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+        with Journal.open(directory) as journal:
+            assert read_all(journal) == [(1, payload_of(1, 100))]
+    assert "torn tail" in caplog.text and "1 entries from seq 2" in caplog.text
+    kept, = quarantined(directory).values()
+    assert kept == bytes(entry).rstrip(b"\0")
