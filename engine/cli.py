@@ -39,7 +39,12 @@ def run_serve(args) -> int:
     except config_module.ConfigError as e:
         print(f"scanpay serve: {e}", file=sys.stderr)
         return 2
-    return serve(config)
+    from .journal import JournalError
+    try:
+        return serve(config)
+    except JournalError as e:       # a damaged data directory: one line says what to do
+        print(f"scanpay serve: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv=None) -> int:

@@ -36,8 +36,13 @@ log = logging.getLogger(__name__)
 
 SEGMENT_MAGIC = b"SCNPJRNL"
 SEGMENT_VERSION = 1
-# magic, version, header_bytes, first_seq, reserved, crc32c over bytes [0, 28).
+# magic, version, header_bytes, first_seq, flags, crc32c over bytes [0, 28).
+# `flags` was "reserved, 0" before the manifest existed; readers of either
+# kind ignore it, so the segment format stays version 1 both ways.
 SEGMENT_HEADER = struct.Struct("<8sIIQII")
+# The segment was written by a journal that keeps journal.manifest: a
+# directory with such a segment and no manifest has lost its manifest.
+SEGMENT_FLAG_MANIFEST = 1
 SEGMENT_HEADER_BYTES = SEGMENT_HEADER.size
 # crc32c over bytes [4, entry end incl. padding), payload_bytes, seq.
 ENTRY_HEADER = struct.Struct("<IIQ")
@@ -55,6 +60,21 @@ IOV_MAX = 1024
 
 SEGMENT_NAME = re.compile(r"^journal-(\d{20})\.seg$")
 LOCK_NAME = "journal.lock"
+# The durable high-water mark (docs/storage-format.md, "Manifest"): rewritten
+# (tmp, fsync, rename, dir fsync) at open, at the first commit after a
+# segment roll, at retention and at close.
+MANIFEST_NAME = "journal.manifest"
+MANIFEST_MAGIC = b"SCNPMNFT"
+MANIFEST_VERSION = 1
+# magic, version, bytes, first_seq, segment_seq, durable_seq, reserved, crc
+# over bytes [0, 44).
+MANIFEST = struct.Struct("<8sIIQQQII")
+# Torn tails are moved here (never deleted): <segment>.<offset>.torn
+QUARANTINE_DIR = "quarantine"
+QUARANTINE_COPIES_MAX = 1000        # name suffixes tried for one torn tail
+# Entries are written in sectors: an unwritten sector of a torn write still
+# holds what was there before (zeros: preallocated or past the old EOF).
+SECTOR_BYTES = 512
 # The next segment, zero-filled ahead of time (`prealloc`); renamed into
 # place when the active segment is full.
 SPARE_NAME = "journal-spare.tmp"
@@ -66,6 +86,9 @@ SPARE_NAME = "journal-spare.tmp"
 # up to ~30 MB/s (200k small payments a second); faster ones append.
 SPARE_CHUNK_BYTES = 128 << 10
 SPARE_BYTES_PER_S_MAX = 32 << 20
+# A spare is only made while the disk holds this many segments more: the
+# spare must never take the last room the journal itself needs.
+SPARE_FREE_SEGMENTS_MIN = 2
 
 _ENTRY_REST = struct.Struct("<IQ")  # The checksummed part of the header.
 _CRC = struct.Struct("<I")
@@ -73,6 +96,7 @@ _ZEROS = bytes(ENTRY_ALIGN_BYTES)
 _PADDING = [_ZEROS[:-size % ENTRY_ALIGN_BYTES] for size in range(ENTRY_ALIGN_BYTES)]
 
 assert SEGMENT_HEADER_BYTES == 32
+assert MANIFEST.size == 48
 assert ENTRY_HEADER_BYTES == 16
 assert SEGMENT_HEADER_BYTES % ENTRY_ALIGN_BYTES == 0
 
@@ -126,6 +150,22 @@ class SegmentReport:
     entries: int
     bytes: int  # File size.
     valid_bytes: int  # Bytes up to the end of the last valid entry.
+    # Zeros after the last entry (space allocated ahead): with valid_bytes,
+    # the whole file; 0 when the segment has a problem.
+    zero_tail_bytes: int = 0
+
+    @property
+    def whole(self) -> bool:
+        """Every byte is a valid entry or unused zero-filled space."""
+        return self.valid_bytes + self.zero_tail_bytes == self.bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """The journal's durable high-water mark (journal.manifest)."""
+    first_seq: int  # First seq the journal must still hold (retention removed older).
+    segment_seq: int  # Newest segment whose header was durable (0: none yet).
+    durable_seq: int  # Every entry up to here was reported durable.
 
 
 @dataclasses.dataclass
@@ -133,6 +173,7 @@ class VerifyReport:
     dir: str
     segments: list[SegmentReport]
     problems: list[Problem]
+    manifest: Manifest | None = None
 
     @property
     def ok(self) -> bool:
@@ -152,25 +193,10 @@ def segment_name(first_seq: int) -> str:
 
 
 def verify(dir: str, *, entry_bytes_max: int = ENTRY_BYTES_MAX_DEFAULT) -> VerifyReport:
-    """Checks every segment and entry; modifies nothing."""
-    segments: list[SegmentReport] = []
-    problems: list[Problem] = []
-    listing = _list_segments(dir)
-    seq_expected = None
-    for index, (name_seq, path) in enumerate(listing):
-        if seq_expected is not None and name_seq != seq_expected:
-            problems.append(Problem(path, 0, "corrupt", _gap_detail(name_seq, seq_expected)))
-        scan = _scan_segment(path, _read_file(path), name_seq,
-                             index == len(listing) - 1, entry_bytes_max)
-        segments.append(SegmentReport(path, name_seq, name_seq + scan.entries - 1,
-                                      scan.entries, scan.file_bytes, scan.valid_bytes))
-        seq_expected = name_seq + scan.entries
-        if scan.problem is not None:
-            problems.append(scan.problem)
-            seq_expected = None  # Unknown where this segment really ended: no gap check.
-        elif scan.entries == 0 and index < len(listing) - 1:
-            problems.append(Problem(path, SEGMENT_HEADER_BYTES, "corrupt", "closed segment holds no entry"))
-    return VerifyReport(dir, segments, problems)
+    """Checks every segment and entry against each other and against the
+    manifest's mark, by the same rules as `Journal.open`; modifies nothing."""
+    examined = _examine(dir, entry_bytes_max)
+    return VerifyReport(dir, examined.reports, examined.problems, examined.manifest)
 
 
 @dataclasses.dataclass
@@ -215,6 +241,10 @@ class Journal:
         self._lock_fd: int | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._inflight: asyncio.Future | None = None
+        # The last journal.manifest written (or read at open). Its own lock:
+        # retention (engine thread) and the sync worker both rewrite it.
+        self._manifest: Manifest | None = None
+        self._manifest_lock = threading.Lock()
         self.fsync_count = 0  # fdatasync calls that covered new entries (observability).
 
     # ------------------------------------------------------------------ open
@@ -225,8 +255,9 @@ class Journal:
              prealloc: bool = False) -> "Journal":
         """Opens (or creates) the journal in `dir`, validating every entry.
 
-        A torn tail of the last segment is truncated (logged); any other damage
-        raises JournalCorrupt. `fs` supplies the OS calls (default: `os`).
+        A torn tail of the last segment, after every entry ever reported
+        durable, is moved to quarantine/ and cut off (logged); any other damage,
+        and a journal that ends before its durable mark, raises JournalCorrupt. `fs` supplies the OS calls (default: `os`).
         `prealloc`: write into segments zero-filled ahead of time by a
         background thread (see `_Spare`); a server's fsyncs are then cheaper
         and steadier (docs/operations-durability.md).
@@ -240,6 +271,7 @@ class Journal:
         journal._lock_dir()
         try:
             journal._load()
+            journal._save_manifest()    # the mark: everything loaded is durable now
         except BaseException:
             journal._release_dir()
             raise
@@ -264,29 +296,25 @@ class Journal:
             self._lock_fd = None
 
     def _load(self) -> None:
-        listing = _list_segments(self._dir)
+        examined = _examine(self._dir, self._entry_bytes_max)
+        for problem in examined.problems:
+            if problem.kind != "torn_tail":
+                raise JournalCorrupt(problem.file, problem.offset, problem.detail)
         seq_next = None
-        for index, (name_seq, path) in enumerate(listing):
-            is_last = index == len(listing) - 1
-            if seq_next is not None and name_seq != seq_next:
-                raise JournalCorrupt(path, 0, _gap_detail(name_seq, seq_next))
-            scan = _scan_segment(path, _read_file(path), name_seq, is_last, self._entry_bytes_max)
+        for (name_seq, path), scan in zip(examined.listing, examined.scans):
             if scan.problem is not None:
-                if scan.problem.kind != "torn_tail":
-                    raise JournalCorrupt(path, scan.problem.offset, scan.problem.detail)
-                assert is_last
-                self._repair_torn_tail(path, scan)
+                assert path == examined.listing[-1][1], "a torn tail is only ever last"
+                self._quarantine_tail(path, scan, name_seq + scan.entries)
                 if scan.valid_bytes == 0:
                     # The segment's own header was torn: it never held a
                     # durable entry. Its name still says which seq comes next.
                     seq_next = name_seq
                     continue
-            if scan.entries == 0 and not is_last:
-                raise JournalCorrupt(path, SEGMENT_HEADER_BYTES, "closed segment holds no entry")
             self._segments.append(_Segment(name_seq, path))
             seq_next = name_seq + scan.entries
             self._active_bytes = scan.valid_bytes
         self._last_seq = seq_next - 1 if seq_next is not None else 0
+        self._manifest = examined.manifest
         with contextlib.suppress(FileNotFoundError):   # half made when the last process stopped
             os.unlink(os.path.join(self._dir, SPARE_NAME))
         if self._segments:
@@ -301,21 +329,45 @@ class Journal:
         self._fsync_dir()
         self._durable_seq = self._last_seq
 
-    def _repair_torn_tail(self, path: str, scan: "_Scan") -> None:
-        dropped = scan.file_bytes - scan.valid_bytes
-        log.warning("journal: torn tail in %s at byte offset %d: dropping %d bytes (%s); "
-                    "these entries were never reported durable",
-                    path, scan.valid_bytes, dropped, scan.problem.detail)
-        if scan.valid_bytes == 0:
+    def _quarantine_tail(self, path: str, scan: "_Scan", seq_first: int) -> None:
+        """Copies a torn tail to quarantine/ (fsync'd), then cuts it off the
+        segment (removes the segment if its header was torn): recovery
+        deletes no byte that is not kept elsewhere."""
+        mv = memoryview(_read_file(path))
+        start = scan.valid_bytes
+        end = _nonzero_end(mv, start)
+        entries = _count_entries(mv[:end], start, seq_first)
+        kept = "all of them zero, nothing to keep"
+        if end > start:
+            kept = "kept in " + _write_quarantine(
+                self._dir, f"{os.path.basename(path)}.{start}.torn", mv[start:end])
+        del mv
+        log.warning("journal: torn tail in %s at byte offset %d: dropping %d bytes "
+                    "(%d entries from seq %d on, never reported durable: %s); %s",
+                    path, start, scan.file_bytes - start, entries, seq_first,
+                    scan.problem.detail, kept)
+        if start == 0:
             self._fs.unlink(path)
         else:
             fd = self._fs.open(path, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                self._fs.ftruncate(fd, scan.valid_bytes)
+                self._fs.ftruncate(fd, start)
                 self._fs.fdatasync(fd)
             finally:
                 self._fs.close(fd)
         self._dir_dirty = True
+
+    def _save_manifest(self) -> None:
+        """Rewrites journal.manifest if the durable state moved past it."""
+        with self._manifest_lock:
+            with self._lock:
+                first_seq = self._segments[0].first_seq if self._segments else self._last_seq + 1
+                manifest = Manifest(first_seq, self._durable_segment_seq or 0, self._durable_seq)
+            if manifest == self._manifest:
+                return
+            assert self._manifest is None or manifest.durable_seq >= self._manifest.durable_seq
+            _write_manifest(self._dir, manifest)
+            self._manifest = manifest
 
     # ---------------------------------------------------------------- append
 
@@ -431,6 +483,10 @@ class Journal:
             return target
 
     def _write_batch(self, batch: list) -> None:
+        if self._manifest is not None and (self._durable_segment_seq or 0) != self._manifest.segment_seq:
+            # The last roll is durable: from now on the mark says that
+            # segment exists (so losing it is corruption, not an empty tail).
+            self._save_manifest()
         buffers: list = []
         if (self._spare is not None and not self._active_preallocated and self._spare.ready()
                 and self._active_bytes > SEGMENT_HEADER_BYTES):
@@ -595,7 +651,9 @@ class Journal:
 
     def remove_segments_before(self, seq: int) -> list[str]:
         """Deletes whole segments whose entries are all < seq; never the active
-        one, nor one whose successor holds no durable entry. Returns the paths."""
+        one, nor one whose successor holds no durable entry. Returns the paths.
+        Rewrites the manifest first (its first seq, and the mark: snapshots
+        call this)."""
         with self._lock:
             assert not self._closed
             removable = 0
@@ -606,6 +664,15 @@ class Journal:
                 removable = index + 1
             doomed = self._segments[:removable]
             del self._segments[:removable]
+        try:
+            # The mark first: a missing first segment is retention, not loss.
+            self._save_manifest()
+        except OSError as error:
+            with self._lock:
+                self._segments[:0] = doomed
+            log.error("journal: could not rewrite %s (%s); old segments are kept",
+                      os.path.join(self._dir, MANIFEST_NAME), error)
+            return []
         for segment in doomed:
             os.unlink(segment.path)
         if doomed:
@@ -621,6 +688,12 @@ class Journal:
         try:
             if self._failure is None and self._last_seq > self._durable_seq:
                 self.sync()
+            if self._failure is None:
+                try:
+                    self._save_manifest()       # the mark reaches the last entry
+                except OSError as error:
+                    log.error("journal: could not rewrite %s at close (%s)",
+                              os.path.join(self._dir, MANIFEST_NAME), error)
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
@@ -645,6 +718,12 @@ class Journal:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _free_bytes(dir: str) -> int:
+    """Bytes an unprivileged writer may still use on dir's filesystem."""
+    stat = os.statvfs(dir)
+    return stat.f_bavail * stat.f_frsize
 
 
 class _Spare:
@@ -699,11 +778,21 @@ class _Spare:
             self._wanted.clear()
             if self._stopping:
                 return
+            free_bytes = _free_bytes(os.path.dirname(self.path))
+            if free_bytes < SPARE_FREE_SEGMENTS_MIN * self.size:
+                log.warning("journal: not preallocating %s: %d bytes free, fewer than %d "
+                            "segments of %d bytes; appending instead (restart once there "
+                            "is room)", self.path, free_bytes, SPARE_FREE_SEGMENTS_MIN,
+                            self.size)
+                return
             try:
                 self._fill()
             except OSError as error:        # no spare: segments are appended to, as without
-                log.warning("journal: could not preallocate %s (%s); appending instead",
-                            self.path, error)
+                # A half-filled spare would hold the space the journal needs (ENOSPC).
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                log.warning("journal: could not preallocate %s (%s); removed it, appending "
+                            "instead", self.path, error)
                 return
 
     def _fill(self) -> None:
@@ -728,7 +817,8 @@ class _Spare:
 # ------------------------------------------------------------------ encoding
 
 def _encode_segment_header(first_seq: int) -> bytes:
-    head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER_BYTES, first_seq, 0, 0)
+    head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER_BYTES, first_seq,
+                               SEGMENT_FLAG_MANIFEST, 0)
     return head[:-4] + _CRC.pack(crc32c.crc32c(head[:-4]))
 
 
@@ -754,6 +844,211 @@ class _Scan:
     file_bytes: int
     valid_bytes: int  # 0 when the segment header itself is bad.
     problem: Problem | None
+    flagged: bool = False  # The header has SEGMENT_FLAG_MANIFEST.
+    zero_tail_bytes: int = 0
+
+
+@dataclasses.dataclass
+class _Examined:
+    listing: list[tuple[int, str]]
+    scans: list[_Scan]
+    reports: list[SegmentReport]
+    problems: list[Problem]
+    manifest: Manifest | None
+
+
+def _examine(dir: str, entry_bytes_max: int) -> _Examined:
+    """Every segment and entry, checked against each other and the manifest:
+    what `open` loads and `verify` reports."""
+    problems: list[Problem] = []
+    manifest = _read_manifest(dir, problems)
+    listing = _list_segments(dir)
+    scans, reports = [], []
+    seq_expected = None
+    flagged = False
+    for index, (name_seq, path) in enumerate(listing):
+        is_last = index == len(listing) - 1
+        if seq_expected is not None and name_seq != seq_expected:
+            problems.append(Problem(path, 0, "corrupt", _gap_detail(name_seq, seq_expected)))
+        scan = _scan_segment(path, _read_file(path), name_seq, is_last, entry_bytes_max)
+        scan.problem = _against_mark(scan, name_seq, manifest)
+        flagged |= scan.flagged
+        scans.append(scan)
+        reports.append(SegmentReport(path, name_seq, name_seq + scan.entries - 1, scan.entries,
+                                     scan.file_bytes, scan.valid_bytes, scan.zero_tail_bytes))
+        seq_expected = name_seq + scan.entries
+        if scan.problem is not None:
+            problems.append(scan.problem)
+            seq_expected = None  # Unknown where this segment really ended: no gap check.
+        elif scan.entries == 0 and not is_last:
+            problems.append(Problem(path, SEGMENT_HEADER_BYTES, "corrupt", "closed segment holds no entry"))
+    problems.extend(_mark_problems(dir, listing, reports, problems, manifest, flagged))
+    return _Examined(listing, scans, reports, problems, manifest)
+
+
+def _against_mark(scan: _Scan, name_seq: int, manifest: Manifest | None) -> Problem | None:
+    """A torn tail at or before the durable mark is corruption: those bytes
+    were reported durable, whatever damaged them."""
+    problem = scan.problem
+    if problem is None or problem.kind != "torn_tail" or manifest is None:
+        return problem
+    if scan.valid_bytes == 0:
+        if name_seq <= manifest.segment_seq:
+            return Problem(problem.file, problem.offset, "corrupt",
+                           f"{problem.detail}, but {MANIFEST_NAME} says this segment's "
+                           f"header was durable")
+        return problem
+    seq = name_seq + scan.entries
+    if seq <= manifest.durable_seq:
+        return Problem(problem.file, problem.offset, "corrupt",
+                       f"{problem.detail}, at seq {seq}, but entries up to seq "
+                       f"{manifest.durable_seq} were reported durable ({MANIFEST_NAME})")
+    return problem
+
+
+def _mark_problems(dir: str, listing: list, reports: list[SegmentReport],
+                   problems: list[Problem], manifest: Manifest | None,
+                   flagged: bool) -> list[Problem]:
+    """Segments missing at either end, or a journal shorter than its mark."""
+    manifest_path = os.path.join(dir, MANIFEST_NAME)
+    if manifest is None:
+        if flagged and not any(p.file == manifest_path for p in problems):
+            return [Problem(manifest_path, 0, "corrupt",
+                            f"{MANIFEST_NAME} is missing, but the segments were written by a "
+                            f"journal that keeps one: the durable high-water mark is lost")]
+        return []
+    names = {seq for seq, _ in listing}
+    found = []
+    if listing and listing[0][0] > manifest.first_seq:
+        found.append(Problem(listing[0][1], 0, "corrupt",
+                             f"the journal must start at seq {manifest.first_seq} "
+                             f"({MANIFEST_NAME}) but its oldest segment starts at seq "
+                             f"{listing[0][0]}: segments before it are missing"))
+    if manifest.segment_seq and manifest.segment_seq not in names:
+        found.append(Problem(os.path.join(dir, segment_name(manifest.segment_seq)), 0, "corrupt",
+                             f"the segment is missing, but {MANIFEST_NAME} says it was durable "
+                             f"(entries up to seq {manifest.durable_seq} were reported durable)"))
+    reached = reports[-1].last_seq if reports else 0
+    if not found and not any(p.kind == "corrupt" for p in problems) \
+            and reached < manifest.durable_seq:
+        where, offset = (reports[-1].file, reports[-1].valid_bytes) if reports else (dir, 0)
+        found.append(Problem(where, offset, "corrupt",
+                             f"the journal ends at seq {reached}, but entries up to seq "
+                             f"{manifest.durable_seq} were reported durable ({MANIFEST_NAME}): "
+                             f"acknowledged entries are missing (a truncated, zeroed or "
+                             f"deleted segment)"))
+    return found
+
+
+def _read_manifest(dir: str, problems: list[Problem]) -> Manifest | None:
+    """The manifest, or None if there is none (a journal made before it
+    existed); a damaged one is a problem (and None)."""
+    path = os.path.join(dir, MANIFEST_NAME)
+    try:
+        buf = _read_file(path)
+    except FileNotFoundError:
+        return None
+    detail = None
+    if len(buf) != MANIFEST.size:
+        detail = f"{MANIFEST_NAME} holds {len(buf)} bytes, not {MANIFEST.size}"
+    else:
+        magic, version, size, first_seq, segment_seq, durable_seq, _, crc = MANIFEST.unpack(buf)
+        if crc32c.crc32c(buf[:-4]) != crc:
+            detail = f"{MANIFEST_NAME} checksum mismatch"
+        elif magic != MANIFEST_MAGIC or version != MANIFEST_VERSION or size != MANIFEST.size:
+            detail = f"{MANIFEST_NAME} has an unknown format (magic {magic!r}, version {version})"
+    if detail is not None:
+        problems.append(Problem(path, 0, "corrupt", detail))
+        return None
+    return Manifest(first_seq, segment_seq, durable_seq)
+
+
+def _write_manifest(dir: str, manifest: Manifest) -> None:
+    """Atomically: a crash leaves the old manifest or the new one."""
+    head = MANIFEST.pack(MANIFEST_MAGIC, MANIFEST_VERSION, MANIFEST.size, manifest.first_seq,
+                         manifest.segment_seq, manifest.durable_seq, 0, 0)
+    data = head[:-4] + _CRC.pack(crc32c.crc32c(head[:-4]))
+    path = os.path.join(dir, MANIFEST_NAME)
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(errno_module.EIO, f"short write of {path}.tmp")
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.rename(path + ".tmp", path)
+    _fsync_dir_os(dir)
+
+
+def _write_quarantine(dir: str, name: str, data: memoryview) -> str:
+    """Writes `data` to a new file in <dir>/quarantine (fsync'd); its path."""
+    quarantine = os.path.join(dir, QUARANTINE_DIR)
+    created = not os.path.isdir(quarantine)
+    os.makedirs(quarantine, exist_ok=True)
+    for index in range(QUARANTINE_COPIES_MAX):
+        path = os.path.join(quarantine, name if index == 0 else f"{name}.{index}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise JournalError(f"{quarantine} already holds {QUARANTINE_COPIES_MAX} copies of "
+                           f"{name}: move them elsewhere, then start again")
+    try:
+        done = 0
+        while done < len(data):     # bounded: each write moves at least one byte
+            written = os.write(fd, data[done:])
+            if written <= 0:
+                raise OSError(errno_module.EIO, f"write of {path} wrote no bytes")
+            done += written
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir_os(quarantine)
+    if created:
+        _fsync_dir_os(dir)
+    return path
+
+
+def _nonzero_end(mv: memoryview, start: int) -> int:
+    """The offset just after the last non-zero byte at or after `start`
+    (`start` if there is none)."""
+    nonzero = np.flatnonzero(np.frombuffer(mv, np.uint8, offset=start))
+    return start + int(nonzero[-1]) + 1 if len(nonzero) else start
+
+
+def _count_entries(mv: memoryview, offset: int, seq: int) -> int:
+    """Entry headers with consecutive seqs from `offset` (checksums aside):
+    how many entries a torn tail had begun."""
+    count = 0
+    for _ in range(len(mv) // ENTRY_HEADER_BYTES + 1):
+        if len(mv) - offset < ENTRY_HEADER_BYTES:
+            break
+        _, payload_bytes, entry_seq = ENTRY_HEADER.unpack_from(mv, offset)
+        if entry_seq != seq + count:
+            break
+        count += 1
+        offset += ENTRY_HEADER_BYTES + payload_bytes + (-payload_bytes % ENTRY_ALIGN_BYTES)
+    return count
+
+
+def _entry_whole(mv: memoryview, offset: int, seq: int, entry_bytes_max: int) -> bool:
+    """The entry at `offset` has its expected seq, a length that fits, and
+    no all-zero sector: all of it was written, so a bad checksum is damage
+    on disk, not a torn write (whose unwritten sectors still hold zeros)."""
+    if len(mv) - offset < ENTRY_HEADER_BYTES:
+        return False
+    _, payload_bytes, entry_seq = ENTRY_HEADER.unpack_from(mv, offset)
+    if entry_seq != seq or payload_bytes > entry_bytes_max:
+        return False        # the header itself is not to be trusted
+    end = offset + ENTRY_HEADER_BYTES + payload_bytes + (-payload_bytes % ENTRY_ALIGN_BYTES)
+    if end > len(mv):
+        return False
+    for sector in range(offset - offset % SECTOR_BYTES, end, SECTOR_BYTES):
+        if _all_zero(mv[max(sector, offset):min(sector + SECTOR_BYTES, end)]):
+            return False
+    return True
 
 
 def _list_segments(dir: str) -> list[tuple[int, str]]:
@@ -864,18 +1159,32 @@ def _scan_segment(path: str, buf: bytes, name_seq: int, is_last: bool,
     mv = memoryview(buf)
     detail = _header_problem(mv, name_seq)
     if detail is not None:
-        return _Scan(0, len(buf), 0, _classify(path, mv, 0, detail, False, name_seq, is_last))
+        problem = _classify(path, mv, 0, detail, False, name_seq, is_last)
+        # A torn header is short, or zeros (a preallocated spare renamed into
+        # place) with nothing written after it; anything else is not a
+        # segment header this journal wrote.
+        if problem.kind == "torn_tail" and len(mv) >= SEGMENT_HEADER_BYTES and not _all_zero(mv):
+            problem = Problem(path, 0, "corrupt",
+                              f"{detail}, and the file is not a torn segment header (it holds "
+                              f"{len(mv)} bytes, not all zero): a damaged header or a foreign "
+                              f"file under a segment name")
+        return _Scan(0, len(buf), 0, problem)
+    flagged = bool(SEGMENT_HEADER.unpack_from(mv, 0)[4] & SEGMENT_FLAG_MANIFEST)
     entries = 0
     valid_bytes = SEGMENT_HEADER_BYTES
     stop: list = []
     for _, _, _, offset_next in _walk(mv, SEGMENT_HEADER_BYTES, name_seq, entry_bytes_max, stop):
         entries += 1
         valid_bytes = offset_next
-    problem = None
-    if stop and not _all_zero(mv[valid_bytes:]):    # zeros: space preallocated ahead
-        offset, detail, checksum_ok = stop[0]
-        problem = _classify(path, mv, offset, detail, checksum_ok, name_seq + entries, is_last)
-    return _Scan(entries, len(buf), valid_bytes, problem)
+    if not stop or _all_zero(mv[valid_bytes:]):    # zeros: space preallocated ahead
+        return _Scan(entries, len(buf), valid_bytes, None, flagged, len(buf) - valid_bytes)
+    offset, detail, checksum_ok = stop[0]
+    problem = _classify(path, mv, offset, detail, checksum_ok, name_seq + entries, is_last)
+    if problem.kind == "torn_tail" and _entry_whole(mv, offset, name_seq + entries, entry_bytes_max):
+        problem = Problem(path, offset, "corrupt",
+                          f"{detail}, though every byte of the entry is present: damaged on "
+                          f"disk, not a torn write")
+    return _Scan(entries, len(buf), valid_bytes, problem, flagged)
 
 
 def _all_zero(mv: memoryview) -> bool:

@@ -10,7 +10,8 @@ too: both must give the same state, and each snapshot must equal the full
 replay at its seq. Then AUDIT runs on the recovered state.
 
 `verify` exits 0 only if all is well (a torn tail, which every crash may
-leave and the engine drops at start, is a warning), 1 if anything is wrong,
+leave and the engine moves to quarantine/ at start, is a warning), 1 if anything is wrong
+(including entries it could not read),
 2 if DIR is not a data directory. `inspect` prints the same facts and exits 0
 whatever it finds; `--entries N` lists the first and last N entries.
 """
@@ -132,7 +133,9 @@ class Report:
         else:
             w("journal: no segment")
         for s in self.segments:
-            tail = "" if s.valid_bytes == s.bytes else f" ({s.bytes - s.valid_bytes} bytes not valid)"
+            tail = "" if s.valid_bytes == s.bytes else (
+                f" ({s.zero_tail_bytes:,} bytes zero-filled ahead)" if s.whole
+                else f" ({s.bytes - s.valid_bytes} bytes not valid)")
             w(f"  {os.path.basename(s.file)}  seq {s.first_seq}..{s.last_seq}  "
               f"{s.entries} entries  {s.bytes:,} bytes{tail}")
         if self.by_op:
@@ -202,7 +205,8 @@ def probe_lock(dir: str) -> bool:
 
 def entries_of(segments: list, from_seq: int = 1):
     """(seq, payload) of the valid, contiguous entries of the segments, read
-    straight from the files. Stops at the first gap."""
+    straight from the files. Stops at the first gap or damaged segment (a
+    zero-filled unused tail is not damage); callers check the count."""
     expected = None
     for s in segments:
         if expected is not None and s.first_seq != expected:
@@ -212,7 +216,7 @@ def entries_of(segments: list, from_seq: int = 1):
                 s.file, s.first_seq, max(from_seq, s.first_seq), s.last_seq,
                 journal_module.ENTRY_BYTES_MAX_DEFAULT)
         expected = s.last_seq + 1
-        if s.valid_bytes != s.bytes:
+        if not s.whole:
             return                     # damaged here: what follows is not trusted
 
 
@@ -259,8 +263,9 @@ def examine(dir: str, *, hold_ms=None, tz_offset_ms=None, replay=True, entries=0
     for problem in report.problems:
         where = f"{problem.file} at byte offset {problem.offset}: {problem.detail}"
         if problem.kind == "torn_tail":
-            report.warn(f"torn tail in {where}. A crash leaves this; those bytes were never "
-                        f"acknowledged and the engine drops them when it starts (nothing to do)")
+            report.warn(f"torn tail in {where}. A crash leaves this; those bytes come after "
+                        f"every entry reported durable, and the engine moves them to "
+                        f"{journal_module.QUARANTINE_DIR}/ when it starts (nothing to do)")
         else:
             report.error(f"journal corrupt: {where}. The engine refuses to start on it. "
                          f"Restore the data directory from a backup or a replica; do not "
@@ -291,24 +296,7 @@ def examine(dir: str, *, hold_ms=None, tz_offset_ms=None, replay=True, entries=0
                      f"(older segments were removed after snapshots): the state cannot be "
                      f"rebuilt; restore the directory from a backup")
 
-    # Entry statistics (and the listing), from every valid entry.
-    listing_last = collections.deque(maxlen=max(entries, 0))
-    try:
-        for seq, payload in entries_of(report.segments):
-            command = decode(payload)
-            report.by_op[NAMES.get(command.op, f"op {command.op}")] += 1
-            if report.now_min is None or command.now < report.now_min:
-                report.now_min = command.now
-            if report.now_max is None or command.now > report.now_max:
-                report.now_max = command.now
-            if entries > 0:
-                if len(report.listing_first) < entries:
-                    report.listing_first.append(summary(seq, command))
-                else:
-                    listing_last.append(summary(seq, command))
-    except (journal_module.JournalError, ValueError, msgspec.DecodeError) as e:
-        report.error(f"reading the journal failed: {e}")
-    report.listing_last = listing_last
+    _entry_stats(report, entries)
     unknown = [name for name in report.by_op
                if name.startswith("op ") or name in ("HELLO", "PING", "CLOCK")]
     if unknown:
@@ -329,6 +317,34 @@ def examine(dir: str, *, hold_ms=None, tz_offset_ms=None, replay=True, entries=0
                     f"tz_offset_ms {meta_newest.get('tz_offset_ms')}, not the settings given")
     _replays(report, valid, hold, tz)
     return report
+
+
+def _entry_stats(report: Report, entries: int) -> None:
+    """Entry statistics (and the listing) from every valid entry, read in
+    order; entries that could not be read are an error that says so."""
+    listing_last = collections.deque(maxlen=max(entries, 0))
+    read = 0
+    try:
+        for seq, payload in entries_of(report.segments):
+            read += 1
+            command = decode(payload)
+            report.by_op[NAMES.get(command.op, f"op {command.op}")] += 1
+            if report.now_min is None or command.now < report.now_min:
+                report.now_min = command.now
+            if report.now_max is None or command.now > report.now_max:
+                report.now_max = command.now
+            if entries > 0:
+                if len(report.listing_first) < entries:
+                    report.listing_first.append(summary(seq, command))
+                else:
+                    listing_last.append(summary(seq, command))
+    except (journal_module.JournalError, ValueError, msgspec.DecodeError) as e:
+        report.error(f"reading the journal failed: {e}")
+    if read < report.entries:
+        report.error(f"only {read} of the {report.entries} valid entries could be read in "
+                     f"order (the rest follow a gap or damage reported above): entries after "
+                     f"seq {report.first_seq + read - 1} were not checked or replayed")
+    report.listing_last = listing_last
 
 
 def _engine(hold: int, tz: int):

@@ -832,3 +832,49 @@ def test_a_snapshot_is_due_by_journal_bytes_as_well_as_entries(tmp_path):
     list(again.commands_after(0, replaying=True))
     assert again.bytes_since_snapshot >= 3 * (400 << 10)
     again.close()
+
+
+# ---------------------------------------- the durable mark (issue 14, storage)
+
+def test_foreign_file_under_a_segment_name_stops_the_engine_and_serve(tmp_path):
+    """Random bytes named like the first segment, beside a valid
+    settings.json: the engine used to delete them as a torn tail and serve
+    an empty ledger. Now it refuses, keeps the file, and `scanpay serve`
+    says so in one line."""
+    datadir = tmp_path / "data"
+    Engine(str(datadir), hold_ms=cc.HOLD_MS).close()        # settings.json and a manifest
+    for name in os.listdir(datadir):
+        if name.startswith("journal"):
+            os.unlink(datadir / name)
+    garbage = os.urandom(100_000)
+    segment = datadir / "journal-00000000000000000001.seg"
+    segment.write_bytes(garbage)
+    with pytest.raises(JournalCorrupt, match="foreign file"):
+        Engine(str(datadir), hold_ms=cc.HOLD_MS)
+    served = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "serve", "--data", str(datadir), "--listen",
+         "127.0.0.1:0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert served.returncode == 1, served.stderr
+    lines = served.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in served.stderr, served.stderr
+    assert lines[0].startswith("scanpay serve: journal corrupt: ")
+    assert str(segment) in lines[0] and "scanpay journal verify" in lines[0]
+    assert segment.read_bytes() == garbage
+
+
+def test_deleting_the_last_of_two_segments_is_refused(tmp_path):
+    """Without a snapshot, deleting the last segment used to start the
+    engine silently without every payment it held."""
+    datadir = str(tmp_path / "data")
+    eng = Engine(datadir, hold_ms=cc.HOLD_MS, segment_bytes_max=256 * 1024)
+    send_stream(eng, 5, range(120))
+    payments = eng.counts()["payments"]
+    eng.close()
+    segments = verify(datadir).segments
+    assert len(segments) >= 2 and not list_snapshots(datadir)
+    os.unlink(segments[-1].file)
+    with pytest.raises(JournalCorrupt, match="missing") as caught:
+        Engine(datadir, hold_ms=cc.HOLD_MS)
+    assert caught.value.file == segments[-1].file
+    assert payments > 0

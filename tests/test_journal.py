@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from faulty_fs import FaultyFs
 from engine.journal import (
-    ENTRY_HEADER_BYTES, SEGMENT_HEADER_BYTES, Journal, JournalCorrupt, JournalError,
-    JournalUnavailable, segment_name, verify,
+    ENTRY_HEADER_BYTES, MANIFEST_NAME, SEGMENT_HEADER_BYTES, Journal, JournalCorrupt,
+    JournalError, JournalUnavailable, Manifest, _write_manifest, segment_name, verify,
 )
 
 
@@ -49,6 +49,20 @@ def entry_offsets(path):
         offsets.append((offset, frame))
         offset += frame
     return offsets
+
+
+def crash_manifest(directory, segment_seq, durable_seq, first_seq=1):
+    """The manifest of a journal that crashed while entries after
+    `durable_seq` were being written (never reported durable)."""
+    _write_manifest(str(directory), Manifest(first_seq, segment_seq, durable_seq))
+
+
+def quarantined(directory):
+    """{name: bytes} of the files recovery moved to quarantine/."""
+    folder = os.path.join(directory, "quarantine")
+    if not os.path.isdir(folder):
+        return {}
+    return {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
 
 
 def flip(path, offset):
@@ -206,6 +220,7 @@ def test_torn_tail_at_every_byte_offset_of_the_last_entry(tmp_path, caplog):
         directory = tmp_path / f"torn-{size}"
         directory.mkdir()
         (directory / segment_name(1)).write_bytes(data[:size])
+        crash_manifest(directory, 1, 2)     # crashed while writing entry 3
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="engine.journal"):
             journal = Journal.open(directory)
@@ -216,6 +231,10 @@ def test_torn_tail_at_every_byte_offset_of_the_last_entry(tmp_path, caplog):
                 assert f"byte offset {last_offset}" in caplog.text
                 assert f"dropping {size - last_offset} bytes" in caplog.text
                 assert str(directory / segment_name(1)) in caplog.text
+                # Never deleted: the dropped bytes (up to the last non-zero one) are kept.
+                kept = data[last_offset:size].rstrip(b"\0")
+                assert quarantined(directory) == (
+                    {f"{segment_name(1)}.{last_offset}.torn": kept} if kept else {})
             assert os.path.getsize(directory / segment_name(1)) == last_offset
             assert journal.append(b"again") == 3
         with Journal.open(directory) as journal:
@@ -232,6 +251,7 @@ def test_torn_tail_inside_a_new_segment_header(tmp_path, caplog):
         directory = tmp_path / f"torn-{size}"
         shutil.copytree(source, directory)
         (directory / segment_name(2)).write_bytes(data[:size])
+        crash_manifest(directory, 1, 1)     # crashed while rolling to segment 2
         with caplog.at_level(logging.WARNING, logger="engine.journal"):
             with Journal.open(directory, segment_bytes_max=128) as journal:
                 assert read_all(journal) == [(1, bytes(90))]
@@ -441,16 +461,28 @@ def test_verify_reports_and_modifies_nothing(tmp_path):
 @given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=8),
        segment_bytes_max=st.integers(64, 700), data=st.data())
 def test_random_damage_never_yields_a_wrong_payload(sizes, segment_bytes_max, data):
-    """A truncation or a byte flip anywhere: every payload read is exact; the
-    only loss allowed is the tail; anything else is JournalCorrupt."""
+    """A truncation or a byte flip anywhere, after a clean close or in the
+    image a crash leaves: every payload read is exact; the only loss allowed
+    is a tail beyond the durable mark; anything else is JournalCorrupt."""
     directory = tempfile.mkdtemp()
     try:
         payloads = [payload_of(seq, size) for seq, size in enumerate(sizes, 1)]
+        crashed = data.draw(st.booleans())
         with Journal.open(directory, segment_bytes_max=segment_bytes_max) as journal:
             for payload in payloads:
                 journal.append(payload)
                 if data.draw(st.booleans()):
                     journal.sync()
+            journal.sync()
+            if crashed:     # the files as they are now; the manifest as last written
+                image = os.path.join(directory, "crash")
+                os.mkdir(image)
+                for name in segments_in(directory) + [MANIFEST_NAME]:
+                    shutil.copy(os.path.join(directory, name), image)
+        if crashed:
+            directory = image
+        manifest = verify(directory).manifest
+        mark = manifest.durable_seq
         names = segments_in(directory)
         last_path = os.path.join(directory, names[-1])
         last_first_seq = int(names[-1][8:28])
@@ -464,6 +496,7 @@ def test_random_damage_never_yields_a_wrong_payload(sizes, segment_bytes_max, da
             # Entries wholly below the cut survive; the rest are the tail.
             surviving = last_first_seq - 1 + sum(
                 1 for offset, frame in last_entries if offset + frame <= size)
+            header_cut = size < SEGMENT_HEADER_BYTES and last_first_seq <= manifest.segment_seq
         else:
             name = data.draw(st.sampled_from(names))
             path = os.path.join(directory, name)
@@ -474,12 +507,14 @@ def test_random_damage_never_yields_a_wrong_payload(sizes, segment_bytes_max, da
             with Journal.open(directory, segment_bytes_max=segment_bytes_max) as journal:
                 got = read_all(journal)
         except JournalCorrupt:
-            assert not truncate
+            # Cutting a torn tail beyond the mark is never refused.
+            assert not truncate or surviving < mark or header_cut
             event("corrupt")
             return
         event("intact" if len(got) == len(payloads) else "tail dropped")
         seqs = [seq for seq, _ in got]
         assert seqs == list(range(1, len(seqs) + 1))
+        assert len(got) >= mark             # nothing reported durable is ever lost
         for seq, payload in got:
             assert payload == payloads[seq - 1]
         if truncate:
@@ -488,7 +523,7 @@ def test_random_damage_never_yields_a_wrong_payload(sizes, segment_bytes_max, da
             # A flip may only cost the entry it hit, and only if that was the last.
             assert len(got) == len(payloads) or (in_last_entry and len(got) == len(payloads) - 1)
     finally:
-        shutil.rmtree(directory)
+        shutil.rmtree(directory.removesuffix("/crash"))
 
 
 # ------------------------------------------------------------- group commit
@@ -738,3 +773,211 @@ def test_short_writes_are_completed(tmp_path):
         journal.sync()
     with Journal.open(tmp_path) as journal:
         assert read_all(journal) == list(enumerate(payloads, 1))
+
+
+# ------------------------------------- the durable mark: never delete, never skip
+
+def crash_image(journal, image):
+    """The files a crash would leave now (journal still open): the segments
+    as written and the manifest as last written."""
+    os.mkdir(image)
+    for name in segments_in(journal.dir) + [MANIFEST_NAME]:
+        shutil.copy(os.path.join(journal.dir, name), image)
+    return image
+
+
+def test_foreign_file_under_a_segment_name_is_refused_and_kept(tmp_path):
+    """Random bytes named like a segment used to be a "torn tail at byte
+    offset 0": deleted, and the journal started empty."""
+    garbage = os.urandom(100_000)
+    path = tmp_path / segment_name(1)
+    path.write_bytes(garbage)
+    with pytest.raises(JournalCorrupt, match="foreign file under a segment name") as caught:
+        Journal.open(tmp_path)
+    assert caught.value.file == str(path) and caught.value.offset == 0
+    assert path.read_bytes() == garbage
+    assert verify(tmp_path).corrupt
+
+
+def test_a_torn_segment_header_is_quarantined_not_deleted(tmp_path, caplog):
+    with Journal.open(tmp_path, segment_bytes_max=128) as journal:
+        journal.append(bytes(90))
+        journal.sync()
+        image = crash_image(journal, tmp_path / "crash")
+        journal.append(bytes(90))           # rolls to segment 2
+    # The crash came while segment 2 got its header: 20 of its 32 bytes.
+    header = (tmp_path / segment_name(2)).read_bytes()[:SEGMENT_HEADER_BYTES]
+    (image / segment_name(2)).write_bytes(header[:20])
+    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+        with Journal.open(image, segment_bytes_max=128) as journal:
+            assert read_all(journal) == [(1, bytes(90))]
+    assert segment_name(2) not in segments_in(image)
+    # Kept up to the last non-zero byte (the zeros after it carry nothing).
+    assert quarantined(image) == {f"{segment_name(2)}.0.torn": header[:20].rstrip(b"\0")}
+    assert "dropping 20 bytes (0 entries" in caplog.text
+    assert str(image / "quarantine") in caplog.text
+
+
+@pytest.mark.parametrize("crashed", [False, True])
+def test_deleting_the_last_segment_is_refused(tmp_path, crashed):
+    """Without a snapshot, a deleted last segment used to leave a shorter
+    journal that started silently: every entry in it was lost."""
+    with Journal.open(tmp_path / "data", segment_bytes_max=1024) as journal:
+        for seq in range(1, 21):            # 8 entries a segment: 1.., 9.., 17..20
+            journal.append(payload_of(seq, 100))
+            journal.sync()
+        if crashed:     # the mark was last rewritten after the roll, not at close
+            directory = crash_image(journal, tmp_path / "crash")
+    directory = tmp_path / "crash" if crashed else tmp_path / "data"
+    names = segments_in(directory)
+    assert len(names) >= 3
+    os.unlink(directory / names[-1])
+    with pytest.raises(JournalCorrupt, match="missing") as caught:
+        Journal.open(directory, segment_bytes_max=1024)
+    assert caught.value.file == str(directory / names[-1])
+    assert verify(directory).corrupt
+
+
+def test_retention_moves_the_first_seq_so_only_a_missing_first_segment_after_it_is_refused(
+        tmp_path):
+    with Journal.open(tmp_path, segment_bytes_max=128) as journal:
+        for seq in range(1, 6):
+            journal.append(bytes(90))
+            journal.sync()
+        assert [os.path.basename(p) for p in journal.remove_segments_before(3)] == \
+            [segment_name(1), segment_name(2)]
+    with Journal.open(tmp_path, segment_bytes_max=128) as journal:    # retention: fine
+        assert journal.first_seq == 3 and read_all(journal, 3)[-1][0] == 5
+    os.unlink(tmp_path / segment_name(3))
+    with pytest.raises(JournalCorrupt, match="must start at seq 3"):
+        Journal.open(tmp_path, segment_bytes_max=128)
+
+
+def test_a_lost_manifest_is_refused(tmp_path):
+    write_journal(tmp_path, [b"one", b"two"])
+    os.unlink(tmp_path / MANIFEST_NAME)
+    with pytest.raises(JournalCorrupt, match="manifest is missing"):
+        Journal.open(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_bytes(os.urandom(48))
+    with pytest.raises(JournalCorrupt, match="manifest checksum"):
+        Journal.open(tmp_path)
+
+
+def test_flipped_byte_in_the_last_acknowledged_entry_is_corruption(tmp_path):
+    """It used to be dropped as "a torn tail that was never acknowledged"."""
+    write_journal(tmp_path / "data", [payload_of(seq, 800) for seq in range(1, 4)])
+    last_offset, last_frame = entry_offsets(tmp_path / "data" / segment_name(1))[-1]
+    for at in (last_offset + 100, last_offset + last_frame - 20, last_offset + 2):
+        directory = tmp_path / f"flip-{at}"
+        shutil.copytree(tmp_path / "data", directory)
+        flip(directory / segment_name(1), at)
+        before = (directory / segment_name(1)).read_bytes()
+        with pytest.raises(JournalCorrupt) as caught:
+            Journal.open(directory)
+        assert caught.value.offset == last_offset
+        assert "seq 3" in str(caught.value)
+        assert (directory / segment_name(1)).read_bytes() == before
+
+
+def test_flipped_byte_in_a_whole_last_entry_is_corruption_even_after_a_crash(tmp_path):
+    """Without the mark (a crash before the entry's segment was named), the
+    shape decides: every byte of the entry is there, so it was written in
+    full and damaged afterwards, not torn."""
+    write_journal(tmp_path, [payload_of(seq, 800) for seq in range(1, 4)])
+    crash_manifest(tmp_path, 1, 2)
+    last_offset, _ = entry_offsets(tmp_path / segment_name(1))[-1]
+    flip(tmp_path / segment_name(1), last_offset + 300)
+    with pytest.raises(JournalCorrupt, match="every byte of the entry is present"):
+        Journal.open(tmp_path)
+
+
+def test_zeroed_last_entry_is_corruption(tmp_path):
+    """Zeros look like space never written: it used to be dropped without
+    even a warning. The mark says the entry was durable."""
+    write_journal(tmp_path, [payload_of(seq, 100) for seq in range(1, 4)])
+    last_offset, last_frame = entry_offsets(tmp_path / segment_name(1))[-1]
+    with open(tmp_path / segment_name(1), "r+b") as file:
+        file.seek(last_offset)
+        file.write(bytes(last_frame))
+    with pytest.raises(JournalCorrupt, match="ends at seq 2, but entries up to seq 3"):
+        Journal.open(tmp_path)
+    report = verify(tmp_path)
+    assert report.corrupt and report.manifest.durable_seq == 3
+
+
+def test_truncated_active_segment_is_refused_once_the_mark_covers_it(tmp_path):
+    write_journal(tmp_path, [payload_of(seq, 100) for seq in range(1, 4)])
+    last_offset, _ = entry_offsets(tmp_path / segment_name(1))[-1]
+    os.truncate(tmp_path / segment_name(1), last_offset + 10)
+    with pytest.raises(JournalCorrupt, match="reported durable"):
+        Journal.open(tmp_path)
+    assert os.path.getsize(tmp_path / segment_name(1)) == last_offset + 10
+
+
+def test_spare_is_removed_when_the_disk_fills(tmp_path, monkeypatch, caplog):
+    """ENOSPC while zero-filling used to leave the half-made spare behind,
+    holding the space the journal needed."""
+    real_pwrite = os.pwrite
+    chunks = [0]
+
+    def pwrite(fd, data, offset):
+        chunks[0] += 1
+        if chunks[0] > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+        journal = Journal.open(tmp_path, segment_bytes_max=1 << 20, prealloc=True)
+        journal._spare._thread.join(timeout=10)
+        assert not journal._spare._thread.is_alive()
+        assert chunks[0] == 4
+        assert "journal-spare.tmp" not in os.listdir(tmp_path)
+        journal.append(b"still works")
+        journal.sync()
+        journal.close()
+    assert "No space left" in caplog.text
+
+
+def test_spare_is_not_made_while_the_disk_cannot_hold_it(tmp_path, monkeypatch, caplog):
+    real_statvfs = os.statvfs
+
+    class Full:
+        def __init__(self, path):
+            stat = real_statvfs(path)
+            self.f_frsize = stat.f_frsize
+            self.f_bavail = (1 << 20) // stat.f_frsize     # 1 MiB free
+
+    monkeypatch.setattr(os, "statvfs", Full)
+    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+        with Journal.open(tmp_path, segment_bytes_max=1 << 20, prealloc=True) as journal:
+            journal._spare._thread.join(timeout=10)
+            assert "journal-spare.tmp" not in os.listdir(tmp_path)
+            journal.append(b"appended")
+    assert "not preallocating" in caplog.text
+
+
+def test_an_entry_with_an_unwritten_sector_is_a_torn_write(tmp_path, caplog):
+    """The shape rule must not refuse a real torn write: an entry whose
+    header made it to disk but one of whose sectors did not (still zero, as
+    preallocated) is dropped to quarantine/, not refused."""
+    with Journal.open(tmp_path / "data") as journal:
+        journal.append(payload_of(1, 100))
+        journal.sync()
+        directory = crash_image(journal, tmp_path / "crash")
+    path = directory / segment_name(1)
+    with Journal.open(tmp_path / "whole") as other:     # the bytes entry 2 would have had
+        other.append(payload_of(1, 100))
+        other.append(payload_of(2, 3000))
+    offset, frame = entry_offsets(tmp_path / "whole" / segment_name(1))[-1]
+    entry = bytearray((tmp_path / "whole" / segment_name(1)).read_bytes()[offset:offset + frame])
+    sector = 512 - offset % 512 + 512                   # file offset of a whole sector inside
+    entry[sector:sector + 512] = bytes(512)
+    with open(path, "ab") as file:
+        file.write(bytes(entry) + bytes(8192))
+    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+        with Journal.open(directory) as journal:
+            assert read_all(journal) == [(1, payload_of(1, 100))]
+    assert "torn tail" in caplog.text and "1 entries from seq 2" in caplog.text
+    kept, = quarantined(directory).values()
+    assert kept == bytes(entry).rstrip(b"\0")

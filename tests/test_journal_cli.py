@@ -1,5 +1,6 @@
 """`scanpay journal verify|inspect DIR`: output, exit codes, read-only."""
 import os
+import time
 
 import pytest
 
@@ -79,7 +80,7 @@ def test_torn_tail_is_a_warning_and_is_left_alone(tmp_path, capsys):
     code, out = cli(capsys, "verify", datadir)
     assert code == 0, out
     assert "WARNING: torn tail in " in out and "byte offset" in out
-    assert "drops them when it starts" in out
+    assert "moves them to quarantine/ when it starts" in out
     assert files_of(datadir) == before                 # not truncated by verify
 
 
@@ -156,3 +157,44 @@ def test_not_a_data_directory(tmp_path, capsys):
     assert code == 2 and "not a data directory" in out
     with pytest.raises(SystemExit):
         main(["journal", "check", str(tmp_path)])
+
+
+def test_verify_reads_every_entry_of_preallocated_segments(tmp_path, capsys):
+    """Segments zero-filled ahead end in zeros: verify used to stop at the
+    first such closed segment, replay a part of the journal and say OK."""
+    datadir = tmp_path / "data"
+    current = [0]
+    eng = Engine(str(datadir), clock=lambda: cc.T0 + current[0] * cc.STEP_MS,
+                 hold_ms=cc.HOLD_MS, segment_bytes_max=128 * 1024, journal_prealloc=True)
+    last_code = [0]
+    for k in range(150):
+        spare = eng.storage.journal._spare
+        for _ in range(10_000):             # every roll finds its spare ready
+            if spare.ready():
+                break
+            time.sleep(0.001)
+        current[0] = k
+        name, payload = cc.op_at(4, k)
+        cc.send(eng, name, payload, last_code)
+    digest = eng.digest()
+    last = eng.storage.journal.last_seq
+    eng.close()
+    segments = verify(str(datadir)).segments
+    assert len(segments) >= 4
+    assert sum(1 for s in segments[:-1] if s.zero_tail_bytes) >= 2
+    code, out = cli(capsys, "verify", datadir, "--hold-ms", cc.HOLD_MS)
+    assert code == 0, out
+    assert f"replay (as the engine starts): {last} entries from entry 1 (1..{last})" in out
+    assert f"state digest: {digest}" in out and "result: OK" in out
+    assert "bytes zero-filled ahead" in out
+
+
+def test_verify_says_what_it_could_not_read(tmp_path, capsys):
+    datadir = tmp_path / "data"
+    build(datadir, ops=40, segment_bytes_max=4 * 1024).close()
+    segments = verify(str(datadir)).segments
+    assert len(segments) >= 3
+    os.unlink(segments[1].file)                  # a gap: what follows is not replayed
+    code, out = cli(capsys, "verify", datadir)
+    assert code == 1, out
+    assert f"only {segments[0].entries} of the " in out and "were not checked" in out
