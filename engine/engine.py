@@ -490,6 +490,7 @@ class Engine:
 
     def canonical(self) -> dict:
         """The whole state as canonical tables (engine/canonical.py)."""
+        self._ensure_current()
         return export.canonical(self.state)
 
     def digest(self) -> str:
@@ -500,6 +501,7 @@ class Engine:
         return self.call("AUDIT", {})
 
     def counts(self) -> dict:
+        self._ensure_current()
         ledger = self.state.ledger
         return {"users": ledger.n_users, "merchants": ledger.n_merchants,
                 "stocks": ledger.n_stocks, "coupons": ledger.n_coupons,
