@@ -285,8 +285,7 @@ class Engine:
         if self.storage is not None:
             generation = self.generation
             self._storage_ready()
-            spec = MAP_OPS_BY_CODE.get(op)
-            if self.generation != generation and spec is not None and spec.draw:
+            if self.generation != generation and getattr(MAP_OPS_BY_CODE.get(op), "draw", None):
                 # Its draws were made from the state before the rebuild (a
                 # payment code for a user that may not exist any more).
                 raise Unavailable("storage failed and the state was rebuilt from the "

@@ -798,8 +798,8 @@ async def balance(client, user=1, request_id=901) -> int:
 def test_pay_answered_unavailable_under_load_is_never_applied(tmp_path, monkeypatch, call,
                                                               error):
     """Issue 14, over the socket: while one fsync is held, 100 PAY frames
-    from 4 gateways are applied behind it and a BALANCES read is queued
-    after them; then the journal fails. Every one of them is answered
+    from 4 gateways, a TOPUP and a BALANCES read are applied behind it;
+    then the journal fails. Every one of them is answered
     unavailable (none by the sender thread's fast path), none is visible in
     GET_PAYMENTS or the balances, not after the storage heals, not after a
     restart; a retry then succeeds once. The payments answered ok before
@@ -833,6 +833,7 @@ def test_pay_answered_unavailable_under_load_is_never_applied(tmp_path, monkeypa
         await until(fs.entered.is_set, "the held fsync")
         for i, pay_id in enumerate(failed):
             gateways[i % 4].send(16, pay_id, pay_body([pay_id]))
+        gateways[1].send(34, 6, enc({"topups": [{"id": 3, "user": 2, "amount": 7}]}))
         gateways[0].send(43, 7, enc({"users": [1]}))
         await until(lambda: engine.counts()["payments"] == 151 and not server.writer.queue,
                     "the writer to apply the pipelined frames")
@@ -844,8 +845,9 @@ def test_pay_answered_unavailable_under_load_is_never_applied(tmp_path, monkeypa
             for pay_id in failed[k::4]:
                 reply = await gateway.recv()
                 assert reply[2] == pay_id and error_of(reply)["name"] == "unavailable"
+        topup = error_of(await gateways[1].recv())  # a map write behind the failed fsync
         read = error_of(await gateways[0].recv())   # computed from the failed state
-        assert read["name"] == "unavailable" and read["retryable"]
+        assert topup["name"] == read["name"] == "unavailable" and read["retryable"]
         assert await paid(c, acked + failed) == acked
         assert await balance(c) == before - 100
         assert error_of(await c.call(16, pay_body([failed[0]]), 8))["name"] == "unavailable"
@@ -870,6 +872,9 @@ def test_pay_answered_unavailable_under_load_is_never_applied(tmp_path, monkeypa
         _op, flags, _rid, body = await c.call(16, pay_body([failed[0]]), 10)
         assert np.frombuffer(body, PAY_RESULT)[0]["flags"] & RESULT_DUPLICATE
         assert await balance(c) == before - 100 * 101
+        _flags, reply = await c.map(34, {"topups": [{"id": 3, "user": 2, "amount": 7}]}, 12)
+        assert reply["results"] == [{"status": 0}]      # applied now, not a duplicate
+        assert await balance(c, user=2) == 5 + 7
         _flags, audit = await c.map(45, {}, 11)
         assert audit["ok"]
         await server.stop()
