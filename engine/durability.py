@@ -4,8 +4,10 @@ Journal before acknowledge: a command is appended, applied, and acknowledged
 after the fsync that covers it. Snapshots are written by a forked child from
 a copy-on-write image of the state, so the engine pauses only for the fork.
 Recovery loads the newest valid snapshot and replays the journal after it.
-Storage failures make the engine refuse writes with `unavailable` until the
-journal can rewrite what it had not made durable.
+A storage failure is a fail-stop: the journal drops every entry that was
+not durable yet (their commands are answered `unavailable`), the engine
+rebuilds its state from the snapshot and the durable journal (as at start),
+and writes are refused with `unavailable` until the storage works again.
 """
 import json
 import logging
@@ -34,7 +36,7 @@ SNAPSHOT_EVERY_MB_DEFAULT = 1024
 RETAIN_SNAPSHOTS_DEFAULT = 2
 SNAPSHOT_MB_PER_S_DEFAULT = 64          # pacing of snapshot writes (None: full speed)
 SNAPSHOT_NICE = 10                      # the snapshot child yields the cores to the engine
-RECOVER_INTERVAL_MS = 1_000                 # how often a failed journal is retried
+RECOVER_INTERVAL_MS = 1_000             # how often failed storage (or a failed rebuild) is retried
 
 
 def state_to_snapshot(state: State) -> tuple[dict, dict]:
@@ -135,17 +137,29 @@ class Storage:
                 self.bytes_since_snapshot += len(payload)
             yield decode(payload)
 
+    def prepare_reload(self) -> None:
+        """Before the engine rebuilds its state after a storage failure: the
+        load starts from no snapshot, as at start (`snapshot_seq` may name one
+        whose child failed or still writes). A child still writing is left
+        to finish: its snapshot is of a durable entry (`snapshot` syncs before
+        the fork), so it is valid whenever it is done, and the load takes the
+        newest finished one meanwhile."""
+        self.reap_snapshot(block=False)
+        self.snapshot_seq = 0
+        self.bytes_since_snapshot = 0
+
     # -- writes -----------------------------------------------------------
 
     def before_write(self) -> None:
-        """Refuse writes while storage is failed; retry it now and then."""
+        """Refuse writes while storage is failed; retry it now and then. (The
+        engine has rebuilt its state to the journal's durable prefix before:
+        the entries dropped by the failure are gone from both.)"""
         if not self.journal.failed:
             return
         if time.monotonic() >= self.recover_after:
             self.recover_after = time.monotonic() + RECOVER_INTERVAL_MS / 1000
             try:
-                self.journal.recover()
-                log.warning("journal recovered: accepting writes again")
+                self.journal.recover()      # it logs that writes are accepted again
                 return
             except JournalUnavailable:
                 pass
@@ -183,6 +197,9 @@ class Storage:
         self.reap_snapshot(block=True)
         self.sync()
         seq = self.journal.last_seq
+        # A storage failure drops only entries that are not durable: the
+        # state forked here never holds one.
+        assert seq == self.journal.durable_seq, "snapshot of entries not durable"
         started = time.perf_counter()
         pid = os.fork()
         if pid == 0:                        # child: write and leave, touching nothing else

@@ -5,6 +5,11 @@ Every state-changing call becomes a `Command` (op, engine time, random draws,
 body) that is journaled, applied, and acknowledged only once the journal's
 fsync covering it has returned. Replay applies the same commands through the
 same `_execute`, so a recovered engine equals the one that crashed.
+
+A storage failure is a fail-stop, recovered in process: the journal drops
+the commands that were not durable (their callers get `unavailable`), and
+before the next read or write the engine rebuilds its state from the
+snapshot and the durable journal, exactly as at start (`_ensure_current`).
 """
 import concurrent.futures
 import logging
@@ -15,13 +20,14 @@ import time
 import msgspec
 import numpy as np
 
-from . import canonical, export
+from . import canonical, durability, export
 from .command import Command
 from .dispatch import (MAP_OPS, MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_EXPIRE, OP_ISSUE,
                        OP_PAY, OP_REFUND_RECORDS, PLANNED_OPS)
 from ._kernel import TABLE_ROWS
 from .durability import Storage
-from .errors import BadBody, UnknownOp
+from .errors import BadBody, Unavailable, UnknownOp
+from .journal import JournalError
 from .records import (CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
                       PAYMENT_CODE_MAX, PAYMENT_CODE_MIN, REFUND_RECORD, REFUND_RESULT)
 from .state import HOLD_MS_DEFAULT, TZ_OFFSET_MS_DEFAULT, State
@@ -30,6 +36,7 @@ from .threads import NICE_MIN, raise_thread_priority
 log = logging.getLogger("scanpay.engine")
 
 BATCH_RECORDS_MAX = 8190
+SYNC_IDLE_WAIT_S = 5.0          # a rebuild waits this long for the sync thread to finish
 # Record ops: op -> (record dtype, result dtype, the kernel's batch apply).
 RECORD_OPS = {
     OP_PAY: (PAY_RECORD, PAY_RESULT, "pay"),
@@ -105,28 +112,29 @@ class Engine:
         self.code_source = code_source or random_payment_code
         self.currency = currency
         self.hold_ms = hold_ms
-        self.state = State(tz_offset_ms=tz_offset_ms, hold_ms=hold_ms)
+        self.tz_offset_ms = tz_offset_ms
         self.storage = None
         self._tail_counted = {}         # snapshot seq -> rows its journal tail adds
         for table in capacity or {}:
             if table not in CAPACITY_TABLES:
                 raise ValueError(f"capacity: unknown table {table!r} (known: {CAPACITY_TABLES})")
-        capacity = with_visits(capacity or {})
+        self._capacity = with_visits(capacity or {})
         if path is not None:
             self.storage = Storage(path, **storage_options)
             self.storage.check_settings({"tz_offset_ms": tz_offset_ms, "hold_ms": hold_ms,
                                          "currency": currency})
-            tail = self._tail_records(self.storage.newest_snapshot_seq())
-            recovered = self.storage.load_state(rows_for_tables(capacity, tail))
-            if recovered is not None:
-                self.state = recovered
-        # Before replay, so that replay does not grow the tables step by step.
-        # A hint is the table's whole size: after a restart it is not added again.
-        ledger = self.state.ledger
-        for table, rows in capacity.items():
-            ledger.reserve(table, max(0, int(rows) - ledger.rows(table)))
-        if self.storage is not None:
-            self._replay()
+        self._load_state()
+        # Fail-stop bookkeeping (`_ensure_current`): the journal seq of the
+        # last command applied to the state, whether the state must be
+        # rebuilt, when a failed rebuild may be tried again, the engine time
+        # the next command may not go below, and how many rebuilds there were
+        # (the server's writer turns replies computed before one into
+        # `unavailable`).
+        self._applied_seq = self.storage.journal.last_seq if self.storage else 0
+        self._stale = False
+        self._rebuild_after = 0.0
+        self._now_floor_ms = 0
+        self.generation = 0
         # The sync thread (and the server's sender thread) at this nice value
         # relative to the process: engine/threads.py says why.
         assert NICE_MIN <= io_threads_nice <= 0
@@ -152,8 +160,96 @@ class Engine:
     # -- time -------------------------------------------------------------
 
     def _now(self) -> int:
-        """max(last kept stamp, clock): engine time never goes back."""
-        return max(self.state.now, int(self.clock()))
+        """max(last kept stamp, clock): engine time never goes back, not
+        even behind the stamps of commands a storage failure dropped."""
+        return max(self.state.now, self._now_floor_ms, int(self.clock()))
+
+    # -- fail-stop after a storage failure ----------------------------------
+
+    def _ensure_current(self) -> None:
+        """Before any read or write: if a storage failure dropped commands
+        that the state had applied, rebuild the state from the last snapshot
+        and the durable journal (the start-up path; replay is deterministic).
+        Raises Unavailable while that cannot be done (retried every
+        RECOVER_INTERVAL_MS)."""
+        if self.storage is None:
+            return
+        if not self._stale and self._applied_seq <= self.storage.journal.last_seq:
+            return
+        if time.monotonic() < self._rebuild_after:
+            raise Unavailable("storage failed; the state is being rebuilt from the journal "
+                              "(see the server log); retry later")
+        self._stale = True
+        self._now_floor_ms = max(self._now_floor_ms, self.state.now)
+        try:
+            self._rebuild()
+        except (OSError, JournalError, concurrent.futures.TimeoutError) as error:
+            self._rebuild_after = time.monotonic() + durability.RECOVER_INTERVAL_MS / 1000
+            log.error("rebuilding the state after a storage failure failed (%s); reads and "
+                      "writes are refused until it succeeds (retried)", error)
+            raise Unavailable(f"storage failed and the state could not be rebuilt yet: "
+                              f"{error}; retry later") from None
+        self._stale = False
+        self.generation += 1
+
+    def _rebuild(self) -> None:
+        """The state as the journal's durable prefix says, in place of one
+        that holds dropped commands."""
+        started = time.perf_counter()
+        self._wait_sync_idle()
+        journal = self.storage.journal
+        assert journal.last_seq == journal.durable_seq, "rebuild with entries pending"
+        log.warning("storage failed: dropping the %d applied commands after journal entry %d "
+                    "(answered unavailable) and rebuilding the state from the journal",
+                    self._applied_seq - journal.durable_seq, journal.durable_seq)
+        self.storage.prepare_reload()
+        self._tail_counted.clear()          # the tails are longer than at start
+        self._load_state()
+        self._applied_seq = journal.durable_seq
+        log.warning("state rebuilt at journal entry %d in %.3f s", self._applied_seq,
+                    time.perf_counter() - started)
+
+    def _wait_sync_idle(self) -> None:
+        """Until the sync thread has completed every fsync requested so far.
+        After a failure each of them finds the journal failed and fails, so
+        none can complete `ok` for a dropped command once the journal has
+        recovered: the journal may recover only after this."""
+        self._sync_pool.submit(lambda: None).result(timeout=SYNC_IDLE_WAIT_S)
+
+    def _storage_ready(self) -> None:
+        """Before a command is journaled: the state holds no dropped command,
+        and the journal takes writes (retried at most every
+        RECOVER_INTERVAL_MS; else Unavailable: nothing applied)."""
+        self._ensure_current()
+        if not self.storage.journal.failed:
+            return                  # (if it fails from here on, append refuses)
+        try:
+            self._wait_sync_idle()
+        except concurrent.futures.TimeoutError:
+            raise Unavailable("storage failed; writes are refused until it works again "
+                              "(see the server log); retry later") from None
+        self.storage.before_write()
+        # Commands may have been dropped after the check above, before the
+        # sync thread was idle: rebuild now, before anything is appended.
+        self._ensure_current()
+
+    def _load_state(self) -> None:
+        """The state from the newest snapshot and the journal after it (an
+        empty one without storage): at start, and after a storage failure."""
+        # The old state goes first: two copies of a large state may not fit.
+        self.state = State(tz_offset_ms=self.tz_offset_ms, hold_ms=self.hold_ms)
+        if self.storage is not None:
+            tail = self._tail_records(self.storage.newest_snapshot_seq())
+            recovered = self.storage.load_state(rows_for_tables(self._capacity, tail))
+            if recovered is not None:
+                self.state = recovered
+        # Before replay, so that replay does not grow the tables step by step.
+        # A hint is the table's whole size: after a restart it is not added again.
+        ledger = self.state.ledger
+        for table, rows in self._capacity.items():
+            ledger.reserve(table, max(0, int(rows) - ledger.rows(table)))
+        if self.storage is not None:
+            self._replay()
 
     # -- the write path ---------------------------------------------------
 
@@ -180,9 +276,21 @@ class Engine:
         Returns the future of that fsync (None for an in-memory engine)."""
         if self.storage is None:
             return None
-        self.storage.before_write()
-        self.storage.append(command)
+        self._applied_seq = self.storage.append(command)
         return self._request_sync()
+
+    def _command(self, op: int, body, draws) -> Command:
+        """The next command, stamped, once the state is current and the
+        storage takes writes (else Unavailable: nothing applied)."""
+        if self.storage is not None:
+            generation = self.generation
+            self._storage_ready()
+            if self.generation != generation and getattr(MAP_OPS_BY_CODE.get(op), "draw", None):
+                # Its draws were made from the state before the rebuild (a
+                # payment code for a user that may not exist any more).
+                raise Unavailable("storage failed and the state was rebuilt from the "
+                                  "journal; retry")
+        return Command(op, self._now(), tuple(draws), body)
 
     def _request_sync(self):
         """A future done once everything appended so far is durable.
@@ -228,7 +336,7 @@ class Engine:
 
     def _write(self, op: int, body, draws=()):
         """Journal, apply and make durable one command; then return its result."""
-        command = Command(op, self._now(), tuple(draws), body)
+        command = self._command(op, body, draws)
         durable = self._begin(command)
         try:
             result = self._execute(command)
@@ -242,7 +350,7 @@ class Engine:
     def write_command(self, op: int, body, draws=()):
         """For the server's writer: journal and apply a command now; return
         (result, durability future or None). Reply only once the future is done."""
-        command = Command(op, self._now(), tuple(draws), body)
+        command = self._command(op, body, draws)
         durable = self._begin(command)
         result = self._execute(command)
         if self.storage is not None:
@@ -253,6 +361,7 @@ class Engine:
         """A read-only map op: (reply, durability future or None). A read never
         changes state, except that holds which have expired are voided first,
         as a journaled EXPIRE command, as before any other command."""
+        self._ensure_current()
         durable = None
         if self.state.ledger.expiry_due(self._now()):
             _, durable = self.write_command(OP_EXPIRE, b"")
@@ -352,7 +461,9 @@ class Engine:
         return self._write(spec.code, body, self.draws_for(spec, request))
 
     def draws_for(self, spec, request) -> tuple:
-        """The random draws a map write needs, made outside the apply."""
+        """The random draws a map write needs, made outside the apply (from
+        the current state: they depend on it)."""
+        self._ensure_current()
         return tuple(spec.draw(self.state, request, self.code_source)) if spec.draw else ()
 
     # -- state ------------------------------------------------------------
@@ -361,6 +472,7 @@ class Engine:
         """Write a snapshot of the state now (durable engines only)."""
         if self.storage is None:
             raise ValueError("an in-memory engine has nothing to snapshot to")
+        self._ensure_current()
         return self.storage.snapshot(self.state, wait=wait)
 
     def close(self) -> None:
@@ -377,6 +489,7 @@ class Engine:
 
     def canonical(self) -> dict:
         """The whole state as canonical tables (engine/canonical.py)."""
+        self._ensure_current()
         return export.canonical(self.state)
 
     def digest(self) -> str:
@@ -387,6 +500,7 @@ class Engine:
         return self.call("AUDIT", {})
 
     def counts(self) -> dict:
+        self._ensure_current()
         ledger = self.state.ledger
         return {"users": ledger.n_users, "merchants": ledger.n_merchants,
                 "stocks": ledger.n_stocks, "coupons": ledger.n_coupons,

@@ -8,6 +8,13 @@ Durability contract: `durable_seq` only ever names entries that were written
 and fdatasync'ed (and whose segment's directory entry was fsync'ed). Nothing
 else is ever reported durable, even after a storage failure.
 
+Fail-stop: when a write or fdatasync fails, every entry after `durable_seq`
+is dropped (the caller answers its command `unavailable`) and the files are
+cut back to the durable prefix; the journal refuses appends until
+`recover()` finds the storage working, and then goes on from `durable_seq +
+1`. A dropped entry is never written again: after a failed fsync the caller
+has already been told it failed (docs/operations-durability.md).
+
 Threading: `append` runs on the caller's thread (the event loop) and only
 encodes into memory. Writing and fsync happen in `sync` (blocking) or in
 `sync_async` (on a dedicated worker thread, coalescing concurrent callers into
@@ -108,9 +115,15 @@ ADVICE_CORRUPT = (
 )
 ADVICE_UNAVAILABLE = (
     "fix the storage (free space on a full disk, check the device and kernel "
-    "log for I/O errors), then retry: the engine calls Journal.recover(), "
-    "which rewrites the entries that are not durable yet"
+    "log for I/O errors); the engine retries it (Journal.recover()) and then "
+    "accepts writes again, without restart; the entries that were not durable "
+    "were dropped and answered unavailable, clients retry them"
 )
+# recover() writes and fdatasyncs this much into a scratch file before it
+# accepts appends again: a disk with less room than about one full PAY batch
+# entry (8,190 records, 655 KB) would fail the next write at once.
+PROBE_NAME = "journal-probe.tmp"
+PROBE_BYTES = 1 << 20
 
 
 class JournalError(Exception):
@@ -224,8 +237,7 @@ class Journal:
         self._durable_segment_seq: int | None = None
         self._durable_bytes = 0
         # Entries not yet durable, in seq order: (seq, buffers, bytes). Kept
-        # until their fdatasync succeeds, because after a failed fsync the page
-        # cache cannot be trusted and recover() must write them again.
+        # until their fdatasync succeeds; dropped when a write or fsync fails.
         self._pending: list[tuple[int, tuple, int]] = []
         self._fd: int | None = None  # Active (last) segment.
         self._active_bytes = 0
@@ -246,6 +258,7 @@ class Journal:
         self._manifest: Manifest | None = None
         self._manifest_lock = threading.Lock()
         self.fsync_count = 0  # fdatasync calls that covered new entries (observability).
+        self.dropped_count = 0  # entries dropped by storage failures (observability).
 
     # ------------------------------------------------------------------ open
 
@@ -472,6 +485,7 @@ class Journal:
                     self._fsync_dir()
             except OSError as error:
                 self._fail(error)
+                self._cut_back()
                 raise self._unavailable() from error
             with self._lock:
                 assert self._pending[len(batch) - 1][0] == target
@@ -550,39 +564,86 @@ class Journal:
     # ------------------------------------------------------------- failures
 
     def _fail(self, error: OSError) -> None:
+        """Fail-stop: refuse appends, and drop every entry after durable_seq
+        (with those appended while the failed write ran): the caller answers
+        their commands unavailable, so they must never be written later."""
         name = errno_module.errorcode.get(error.errno, str(error.errno))
         segment = self._segments[-1].path if self._segments else self._dir
         with self._lock:
+            already = self._failure is not None
             self._failure = (f"journal storage failed ({name}: {error.strerror or error}) "
                              f"writing or syncing {segment}")
-        log.error("%s; entries %d..%d are not durable; %s", self._failure,
-                  self._durable_seq + 1, self._last_seq, ADVICE_UNAVAILABLE)
+            dropped = (self._durable_seq + 1, self._last_seq)
+            self.dropped_count += len(self._pending)
+            self._pending.clear()
+            self._last_seq = self._durable_seq
+        if dropped[1] >= dropped[0]:
+            log.error("%s; entries %d..%d were not durable: dropped (answered unavailable, "
+                      "never written later); %s", self._failure, *dropped, ADVICE_UNAVAILABLE)
+        elif already:                       # a retry (recover) that failed again
+            log.warning("%s: still failing; writes stay refused", self._failure)
+        else:
+            log.error("%s; %s", self._failure, ADVICE_UNAVAILABLE)
+
+    def _cut_back(self) -> None:
+        """Right after a failure, cut the files back to the durable prefix, so
+        that a dropped entry the page cache still holds cannot come back at
+        the next start; if the storage refuses even that, recover() does it."""
+        try:
+            self._rewind_to_durable()
+        except OSError as error:
+            log.error("journal: could not cut %s back to entry %d yet (%s); retried before "
+                      "writes resume", self._dir, self._durable_seq, error)
 
     def _unavailable(self) -> JournalUnavailable:
         return JournalUnavailable(
             f"{self._failure}; entries after seq {self._durable_seq} are not durable "
-            f"and must not be acknowledged; {ADVICE_UNAVAILABLE}")
+            f"and were dropped; {ADVICE_UNAVAILABLE}")
 
     def recover(self) -> int:
-        """Retries after a storage failure: rewinds to the durable prefix,
-        rewrites the pending entries and fsyncs. Returns durable_seq; raises
+        """Retries after a storage failure: cuts the files back to the durable
+        prefix, checks that the storage takes a write and an fdatasync again
+        (`_probe`), then accepts appends from durable_seq + 1. The entries
+        dropped at the failure are not rewritten. Returns durable_seq; raises
         JournalUnavailable (still failed) if the storage still fails."""
         with self._io_lock:
             if self._failure is None:
                 return self._sync_io()
+            assert not self._pending and self._last_seq == self._durable_seq
             try:
                 self._rewind_to_durable()
+                self._probe()
             except OSError as error:
                 self._fail(error)
                 raise self._unavailable() from error
             with self._lock:
                 self._failure = None
-            log.warning("journal: storage recovered at seq %d; rewriting %d pending entries",
-                        self._durable_seq, len(self._pending))
-            return self._sync_io()
+            log.warning("journal: storage recovered; appending again after entry %d",
+                        self._durable_seq)
+            return self._durable_seq
 
     async def recover_async(self) -> int:
         return await asyncio.get_running_loop().run_in_executor(self._worker(), self.recover)
+
+    def _probe(self) -> None:
+        """Write PROBE_BYTES to a scratch file, fdatasync, remove it: raises
+        OSError while the storage would still fail the next write."""
+        path = os.path.join(self._dir, PROBE_NAME)
+        fd = self._fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            data = memoryview(bytes(PROBE_BYTES))
+            offset = 0
+            for _ in range(PROBE_BYTES):            # each write makes progress
+                if offset == PROBE_BYTES:
+                    break
+                written = self._fs.pwritev(fd, [data[offset:]], offset)
+                if written <= 0:
+                    raise OSError(errno_module.EIO, "pwritev wrote no bytes")
+                offset += written
+            self._fs.fdatasync(fd)
+        finally:
+            self._fs.close(fd)
+            self._fs.unlink(path)
 
     def _rewind_to_durable(self) -> None:
         """Truncates the journal on disk back to exactly its durable prefix."""
@@ -701,9 +762,8 @@ class Journal:
             if self._spare is not None:
                 self._spare.stop()
             with self._io_lock:
-                if self._pending:
-                    log.warning("journal: closing with entries %d..%d not durable (storage failed)",
-                                self._pending[0][0], self._pending[-1][0])
+                if self._failure is not None:
+                    self._cut_back()        # a restart must not find dropped entries
                 if self._fd is not None:
                     try:
                         self._fs.close(self._fd)

@@ -85,7 +85,11 @@ class Writer:
         self.pay_batch = None                   # the open PayBatch: the queue's tail
         self.queued_records = 0
         self.wake = asyncio.Event()
-        self.deliveries = collections.deque()   # (durable, parts, scheduled_at, sends), in order
+        # (durable, parts, scheduled_at, sends, engine generation), in order
+        self.deliveries = collections.deque()
+        # The newest engine generation (Engine.generation) in which an fsync
+        # failed: replies computed in it are not released (see release_durable).
+        self.failed_generation = -1
         self.watched = None                     # the last fsync future with our callback
         self.observed = None                    # the last fsync future in the metrics
         self.observed_sends = None              # and the last Sends
@@ -350,7 +354,8 @@ class Writer:
         Releases wait in one queue, in order. Group commit makes many batches
         share one fsync future; each future, once done, wakes the loop once
         (not once per batch) and everything it covers goes out."""
-        self.deliveries.append((durable, parts, time.perf_counter(), sends))
+        self.deliveries.append((durable, parts, time.perf_counter(), sends,
+                                self.engine.generation))
         if durable is None:
             if len(self.deliveries) == 1:
                 self.loop.call_soon(self.release_ready)
@@ -391,12 +396,32 @@ class Writer:
             self.observed_sends = sends
             stage["send"].observe(sends.finished_at - durable.synced_at)
 
+    def fail_stopped(self, durable, generation: int, error):
+        """The error to deliver instead of a release's results, if any.
+
+        A failed fsync drops every command after the durable journal entry
+        (fail-stop), so a reply computed from the state after such a command,
+        before the engine rebuilt it (same generation), must not go out: a
+        read queued behind the failed fsync, or a refusal that saw a dropped
+        change. It gets `unavailable`: nothing it saw was applied."""
+        if error is not None:
+            if durable is not None:
+                self.failed_generation = max(self.failed_generation, generation)
+            return error
+        if generation > self.failed_generation:
+            return None
+        # Any fsync after a failed one fails until the engine has rebuilt
+        # (a new generation): no durable change is ever answered unavailable.
+        assert durable is None, "an fsync succeeded in a generation that had a failed one"
+        return Unavailable("storage failed: this reply was computed from changes that were "
+                           "then dropped; retry")
+
     def release_durable(self) -> bool:
         """Deliver the releases whose fsync has returned; True if any."""
         deliveries = self.deliveries
         released = False
         while deliveries:
-            durable, parts, scheduled_at, sends = deliveries[0]
+            durable, parts, scheduled_at, sends, generation = deliveries[0]
             if durable is not None and not durable.done():
                 break
             if sends is not None and sends.handed and not sends.finished:
@@ -415,6 +440,7 @@ class Writer:
                 waited_s = now - scheduled_at
                 if waited_s * 1000 > SLOW_MS:
                     log.warning("slow fsync: a batch waited %.0f ms to be durable", waited_s * 1000)
+            error = self.fail_stopped(durable, generation, error)
             for deliver, value in parts:
                 try:
                     deliver(error if error is not None else value)

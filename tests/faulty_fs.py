@@ -2,6 +2,7 @@
 failures (EIO, ENOSPC, short and partial writes)."""
 import collections
 import os
+import threading
 
 
 class FaultyFs:
@@ -66,3 +67,30 @@ class FaultyFs:
     def unlink(self, path):
         self._check("unlink")
         os.unlink(path)
+
+
+class GatedFs(FaultyFs):
+    """A FaultyFs whose next fdatasync, once `hold_next` is called, waits at a
+    gate and then succeeds whatever faults are armed: a test can pipeline
+    commands behind that fsync, arm a fault for the fsyncs after it, and
+    open the gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = None
+        self.entered = threading.Event()    # the held fdatasync has begun
+
+    def hold_next(self) -> threading.Event:
+        self.entered.clear()
+        self.gate = threading.Event()
+        return self.gate
+
+    def fdatasync(self, fd):
+        gate, self.gate = self.gate, None
+        if gate is None:
+            return super().fdatasync(fd)
+        self.calls["fdatasync"] += 1
+        self.entered.set()
+        if not gate.wait(30):
+            raise AssertionError("the test never opened the gate")
+        os.fdatasync(fd)

@@ -44,7 +44,7 @@ from engine.command import decode
 from engine.dispatch import OP_EXPIRE, OP_ISSUE, OP_NAMES, OP_PAY
 from engine.errors import Unavailable
 from engine.journal import JournalCorrupt, JournalError, verify
-from engine.records import RESULT_DUPLICATE
+from engine.records import PAY_RECORD, RESULT_DUPLICATE
 from engine.snapshot import list_snapshots, load_snapshot
 from engine.status import Status
 
@@ -626,11 +626,12 @@ def test_fdatasync_eio_is_unavailable_then_writes_resume(tmp_path, fast_recover)
             op()
     assert eng.storage.journal.durable_seq == durable
 
+    assert eng.digest() == acked          # the failed batch was dropped from the state too
     fs.heal()
     again = eng.pay(records)              # the client's retry: recover() first
-    assert eng.storage.journal.durable_seq == durable + 2
+    assert eng.storage.journal.durable_seq == durable + 1
     ok = again["status"] == 0
-    assert ok.any() and (again["flags"][ok] & RESULT_DUPLICATE).all()
+    assert ok.any() and not (again["flags"] & RESULT_DUPLICATE).any()
     send_stream(eng, 3, range(k + 1, k + 30))
     live = eng.digest()
     eng.close()
@@ -638,9 +639,9 @@ def test_fdatasync_eio_is_unavailable_then_writes_resume(tmp_path, fast_recover)
         assert reopened.digest() == live
         ref, _, commands = replay_reference(reopened)
         assert ref.digest() == live
-        # The unacknowledged batch survived whole, exactly once, then its retry.
+        # The batch answered unavailable was never journaled: only its retry.
         assert bytes(commands[durable + 1].body) == records.tobytes()
-        assert bytes(commands[durable + 2].body) == records.tobytes()
+        assert bytes(commands[durable + 2].body) != records.tobytes()
     assert acked != live
 
 
@@ -689,6 +690,172 @@ def test_eio_on_a_segment_roll_and_on_snapshot(tmp_path, fast_recover):
     assert verify(datadir).ok
     with Engine(datadir, hold_ms=cc.HOLD_MS) as reopened:
         assert reopened.digest() == live
+
+
+# ----------------------------------------- unavailable means nothing applied
+
+FAULTS = [("fdatasync", errno.EIO), ("pwritev", errno.ENOSPC)]
+
+
+def pay_records(ids, payer=1, merchant=1, amount=100) -> np.ndarray:
+    records = np.zeros(len(ids), PAY_RECORD)
+    records["id"], records["payer"], records["merchant"], records["amount"] = (
+        ids, payer, merchant, amount)
+    return records
+
+
+def small_world(eng: Engine) -> None:
+    eng.call("MERCHANTS", {"merchants": [{"id": 1, "fee_bps": 60}]})
+    eng.call("WALLETS", {"users": [1, 2]})
+    eng.call("TOPUP", {"topups": [{"id": 1, "user": 1, "amount": 10**7}]})
+
+
+def balance_of(eng: Engine, user: int) -> int:
+    return eng.call("BALANCES", {"users": [user]})["users"][0]["balance"]
+
+
+def payments_found(eng: Engine, ids) -> list[int]:
+    results = eng.call("GET_PAYMENTS", {"ids": [int(i) for i in ids]})["results"]
+    return [int(i) for i, r in zip(ids, results) if r["status"] == Status.ok]
+
+
+@pytest.mark.parametrize("call, error", FAULTS, ids=["fdatasync-EIO", "pwritev-ENOSPC"])
+def test_payments_answered_unavailable_are_not_applied_nor_durable_later(
+        tmp_path, fast_recover, call, error):
+    """Issue 14: batches in flight behind an fsync when the journal's write
+    or fdatasync fails are answered unavailable, and then they are not
+    visible, not applied, and never durable (after the storage heals, after
+    a restart); a retry of the same payment ids succeeds once. The payments
+    answered ok before are all there, and engine time does not go back."""
+    from faulty_fs import GatedFs
+    datadir = str(tmp_path / "data")
+    fs = GatedFs()
+    now_ms = [cc.T0]
+    eng = Engine(datadir, fs=fs, clock=lambda: now_ms[0])
+    small_world(eng)
+    acked = list(range(1, 51))
+    assert (eng.pay(pay_records(acked))["status"] == Status.ok).all()
+    before = balance_of(eng, 1)
+    # Pipelined as the server's writer does: the first batch's fsync is held
+    # while ten more batches are journaled and applied behind it.
+    gate = fs.hold_next()
+    _, first = eng.write_command(OP_PAY, pay_records([51]).tobytes())
+    assert fs.entered.wait(10)
+    acked.append(51)
+    now_ms[0] += 60_000
+    failed = list(range(1000, 1100))
+    behind = [eng.write_command(OP_PAY, pay_records(failed[i:i + 10]).tobytes())[1]
+              for i in range(0, 100, 10)]
+    stamp_ms = eng.state.now
+    fs.fail(call, error)
+    gate.set()
+    first.result(timeout=10)
+    for future in behind:
+        with pytest.raises(Unavailable):
+            future.result(timeout=10)
+    now_ms[0] -= 30_000                   # the clock steps back meanwhile
+    # Right after: not visible, not debited; writes refused, reads served.
+    assert payments_found(eng, acked + failed) == acked
+    assert balance_of(eng, 1) == before - 100
+    with pytest.raises(Unavailable):
+        eng.pay(pay_records(failed))
+    with pytest.raises(Unavailable):
+        eng.call("TOPUP", {"topups": [{"id": 2, "user": 2, "amount": 5}]})
+    assert payments_found(eng, failed) == []
+    # Space freed: the next write works, and what failed stays absent.
+    fs.heal()
+    eng.call("TOPUP", {"topups": [{"id": 2, "user": 2, "amount": 5}]})
+    assert eng.state.now >= stamp_ms, "engine time went back"
+    assert payments_found(eng, acked + failed) == acked
+    assert balance_of(eng, 1) == before - 100
+    eng.close()
+    with Engine(datadir) as reopened:       # replay from disk
+        assert payments_found(reopened, acked + failed) == acked
+        assert balance_of(reopened, 1) == before - 100
+        first_retry = reopened.pay(pay_records(failed))
+        assert (first_retry["status"] == Status.ok).all()
+        assert not (first_retry["flags"] & RESULT_DUPLICATE).any()
+        second_retry = reopened.pay(pay_records(failed))
+        assert (second_retry["flags"] & RESULT_DUPLICATE).all()
+        assert balance_of(reopened, 1) == before - 100 * 101
+        assert reopened.audit()["ok"]
+    assert verify(datadir).ok
+
+
+def test_a_failure_right_after_the_state_check_is_rebuilt_before_the_next_append(
+        tmp_path, fast_recover):
+    """The race a fail-stop must close: the engine finds its state current,
+    then the sync thread fails an fsync (dropping batch B) and the storage
+    heals at once, before the engine journals the next batch C. The journal
+    recovers, and the state is rebuilt before C is applied: C is applied to
+    a state without B, and B's fsync is never reported done."""
+    from faulty_fs import GatedFs
+    datadir = str(tmp_path / "data")
+    fs = GatedFs()
+    eng = Engine(datadir, fs=fs)
+    small_world(eng)
+    gate = fs.hold_next()
+    _, durable_a = eng.write_command(OP_PAY, pay_records([1]).tobytes())
+    assert fs.entered.wait(10)
+    _, durable_b = eng.write_command(OP_PAY, pay_records([2]).tobytes())
+    fs.fail("fdatasync", errno.EIO)
+    ensure_current = eng._ensure_current
+    raced = []
+
+    def fail_meanwhile():
+        ensure_current()
+        if not raced:                     # the first check passed: now the failure
+            raced.append(True)
+            gate.set()
+            with pytest.raises(Unavailable):
+                durable_b.result(timeout=10)
+            fs.heal()                       # and the storage works again at once
+    eng._ensure_current = fail_meanwhile
+    result = eng.pay(pay_records([3]))
+    assert raced and result["status"][0] == Status.ok
+    durable_a.result(timeout=1)
+    del eng._ensure_current
+    assert payments_found(eng, [1, 2, 3]) == [1, 3]
+    live = eng.digest()
+    eng.close()
+    with Engine(datadir) as reopened:
+        assert reopened.digest() == live
+        assert payments_found(reopened, [1, 2, 3]) == [1, 3]
+
+
+def test_a_snapshot_written_across_a_storage_failure_stays_valid(tmp_path, fast_recover):
+    """A snapshot child still writing when the journal fails was forked at a
+    durable entry: the rebuild does not wait for it, and once written it
+    loads (with the journal after it) to the state the engine went on with."""
+    from faulty_fs import GatedFs
+    datadir = str(tmp_path / "data")
+    fs = GatedFs()
+    eng = Engine(datadir, fs=fs, snapshot_mb_per_s=1)     # ~1.5 MB: over a second
+    small_world(eng)
+    eng.pay(pay_records(range(1, 51)))
+    eng.pay(pay_records(range(10_000, 13_000), amount=1))
+    info = eng.snapshot(wait=False)
+    gate = fs.hold_next()
+    _, durable = eng.write_command(OP_PAY, pay_records([51]).tobytes())
+    assert fs.entered.wait(10)
+    _, dropped = eng.write_command(OP_PAY, pay_records(range(100, 110)).tobytes())
+    fs.fail("pwritev", errno.ENOSPC)
+    gate.set()
+    durable.result(timeout=10)
+    with pytest.raises(Unavailable):
+        dropped.result(timeout=10)
+    assert payments_found(eng, [51] + list(range(100, 110))) == [51]
+    assert eng.storage.snapshot_child is not None, "the rebuild waited for the snapshot"
+    fs.heal()
+    eng.pay(pay_records([52]))
+    assert eng.storage.reap_snapshot(block=True)["ok"]
+    assert list_snapshots(datadir)[-1].seq == info["seq"]
+    live = eng.digest()
+    eng.close()
+    with Engine(datadir) as reopened:
+        assert reopened.storage.snapshot_seq == info["seq"]
+        assert reopened.digest() == live
+        assert payments_found(reopened, [51, 52] + list(range(100, 110))) == [51, 52]
 
 
 # ------------------------------------------------------------------ pause

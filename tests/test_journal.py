@@ -622,7 +622,11 @@ def test_sync_async_with_nothing_pending_returns_at_once(tmp_path):
 
 # ------------------------------------------------------------------ failures
 
-def test_fdatasync_eio_then_recover(tmp_path):
+def test_fdatasync_eio_drops_the_pending_entries_then_recover(tmp_path):
+    """Fail-stop: the entries that were not durable when the fsync failed are
+    dropped at once (their callers are told `unavailable`) and never written
+    later, even once the storage works again; the journal goes on from the
+    durable seq."""
     fs = FaultyFs()
     journal = Journal.open(tmp_path, fs=fs)
     for seq in range(1, 4):
@@ -634,29 +638,32 @@ def test_fdatasync_eio_then_recover(tmp_path):
     with pytest.raises(JournalUnavailable) as caught:
         journal.sync()
     message = str(caught.value)
-    assert "EIO" in message and "after seq 3" in message and "recover" in message
+    assert "EIO" in message and "after seq 3" in message and "dropped" in message
     assert caught.value.retryable
     assert journal.failed and journal.durable_seq == 3
+    assert journal.last_seq == 3 and journal.dropped_count == 2
     with pytest.raises(JournalUnavailable):
         journal.append(b"refused")
     with pytest.raises(JournalUnavailable):
         asyncio.run(journal.sync_async())
-    assert journal.durable_seq == 3 and journal.last_seq == 5
     assert [seq for seq, _ in journal.read()] == [1, 2, 3]  # Only what is durable.
     # Still broken: recover fails, stays failed, reports nothing new.
     with pytest.raises(JournalUnavailable):
         journal.recover()
     assert journal.failed and journal.durable_seq == 3
     fs.heal()
-    assert journal.recover() == 5
-    assert not journal.failed and journal.durable_seq == 5
-    assert journal.append(payload_of(6)) == 6
+    assert journal.recover() == 3
+    assert not journal.failed and journal.last_seq == 3
+    assert journal.append(b"after") == 4
+    assert journal.sync() == 4
     journal.close()
     with Journal.open(tmp_path) as journal:
-        assert read_all(journal) == [(seq, payload_of(seq)) for seq in range(1, 7)]
+        assert read_all(journal) == [(seq, payload_of(seq)) for seq in range(1, 4)] + [
+            (4, b"after")]
+    assert not os.path.exists(tmp_path / "journal-probe.tmp")
 
 
-def test_enospc_on_a_partial_write_then_recover(tmp_path):
+def test_enospc_on_a_partial_write_is_cut_back_at_once(tmp_path):
     fs = FaultyFs()
     journal = Journal.open(tmp_path, fs=fs)
     journal.append(b"durable")
@@ -668,15 +675,17 @@ def test_enospc_on_a_partial_write_then_recover(tmp_path):
     fs.partial_then_fail = True
     with pytest.raises(JournalUnavailable, match="ENOSPC"):
         journal.sync()
-    assert journal.durable_seq == 1
-    # Half a batch reached the file: garbage beyond the durable prefix.
-    assert os.path.getsize(tmp_path / segment_name(1)) > durable_bytes
+    assert journal.durable_seq == journal.last_seq == 1
+    # Half a batch reached the file; the failure cut it back to the durable prefix.
+    assert os.path.getsize(tmp_path / segment_name(1)) == durable_bytes
+    # The disk is still full: recover's probe write fails.
+    with pytest.raises(JournalUnavailable, match="ENOSPC"):
+        journal.recover()
     fs.heal()
-    assert journal.recover() == 11
+    assert journal.recover() == 1
     journal.close()
     with Journal.open(tmp_path) as journal:
-        assert read_all(journal) == [(1, b"durable")] + [
-            (seq, payload_of(seq, 5000)) for seq in range(2, 12)]
+        assert read_all(journal) == [(1, b"durable")]
     assert verify(tmp_path).ok
 
 
@@ -692,17 +701,21 @@ def test_failure_across_a_segment_roll_then_recover(tmp_path):
     with pytest.raises(JournalUnavailable):
         journal.sync()
     assert journal.durable_seq == 1
-    assert len(segments_in(tmp_path)) > 2
+    # The segments rolled to for dropped entries are gone at once.
+    assert segments_in(tmp_path) == [segment_name(1)]
     fs.heal()
     fs.fail("unlink", errno.EIO)  # The storage is still flaky during recovery.
     with pytest.raises(JournalUnavailable):
         journal.recover()
     fs.heal()
-    assert journal.recover() == 9
+    assert journal.recover() == 1
+    for seq in range(2, 6):
+        journal.append(payload_of(seq + 100, 100))
+    assert journal.sync() == 5
     journal.close()
     with Journal.open(tmp_path, segment_bytes_max=256) as journal:
         assert read_all(journal) == [(1, bytes(100))] + [
-            (seq, payload_of(seq, 100)) for seq in range(2, 10)]
+            (seq, payload_of(seq + 100, 100)) for seq in range(2, 6)]
     assert verify(tmp_path).ok
 
 
@@ -715,10 +728,12 @@ def test_failure_on_the_very_first_sync_then_recover(tmp_path):
         journal.sync()
     assert journal.durable_seq == 0
     fs.heal()
-    assert journal.recover() == 1
+    assert journal.recover() == 0
+    assert segments_in(tmp_path) == []
+    assert journal.append(b"again") == 1
     journal.close()
     with Journal.open(tmp_path) as journal:
-        assert read_all(journal) == [(1, b"first")]
+        assert read_all(journal) == [(1, b"again")]
 
 
 def test_sync_async_failure_reaches_every_waiter(tmp_path):
@@ -739,16 +754,19 @@ def test_sync_async_failure_reaches_every_waiter(tmp_path):
         await asyncio.gather(*(one(index) for index in range(10)))
         assert journal.durable_seq == 1
         fs.heal()
-        assert await journal.recover_async() == 11
-        assert await journal.sync_async() == 11
+        assert await journal.recover_async() == 1
+        assert await journal.sync_async() == 1
         journal.close()
 
     asyncio.run(main())
     with Journal.open(tmp_path) as journal:
-        assert [seq for seq, _ in journal.read()] == list(range(1, 12))
+        assert [seq for seq, _ in journal.read()] == [1]
 
 
-def test_crash_while_failed_keeps_the_durable_prefix(tmp_path):
+def test_crash_while_failed_keeps_only_the_durable_prefix(tmp_path):
+    """Closed (or killed) while the storage still fails: the entry that was
+    not durable was cut off at the failure, so a restart does not find it
+    (though the page cache held it)."""
     fs = FaultyFs()
     journal = Journal.open(tmp_path, fs=fs)
     journal.append(b"one")
@@ -757,10 +775,13 @@ def test_crash_while_failed_keeps_the_durable_prefix(tmp_path):
     fs.fail("fdatasync", errno.EIO)
     with pytest.raises(JournalUnavailable):
         journal.sync()
-    journal.close()  # No recover: entries not durable may or may not survive.
-    with Journal.open(tmp_path) as journal:
-        got = read_all(journal)
-    assert got[:1] == [(1, b"one")] and got[1:] in ([], [(2, b"two")])
+    # As a SIGKILL would leave it (no close; the kernel drops the lock).
+    journal._release_dir()
+    with Journal.open(tmp_path) as reopened:
+        assert read_all(reopened) == [(1, b"one")]
+    journal.close()
+    with Journal.open(tmp_path) as reopened:
+        assert read_all(reopened) == [(1, b"one")]
 
 
 def test_short_writes_are_completed(tmp_path):

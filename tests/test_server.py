@@ -738,11 +738,11 @@ def test_durability_settings_come_from_the_config_file_and_are_checked(tmp_path)
             check(Config(**{setting: bad}))
 
 
-def test_a_storage_failure_answers_each_batched_pay_frame_and_a_retry_is_a_duplicate(tmp_path):
-    """PROTOCOL.md: unavailable is retryable. The frames of a batch whose
-    fsync failed each get it, in request order; once storage is back, a retry
-    of the same payment gets its original result with the duplicate flag
-    (docs/operations-durability.md), so it is never charged twice."""
+def test_a_storage_failure_answers_each_batched_pay_frame_and_a_retry_is_applied_once(tmp_path):
+    """PROTOCOL.md: unavailable is retryable, nothing applied. The frames of a
+    batch whose fsync failed each get it, in request order; once storage is
+    back, a retry of the same payment is applied (not a duplicate: the first
+    attempt was dropped), and a second retry is the duplicate."""
     import errno
 
     from faulty_fs import FaultyFs
@@ -764,10 +764,118 @@ def test_a_storage_failure_answers_each_batched_pay_frame_and_a_retry_is_a_dupli
             generate_latest(server.metrics.registry).decode()
         fs.heal()
         await asyncio.sleep(1.1)            # the journal retries its storage once a second
-        _op, flags, _rid, body = await c.call(16, pay_body([100]), request_id=20)
-        result = np.frombuffer(body, PAY_RESULT)[0]
-        assert not flags and result["status"] == Status.ok
-        assert result["flags"] & RESULT_DUPLICATE
-        assert server.engine.counts()["payments"] == 6
+        for request_id, duplicate in ((20, 0), (21, RESULT_DUPLICATE)):
+            _op, flags, _rid, body = await c.call(16, pay_body([100]), request_id)
+            result = np.frombuffer(body, PAY_RESULT)[0]
+            assert not flags and result["status"] == Status.ok
+            assert result["flags"] & RESULT_DUPLICATE == duplicate
+        assert server.engine.counts()["payments"] == 1
+        await server.stop()
+    run(main())
+
+
+async def until(condition, what: str, limit_s: float = 10.0) -> None:
+    """Poll `condition` while the server runs in this event loop (bounded)."""
+    for _ in range(int(limit_s / 0.002)):
+        if condition():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def paid(client, ids, request_id=900) -> list[int]:
+    """The ids among `ids` that GET_PAYMENTS finds."""
+    _flags, reply = await client.map(42, {"ids": ids}, request_id)
+    return [i for i, r in zip(ids, reply["results"]) if r["status"] == Status.ok]
+
+
+async def balance(client, user=1, request_id=901) -> int:
+    _flags, reply = await client.map(43, {"users": [user]}, request_id)
+    return reply["users"][0]["balance"]
+
+
+@pytest.mark.parametrize("call, error", [("fdatasync", "EIO"), ("pwritev", "ENOSPC")])
+def test_pay_answered_unavailable_under_load_is_never_applied(tmp_path, monkeypatch, call,
+                                                              error):
+    """Issue 14, over the socket: while one fsync is held, 100 PAY frames
+    from 4 gateways, a TOPUP and a BALANCES read are applied behind it;
+    then the journal fails. Every one of them is answered
+    unavailable (none by the sender thread's fast path), none is visible in
+    GET_PAYMENTS or the balances, not after the storage heals, not after a
+    restart; a retry then succeeds once. The payments answered ok before
+    (pipelined too) are all there."""
+    import errno
+
+    from faulty_fs import GatedFs
+
+    import engine.durability as durability
+    from engine.records import RESULT_DUPLICATE
+    monkeypatch.setattr(durability, "RECOVER_INTERVAL_MS", 0)
+    failed = list(range(1000, 1100))
+
+    async def main():
+        fs = GatedFs()
+        engine = Engine(str(tmp_path / "data"), fs=fs)
+        server, c = await started_with_world(engine=engine)
+        gateways = [await Raw.open(server) for _ in range(4)]
+        acked = list(range(500, 550))       # answered ok before the failure
+        for i, pay_id in enumerate(acked):
+            gateways[i % 4].send(16, pay_id, pay_body([pay_id]))
+        for k, gateway in enumerate(gateways):
+            for pay_id in acked[k::4]:
+                _op, flags, rid, body = await gateway.recv()
+                assert (rid, flags, np.frombuffer(body, PAY_RESULT)["status"][0]) == (
+                    pay_id, 0, Status.ok)
+        before = await balance(c)
+        acked.append(1)
+        gate = fs.hold_next()
+        c.send(16, 1, pay_body([1]))
+        await until(fs.entered.is_set, "the held fsync")
+        for i, pay_id in enumerate(failed):
+            gateways[i % 4].send(16, pay_id, pay_body([pay_id]))
+        gateways[1].send(34, 6, enc({"topups": [{"id": 3, "user": 2, "amount": 7}]}))
+        gateways[0].send(43, 7, enc({"users": [1]}))
+        await until(lambda: engine.counts()["payments"] == 151 and not server.writer.queue,
+                    "the writer to apply the pipelined frames")
+        fs.fail(call, getattr(errno, error))
+        gate.set()
+        _op, flags, _rid, body = await c.recv()
+        assert not flags and np.frombuffer(body, PAY_RESULT)["status"][0] == Status.ok
+        for k, gateway in enumerate(gateways):
+            for pay_id in failed[k::4]:
+                reply = await gateway.recv()
+                assert reply[2] == pay_id and error_of(reply)["name"] == "unavailable"
+        topup = error_of(await gateways[1].recv())  # a map write behind the failed fsync
+        read = error_of(await gateways[0].recv())   # computed from the failed state
+        assert topup["name"] == read["name"] == "unavailable" and read["retryable"]
+        assert await paid(c, acked + failed) == acked
+        assert await balance(c) == before - 100
+        assert error_of(await c.call(16, pay_body([failed[0]]), 8))["name"] == "unavailable"
+        fs.heal()                           # space freed
+        flags, _ = await c.map(34, {"topups": [{"id": 2, "user": 2, "amount": 5}]}, 9)
+        assert not flags
+        assert await paid(c, acked + failed) == acked
+        assert await balance(c) == before - 100
+        await server.stop()
+
+        server = await started(engine=Engine(str(tmp_path / "data")))
+        c = await Raw.open(server)
+        assert await paid(c, acked + failed) == acked
+        assert await balance(c) == before - 100
+        for pay_id in failed:
+            c.send(16, pay_id, pay_body([pay_id]))
+        for pay_id in failed:
+            _op, flags, rid, body = await c.recv()
+            result = np.frombuffer(body, PAY_RESULT)[0]
+            assert (rid, flags, result["status"]) == (pay_id, 0, Status.ok)
+            assert not result["flags"] & RESULT_DUPLICATE
+        _op, flags, _rid, body = await c.call(16, pay_body([failed[0]]), 10)
+        assert np.frombuffer(body, PAY_RESULT)[0]["flags"] & RESULT_DUPLICATE
+        assert await balance(c) == before - 100 * 101
+        _flags, reply = await c.map(34, {"topups": [{"id": 3, "user": 2, "amount": 7}]}, 12)
+        assert reply["results"] == [{"status": 0}]      # applied now, not a duplicate
+        assert await balance(c, user=2) == 5 + 7
+        _flags, audit = await c.map(45, {}, 11)
+        assert audit["ok"]
         await server.stop()
     run(main())
