@@ -17,8 +17,9 @@ import numpy as np
 from .canonical import FUNDER_MERCHANT
 from .errors import BadBody
 from .ops_setup import list_items
-from .records import (CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
-                      REFUND_RECORD, REFUND_RESULT)
+from .records import (AMOUNT_MAX, AMOUNT_MIN, CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT,
+                      PAY_FLAGS_KNOWN, PAY_NO_COUPONS, PAY_RECORD, PAY_RESULT, REFUND_RECORD,
+                      REFUND_RESULT)
 from .status import Status
 from .validate import U64_MAX
 
@@ -126,6 +127,19 @@ def reverse_unknown(state, payment_ids: list, scope: frozenset) -> list:
     return unknown
 
 
+def stateless_check(record) -> Status:
+    """RULES.md PAY step 1 (the kernel's precheck), which comes before the
+    tombstone check of step 2: a record it fails is the kernel's to answer.
+    (The differential test against tests/reference_money.py holds the two
+    copies of this step together.)"""
+    amount, flags = int(record["amount"]), int(record["flags"])
+    if not AMOUNT_MIN <= amount <= AMOUNT_MAX:
+        return Status.invalid_amount
+    if flags & ~PAY_FLAGS_KNOWN or (flags & PAY_NO_COUPONS and record["coupons"].any()):
+        return Status.invalid_flags
+    return Status.ok
+
+
 def pay(state, body, now: int, out: np.ndarray) -> None:
     """The kernel's PAY, except that a record whose id has a scoped tombstone
     covering its merchant, and no payment yet, fails `reversed`. Records are
@@ -143,9 +157,10 @@ def pay(state, body, now: int, out: np.ndarray) -> None:
         if i == len(records):
             break
         pid, merchant = int(records["id"][i]), int(records["merchant"][i])
-        if ledger.find("payments", pid) < 0 and merchant in tombstones.scopes[pid]:
+        if (ledger.find("payments", pid) < 0 and merchant in tombstones.scopes[pid]
+                and stateless_check(records[i]) == Status.ok):
             out[i:i + 1] = np.zeros(1, PAY_RESULT)
             out["id"][i], out["status"][i], out["timestamp"][i] = pid, Status.reversed, now
-        else:
+        else:                               # the kernel says why, or applies it
             ledger.pay(records[i:i + 1].tobytes(), now, out[i:i + 1].view(np.uint8))
         start = i + 1

@@ -293,6 +293,8 @@ def test_scoped_tombstones_merge_and_yield_to_an_unscoped_one():
         Status.ok, Status.exists_with_different_fields, Status.reversed, Status.ok]
     assert engine.pay(pays([84], [3]))["status"][0] == Status.ok
     engine.call("REVERSE", {"payments": [85], "scope": [3]})
+    # RULES.md step 1 (fields) comes before the tombstone, as for the kernel's.
+    assert engine.pay(pays([85], [3], amount=0))["status"][0] == Status.invalid_amount
     assert engine.pay(pays([85, 85], [1, 3]))["status"].tolist() == [
         Status.ok, Status.exists_with_different_fields]
 
