@@ -76,7 +76,8 @@ class Authenticator:
     def __init__(self, keys: list[Key], started_ms: int | None = None):
         self.keys = {k.key_id: k for k in keys}
         self.nonces = OrderedDict()
-        # Nonces seen before this moment are forgotten: refuse older HELLOs.
+        # Nonces are remembered from this moment only (in memory): a HELLO
+        # signed before it may have been used before a restart. Refuse it.
         self.started_ms = time.time_ns() // 1_000_000 if started_ms is None else started_ms
 
     @property
