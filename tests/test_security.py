@@ -373,3 +373,26 @@ def test_public_metrics_without_keys_are_warned_about(caplog):
     assert any("metrics" in w for w in warnings)
     caplog.clear()
     assert not start_and_stop(caplog, listen="127.0.0.1:0", metrics="127.0.0.1:0")
+
+
+def test_a_gateway_key_with_no_merchants_acts_for_none():
+    """A config key without `merchants` has an empty scope, not every merchant."""
+    async def main():
+        engine = Engine()
+        make_world(engine)
+        keys = [Key("none", SECRET["gw12"], "gateway")]     # merchants left out
+        server = Server(Config(listen="127.0.0.1:0", keys=keys), engine=engine)
+        await server.start()
+        conn = await Raw.open(server)
+        assert (await conn.map(OPS["HELLO"], hello("none", SECRET["gw12"])))[0] == 0
+        before = engine.canonical()
+        assert await record_statuses(conn, "PAY", pays([41], [1]).tobytes(),
+                                     PAY_RESULT) == [FORBIDDEN]
+        assert await map_statuses(conn, "VOID", {"payments": [21]}) == [FORBIDDEN]
+        assert await map_statuses(conn, "REVERSE", {"payments": [88]}) == [OK]
+        after = engine.canonical()                          # (REVERSE keeps its stamp)
+        assert all(np.array_equal(after[t], before[t]) for t in after if t != "meta")
+        assert not len(after["tombstones"]) and not len(after["scoped_tombstones"])
+        assert engine.pay(pays([88], [1]))["status"][0] == Status.ok
+        await server.stop()
+    asyncio.run(main())
