@@ -3,7 +3,9 @@
 A key has an id, a secret, a role (`gateway` or `admin`) and, for gateways,
 the merchants it may charge. The MAC is HMAC-SHA256 keyed with the secret over
 f"{ts}.{nonce}.{key_id}"; `ts` must be within 5 minutes of the server clock and
-a nonce is accepted once.
+a nonce is accepted once. Seen nonces live in memory only, so a HELLO must
+also be no older than the server's start: one captured before a restart
+cannot be replayed after it (docs/protocol-extensions.md, "HELLO").
 """
 import hashlib
 import hmac
@@ -52,10 +54,31 @@ def mac_of(secret: str, ts: int, nonce: str, key_id: str) -> bytes:
     return hmac.new(secret.encode(), message, hashlib.sha256).digest()
 
 
+# HELLO fields and the types they must have, when present (PROTOCOL.md).
+# `type(v) is int`: a bool or a float equal to 1 is not a protocol number.
+HELLO_FIELD_TYPES = {"protocol": (int,), "client": (str,), "key_id": (str,), "ts": (int,),
+                     "nonce": (str,), "mac": (bytes, bytearray)}
+
+
+def hello_shape_error(hello: dict) -> str | None:
+    """What is malformed in a HELLO map (a field of the wrong type, or no
+    protocol number), or None."""
+    if "protocol" not in hello:
+        return "HELLO needs `protocol`, an integer"
+    for name, types in HELLO_FIELD_TYPES.items():
+        if name in hello and type(hello[name]) not in types:
+            return (f"HELLO `{name}` must be {' or '.join(t.__name__ for t in types)}, "
+                    f"got {type(hello[name]).__name__}")
+    return None
+
+
 class Authenticator:
-    def __init__(self, keys: list[Key]):
+    def __init__(self, keys: list[Key], started_ms: int | None = None):
         self.keys = {k.key_id: k for k in keys}
         self.nonces = OrderedDict()
+        # Nonces are remembered from this moment only (in memory): a HELLO
+        # signed before it may have been used before a restart. Refuse it.
+        self.started_ms = time.time_ns() // 1_000_000 if started_ms is None else started_ms
 
     @property
     def required(self) -> bool:
@@ -64,12 +87,15 @@ class Authenticator:
     def check(self, hello: dict, now_ms: int | None = None) -> Identity:
         """The identity a HELLO proves; raises ValueError saying why not."""
         now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-        key = self.keys.get(hello.get("key_id"))
+        key_id = hello.get("key_id")
+        key = self.keys.get(key_id) if isinstance(key_id, str) else None
         if key is None:
             raise ValueError("unknown key_id")
         ts, nonce, mac = hello.get("ts"), hello.get("nonce"), hello.get("mac")
-        if not isinstance(ts, int) or isinstance(ts, bool) or abs(now_ms - ts) > TS_SKEW_MS_MAX:
+        if type(ts) is not int or abs(now_ms - ts) > TS_SKEW_MS_MAX:
             raise ValueError("ts missing or more than 5 minutes off the server clock")
+        if ts < self.started_ms:
+            raise ValueError("ts is older than the server's start: sign a new HELLO")
         if not isinstance(nonce, str) or not NONCE.match(nonce):
             raise ValueError("nonce must be 32 hex digits")
         if not isinstance(mac, (bytes, bytearray)) or not hmac.compare_digest(

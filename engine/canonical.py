@@ -91,6 +91,8 @@ PAYMENTS = np.dtype([
 REFUNDS = np.dtype([("id", "<u8"), ("payment", "<u8"), ("amount", "<i8"),
                     ("cash", "<i8"), ("discount", "<i8"), ("fee", "<i8")])
 TOMBSTONES = np.dtype([("id", "<u8")])
+# A scoped key's reversal of an unknown id: one row per merchant it blocks.
+SCOPED_TOMBSTONES = np.dtype([("id", "<u8"), ("merchant", "<u8")])
 SETTLEMENTS = np.dtype([("settlement", "<u8"), ("at", "<i8"), ("merchant", "<u8")]
                        + [(f, "<i8") for f in SETTLEMENT_FIELDS + ("refunds", "net", "payout")])
 TOPUPS = np.dtype([("id", "<u8"), ("user", "<u8"), ("amount", "<i8")])
@@ -134,6 +136,7 @@ TABLES = {
     "codes": (CODES, ("code",)),
     "refunds": (REFUNDS, ("id",)),
     "tombstones": (TOMBSTONES, ("id",)),
+    "scoped_tombstones": (SCOPED_TOMBSTONES, ("id", "merchant")),
     "settlements": (SETTLEMENTS, ("settlement", "merchant")),
     "programs": (PROGRAMS, ("id",)),
     "program_lists": (PROGRAM_LISTS, ("program", "list", "value")),

@@ -10,10 +10,11 @@ import numpy as np
 from . import frame
 from ._framing import intake_pay
 from ._outlet import Outlet
-from .auth import ANONYMOUS_ADMIN
+from .auth import ANONYMOUS_ADMIN, hello_shape_error
 from .dispatch import (MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_CLOCK, OP_HELLO, OP_ISSUE,
                        OP_NAMES, OP_PAY, OP_PING, OP_REFUND_RECORDS)
 from .errors import EngineError
+from .scope import SCOPE_KEY
 from .records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, PAY_RESULT, REFUND_RECORD
 from .status import ErrorCode, Status
 from .writer import Work
@@ -189,7 +190,10 @@ class Connection(asyncio.Protocol):
         if request is None:
             return self.error(slot, OP_HELLO, request_id, ErrorCode.bad_body,
                               "HELLO takes a MessagePack map")
-        if request.get("protocol") != PROTOCOL_VERSION:
+        malformed = hello_shape_error(request)
+        if malformed is not None:
+            return self.error(slot, OP_HELLO, request_id, ErrorCode.bad_body, malformed)
+        if request["protocol"] != PROTOCOL_VERSION:
             self.error(slot, OP_HELLO, request_id, ErrorCode.unsupported_protocol,
                        f"this server speaks protocol {PROTOCOL_VERSION}")
             return self.close_after_flush()
@@ -225,6 +229,8 @@ class Connection(asyncio.Protocol):
                 return self.complete(slot, frame.encode(op, request_id, merge(None).tobytes()))
         deliver = self.records_delivery(slot, op, request_id, merge)
         work = Work(op, body, deliver, records=len(body) // dtype.itemsize)
+        if op != OP_PAY and self.identity.merchants is not None:
+            work.scope = self.identity.merchants    # checked by the writer (engine/scope.py)
         if not self.server.writer.submit(work):
             self.error(slot, op, request_id, ErrorCode.busy,
                        "the server queue is full; retry later", True)
@@ -270,6 +276,8 @@ class Connection(asyncio.Protocol):
                 reply = {"status": int(Status.forbidden), "error": "forbidden", "cash": 0,
                          "discount": 0, "fee": 0, "coupons": [], "explain": []}
                 return self.complete(slot, frame.encode_map(op, request_id, reply))
+        if self.identity.merchants is not None and spec.scoped:
+            request, body = self.scoped_request(request)
 
         def deliver(value):
             if isinstance(value, EngineError):
@@ -280,6 +288,13 @@ class Connection(asyncio.Protocol):
         if not self.server.writer.submit(work):
             self.error(slot, op, request_id, ErrorCode.busy,
                        "the server queue is full; retry later", True)
+
+    def scoped_request(self, request: dict) -> tuple[dict, bytes]:
+        """The request with this gateway key's merchants as its `scope`
+        (engine/scope.py), replacing any the client sent: the apply checks
+        each payment against it, and the journal keeps it for replay."""
+        request = {**request, SCOPE_KEY: sorted(self.identity.merchants)}
+        return request, frame._encoder.encode(request)
 
     @staticmethod
     def decode_map(body: bytes):

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import ops_membership, ops_money, ops_query, ops_setup
+from .scope import parse_scope, scoped_items
 from .errors import BadBody
 
 OP_HELLO = 1
@@ -22,13 +23,18 @@ class MapOp:
     writes: bool               # changes state: stamped, journaled
     draw: Callable | None = None  # (state, request, rng) -> draws, outside the apply
     list_key: str | None = None   # list operations: the key of the item list
+    scoped: bool = False          # takes a gateway key's `scope` (engine/scope.py)
 
     def check_body(self, request) -> None:
         """Refuse a body of the wrong shape before anything is journaled."""
-        if self.list_key:
+        if self.list_key and self.scoped:
+            scoped_items(request, self.list_key)
+        elif self.list_key:
             ops_setup.list_items(request, self.list_key)
         elif not isinstance(request, dict):
             raise BadBody(f"the body of {self.name} must be a map")
+        elif self.scoped:
+            parse_scope(request)
 
 
 MAP_OPS = {op.name: op for op in (
@@ -38,11 +44,15 @@ MAP_OPS = {op.name: op for op in (
     MapOp(35, "STOCKS", ops_setup.stocks, True, list_key="stocks"),
     MapOp(36, "PAYMENT_CODE", ops_setup.payment_code, True, ops_setup.draw_payment_code),
     MapOp(37, "QUOTE", ops_query.quote, False),
-    MapOp(38, "CAPTURE", ops_money.capture, True, list_key="captures"),
-    MapOp(39, "VOID", ops_money.void, True, list_key="payments"),
-    MapOp(40, "REFUND", ops_money.refund, True, list_key="refunds"),
-    MapOp(41, "REVERSE", ops_money.reverse, True, list_key="payments"),
-    MapOp(42, "GET_PAYMENTS", ops_money.get_payments, False),
+    MapOp(38, "CAPTURE", ops_money.capture, True, list_key="captures",
+          scoped=True),
+    MapOp(39, "VOID", ops_money.void, True, list_key="payments",
+          scoped=True),
+    MapOp(40, "REFUND", ops_money.refund, True, list_key="refunds",
+          scoped=True),
+    MapOp(41, "REVERSE", ops_money.reverse, True, list_key="payments",
+          scoped=True),
+    MapOp(42, "GET_PAYMENTS", ops_money.get_payments, False, scoped=True),
     MapOp(44, "SETTLE", ops_money.settle, True),
     MapOp(64, "STATEMENT", ops_money.statement, False),
     MapOp(46, "STATS", ops_membership.stats, False),

@@ -21,6 +21,7 @@ from ._kernel import Ledger
 from .command import decode
 from .errors import Unavailable
 from .journal import Journal, JournalError, JournalUnavailable
+from .tombstones import ScopedTombstones
 from .state import State
 from .topups import Topups
 
@@ -45,7 +46,8 @@ def state_to_snapshot(state: State) -> tuple[dict, dict]:
     arrays["topups"] = state.topups.to_array()
     meta = {"ledger": scalars, "now": state.now, "tz_offset_ms": state.tz_offset_ms,
             "hold_ms": state.hold_ms, "settlements": state.settlements,
-            "programs": {str(k): v for k, v in state.programs.items()}}
+            "programs": {str(k): v for k, v in state.programs.items()},
+            "scoped_tombstones": state.scoped_tombstones.to_meta()}
     return arrays, meta
 
 
@@ -54,7 +56,9 @@ def state_from_snapshot(arrays: dict, meta: dict) -> State:
     topups = Topups(arrays["topups"])
     return State(tz_offset_ms=meta["tz_offset_ms"], hold_ms=meta["hold_ms"], ledger=ledger,
                  now=meta["now"], topups=topups, settlements=meta["settlements"],
-                 programs={int(k): v for k, v in meta["programs"].items()})
+                 programs={int(k): v for k, v in meta["programs"].items()},
+                 # (absent from snapshots written before scoped reversals)
+                 scoped_tombstones=ScopedTombstones.from_meta(meta.get("scoped_tombstones", {})))
 
 
 class Storage:

@@ -20,7 +20,7 @@ import time
 import msgspec
 import numpy as np
 
-from . import canonical, durability, export
+from . import canonical, durability, export, scope
 from .command import Command
 from .dispatch import (MAP_OPS, MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_EXPIRE, OP_ISSUE,
                        OP_PAY, OP_REFUND_RECORDS, PLANNED_OPS)
@@ -264,7 +264,10 @@ class Engine:
         if command.op in RECORD_OPS:
             record, result, apply = RECORD_OPS[command.op]
             out = np.empty(len(command.body) // record.itemsize, result)
-            getattr(ledger, apply)(command.body, command.now, out.view(np.uint8))
+            if command.op == OP_PAY and self.state.scoped_tombstones:
+                scope.pay(self.state, command.body, command.now, out)
+            else:
+                getattr(ledger, apply)(command.body, command.now, out.view(np.uint8))
             return out
         spec = MAP_OPS_BY_CODE[command.op]
         request = msgspec.msgpack.decode(command.body)

@@ -30,6 +30,7 @@ def canonical(state: State) -> dict:
         "codes": codes_table(codes, user_ids),
         "refunds": copy_fields(ledger.refunds[:ledger.n_refunds], cn.REFUNDS),
         "tombstones": copy_fields(ledger.tombstones[:ledger.n_tombstones], cn.TOMBSTONES),
+        "scoped_tombstones": np.array(state.scoped_tombstones.rows(), cn.SCOPED_TOMBSTONES),
         "settlements": settlements_table(state.settlements),
         **membership_tables(state, user_ids, payment_ids),
     }

@@ -7,12 +7,14 @@ import numpy as np
 from ._kernel import REFUND
 from .canonical import FUNDER_NAMES, PAYMENT_STATE_NAMES
 from .ops_query import LOOKUP_IDS_MAX, not_found, require_map
-from .ops_setup import list_items
+from .scope import parse_scope, payments_outside, reverse_unknown, scoped_items
 from .records import PAY_RESULT, RESULT_DUPLICATE
 from .state import State
 from .status import Status
 from .validate import I63_MAX, U64_MAX, Invalid, failure, integer, only_keys, u64
 
+FORBIDDEN_RESULT = {"status": int(Status.forbidden), "error": Status.forbidden.name,
+                    "cash": 0, "discount": 0, "fee": 0}
 CAPTURE_KEYS = frozenset({"payment", "amount"})
 REFUND_KEYS = frozenset({"id", "payment", "amount"})
 
@@ -44,6 +46,20 @@ def merge(failures: list, results: list) -> dict:
     return {"results": [f if f is not None else next(out) for f in failures]}
 
 
+def forbid_outside(state: State, parsed: list, failures: list, scope, payment_of,
+                   id_of=None) -> None:
+    """Items on payments outside a gateway key's scope: `forbidden`, not
+    applied (engine/scope.py). Unknown payments keep the op's own answer."""
+    if scope is None:
+        return
+    at = [i for i, p in enumerate(parsed) if p is not None]
+    outside = payments_outside(state.ledger, [payment_of(parsed[i]) for i in at], scope)
+    for i in np.flatnonzero(outside).tolist():
+        item = parsed[at[i]]
+        parsed[at[i]] = None
+        failures[at[i]] = {"id": (id_of or payment_of)(item), **FORBIDDEN_RESULT}
+
+
 def pay_result_maps(results: np.ndarray) -> list:
     """PayResult records as the maps CAPTURE, VOID and REVERSE reply."""
     out = []
@@ -69,8 +85,9 @@ def parse_capture(item) -> tuple[int, int]:
 
 
 def capture(state: State, request, now: int, draws) -> dict:
-    items = list_items(request, "captures")
+    items, scope = scoped_items(request, "captures")
     parsed, failures = parse(items, parse_capture)
+    forbid_outside(state, parsed, failures, scope, lambda p: p[0])
     ok = [p for p in parsed if p is not None]
     results = np.zeros(len(ok), PAY_RESULT)
     if ok:
@@ -88,9 +105,12 @@ def parse_payment_id(item) -> int:
     return item
 
 
-def by_payment_ids(state: State, request, now: int, apply) -> dict:
-    items = list_items(request, "payments")
+def by_payment_ids(state: State, request, now: int, apply, scoped_unknown=None) -> dict:
+    items, scope = scoped_items(request, "payments")
     parsed, failures = parse(items, parse_payment_id)
+    forbid_outside(state, parsed, failures, scope, lambda p: p)
+    if scope is not None and scoped_unknown is not None:
+        scoped_unknown(state, parsed, failures, scope, now)
     ok = np.array([p for p in parsed if p is not None], np.uint64)
     results = np.zeros(len(ok), PAY_RESULT)
     if len(ok):
@@ -103,7 +123,28 @@ def void(state: State, request, now: int, draws) -> dict:
 
 
 def reverse(state: State, request, now: int, draws) -> dict:
-    return by_payment_ids(state, request, now, state.ledger.reverse)
+    reply = by_payment_ids(state, request, now, state.ledger.reverse, scoped_reversal)
+    if state.scoped_tombstones:
+        # An unscoped reversal's kernel tombstone blocks every PAY: it
+        # supersedes a scoped one of the same id.
+        for result in reply["results"]:
+            if not result["status"] and state.ledger.find("tombstones", result["id"]) >= 0:
+                state.scoped_tombstones.drop(result["id"])
+    return reply
+
+
+def scoped_reversal(state: State, parsed: list, failures: list, scope, now: int) -> None:
+    """A scoped REVERSE of ids that no payment (and no kernel tombstone)
+    has: tombstones that block PAYs at the scope's merchants only
+    (engine/scope.py), in place of the kernel's, which would block all. The
+    reply is the kernel's for an unknown id: ok, nothing moved."""
+    unknown = set(reverse_unknown(state, [p for p in parsed if p is not None], scope))
+    for i, p in enumerate(parsed):
+        if p in unknown:
+            result = np.zeros(1, PAY_RESULT)
+            result["id"], result["timestamp"] = p, now
+            parsed[i] = None
+            failures[i] = pay_result_maps(result)[0]
 
 
 # -- REFUND -----------------------------------------------------------------
@@ -117,8 +158,9 @@ def parse_refund(item) -> tuple[int, int, int]:
 
 
 def refund(state: State, request, now: int, draws) -> dict:
-    items = list_items(request, "refunds")
+    items, scope = scoped_items(request, "refunds")
     parsed, failures = parse(items, parse_refund)
+    forbid_outside(state, parsed, failures, scope, lambda p: p[1], lambda p: p[0])
     ok = [p for p in parsed if p is not None]
     rows = np.zeros(len(ok), REFUND)
     status = np.zeros(len(ok), np.int32)
@@ -144,13 +186,17 @@ def refund(state: State, request, now: int, draws) -> dict:
 def get_payments(state: State, request, now: int, draws) -> dict:
     request = require_map(request, "{ids: [...]}")
     try:
-        only_keys(request, frozenset({"ids"}))
+        only_keys(request, frozenset({"ids", "scope"}))
         ids = request.get("ids")
         if not isinstance(ids, list) or len(ids) > LOOKUP_IDS_MAX or not all(map(is_u64, ids)):
             raise Invalid(f"`ids` must be a list of at most {LOOKUP_IDS_MAX} u64 payment ids")
     except Invalid as e:
         return {**failure(e.status, str(e)), "results": []}
-    return {"status": 0, "results": [payment_view(state.ledger, i) for i in ids]}
+    scope = parse_scope(request)
+    outside = payments_outside(state.ledger, ids, scope)
+    return {"status": 0, "results": [
+        {"id": i, "status": int(Status.forbidden), "error": Status.forbidden.name} if out
+        else payment_view(state.ledger, i) for i, out in zip(ids, outside.tolist())]}
 
 
 def payment_view(ledger, payment_id: int) -> dict:

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .auth import Authenticator
-from .config import Config
+from .config import Config, is_loopback
 from .connection import Connection
 from .engine import Engine, wall_clock_ms
 from .metrics import Metrics
@@ -118,8 +118,26 @@ class Server:
             "listen": self.config.listen, "unix": self.config.unix, "tls": tls is not None,
             "data": self.config.data, "test_clock": self.config.test_clock,
             "auth": self.auth.required, "counts": self.engine.counts()}})
+        self.warn_exposure(tls is not None)
         if self.config.test_clock:
             log.warning("TEST CLOCK enabled: CLOCK sets the engine time; never use in production")
+
+    def warn_exposure(self, tls: bool) -> None:
+        """One loud line for each setting that exposes the server off this
+        host in a way an operator should know about (config.check refuses
+        the worse ones outright)."""
+        if self.config.listen and not tls:
+            host, _port = self.config.host_port
+            if not is_loopback(host):
+                log.warning("INSECURE: listening on %s without TLS: payments and HELLO "
+                            "MACs cross the network in clear; set tls_cert and tls_key",
+                            self.config.listen)
+        if self.config.metrics and not self.auth.required:
+            host = self.config.metrics.rpartition(":")[0].strip("[]")
+            if not is_loopback(host):
+                log.warning("INSECURE: metrics on %s, a non-loopback address, on a server "
+                            "with no keys: anyone who reaches it sees its traffic; bind "
+                            "metrics to 127.0.0.1", self.config.metrics)
 
     def tls_context(self):
         if not self.config.tls_cert:

@@ -3,6 +3,7 @@ Python-side records that map operations keep (top-ups)."""
 from dataclasses import dataclass, field
 
 from ._kernel import Ledger
+from .tombstones import ScopedTombstones
 from .topups import Topups
 
 TZ_OFFSET_MS_DEFAULT = 8 * 3600 * 1000      # UTC+8 (RULES.md)
@@ -18,6 +19,8 @@ class State:
     topups: Topups = field(default_factory=Topups)  # id -> (user id, amount)
     settlements: list = field(default_factory=list)  # SETTLE replies, in order
     programs: dict = field(default_factory=dict)     # id -> definition (PROGRAMS)
+    # Reversals of unknown ids by scoped gateway keys (engine/scope.py).
+    scoped_tombstones: ScopedTombstones = field(default_factory=ScopedTombstones)
 
     def __post_init__(self):
         if self.ledger is None:

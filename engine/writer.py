@@ -27,6 +27,7 @@ from ._outlet import Courier, Sends
 from .dispatch import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS
 from .errors import EngineError, Unavailable
 from .records import ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RESULT
+from .scope import SCOPED_RECORD_OPS, filter_records
 from .threads import raise_thread_priority
 
 log = logging.getLogger("scanpay.writer")
@@ -43,7 +44,7 @@ OP_LABELS = {OP_PAY: "PAY", OP_ISSUE: "ISSUE", OP_CAPTURE_RECORDS: "CAPTURE_RECO
 class Work:
     """One request for the writer. `deliver(result | EngineError)` runs on the
     event loop once the result may be released."""
-    __slots__ = ("op", "body", "records", "spec", "request", "deliver", "submitted_at")
+    __slots__ = ("op", "body", "records", "spec", "request", "deliver", "submitted_at", "scope")
 
     def __init__(self, op, body, deliver, records=0, spec=None, request=None):
         self.op = op
@@ -53,6 +54,7 @@ class Work:
         self.request = request
         self.deliver = deliver
         self.submitted_at = 0.0                 # set by Writer.submit (metrics)
+        self.scope = None                       # a gateway key's merchants (record ops)
 
 
 def queued_weight(item) -> int:
@@ -243,7 +245,12 @@ class Writer:
 
     def process_records(self, group: list) -> None:
         op = group[0].op
+        for work in group:
+            if work.scope is not None:
+                self.apply_scope(work)
         body = group[0].body if len(group) == 1 else b"".join(w.body for w in group)
+        if not body:                        # every record outside the keys' scopes
+            return self.schedule(None, [(w.deliver, np.zeros(0, RESULT_DTYPES[op])) for w in group])
         results, durable = self.engine.write_command(op, body)
         if self.metrics:
             self.count_records(op, results)
@@ -253,6 +260,24 @@ class Writer:
             parts.append((work.deliver, results[at:at + work.records]))
             at += work.records
         self.schedule(durable, parts)
+
+    def apply_scope(self, work: Work) -> None:
+        """Take out the records of `work` outside its key's scope, now, on the
+        writer, just before the apply: the journal holds only the records
+        applied, and the others are answered `forbidden` (engine/scope.py)."""
+        body, merge = filter_records(self.engine.state.ledger, OP_LABELS[work.op], work.body,
+                                     work.scope, self.engine._now())
+        if merge is None:
+            return
+        deliver = work.deliver
+        work.body = body
+        work.records = len(body) // SCOPED_RECORD_OPS[OP_LABELS[work.op]][0].itemsize
+
+        def merged(value):
+            if isinstance(value, EngineError):
+                return deliver(value)
+            return deliver(merge(value if len(value) else None))
+        work.deliver = merged
 
     def process_pay_batch(self, batch: PayBatch) -> None:
         try:

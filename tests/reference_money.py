@@ -168,6 +168,9 @@ class MoneyReference(Reference):
         self.payments: dict[int, LifePayment] = {}
         self.refunds: dict[int, Refund] = {}
         self.tombstones: set[int] = set()
+        # ext: Keys, roles and merchant scope: reversals of unknown ids by a
+        # scoped key, id -> the merchants whose PAYs they block.
+        self.scoped_tombstones: dict[int, set] = {}
         self.periods: dict[int, Period] = {}     # merchant id -> Period
         self.settlements: list[dict] = []        # SETTLE replies, in order
         self.stock_day: dict[int, tuple] = {}    # stock id -> (day, day_spent)
@@ -258,6 +261,8 @@ class MoneyReference(Reference):
                 return _replay(previous.result)       # whatever the current state
             return self._fail(pid, Status.exists_with_different_fields, now)
         if pid in self.tombstones:
+            return self._fail(pid, Status.reversed, now)
+        if int(rec["merchant"]) in self.scoped_tombstones.get(pid, ()):
             return self._fail(pid, Status.reversed, now)
 
         # Steps 3-6 (shared with QUOTE).
@@ -356,14 +361,40 @@ class MoneyReference(Reference):
                                        now)
         return out
 
+    # ext: Keys, roles and merchant scope -------------------------------------
+
+    def _scoped_items(self, request, key: str) -> tuple[list, set | None]:
+        """A list op's items and its `scope` (None: every merchant)."""
+        if isinstance(request, dict) and "scope" in request:
+            scope = request["scope"]
+            if not isinstance(scope, list) or not all(
+                    _is_u64(m) and m > 0 for m in scope):
+                raise BadBody("`scope` must be a list of merchant ids")
+            rest = {k: v for k, v in request.items() if k != "scope"}
+            return self._items(rest, key), set(scope)
+        return self._items(request, key), None
+
+    def _outside(self, pid: int, scope) -> bool:
+        """The payment exists at a merchant outside `scope`."""
+        p = self.payments.get(pid)
+        return scope is not None and p is not None and p.merchant not in scope
+
+    @staticmethod
+    def _forbidden(ident: int) -> dict:
+        return {"id": ident, "status": int(Status.forbidden), "error": "forbidden",
+                "cash": 0, "discount": 0, "fee": 0}
+
     def _capture_op(self, request) -> dict:
-        items = self._items(request, "captures")
+        items, scope = self._scoped_items(request, "captures")
         now = self._stamp()
         results = []
         for item in items:
             if not isinstance(item, dict) or set(item) != {"payment", "amount"} \
                     or not _is_u64(item["payment"]) or not _is_i64(item["amount"]):
                 results.append(_invalid("a capture is {payment: u64, amount: int}"))
+                continue
+            if self._outside(item["payment"], scope):
+                results.append(self._forbidden(item["payment"]))
                 continue
             results.append(_pay_result_map(self._capture_one(item["payment"], item["amount"],
                                                              now)))
@@ -436,12 +467,15 @@ class MoneyReference(Reference):
     # =========================================================================
 
     def _void_op(self, request) -> dict:
-        items = self._items(request, "payments")
+        items, scope = self._scoped_items(request, "payments")
         now = self._stamp()
         results = []
         for item in items:
             if not _is_u64(item):
                 results.append(_invalid("a payment id is a u64"))
+                continue
+            if self._outside(item, scope):
+                results.append(self._forbidden(item))
                 continue
             results.append(_pay_result_map(self._void_one(item, now)))
         return {"results": results}
@@ -494,7 +528,7 @@ class MoneyReference(Reference):
         return out
 
     def _refund_op(self, request) -> dict:
-        items = self._items(request, "refunds")
+        items, scope = self._scoped_items(request, "refunds")
         self._stamp()
         results = []
         for item in items:
@@ -502,6 +536,9 @@ class MoneyReference(Reference):
                     or not _is_u64(item["id"]) or not _is_u64(item["payment"]) \
                     or not _is_i64(item["amount"]):
                 results.append(_invalid("a refund is {id: u64, payment: u64, amount: int}"))
+                continue
+            if self._outside(item["payment"], scope):
+                results.append(self._forbidden(item["id"]))
                 continue
             results.append(self._refund_one(item["id"], item["payment"], item["amount"]))
         return {"results": results}
@@ -588,22 +625,32 @@ class MoneyReference(Reference):
     # =========================================================================
 
     def _reverse_op(self, request) -> dict:
-        items = self._items(request, "payments")
+        items, scope = self._scoped_items(request, "payments")
         now = self._stamp()
         results = []
         for item in items:
             if not _is_u64(item):
                 results.append(_invalid("a payment id is a u64"))
                 continue
-            results.append(_pay_result_map(self._reverse_one(item, now)))
+            if self._outside(item, scope):
+                results.append(self._forbidden(item))
+                continue
+            results.append(_pay_result_map(self._reverse_one(item, now, scope)))
         return {"results": results}
 
-    def _reverse_one(self, pid: int, now: int) -> np.void:
+    def _reverse_one(self, pid: int, now: int, scope=None) -> np.void:
         if pid == 0:
             return _pay_result(pid, Status.invalid_id, now)
         p = self.payments.get(pid)
+        if p is None and scope is not None:
+            # A scoped key's tombstone blocks PAYs at its merchants only; an
+            # unscoped one already there blocks them all.
+            if pid not in self.tombstones and scope:
+                self.scoped_tombstones[pid] = self.scoped_tombstones.get(pid, set()) | scope
+            return _pay_result(pid, Status.ok, now)
         if p is None:
             self.tombstones.add(pid)          # a PAY with this id later fails `reversed`
+            self.scoped_tombstones.pop(pid, None)     # which says more than a scoped one
             return _pay_result(pid, Status.ok, now)
         if p.state in (COMPLETED, PARTIALLY_REFUNDED):
             coupons = [c for _, c in p.kept()]
@@ -621,11 +668,15 @@ class MoneyReference(Reference):
 
     def _get_payments_op(self, request) -> dict:
         request = self._single(request)
-        if set(request) != {"ids"} or not isinstance(request["ids"], list) \
+        scope = request.get("scope")
+        if set(request) - {"scope"} != {"ids"} or not isinstance(request["ids"], list) \
                 or len(request["ids"]) > GET_PAYMENTS_IDS_MAX \
                 or not all(_is_u64(i) for i in request["ids"]):
             return _invalid("GET_PAYMENTS takes {ids: [u64]}", results=[])
-        return {"status": 0, "results": [self._payment_view(i) for i in request["ids"]]}
+        scope = None if scope is None else set(scope)
+        return {"status": 0, "results": [
+            {"id": i, "status": int(Status.forbidden), "error": "forbidden"}
+            if self._outside(i, scope) else self._payment_view(i) for i in request["ids"]]}
 
     def _payment_view(self, pid: int) -> dict:
         p = self.payments.get(pid)
@@ -756,6 +807,9 @@ class MoneyReference(Reference):
             dict(id=r.id, payment=r.payment, amount=r.amount, cash=r.cash,
                  discount=r.discount, fee=r.fee) for r in self.refunds.values()])
         t["tombstones"] = _table("tombstones", [dict(id=i) for i in self.tombstones])
+        t["scoped_tombstones"] = _table("scoped_tombstones", [
+            dict(id=i, merchant=m) for i, scope in self.scoped_tombstones.items()
+            for m in scope])
         t["settlements"] = _table("settlements", [
             dict(settlement=s["settlement"], at=s["at"], **row)
             for s in self.settlements for row in s["rows"]])

@@ -8,6 +8,8 @@ retries with the same and with other fields), ISSUE, TOPUP, CAPTURE (map and
 records: lower, equal, above the authorization, retries), VOID, REFUND (map and
 records: partial, full, beyond the rest, retries, the same id with other
 fields), REVERSE (known, unknown, repeated; then PAY of a reversed id),
+CAPTURE, VOID, REFUND, REVERSE and GET_PAYMENTS now and then with a gateway
+key's `scope` (scoped tombstones, then PAYs at merchants in and out of it),
 GET_PAYMENTS, SETTLE, STATEMENT, BALANCES, COUPONS, QUOTE with the authorize
 flag, and time moving across hold expiry (hold_ms = 10 s for both). After every
 step the results must be identical (record results byte for byte; map replies
@@ -176,6 +178,16 @@ def draw_refund_items(data, known: list) -> list:
 # The scenario
 # ---------------------------------------------------------------------------
 
+SCOPES = st.sampled_from([None, None, None, None, [1], [2, 3], [], [3, 9]])
+
+
+def scoped(data, request: dict) -> dict:
+    """The request, now and then with a gateway key's `scope`
+    (docs/protocol-extensions.md, "Keys, roles and merchant scope")."""
+    scope = data.draw(SCOPES)
+    return request if scope is None else {**request, "scope": scope}
+
+
 def run_scenario(pair: Pair, data) -> None:
     setup_world(pair, data)
     codes, history, known = [], [], {}     # known: payment id -> amount
@@ -192,7 +204,7 @@ def run_scenario(pair: Pair, data) -> None:
             if result[0]["status"] == 0:
                 known[int(result[0]["id"])] = int(rec[0]["amount"])
         elif op == "capture":
-            pair.call("CAPTURE", {"captures": draw_capture_items(data, known)})
+            pair.call("CAPTURE", scoped(data, {"captures": draw_capture_items(data, known)}))
         elif op == "capture_records":
             items = [i for i in draw_capture_items(data, known) if isinstance(i, dict)
                      and set(i) == {"payment", "amount"} and isinstance(i["payment"], int)]
@@ -203,10 +215,10 @@ def run_scenario(pair: Pair, data) -> None:
                 pair.batch("capture", records)
         elif op == "void":
             ids = [known_or_any(data, known) for _ in range(data.draw(st.integers(1, 2)))]
-            pair.call("VOID", {"payments": ids + ([-1] if data.draw(st.integers(0, 9)) == 0
-                                                  else [])})
+            pair.call("VOID", scoped(data, {"payments": ids + (
+                [-1] if data.draw(st.integers(0, 9)) == 0 else [])}))
         elif op == "refund":
-            pair.call("REFUND", {"refunds": draw_refund_items(data, known)})
+            pair.call("REFUND", scoped(data, {"refunds": draw_refund_items(data, known)}))
         elif op == "refund_records":
             items = [i for i in draw_refund_items(data, known)
                      if isinstance(i, dict) and isinstance(i.get("amount"), int)
@@ -219,12 +231,13 @@ def run_scenario(pair: Pair, data) -> None:
                 pair.batch("refund", records)
         elif op == "reverse":
             ids = [known_or_any(data, known) if data.draw(st.integers(0, 4)) < 4
-                   else data.draw(st.sampled_from([0, 11, 12]))
+                   else data.draw(st.sampled_from([0, 11, 12, 7, 8, 9, 10]))
                    for _ in range(data.draw(st.integers(1, 3)))]
-            pair.call("REVERSE", {"payments": ids})
+            pair.call("REVERSE", scoped(data, {"payments": ids}))
         elif op == "get":
             ids = [known_or_any(data, known) for _ in range(data.draw(st.integers(1, 3)))]
-            pair.call("GET_PAYMENTS", {"ids": ids + data.draw(st.sampled_from([[], [0], [11]]))})
+            pair.call("GET_PAYMENTS", scoped(data, {"ids": ids + data.draw(
+                st.sampled_from([[], [0], [11]]))}))
         elif op == "settle":
             pair.call("SETTLE", data.draw(st.sampled_from([{}, {}, {}, {"x": 1}])))
         elif op == "statement":
