@@ -668,3 +668,75 @@ def test_scanpay_iso8583_command(engine_port, tmp_path):
         out, _ = proc.communicate(timeout=15)
     assert proc.returncode == 0, out
     assert "0200/00" in out                 # the exit summary: messages by MTI/DE39
+
+
+# -- load ---------------------------------------------------------------------------------------------
+
+LOAD_LINKS, LOAD_PER_LINK, LOAD_WINDOW = 8, 60, 16
+
+
+def test_pipelined_load_every_approval_is_in_get_payments(engine_port):
+    """8 links, each with up to 16 messages in flight: payments, repeats of
+    some, declines (insufficient funds) in between. Afterwards every approval
+    is a completed payment of its amount in GET_PAYMENTS, every decline is
+    absent, and each wallet moved by exactly its approvals."""
+    async def link_load(adapter, client, users, rng_seed):
+        term = await Terminal.open(adapter)
+        requests = []
+        for i in range(LOAD_PER_LINK):
+            user = users[i % len(users)]
+            amount = 50_00 if i % 10 == 9 else 1_00 + (rng_seed * 7 + i) % 300
+            requests.append((user, message("0200", rrn=new_rrn(), code=await payment_code(
+                client, user), amount=amount, terminal=f"LOAD{rng_seed:04d}")))
+        # some repeats, pipelined right behind their originals
+        requests += [(u, dict(r, t="0201")) for u, r in requests[::7]]
+        replies, window = {}, asyncio.Semaphore(LOAD_WINDOW)
+
+        async def reader():
+            for _ in requests:
+                reply = await term.recv()
+                replies.setdefault((reply["11"], reply["41"]), []).append(reply)
+                window.release()
+        reading = asyncio.get_running_loop().create_task(reader())
+        for _, doc in requests:
+            await window.acquire()
+            term.send(doc)
+        await asyncio.wait_for(reading, 60)
+        term.close()
+        return requests, replies
+
+    async def scenario(adapter, client):
+        users = [await shopper(client, balance=40_00) for _ in range(LOAD_LINKS * 2)]
+        results = await asyncio.gather(*(link_load(adapter, client, users[k * 2:k * 2 + 2], k)
+                                         for k in range(LOAD_LINKS)))
+        approved, declined, spent = {}, [], {u: 0 for u in users}
+        for requests, replies in results:
+            for user, doc in requests:
+                answers = replies[doc["11"], doc["41"]]
+                assert {a["37"] for a in answers} == {doc["37"]}
+                codes = {a["39"] for a in answers}
+                assert len(codes) == 1 and codes <= {"00", "51"}, codes
+                if codes == {"00"}:
+                    if doc["37"] not in approved:
+                        spent[user] += int(doc["4"])
+                    approved[doc["37"]] = (int(doc["4"]), doc["41"])
+                else:
+                    declined.append(doc)
+        assert len(approved) > LOAD_LINKS * LOAD_PER_LINK // 2 and declined
+        ids = {rrn: expected_payment_id(ACQUIRER, MERCHANT_DE42, terminal, rrn)
+               for rrn, (_, terminal) in approved.items()}
+        stored = {}
+        for chunk in range(0, len(ids), 200):
+            part = list(ids.values())[chunk:chunk + 200]
+            reply = await client.call("GET_PAYMENTS", {"ids": part})
+            stored.update({r["id"]: r for r in reply["results"] if r["status"] == 0})
+        for rrn, (amount, _) in approved.items():
+            row = stored[ids[rrn]]
+            assert (row["state"], row["amount"], row["merchant"]) == ("completed", amount, 1)
+        declined_ids = [expected_payment_id(ACQUIRER, MERCHANT_DE42, d["41"], d["37"])
+                        for d in declined]
+        reply = await client.call("GET_PAYMENTS", {"ids": declined_ids})
+        assert all(r["status"] != 0 for r in reply["results"])
+        for user in users:
+            assert await balance(client, user) == 40_00 - spent[user]
+    run(engine_port, scenario)
