@@ -487,6 +487,18 @@ class Link(asyncio.Protocol):
         self.transport.write(frame_prefix(self.config.framing, len(message)) + message)
 
 
+async def start_beside(section: dict, server_listen: str) -> Adapter:
+    """The adapter of a `scanpay serve` config's [iso8583] section, in the
+    server's event loop, connected to the server's own TCP listener."""
+    host, port = m.split_address(server_listen)
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    engine = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    adapter = Adapter(m.config_from(dict(section), {"engine": engine}))
+    await adapter.start()
+    return adapter
+
+
 # -- command line ----------------------------------------------------------------------------
 
 def add_parser(sub) -> None:

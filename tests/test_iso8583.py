@@ -740,3 +740,45 @@ def test_pipelined_load_every_approval_is_in_get_payments(engine_port):
         for user in users:
             assert await balance(client, user) == 40_00 - spent[user]
     run(engine_port, scenario)
+
+
+# -- inside scanpay serve -------------------------------------------------------------------------------
+
+def test_an_iso8583_section_starts_the_adapter_inside_the_server(tmp_path):
+    from engine import Engine
+    from engine.config import ConfigError, load
+    path = tmp_path / "serve.toml"
+    path.write_text('[server]\nlisten = "127.0.0.1:0"\n[iso8583]\nlisten = "127.0.0.1:0"\n'
+                    f'[iso8583.merchants]\n"{MERCHANT_DE42}" = 1\n')
+    config = load(str(path), {"data": ""})
+    assert config.iso8583["merchants"] == {MERCHANT_DE42: 1}
+    for bad in ({"framing": "x"}, {"engine": "127.0.0.1:1"}):
+        with pytest.raises(ConfigError):
+            check_with(config, bad)
+    with pytest.raises(ConfigError, match="TCP listener"):
+        check_with(config, {}, listen="")
+
+    async def main():
+        server = Server(config, engine=Engine())
+        await server.start()
+        client = await AsyncClient.connect("127.0.0.1", server.config.host_port[1])
+        try:
+            await client.call("MERCHANTS", {"merchants": [{"id": 1}]})
+            user = await shopper(client)
+            term = await Terminal.open(server.iso8583)
+            reply = await term.call(message("0200", rrn=new_rrn(),
+                                            code=await payment_code(client, user), amount=6_00))
+            assert reply["39"] == "00"
+            assert await balance(client, user) == BALANCE - 6_00
+            term.close()
+        finally:
+            client.close()
+            await server.stop()
+        assert server.iso8583.listener is not None and not server.iso8583.links
+    asyncio.run(main())
+
+
+def check_with(config, section, **settings):
+    import dataclasses
+    from engine.config import check
+    check(dataclasses.replace(config, iso8583={**config.iso8583, **section}, **settings))
