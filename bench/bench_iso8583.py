@@ -16,6 +16,8 @@ state and the same machine noise:
   flight, pre-encoded with pyiso8583 before the clock starts, replies
   decoded and matched by STAN, latency per message. Every reply must be 00.
 
+SCANPAY_ADAPTER_PROFILE=PATH runs the adapter under cProfile (stats to PATH).
+
 The adapter's overhead per message is reported two ways: its CPU time per
 message (utime + stime of its process over the ISO rounds / messages), and
 the difference in mean latency between the two paths. Bounded: every round
@@ -61,7 +63,10 @@ class Process:
         self.port = port
         self.log = open(log_path, "w")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], cwd=str(ROOT),
+        profile = os.environ.get("SCANPAY_ADAPTER_PROFILE") if args[0] == "iso8583" else None
+        prefix = ["-m", "cProfile", "-o", profile] if profile else []
+        self.proc = subprocess.Popen([sys.executable, *prefix, "-m", "engine.cli", *args],
+                                     cwd=str(ROOT),
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
