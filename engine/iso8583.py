@@ -39,6 +39,14 @@ class EngineUnavailable(Exception):
     """No answer from the engine (down, busy, timed out): DE39 91, retryable."""
 
 
+class Declined(Exception):
+    """Refused by the adapter before the engine applies anything."""
+
+    def __init__(self, response_code: str):
+        super().__init__(response_code)
+        self.response_code = response_code
+
+
 class RefusedByEngine(Exception):
     """The engine refused the request whole: DE39 carries `response_code`."""
 
@@ -238,16 +246,14 @@ class Adapter:
             return {"39": m.RC_ENGINE_UNAVAILABLE}
         if not request.merchant:
             return {"39": m.RC_INVALID_MERCHANT}
-        if request.action in (m.AUTHORIZE, m.PAY, m.CAPTURE):
-            currency = request.fields.get("49")
-            if not m.amount_in_range(request.amount):
-                return {"39": m.RC_INVALID_AMOUNT}
-            if currency is not None and currency != self.engine.currency and self.engine.currency:
-                return {"39": m.RC_INVALID_AMOUNT}
+        if request.action != m.REVERSE and not m.amount_in_range(request.amount):
+            return {"39": m.RC_INVALID_AMOUNT}
         try:
             if request.action in (m.AUTHORIZE, m.PAY):
                 return await self.pay(request)
             return await self.lifecycle(request)
+        except Declined as e:
+            return {"39": e.response_code}
         except EngineUnavailable as e:
             log.warning("engine unavailable for %s: %s", request.mti, e)
             return {"39": m.RC_ENGINE_UNAVAILABLE}
@@ -255,10 +261,21 @@ class Adapter:
             log.error("engine refused %s: %s", request.mti, e)
             return {"39": e.response_code}
 
+    def check_currency(self, request: m.Request) -> None:
+        """DE49, when sent, must be the engine's currency (known once connected)."""
+        if not self.engine.currency:
+            raise Declined(m.RC_SYSTEM_ERROR)       # logged when the engine said its currency
+        currency = request.fields.get("49")
+        if currency is not None and currency != self.engine.currency:
+            raise Declined(m.RC_INVALID_AMOUNT)
+
     async def pay(self, request: m.Request) -> dict:
-        result = await self.engine.run(lambda c: c.pay_one(
-            id=request.payment, payer=request.code, merchant=request.merchant,
-            amount=request.amount, flags=m.pay_flags(request.action)))
+        def call(client):
+            self.check_currency(request)
+            return client.pay_one(id=request.payment, payer=request.code,
+                                  merchant=request.merchant, amount=request.amount,
+                                  flags=m.pay_flags(request.action))
+        result = await self.engine.run(call)
         if not result.ok:
             log.debug("declined", extra={"fields": {
                 "mti": request.mti, "status": result.status_name, "stan": request.fields["11"],
@@ -271,7 +288,11 @@ class Adapter:
                                                  "amount": request.amount}]}
         else:
             op, body = "REVERSE", {"payments": [request.payment]}
-        reply = await self.engine.run(lambda c: c.call(op, body))
+        def call(client):
+            if op == "CAPTURE":
+                self.check_currency(request)
+            return client.call(op, body)
+        reply = await self.engine.run(call)
         try:
             result = reply["results"][0]
             return self.outcome(request, int(result["status"]), int(result.get("cash", 0)),

@@ -782,3 +782,34 @@ def check_with(config, section, **settings):
     import dataclasses
     from engine.config import check
     check(dataclasses.replace(config, iso8583={**config.iso8583, **section}, **settings))
+
+
+def test_an_engine_currency_without_an_iso_number_is_96_until_configured(caplog):
+    """CNY is 156 by the built-in table; a currency it does not know must not
+    pass unchecked: 96 and one error line, until `currency` says its number."""
+    async def main():
+        from engine import Engine
+        server = Server(Config(data="", listen="127.0.0.1:0"), engine=Engine(currency="XTS"))
+        await server.start()
+        port = server.config.host_port[1]
+        client = await AsyncClient.connect("127.0.0.1", port)
+        await client.call("MERCHANTS", {"merchants": [{"id": 1}]})
+        user = await shopper(client)
+        replies = {}
+        for currency in ("", "963"):
+            adapter = Adapter(adapter_config(port, currency=currency))
+            await adapter.start()
+            term = await Terminal.open(adapter)
+            replies[currency] = await term.call(message(
+                "0200", rrn=new_rrn(), code=await payment_code(client, user), amount=2_00,
+                currency="963"))
+            term.close()
+            await adapter.stop()
+        assert replies[""]["39"] == "96" and replies["963"]["39"] == "00"
+        assert replies["963"]["54"].startswith("0091963C")
+        assert await balance(client, user) == BALANCE - 2_00
+        client.close()
+        await server.stop()
+    with caplog.at_level(logging.ERROR, logger="scanpay.iso8583"):
+        asyncio.run(main())
+    assert "set `currency` in [iso8583]" in caplog.text
