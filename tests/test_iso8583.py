@@ -147,24 +147,24 @@ def framed(raw: bytes, framing="binary2") -> bytes:
     return prefix + raw
 
 
-def encoded(doc: dict) -> bytes:
-    raw, _ = iso8583.encode(dict(doc), SPEC)
+def encoded(doc: dict, spec=SPEC) -> bytes:
+    raw, _ = iso8583.encode(dict(doc), spec)
     return bytes(raw)
 
 
 class Terminal:
     """An acquirer's link: pyiso8583 messages, length-prefixed."""
 
-    def __init__(self, reader, writer, framing):
-        self.reader, self.writer, self.framing = reader, writer, framing
+    def __init__(self, reader, writer, framing, spec=SPEC):
+        self.reader, self.writer, self.framing, self.spec = reader, writer, framing, spec
 
     @classmethod
-    async def open(cls, adapter: Adapter, framing="binary2") -> "Terminal":
+    async def open(cls, adapter: Adapter, framing="binary2", spec=SPEC) -> "Terminal":
         reader, writer = await asyncio.open_connection(*adapter.address)
-        return cls(reader, writer, framing)
+        return cls(reader, writer, framing, spec)
 
     def send(self, *docs) -> None:
-        self.writer.write(b"".join(framed(encoded(d), self.framing) for d in docs))
+        self.writer.write(b"".join(framed(encoded(d, self.spec), self.framing) for d in docs))
 
     def send_raw(self, raw: bytes) -> None:
         self.writer.write(framed(raw, self.framing))
@@ -174,7 +174,7 @@ class Terminal:
             self.reader.readexactly(2 if self.framing == "binary2" else 4), TIMEOUT_S)
         size = struct.unpack(">H", header)[0] if self.framing == "binary2" else int(header)
         raw = await asyncio.wait_for(self.reader.readexactly(size), TIMEOUT_S)
-        doc, _ = iso8583.decode(raw, SPEC)
+        doc, _ = iso8583.decode(raw, self.spec)
         return doc
 
     async def call(self, doc: dict) -> dict:
@@ -568,6 +568,21 @@ def test_ascii4_framing(engine_port):
         term.writer.write(b"00x1")                      # not a length: the link closes
         assert await term.closed()
     run(engine_port, scenario, framing="ascii4")
+
+
+def test_binary_bitmap_spec(engine_port):
+    """spec = "default": pyiso8583's spec with a binary bitmap."""
+    from iso8583.specs import default as binary_spec
+
+    async def scenario(adapter, client):
+        user = await shopper(client)
+        term = await Terminal.open(adapter, spec=binary_spec)
+        reply = await term.call(message("0200", rrn=new_rrn(),
+                                        code=await payment_code(client, user), amount=3_00))
+        assert reply["39"] == "00"
+        assert await balance(client, user) == BALANCE - 3_00
+        term.close()
+    run(engine_port, scenario, spec="default")
 
 
 # -- metrics and logs ---------------------------------------------------------------------------------
