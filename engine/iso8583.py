@@ -332,6 +332,13 @@ class Link(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
+        host = self.peer[0] if isinstance(self.peer, tuple) else ""
+        if not m.peer_allowed(self.config, host):
+            log.warning("link refused: peer %s is not in allow_from", host)
+            self.adapter.metrics.link_closed("peer not allowed")
+            self.closed = True
+            transport.abort()
+            return
         if not self.adapter.admit(self):
             log.warning("link refused: %d links open (connections_max)", len(self.adapter.links))
             self.adapter.metrics.link_closed("connections_max")

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 
 import iso8583
 import iso8583.specs
 
+from .config import is_loopback
 from .records import AMOUNT_MAX, PAY_AUTHORIZE, PAY_PAYER_IS_CODE
 from .status import Status
 
@@ -167,6 +169,9 @@ class IsoConfig:
     echo_fields: list = field(default_factory=lambda: list(ECHO_FIELDS_DEFAULT))
     metrics: str = ""                  # host:port of a Prometheus endpoint; "" = none
     merchants: dict = field(default_factory=dict)   # DE42 -> Scanpay merchant id
+    # Peers (IP networks) that may open links. ISO 8583 has no login of its
+    # own: a non-loopback listener must say who may connect.
+    allow_from: list = field(default_factory=list)
     log_format: str = "text"
 
     def build_spec(self) -> dict:
@@ -228,12 +233,36 @@ def check_config(config: IsoConfig) -> None:
             raise IsoConfigError(f"fields: {number!r} is not a data element number")
         if not isinstance(overrides, dict):
             raise IsoConfigError(f"fields.{number} must be a table of pyiso8583 spec keys")
+    check_peers(config)
     for address in (config.listen, config.engine) + ((config.metrics,) if config.metrics else ()):
         split_address(address)
     try:
         iso8583.encode(SAMPLE_RESPONSE, config.build_spec())
     except Exception as e:  # noqa: BLE001 - any spec mistake is the operator's to fix
         raise IsoConfigError(f"the field spec does not encode a network message: {e}") from None
+
+
+def check_peers(config: IsoConfig) -> None:
+    try:
+        networks = [ipaddress.ip_network(str(n), strict=False) for n in config.allow_from]
+    except ValueError as e:
+        raise IsoConfigError(f"allow_from: {e}") from None
+    host, _port = split_address(config.listen)
+    if not networks and not is_loopback(host):
+        raise IsoConfigError(f"refusing to listen on {config.listen} with no allow_from: list "
+                             f"the acquirers' networks, or listen on 127.0.0.1")
+
+
+def peer_allowed(config: IsoConfig, host: str) -> bool:
+    """With no allow_from (a loopback listener), any peer; else only peers
+    inside one of its networks (list 127.0.0.1 to keep local tools)."""
+    if not config.allow_from:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(str(n), strict=False) for n in config.allow_from)
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -557,6 +557,23 @@ def test_inflight_limit_holds_back_reading_and_loses_nothing(engine_port):
     run(engine_port, scenario, inflight_max=2)
 
 
+def test_allow_from_limits_who_may_open_a_link(engine_port):
+    with pytest.raises(IsoConfigError, match="allow_from"):
+        config_from({"listen": "0.0.0.0:8583"}, {})
+    with pytest.raises(IsoConfigError, match="allow_from"):
+        config_from({"allow_from": ["10.0.0.0/33"]}, {})
+    wide = config_from({"listen": "0.0.0.0:8583", "allow_from": ["10.0.0.0/8", "::1"]}, {})
+    assert iso8583_map.peer_allowed(wide, "10.1.2.3") and iso8583_map.peer_allowed(wide, "::1")
+    assert not iso8583_map.peer_allowed(wide, "192.168.1.1")
+    assert not iso8583_map.peer_allowed(wide, "127.0.0.1")
+
+    async def scenario(adapter, client):
+        term = await Terminal.open(adapter)       # from 127.0.0.1: not listed
+        assert await term.closed()
+        assert adapter.metrics.closed["peer not allowed"] == 1
+    run(engine_port, scenario, allow_from=["10.0.0.0/8"])
+
+
 def test_ascii4_framing(engine_port):
     async def scenario(adapter, client):
         user = await shopper(client)
