@@ -32,6 +32,7 @@ log = logging.getLogger("scanpay.iso8583")
 LENGTH_BINARY2 = struct.Struct(">H")
 FRAMES_PER_READ_MAX = 4096          # frames parsed per data_received before yielding
 STOP_GRACE_S = 5.0
+RECONNECT_PAUSE_S = 0.5             # after a failed connect to the engine
 MTI_UNREADABLE = "????"
 
 
@@ -85,18 +86,39 @@ class EngineLink:
         self.client: AsyncClient | None = None
         self.currency = config.currency     # DE49 numeric, "" until known
         self._opening = asyncio.Lock()
+        self.retry_at = 0.0                 # monotonic: no connect attempt before this
+        self.last_error = None              # makes the exception of the last failed connect
 
     async def get(self) -> AsyncClient:
         if self.client is not None:
             return self.client
         async with self._opening:
             if self.client is None:
-                self.client = await AsyncClient.connect(
-                    self.host, self.port, key_id=self.config.engine_key_id or None,
-                    secret=self.config.engine_secret or None,
-                    timeout_ms=self.config.engine_timeout_ms, client_name="scanpay-iso8583/0.1")
+                # After a failed attempt, fail fast for a moment: messages
+                # queued here would otherwise each wait a full connect timeout.
+                if time.monotonic() < self.retry_at:
+                    raise self.last_error()     # the same answer as the failed attempt
+                try:
+                    self.client = await AsyncClient.connect(
+                        self.host, self.port, key_id=self.config.engine_key_id or None,
+                        secret=self.config.engine_secret or None,
+                        timeout_ms=self.config.engine_timeout_ms,
+                        client_name="scanpay-iso8583/0.1")
+                except (OSError, TimeoutError, EngineError) as e:
+                    self.retry_at = time.monotonic() + RECONNECT_PAUSE_S
+                    self.last_error = self.classify(e)
+                    raise self.last_error() from None
                 self.learn_currency(self.client.server_info.currency)
         return self.client
+
+    def classify(self, error: BaseException):
+        """What a failed connect means: the engine is away (91), or the
+        adapter is refused, e.g. a wrong key (96), which retrying won't cure."""
+        text = f"cannot connect to the engine at {self.config.engine}: {error}"
+        if isinstance(error, (OSError, TimeoutError, Busy, Unavailable)) or getattr(
+                error, "retryable", False):
+            return lambda: EngineUnavailable(text)
+        return lambda: RefusedByEngine(m.RC_SYSTEM_ERROR, text)
 
     def learn_currency(self, alpha: str) -> None:
         if self.config.currency:
@@ -207,8 +229,10 @@ class Adapter:
             self.metrics.serve(self.config.metrics)
         try:
             await self.engine.get()
-        except (OSError, TimeoutError, EngineError) as e:
-            log.warning("engine not reachable yet (answering 91 until it is): %s", e)
+        except EngineUnavailable as e:
+            log.warning("%s (answering 91 until it is back)", e)
+        except RefusedByEngine as e:
+            log.error("%s (answering 96: check engine_key_id and engine_secret)", e)
         log.info("iso8583 adapter listening", extra={"fields": {
             "listen": "%s:%d" % self.address, "engine": self.config.engine,
             "framing": self.config.framing, "spec": self.config.spec,

@@ -369,6 +369,47 @@ def test_engine_unavailable_is_91(engine_port):
     asyncio.run(main())
 
 
+def test_the_adapter_reconnects_when_the_engine_comes_back():
+    async def serve_on(port):
+        from engine import Engine
+        server = Server(Config(data="", listen=f"127.0.0.1:{port}"), engine=Engine())
+        await server.start()
+        client = await AsyncClient.connect("127.0.0.1", server.config.host_port[1])
+        await client.call("MERCHANTS", {"merchants": [{"id": 1}]})
+        return server, client
+
+    async def main():
+        server, client = await serve_on(0)
+        port = server.config.host_port[1]
+        adapter = Adapter(adapter_config(port))
+        await adapter.start()
+        term = await Terminal.open(adapter)
+        user = await shopper(client)
+        assert (await term.call(message("0200", rrn=new_rrn(), code=await payment_code(
+            client, user), amount=1_00)))["39"] == "00"
+        client.close()
+        await server.stop()
+        down = await term.call(message("0200", rrn=new_rrn(), code="123456789012345678",
+                                       amount=1_00))
+        assert down["39"] == "91"
+        server, client = await serve_on(port)           # back, on the same port
+        user = await shopper(client)
+        code, rrn, answers = await payment_code(client, user), new_rrn(), []
+        for _ in range(50):                             # bounded: 91 while reconnecting
+            answers.append((await term.call(message("0200", rrn=rrn, code=code,
+                                                    amount=2_00)))["39"])
+            if answers[-1] != "91":
+                break
+            await asyncio.sleep(0.1)
+        assert answers[-1] == "00", answers
+        assert await balance(client, user) == BALANCE - 2_00
+        term.close()
+        await adapter.stop()
+        client.close()
+        await server.stop()
+    asyncio.run(main())
+
+
 def test_engine_refusals_58_forbidden_and_96_system_error(tmp_path):
     """A server with keys: a gateway key limited to merchant 1 (58 at merchant
     2), and a wrong secret (96: the adapter is misconfigured, not the engine down)."""
