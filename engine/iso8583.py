@@ -431,7 +431,12 @@ class Link(asyncio.Protocol):
                 return
             message = bytes(self.buffer[header:header + size])
             del self.buffer[:header + size]
-            self.handle(message)
+            try:
+                self.handle(message)
+            except Exception:   # noqa: BLE001 - a bug costs this link, never the adapter
+                log.exception("internal error on a message; closing the link")
+                self.close("internal error")
+                return
         asyncio.get_running_loop().call_soon(self.drain)    # more than one read's worth
 
     def pause(self) -> None:

@@ -886,3 +886,73 @@ def test_an_engine_currency_without_an_iso_number_is_96_until_configured(caplog)
     with caplog.at_level(logging.ERROR, logger="scanpay.iso8583"):
         asyncio.run(main())
     assert "set `currency` in [iso8583]" in caplog.text
+
+
+# -- fuzz -------------------------------------------------------------------------------------------------
+
+FUZZ_MESSAGES = 400
+
+
+def mutate(raw: bytes, rng) -> bytes:
+    """A valid message with one random fault: a byte changed, cut, doubled or dropped."""
+    data = bytearray(raw)
+    i = rng.randrange(len(data))
+    kind = rng.randrange(4)
+    if kind == 0:
+        data[i] = rng.randrange(256)
+    elif kind == 1:
+        del data[i:]
+    elif kind == 2:
+        data[i:i] = data[i:i + rng.randrange(1, 8)]
+    else:
+        del data[i]
+    return bytes(data) or b"0"
+
+
+def test_fuzzed_messages_never_apply_without_an_approval(engine_port, caplog):
+    """Seeded random faults in valid 0100/0200/0400 messages, pipelined: the
+    adapter survives, every reply is a decodable response, and the wallet moved
+    by exactly the approved payments (by their echoed DE4, once per RRN)."""
+    import random
+    rng = random.Random(19)
+
+    async def scenario(adapter, client):
+        user = await shopper(client)
+        codes = [await payment_code(client, user) for _ in range(8)]
+        approved, reversed_, replies, reopened = {}, set(), 0, 0
+        term = await Terminal.open(adapter)
+        for n in range(FUZZ_MESSAGES):
+            mti = rng.choice(("0100", "0200", "0200", "0400"))
+            doc = message(mti, rrn=f"{rng.randrange(40):012d}", code=rng.choice(codes),
+                          amount=rng.randrange(1, 500))
+            raw = encoded(doc)
+            term.send_raw(mutate(raw, rng) if rng.random() < 0.8 else raw)
+            try:
+                reply = await term.recv()
+            except (asyncio.IncompleteReadError, ConnectionResetError):
+                term = await Terminal.open(adapter)      # unreadable: the link was closed
+                reopened += 1
+                continue
+            replies += 1
+            assert reply["t"] in ("0110", "0210", "0230", "0410", "0430", "0810", "0310",
+                                  "0510", "0610", "0710", "0910") or reply["39"] in ("30", "40")
+            key = (reply.get("37"), reply.get("41"), reply.get("42"), reply.get("32"))
+            if reply["39"] == "00" and reply["t"] in ("0110", "0210"):
+                approved[key] = int(reply["4"])
+            elif reply["39"] == "00" and reply["t"] in ("0410", "0430"):
+                reversed_.add(key)     # refunded or voided; a later repeat replays, moves nothing
+        assert replies > FUZZ_MESSAGES // 3 and approved
+        assert (await term.call(echo()))["39"] == "00"
+        # every closed link was closed on purpose, for a reason the docs give
+        closed = adapter.metrics.closed
+        on_purpose = closed["message unreadable"] + sum(
+            n for reason, n in closed.items() if reason.startswith("frame size"))
+        assert reopened == on_purpose, dict(closed)
+        # an authorization holds its cash: available, not balance, is what both move
+        wallet = (await client.call("BALANCES", {"users": [user]}))["users"][0]
+        assert wallet["available"] == BALANCE - sum(
+            amount for key, amount in approved.items() if key not in reversed_)
+        term.close()
+    with caplog.at_level(logging.ERROR):
+        run(engine_port, scenario)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
