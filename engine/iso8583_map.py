@@ -311,11 +311,22 @@ def check_fields(doc: dict) -> None:
             raise FormatError(f"DE{number} holds unprintable characters")
 
 
+def check_transmission_time(value: str) -> None:
+    """DE7 is MMDDhhmmss (UTC): a month, a day, an hour... that exist."""
+    if len(value) != 10:
+        raise FormatError("DE7 is not MMDDhhmmss")
+    month, day, hour, minute, second = (int(value[i:i + 2]) for i in range(0, 10, 2))
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 60):
+        raise FormatError("DE7 is not MMDDhhmmss")
+
+
 def parse_request(doc: dict, config: IsoConfig) -> Request:
     """A decoded message as a Request; FormatError if a field breaks a rule."""
     mti = doc["t"]
     action = MTI_ACTIONS[mti]
     check_fields(doc)
+    if doc.get("7"):
+        check_transmission_time(doc["7"])
     missing = [n for n in REQUIRED[action] if not doc.get(n)]
     if missing:
         raise FormatError(f"missing DE{', DE'.join(missing)}")
