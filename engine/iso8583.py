@@ -33,6 +33,7 @@ LENGTH_BINARY2 = struct.Struct(">H")
 FRAMES_PER_READ_MAX = 4096          # frames parsed per data_received before yielding
 STOP_GRACE_S = 5.0
 RECONNECT_PAUSE_S = 0.5             # after a failed connect to the engine
+WRITE_BUFFER_BYTES_MAX = 256 << 10  # replies the peer has not read; then the link is not read
 MTI_UNREADABLE = "????"
 
 
@@ -345,6 +346,7 @@ class Link(asyncio.Protocol):
         self.tasks: set[asyncio.Task] = set()
         self.outbox: list[bytes] = []        # replies not yet written (flush)
         self.paused = False
+        self.write_blocked = False           # the transport's write buffer is full
         self.closed = False
         self.signed_on = False
         self.peer = None
@@ -372,6 +374,7 @@ class Link(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_BYTES_MAX)
         self.arm_idle_timer(self.config.idle_timeout_ms / 1000)
 
     def connection_lost(self, exc) -> None:
@@ -419,7 +422,7 @@ class Link(asyncio.Protocol):
         for _ in range(FRAMES_PER_READ_MAX):
             if self.closed or len(self.buffer) < header:
                 return
-            if len(self.tasks) >= self.config.inflight_max:
+            if self.write_blocked or len(self.tasks) >= self.config.inflight_max:
                 self.pause()
                 return
             size = frame_size(framing, bytes(self.buffer[:header]))
@@ -445,10 +448,21 @@ class Link(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self.paused and not self.closed and len(self.tasks) < self.config.inflight_max:
+        if (self.paused and not self.closed and not self.write_blocked
+                and len(self.tasks) < self.config.inflight_max):
             self.paused = False
             self.transport.resume_reading()
             self.drain()
+
+    # A peer that sends without reading its replies would grow our write
+    # buffer without bound: while the transport says it is full, stop reading.
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+        self.pause()
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        self.resume()
 
     def handle(self, message: bytes) -> None:
         """One message: answered now (format errors, network management) or by a task."""

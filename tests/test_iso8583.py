@@ -616,6 +616,27 @@ def test_allow_from_limits_who_may_open_a_link(engine_port):
     run(engine_port, scenario, allow_from=["10.0.0.0/8"])
 
 
+def test_a_peer_that_does_not_read_its_replies_is_not_read_either(engine_port):
+    """When the link's write buffer is full (the transport calls
+    pause_writing), the adapter stops reading that link; when it drains, it
+    reads on and answers everything."""
+    async def scenario(adapter, client):
+        term = await Terminal.open(adapter)
+        assert (await term.call(echo()))["39"] == "00"
+        (link,) = adapter.links
+        link.pause_writing()
+        pings = [echo() for _ in range(3)]
+        term.send(*pings)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(term.reader.readexactly(1), 0.5)
+        assert link.paused
+        link.resume_writing()
+        replies = [await term.recv() for _ in pings]
+        assert sorted(r["11"] for r in replies) == sorted(p["11"] for p in pings)
+        term.close()
+    run(engine_port, scenario)
+
+
 def test_ascii4_framing(engine_port):
     async def scenario(adapter, client):
         user = await shopper(client)
