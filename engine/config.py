@@ -145,4 +145,4 @@ def check_iso8583(config: Config) -> None:
     try:
         config_from(dict(config.iso8583), {"engine": "127.0.0.1:0"})
     except IsoConfigError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"[iso8583] {e}") from None
