@@ -174,15 +174,21 @@ class IsoMetrics:
         self.links = 0
         self._prometheus = None
 
-    def serve(self, address: str) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-        registry = CollectorRegistry()
+    def register(self, registry) -> None:
+        """Export the counters in a Prometheus registry (the adapter's own, or
+        the server's when it runs inside `scanpay serve`); before start."""
+        from prometheus_client import Counter, Gauge
         self._prometheus = (
             Counter("scanpay_iso8583_messages", "ISO 8583 messages answered, by request MTI "
                     "and response code (DE39)", ["mti", "response_code"], registry=registry),
             Counter("scanpay_iso8583_links_closed", "links closed by the adapter or the peer, "
                     "by reason", ["reason"], registry=registry),
             Gauge("scanpay_iso8583_links", "open ISO 8583 links", registry=registry))
+
+    def serve(self, address: str) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        registry = CollectorRegistry()
+        self.register(registry)
         host, port = m.split_address(address)
         start_http_server(port, addr=host, registry=registry)
 
@@ -571,14 +577,18 @@ class Link(asyncio.Protocol):
             self.transport.write(b"".join(outbox))
 
 
-async def start_beside(section: dict, server_listen: str) -> Adapter:
+async def start_beside(section: dict, server_listen: str, registry=None) -> Adapter:
     """The adapter of a `scanpay serve` config's [iso8583] section, in the
-    server's event loop, connected to the server's own TCP listener."""
+    server's event loop, connected to the server's own TCP listener; its
+    counters join the server's Prometheus `registry` (unless the section
+    names its own `metrics` endpoint)."""
     host, port = m.split_address(server_listen)
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
     engine = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     adapter = Adapter(m.config_from(dict(section), {"engine": engine}))
+    if registry is not None and not adapter.config.metrics:
+        adapter.metrics.register(registry)
     await adapter.start()
     return adapter
 

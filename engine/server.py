@@ -114,7 +114,8 @@ class Server:
             self.listeners.append(listener)
         if self.config.iso8583:
             from .iso8583 import start_beside
-            self.iso8583 = await start_beside(self.config.iso8583, self.config.listen)
+            self.iso8583 = await start_beside(self.config.iso8583, self.config.listen,
+                                              self.metrics.registry)
         if self.config.metrics:
             host, _, port = self.config.metrics.rpartition(":")
             self.metrics.serve(host, int(port))

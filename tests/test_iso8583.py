@@ -867,6 +867,9 @@ def test_an_iso8583_section_starts_the_adapter_inside_the_server(tmp_path):
                                             code=await payment_code(client, user), amount=6_00))
             assert reply["39"] == "00"
             assert await balance(client, user) == BALANCE - 6_00
+            from prometheus_client import generate_latest
+            text = generate_latest(server.metrics.registry).decode()   # the server's /metrics
+            assert 'scanpay_iso8583_messages_total{mti="0200",response_code="00"} 1.0' in text
             term.close()
         finally:
             client.close()
