@@ -561,6 +561,10 @@ def test_limits_frame_size_connections_and_idle_timeout(engine_port):
         big = await Terminal.open(adapter)
         big.writer.write(struct.pack(">H", 300) + b"0" * 300)
         assert await big.closed()
+        for _ in range(100):                           # bounded: its slot is given back
+            if not adapter.links:
+                break
+            await asyncio.sleep(0.01)
         first = await Terminal.open(adapter)
         assert (await first.call(echo()))["39"] == "00"
         second = await Terminal.open(adapter)          # connections_max = 1
