@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     statements.add_parsers(sub)
     journal_cli.add_parsers(sub)
     report.add_parsers(sub)
+    from . import iso8583
+    iso8583.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "report":
         return report.run(args)
@@ -71,6 +73,8 @@ def main(argv=None) -> int:
         return demo_module.main([a for a in args.args if a != "--"])
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "iso8583":
+        return iso8583.run_command(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -42,6 +42,9 @@ class Config:
     # table, e.g. payments, visits, users, coupons): growing a big table
     # mid-traffic copies it and stalls every reply meanwhile.
     capacity: dict = field(default_factory=dict)
+    # The [iso8583] section: an ISO 8583 adapter started beside the server,
+    # connected to it over loopback (engine/iso8583.py, docs/iso8583.md).
+    iso8583: dict = field(default_factory=dict)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -67,6 +70,7 @@ def load(path: str | None, overrides: dict) -> Config:
     config = Config(**server)
     config.keys = [parse_key(k) for k in raw.get("keys", [])]
     config.capacity = {**raw.get("capacity", {}), **(overrides.get("capacity") or {})}
+    config.iso8583 = dict(raw.get("iso8583", {}))
     check(config)
     return config
 
@@ -101,6 +105,8 @@ def check(config: Config) -> None:
             raise ConfigError(
                 f"refusing to listen on {config.listen} without authentication: "
                 f"configure [[keys]] in the config file, or listen on 127.0.0.1")
+    if config.iso8583:
+        check_iso8583(config)
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("TLS needs both tls_cert and tls_key")
     if not 1 <= config.batch_records_max <= 8190:
@@ -128,3 +134,15 @@ def check(config: Config) -> None:
             raise ConfigError(f"capacity: unknown table {table!r} (known: {', '.join(CAPACITY_TABLES)})")
         if not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= 2**31 - 1:
             raise ConfigError(f"capacity: {table} must be a row count in 0..2147483647")
+
+
+def check_iso8583(config: Config) -> None:
+    from .iso8583_map import IsoConfigError, config_from
+    if not config.listen:
+        raise ConfigError("[iso8583] needs the TCP listener (listen): the adapter connects to it")
+    if "engine" in config.iso8583:
+        raise ConfigError("[iso8583] engine: inside scanpay serve the adapter uses this server")
+    try:
+        config_from(dict(config.iso8583), {"engine": "127.0.0.1:0"})
+    except IsoConfigError as e:
+        raise ConfigError(f"[iso8583] {e}") from None

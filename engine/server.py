@@ -64,6 +64,7 @@ class Server:
         self.listeners = []
         self.scopes = {}
         self.stopped = asyncio.Event()
+        self.iso8583 = None      # the [iso8583] adapter, when configured
 
     def hello_reply(self) -> dict:
         return {"protocol": 1, "server": SERVER_NAME, "max_frame": self.config.frame_bytes_max,
@@ -111,6 +112,10 @@ class Server:
             listener = await loop.create_unix_server(lambda: Connection(self), self.config.unix,
                                                      ssl=tls)
             self.listeners.append(listener)
+        if self.config.iso8583:
+            from .iso8583 import start_beside
+            self.iso8583 = await start_beside(self.config.iso8583, self.config.listen,
+                                              self.metrics.registry)
         if self.config.metrics:
             host, _, port = self.config.metrics.rpartition(":")
             self.metrics.serve(host, int(port))
@@ -157,6 +162,8 @@ class Server:
             listener.close()
         for listener in self.listeners:
             await listener.wait_closed()
+        if self.iso8583 is not None:
+            await self.iso8583.stop()
         await self.writer.stop()
         for connection in list(self.connections):
             if connection.transport is not None:
