@@ -141,3 +141,83 @@ def test_connect_takes_a_unix_path_and_refuses_nonsense(tmp_path, capsys):
         assert code == 0 and "audit: ok" in err
     code, _, err = scanpay(capsys, "audit", "--connect", "no such host:1")
     assert code == 2 and err.count("\n") == 1 and "bad host" in err
+
+
+# -- config ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting, value, expected", [
+    ("connections_max", '"many"', "connections_max = 'many': expected `int`, got `str`"),
+    ("connections_max", "0", "connections_max = 0: expected `int` >= 1"),
+    ("idle_timeout_ms", "1.5", "idle_timeout_ms = 1.5: expected `int`, got `float`"),
+    ("batch_records_max", "9000", "batch_records_max = 9000: expected `int` <= 8190"),
+    ("log_format", '"xml"', "log_format = 'xml': expected one of 'text', 'json'"),
+    ("test_clock", '"yes"', "test_clock = 'yes': expected `bool`"),
+    ("listen", '"127.0.0.1:70000"', "port in 0..65535"),
+    ("metrics", '"127.0.0.1:65536"', "port in 0..65535"),
+    ("listen", "7411", "listen = 7411: expected `str`, got `int`"),
+    ("colour", '"blue"', "unknown [server] setting(s) ['colour']"),
+])
+def test_config_is_checked_by_type_and_range(tmp_path, setting, value, expected):
+    from engine.config import ConfigError, load
+    toml = tmp_path / "scanpay.toml"
+    toml.write_text(f"[server]\n{setting} = {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load(str(toml), {})
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bad_config_is_refused_at_start_in_one_line(tmp_path):
+    toml = tmp_path / "scanpay.toml"
+    toml.write_text('[server]\nconnections_max = "many"\n[extra]\n')
+    proc = subprocess.run([PY, "-m", "engine.cli", "serve", "--config", str(toml),
+                           "--data", str(tmp_path / "data"), "--listen", "127.0.0.1:0"],
+                          capture_output=True, text=True, timeout=60, env=env_here())
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("scanpay serve: config ") and "unknown table" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+# -- serve: start-up failures in one line ------------------------------------------------
+
+def serve_fails(*argv) -> str:
+    """Run `scanpay serve ARGV`, which must fail at start: its one stderr line."""
+    proc = subprocess.run([PY, "-m", "engine.cli", "serve", *argv], capture_output=True,
+                          text=True, timeout=60, env=env_here())
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len([line for line in lines if line.startswith("scanpay serve: ")]) == 1, lines
+    assert lines[-1].startswith("scanpay serve: "), lines
+    return lines[-1]
+
+
+def test_serve_port_in_use_and_data_path_a_file(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = serve_fails("--data", str(tmp_path / "d"), "--listen", f"127.0.0.1:{port}")
+    assert f"address is already in use (127.0.0.1:{port})" in line
+    (tmp_path / "file").write_text("")
+    line = serve_fails("--data", str(tmp_path / "file"), "--listen", "127.0.0.1:0")
+    assert "data path is a file" in line and str(tmp_path / "file") in line
+
+
+def test_serve_data_directory_locked(tmp_path):
+    from engine import Engine
+    with Engine(str(tmp_path / "data")):
+        line = serve_fails("--data", str(tmp_path / "data"), "--listen", "127.0.0.1:0")
+    assert "locked by another process" in line and str(tmp_path / "data") in line
+
+
+def test_startup_failure_lines_for_permission_and_corruption():
+    from engine.config import Config
+    from engine.journal import JournalCorrupt
+    config = Config(data="/srv/scanpay")
+    line = cli.startup_failure(PermissionError(13, "Permission denied", "/srv/scanpay"), config)
+    assert line.startswith("permission denied (/srv/scanpay): ")
+    line = cli.startup_failure(PermissionError(13, "Permission denied"), config)
+    assert line.startswith("permission denied (127.0.0.1:7411): ")
+    line = cli.startup_failure(JournalCorrupt("/srv/scanpay/j.log", 80, "bad crc"), config)
+    assert line.startswith("the journal is damaged (/srv/scanpay): ") and "bad crc" in line
+    assert cli.startup_failure(ZeroDivisionError(), config) is None    # a bug keeps its traceback
