@@ -302,12 +302,15 @@ class Writer:
         if sends is not None:
             sends.close()                   # whatever it did not send, we write
             self.sends.pop(durable, None)    # if its fsync failed, or ran before we queued
+        if self.metrics:                    # the batch's frames, in one call
+            outcome = value.code.name if isinstance(value, EngineError) else "ok"
+            self.metrics.requests.observe("PAY", outcome, time.perf_counter() - batch.opened_at,
+                                          batch.frames)
         if isinstance(value, EngineError):
             for member, (conn, slot) in enumerate(batch.parts):
                 if direct is not None and direct[member] >= 0:
                     conn.outlet_released()
                 rids = batch.request_ids(member).tolist()
-                conn.server.count("PAY", value.code.name, len(rids))
                 conn.complete(slot, b"".join(
                     frame.encode_error(OP_PAY, rid, value.code, value.message, value.retryable)
                     for rid in rids))

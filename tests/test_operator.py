@@ -221,3 +221,51 @@ def test_startup_failure_lines_for_permission_and_corruption():
     line = cli.startup_failure(JournalCorrupt("/srv/scanpay/j.log", 80, "bad crc"), config)
     assert line.startswith("the journal is damaged (/srv/scanpay): ") and "bad crc" in line
     assert cli.startup_failure(ZeroDivisionError(), config) is None    # a bug keeps its traceback
+
+
+# -- metrics ------------------------------------------------------------------------------
+
+def scrape(server) -> dict:
+    from prometheus_client import generate_latest
+    text = generate_latest(server.metrics.registry).decode()
+    return {name: float(value) for name, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")}
+
+
+def test_requests_total_counts_every_request_and_seconds_per_op(real):
+    import asyncio
+
+    from engine.client import AsyncClient, UnknownOp
+    from engine.errors import BadBody
+    from test_client import pay_batch
+
+    async def traffic():
+        async with await AsyncClient.connect("127.0.0.1", real.port) as c:    # HELLO
+            await setup_world(c)            # MERCHANTS, WALLETS, TOPUP, STOCKS
+            await c.ping()
+            await c.ping()
+            for i in range(5):
+                batch = pay_batch(1, start_id=100 + i)
+                batch["payer"], batch["merchant"] = 1, 1
+                assert (await c.pay(batch))["status"][0] == 0
+            await asyncio.gather(*(c.pay_one(id=200 + i, payer=1, merchant=1, amount=100)
+                                   for i in range(3)))                 # one frame of 3
+            await c.call("BALANCES", {"users": [1]})
+            with pytest.raises(UnknownOp):
+                await c.call(99, {})
+            with pytest.raises(BadBody):
+                await c.call("MERCHANTS", {"not_merchants": []})
+    asyncio.run(traffic())
+    lines = scrape(real.server)
+    total = {k[len("scanpay_requests_total"):]: v for k, v in lines.items()
+             if k.startswith("scanpay_requests_total{")}
+    assert total == {
+        '{op="99",outcome="unknown_op"}': 1, '{op="BALANCES",outcome="ok"}': 1,
+        '{op="HELLO",outcome="ok"}': 1, '{op="MERCHANTS",outcome="bad_body"}': 1,
+        '{op="MERCHANTS",outcome="ok"}': 1, '{op="PAY",outcome="ok"}': 6,
+        '{op="PING",outcome="ok"}': 2, '{op="STOCKS",outcome="ok"}': 1,
+        '{op="TOPUP",outcome="ok"}': 1, '{op="WALLETS",outcome="ok"}': 1}, total
+    assert lines['scanpay_request_seconds_count{op="PAY"}'] == 6
+    assert lines['scanpay_request_seconds_bucket{le="+Inf",op="PAY"}'] == 6
+    assert 0 < lines['scanpay_request_seconds_sum{op="PAY"}'] < 60
+    assert lines['scanpay_request_seconds_count{op="MERCHANTS"}'] == 2
