@@ -269,3 +269,50 @@ def test_requests_total_counts_every_request_and_seconds_per_op(real):
     assert lines['scanpay_request_seconds_bucket{le="+Inf",op="PAY"}'] == 6
     assert 0 < lines['scanpay_request_seconds_sum{op="PAY"}'] < 60
     assert lines['scanpay_request_seconds_count{op="MERCHANTS"}'] == 2
+
+
+# -- logs ---------------------------------------------------------------------------------
+
+def test_one_disk_stall_logs_one_warning_with_a_count(tmp_path, caplog):
+    """Frames keep coming while one fdatasync stalls for 0.4 s: every batch
+    behind it waits over SLOW_MS, and they make one `slow fsync` line."""
+    import asyncio
+    import logging
+    import threading
+
+    from faulty_fs import FaultyFs
+    from test_server import Raw, pay_body, started_with_world
+
+    from engine import Engine
+
+    class StallingFs(FaultyFs):
+        stall = threading.Event()
+
+        def fdatasync(self, fd):
+            if self.stall.is_set():
+                self.stall.clear()
+                time.sleep(0.4)
+            super().fdatasync(fd)
+
+    async def main():
+        fs = StallingFs()
+        server, c = await started_with_world(engine=Engine(str(tmp_path / "data"), fs=fs))
+        server.writer.slow_log.quiet_s = 0.3
+        others = [await Raw.open(server) for _ in range(3)]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="scanpay.writer"):
+            fs.stall.set()
+            for i in range(8):              # batches queued behind the stalled fsync
+                for k, conn in enumerate([c, *others]):
+                    conn.send(16, i, pay_body([1000 + 10 * i + k]))
+                await asyncio.sleep(0.03)
+            for conn in [c, *others]:
+                for _ in range(8):
+                    await conn.recv()
+            await asyncio.sleep(0.8)        # quiet for longer than quiet_s: logged
+            lines = [r.getMessage() for r in caplog.records if "slow" in r.getMessage()]
+            await server.stop()
+        assert len(lines) == 1, lines
+        count = int(lines[0].split()[2])
+        assert lines[0].startswith("slow fsync: ") and count >= 2, lines
+    asyncio.run(main())
