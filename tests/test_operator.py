@@ -316,3 +316,34 @@ def test_one_disk_stall_logs_one_warning_with_a_count(tmp_path, caplog):
         count = int(lines[0].split()[2])
         assert lines[0].startswith("slow fsync: ") and count >= 2, lines
     asyncio.run(main())
+
+
+# -- the demo -----------------------------------------------------------------------------
+
+def test_demo_ctrl_c_removes_its_data_directory(tmp_path):
+    """SIGINT while it streams payments over the wire: the temp data
+    directory is gone and one line says so."""
+    proc = subprocess.Popen(
+        [PY, "-m", "engine.cli", "demo", "--payments", "300000", "--users", "1000",
+         "--report", ""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(env_here(), TMPDIR=str(tmp_path)), cwd=tmp_path)
+    try:
+        data_dir = None
+        for _ in range(200):                # lines before the stream starts
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            if line.startswith("server: durable, "):
+                data_dir = line.split(", ")[1]
+                break
+        assert data_dir and os.path.isdir(data_dir), data_dir
+        proc.send_signal(signal.SIGINT)     # the stream (about a second) starts now
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert not os.path.exists(data_dir)
+    assert f"scanpay demo: interrupted; removed its data directory {data_dir}" in err
+    assert "Traceback" not in err, err
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
