@@ -347,3 +347,81 @@ def test_demo_ctrl_c_removes_its_data_directory(tmp_path):
     assert f"scanpay demo: interrupted; removed its data directory {data_dir}" in err
     assert "Traceback" not in err, err
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+# -- the load test's id namespace ---------------------------------------------------------
+
+@pytest.fixture
+def load_world():
+    sys.path.insert(0, os.path.join(ROOT, "loadtest"))
+    try:
+        import load_world
+        yield load_world
+    finally:
+        sys.path.remove(os.path.join(ROOT, "loadtest"))
+
+
+def test_load_test_writes_only_its_own_ids(real, load_world):
+    with Client.connect("127.0.0.1", real.port) as c:
+        load_world.check_server(c, allow_shared=False)          # an empty server
+        load_world.build_world(c, wallets=30, merchant_count=4, coupons_per_user=1)
+        load_world.check_server(c, allow_shared=False)          # a rerun on its own data
+        load_world.build_world(c, wallets=40, merchant_count=4, coupons_per_user=1)
+        c.pay_one(id=load_world.fresh_id(), payer=load_world.ID_BASE + 1,
+                  merchant=load_world.ID_BASE + 2, amount=30_00)
+        load_world.check_server(c, allow_shared=False)          # money moved among its own
+        base = load_world.ID_BASE
+        assert base == 0x5C00 << 48
+        users = c.call("BALANCES", {"users": [base + 1, base + 40, base + 41]})["users"]
+        assert [u["status"] for u in users[:2]] == [0, 0] and users[2]["status"] != 0
+        with pytest.raises(load_world.WorldError, match="outside the load test's namespace"):
+            load_world._items(c, "MERCHANTS", "merchants", [{"id": 1, "fee_bps": 60}])
+
+
+def test_load_test_refuses_a_server_holding_other_data(real, load_world):
+    import asyncio
+
+    from engine.client import AsyncClient
+
+    async def world():
+        async with await AsyncClient.connect("127.0.0.1", real.port) as c:
+            await setup_world(c)            # merchant 1 at 60 bps, users 1 and 2 topped up
+    asyncio.run(world())
+    with Client.connect("127.0.0.1", real.port) as c:
+        before = c.call("BALANCES", {"users": [1, 2], "merchants": [1, 2]})
+        with pytest.raises(load_world.WorldError, match="SCANPAY_LOAD_ALLOW_SHARED=1"):
+            load_world.check_server(c, allow_shared=False)
+        load_world.check_server(c, allow_shared=True)
+        load_world.build_world(c, wallets=10, merchant_count=2, coupons_per_user=1)
+        assert c.call("BALANCES", {"users": [1, 2], "merchants": [1, 2]}) == {
+            **before, "bank": before["bank"] - 10 * load_world.TOPUP_AMOUNT}
+    # Money in accounts above the low ids is found by the sum over every account.
+    with RealServer() as other, Client.connect("127.0.0.1", other.port) as c:
+        c.call("WALLETS", {"users": [10**12]})
+        c.call("TOPUP", {"topups": [{"id": 1, "user": 10**12, "amount": 500}]})
+        with pytest.raises(load_world.WorldError, match="holding 500 minor units"):
+            load_world.check_server(c, allow_shared=False)
+
+
+def test_locust_refuses_a_server_holding_other_data(real):
+    import asyncio
+    import shutil
+
+    from engine.client import AsyncClient
+
+    async def world():
+        async with await AsyncClient.connect("127.0.0.1", real.port) as c:
+            await setup_world(c)
+    asyncio.run(world())
+    locust = shutil.which("locust", path=os.path.dirname(PY)) or shutil.which("locust")
+    assert locust is not None, "locust is not installed: pip install -e '.[test]'"
+    proc = subprocess.run(
+        [locust, "-f", os.path.join(ROOT, "loadtest", "locustfile.py"), "--headless",
+         "-u", "2", "-r", "2", "-t", "5s", "--only-summary",
+         "--host", f"tcp://127.0.0.1:{real.port}"],
+        env=dict(env_here(), SCANPAY_USERS="20", SCANPAY_MERCHANTS="2"),
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the server holds data outside the load test's ids" in proc.stderr
+    with Client.connect("127.0.0.1", real.port) as c:
+        assert c.call("BALANCES", {"users": [1]})["users"][0]["balance"] == 10**9
