@@ -81,7 +81,8 @@ def load(path: str | None, overrides: dict) -> Config:
     server = dict(raw.get("server", {}))
     unknown = set(server) - known
     if unknown:
-        raise ConfigError(f"config {path}: unknown [server] setting(s) {sorted(unknown)}")
+        raise ConfigError(f"config {path}: unknown [server] setting(s) {sorted(unknown)}: "
+                          f"expected one of {', '.join(sorted(known))} (docs/operations.md)")
     server.update({k: v for k, v in overrides.items() if v is not None and k in known})
     server.pop("keys", None)
     server.pop("capacity", None)
