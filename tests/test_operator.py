@@ -425,3 +425,21 @@ def test_locust_refuses_a_server_holding_other_data(real):
     assert "the server holds data outside the load test's ids" in proc.stderr
     with Client.connect("127.0.0.1", real.port) as c:
         assert c.call("BALANCES", {"users": [1]})["users"][0]["balance"] == 10**9
+
+
+def test_serve_damaged_journal(tmp_path):
+    from engine import Engine
+    from engine.journal import verify
+    with Engine(str(tmp_path / "data")) as eng:
+        for k in range(30):
+            eng.call("WALLETS", {"users": [k + 1]})
+    segment = verify(str(tmp_path / "data")).segments[-1].file
+    offset = os.path.getsize(segment) // 2
+    with open(segment, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+    line = serve_fails("--data", str(tmp_path / "data"), "--listen", "127.0.0.1:0")
+    assert line.startswith(f"scanpay serve: the journal is damaged ({tmp_path / 'data'}): ")
+    assert "journal corrupt" in line
