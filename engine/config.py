@@ -20,8 +20,9 @@ class ConfigError(ValueError):
 # setting (and flag) against the field's annotation with msgspec.convert, so
 # a setting added below is checked by type at least, and by range when its
 # annotation says one.
-def Range(low: int, high: int | None = None):
-    return Annotated[int, msgspec.Meta(ge=low, le=high) if high is not None else msgspec.Meta(ge=low)]
+def Range(low: int, high: int | None = None):    # noqa: N802 - used as a type
+    """A whole number in low..high (no upper bound when high is None)."""
+    return Annotated[int, msgspec.Meta(ge=low, le=high)]
 
 
 Count = Range(1)                         # a whole number, at least 1
