@@ -1,5 +1,6 @@
-"""Operator commands over the socket: `scanpay merchants|wallets|topups|stocks`
-(writes from a JSON or CSV file) and `scanpay balances|coupons|audit` (reads).
+"""Operator commands over the socket: `scanpay merchants|wallets|topups|stocks|...`
+(writes from a JSON or CSV file), `scanpay refund|reverse|issue` (one write
+from flags) and `scanpay balances|coupons|payments|stats|audit` (reads).
 
 Wiring into a CLI is one call each:
 
@@ -213,7 +214,7 @@ def run(args, stdout=None, stderr=None) -> int:
         return EXIT_USAGE
     except ConnectionRefusedError:
         print(f"error: connection refused by {where}: is `scanpay serve` running there? "
-              f"(start it with `scanpay serve --data DIR --listen {args.connect}`, "
+              f"(start it with `scanpay serve --data DIR --listen {_listen_hint(args.connect)}`, "
               f"or pass --connect HOST:PORT / --unix PATH)", file=stderr)
     except FileNotFoundError as e:
         if unix and e.filename in (None, unix):
@@ -238,6 +239,11 @@ def run(args, stdout=None, stderr=None) -> int:
         print(f"error: {where}: {e}: is it a scanpay server, and is it still running?",
               file=stderr)
     return EXIT_USAGE
+
+
+def _listen_hint(connect: str) -> str:
+    """`--connect 7411` means 127.0.0.1:7411; `serve --listen` needs the host."""
+    return f"127.0.0.1:{connect}" if connect.isdigit() else connect
 
 
 def _connect(args) -> Client:
