@@ -67,9 +67,19 @@ def startup_failure(error: BaseException, config) -> str | None:
                     f"stop the other `scanpay serve` (or journal tool) using it, or pass "
                     f"another --data")
         return f"the journal cannot be opened ({config.data}): {error}"
+    import ssl
+    if isinstance(error, ssl.SSLError):     # an OSError too: before the errno cases
+        return (f"the TLS certificate or key cannot be used ({config.tls_cert}, "
+                f"{config.tls_key}): {error.reason or error}; give a PEM certificate and "
+                f"its private key")
     if not isinstance(error, OSError):
         return None
     where = error.filename or _listeners(config)
+    if error.errno == errno.ENOENT:
+        if not error.filename and config.tls_cert:     # ssl gives no file name
+            where = f"{config.tls_cert}, {config.tls_key}"
+        return (f"no such file or directory ({where}): check the paths given "
+                f"(--tls-cert, --tls-key, --unix, --data)")
     if error.errno == errno.EADDRINUSE:
         return (f"the address is already in use ({_listeners(config)}): another process "
                 f"listens there; stop it, or pick another --listen / --metrics port")

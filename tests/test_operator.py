@@ -443,3 +443,13 @@ def test_serve_damaged_journal(tmp_path):
     line = serve_fails("--data", str(tmp_path / "data"), "--listen", "127.0.0.1:0")
     assert line.startswith(f"scanpay serve: the journal is damaged ({tmp_path / 'data'}): ")
     assert "journal corrupt" in line
+
+
+def test_serve_tls_files_missing_or_bad(tmp_path):
+    line = serve_fails("--data", str(tmp_path / "d"), "--listen", "127.0.0.1:0",
+                       "--tls-cert", str(tmp_path / "no.pem"), "--tls-key", str(tmp_path / "no.key"))
+    assert line.startswith(f"scanpay serve: no such file or directory ({tmp_path / 'no.pem'}, ")
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    line = serve_fails("--data", str(tmp_path / "d"), "--listen", "127.0.0.1:0",
+                       "--tls-cert", str(tmp_path / "bad.pem"), "--tls-key", str(tmp_path / "bad.pem"))
+    assert line.startswith("scanpay serve: the TLS certificate or key cannot be used (")
