@@ -1,5 +1,6 @@
-"""Operator commands over the socket: `scanpay merchants|wallets|topups|stocks`
-(writes from a JSON or CSV file) and `scanpay balances|coupons|audit` (reads).
+"""Operator commands over the socket: `scanpay merchants|wallets|topups|stocks|...`
+(writes from a JSON or CSV file), `scanpay refund|reverse|issue` (one write
+from flags) and `scanpay balances|coupons|payments|stats|audit` (reads).
 
 Wiring into a CLI is one call each:
 
@@ -23,8 +24,10 @@ import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
+
 from .client import (Client, ConnectionLost, Forbidden, NotAuthenticated, PORT_DEFAULT,
-                     ProtocolError, parse_address)
+                     ProtocolError, is_unix_path, parse_address)
 from .errors import EngineError
 
 ITEMS_PER_CALL_MAX = 1000      # keeps a request far below the 1 MiB frame limit
@@ -110,6 +113,51 @@ def add_parsers(subparsers) -> None:
     _connection_options(p)
     _output_options(p)
     p.set_defaults(admin_run=_run_audit)
+    _add_single_parsers(subparsers)
+    _add_read_parsers(subparsers)
+
+
+def _add_single_parsers(subparsers) -> None:
+    """One refund, one reversal, or a few coupons issued, from flags: the same
+    requests as the file commands, built from the command line."""
+    p = subparsers.add_parser("refund", help="refund one payment (or part of it) from flags")
+    _connection_options(p)
+    p.add_argument("--payment", type=int, required=True, help="the payment id")
+    p.add_argument("--amount", type=int, required=True, help="minor units (fen) to refund")
+    p.add_argument("--id", type=int, required=True, dest="refund_id",
+                   help="the refund's own id (resending it replays, never refunds twice)")
+    _output_options(p)
+    p.set_defaults(admin_run=_run_single, admin_command="refunds",
+                   admin_item=lambda a: {"id": a.refund_id, "payment": a.payment,
+                                         "amount": a.amount})
+    p = subparsers.add_parser("reverse", help="reverse one payment from flags (REVERSE)")
+    _connection_options(p)
+    p.add_argument("--payment", type=int, required=True, help="the payment id")
+    _output_options(p)
+    p.set_defaults(admin_run=_run_single, admin_command="reversals",
+                   admin_item=lambda a: a.payment)
+    p = subparsers.add_parser("issue", help="issue coupons of one stock to one user (ISSUE)")
+    _connection_options(p)
+    p.add_argument("--stock", type=int, required=True, help="the stock (campaign) id")
+    p.add_argument("--user", type=int, required=True, help="the user id")
+    p.add_argument("--coupon", type=int, required=True, action="append",
+                   help="a new coupon id (repeat for several)")
+    _output_options(p)
+    p.set_defaults(admin_run=_run_issue)
+
+
+def _add_read_parsers(subparsers) -> None:
+    p = subparsers.add_parser("payments", help="payments by id (GET_PAYMENTS)")
+    _connection_options(p)
+    p.add_argument("ids", type=int, nargs="+", metavar="ID", help="payment ids")
+    _output_options(p)
+    p.set_defaults(admin_run=_run_payments)
+    p = subparsers.add_parser("stats", help="campaign and merchant analytics (STATS)")
+    _connection_options(p)
+    p.add_argument("--stocks", type=_id_list, default=[], help="stock ids: 1,2,3")
+    p.add_argument("--merchants", type=_id_list, default=[], help="merchant ids: 1,2,3")
+    _output_options(p)
+    p.set_defaults(admin_run=_run_stats)
 
 
 _FILE_HELP = ("CSV lists are written 1;2;3 and slots 0:540:600;1:540:600 "
@@ -120,7 +168,8 @@ _FILE_HELP = ("CSV lists are written 1;2;3 and slots 0:540:600;1:540:600 "
 def _connection_options(p) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--connect", default=f"127.0.0.1:{PORT_DEFAULT}", metavar="HOST:PORT",
-                   help="server address (default %(default)s)")
+                   help="server address: HOST:PORT, [IPv6]:PORT, a bare PORT (127.0.0.1:PORT) "
+                        "or a Unix socket path with a / in it (default %(default)s)")
     g.add_argument("--unix", metavar="PATH", help="Unix socket path (instead of --connect)")
     g.add_argument("--key-id", default=os.environ.get("SCANPAY_KEY_ID"),
                    help="key id for HELLO (env SCANPAY_KEY_ID)")
@@ -157,6 +206,7 @@ def run(args, stdout=None, stderr=None) -> int:
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     where = args.unix or args.connect
+    unix = args.unix or (args.connect if is_unix_path(args.connect) else None)
     try:
         return args.admin_run(args, stdout, stderr)
     except UsageError as e:
@@ -164,12 +214,12 @@ def run(args, stdout=None, stderr=None) -> int:
         return EXIT_USAGE
     except ConnectionRefusedError:
         print(f"error: connection refused by {where}: is `scanpay serve` running there? "
-              f"(start it with `scanpay serve --data DIR --listen {args.connect}`, "
+              f"(start it with `scanpay serve --data DIR --listen {_listen_hint(args.connect)}`, "
               f"or pass --connect HOST:PORT / --unix PATH)", file=stderr)
     except FileNotFoundError as e:
-        if args.unix and e.filename in (None, args.unix):
-            print(f"error: no Unix socket at {args.unix}: is `scanpay serve --unix "
-                  f"{args.unix}` running?", file=stderr)
+        if unix and e.filename in (None, unix):
+            print(f"error: no Unix socket at {unix}: is `scanpay serve --unix "
+                  f"{unix}` running?", file=stderr)
         else:
             print(f"error: {e}", file=stderr)
     except NotAuthenticated as e:
@@ -191,6 +241,11 @@ def run(args, stdout=None, stderr=None) -> int:
     return EXIT_USAGE
 
 
+def _listen_hint(connect: str) -> str:
+    """`--connect 7411` means 127.0.0.1:7411; `serve --listen` needs the host."""
+    return f"127.0.0.1:{connect}" if connect.isdigit() else connect
+
+
 def _connect(args) -> Client:
     secret = args.secret
     if args.secret_file:
@@ -202,8 +257,9 @@ def _connect(args) -> Client:
     if (args.key_id is None) != (secret is None):
         raise UsageError("give both --key-id and a secret (--secret-file, --secret or "
                          "SCANPAY_SECRET), or neither")
-    if args.unix:
-        return Client.connect(unix=args.unix, key_id=args.key_id, secret=secret,
+    unix = args.unix or (args.connect if is_unix_path(args.connect) else None)
+    if unix:
+        return Client.connect(unix=unix, key_id=args.key_id, secret=secret,
                               timeout_ms=args.timeout_ms, client_name="scanpay-admin")
     try:
         host, port = parse_address(args.connect)
@@ -313,6 +369,13 @@ def _run_write(args, stdout, stderr) -> int:
     write = WRITES[args.admin_command]
     items = read_items(args.file, write.command)
     _check_output(args)
+    rows = _send_items(args, write, items)
+    return _summarize_write(args, write, rows, stdout)
+
+
+def _send_items(args, write: Write, items: list, full: bool = False) -> list[dict]:
+    """Send `items` in chunks; one result row per item (the whole result map
+    when `full`)."""
     rows = []
     with _connect(args) as client:
         for start in range(0, len(items), ITEMS_PER_CALL_MAX):
@@ -323,7 +386,11 @@ def _run_write(args, stdout, stderr) -> int:
                 raise ProtocolError(f"{write.op}: {len(chunk)} items sent, "
                                     f"{len(results)} results")
             for index, (item, result) in enumerate(zip(chunk, results), start=start):
-                rows.append(_result_row(index, item, result))
+                rows.append(result if full else _result_row(index, item, result))
+    return rows
+
+
+def _summarize_write(args, write: Write, rows: list[dict], stdout) -> int:
     ok = [r for r in rows if r["status"] == 0]
     failed = [r for r in rows if r["status"] != 0]
     duplicates = sum(1 for r in ok if r["duplicate"])
@@ -339,6 +406,79 @@ def _run_write(args, stdout, stderr) -> int:
     if failed and not args.out:
         print("  every result: rerun with --out results.csv", file=stdout)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _run_single(args, stdout, stderr) -> int:
+    """One item from flags: its whole result (cash, discount, fee...) as
+    JSON on stdout, a one-line summary on stderr."""
+    write = WRITES[args.admin_command]
+    item = args.admin_item(args)
+    _check_output(args)
+    result = _send_items(args, write, [item], full=True)[0]
+    _write_output(args, [result] if _format(args) == "csv" else result, stdout)
+    return _summarize_one(args.command, result, stderr)
+
+
+def _summarize_one(command: str, result: dict, stderr) -> int:
+    if result.get("status", 0) != 0:
+        message = result.get("message", "")
+        print(f"{command}: failed: {result.get('error')}{': ' + message if message else ''}",
+              file=stderr)
+        return EXIT_FAILED
+    print(f"{command}: ok" + (" (already done: replayed)" if result.get("duplicate") else ""),
+          file=stderr)
+    return EXIT_OK
+
+
+def _run_issue(args, stdout, stderr) -> int:
+    from .client import issue_record, issue_results
+    from .records import ISSUE_RECORD
+    _check_output(args)
+    records = np.array([issue_record(c, args.stock, args.user) for c in args.coupon],
+                       ISSUE_RECORD)
+    with _connect(args) as client:
+        results = issue_results(client.issue(records))
+    rows = [{"coupon": r.coupon, "status": r.status, "error": r.status_name if not r.ok else "",
+             "duplicate": r.duplicate, "expires_at": r.expires_at} for r in results]
+    _write_output(args, rows, stdout)
+    failed = [r for r in rows if r["status"] != 0]
+    summary = f"issue: {len(rows) - len(failed)} ok"
+    if failed:
+        summary += f", {len(failed)} failed (first: coupon {failed[0]['coupon']} {failed[0]['error']})"
+    print(summary, file=stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _run_payments(args, stdout, stderr) -> int:
+    _check_output(args)
+    with _connect(args) as client:
+        reply = client.call("GET_PAYMENTS", {"ids": args.ids})
+    results = reply.get("results", [])
+    _write_output(args, results if _format(args) == "csv" else reply, stdout)
+    missing = [r for r in results if r.get("status", 0) != 0]
+    print(f"payments: {len(results) - len(missing)} found"
+          + (f", {len(missing)} not found (first: {missing[0].get('id')})" if missing else ""),
+          file=stderr)
+    return EXIT_FAILED if missing else EXIT_OK
+
+
+def _run_stats(args, stdout, stderr) -> int:
+    if not (args.stocks or args.merchants):
+        raise UsageError("name something to report: --stocks and/or --merchants")
+    _check_output(args)
+    request = {"stocks": args.stocks, "merchants": args.merchants}
+    with _connect(args) as client:
+        reply = client.call("STATS", request)
+    if _format(args) == "csv":
+        rows = [{"kind": kind[:-1], **entry} for kind in ("stocks", "merchants")
+                for entry in reply.get(kind, []) if isinstance(entry, dict)]
+        _write_output(args, rows, stdout)
+    else:
+        _write_output(args, reply, stdout)
+    if reply.get("status", 0) != 0:
+        print(f"stats: {reply.get('error')}: {reply.get('message', '')}", file=stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _result_row(index: int, item, result: dict) -> dict:

@@ -1,6 +1,8 @@
 """`scanpay`: the command-line entry point. Each subcommand is a thin shell
 over the same engine calls the library and the server use."""
 import argparse
+import errno
+import os
 import sys
 
 
@@ -39,29 +41,115 @@ def run_serve(args) -> int:
     except config_module.ConfigError as e:
         print(f"scanpay serve: {e}", file=sys.stderr)
         return 2
-    from .journal import JournalError
+    if config.data and os.path.exists(config.data) and not os.path.isdir(config.data):
+        print(f"scanpay serve: the data path is a file, not a directory ({config.data}): "
+              f"pass --data with a directory (it is created if missing)", file=sys.stderr)
+        return 2
     try:
         return serve(config)
-    except JournalError as e:       # a damaged data directory: one line says what to do
-        print(f"scanpay serve: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:          # noqa: BLE001 - known start-up failures get one line
+        line = startup_failure(e, config)
+        if line is None:
+            raise
+        print(f"scanpay serve: {line}", file=sys.stderr, flush=True)
+        return 2
 
 
-def main(argv=None) -> int:
+def startup_failure(error: BaseException, config) -> str | None:
+    """One line `<what> (<where>): <what to do>` for a start-up failure the
+    operator can fix, or None for anything else (which keeps its traceback)."""
+    from .journal import JournalCorrupt, JournalError
+    if isinstance(error, JournalCorrupt):
+        return f"the journal is damaged ({config.data}): {error}"
+    if isinstance(error, JournalError):
+        if "another process" in str(error):
+            return (f"the data directory is locked by another process ({config.data}): "
+                    f"stop the other `scanpay serve` (or journal tool) using it, or pass "
+                    f"another --data")
+        return f"the journal cannot be opened ({config.data}): {error}"
+    import ssl
+    if isinstance(error, ssl.SSLError):     # an OSError too: before the errno cases
+        return (f"the TLS certificate or key cannot be used ({config.tls_cert}, "
+                f"{config.tls_key}): {error.reason or error}; give a PEM certificate and "
+                f"its private key")
+    if not isinstance(error, OSError):
+        return None
+    where = error.filename or _listeners(config)
+    if error.errno == errno.ENOENT:
+        if not error.filename and config.tls_cert:     # ssl gives no file name
+            where = f"{config.tls_cert}, {config.tls_key}"
+        return (f"no such file or directory ({where}): check the paths given "
+                f"(--tls-cert, --tls-key, --unix, --data)")
+    if error.errno == errno.EADDRINUSE:
+        return (f"the address is already in use ({_listeners(config)}): another process "
+                f"listens there; stop it, or pick another --listen / --metrics port")
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return (f"permission denied ({where}): run as a user allowed to use it, or pick "
+                f"another --data / a port above 1023")
+    if error.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"{error.strerror} ({where}): --data must name a directory"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return (f"no such local address ({_listeners(config)}): listen on an address of "
+                f"this machine, e.g. 127.0.0.1 or 0.0.0.0")
+    return None
+
+
+def _listeners(config) -> str:
+    return ", ".join(x for x in (config.listen, config.unix and f"unix {config.unix}",
+                                 config.metrics and f"metrics {config.metrics}") if x)
+
+
+def package_version() -> str:
+    """The installed package's version; the source tree's pyproject.toml when
+    running uninstalled (issue 15 will keep one copy)."""
+    from importlib import metadata
+    try:
+        return metadata.version("scanpay")
+    except metadata.PackageNotFoundError:
+        pass
+    import tomllib
+    pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "pyproject.toml")
+    try:
+        with open(pyproject, "rb") as f:
+            return tomllib.load(f)["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
+
+
+def describe_subcommands(sub) -> None:
+    """`scanpay X --help` opens with what X does: the one-line help given to
+    add_parser, unless X has a longer description of its own."""
+    for action in sub._choices_actions:
+        parser = sub.choices[action.dest]
+        if not parser.description:
+            parser.description = action.help
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scanpay", description="Scanpay payment and coupon settlement engine")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run scan-to-pay traffic through an O2O world and audit it")
-    demo.add_argument("args", nargs=argparse.REMAINDER, help="options of the demo (scanpay demo --help)")
+    parser.add_argument("--version", action="version", version=f"scanpay {package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from . import admin, demo, journal_cli, report, statements
+    p = sub.add_parser("demo", help="run scan-to-pay traffic through an O2O world and audit it",
+                       description=demo.DESCRIPTION)
+    demo.add_options(p)
     add_serve(sub)
-    from . import admin, journal_cli, report, statements
     admin.add_parsers(sub)
     statements.add_parsers(sub)
     journal_cli.add_parsers(sub)
     report.add_parsers(sub)
     from . import iso8583
     iso8583.add_parser(sub)
+    describe_subcommands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    from . import admin, iso8583, journal_cli, report
     if args.command == "report":
         return report.run(args)
     if args.command == "journal":
@@ -70,7 +158,8 @@ def main(argv=None) -> int:
         return admin.run(args)
     if args.command == "demo":
         from . import demo as demo_module
-        return demo_module.main([a for a in args.args if a != "--"])
+        demo_module.check_options(parser, args)
+        return demo_module.run(args)
     if args.command == "serve":
         return run_serve(args)
     if args.command == "iso8583":

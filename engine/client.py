@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
+import re
 import secrets
 import socket
 import time
@@ -285,18 +287,51 @@ def hello_request(key_id: str | None = None, secret: str | None = None, *,
 
 
 def parse_address(address: str, port_default: int = PORT_DEFAULT) -> tuple[str, int]:
-    """"HOST:PORT", "HOST", "[::1]:PORT" or "tcp://HOST:PORT" -> (host, port)."""
-    address = address.removeprefix("tcp://").rstrip("/")
-    if address.startswith("["):
+    """"HOST:PORT", "HOST", "[::1]:PORT", "tcp://HOST:PORT", or a bare "PORT"
+    (which means 127.0.0.1:PORT) -> (host, port); anything else: ValueError.
+    (A bare port used to be taken for a host name and resolved as an IPv4
+    number: "7411" became 0.0.28.243.)"""
+    text = address.strip()
+    address = text.removeprefix("tcp://").rstrip("/")
+    if address.isdigit():
+        host, port = "127.0.0.1", address
+    elif address.startswith("["):
         host, _, rest = address[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad address {text!r}: expected [IPv6]:PORT")
         port = rest.removeprefix(":") or str(port_default)
     elif address.count(":") == 1:
         host, port = address.split(":")
     else:
         host, port = address, str(port_default)
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in {address!r}: expected HOST:PORT")
-    return host or "127.0.0.1", int(port)
+        raise ValueError(f"bad port in {text!r}: expected HOST:PORT with a port in 1..65535")
+    host = host or "127.0.0.1"
+    if not _valid_host(host):
+        raise ValueError(f"bad host in {text!r}: expected HOST:PORT, [IPv6]:PORT, PORT "
+                         f"or a Unix socket path")
+    return host, int(port)
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address or a DNS name (never a bare number a resolver would
+    take for an IPv4 address)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    return (len(host) <= 253 and not labels[-1].isdigit()
+            and all(_HOST_LABEL.fullmatch(label) for label in labels))
+
+
+def is_unix_path(address: str) -> bool:
+    """`--connect` takes a Unix socket path too: one with a slash in it."""
+    return "/" in address.removeprefix("tcp://").rstrip("/")
 
 
 # -- asyncio client -----------------------------------------------------------

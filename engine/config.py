@@ -2,6 +2,9 @@
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field, fields
+from typing import Annotated, Literal, get_args, get_origin
+
+import msgspec
 
 from .auth import ROLE_ADMIN, ROLE_GATEWAY, Key
 from .frame import FRAME_BYTES_MAX_DEFAULT
@@ -13,6 +16,19 @@ class ConfigError(ValueError):
     pass
 
 
+# Types with the range each setting accepts: load() checks every [server]
+# setting (and flag) against the field's annotation with msgspec.convert, so
+# a setting added below is checked by type at least, and by range when its
+# annotation says one.
+def Range(low: int, high: int | None = None):    # noqa: N802 - used as a type
+    """A whole number in low..high (no upper bound when high is None)."""
+    return Annotated[int, msgspec.Meta(ge=low, le=high)]
+
+
+Count = Range(1)                         # a whole number, at least 1
+LogFormat = Literal["text", "json"]
+
+
 @dataclass
 class Config:
     data: str = "./data"
@@ -22,21 +38,21 @@ class Config:
     tls_key: str = ""
     metrics: str = ""                    # "host:port" of the Prometheus endpoint
     test_clock: bool = False
-    log_format: str = "text"             # text | json
-    frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT
-    batch_records_max: int = 8190
-    connections_max: int = 1024
-    inflight_frames_max: int = 256       # per connection, then pause_reading
-    inflight_bytes_max: int = 8 << 20    # per connection, then pause_reading
-    queue_records_max: int = 262_144     # all connections; beyond: busy
-    idle_timeout_ms: int = 300_000
-    snapshot_every_entries: int = 1_000_000
-    snapshot_every_mb: int = 1024        # or after this much journal, whichever first
-    snapshot_mb_per_s: int = 64          # pacing of snapshot writes; 0 = full speed
-    commit_interval_us: int = 1500       # group commit: fsyncs start at least this far apart
+    log_format: LogFormat = "text"
+    frame_bytes_max: Range(1024, 2**32 - 1) = FRAME_BYTES_MAX_DEFAULT
+    batch_records_max: Range(1, 8190) = 8190
+    connections_max: Range(1, 1_000_000) = 1024
+    inflight_frames_max: Count = 256     # per connection, then pause_reading
+    inflight_bytes_max: Count = 8 << 20  # per connection, then pause_reading
+    queue_records_max: Count = 262_144   # all connections; beyond: busy
+    idle_timeout_ms: Count = 300_000
+    snapshot_every_entries: Count = 1_000_000
+    snapshot_every_mb: Count = 1024      # or after this much journal, whichever first
+    snapshot_mb_per_s: Range(0) = 64     # pacing of snapshot writes; 0 = full speed
+    commit_interval_us: Range(0, 100_000) = 1500   # group commit: fsyncs start at least this far apart
     direct_replies: bool = True          # PAY replies sent by the sender thread after the fsync
     journal_prealloc: bool = True        # journal segments zero-filled ahead (cheaper fsyncs)
-    io_threads_nice: int = -10           # sync and sender threads ahead of the rest (threads.py)
+    io_threads_nice: Range(-20, 0) = -10  # sync and sender threads ahead of the rest (threads.py)
     keys: list = field(default_factory=list)
     # Table sizes to allocate up front (Engine capacity hints: rows per
     # table, e.g. payments, visits, users, coupons): growing a big table
@@ -61,18 +77,46 @@ def load(path: str | None, overrides: dict) -> Config:
                 raw = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read config {path}: {e}") from None
-    known = {f.name for f in fields(Config)}
+    tables = set(raw) - {"server", "keys", "capacity"}
+    if tables:
+        raise ConfigError(f"config {path}: unknown table(s) {sorted(tables)}; "
+                          f"expected [server], [[keys]] and [capacity]")
+    known = {f.name for f in fields(Config)} - {"keys", "capacity"}
     server = dict(raw.get("server", {}))
     unknown = set(server) - known
     if unknown:
-        raise ConfigError(f"config {path}: unknown [server] setting(s) {sorted(unknown)}")
-    server.update({k: v for k, v in overrides.items() if v is not None})
+        raise ConfigError(f"config {path}: unknown [server] setting(s) {sorted(unknown)}: "
+                          f"expected one of {', '.join(sorted(known))} (docs/operations.md)")
+    server.update({k: v for k, v in overrides.items() if v is not None and k in known})
+    server.pop("keys", None)
+    server.pop("capacity", None)
     config = Config(**server)
     config.keys = [parse_key(k) for k in raw.get("keys", [])]
     config.capacity = {**raw.get("capacity", {}), **(overrides.get("capacity") or {})}
     config.iso8583 = dict(raw.get("iso8583", {}))
-    check(config)
+    check(config, path)
     return config
+
+
+def check_fields(config: Config, path: str | None = None) -> None:
+    """Every setting checked against its field's type and range; the error
+    names the key, the value and what it must be, in one line."""
+    server = {f.name: getattr(config, f.name) for f in fields(Config)
+              if f.name not in ("keys", "capacity")}
+    try:
+        msgspec.convert(server, Config)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        expected, _, where = text.partition(" - at `$.")
+        key = where.rstrip("`").split(".")[0].split("[")[0]
+        if key in server:
+            choices = get_args(Config.__annotations__[key])
+            if get_origin(Config.__annotations__[key]) is Literal:
+                expected = "expected one of " + ", ".join(map(repr, choices))
+            origin = f"config {path}: [server] " if path else ""
+            raise ConfigError(f"{origin}{key} = {server[key]!r}: {expected[0].lower()}"
+                              f"{expected[1:]}") from None
+        raise ConfigError(f"config {path}: {text}") from None
 
 
 def parse_key(item: dict) -> Key:
@@ -98,7 +142,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check(config: Config) -> None:
+def check_address(name: str, address: str) -> None:
+    """HOST:PORT (or [IPv6]:PORT) with a port in 0..65535 (0: any free port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name} = {address!r}: expected HOST:PORT with a port in 0..65535")
+    if not host.strip("[]"):
+        raise ConfigError(f"{name} = {address!r}: expected HOST:PORT (e.g. 127.0.0.1:{port})")
+
+
+def check(config: Config, path: str | None = None) -> None:
+    check_fields(config, path)
+    for name in ("listen", "metrics"):
+        address = getattr(config, name)
+        if address:
+            check_address(name, address)
     if config.listen:
         host, _port = config.host_port
         if not is_loopback(host) and not config.keys:
@@ -109,25 +167,6 @@ def check(config: Config) -> None:
         check_iso8583(config)
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("TLS needs both tls_cert and tls_key")
-    if not 1 <= config.batch_records_max <= 8190:
-        raise ConfigError("batch_records_max must be in 1..8190")
-    if (not isinstance(config.commit_interval_us, int) or isinstance(config.commit_interval_us, bool)
-            or not 0 <= config.commit_interval_us <= 100_000):
-        raise ConfigError("commit_interval_us must be 0..100000 microseconds")
-    if (not isinstance(config.io_threads_nice, int) or isinstance(config.io_threads_nice, bool)
-            or not -20 <= config.io_threads_nice <= 0):
-        raise ConfigError("io_threads_nice must be -20..0 (0: the process's priority)")
-    for name in ("snapshot_every_entries", "snapshot_every_mb"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a whole number, at least 1")
-    if not isinstance(config.snapshot_mb_per_s, int) or config.snapshot_mb_per_s < 0:
-        raise ConfigError("snapshot_mb_per_s must be a whole number of MB/s (0: no pacing)")
-    for name in ("direct_replies", "journal_prealloc"):
-        if not isinstance(getattr(config, name), bool):
-            raise ConfigError(f"{name} must be true or false")
-    if config.log_format not in ("text", "json"):
-        raise ConfigError("log_format must be text or json")
     from .engine import CAPACITY_TABLES
     for table, rows in config.capacity.items():
         if table not in CAPACITY_TABLES:

@@ -3,6 +3,7 @@ request order, with limits on everything a client can make the server hold."""
 import asyncio
 import collections
 import logging
+import time
 
 import msgspec
 import numpy as np
@@ -30,12 +31,17 @@ _decoder = msgspec.msgpack.Decoder()
 class Slot:
     """A request awaiting its reply; replies leave in request order. One slot
     may stand for a run of pipelined PAY frames answered together (`frames`)."""
-    __slots__ = ("reply", "request_bytes", "frames")
+    __slots__ = ("reply", "request_bytes", "frames", "op", "read_at", "outcome")
 
-    def __init__(self, request_bytes: int, frames: int = 1):
+    def __init__(self, request_bytes: int, frames: int = 1, op: int | None = None):
         self.reply = None
         self.request_bytes = request_bytes
         self.frames = frames
+        # For the request metrics when the reply is handed over (complete);
+        # None for the PAY fast path's slots, which the writer counts per batch.
+        self.op = op
+        self.read_at = time.perf_counter() if op is not None else 0.0
+        self.outcome = "ok"
 
 
 class Connection(asyncio.Protocol):
@@ -159,7 +165,7 @@ class Connection(asyncio.Protocol):
     # -- requests ---------------------------------------------------------
 
     def handle(self, op: int, request_id: int, body: bytes) -> None:
-        slot = Slot(len(body))
+        slot = Slot(len(body), op=op)
         self.slots.append(slot)
         self.pay_batch = None               # later PAY frames need a slot after this one
         self.inflight_bytes += len(body)
@@ -309,11 +315,14 @@ class Connection(asyncio.Protocol):
     # -- replies ----------------------------------------------------------
 
     def error(self, slot, op, request_id, code, message, retryable=False) -> None:
-        self.server.count(OP_NAMES.get(op, str(op)), code.name)
+        slot.outcome = code.name
         self.complete(slot, frame.encode_error(op, request_id, code, message, retryable))
 
     def complete(self, slot, reply: bytes) -> None:
         slot.reply = reply
+        if slot.op is not None:
+            self.server.metrics.requests.observe(OP_NAMES.get(slot.op, str(slot.op)), slot.outcome,
+                                                 time.perf_counter() - slot.read_at)
         self.flush_soon()
 
     def flush_soon(self) -> None:

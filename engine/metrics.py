@@ -10,6 +10,7 @@ from .status import STATUS_NAMES
 STATUS_SLOTS = 64                   # status codes are small; larger ones count as the last
 STAGE_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004,
                    0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.5)
+REQUEST_BUCKETS_S = STAGE_BUCKETS_S + (1.0, 5.0)   # a map op (AUDIT) can take seconds
 # scanpay_stage_seconds{stage}: each is observed once per kernel batch, except
 # `send`, once per fsync whose PAY replies the sender thread sent.
 STAGES = (
@@ -63,6 +64,11 @@ class FastHistogram:
         self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
+    def observe_n(self, seconds: float, n: int) -> None:
+        """`n` observations of the same duration (a batch's frames)."""
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += n
+        self.sum += seconds * n
+
     def buckets(self) -> list:
         """Cumulative (le, count) pairs, as Prometheus wants them."""
         out, total = [], 0
@@ -92,12 +98,53 @@ class StageSeconds:
         yield stages
 
 
+class Requests:
+    """scanpay_requests_total{op,outcome} (every request frame: `ok` or its
+    error code's name) and scanpay_request_seconds{op} (from the frame's
+    read to its reply handed over), kept as plain counts and FastHistograms
+    and folded into families at scrape: a prometheus-client labels().inc()
+    per frame would cost more than a small request's whole handling. PAY
+    frames of the fast path are observed once per batch, each frame with the
+    batch's time (from its first frame's read). Observed from the event loop
+    only; a scrape copies (dict and list copies hold the GIL)."""
+
+    def __init__(self):
+        self.counts = {}                    # (op, outcome) -> frames
+        self.seconds = {}                   # op -> FastHistogram
+
+    def count(self, op: str, outcome: str, frames: int = 1) -> None:
+        """Frames answered with no read time to report (a stream error)."""
+        key = (op, outcome)
+        self.counts[key] = self.counts.get(key, 0) + frames
+
+    def observe(self, op: str, outcome: str, seconds: float, frames: int = 1) -> None:
+        key = (op, outcome)
+        self.counts[key] = self.counts.get(key, 0) + frames
+        histogram = self.seconds.get(op)
+        if histogram is None:
+            histogram = self.seconds[op] = FastHistogram(REQUEST_BUCKETS_S)
+        histogram.observe_n(seconds, frames)
+
+    def collect(self):
+        family = CounterMetricFamily("scanpay_requests", "Request frames by op and outcome",
+                                     labels=["op", "outcome"])
+        for (op, outcome), frames in sorted(dict(self.counts).items()):
+            family.add_metric([op, outcome], frames)
+        yield family
+        seconds = HistogramMetricFamily(
+            "scanpay_request_seconds", "From a request frame's read to its reply handed over",
+            labels=["op"])
+        for op, histogram in sorted(dict(self.seconds).items()):
+            seconds.add_metric([op], histogram.buckets(), histogram.sum)
+        yield seconds
+
+
 class Metrics:
     def __init__(self, record_ops: dict[int, str]):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("scanpay_requests", "Requests by op and outcome",
-                                ["op", "outcome"], registry=r)
+        self.requests = Requests()
+        r.register(self.requests)
         self.records = RecordCounts(record_ops)
         r.register(self.records)
         self.batch_records = Histogram(

@@ -93,7 +93,9 @@ class Server:
         self.metrics.connections.set(len(self.connections))
 
     def count(self, op_name: str, outcome: str, frames: int = 1) -> None:
-        self.metrics.requests.labels(op_name, outcome).inc(frames)
+        """Frames answered outside a reply slot (stream errors): counted in
+        scanpay_requests_total; slots are observed by Connection.complete."""
+        self.metrics.requests.count(op_name, outcome, frames)
 
     # -- lifecycle --------------------------------------------------------
 

@@ -73,6 +73,81 @@ def describe(group: list) -> str:
     return f"one {first.spec.name} request"
 
 
+def group_op(group: list) -> str:
+    """The op of a writer group, by name."""
+    first = group[0]
+    if isinstance(first, PayBatch):
+        return "PAY"
+    return OP_LABELS[first.op] if first.op in RESULT_DTYPES else first.spec.name
+
+
+class SlowLog:
+    """The writer's slow-batch and slow-fsync warnings, one line per stall.
+
+    One disk stall delays every batch queued behind it, and each used to log
+    its own identical line. The first slow event of a kind opens a window;
+    events of that kind while it is open only count; once none has come for
+    `quiet_s` (or the window is `window_max_s` old) it logs one line with the
+    count and the worst case. (Called on the event loop only.)"""
+
+    QUIET_S = 1.0
+    WINDOW_MAX_S = 10.0
+
+    def __init__(self, quiet_s: float = QUIET_S, window_max_s: float = WINDOW_MAX_S):
+        self.quiet_s = quiet_s
+        self.window_max_s = window_max_s
+        self.open = {}          # kind ("fsync", "batch PAY", ...) -> [count, worst_ms,
+        #                         worst_what, opened_at, last_at]
+        self.timer = None
+        self.loop = None
+
+    def note(self, kind: str, ms: float, what: str = "") -> None:
+        now = time.monotonic()
+        entry = self.open.get(kind)
+        if entry is None:
+            self.open[kind] = [1, ms, what, now, now]
+        else:
+            entry[0] += 1
+            entry[4] = now
+            if ms > entry[1]:
+                entry[1], entry[2] = ms, what
+        if self.timer is None:
+            self.loop = self.loop or asyncio.get_running_loop()
+            self.timer = self.loop.call_later(self.quiet_s, self.due)
+
+    def due(self) -> None:
+        self.timer = None
+        now = time.monotonic()
+        for kind, (_count, _ms, _what, opened_at, last_at) in list(self.open.items()):
+            if now - last_at >= self.quiet_s or now - opened_at >= self.window_max_s:
+                self.emit(kind)
+        if self.open:
+            self.timer = self.loop.call_later(self.quiet_s, self.due)
+
+    def flush(self) -> None:
+        """Log whatever is pending now (at stop)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for kind in list(self.open):
+            self.emit(kind)
+
+    def emit(self, kind: str) -> None:
+        count, ms, what, opened_at, last_at = self.open.pop(kind)
+        if kind == "fsync":
+            if count == 1:
+                log.warning("slow fsync: a batch waited %.0f ms to be durable", ms)
+            else:
+                log.warning("slow fsync: %d batches waited up to %.0f ms to be durable "
+                            "(within %.1f s)", count, ms, last_at - opened_at)
+        elif count == 1:
+            log.warning("slow batch: %.0f ms to journal and apply %s", ms, what)
+        else:
+            log.warning("slow batch: %d %s batches took up to %.0f ms to journal and apply "
+                        "(within %.1f s; the slowest: %s)", count, kind.split()[-1], ms,
+                        last_at - opened_at, what)
+
+
 class Writer:
     def __init__(self, engine, metrics=None, batch_records_max: int = 8190,
                  queue_records_max: int = 262_144,
@@ -114,6 +189,7 @@ class Writer:
         self.loop = None
         self.stopping = False
         self.task = None
+        self.slow_log = SlowLog()
 
     # -- intake -----------------------------------------------------------
 
@@ -162,6 +238,7 @@ class Writer:
             self.courier.close()
             self.sender.join()
             self.sender = None
+        self.slow_log.flush()
 
     def send_loop(self) -> None:
         """The sender thread: each fsync's direct replies, in fsync order,
@@ -202,8 +279,7 @@ class Writer:
                 self.metrics.stage["apply"].observe(took_s)
             took_ms = took_s * 1000
             if took_ms > SLOW_MS:
-                log.warning("slow batch: %.0f ms to journal and apply %s", took_ms,
-                            describe(group))
+                self.slow_log.note(f"batch {group_op(group)}", took_ms, describe(group))
             while len(self.deliveries) > DELIVERIES_INFLIGHT_MAX:
                 self.released.clear()
                 await self.released.wait()
@@ -331,12 +407,15 @@ class Writer:
         if sends is not None:
             sends.close()                   # whatever it did not send, we write
             self.sends.pop(durable, None)    # if its fsync failed, or ran before we queued
+        if self.metrics:                    # the batch's frames, in one call
+            outcome = value.code.name if isinstance(value, EngineError) else "ok"
+            self.metrics.requests.observe("PAY", outcome, time.perf_counter() - batch.opened_at,
+                                          batch.frames)
         if isinstance(value, EngineError):
             for member, (conn, slot) in enumerate(batch.parts):
                 if direct is not None and direct[member] >= 0:
                     conn.outlet_released()
                 rids = batch.request_ids(member).tolist()
-                conn.server.count("PAY", value.code.name, len(rids))
                 conn.complete(slot, b"".join(
                     frame.encode_error(OP_PAY, rid, value.code, value.message, value.retryable)
                     for rid in rids))
@@ -464,7 +543,7 @@ class Writer:
                     self.observe_durable(durable, scheduled_at, sends, now)
                 waited_s = now - scheduled_at
                 if waited_s * 1000 > SLOW_MS:
-                    log.warning("slow fsync: a batch waited %.0f ms to be durable", waited_s * 1000)
+                    self.slow_log.note("fsync", waited_s * 1000)
             error = self.fail_stopped(durable, generation, error)
             for deliver, value in parts:
                 try:

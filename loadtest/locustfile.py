@@ -3,7 +3,9 @@
     .venv/bin/locust -f loadtest/locustfile.py --headless -u 50 -r 10 -t 30s \\
         --csv /tmp/scanpay-load --host tcp://127.0.0.1:7411
 
-On test start it builds a small world (merchants, wallets, top-ups, stocks,
+On test start it refuses a server that holds data outside the load test's
+own ids (see Safety in loadtest/README.md; SCANPAY_LOAD_ALLOW_SHARED=1 runs
+beside it anyway), builds a small world (merchants, wallets, top-ups, stocks,
 coupons; idempotent, so it can run again on the same data directory), then
 each locust user runs: single PAY with automatic coupon selection, PAY
 batches of 64, QUOTE, and ISSUE. Every frame is one locust request
@@ -19,16 +21,16 @@ Settings (environment variables):
   SCANPAY_BATCH                records per PAY batch (default 64)
   SCANPAY_KEY_ID, SCANPAY_SECRET  HELLO key, when the server has keys
   SCANPAY_MAX_RUN_S            stop after this long when no -t/--run-time is given (default 120)
+  SCANPAY_LOAD_ID_PREFIX       top 16 bits of every id it writes (default 0x5C00)
+  SCANPAY_LOAD_ALLOW_SHARED    1: run against a server holding other data (never writes it)
 """
 import ipaddress
 import logging
 import os
 import random
-import secrets
 import socket
 import sys
 import time
-from itertools import count
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -43,10 +45,15 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # load_world.py beside this file
+
 from engine.client import Client, ConnectionLost, ProtocolError, parse_address  # noqa: E402
 from engine.errors import EngineError  # noqa: E402
 from engine.records import ISSUE_RECORD, PAY_RECORD  # noqa: E402
 from engine.status import STATUS_NAMES, Status  # noqa: E402
+
+import load_world  # noqa: E402
+from load_world import ID_BASE, WorldError, fresh_id  # noqa: E402
 
 log = logging.getLogger("scanpay.loadtest")
 
@@ -66,32 +73,15 @@ MAX_RUN_S = _env_int("SCANPAY_MAX_RUN_S", 120, 1, 86_400)
 KEY_ID = os.environ.get("SCANPAY_KEY_ID")
 SECRET = os.environ.get("SCANPAY_SECRET")
 TIMEOUT_MS = 10_000
-SETUP_ITEMS_PER_CALL = 1000
-TOPUP_AMOUNT = 10**10                   # minor units per wallet per run: never runs dry
 AMOUNT_MIN, AMOUNT_MAX = 1_00, 500_00
-USER_BASE, MERCHANT_BASE = 1, 1        # world ids: users 1..WALLETS, merchants 1..MERCHANTS
-VALID_UNTIL_MS = 4_102_444_800_000     # 2100-01-01: stocks never end during a test
-STOCKS = [
-    {"id": 9001, "funder": "platform", "kind": "fixed", "value": 5_00, "min_spend": 20_00,
-     "valid_from": 0, "valid_until": VALID_UNTIL_MS, "stacking": "stackable"},
-    {"id": 9002, "funder": "platform", "kind": "percent", "value": 1000, "cap": 20_00,
-     "valid_from": 0, "valid_until": VALID_UNTIL_MS, "stacking": "exclusive"},
-    {"id": 9003, "funder": "merchant", "merchant": MERCHANT_BASE, "kind": "fixed",
-     "value": 3_00, "valid_from": 0, "valid_until": VALID_UNTIL_MS, "stacking": "stackable"},
-]
-ISSUE_STOCKS = [s["id"] for s in STOCKS]    # coupons of every stock
-
-# Fresh ids per process and run, so that runs against the same data directory
-# neither replay nor collide: a random 40-bit prefix above a 24-bit counter.
-_ids = count((secrets.randbits(39) + 1) << 24)
+# World ids: users and merchants ID_BASE+1.., stocks ID_BASE+9001..9003
+# (loadtest/load_world.py): the load test's own namespace.
+USER_BASE = MERCHANT_BASE = ID_BASE + 1
+ISSUE_STOCKS = [s["id"] for s in load_world.stocks()]    # coupons of every stock
 
 # Statuses that mean the world or the engine is wrong, not load.
 PAY_OK = {Status.ok}
 ISSUE_OK = {Status.ok}
-
-
-class WorldError(Exception):
-    pass
 
 
 def target() -> dict:
@@ -122,37 +112,11 @@ def connect() -> Client:
                           client_name="scanpay-locust")
 
 
-def build_world(client: Client) -> None:
-    """Merchants, wallets, top-ups, stocks, and coupons for every wallet."""
-    users = list(range(USER_BASE, USER_BASE + WALLETS))
-    _items(client, "MERCHANTS", "merchants",
-           [{"id": m, "fee_bps": 60} for m in range(MERCHANT_BASE, MERCHANT_BASE + MERCHANTS)])
-    _items(client, "WALLETS", "users", users)
-    _items(client, "TOPUP", "topups",
-           [{"id": next(_ids), "user": u, "amount": TOPUP_AMOUNT} for u in users])
-    _items(client, "STOCKS", "stocks", STOCKS)
-    coupons = np.zeros(WALLETS * COUPONS_PER_USER, ISSUE_RECORD)
-    if len(coupons):
-        coupons["coupon"] = [next(_ids) for _ in range(len(coupons))]
-        coupons["stock"] = np.resize(ISSUE_STOCKS, len(coupons))
-        coupons["user"] = np.repeat(users, COUPONS_PER_USER)
-        for start in range(0, len(coupons), client.max_batch):
-            results = client.issue(coupons[start:start + client.max_batch])
-            bad = results[results["status"] != 0]
-            if len(bad):
-                raise WorldError(f"ISSUE: {len(bad)} failed, first "
-                                 f"{STATUS_NAMES.get(int(bad[0]['status']))}")
-
-
-def _items(client: Client, op: str, key: str, items: list) -> None:
-    for start in range(0, len(items), SETUP_ITEMS_PER_CALL):
-        chunk = items[start:start + SETUP_ITEMS_PER_CALL]
-        results = client.call(op, {key: chunk})["results"]
-        failed = [(item, r) for item, r in zip(chunk, results) if r["status"] != 0]
-        if failed:
-            item, result = failed[0]
-            raise WorldError(f"{op}: {len(failed)} of {len(chunk)} failed, first {item}: "
-                             f"{result.get('error')} {result.get('message', '')}")
+def prepare(client: Client) -> None:
+    """Refuse a server holding other data (unless SCANPAY_LOAD_ALLOW_SHARED=1),
+    then build the world in the load test's namespace."""
+    load_world.check_server(client)
+    load_world.build_world(client, WALLETS, MERCHANTS, COUPONS_PER_USER)
 
 
 @events.init.add_listener
@@ -182,7 +146,7 @@ def on_test_start(environment, **_):
     started = time.perf_counter()
     try:
         with connect() as client:
-            build_world(client)
+            prepare(client)
     except (OSError, EngineError, WorldError, ProtocolError) as e:
         hint = " (is `scanpay serve` running there?)" if isinstance(e, ConnectionRefusedError) else ""
         log.error("world setup failed: %s%s", e, hint)
@@ -234,7 +198,7 @@ class ScanpayUser(User):
     @task(2)
     def issue(self):
         record = np.zeros(1, ISSUE_RECORD)
-        record["coupon"] = next(_ids)
+        record["coupon"] = fresh_id()
         record["stock"] = self.rng.choice(ISSUE_STOCKS)
         record["user"] = self._user()
         self._request("ISSUE", "single", lambda c: c.issue(record), self._check_issue)
@@ -249,7 +213,7 @@ class ScanpayUser(User):
 
     def _fill(self, records: np.ndarray) -> None:
         n = len(records)
-        records["id"] = [next(_ids) for _ in range(n)]
+        records["id"] = [fresh_id() for _ in range(n)]
         records["payer"] = [self._user() for _ in range(n)]
         records["merchant"] = [self._merchant() for _ in range(n)]
         records["amount"] = [self.rng.randint(AMOUNT_MIN, AMOUNT_MAX) for _ in range(n)]
