@@ -77,10 +77,10 @@ def load(path: str | None, overrides: dict) -> Config:
                 raw = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read config {path}: {e}") from None
-    tables = set(raw) - {"server", "keys", "capacity"}
+    tables = set(raw) - {"server", "keys", "capacity", "iso8583"}
     if tables:
         raise ConfigError(f"config {path}: unknown table(s) {sorted(tables)}; "
-                          f"expected [server], [[keys]] and [capacity]")
+                          f"expected [server], [[keys]], [capacity] and [iso8583]")
     known = {f.name for f in fields(Config)} - {"keys", "capacity"}
     server = dict(raw.get("server", {}))
     unknown = set(server) - known

@@ -1022,10 +1022,10 @@ def test_foreign_file_under_a_segment_name_stops_the_engine_and_serve(tmp_path):
         [sys.executable, "-m", "engine.cli", "serve", "--data", str(datadir), "--listen",
          "127.0.0.1:0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert served.returncode == 1, served.stderr
+    assert served.returncode == 2, served.stderr          # a start-up failure (engine/cli.py)
     lines = served.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in served.stderr, served.stderr
-    assert lines[0].startswith("scanpay serve: journal corrupt: ")
+    assert lines[0].startswith("scanpay serve: the journal is damaged ")
     assert str(segment) in lines[0] and "scanpay journal verify" in lines[0]
     assert segment.read_bytes() == garbage
 
