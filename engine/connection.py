@@ -4,10 +4,9 @@ import asyncio
 import collections
 import logging
 
-import msgspec
 import numpy as np
 
-from . import frame
+from . import frame, msgpack_guard
 from ._framing import intake_pay
 from ._outlet import Outlet
 from .auth import ANONYMOUS_ADMIN
@@ -23,7 +22,6 @@ log = logging.getLogger("scanpay.connection")
 RECORD_DTYPES = {OP_PAY: PAY_RECORD, OP_ISSUE: ISSUE_RECORD,
                  OP_CAPTURE_RECORDS: CAPTURE_RECORD, OP_REFUND_RECORDS: REFUND_RECORD}
 PROTOCOL_VERSION = 1
-_decoder = msgspec.msgpack.Decoder()
 
 
 class Slot:
@@ -257,10 +255,11 @@ class Connection(asyncio.Protocol):
 
     def map_request(self, slot, op, request_id, body) -> None:
         spec = MAP_OPS_BY_CODE[op]
-        request = self.decode_map(body)
-        if request is None:
+        try:
+            request = msgpack_guard.decode_map(body)
+        except msgpack_guard.BodyRefused as e:
             return self.error(slot, op, request_id, ErrorCode.bad_body,
-                              f"{spec.name} takes a MessagePack map")
+                              f"{spec.name} takes a MessagePack map: {e}")
         try:
             spec.check_body(request)
         except EngineError as e:
@@ -283,13 +282,12 @@ class Connection(asyncio.Protocol):
 
     @staticmethod
     def decode_map(body: bytes):
-        if not body:
-            return {}                       # an empty body is the empty map
+        """The request map, or None (bad_body): msgpack_guard refuses deep
+        nesting and repeated keys before msgspec sees the body."""
         try:
-            value = _decoder.decode(body)
-        except (msgspec.DecodeError, ValueError):
+            return msgpack_guard.decode_map(body)
+        except msgpack_guard.BodyRefused:
             return None
-        return value if isinstance(value, dict) else None
 
     # -- replies ----------------------------------------------------------
 

@@ -1,0 +1,117 @@
+"""Hostile clients (issue 14): bounded memory and fair service. Each test
+replays one attack at a small scale (a few MB, tens of connections, small
+configured limits) and checks that the server refuses it, stays bounded and
+keeps serving everyone else."""
+import asyncio
+import logging
+
+import numpy as np
+import pytest
+
+from engine import Engine, msgpack_guard
+from engine.errors import BadBody
+from engine.records import PAY_RESULT
+from engine.status import Status
+from test_server import (SECRET_ADMIN, Raw, dec, enc, error_of, gateway_config, hello,
+                         pay_body, run, started, started_with_world)
+
+OP_HELLO, OP_PING, OP_PAY, OP_TOPUP, OP_BALANCES = 1, 2, 16, 34, 43
+
+
+def nested(depth: int) -> bytes:
+    """A map holding a map holding ... `depth` levels down, then 1."""
+    return b"\x81\xa1a" * depth + b"\x01"
+
+
+# -- nesting depth -------------------------------------------------------------
+
+def test_deeply_nested_bodies_are_bad_body_even_before_hello(caplog):
+    async def main():
+        server = await started(keys=gateway_config())
+        c = await Raw.open(server)
+        reply = error_of(await c.call(OP_HELLO, nested(1000), 5))
+        assert reply["name"] == "bad_body"
+        assert error_of(await c.call(OP_PING, b"", 6))["name"] == "not_authenticated"  # open
+        assert (await c.map(OP_HELLO, hello("ops", SECRET_ADMIN)))[0] == 0
+        await server.stop()
+    with caplog.at_level(logging.INFO):
+        run(main())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "RecursionError" not in caplog.text
+
+
+def test_a_pay_pipelined_before_a_deep_body_is_answered_and_the_deep_one_changes_nothing():
+    async def main():
+        server, c = await started_with_world()
+        before = server.engine.digest()
+        c.send(OP_PAY, 7, pay_body([501]))
+        c.send(OP_TOPUP, 8, b"\x81\xa6topups\x91" + nested(1000))
+        c.send(OP_PING, 9)
+        op, flags, rid, body = await c.recv()
+        assert (op, flags, rid) == (OP_PAY, 0, 7)
+        assert np.frombuffer(body, PAY_RESULT)["status"][0] == Status.ok
+        assert error_of(await c.recv())["name"] == "bad_body"
+        assert await c.recv() == (OP_PING, 0, 9, b"")
+        assert server.engine.counts()["payments"] == 1 and server.engine.digest() != before
+        await server.stop()
+    run(main())
+
+
+def test_nesting_up_to_the_limit_decodes_and_one_more_level_is_refused():
+    assert msgpack_guard.decode_map(nested(msgpack_guard.DEPTH_MAX)) is not None
+    with pytest.raises(msgpack_guard.BodyRefused, match="deeper"):
+        msgpack_guard.decode_map(nested(msgpack_guard.DEPTH_MAX + 1))
+    with pytest.raises(msgpack_guard.BodyRefused, match="deeper"):
+        msgpack_guard.decode_map(b"\x81\xa1a" + b"\x91" * 100_000 + b"\x01")
+
+
+def test_the_embedded_engine_refuses_a_request_too_deep_to_encode():
+    item = inner = {}
+    for _ in range(5000):
+        inner["x"] = {}
+        inner = inner["x"]
+    with Engine() as engine:
+        with pytest.raises(BadBody, match="deep"):
+            engine.call("TOPUP", {"topups": [item]})
+
+
+# -- duplicate keys ------------------------------------------------------------
+
+def topup_with_repeated_amount() -> bytes:
+    """TOPUP {topups: [{id: 2, user: 1, amount: 5, amount: 10**9}]}, the second
+    `amount` spelled as str8 so that a comparison of raw bytes would miss it."""
+    item = (b"\x84\xa2id\x02\xa4user\x01\xa6amount\x05"
+            + b"\xd9\x06amount\xce" + (10**9).to_bytes(4, "big"))
+    return b"\x81\xa6topups\x91" + item
+
+
+def test_a_money_map_with_a_repeated_key_is_bad_body_and_credits_nothing():
+    async def main():
+        server, c = await started_with_world()
+        before = server.engine.digest()
+        reply = error_of(await c.call(OP_TOPUP, topup_with_repeated_amount(), 3))
+        assert reply["name"] == "bad_body" and "amount" in reply["message"]
+        assert server.engine.digest() == before
+        _flags, balances = await c.map(OP_BALANCES, {"users": [1]})
+        assert balances["users"][0]["balance"] == 10**6          # the world's top-up only
+        assert await c.call(OP_PING, b"", 4) == (OP_PING, 0, 4, b"")
+        await server.stop()
+    run(main())
+
+
+@pytest.mark.parametrize("body", [
+    b"\x82\xa1a\x01\xa1a\x02",                  # the same fixstr twice
+    b"\x82\x05\x01\xcc\x05\x02",                # 5 as fixint and as uint8
+    b"\x81\xa1a\x82\xa1b\x01\xd9\x01b\x02",     # deeper down
+])
+def test_repeated_keys_are_refused_however_they_are_spelled(body):
+    with pytest.raises(msgpack_guard.BodyRefused, match="repeats"):
+        msgpack_guard.decode_map(body)
+
+
+@pytest.mark.parametrize("value", [
+    {}, {"a": [1, {"b": "x" * 300}], "c": {1: 2, -5: b"z" * 70_000}, "d": 1.5, "e": None},
+    {"f": True, "g": 2**64 - 1, "h": -2**63, "i": [[], {}], "j": "\u00e9" * 40},
+])
+def test_the_guard_passes_what_msgspec_would_decode(value):
+    assert msgpack_guard.decode_map(enc(value)) == value
