@@ -42,6 +42,13 @@ class Config:
     # table, e.g. payments, visits, users, coupons): growing a big table
     # mid-traffic copies it and stalls every reply meanwhile.
     capacity: dict = field(default_factory=dict)
+    # Hostile clients (docs/operations.md "Limits"): with keys configured, a
+    # connection must authenticate within hello_timeout_ms; at most
+    # unauthenticated_max connections wait for their HELLO at once; and
+    # admin_reserve slots beyond connections_max are kept for admins.
+    hello_timeout_ms: int = 5000
+    unauthenticated_max: int = 64
+    admin_reserve: int = 4
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -120,6 +127,12 @@ def check(config: Config) -> None:
     for name in ("direct_replies", "journal_prealloc"):
         if not isinstance(getattr(config, name), bool):
             raise ConfigError(f"{name} must be true or false")
+    for name in ("hello_timeout_ms", "unauthenticated_max"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a whole number, at least 1")
+    if not isinstance(config.admin_reserve, int) or config.admin_reserve < 0:
+        raise ConfigError("admin_reserve must be a whole number of connections (0: none)")
     if config.log_format not in ("text", "json"):
         raise ConfigError("log_format must be text or json")
     from .engine import CAPACITY_TABLES

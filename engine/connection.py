@@ -9,7 +9,7 @@ import numpy as np
 from . import frame, msgpack_guard
 from ._framing import intake_pay
 from ._outlet import Outlet
-from .auth import ANONYMOUS_ADMIN
+from .auth import ANONYMOUS_ADMIN, ROLE_ADMIN
 from .dispatch import (MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_CLOCK, OP_HELLO, OP_ISSUE,
                        OP_NAMES, OP_PAY, OP_PING, OP_REFUND_RECORDS)
 from .errors import EngineError
@@ -40,6 +40,10 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.config = server.config
         self.reader = frame.FrameReader(self.config.frame_bytes_max)
+        # With keys configured: closed unless a HELLO authenticates in time
+        # (hello_deadline); `reserved`: admitted into the admin reserve.
+        self.hello_timer = None
+        self.reserved = False
         self.set_identity(None if server.auth.required else ANONYMOUS_ADMIN)
         self.slots = collections.deque()
         self.inflight_bytes = 0
@@ -77,6 +81,9 @@ class Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.active_at = self.loop.time()
         self.arm_idle_timer(self.config.idle_timeout_ms / 1000)
+        if self.identity is None:
+            self.hello_timer = self.loop.call_later(self.config.hello_timeout_ms / 1000,
+                                                    self.hello_deadline)
         sock = transport.get_extra_info("socket")
         if (self.writer.direct_replies and sock is not None
                 and transport.get_extra_info("ssl_object") is None):
@@ -86,6 +93,8 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self.idle_timer:
             self.idle_timer.cancel()
+        if self.hello_timer:
+            self.hello_timer.cancel()
         self.stop_outlet()
         self.server.forget(self)
 
@@ -142,6 +151,10 @@ class Connection(asyncio.Protocol):
         # or a gateway key with no merchant scope.
         self.pay_unchecked = (identity is not None and identity.merchants is None
                               and identity.may("PAY"))
+        if identity is not None and self.hello_timer is not None:
+            self.hello_timer.cancel()
+            self.hello_timer = None
+            self.server.authenticated(self)
 
     def pay_fast_path(self) -> bool:
         return self.pay_unchecked and not self.closing
@@ -197,7 +210,30 @@ class Connection(asyncio.Protocol):
             except ValueError as e:
                 return self.error(slot, OP_HELLO, request_id, ErrorCode.not_authenticated,
                                   f"authentication failed: {e}")
+            if self.reserved and self.identity.role != ROLE_ADMIN:
+                return self.hello_reserved(slot, request_id)
         self.complete(slot, frame.encode_map(OP_HELLO, request_id, self.server.hello_reply()))
+
+    def hello_reserved(self, slot, request_id) -> None:
+        """A non-admin authenticated on a slot of the admin reserve: busy."""
+        self.error(slot, OP_HELLO, request_id, ErrorCode.busy,
+                   "too many connections; retry later (the remaining slots are for admins)",
+                   True)
+        self.close_after_flush()
+
+    def hello_deadline(self) -> None:
+        """No valid HELLO within hello_timeout_ms: close (slow or silent
+        clients must not hold connection slots)."""
+        self.hello_timer = None
+        if self.identity is not None or self.closing:
+            return
+        log.info("closing %s: no valid HELLO within %d ms", self.peer,
+                 self.config.hello_timeout_ms)
+        self.server.count("HELLO", ErrorCode.not_authenticated.name)
+        self.transport.write(frame.encode_error(
+            OP_HELLO, 0, ErrorCode.not_authenticated,
+            f"no valid HELLO within {self.config.hello_timeout_ms} ms", False))
+        self.close_after_flush()
 
     def clock(self, slot, request_id, body) -> None:
         request = self.decode_map(body)

@@ -61,6 +61,8 @@ class Server:
                              config.queue_records_max, config.frame_bytes_max,
                              config.direct_replies)
         self.connections = set()
+        self.unauthenticated = set()        # admitted with keys configured, no HELLO yet
+        self.reserved = set()               # in the admin reserve (admit_unauthenticated)
         self.listeners = []
         self.scopes = {}
         self.stopped = asyncio.Event()
@@ -81,14 +83,41 @@ class Server:
     # -- connections ------------------------------------------------------
 
     def admit(self, connection) -> bool:
+        if self.auth.required:
+            return self.admit_unauthenticated(connection)
         if len(self.connections) >= self.config.connections_max:
             return False
         self.connections.add(connection)
         self.metrics.connections.set(len(self.connections))
         return True
 
+    def admit_unauthenticated(self, connection) -> bool:
+        """With keys, a new connection is unauthenticated until its HELLO.
+        Once connections_max or unauthenticated_max is reached, a newcomer
+        can still take one of admin_reserve slots, where only an admin's
+        HELLO keeps it (Connection.hello_reserved): so a flood of silent or
+        slow connections never locks the operator out."""
+        config = self.config
+        if (len(self.connections) >= config.connections_max
+                or len(self.unauthenticated) >= config.unauthenticated_max):
+            if len(self.reserved) >= config.admin_reserve:
+                return False
+            self.reserved.add(connection)
+            connection.reserved = True
+        else:
+            self.unauthenticated.add(connection)
+        self.connections.add(connection)
+        self.metrics.connections.set(len(self.connections))
+        return True
+
+    def authenticated(self, connection) -> None:
+        """`connection` sent a valid HELLO: it no longer counts as waiting."""
+        self.unauthenticated.discard(connection)
+
     def forget(self, connection) -> None:
         self.connections.discard(connection)
+        self.unauthenticated.discard(connection)
+        self.reserved.discard(connection)
         self.metrics.connections.set(len(self.connections))
 
     def count(self, op_name: str, outcome: str, frames: int = 1) -> None:

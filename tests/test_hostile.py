@@ -8,11 +8,12 @@ import logging
 import numpy as np
 import pytest
 
-from engine import Engine, msgpack_guard
+from engine import Engine, frame, msgpack_guard
+from engine.config import Config, ConfigError, check
 from engine.errors import BadBody
 from engine.records import PAY_RESULT
 from engine.status import Status
-from test_server import (SECRET_ADMIN, Raw, dec, enc, error_of, gateway_config, hello,
+from test_server import (SECRET_ADMIN, SECRET_GW, Raw, dec, enc, error_of, gateway_config, hello,
                          pay_body, run, started, started_with_world)
 
 OP_HELLO, OP_PING, OP_PAY, OP_TOPUP, OP_BALANCES = 1, 2, 16, 34, 43
@@ -115,3 +116,57 @@ def test_repeated_keys_are_refused_however_they_are_spelled(body):
 ])
 def test_the_guard_passes_what_msgspec_would_decode(value):
     assert msgpack_guard.decode_map(enc(value)) == value
+
+
+# -- slowloris -----------------------------------------------------------------
+
+async def trickle(client, stop: asyncio.Event) -> None:
+    """Send a HELLO header and then its body a byte at a time, slowly (the
+    slowloris client: always active, never done)."""
+    client.writer.write(frame.HEADER.pack(1000, OP_HELLO, 0, 1))
+    while not stop.is_set():
+        try:
+            client.writer.write(b"\x00")
+            await client.writer.drain()
+        except ConnectionError:
+            return
+        await asyncio.sleep(0.05)
+
+
+def test_slow_unauthenticated_connections_are_closed_and_admins_keep_a_slot():
+    async def main():
+        server = await started(keys=gateway_config(), connections_max=6,
+                               unauthenticated_max=4, admin_reserve=1, hello_timeout_ms=400,
+                               idle_timeout_ms=60_000)
+        stop = asyncio.Event()
+        slow = [await Raw.open(server) for _ in range(4)]
+        tasks = [asyncio.create_task(trickle(c, stop)) for c in slow]
+        await asyncio.sleep(0.1)
+        # Every unauthenticated slot is taken: a gateway's newcomer lands in
+        # the admin reserve and is refused at its HELLO, an admin's keeps it.
+        gateway = await Raw.open(server)
+        assert error_of(await gateway.call(OP_HELLO, enc(hello("gw", SECRET_GW))))["name"] == "busy"
+        assert await gateway.closed()
+        admin = await Raw.open(server)
+        assert (await admin.map(OP_HELLO, hello("ops", SECRET_ADMIN)))[0] == 0
+        extra = await Raw.open(server)                       # the reserve is full
+        assert error_of(await extra.recv())["name"] == "busy"
+        # The slow ones are closed at their HELLO deadline, though they never stop sending.
+        for c in slow:
+            reply = error_of(await c.recv(timeout=5))
+            assert reply["name"] == "not_authenticated" and "HELLO" in reply["message"]
+            assert await c.closed()
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert await admin.call(OP_PING, b"", 2) == (OP_PING, 0, 2, b"")
+        fresh = await Raw.open(server)
+        assert (await fresh.map(OP_HELLO, hello("gw", SECRET_GW)))[0] == 0
+        assert len(server.unauthenticated) == 0 and len(server.reserved) == 1
+        await server.stop()
+    run(main())
+
+
+def test_hostile_limits_are_checked_in_the_config():
+    for bad in ({"hello_timeout_ms": 0}, {"unauthenticated_max": 0}, {"admin_reserve": -1}):
+        with pytest.raises(ConfigError):
+            check(Config(**bad))
