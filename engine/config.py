@@ -49,6 +49,9 @@ class Config:
     hello_timeout_ms: int = 5000
     unauthenticated_max: int = 64
     admin_reserve: int = 4
+    # Reply bytes a connection's transport may hold unread before the server
+    # stops reading that connection (asyncio's write high-water mark).
+    reply_buffer_bytes_max: int = 1 << 20
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -127,7 +130,7 @@ def check(config: Config) -> None:
     for name in ("direct_replies", "journal_prealloc"):
         if not isinstance(getattr(config, name), bool):
             raise ConfigError(f"{name} must be true or false")
-    for name in ("hello_timeout_ms", "unauthenticated_max"):
+    for name in ("hello_timeout_ms", "unauthenticated_max", "reply_buffer_bytes_max"):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name} must be a whole number, at least 1")

@@ -22,17 +22,27 @@ log = logging.getLogger("scanpay.connection")
 RECORD_DTYPES = {OP_PAY: PAY_RECORD, OP_ISSUE: ISSUE_RECORD,
                  OP_CAPTURE_RECORDS: CAPTURE_RECORD, OP_REFUND_RECORDS: REFUND_RECORD}
 PROTOCOL_VERSION = 1
+# What a read's reply may grow to, held against the connection's in-flight
+# bytes from the moment it is accepted (reserve_reply): replies of reads are
+# larger than their requests (a GET_PAYMENTS id of 9 bytes answers with about
+# 120 to 500), and a client that never reads them must not make the server
+# build more than inflight_bytes_max of them.
+READ_REPLY_BYTES_PER_BODY_BYTE = 64
+READ_REPLY_BYTES_MIN = 16 << 10
 
 
 class Slot:
     """A request awaiting its reply; replies leave in request order. One slot
     may stand for a run of pipelined PAY frames answered together (`frames`)."""
-    __slots__ = ("reply", "request_bytes", "frames")
+    __slots__ = ("reply", "request_bytes", "frames", "reply_reserve")
 
     def __init__(self, request_bytes: int, frames: int = 1):
         self.reply = None
+        # Bytes this slot holds against inflight_bytes_max: the request's,
+        # plus its reply's once built (or `reply_reserve` until then).
         self.request_bytes = request_bytes
         self.frames = frames
+        self.reply_reserve = 0
 
 
 class Connection(asyncio.Protocol):
@@ -50,6 +60,7 @@ class Connection(asyncio.Protocol):
         self.inflight_frames = 0
         self.transport = None
         self.paused = False
+        self.write_paused = False           # the transport is over its high-water mark
         # The in-flight counts at which reading pauses (update_flow).
         self.inflight_frames_max = self.config.inflight_frames_max
         self.inflight_bytes_max = self.config.inflight_bytes_max
@@ -81,6 +92,8 @@ class Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.active_at = self.loop.time()
         self.arm_idle_timer(self.config.idle_timeout_ms / 1000)
+        high = self.config.reply_buffer_bytes_max
+        transport.set_write_buffer_limits(high=high, low=high // 4)
         if self.identity is None:
             self.hello_timer = self.loop.call_later(self.config.hello_timeout_ms / 1000,
                                                     self.hello_deadline)
@@ -138,6 +151,8 @@ class Connection(asyncio.Protocol):
                     break
                 (op, _flags, request_id, body), at = parsed
                 self.handle(op, request_id, body)
+                if self.over_limits():      # the rest waits in the reader (update_flow)
+                    break
         except frame.FrameError as e:
             self.fail(e.op, e.request_id, e.code, e.message)
             return
@@ -311,6 +326,8 @@ class Connection(asyncio.Protocol):
                 return self.error(slot, op, request_id, value.code, value.message, value.retryable)
             self.complete(slot, frame.encode_map(op, request_id, value))
 
+        if not spec.writes:
+            self.reserve_reply(slot, len(body))
         work = Work(op, body or frame._encoder.encode({}), deliver, spec=spec, request=request)
         if not self.server.writer.submit(work):
             self.error(slot, op, request_id, ErrorCode.busy,
@@ -333,6 +350,13 @@ class Connection(asyncio.Protocol):
 
     def complete(self, slot, reply: bytes) -> None:
         slot.reply = reply
+        # The reply's bytes count against the in-flight limit until written
+        # (in place of what was reserved for it): replies that wait behind an
+        # earlier slot are held by the server too.
+        grown = len(reply) - slot.reply_reserve
+        slot.reply_reserve = 0
+        slot.request_bytes += grown
+        self.inflight_bytes += grown
         self.flush_soon()
 
     def flush_soon(self) -> None:
@@ -410,15 +434,42 @@ class Connection(asyncio.Protocol):
 
     # -- limits -----------------------------------------------------------
 
+    def over_limits(self) -> bool:
+        """Stop reading (and handling frames already read)? Requests and
+        replies in flight, and a transport holding more than
+        reply_buffer_bytes_max that the client has not read."""
+        return (self.inflight_frames >= self.inflight_frames_max
+                or self.inflight_bytes >= self.inflight_bytes_max or self.write_paused)
+
     def update_flow(self) -> None:
-        over = (self.inflight_frames >= self.inflight_frames_max
-                or self.inflight_bytes >= self.inflight_bytes_max)
+        over = self.over_limits()
         if over and not self.paused and not self.closing:
             self.transport.pause_reading()
             self.paused = True
         elif not over and self.paused and not self.closing:
             self.transport.resume_reading()
             self.paused = False
+            if self.reader.buffer:          # frames read but held back (data_received)
+                self.loop.call_soon(self.data_received, b"")
+
+    def pause_writing(self) -> None:
+        """asyncio: the transport holds more than its high-water mark; a client
+        that does not read its replies gets no more requests read."""
+        self.write_paused = True
+        self.update_flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.update_flow()
+
+    def reserve_reply(self, slot, body_bytes: int) -> None:
+        """Hold what a read's reply may grow to against the in-flight bytes
+        until it is built (complete puts the real size in its place)."""
+        reserve = min(READ_REPLY_BYTES_MIN + body_bytes * READ_REPLY_BYTES_PER_BODY_BYTE,
+                      self.inflight_bytes_max)
+        slot.reply_reserve = reserve
+        slot.request_bytes += reserve
+        self.inflight_bytes += reserve
 
     def arm_idle_timer(self, delay_s: float) -> None:
         self.idle_timer = self.loop.call_later(delay_s, self.idle)

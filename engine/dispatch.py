@@ -24,11 +24,14 @@ class MapOp:
     list_key: str | None = None   # list operations: the key of the item list
 
     def check_body(self, request) -> None:
-        """Refuse a body of the wrong shape before anything is journaled."""
+        """Refuse a body of the wrong shape before anything is journaled (and,
+        for reads over the wire, lists longer than the wire allows)."""
         if self.list_key:
             ops_setup.list_items(request, self.list_key)
         elif not isinstance(request, dict):
             raise BadBody(f"the body of {self.name} must be a map")
+        elif not self.writes:
+            ops_query.check_lookup_lists(self.name, request)
 
 
 MAP_OPS = {op.name: op for op in (

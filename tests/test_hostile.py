@@ -3,6 +3,7 @@ replays one attack at a small scale (a few MB, tens of connections, small
 configured limits) and checks that the server refuses it, stays bounded and
 keeps serving everyone else."""
 import asyncio
+import socket
 import logging
 
 import numpy as np
@@ -167,6 +168,113 @@ def test_slow_unauthenticated_connections_are_closed_and_admins_keep_a_slot():
 
 
 def test_hostile_limits_are_checked_in_the_config():
-    for bad in ({"hello_timeout_ms": 0}, {"unauthenticated_max": 0}, {"admin_reserve": -1}):
+    for bad in ({"hello_timeout_ms": 0}, {"unauthenticated_max": 0}, {"admin_reserve": -1},
+                {"reply_buffer_bytes_max": 0}):
         with pytest.raises(ConfigError):
             check(Config(**bad))
+
+
+# -- replies that are never read -------------------------------------------------
+
+OP_GET_PAYMENTS = 42
+SMALL_SOCKET_BUFFER_BYTES = 4096
+
+
+async def open_slow_reader(server):
+    """A client that reads nothing until told to, with small socket buffers on
+    both ends, so that unread replies pile up in the server, not the kernel."""
+    host, port = server.config.host_port
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_SOCKET_BUFFER_BYTES)
+    sock.setblocking(False)
+    before = set(server.connections)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    client = Raw()
+    client.reader, client.writer = await asyncio.open_connection(sock=sock)
+    for _ in range(100):
+        new = set(server.connections) - before
+        if new:
+            break
+        await asyncio.sleep(0.01)
+    (conn,) = new
+    conn.transport.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_SOCKET_BUFFER_BYTES)
+    return client, conn
+
+
+def held_bytes(conn) -> int:
+    """Reply bytes the server holds for a connection: its transport's buffer
+    and replies waiting in their slots."""
+    waiting = sum(len(s.reply) for s in conn.slots if s.reply is not None)
+    return conn.transport.get_write_buffer_size() + waiting
+
+
+async def settled(conn, quiet_s=0.3, limit_s=5.0) -> int:
+    """held_bytes once it has stopped changing for quiet_s."""
+    last, still_s = -1, 0.0
+    for _ in range(int(limit_s / 0.05)):
+        held = held_bytes(conn)
+        still_s = still_s + 0.05 if held == last else 0.0
+        if still_s >= quiet_s:
+            break
+        last = held
+        await asyncio.sleep(0.05)
+    return held_bytes(conn)
+
+
+def test_unread_replies_to_unauthenticated_pings_stop_the_reading():
+    frames = 20_000                      # 320 KB of PINGs: about 2 MB of error replies
+
+    async def main():
+        server = await started(keys=gateway_config(), reply_buffer_bytes_max=64 << 10,
+                               hello_timeout_ms=60_000)
+        client, conn = await open_slow_reader(server)
+        client.writer.write(b"".join(frame.HEADER.pack(0, OP_PING, 0, k + 1)
+                                     for k in range(frames)))
+        held = await settled(conn)
+        assert held < 256 << 10, f"the server holds {held} bytes of unread replies"
+        assert conn.paused                                  # and reads no more meanwhile
+        for k in range(frames):                             # once read, all are answered
+            _op, _flags, request_id, body = await client.recv()
+            assert request_id == k + 1 and dec(body)["name"] == "not_authenticated"
+        assert not conn.paused and held_bytes(conn) == 0
+        await server.stop()
+    run(main())
+
+
+def test_unread_read_replies_are_bounded_and_other_clients_are_served():
+    ids = list(range(1, 1025))
+
+    async def main():
+        server, c = await started_with_world(inflight_bytes_max=256 << 10,
+                                             reply_buffer_bytes_max=64 << 10)
+        for start in range(0, len(ids), 256):
+            await c.call(OP_PAY, pay_body(ids[start:start + 256], amount=10))
+        hog, conn = await open_slow_reader(server)
+        for k in range(20):                                 # about 7 MB of replies
+            hog.send(OP_GET_PAYMENTS, k + 1, enc({"ids": ids}))
+        held = await settled(conn)
+        assert held < 1 << 20, f"the server holds {held} bytes of unread replies"
+        _op, flags, _rid, body = await c.call(OP_PAY, pay_body([5000], amount=10), 99)
+        assert flags == 0 and np.frombuffer(body, PAY_RESULT)["status"][0] == Status.ok
+        for k in range(20):                                 # the hog reads: all answered
+            _op, flags, request_id, body = await hog.recv()
+            reply = dec(body)
+            assert (flags, request_id, reply["status"]) == (0, k + 1, 0)
+            assert [r["id"] for r in reply["results"]] == ids
+        assert conn.inflight_bytes == 0 and conn.inflight_frames == 0
+        await server.stop()
+    run(main())
+
+
+@pytest.mark.parametrize("op, key", [(OP_GET_PAYMENTS, "ids"), (49, "ids"), (OP_BALANCES, "users"),
+                                     (46, "merchants")])
+def test_read_lists_over_the_wire_limit_are_bad_body(op, key):
+    async def main():
+        server, c = await started_with_world()
+        _op, flags, _rid, body = await c.call(op, enc({key: list(range(1, 1025))}))
+        assert flags == 0 and dec(body)["status"] == 0
+        reply = error_of(await c.call(op, enc({key: list(range(1, 1026))})))
+        assert reply["name"] == "bad_body" and "1024" in reply["message"]
+        await server.stop()
+    run(main())
