@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from engine import Engine, frame, msgpack_guard
 from engine.config import Config, ConfigError, check
@@ -118,6 +119,29 @@ def test_repeated_keys_are_refused_however_they_are_spelled(body):
 def test_the_guard_passes_what_msgspec_would_decode(value):
     assert msgpack_guard.decode_map(enc(value)) == value
 
+
+
+scalars = (st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False)
+           | st.text(max_size=40) | st.binary(max_size=300))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
+    st.text(max_size=8) | st.integers(-2**63, 2**64 - 1), inner, max_size=5), max_leaves=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), values, max_size=6))
+def test_the_guard_passes_every_map_msgspec_encodes(value):
+    assert msgpack_guard.decode_map(enc(value)) == value
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | values.map(enc).flatmap(
+    lambda body: st.integers(0, len(body)).map(lambda cut: body[:cut] + body[cut:][::-1])))
+def test_the_guard_refuses_garbage_with_bad_body_only(body):
+    try:
+        value = msgpack_guard.decode_map(body)
+    except msgpack_guard.BodyRefused:
+        return
+    assert isinstance(value, dict)
 
 # -- slowloris -----------------------------------------------------------------
 
