@@ -12,6 +12,7 @@ from .state import State
 from .status import Status
 from .validate import I63_MAX, U32_MAX, Invalid, failure, integer, only_keys, u64, u64_list
 
+COUPONS_PAGE_MAX = 1024                 # COUPONS {user}: coupons per reply (then `next`)
 QUOTE_KEYS = frozenset({"payer", "merchant", "amount", "flags", "coupons", "goods_tag"})
 LOOKUP_IDS_MAX = 100_000                # the embedded Engine's own limit
 # Items per list of a read request over the wire (GET_PAYMENTS and COUPONS
@@ -137,15 +138,19 @@ def stock_balance(ledger, stock_id: int) -> dict:
 # -- COUPONS ----------------------------------------------------------------
 
 def coupons(state: State, request, now: int, draws) -> dict:
-    request = require_map(request, "{ids} or {user}")
+    request = require_map(request, "{ids} or {user, after?, limit?}")
     try:
-        only_keys(request, frozenset({"ids", "user"}))
-        if len(request) != 1:
+        only_keys(request, frozenset({"ids", "user", "after", "limit"}))
+        if ("ids" in request) == ("user" in request):
             raise Invalid("give exactly one of `ids` and `user`")
         if "ids" in request:
+            if len(request) != 1:
+                raise Invalid("`after` and `limit` page a `user` listing, not `ids`")
             ids = u64_list(request, "ids", LOOKUP_IDS_MAX)
         else:
             user_id = u64(request, "user")
+            after = u64(request, "after", default=0)
+            limit = integer(request, "limit", 1, COUPONS_PAGE_MAX, default=COUPONS_PAGE_MAX)
     except Invalid as e:
         return {**failure(e.status, str(e)), "results": []}
     ledger = state.ledger
@@ -154,8 +159,22 @@ def coupons(state: State, request, now: int, draws) -> dict:
     user = ledger.find("users", user_id) if user_id else -1
     if user < 0:
         return {**failure(Status.user_not_found), "results": []}
-    slots = sorted(ledger.user_coupon_slots(user), key=lambda c: int(ledger.coupons["id"][c]))
-    return {"status": 0, "results": [coupon_row(ledger, c, now) for c in slots]}
+    return user_coupons_page(ledger, user, after, limit, now)
+
+
+def user_coupons_page(ledger, user: int, after: int, limit: int, now: int) -> dict:
+    """One page of a user's coupons by id: ids above `after`, at most `limit`,
+    and `next` (the `after` of the next page) when more remain."""
+    slots = np.asarray(ledger.user_coupon_slots(user), np.int64)
+    ids = ledger.coupons["id"][slots]
+    order = np.argsort(ids, kind="stable")
+    ids, slots = ids[order], slots[order]
+    start = int(np.searchsorted(ids, after, side="right"))
+    page = slots[start:start + limit].tolist()
+    reply = {"status": 0, "results": [coupon_row(ledger, c, now) for c in page]}
+    if start + limit < len(slots):
+        reply["next"] = int(ids[start + limit - 1])
+    return reply
 
 
 def coupon_view(ledger, coupon_id: int, now: int) -> dict:

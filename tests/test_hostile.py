@@ -302,3 +302,29 @@ def test_read_lists_over_the_wire_limit_are_bad_body(op, key):
         assert reply["name"] == "bad_body" and "1024" in reply["message"]
         await server.stop()
     run(main())
+
+
+# -- paging of open-ended listings -------------------------------------------------
+
+def test_a_users_coupons_come_in_pages_of_at_most_1024():
+    from test_engine import Clock, world
+    from engine.records import ISSUE_RECORD
+    eng = Engine(clock=Clock())
+    world(eng, users=2)
+    eng.call("STOCKS", {"stocks": [{"id": 1, "funder": "platform", "kind": "fixed", "value": 1,
+                                    "valid_from": 0, "valid_until": 2**62,
+                                    "stacking": "stackable", "merchants": [1]}]})
+    issue = np.zeros(1100, ISSUE_RECORD)
+    issue["coupon"] = np.random.default_rng(5).permutation(np.arange(1, 1101)) * 7
+    issue["stock"], issue["user"] = 1, 1
+    assert (eng.issue(issue)["status"] == 0).all()
+    first = eng.call("COUPONS", {"user": 1})
+    assert len(first["results"]) == 1024 and first["next"] == 1024 * 7
+    rest = eng.call("COUPONS", {"user": 1, "after": first["next"]})
+    assert "next" not in rest
+    listed = [r["id"] for r in first["results"] + rest["results"]]
+    assert listed == [7 * k for k in range(1, 1101)]
+    small = eng.call("COUPONS", {"user": 1, "after": 70, "limit": 3})
+    assert [r["id"] for r in small["results"]] == [77, 84, 91] and small["next"] == 91
+    for bad in ({"user": 1, "limit": 0}, {"user": 1, "limit": 1025}, {"ids": [7], "after": 1}):
+        assert eng.call("COUPONS", bad)["status"] == Status.invalid_argument
