@@ -328,3 +328,32 @@ def test_a_users_coupons_come_in_pages_of_at_most_1024():
     assert [r["id"] for r in small["results"]] == [77, 84, 91] and small["next"] == 91
     for bad in ({"user": 1, "limit": 0}, {"user": 1, "limit": 1025}, {"ids": [7], "after": 1}):
         assert eng.call("COUPONS", bad)["status"] == Status.invalid_argument
+
+
+# -- the client, facing a hostile server ---------------------------------------------
+
+def test_a_reply_nested_too_deep_is_a_protocol_error_in_the_client():
+    from engine.client import AsyncClient, ProtocolError
+
+    async def main():
+        async def serve(reader, writer):
+            while True:
+                try:
+                    header = await reader.readexactly(16)
+                except asyncio.IncompleteReadError:
+                    return
+                size, op, _flags, request_id = frame.HEADER.unpack(header)
+                await reader.readexactly(size)
+                body = (enc({"protocol": 1, "server": "x", "max_frame": 1 << 20,
+                             "max_batch": 8190}) if op == OP_HELLO
+                        else b"\x81\xa1a" + b"\x91" * 100_000 + b"\x01")
+                writer.write(frame.encode(op, request_id, body))
+
+        fake = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = fake.sockets[0].getsockname()[1]
+        client = await AsyncClient.connect("127.0.0.1", port)
+        with pytest.raises(ProtocolError, match="undecodable"):
+            await client.call("BALANCES", {})
+        client.close()
+        fake.close()
+    run(main())
