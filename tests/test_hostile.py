@@ -3,7 +3,9 @@ replays one attack at a small scale (a few MB, tens of connections, small
 configured limits) and checks that the server refuses it, stays bounded and
 keeps serving everyone else."""
 import asyncio
+import json
 import socket
+import threading
 import logging
 
 import numpy as np
@@ -357,3 +359,52 @@ def test_a_reply_nested_too_deep_is_a_protocol_error_in_the_client():
         client.close()
         fake.close()
     run(main())
+
+
+# -- the admin commands follow the pages -------------------------------------------
+
+class ServerThread:
+    """A real server on its own thread and event loop, for blocking clients."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.ready = threading.Event()
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=asyncio.run, args=(self.main(),), daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    async def main(self):
+        self.server = await started(engine=self.engine)
+        self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
+        self.ready.set()
+        await self.stop.wait()
+        await self.server.stop()
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(10)
+
+
+def test_admin_commands_page_and_split_what_the_wire_bounds():
+    from test_client import admin_main
+    from test_engine import Clock, world
+    from engine.records import ISSUE_RECORD
+    eng = Engine(clock=Clock())
+    world(eng, users=2)
+    eng.call("STOCKS", {"stocks": [{"id": 1, "funder": "platform", "kind": "fixed", "value": 1,
+                                    "valid_from": 0, "valid_until": 2**62,
+                                    "stacking": "stackable", "merchants": [1]}]})
+    issue = np.zeros(1100, ISSUE_RECORD)
+    issue["coupon"], issue["stock"], issue["user"] = np.arange(1, 1101), 1, 1
+    assert (eng.issue(issue)["status"] == 0).all()
+    with ServerThread(eng) as running:
+        where = ["--connect", f"127.0.0.1:{running.server.config.host_port[1]}"]
+        code, out, err = admin_main(["coupons", *where, "--user", "1"])
+        assert code == 0 and [r["id"] for r in json.loads(out)["results"]] == list(range(1, 1101))
+        users = ",".join(str(u) for u in range(1, 1501))
+        code, out, err = admin_main(["balances", *where, "--users", users, "--format", "csv"])
+        assert code == 1 and "1498 not found" in err
+        assert len(out.splitlines()) == 1 + 1500
