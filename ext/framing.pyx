@@ -316,18 +316,56 @@ cdef object map_key(const uint8_t[::1] data, Py_ssize_t at, Py_ssize_t end, Py_s
     raise ValueError(f"map keys must be strings or integers (byte 0x{b:02x} at {at})")
 
 
+cdef Py_ssize_t skip_item(const uint8_t[::1] data, Py_ssize_t at, Py_ssize_t end,
+                          Py_ssize_t* count, bint* is_map) except -1:
+    """Where the item after the one at `at` starts. For a container, its item
+    count (a map's keys and values both count) goes to *count, else -1."""
+    cdef uint8_t b = data[at]
+    cdef int width
+    count[0] = -1
+    is_map[0] = False
+    if b <= 0x7f or b >= 0xe0 or b == 0xc0 or b == 0xc2 or b == 0xc3:
+        return at + 1
+    if b <= 0x8f:
+        count[0], is_map[0] = (b & 0x0f) * 2, True
+        return at + 1
+    if b <= 0x9f:
+        count[0] = b & 0x0f
+        return at + 1
+    if b <= 0xbf:
+        return at + 1 + (b & 0x1f)
+    if b == 0xca or b == 0xcb:
+        return at + (5 if b == 0xca else 9)
+    if 0xcc <= b <= 0xd3:
+        return at + 1 + (1 << ((b - 0xcc) & 3))
+    if 0xd4 <= b <= 0xd8:
+        return at + 2 + (1 << (b - 0xd4))
+    if 0xc4 <= b <= 0xc9 or 0xd9 <= b <= 0xdb:     # bin, ext, str: a length, then data
+        width = 1 << ((b - 0xc4) % 3 if b <= 0xc9 else b - 0xd9)
+        if at + 1 + width > end:
+            raise ValueError("the body ends inside an item")
+        return at + 1 + width + (1 if 0xc7 <= b <= 0xc9 else 0) + <Py_ssize_t>big_endian(
+            data, at + 1, width)
+    if 0xdc <= b <= 0xdf:
+        width = 2 if b == 0xdc or b == 0xde else 4
+        if at + 1 + width > end:
+            raise ValueError("the body ends inside an item")
+        is_map[0] = b >= 0xde
+        count[0] = <Py_ssize_t>big_endian(data, at + 1, width) * (2 if is_map[0] else 1)
+        return at + 1 + width
+    raise ValueError(f"byte 0x{b:02x} at {at} is not MessagePack")
+
+
 def check_map_body(const uint8_t[::1] data, int depth_max):
     """Raise ValueError if the MessagePack item in `data` nests containers
     deeper than `depth_max` or repeats a key in a map (keys compared decoded).
     Iterative: an explicit stack, never the C or Python stack. Malformed
     MessagePack past what this walk needs is left for the decoder to refuse."""
-    cdef Py_ssize_t end = data.shape[0], at = 0, step, count
-    cdef Py_ssize_t after = 0
+    cdef Py_ssize_t end = data.shape[0], at = 0, step, count = 0, after = 0
     cdef int64_t left[MSGPACK_DEPTH_LIMIT]
     cdef bint is_map[MSGPACK_DEPTH_LIMIT]
-    cdef int depth = 0, width
-    cdef bint container_is_map
-    cdef uint8_t b
+    cdef int depth = 0
+    cdef bint container_is_map = False
     if not 0 < depth_max <= MSGPACK_DEPTH_LIMIT:
         raise ValueError(f"depth_max must be 1..{MSGPACK_DEPTH_LIMIT}")
     keys = []                               # per open container: its keys (a set) or None
@@ -352,40 +390,7 @@ def check_map_body(const uint8_t[::1] data, int depth_max):
             return                          # the top-level item is done
         if at >= end:
             raise ValueError("the body ends inside an item")
-        b = data[at]
-        count = -1
-        container_is_map = False
-        if b <= 0x7f or b >= 0xe0 or b == 0xc0 or b == 0xc2 or b == 0xc3:
-            at += 1
-        elif b <= 0x8f:
-            count, container_is_map, at = (b & 0x0f) * 2, True, at + 1
-        elif b <= 0x9f:
-            count, at = b & 0x0f, at + 1
-        elif b <= 0xbf:
-            at += 1 + (b & 0x1f)
-        elif b == 0xca or b == 0xcb:
-            at += 5 if b == 0xca else 9
-        elif 0xcc <= b <= 0xd3:
-            at += 1 + (1 << ((b - 0xcc) & 3))
-        elif 0xd4 <= b <= 0xd8:
-            at += 2 + (1 << (b - 0xd4))
-        elif 0xc4 <= b <= 0xc9 or 0xd9 <= b <= 0xdb:
-            width = 1 << ((b - 0xc4) % 3 if b <= 0xc9 else b - 0xd9)
-            if at + 1 + width > end:
-                raise ValueError("the body ends inside an item")
-            at += 1 + width + (1 if 0xc7 <= b <= 0xc9 else 0) + <Py_ssize_t>big_endian(
-                data, at + 1, width)
-        elif 0xdc <= b <= 0xdf:
-            width = 2 if b == 0xdc or b == 0xde else 4
-            if at + 1 + width > end:
-                raise ValueError("the body ends inside an item")
-            count = <Py_ssize_t>big_endian(data, at + 1, width)
-            container_is_map = b >= 0xde
-            if container_is_map:
-                count *= 2
-            at += 1 + width
-        else:
-            raise ValueError(f"byte 0x{b:02x} at {at} is not MessagePack")
+        at = skip_item(data, at, end, &count, &container_is_map)
         if count >= 0:
             if count > end - at:            # each item takes at least one byte
                 raise ValueError(f"a container of {count} items does not fit in the body")
