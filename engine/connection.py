@@ -169,7 +169,7 @@ class Connection(asyncio.Protocol):
         if identity is not None and self.hello_timer is not None:
             self.hello_timer.cancel()
             self.hello_timer = None
-            self.server.authenticated(self)
+            self.server.hello_done(self)
 
     def pay_fast_path(self) -> bool:
         return self.pay_unchecked and not self.closing
@@ -240,14 +240,21 @@ class Connection(asyncio.Protocol):
         """No valid HELLO within hello_timeout_ms: close (slow or silent
         clients must not hold connection slots)."""
         self.hello_timer = None
-        if self.identity is not None or self.closing:
+        if self.identity is None and not self.closing:
+            self.close_unauthenticated(f"no valid HELLO within {self.config.hello_timeout_ms} ms")
+
+    def evict(self) -> None:
+        """Closed to make room for a newer unauthenticated connection."""
+        self.close_unauthenticated(f"no valid HELLO yet, and {self.config.unauthenticated_max} "
+                                   f"newer connections are waiting for theirs")
+
+    def close_unauthenticated(self, why: str) -> None:
+        self.server.hello_done(self)        # no longer waiting: its slot is free now
+        if self.closing:
             return
-        log.info("closing %s: no valid HELLO within %d ms", self.peer,
-                 self.config.hello_timeout_ms)
+        log.info("closing %s: %s", self.peer, why)
         self.server.count("HELLO", ErrorCode.not_authenticated.name)
-        self.transport.write(frame.encode_error(
-            OP_HELLO, 0, ErrorCode.not_authenticated,
-            f"no valid HELLO within {self.config.hello_timeout_ms} ms", False))
+        self.transport.write(frame.encode_error(OP_HELLO, 0, ErrorCode.not_authenticated, why))
         self.close_after_flush()
 
     def clock(self, slot, request_id, body) -> None:

@@ -61,7 +61,7 @@ class Server:
                              config.queue_records_max, config.frame_bytes_max,
                              config.direct_replies)
         self.connections = set()
-        self.unauthenticated = set()        # admitted with keys configured, no HELLO yet
+        self.unauthenticated = {}           # with keys, no HELLO yet: oldest first
         self.reserved = set()               # in the admin reserve (admit_unauthenticated)
         self.listeners = []
         self.scopes = {}
@@ -93,30 +93,34 @@ class Server:
 
     def admit_unauthenticated(self, connection) -> bool:
         """With keys, a new connection is unauthenticated until its HELLO.
-        Once connections_max or unauthenticated_max is reached, a newcomer
-        can still take one of admin_reserve slots, where only an admin's
-        HELLO keeps it (Connection.hello_reserved): so a flood of silent or
-        slow connections never locks the operator out."""
+        When unauthenticated_max of them wait, the oldest is closed to make
+        room: a client that authenticates promptly gets in unless the flood
+        opens unauthenticated_max connections during its handshake. Once
+        connections_max is reached, a newcomer can still take one of
+        admin_reserve slots, where only an admin's HELLO keeps it
+        (Connection.hello_reserved): the operator is never locked out."""
         config = self.config
-        if (len(self.connections) >= config.connections_max
-                or len(self.unauthenticated) >= config.unauthenticated_max):
+        if len(self.connections) >= config.connections_max:
             if len(self.reserved) >= config.admin_reserve:
                 return False
             self.reserved.add(connection)
             connection.reserved = True
         else:
-            self.unauthenticated.add(connection)
+            if len(self.unauthenticated) >= config.unauthenticated_max:
+                next(iter(self.unauthenticated)).evict()
+            self.unauthenticated[connection] = None
         self.connections.add(connection)
         self.metrics.connections.set(len(self.connections))
         return True
 
-    def authenticated(self, connection) -> None:
-        """`connection` sent a valid HELLO: it no longer counts as waiting."""
-        self.unauthenticated.discard(connection)
+    def hello_done(self, connection) -> None:
+        """`connection` no longer waits for its HELLO: it sent a valid one, or
+        it is being closed."""
+        self.unauthenticated.pop(connection, None)
 
     def forget(self, connection) -> None:
         self.connections.discard(connection)
-        self.unauthenticated.discard(connection)
+        self.unauthenticated.pop(connection, None)
         self.reserved.discard(connection)
         self.metrics.connections.set(len(self.connections))
 

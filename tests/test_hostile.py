@@ -160,35 +160,63 @@ async def trickle(client, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.05)
 
 
-def test_slow_unauthenticated_connections_are_closed_and_admins_keep_a_slot():
+def test_slow_unauthenticated_connections_are_closed_and_make_room_for_newcomers():
     async def main():
-        server = await started(keys=gateway_config(), connections_max=6,
-                               unauthenticated_max=4, admin_reserve=1, hello_timeout_ms=400,
-                               idle_timeout_ms=60_000)
+        server = await started(keys=gateway_config(), unauthenticated_max=4,
+                               hello_timeout_ms=400, idle_timeout_ms=60_000)
         stop = asyncio.Event()
         slow = [await Raw.open(server) for _ in range(4)]
         tasks = [asyncio.create_task(trickle(c, stop)) for c in slow]
         await asyncio.sleep(0.1)
-        # Every unauthenticated slot is taken: a gateway's newcomer lands in
-        # the admin reserve and is refused at its HELLO, an admin's keeps it.
+        # Every unauthenticated slot is taken: a newcomer closes the oldest.
         gateway = await Raw.open(server)
-        assert error_of(await gateway.call(OP_HELLO, enc(hello("gw", SECRET_GW))))["name"] == "busy"
-        assert await gateway.closed()
-        admin = await Raw.open(server)
-        assert (await admin.map(OP_HELLO, hello("ops", SECRET_ADMIN)))[0] == 0
-        extra = await Raw.open(server)                       # the reserve is full
-        assert error_of(await extra.recv())["name"] == "busy"
-        # The slow ones are closed at their HELLO deadline, though they never stop sending.
-        for c in slow:
+        assert (await gateway.map(OP_HELLO, hello("gw", SECRET_GW)))[0] == 0
+        evicted = error_of(await slow[0].recv())
+        assert evicted["name"] == "not_authenticated" and "newer" in evicted["message"]
+        assert await slow[0].closed()
+        # The rest are closed at their HELLO deadline, though they never stop sending.
+        for c in slow[1:]:
             reply = error_of(await c.recv(timeout=5))
-            assert reply["name"] == "not_authenticated" and "HELLO" in reply["message"]
+            assert reply["name"] == "not_authenticated" and "within 400 ms" in reply["message"]
             assert await c.closed()
         stop.set()
         await asyncio.gather(*tasks)
+        assert await gateway.call(OP_PING, b"", 2) == (OP_PING, 0, 2, b"")
+        assert len(server.unauthenticated) == 0
+        await server.stop()
+    run(main())
+
+
+async def gone(server, attribute: str) -> None:
+    """Wait (bounded) until the server's set or map `attribute` is empty."""
+    for _ in range(200):
+        if not getattr(server, attribute):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"server.{attribute} still holds {getattr(server, attribute)}")
+
+
+def test_admins_keep_a_reserved_slot_when_every_connection_is_taken():
+    async def main():
+        server = await started(keys=gateway_config(), connections_max=4, admin_reserve=1,
+                               hello_timeout_ms=60_000, idle_timeout_ms=60_000)
+        stop = asyncio.Event()
+        slow = [await Raw.open(server) for _ in range(4)]
+        tasks = [asyncio.create_task(trickle(c, stop)) for c in slow]
+        await asyncio.sleep(0.1)
+        gateway = await Raw.open(server)        # the reserve is for admins
+        assert error_of(await gateway.call(OP_HELLO, enc(hello("gw", SECRET_GW))))["name"] == "busy"
+        assert await gateway.closed()
+        await gone(server, "reserved")
+        admin = await Raw.open(server)
+        assert (await admin.map(OP_HELLO, hello("ops", SECRET_ADMIN)))[0] == 0
         assert await admin.call(OP_PING, b"", 2) == (OP_PING, 0, 2, b"")
-        fresh = await Raw.open(server)
-        assert (await fresh.map(OP_HELLO, hello("gw", SECRET_GW)))[0] == 0
-        assert len(server.unauthenticated) == 0 and len(server.reserved) == 1
+        extra = await Raw.open(server)          # and the reserve is full now
+        assert error_of(await extra.recv())["name"] == "busy"
+        assert await extra.closed()
+        assert len(server.connections) == 5
+        stop.set()
+        await asyncio.gather(*tasks)
         await server.stop()
     run(main())
 
