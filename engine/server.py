@@ -93,21 +93,25 @@ class Server:
 
     def admit_unauthenticated(self, connection) -> bool:
         """With keys, a new connection is unauthenticated until its HELLO.
-        When unauthenticated_max of them wait, the oldest is closed to make
-        room: a client that authenticates promptly gets in unless the flood
-        opens unauthenticated_max connections during its handshake. Once
-        connections_max is reached, a newcomer can still take one of
-        admin_reserve slots, where only an admin's HELLO keeps it
-        (Connection.hello_reserved): the operator is never locked out."""
+        When unauthenticated_max of them wait, or every slot is taken while
+        some wait, the oldest waiting one is closed to make room: a client
+        that authenticates promptly gets in unless a flood opens that many
+        connections during its handshake. When authenticated connections
+        take every slot, a newcomer can still take one of admin_reserve
+        slots, where only an admin's HELLO keeps it (Connection.hello_reserved):
+        the operator is never locked out."""
         config = self.config
+        if self.unauthenticated and (len(self.unauthenticated) >= config.unauthenticated_max
+                                     or len(self.connections) >= config.connections_max):
+            oldest = next(iter(self.unauthenticated))
+            oldest.evict()
+            self.connections.discard(oldest)    # its slot is the newcomer's (forget: no-op)
         if len(self.connections) >= config.connections_max:
             if len(self.reserved) >= config.admin_reserve:
                 return False
             self.reserved.add(connection)
             connection.reserved = True
         else:
-            if len(self.unauthenticated) >= config.unauthenticated_max:
-                next(iter(self.unauthenticated)).evict()
             self.unauthenticated[connection] = None
         self.connections.add(connection)
         self.metrics.connections.set(len(self.connections))

@@ -198,23 +198,29 @@ async def gone(server, attribute: str) -> None:
 
 def test_admins_keep_a_reserved_slot_when_every_connection_is_taken():
     async def main():
-        server = await started(keys=gateway_config(), connections_max=4, admin_reserve=1,
+        server = await started(keys=gateway_config(), connections_max=3, admin_reserve=1,
                                hello_timeout_ms=60_000, idle_timeout_ms=60_000)
         stop = asyncio.Event()
-        slow = [await Raw.open(server) for _ in range(4)]
+        slow = [await Raw.open(server) for _ in range(2)]
         tasks = [asyncio.create_task(trickle(c, stop)) for c in slow]
-        await asyncio.sleep(0.1)
-        gateway = await Raw.open(server)        # the reserve is for admins
-        assert error_of(await gateway.call(OP_HELLO, enc(hello("gw", SECRET_GW))))["name"] == "busy"
-        assert await gateway.closed()
+        gateways = []
+        for k in range(3):                      # every slot taken: the slow ones make room
+            gateways.append(await Raw.open(server))
+            assert (await gateways[-1].map(OP_HELLO, hello("gw", SECRET_GW)))[0] == 0
+        for c in slow:
+            assert error_of(await c.recv())["name"] == "not_authenticated"
+            assert await c.closed()
+        late = await Raw.open(server)           # authenticated ones fill every slot
+        assert error_of(await late.call(OP_HELLO, enc(hello("gw", SECRET_GW))))["name"] == "busy"
+        assert await late.closed()
         await gone(server, "reserved")
-        admin = await Raw.open(server)
+        admin = await Raw.open(server)          # the reserve is for admins
         assert (await admin.map(OP_HELLO, hello("ops", SECRET_ADMIN)))[0] == 0
         assert await admin.call(OP_PING, b"", 2) == (OP_PING, 0, 2, b"")
-        extra = await Raw.open(server)          # and the reserve is full now
+        extra = await Raw.open(server)          # and it is full now
         assert error_of(await extra.recv())["name"] == "busy"
         assert await extra.closed()
-        assert len(server.connections) == 5
+        assert len(server.connections) == 4
         stop.set()
         await asyncio.gather(*tasks)
         await server.stop()
