@@ -13,6 +13,7 @@ from .status import Status
 from .validate import I63_MAX, U32_MAX, Invalid, failure, integer, only_keys, u64, u64_list
 
 COUPONS_PAGE_MAX = 1024                 # COUPONS {user}: coupons per reply (then `next`)
+QUOTE_EXPLAIN_MAX = 1024                # QUOTE explain entries per reply (then explain_omitted)
 QUOTE_KEYS = frozenset({"payer", "merchant", "amount", "flags", "coupons", "goods_tag"})
 LOOKUP_IDS_MAX = 100_000                # the embedded Engine's own limit
 # Items per list of a read request over the wire (GET_PAYMENTS and COUPONS
@@ -76,9 +77,21 @@ def quote(state: State, request, now: int, draws) -> dict:
              "coupons": coupons,
              "explain": [{"coupon": c, "stock": s, "discount": d, "reason": reason_name(r)}
                          for c, s, d, r in explain]}
+    if len(explain) > QUOTE_EXPLAIN_MAX:
+        reply["explain"], reply["explain_omitted"] = bounded_explain(reply["explain"])
     if status:
         reply["error"] = Status(status).name
     return reply
+
+
+def bounded_explain(explain: list) -> tuple[list, int]:
+    """At most QUOTE_EXPLAIN_MAX explain entries: every applied coupon, then
+    the others by coupon id; and how many were left out. (explain lists every
+    coupon of the payer, and a gateway may issue any number to one user.)"""
+    applied = [e for e in explain if e["reason"] == "applied"]
+    others = [e for e in explain if e["reason"] != "applied"]
+    kept = applied + others[:max(QUOTE_EXPLAIN_MAX - len(applied), 0)]
+    return sorted(kept, key=lambda e: e["coupon"]), len(explain) - len(kept)
 
 
 # -- BALANCES ---------------------------------------------------------------

@@ -61,6 +61,7 @@ STOCK_COLUMNS = ("id", "funder", "merchant", "kind", "stacking", "value", "cap",
 STATE_CHANGING_OPS = ("MERCHANTS", "WALLETS", "TOPUP", "STOCKS", "PAYMENT_CODE")
 READ_ONLY_OPS = ("QUOTE", "BALANCES", "COUPONS", "AUDIT")
 COUPONS_PAGE_MAX = 1024             # COUPONS {user}: coupons per reply, then `next`
+QUOTE_EXPLAIN_MAX = 1024            # QUOTE explain entries per reply, then explain_omitted
 
 
 # ---------------------------------------------------------------------------
@@ -1064,6 +1065,12 @@ class Reference:
             out["fee"] = plan.fee if shows_payment else 0
             out["coupons"] = [c.id for c, _ in plan.chosen] if shows_payment else []
             out["explain"] = plan.explain if plan is not None else []
+            if len(out["explain"]) > QUOTE_EXPLAIN_MAX:    # applied first, then by id
+                kept = [e for e in out["explain"] if e["reason"] == "applied"]
+                kept += [e for e in out["explain"]
+                         if e["reason"] != "applied"][:max(QUOTE_EXPLAIN_MAX - len(kept), 0)]
+                out["explain_omitted"] = len(out["explain"]) - len(kept)
+                out["explain"] = sorted(kept, key=lambda e: e["coupon"])
             return out
 
         # Paying step 1 (no id, no idempotency).

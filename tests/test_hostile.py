@@ -342,7 +342,8 @@ def test_read_lists_over_the_wire_limit_are_bad_body(op, key):
 
 # -- paging of open-ended listings -------------------------------------------------
 
-def test_a_users_coupons_come_in_pages_of_at_most_1024():
+def engine_with_a_user_holding(coupon_ids) -> Engine:
+    """An Engine whose user 1 holds `coupon_ids` of one stackable stock."""
     from test_engine import Clock, world
     from engine.records import ISSUE_RECORD
     eng = Engine(clock=Clock())
@@ -350,10 +351,14 @@ def test_a_users_coupons_come_in_pages_of_at_most_1024():
     eng.call("STOCKS", {"stocks": [{"id": 1, "funder": "platform", "kind": "fixed", "value": 1,
                                     "valid_from": 0, "valid_until": 2**62,
                                     "stacking": "stackable", "merchants": [1]}]})
-    issue = np.zeros(1100, ISSUE_RECORD)
-    issue["coupon"] = np.random.default_rng(5).permutation(np.arange(1, 1101)) * 7
-    issue["stock"], issue["user"] = 1, 1
+    issue = np.zeros(len(coupon_ids), ISSUE_RECORD)
+    issue["coupon"], issue["stock"], issue["user"] = coupon_ids, 1, 1
     assert (eng.issue(issue)["status"] == 0).all()
+    return eng
+
+
+def test_a_users_coupons_come_in_pages_of_at_most_1024():
+    eng = engine_with_a_user_holding(np.random.default_rng(5).permutation(np.arange(1, 1101)) * 7)
     first = eng.call("COUPONS", {"user": 1})
     assert len(first["results"]) == 1024 and first["next"] == 1024 * 7
     rest = eng.call("COUPONS", {"user": 1, "after": first["next"]})
@@ -365,6 +370,22 @@ def test_a_users_coupons_come_in_pages_of_at_most_1024():
     for bad in ({"user": 1, "limit": 0}, {"user": 1, "limit": 1025}, {"ids": [7], "after": 1}):
         assert eng.call("COUPONS", bad)["status"] == Status.invalid_argument
 
+
+
+def test_a_quote_explains_at_most_1024_coupons_and_every_applied_one():
+    ids = np.arange(1, 1101)
+    eng = engine_with_a_user_holding(ids[::-1].copy())
+    quote = eng.call("QUOTE", {"payer": 1, "merchant": 1, "amount": 1000})
+    assert quote["status"] == 0 and len(quote["coupons"]) >= 1
+    explained = [e["coupon"] for e in quote["explain"]]
+    assert len(explained) == 1024 and quote["explain_omitted"] == 1100 - 1024
+    assert explained == sorted(explained) and set(quote["coupons"]) <= set(explained)
+    named = eng.call("QUOTE", {"payer": 1, "merchant": 1, "amount": 1000, "coupons": [1100]})
+    assert named["coupons"] == [1100]                   # applied: kept, though past 1,024 by id
+    explained = [e["coupon"] for e in named["explain"]]
+    assert len(explained) == 1024 and explained[-1] == 1100 and explained[-2] == 1023
+    small = engine_with_a_user_holding(ids[:10].copy())
+    assert "explain_omitted" not in small.call("QUOTE", {"payer": 1, "merchant": 1, "amount": 1000})
 
 # -- the client, facing a hostile server ---------------------------------------------
 
@@ -424,16 +445,7 @@ class ServerThread:
 
 def test_admin_commands_page_and_split_what_the_wire_bounds():
     from test_client import admin_main
-    from test_engine import Clock, world
-    from engine.records import ISSUE_RECORD
-    eng = Engine(clock=Clock())
-    world(eng, users=2)
-    eng.call("STOCKS", {"stocks": [{"id": 1, "funder": "platform", "kind": "fixed", "value": 1,
-                                    "valid_from": 0, "valid_until": 2**62,
-                                    "stacking": "stackable", "merchants": [1]}]})
-    issue = np.zeros(1100, ISSUE_RECORD)
-    issue["coupon"], issue["stock"], issue["user"] = np.arange(1, 1101), 1, 1
-    assert (eng.issue(issue)["status"] == 0).all()
+    eng = engine_with_a_user_holding(np.arange(1, 1101))
     with ServerThread(eng) as running:
         where = ["--connect", f"127.0.0.1:{running.server.config.host_port[1]}"]
         code, out, err = admin_main(["coupons", *where, "--user", "1"])
