@@ -454,3 +454,27 @@ def test_admin_commands_page_and_split_what_the_wire_bounds():
         code, out, err = admin_main(["balances", *where, "--users", users, "--format", "csv"])
         assert code == 1 and "1498 not found" in err
         assert len(out.splitlines()) == 1 + 1500
+
+
+def test_the_bounded_listings_match_the_reference():
+    """COUPONS pages and the bounded QUOTE explain, engine against tests/reference.py."""
+    from reference import Reference
+    from test_differential import Pair
+    from engine.records import ISSUE_RECORD
+    pair = Pair(Engine, Reference, 1_700_000_000_000)
+    pair.call("MERCHANTS", {"merchants": [{"id": 1, "fee_bps": 0}]})
+    pair.call("WALLETS", {"users": [1]})
+    pair.call("TOPUP", {"topups": [{"id": 1, "user": 1, "amount": 10**6}]})
+    pair.call("STOCKS", {"stocks": [{"id": 1, "funder": "platform", "kind": "fixed", "value": 1,
+                                     "valid_from": 0, "valid_until": 2**62,
+                                     "stacking": "stackable", "merchants": [1]}]})
+    issue = np.zeros(1030, ISSUE_RECORD)
+    issue["coupon"], issue["stock"], issue["user"] = np.arange(1030, 0, -1) * 3, 1, 1
+    pair.issue(issue)
+    first = pair.call("COUPONS", {"user": 1})
+    assert first["next"] == 1024 * 3
+    pair.call("COUPONS", {"user": 1, "after": first["next"]})
+    pair.call("COUPONS", {"user": 1, "after": 5, "limit": 2})
+    pair.call("COUPONS", {"user": 1, "limit": 0})
+    quote = pair.call("QUOTE", {"payer": 1, "merchant": 1, "amount": 1000, "coupons": [3090]})
+    assert quote["explain_omitted"] == 6
