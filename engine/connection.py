@@ -313,6 +313,8 @@ class Connection(asyncio.Protocol):
 
     def map_request(self, slot, op, request_id, body) -> None:
         spec = MAP_OPS_BY_CODE[op]
+        if not spec.writes:                 # released by whatever answers it (complete)
+            self.reserve_reply(slot, len(body))
         try:
             request = msgpack_guard.decode_map(body)
         except msgpack_guard.BodyRefused as e:
@@ -333,8 +335,6 @@ class Connection(asyncio.Protocol):
                 return self.error(slot, op, request_id, value.code, value.message, value.retryable)
             self.complete(slot, frame.encode_map(op, request_id, value))
 
-        if not spec.writes:
-            self.reserve_reply(slot, len(body))
         work = Work(op, body or frame._encoder.encode({}), deliver, spec=spec, request=request)
         if not self.server.writer.submit(work):
             self.error(slot, op, request_id, ErrorCode.busy,

@@ -336,6 +336,8 @@ def test_read_lists_over_the_wire_limit_are_bad_body(op, key):
         assert flags == 0 and dec(body)["status"] == 0
         reply = error_of(await c.call(op, enc({key: list(range(1, 1026))})))
         assert reply["name"] == "bad_body" and "1024" in reply["message"]
+        (conn,) = server.connections                # what was held for the replies is released
+        assert (conn.inflight_bytes, conn.inflight_frames) == (0, 0)
         await server.stop()
     run(main())
 
