@@ -183,6 +183,11 @@ def payment_views(ledger, ids: list) -> list:
     return results
 
 
+def payment_view(ledger, payment_id: int) -> dict:
+    """One GET_PAYMENTS result (payment_views for many)."""
+    return payment_views(ledger, [payment_id])[0]
+
+
 def coupon_parts(ledger, pm) -> list:
     """Per payment row of `pm`, its applied coupons (GET_PAYMENTS `coupons`)."""
     count = pm["coupon_count"].astype(np.int64)
