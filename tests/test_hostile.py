@@ -4,9 +4,9 @@ configured limits) and checks that the server refuses it, stays bounded and
 keeps serving everyone else."""
 import asyncio
 import json
+import logging
 import socket
 import threading
-import logging
 
 import numpy as np
 import pytest
