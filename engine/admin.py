@@ -31,6 +31,7 @@ from .client import (Client, ConnectionLost, Forbidden, NotAuthenticated, PORT_D
 from .errors import EngineError
 
 ITEMS_PER_CALL_MAX = 1000      # keeps a request far below the 1 MiB frame limit
+COUPON_PAGES_MAX = 100_000     # `coupons --user`: pages of up to 1,024 followed
 TIMEOUT_MS_DEFAULT = 30_000    # a write waits for the journal's fsync
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -493,8 +494,9 @@ def _run_balances(args, stdout, stderr) -> int:
         raise UsageError("name something to report: --users, --merchants and/or --stocks")
     _check_output(args)
     with _connect(args) as client:
-        reply = client.call("BALANCES", {"users": args.users, "merchants": args.merchants,
-                                         "stocks": args.stocks})
+        reply = _balances_in_parts(client, {"users": args.users or [],
+                                            "merchants": args.merchants or [],
+                                            "stocks": args.stocks or []})
     rows = []
     for kind in ("users", "merchants", "stocks"):
         for entry in reply.get(kind, []):
@@ -513,11 +515,46 @@ def _run_balances(args, stdout, stderr) -> int:
     return EXIT_FAILED if missing else EXIT_OK
 
 
+def _balances_in_parts(client, lists: dict) -> dict:
+    """BALANCES of any number of ids, ITEMS_PER_CALL_MAX per list and call
+    (the server refuses longer read lists: docs/protocol-extensions.md)."""
+    calls = max(1, *(-(-len(ids) // ITEMS_PER_CALL_MAX) for ids in lists.values()))
+    reply = None
+    for k in range(calls):
+        part = client.call("BALANCES", {kind: ids[k * ITEMS_PER_CALL_MAX:(k + 1) * ITEMS_PER_CALL_MAX]
+                                        for kind, ids in lists.items()})
+        if part.get("status", 0) != 0:
+            return part
+        if reply is None:
+            reply = part
+        else:
+            for kind in lists:
+                reply[kind] = reply.get(kind, []) + part.get(kind, [])
+    return reply
+
+
+def _coupons_in_pages(client, request: dict) -> dict:
+    """COUPONS by ids in parts of ITEMS_PER_CALL_MAX, or every page of a
+    user's coupons (the server answers at most 1,024 a reply, then `next`)."""
+    if "ids" in request:
+        ids = request["ids"]
+        parts = [client.call("COUPONS", {"ids": ids[at:at + ITEMS_PER_CALL_MAX]})
+                 for at in range(0, max(len(ids), 1), ITEMS_PER_CALL_MAX)]
+        return {"status": 0, "results": [r for p in parts for r in p.get("results", [])]}
+    reply = client.call("COUPONS", request)
+    for _ in range(COUPON_PAGES_MAX):
+        if reply.get("status", 0) != 0 or "next" not in reply:
+            return reply
+        page = client.call("COUPONS", {**request, "after": reply.pop("next")})
+        reply = {**page, "results": reply["results"] + page.get("results", [])}
+    raise UsageError(f"more than {COUPON_PAGES_MAX} pages of coupons")
+
+
 def _run_coupons(args, stdout, stderr) -> int:
     _check_output(args)
     request = {"ids": args.ids} if args.ids is not None else {"user": args.user}
     with _connect(args) as client:
-        reply = client.call("COUPONS", request)
+        reply = _coupons_in_pages(client, request)
     results = reply.get("results", [])
     _write_output(args, results if _format(args) == "csv" else reply, stdout)
     if reply.get("status", 0) != 0:

@@ -108,6 +108,16 @@ class ProtocolError(Exception):
     """The server sent something PROTOCOL.md does not allow."""
 
 
+def decode_reply(body: bytes):
+    """A map reply's body. A reply msgspec cannot decode (or nested so deep
+    that it runs out of stack) is the server's fault: ProtocolError, not a
+    RecursionError traceback in the caller."""
+    try:
+        return _decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise ProtocolError(f"undecodable reply: {type(e).__name__}: {str(e)[:200]}") from None
+
+
 def error_from_frame(op: int, request_id: int, body: bytes) -> EngineError:
     """The exception of an error frame's `{code, name, message, retryable}`."""
     try:
@@ -486,7 +496,7 @@ class AsyncClient:
                     client_name: str = CLIENT_NAME) -> HelloInfo:
         reply = await self._request(OP_HELLO, _encoder.encode(
             hello_request(key_id, secret, client_name=client_name)))
-        self.server_info = msgspec.convert(_decoder.decode(reply), HelloInfo)
+        self.server_info = msgspec.convert(decode_reply(reply), HelloInfo)
         return self.server_info
 
     async def ping(self, *, timeout_ms: int | None = None) -> None:
@@ -504,7 +514,7 @@ class AsyncClient:
         """A map operation by name ("QUOTE") or number: map in, map out."""
         reply = await self._request(_op_code(op), _encoder.encode(
             {} if request is None else request), timeout_ms)
-        return _decoder.decode(reply)
+        return decode_reply(reply)
 
     async def pay_one(self, *, id: int, payer: int, merchant: int, amount: int,
                       flags: int = 0, goods_tag: int = 0, coupons=(),
@@ -668,7 +678,7 @@ class Client:
               client_name: str = CLIENT_NAME) -> HelloInfo:
         reply = self._request(OP_HELLO, _encoder.encode(
             hello_request(key_id, secret, client_name=client_name)))
-        self.server_info = msgspec.convert(_decoder.decode(reply), HelloInfo)
+        self.server_info = msgspec.convert(decode_reply(reply), HelloInfo)
         return self.server_info
 
     def ping(self, *, timeout_ms: int | None = None) -> None:
@@ -686,7 +696,7 @@ class Client:
              timeout_ms: int | None = None) -> dict:
         reply = self._request(_op_code(op), _encoder.encode(
             {} if request is None else request), timeout_ms)
-        return _decoder.decode(reply)
+        return decode_reply(reply)
 
     def pay_one(self, *, id: int, payer: int, merchant: int, amount: int, flags: int = 0,
                 goods_tag: int = 0, coupons=(), user_data: int = 0) -> PayResult:

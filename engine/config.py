@@ -61,6 +61,16 @@ class Config:
     # The [iso8583] section: an ISO 8583 adapter started beside the server,
     # connected to it over loopback (engine/iso8583.py, docs/iso8583.md).
     iso8583: dict = field(default_factory=dict)
+    # Hostile clients (docs/operations.md "Limits"): with keys configured, a
+    # connection must authenticate within hello_timeout_ms; at most
+    # unauthenticated_max connections wait for their HELLO at once; and
+    # admin_reserve slots beyond connections_max are kept for admins.
+    hello_timeout_ms: Count = 5000
+    unauthenticated_max: Count = 64
+    admin_reserve: Range(0) = 4
+    # Reply bytes a connection's transport may hold unread before the server
+    # stops reading that connection (asyncio's write high-water mark).
+    reply_buffer_bytes_max: Count = 1 << 20
 
     @property
     def host_port(self) -> tuple[str, int]:

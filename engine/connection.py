@@ -5,13 +5,12 @@ import collections
 import logging
 import time
 
-import msgspec
 import numpy as np
 
-from . import frame
+from . import frame, msgpack_guard
 from ._framing import intake_pay
 from ._outlet import Outlet
-from .auth import ANONYMOUS_ADMIN, hello_shape_error
+from .auth import ANONYMOUS_ADMIN, ROLE_ADMIN, hello_shape_error
 from .dispatch import (MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_CLOCK, OP_HELLO, OP_ISSUE,
                        OP_NAMES, OP_PAY, OP_PING, OP_REFUND_RECORDS)
 from .errors import EngineError
@@ -25,16 +24,25 @@ log = logging.getLogger("scanpay.connection")
 RECORD_DTYPES = {OP_PAY: PAY_RECORD, OP_ISSUE: ISSUE_RECORD,
                  OP_CAPTURE_RECORDS: CAPTURE_RECORD, OP_REFUND_RECORDS: REFUND_RECORD}
 PROTOCOL_VERSION = 1
-_decoder = msgspec.msgpack.Decoder()
+# What a read's reply may grow to, held against the connection's in-flight
+# bytes from the moment it is accepted (reserve_reply): replies of reads are
+# larger than their requests (a GET_PAYMENTS id of 9 bytes answers with about
+# 120 to 500), and a client that never reads them must not make the server
+# build more than inflight_bytes_max of them.
+READ_REPLY_BYTES_PER_BODY_BYTE = 64
+READ_REPLY_BYTES_MIN = 16 << 10
 
 
 class Slot:
     """A request awaiting its reply; replies leave in request order. One slot
     may stand for a run of pipelined PAY frames answered together (`frames`)."""
-    __slots__ = ("reply", "request_bytes", "frames", "op", "read_at", "outcome")
+    __slots__ = ("reply", "request_bytes", "frames", "op", "read_at", "outcome",
+                 "reply_reserve")
 
     def __init__(self, request_bytes: int, frames: int = 1, op: int | None = None):
         self.reply = None
+        # Bytes this slot holds against inflight_bytes_max: the request's,
+        # plus its reply's once built (or `reply_reserve` until then).
         self.request_bytes = request_bytes
         self.frames = frames
         # For the request metrics when the reply is handed over (complete);
@@ -42,6 +50,7 @@ class Slot:
         self.op = op
         self.read_at = time.perf_counter() if op is not None else 0.0
         self.outcome = "ok"
+        self.reply_reserve = 0
 
 
 class Connection(asyncio.Protocol):
@@ -49,12 +58,17 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.config = server.config
         self.reader = frame.FrameReader(self.config.frame_bytes_max)
+        # With keys configured: closed unless a HELLO authenticates in time
+        # (hello_deadline); `reserved`: admitted into the admin reserve.
+        self.hello_timer = None
+        self.reserved = False
         self.set_identity(None if server.auth.required else ANONYMOUS_ADMIN)
         self.slots = collections.deque()
         self.inflight_bytes = 0
         self.inflight_frames = 0
         self.transport = None
         self.paused = False
+        self.write_paused = False           # the transport is over its high-water mark
         # The in-flight counts at which reading pauses (update_flow).
         self.inflight_frames_max = self.config.inflight_frames_max
         self.inflight_bytes_max = self.config.inflight_bytes_max
@@ -86,6 +100,11 @@ class Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.active_at = self.loop.time()
         self.arm_idle_timer(self.config.idle_timeout_ms / 1000)
+        high = self.config.reply_buffer_bytes_max
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        if self.identity is None:
+            self.hello_timer = self.loop.call_later(self.config.hello_timeout_ms / 1000,
+                                                    self.hello_deadline)
         sock = transport.get_extra_info("socket")
         if (self.writer.direct_replies and sock is not None
                 and transport.get_extra_info("ssl_object") is None):
@@ -95,6 +114,8 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self.idle_timer:
             self.idle_timer.cancel()
+        if self.hello_timer:
+            self.hello_timer.cancel()
         self.stop_outlet()
         self.server.forget(self)
 
@@ -138,6 +159,8 @@ class Connection(asyncio.Protocol):
                     break
                 (op, _flags, request_id, body), at = parsed
                 self.handle(op, request_id, body)
+                if self.over_limits():      # the rest waits in the reader (update_flow)
+                    break
         except frame.FrameError as e:
             self.fail(e.op, e.request_id, e.code, e.message)
             return
@@ -151,6 +174,10 @@ class Connection(asyncio.Protocol):
         # or a gateway key with no merchant scope.
         self.pay_unchecked = (identity is not None and identity.merchants is None
                               and identity.may("PAY"))
+        if identity is not None and self.hello_timer is not None:
+            self.hello_timer.cancel()
+            self.hello_timer = None
+            self.server.hello_done(self)
 
     def pay_fast_path(self) -> bool:
         return self.pay_unchecked and not self.closing
@@ -209,7 +236,37 @@ class Connection(asyncio.Protocol):
             except ValueError as e:
                 return self.error(slot, OP_HELLO, request_id, ErrorCode.not_authenticated,
                                   f"authentication failed: {e}")
+            if self.reserved and self.identity.role != ROLE_ADMIN:
+                return self.hello_reserved(slot, request_id)
         self.complete(slot, frame.encode_map(OP_HELLO, request_id, self.server.hello_reply()))
+
+    def hello_reserved(self, slot, request_id) -> None:
+        """A non-admin authenticated on a slot of the admin reserve: busy."""
+        self.error(slot, OP_HELLO, request_id, ErrorCode.busy,
+                   "too many connections; retry later (the remaining slots are for admins)",
+                   True)
+        self.close_after_flush()
+
+    def hello_deadline(self) -> None:
+        """No valid HELLO within hello_timeout_ms: close (slow or silent
+        clients must not hold connection slots)."""
+        self.hello_timer = None
+        if self.identity is None and not self.closing:
+            self.close_unauthenticated(f"no valid HELLO within {self.config.hello_timeout_ms} ms")
+
+    def evict(self) -> None:
+        """Closed to make room for a newer unauthenticated connection."""
+        self.close_unauthenticated(f"no valid HELLO yet, and {self.config.unauthenticated_max} "
+                                   f"newer connections are waiting for theirs")
+
+    def close_unauthenticated(self, why: str) -> None:
+        self.server.hello_done(self)        # no longer waiting: its slot is free now
+        if self.closing:
+            return
+        log.info("closing %s: %s", self.peer, why)
+        self.server.count("HELLO", ErrorCode.not_authenticated.name)
+        self.transport.write(frame.encode_error(OP_HELLO, 0, ErrorCode.not_authenticated, why))
+        self.close_after_flush()
 
     def clock(self, slot, request_id, body) -> None:
         request = self.decode_map(body)
@@ -269,10 +326,13 @@ class Connection(asyncio.Protocol):
 
     def map_request(self, slot, op, request_id, body) -> None:
         spec = MAP_OPS_BY_CODE[op]
-        request = self.decode_map(body)
-        if request is None:
+        if not spec.writes:                 # released by whatever answers it (complete)
+            self.reserve_reply(slot, len(body))
+        try:
+            request = msgpack_guard.decode_map(body)
+        except msgpack_guard.BodyRefused as e:
             return self.error(slot, op, request_id, ErrorCode.bad_body,
-                              f"{spec.name} takes a MessagePack map")
+                              f"{spec.name} takes a MessagePack map: {e}")
         try:
             spec.check_body(request)
         except EngineError as e:
@@ -304,13 +364,12 @@ class Connection(asyncio.Protocol):
 
     @staticmethod
     def decode_map(body: bytes):
-        if not body:
-            return {}                       # an empty body is the empty map
+        """The request map, or None (bad_body): msgpack_guard refuses deep
+        nesting and repeated keys before msgspec sees the body."""
         try:
-            value = _decoder.decode(body)
-        except (msgspec.DecodeError, ValueError):
+            return msgpack_guard.decode_map(body)
+        except msgpack_guard.BodyRefused:
             return None
-        return value if isinstance(value, dict) else None
 
     # -- replies ----------------------------------------------------------
 
@@ -323,6 +382,13 @@ class Connection(asyncio.Protocol):
         if slot.op is not None:
             self.server.metrics.requests.observe(OP_NAMES.get(slot.op, str(slot.op)), slot.outcome,
                                                  time.perf_counter() - slot.read_at)
+        # The reply's bytes count against the in-flight limit until written
+        # (in place of what was reserved for it): replies that wait behind an
+        # earlier slot are held by the server too.
+        grown = len(reply) - slot.reply_reserve
+        slot.reply_reserve = 0
+        slot.request_bytes += grown
+        self.inflight_bytes += grown
         self.flush_soon()
 
     def flush_soon(self) -> None:
@@ -400,15 +466,42 @@ class Connection(asyncio.Protocol):
 
     # -- limits -----------------------------------------------------------
 
+    def over_limits(self) -> bool:
+        """Stop reading (and handling frames already read)? Requests and
+        replies in flight, and a transport holding more than
+        reply_buffer_bytes_max that the client has not read."""
+        return (self.inflight_frames >= self.inflight_frames_max
+                or self.inflight_bytes >= self.inflight_bytes_max or self.write_paused)
+
     def update_flow(self) -> None:
-        over = (self.inflight_frames >= self.inflight_frames_max
-                or self.inflight_bytes >= self.inflight_bytes_max)
+        over = self.over_limits()
         if over and not self.paused and not self.closing:
             self.transport.pause_reading()
             self.paused = True
         elif not over and self.paused and not self.closing:
             self.transport.resume_reading()
             self.paused = False
+            if self.reader.buffer:          # frames read but held back (data_received)
+                self.loop.call_soon(self.data_received, b"")
+
+    def pause_writing(self) -> None:
+        """asyncio: the transport holds more than its high-water mark; a client
+        that does not read its replies gets no more requests read."""
+        self.write_paused = True
+        self.update_flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.update_flow()
+
+    def reserve_reply(self, slot, body_bytes: int) -> None:
+        """Hold what a read's reply may grow to against the in-flight bytes
+        until it is built (complete puts the real size in its place)."""
+        reserve = min(READ_REPLY_BYTES_MIN + body_bytes * READ_REPLY_BYTES_PER_BODY_BYTE,
+                      self.inflight_bytes_max)
+        slot.reply_reserve = reserve
+        slot.request_bytes += reserve
+        self.inflight_bytes += reserve
 
     def arm_idle_timer(self, delay_s: float) -> None:
         self.idle_timer = self.loop.call_later(delay_s, self.idle)

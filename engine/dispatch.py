@@ -26,15 +26,19 @@ class MapOp:
     scoped: bool = False          # takes a gateway key's `scope` (engine/scope.py)
 
     def check_body(self, request) -> None:
-        """Refuse a body of the wrong shape before anything is journaled."""
+        """Refuse a body of the wrong shape before anything is journaled (and,
+        for reads over the wire, lists longer than the wire allows)."""
         if self.list_key and self.scoped:
             scoped_items(request, self.list_key)
         elif self.list_key:
             ops_setup.list_items(request, self.list_key)
         elif not isinstance(request, dict):
             raise BadBody(f"the body of {self.name} must be a map")
-        elif self.scoped:
-            parse_scope(request)
+        else:
+            if self.scoped:
+                parse_scope(request)
+            if not self.writes:
+                ops_query.check_lookup_lists(self.name, request)
 
 
 MAP_OPS = {op.name: op for op in (

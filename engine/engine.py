@@ -461,6 +461,8 @@ class Engine:
             body = msgspec.msgpack.encode(out_of_range_ints_marked(request))
         except (TypeError, msgspec.EncodeError) as e:
             raise BadBody(f"the request is not a MessagePack map: {e}") from None
+        except RecursionError:              # replay could not decode it either
+            raise BadBody("the request nests too deep to encode") from None
         return self._write(spec.code, body, self.draws_for(spec, request))
 
     def draws_for(self, spec, request) -> tuple:

@@ -12,14 +12,33 @@ from .state import State
 from .status import Status
 from .validate import I63_MAX, U32_MAX, Invalid, failure, integer, only_keys, u64, u64_list
 
+COUPONS_PAGE_MAX = 1024                 # COUPONS {user}: coupons per reply (then `next`)
+QUOTE_EXPLAIN_MAX = 1024                # QUOTE explain entries per reply (then explain_omitted)
 QUOTE_KEYS = frozenset({"payer", "merchant", "amount", "flags", "coupons", "goods_tag"})
-LOOKUP_IDS_MAX = 100_000
+LOOKUP_IDS_MAX = 100_000                # the embedded Engine's own limit
+# Items per list of a read request over the wire (GET_PAYMENTS and COUPONS
+# `ids`, the lists of BALANCES and STATS): a longer one is bad_body
+# (check_lookup_lists, from MapOp.check_body in the server). One GET_PAYMENTS
+# of 100,000 ids made an 11.4 MB reply and held every payment back for 0.5 s
+# while it was built; 1,024 bound a reply to about 0.5 MB.
+WIRE_LOOKUP_ITEMS_MAX = 1024
+LOOKUP_LIST_KEYS = ("ids", "users", "merchants", "stocks", "memberships")
 
 
 def require_map(request, shape: str) -> dict:
     if not isinstance(request, dict):
         raise BadBody(f"the body must be a map {shape}")
     return request
+
+
+def check_lookup_lists(op_name: str, request: dict) -> None:
+    """Refuse a read whose lists are longer than WIRE_LOOKUP_ITEMS_MAX (bad_body,
+    before it reaches the writer): ask in several requests instead."""
+    for key in LOOKUP_LIST_KEYS:
+        items = request.get(key)
+        if isinstance(items, list) and len(items) > WIRE_LOOKUP_ITEMS_MAX:
+            raise BadBody(f"{op_name} `{key}` holds {len(items)} items; at most "
+                          f"{WIRE_LOOKUP_ITEMS_MAX} per request: split it into several requests")
 
 
 # -- QUOTE ------------------------------------------------------------------
@@ -58,9 +77,21 @@ def quote(state: State, request, now: int, draws) -> dict:
              "coupons": coupons,
              "explain": [{"coupon": c, "stock": s, "discount": d, "reason": reason_name(r)}
                          for c, s, d, r in explain]}
+    if len(explain) > QUOTE_EXPLAIN_MAX:
+        reply["explain"], reply["explain_omitted"] = bounded_explain(reply["explain"])
     if status:
         reply["error"] = Status(status).name
     return reply
+
+
+def bounded_explain(explain: list) -> tuple[list, int]:
+    """At most QUOTE_EXPLAIN_MAX explain entries: every applied coupon, then
+    the others by coupon id; and how many were left out. (explain lists every
+    coupon of the payer, and a gateway may issue any number to one user.)"""
+    applied = [e for e in explain if e["reason"] == "applied"]
+    others = [e for e in explain if e["reason"] != "applied"]
+    kept = applied + others[:max(QUOTE_EXPLAIN_MAX - len(applied), 0)]
+    return sorted(kept, key=lambda e: e["coupon"]), len(explain) - len(kept)
 
 
 # -- BALANCES ---------------------------------------------------------------
@@ -120,15 +151,19 @@ def stock_balance(ledger, stock_id: int) -> dict:
 # -- COUPONS ----------------------------------------------------------------
 
 def coupons(state: State, request, now: int, draws) -> dict:
-    request = require_map(request, "{ids} or {user}")
+    request = require_map(request, "{ids} or {user, after?, limit?}")
     try:
-        only_keys(request, frozenset({"ids", "user"}))
-        if len(request) != 1:
+        only_keys(request, frozenset({"ids", "user", "after", "limit"}))
+        if ("ids" in request) == ("user" in request):
             raise Invalid("give exactly one of `ids` and `user`")
         if "ids" in request:
+            if len(request) != 1:
+                raise Invalid("`after` and `limit` page a `user` listing, not `ids`")
             ids = u64_list(request, "ids", LOOKUP_IDS_MAX)
         else:
             user_id = u64(request, "user")
+            after = u64(request, "after", default=0)
+            limit = integer(request, "limit", 1, COUPONS_PAGE_MAX, default=COUPONS_PAGE_MAX)
     except Invalid as e:
         return {**failure(e.status, str(e)), "results": []}
     ledger = state.ledger
@@ -137,8 +172,22 @@ def coupons(state: State, request, now: int, draws) -> dict:
     user = ledger.find("users", user_id) if user_id else -1
     if user < 0:
         return {**failure(Status.user_not_found), "results": []}
-    slots = sorted(ledger.user_coupon_slots(user), key=lambda c: int(ledger.coupons["id"][c]))
-    return {"status": 0, "results": [coupon_row(ledger, c, now) for c in slots]}
+    return user_coupons_page(ledger, user, after, limit, now)
+
+
+def user_coupons_page(ledger, user: int, after: int, limit: int, now: int) -> dict:
+    """One page of a user's coupons by id: ids above `after`, at most `limit`,
+    and `next` (the `after` of the next page) when more remain."""
+    slots = np.asarray(ledger.user_coupon_slots(user), np.int64)
+    ids = ledger.coupons["id"][slots]
+    order = np.argsort(ids, kind="stable")
+    ids, slots = ids[order], slots[order]
+    start = int(np.searchsorted(ids, after, side="right"))
+    page = slots[start:start + limit].tolist()
+    reply = {"status": 0, "results": [coupon_row(ledger, c, now) for c in page]}
+    if start + limit < len(slots):
+        reply["next"] = int(ids[start + limit - 1])
+    return reply
 
 
 def coupon_view(ledger, coupon_id: int, now: int) -> dict:

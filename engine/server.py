@@ -61,6 +61,8 @@ class Server:
                              config.queue_records_max, config.frame_bytes_max,
                              config.direct_replies)
         self.connections = set()
+        self.unauthenticated = {}           # with keys, no HELLO yet: oldest first
+        self.reserved = set()               # in the admin reserve (admit_unauthenticated)
         self.listeners = []
         self.scopes = {}
         self.stopped = asyncio.Event()
@@ -82,14 +84,49 @@ class Server:
     # -- connections ------------------------------------------------------
 
     def admit(self, connection) -> bool:
+        if self.auth.required:
+            return self.admit_unauthenticated(connection)
         if len(self.connections) >= self.config.connections_max:
             return False
         self.connections.add(connection)
         self.metrics.connections.set(len(self.connections))
         return True
 
+    def admit_unauthenticated(self, connection) -> bool:
+        """With keys, a new connection is unauthenticated until its HELLO.
+        When unauthenticated_max of them wait, or every slot is taken while
+        some wait, the oldest waiting one is closed to make room: a client
+        that authenticates promptly gets in unless a flood opens that many
+        connections during its handshake. When authenticated connections
+        take every slot, a newcomer can still take one of admin_reserve
+        slots, where only an admin's HELLO keeps it (Connection.hello_reserved):
+        the operator is never locked out."""
+        config = self.config
+        if self.unauthenticated and (len(self.unauthenticated) >= config.unauthenticated_max
+                                     or len(self.connections) >= config.connections_max):
+            oldest = next(iter(self.unauthenticated))
+            oldest.evict()
+            self.connections.discard(oldest)    # its slot is the newcomer's (forget: no-op)
+        if len(self.connections) >= config.connections_max:
+            if len(self.reserved) >= config.admin_reserve:
+                return False
+            self.reserved.add(connection)
+            connection.reserved = True
+        else:
+            self.unauthenticated[connection] = None
+        self.connections.add(connection)
+        self.metrics.connections.set(len(self.connections))
+        return True
+
+    def hello_done(self, connection) -> None:
+        """`connection` no longer waits for its HELLO: it sent a valid one, or
+        it is being closed."""
+        self.unauthenticated.pop(connection, None)
+
     def forget(self, connection) -> None:
         self.connections.discard(connection)
+        self.unauthenticated.pop(connection, None)
+        self.reserved.discard(connection)
         self.metrics.connections.set(len(self.connections))
 
     def count(self, op_name: str, outcome: str, frames: int = 1) -> None:

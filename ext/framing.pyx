@@ -261,3 +261,143 @@ def intake_pay(writer, conn, buffer, Py_ssize_t at):
     if taken:
         writer.wake.set()
     return at
+
+
+# -- MessagePack map bodies: depth and repeated keys (engine/msgpack_guard.py) --
+
+cdef enum:
+    MSGPACK_DEPTH_LIMIT = 64                # the stack below; DEPTH_MAX may not exceed it
+
+
+cdef inline uint64_t big_endian(const uint8_t[::1] data, Py_ssize_t at, int width):
+    cdef uint64_t value = 0
+    cdef int i
+    for i in range(width):
+        value = (value << 8) | data[at + i]
+    return value
+
+
+cdef object map_key(const uint8_t[::1] data, Py_ssize_t at, Py_ssize_t end, Py_ssize_t* after):
+    """The decoded key at `at` (a str or an int); where its value starts goes to *after."""
+    cdef uint8_t b = data[at]
+    cdef int width
+    cdef Py_ssize_t start, size
+    if b <= 0x7f:
+        after[0] = at + 1
+        return b
+    if b >= 0xe0:
+        after[0] = at + 1
+        return <int>b - 0x100
+    if 0xa0 <= b <= 0xbf or 0xd9 <= b <= 0xdb:
+        if b <= 0xbf:
+            start, size = at + 1, b & 0x1f
+        else:
+            width = 1 << (b - 0xd9)
+            if at + 1 + width > end:
+                raise ValueError("the body ends inside a map key")
+            start = at + 1 + width
+            size = <Py_ssize_t>big_endian(data, at + 1, width)
+        if size > end - start:
+            raise ValueError("the body ends inside a map key")
+        after[0] = start + size
+        try:
+            return (<const char*>&data[start])[:size].decode("utf-8") if size else ""
+        except UnicodeDecodeError:
+            raise ValueError("a map key is not UTF-8") from None
+    if 0xcc <= b <= 0xd3:
+        width = 1 << ((b - 0xcc) & 3)
+        if at + 1 + width > end:
+            raise ValueError("the body ends inside a map key")
+        after[0] = at + 1 + width
+        value = big_endian(data, at + 1, width)
+        if b >= 0xd0 and value >> (8 * width - 1):    # signed and negative
+            return <object>value - ((<object>1) << (8 * width))
+        return value
+    raise ValueError(f"map keys must be strings or integers (byte 0x{b:02x} at {at})")
+
+
+cdef Py_ssize_t skip_item(const uint8_t[::1] data, Py_ssize_t at, Py_ssize_t end,
+                          Py_ssize_t* count, bint* is_map) except -1:
+    """Where the item after the one at `at` starts. For a container, its item
+    count (a map's keys and values both count) goes to *count, else -1."""
+    cdef uint8_t b = data[at]
+    cdef int width
+    count[0] = -1
+    is_map[0] = False
+    if b <= 0x7f or b >= 0xe0 or b == 0xc0 or b == 0xc2 or b == 0xc3:
+        return at + 1
+    if b <= 0x8f:
+        count[0], is_map[0] = (b & 0x0f) * 2, True
+        return at + 1
+    if b <= 0x9f:
+        count[0] = b & 0x0f
+        return at + 1
+    if b <= 0xbf:
+        return at + 1 + (b & 0x1f)
+    if b == 0xca or b == 0xcb:
+        return at + (5 if b == 0xca else 9)
+    if 0xcc <= b <= 0xd3:
+        return at + 1 + (1 << ((b - 0xcc) & 3))
+    if 0xd4 <= b <= 0xd8:
+        return at + 2 + (1 << (b - 0xd4))
+    if 0xc4 <= b <= 0xc9 or 0xd9 <= b <= 0xdb:     # bin, ext, str: a length, then data
+        width = 1 << ((b - 0xc4) % 3 if b <= 0xc9 else b - 0xd9)
+        if at + 1 + width > end:
+            raise ValueError("the body ends inside an item")
+        return at + 1 + width + (1 if 0xc7 <= b <= 0xc9 else 0) + <Py_ssize_t>big_endian(
+            data, at + 1, width)
+    if 0xdc <= b <= 0xdf:
+        width = 2 if b == 0xdc or b == 0xde else 4
+        if at + 1 + width > end:
+            raise ValueError("the body ends inside an item")
+        is_map[0] = b >= 0xde
+        count[0] = <Py_ssize_t>big_endian(data, at + 1, width) * (2 if is_map[0] else 1)
+        return at + 1 + width
+    raise ValueError(f"byte 0x{b:02x} at {at} is not MessagePack")
+
+
+def check_map_body(const uint8_t[::1] data, int depth_max):
+    """Raise ValueError if the MessagePack item in `data` nests containers
+    deeper than `depth_max` or repeats a key in a map (keys compared decoded).
+    Iterative: an explicit stack, never the C or Python stack. Malformed
+    MessagePack past what this walk needs is left for the decoder to refuse."""
+    cdef Py_ssize_t end = data.shape[0], at = 0, step, count = 0, after = 0
+    cdef int64_t left[MSGPACK_DEPTH_LIMIT]
+    cdef bint is_map[MSGPACK_DEPTH_LIMIT]
+    cdef int depth = 0
+    cdef bint container_is_map = False
+    if not 0 < depth_max <= MSGPACK_DEPTH_LIMIT:
+        raise ValueError(f"depth_max must be 1..{MSGPACK_DEPTH_LIMIT}")
+    keys = []                               # per open container: its keys (a set) or None
+    for step in range(2 * end + 2):         # a step takes a byte or closes a container
+        if depth:
+            if left[depth - 1] == 0:
+                depth -= 1
+                keys.pop()
+                continue
+            left[depth - 1] -= 1
+            if is_map[depth - 1] and left[depth - 1] % 2:    # odd items left: a key
+                if at >= end:
+                    raise ValueError("the body ends inside a map")
+                key = map_key(data, at, end, &after)
+                seen = keys[depth - 1]
+                if key in seen:
+                    raise ValueError(f"a map repeats the key {key!r}")
+                seen.add(key)
+                at = after
+                continue
+        elif at:
+            return                          # the top-level item is done
+        if at >= end:
+            raise ValueError("the body ends inside an item")
+        at = skip_item(data, at, end, &count, &container_is_map)
+        if count >= 0:
+            if count > end - at:            # each item takes at least one byte
+                raise ValueError(f"a container of {count} items does not fit in the body")
+            if depth >= depth_max:
+                raise ValueError(f"the body nests deeper than {depth_max} levels")
+            left[depth] = count
+            is_map[depth] = container_is_map
+            keys.append(set() if container_is_map else None)
+            depth += 1
+    raise AssertionError("the walk takes one byte or more per step")

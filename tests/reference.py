@@ -60,6 +60,8 @@ STOCK_COLUMNS = ("id", "funder", "merchant", "kind", "stacking", "value", "cap",
 # Map operations in scope; the others are `unknown_op` (ext: Not yet supported).
 STATE_CHANGING_OPS = ("MERCHANTS", "WALLETS", "TOPUP", "STOCKS", "PAYMENT_CODE")
 READ_ONLY_OPS = ("QUOTE", "BALANCES", "COUPONS", "AUDIT")
+COUPONS_PAGE_MAX = 1024             # COUPONS {user}: coupons per reply, then `next`
+QUOTE_EXPLAIN_MAX = 1024            # QUOTE explain entries per reply, then explain_omitted
 
 
 # ---------------------------------------------------------------------------
@@ -1063,6 +1065,12 @@ class Reference:
             out["fee"] = plan.fee if shows_payment else 0
             out["coupons"] = [c.id for c, _ in plan.chosen] if shows_payment else []
             out["explain"] = plan.explain if plan is not None else []
+            if len(out["explain"]) > QUOTE_EXPLAIN_MAX:    # applied first, then by id
+                kept = [e for e in out["explain"] if e["reason"] == "applied"]
+                kept += [e for e in out["explain"]
+                         if e["reason"] != "applied"][:max(QUOTE_EXPLAIN_MAX - len(kept), 0)]
+                out["explain_omitted"] = len(out["explain"]) - len(kept)
+                out["explain"] = sorted(kept, key=lambda e: e["coupon"])
             return out
 
         # Paying step 1 (no id, no idempotency).
@@ -1118,20 +1126,26 @@ class Reference:
     def _coupons_op(self, request) -> dict:
         request = self._single(request)
         now = self._read_time()
-        if set(request) not in ({"ids"}, {"user"}):
-            return _invalid("COUPONS takes exactly one of ids, user", results=[])
+        if not (set(request) == {"ids"} or "user" in request
+                and set(request) <= {"user", "after", "limit"}):
+            return _invalid("COUPONS takes ids, or user (after?, limit?)", results=[])
         if "ids" in request:
             ids = request["ids"]
             if not isinstance(ids, LISTS) or not all(_is_u64(i) for i in ids):
                 return _invalid("ids must be a list of u64", results=[])
             return {"status": 0, "results": [self._coupon_view(i, now) for i in ids]}
         user = request["user"]
-        if not _is_u64(user):
-            return _invalid("user must be a u64", results=[])
+        after, limit = request.get("after", 0), request.get("limit", COUPONS_PAGE_MAX)
+        if not (_is_u64(user) and _is_u64(after) and _is_u64(limit)
+                and 1 <= limit <= COUPONS_PAGE_MAX):
+            return _invalid("user and after must be u64, limit 1..1024", results=[])
         if user not in self.wallets:
             return _status_item(Status.user_not_found, results=[])
-        return {"status": 0,
-                "results": [self._coupon_view(c.id, now) for c in self._coupons_of(user)]}
+        listed = [c for c in self._coupons_of(user) if c.id > after]
+        reply = {"status": 0, "results": [self._coupon_view(c.id, now) for c in listed[:limit]]}
+        if len(listed) > limit:             # a page: the next one starts after its last id
+            reply["next"] = listed[limit - 1].id
+        return reply
 
     def _coupon_view(self, coupon_id: int, now: int) -> dict:
         c = self.coupons.get(coupon_id)

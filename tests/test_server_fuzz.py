@@ -45,10 +45,19 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 63), (1 << 64) 
 values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=3),
     st.dictionaries(st.sampled_from(FIELD_NAMES), inner, max_size=4)), max_leaves=12)
+# Hostile shapes (issue 14): nesting past any limit (which raised RecursionError
+# out of the handler), and maps repeating a key (the last one won).
+hostile_bodies = st.one_of(
+    st.integers(30, 3000).map(lambda depth: b"\x81\xa1a" * depth + b"\x01"),
+    st.integers(30, 3000).map(lambda depth: b"\x91" * depth + b"\xc0"),
+    st.tuples(st.sampled_from(FIELD_NAMES), st.integers(0, 1 << 40)).map(
+        lambda kv: b"\x82" + msgspec.msgpack.encode(kv[0]) + b"\x05"
+        + msgspec.msgpack.encode(kv[0]) + msgspec.msgpack.encode(kv[1])))
 map_bodies = st.one_of(
     st.dictionaries(st.sampled_from(FIELD_NAMES), values, max_size=5).map(msgspec.msgpack.encode),
     values.map(msgspec.msgpack.encode),
-    st.binary(max_size=64))
+    st.binary(max_size=64),
+    hostile_bodies)
 
 
 @st.composite
