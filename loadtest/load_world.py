@@ -15,15 +15,17 @@ from itertools import count
 import numpy as np
 
 from engine.client import Client
+from engine.ops_query import WIRE_LOOKUP_ITEMS_MAX
 from engine.records import ISSUE_RECORD
 from engine.status import STATUS_NAMES
 
 ID_OFFSET_BITS = 48
 ID_PREFIX_DEFAULT = 0x5C00
 SETUP_ITEMS_PER_CALL = 1000
-PROBE_IDS_PER_CALL = 10_000            # ids per BALANCES when looking for data
+PROBE_IDS_PER_CALL = 1000              # ids per BALANCES list (the wire allows WIRE_LOOKUP_ITEMS_MAX)
 PROBE_LOW_IDS = 1000                   # ids 1..1000 of each kind: where real data starts
-PROBE_CALLS_MAX = 100                  # our wallets/merchants: at most 1,000,000 of each
+PROBE_CALLS_MAX = 1000                 # our wallets/merchants: at most 1,000,000 of each
+assert PROBE_IDS_PER_CALL <= WIRE_LOOKUP_ITEMS_MAX and PROBE_LOW_IDS <= WIRE_LOOKUP_ITEMS_MAX
 TOPUP_AMOUNT = 10**10                  # minor units per wallet per run: never runs dry
 VALID_UNTIL_MS = 4_102_444_800_000     # 2100-01-01: stocks never end during a test
 
