@@ -9,6 +9,8 @@ import socket
 import subprocess
 import time
 
+import numpy as np
+
 from .workload import FinalState, Payment
 
 STOP_TIMEOUT_S = 30
@@ -26,10 +28,22 @@ class Run:
     latencies_s: list[float]    # per `latency_of`
     latency_of: str             # "payment", "frame of 8,190", "pipeline of 64", ...
     state: FinalState
+    row: str = ""               # the table row, when a peer has several (default: peer)
 
     @property
     def rate(self) -> float:
         return self.payments / self.seconds
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q)) * 1e3
+
+    def summary(self) -> dict:
+        return {"peer": self.peer, "column": self.column, "how": self.how,
+                "payments": self.payments, "seconds": round(self.seconds, 4),
+                "payments_per_s": round(self.rate, 1), "latency_of": self.latency_of,
+                "p50_ms": round(self.percentile_ms(50), 4),
+                "p99_ms": round(self.percentile_ms(99), 4),
+                "state_hash": self.state.digest()}
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@ The floor any "some code" solution starts from, and a second, independent
 reading of the rule subset (it must end identical to Scanpay)."""
 from __future__ import annotations
 
+from .common import Run, one_at_a_time
 from .workload import FinalState, Payment, Workload, best_coupon, fee_of, tally
 
 
@@ -55,12 +56,11 @@ class Ledger:
                           dict(self.used), self.fees, outcomes)
 
 
-def run_one_caller(wl: Workload, payments: list[Payment], clock) -> tuple[FinalState, list]:
-    """One payment at a time; returns the final state and per-payment seconds."""
-    ledger = Ledger(wl)
-    names, latencies = [], []
-    for p in payments:
-        t0 = clock()
-        names.append(ledger.pay(p))
-        latencies.append(clock() - t0)
-    return ledger.final_state(tally(names)), latencies
+def run(wl: Workload, payments: list[Payment], clock) -> Run:
+    """One payment at a time, in the global order."""
+    book = Ledger(wl)
+    started = clock()
+    names, latencies = one_at_a_time(book.pay, payments, clock)
+    seconds = clock() - started
+    return Run("Python dict ledger", "one", "in memory, one call per payment, no disk",
+               len(payments), seconds, latencies, "payment", book.final_state(tally(names)))

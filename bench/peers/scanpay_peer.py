@@ -243,4 +243,5 @@ def over_the_wire(wl: Workload, payments: list[Payment], *, mode: str, callers: 
         server.stop()
     if not audit["ok"]:
         raise RuntimeError(f"scanpay server AUDIT failed: {audit}")
-    return Run("Scanpay server (TCP)", column, how, len(payments), seconds, lat, lat_of, state)
+    row = "Scanpay over TCP, " + ("frames of 8,190" if mode == "batched" else "1-record frames")
+    return Run("Scanpay over TCP", column, how, len(payments), seconds, lat, lat_of, state, row)

@@ -28,6 +28,10 @@ HELD = """SELECT c.id, s.id, s.kind, s.value, s.cap, s.min_spend, s.budget, s.sp
           FROM coupons c JOIN stocks s ON s.id = c.stock
           WHERE c.owner = ? AND c.used_by IS NULL"""
 BUSY_TIMEOUT_S = 60
+# SQLite has one writer at a time. Left to its busy handler, waiting writers
+# sleep in steps of up to 100 ms (408/s from 16 threads against 250/s from
+# one in a trial run); an application would queue its writers on a lock in
+# the process instead, as this does.
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -92,16 +96,17 @@ def _apply(conn: sqlite3.Connection, p: Payment) -> str:
     return "ok"
 
 
-def payer(conn: sqlite3.Connection):
+def payer(conn: sqlite3.Connection, writers: threading.Lock):
     def pay_one(p: Payment) -> str:
-        conn.execute("BEGIN IMMEDIATE")         # the write lock up front: no upgrade deadlock
-        try:
-            name = _apply(conn, p)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT" if name == "ok" else "ROLLBACK")
-        return name
+        with writers:
+            conn.execute("BEGIN IMMEDIATE")     # the write lock up front: no upgrade deadlock
+            try:
+                name = _apply(conn, p)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT" if name == "ok" else "ROLLBACK")
+            return name
     return pay_one
 
 
@@ -118,6 +123,7 @@ def final_state(conn, outcomes: dict) -> FinalState:
 def many(path: str, wl: Workload, payments: list[Payment], callers: int, clock):
     lanes = wl.lanes(callers, payments)
     conns = [connect(path) for _ in lanes]
+    writers = threading.Lock()
     results: list = [None] * len(lanes)
     errors: list = []
     gate = threading.Barrier(len(lanes) + 1)
@@ -125,7 +131,7 @@ def many(path: str, wl: Workload, payments: list[Payment], callers: int, clock):
     def lane_thread(k: int) -> None:
         try:
             gate.wait()
-            results[k] = one_at_a_time(payer(conns[k]), lanes[k], clock)
+            results[k] = one_at_a_time(payer(conns[k], writers), lanes[k], clock)
         except BaseException as e:          # reported by the main thread
             errors.append(e)
     threads = [threading.Thread(target=lane_thread, args=(k,)) for k in range(len(lanes))]
@@ -148,11 +154,12 @@ def run(tmp: str, wl: Workload, payments: list[Payment], *, callers: int, clock)
     setup(path, wl)
     if callers > 1:
         names, seconds, latencies = many(path, wl, payments, callers, clock)
-        how = f"BEGIN IMMEDIATE per payment, {callers} threads with a connection each"
+        how = (f"BEGIN IMMEDIATE per payment, {callers} threads with a connection each, "
+               "queued on a lock in the process")
     else:
         conn = connect(path)
         started = clock()
-        names, latencies = one_at_a_time(payer(conn), payments, clock)
+        names, latencies = one_at_a_time(payer(conn, threading.Lock()), payments, clock)
         seconds = clock() - started
         conn.close()
         how = "BEGIN IMMEDIATE per payment, 1 connection"
