@@ -53,8 +53,8 @@ def parse(argv) -> argparse.Namespace:
         p.error(f"unknown peers: {sorted(args.peers - set(PEERS))}")
     if not 1 <= args.one_caller_payments <= args.payments:
         p.error("--one-caller-payments must be 1..--payments")
-    if not 1 <= args.callers <= 64 or not 1 <= args.in_flight <= 4096:
-        p.error("--callers must be 1..64 and --in-flight 1..4096")
+    if not 2 <= args.callers <= 64 or not 1 <= args.in_flight <= 4096:
+        p.error("--callers must be 2..64 and --in-flight 1..4096")
     return args
 
 

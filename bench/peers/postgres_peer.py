@@ -5,11 +5,9 @@ by this module; as root it runs as the `postgres` user (postgres refuses
 root)."""
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import pwd
-import shutil
 import signal
 import subprocess
 import threading
@@ -157,10 +155,6 @@ class Postgres:
 
     def stop(self) -> None:
         stop_process(self.proc, signal.SIGINT)      # SIGINT: fast shutdown
-
-    def clean(self) -> None:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self.dir)
 
 
 def setup(conn, wl: Workload) -> None:

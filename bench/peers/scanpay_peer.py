@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -15,7 +14,7 @@ from engine.client import AsyncClient, Client, issue_record
 from engine.config import Config
 from engine.records import ISSUE_RECORD, PAY_RECORD, RESULT_DUPLICATE
 
-from .common import Run, chunks, free_port, one_at_a_time, stop_process, wait_port
+from .common import Run, chunks, free_port, stop_process, wait_port
 from .workload import (KIND_FIXED, VALID_UNTIL_MS, FinalState, Payment, Workload,
                        outcome_name, tally)
 
