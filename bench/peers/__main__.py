@@ -42,6 +42,9 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--in-flight", type=int, default=64,
                    help="1-record frames in flight per connection, Scanpay over TCP (default 64)")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs (median kept) of the sub-second ones: Scanpay batched "
+                        "(embedded, durable, TCP frames) and the Python ledger (default 3)")
     p.add_argument("--peers", default=",".join(PEERS),
                    help=f"comma-separated subset of {','.join(PEERS)} (Scanpay always runs)")
     p.add_argument("--chart", default="peers.png", help="where to write the PNG chart")
@@ -53,6 +56,8 @@ def parse(argv) -> argparse.Namespace:
         p.error(f"unknown peers: {sorted(args.peers - set(PEERS))}")
     if not 1 <= args.one_caller_payments <= args.payments:
         p.error("--one-caller-payments must be 1..--payments")
+    if not 1 <= args.repeat <= 99:
+        p.error("--repeat must be 1..99")
     if not 2 <= args.callers <= 64 or not 1 <= args.in_flight <= 4096:
         p.error("--callers must be 2..64 and --in-flight 1..4096")
     return args
@@ -72,29 +77,48 @@ def check(run: Run, expected: FinalState, out: list[Run]) -> None:
     out.append(run)
 
 
+def median_run(make, times: int, expected: FinalState, out: list[Run]) -> None:
+    """Runs whose timed part is well under a second are at the mercy of one
+    preemption on a shared machine: make them `times` times, each from a
+    fresh state and each checked, and keep the one with the median rate."""
+    tries: list[Run] = []
+    for _ in range(times):
+        check(make(), expected, tries)
+    tries.sort(key=lambda r: r.rate)
+    kept = tries[len(tries) // 2]
+    if times > 1:
+        kept.how += f", median of {times} runs ({tries[0].rate:,.0f}-{tries[-1].rate:,.0f}/s)"
+        print(f"  {kept.peer:<28} {kept.column:<4} {kept.rate:>12,.0f} payments/s  "
+              f"kept (median of {times})", flush=True)
+    out.append(kept)
+
+
 def scanpay_runs(wl: Workload, full, one, args, tmp: str, runs: list[Run]) -> dict:
     """Scanpay first: its embedded batched runs are the oracle (untimed; they
     also warm the process up), then Scanpay's measured runs."""
     expected = {len(p): scanpay_peer.embedded(wl, p, batched=True, path=None,
                                               clock=CLOCK).state for p in (one, full)}
-    check(scanpay_peer.embedded(wl, full, batched=True, path=None, clock=CLOCK),
-          expected[len(full)], runs)
+    median_run(lambda: scanpay_peer.embedded(wl, full, batched=True, path=None, clock=CLOCK),
+               args.repeat, expected[len(full)], runs)
     check(scanpay_peer.embedded(wl, full, batched=False, path=None, clock=CLOCK),
           expected[len(full)], runs)
-    for batched, payments in ((True, full), (False, one)):
-        run = scanpay_peer.embedded(wl, payments, batched=batched, clock=CLOCK,
-                                    path=f"{tmp}/durable-{'batched' if batched else 'one'}")
-        check(run, expected[len(payments)], runs)
-    for mode, payments in (("batched", full), ("single", full), ("one", one)):
-        check(scanpay_peer.over_the_wire(wl, payments, mode=mode, callers=args.callers,
-                                         in_flight=args.in_flight, tmp=tmp, clock=CLOCK),
+    median_run(lambda: scanpay_peer.embedded(wl, full, batched=True, clock=CLOCK,
+                                             path=tempfile.mkdtemp(dir=tmp)),
+               args.repeat, expected[len(full)], runs)
+    check(scanpay_peer.embedded(wl, one, batched=False, path=tempfile.mkdtemp(dir=tmp),
+                                clock=CLOCK), expected[len(one)], runs)
+    wire = dict(callers=args.callers, in_flight=args.in_flight, tmp=tmp, clock=CLOCK)
+    median_run(lambda: scanpay_peer.over_the_wire(wl, full, mode="batched", **wire),
+               args.repeat, expected[len(full)], runs)
+    for mode, payments in (("single", full), ("one", one)):
+        check(scanpay_peer.over_the_wire(wl, payments, mode=mode, **wire),
               expected[len(payments)], runs)
     return expected
 
 
 def peer_runs(wl, full, one, args, tmp, expected, runs: list[Run]) -> None:
     if "ledger" in args.peers:
-        check(ledger.run(wl, full, CLOCK), expected[len(full)], runs)
+        median_run(lambda: ledger.run(wl, full, CLOCK), args.repeat, expected[len(full)], runs)
     if "postgres" in args.peers:
         pg = postgres_peer.Postgres(tmp)
         try:
@@ -123,7 +147,8 @@ def main(argv=None) -> int:
     wl = generate(args.seed, users=args.users, merchants=args.merchants,
                   payments=args.payments, shards=args.callers)
     full, one = wl.payments, wl.payments[:args.one_caller_payments]
-    print(f"peers benchmark, {started}: {machine()}, {load()}")
+    load_start = load()
+    print(f"peers benchmark, {started}: {machine()}, {load_start}")
     print(f"workload seed {args.seed}: {len(wl.users):,} users, {len(wl.merchants):,} merchants, "
           f"{len(wl.stocks)} stocks, {len(wl.coupons):,} coupons, {len(full):,} payments "
           f"({len(one):,} for the one-caller runs of durable peers), {args.callers} shards",
@@ -143,7 +168,7 @@ def main(argv=None) -> int:
     print(f"\nall {len(runs)} runs ended in Scanpay's state (hash {final.digest()}); "
           f"outcomes of the {len(full):,} payments: {final.outcomes}; "
           f"{exhausted} of {len(wl.stocks)} stocks have under 20.00 of budget left\n")
-    print(table(runs, started, load()))
+    print(table(runs, started, f"at the start {load_start}, at the end {load()}"))
     chart(runs, args.chart, f"{started}, {machine()}")
     print(f"\nchart: {args.chart}")
     if args.json:

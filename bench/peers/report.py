@@ -24,7 +24,7 @@ def _cells(run: Run | None) -> list[str]:
 def table(runs: list[Run], started: str, load: str) -> str:
     """Markdown: payments/s and latency p50/p99 (ms) per peer and column,
     and what each figure measured."""
-    lines = [f"Peers benchmark, {started} ({load} at the end)", "",
+    lines = [f"Peers benchmark, {started} ({load})", "",
              "| peer | many callers / batched: payments/s | p50 / p99 ms | "
              "one caller, one at a time: payments/s | p50 / p99 ms | measured |",
              "|---|--:|--:|--:|--:|---|"]

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -134,8 +135,9 @@ class Server:
 
     def __init__(self, tmp: str, wl: Workload, name: str):
         self.port = free_port()
-        data = os.path.join(tmp, f"scanpay-{name}")
-        self.log_path = data + ".log"
+        base = tempfile.mkdtemp(prefix=f"scanpay-{name}-", dir=tmp)
+        data = os.path.join(base, "data")
+        self.log_path = os.path.join(base, "server.log")
         cmd = [sys.executable, "-m", "engine.cli", "serve", "--data", data,
                "--listen", f"127.0.0.1:{self.port}"]
         for table, rows in capacity(wl).items():
