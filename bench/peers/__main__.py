@@ -22,6 +22,7 @@ from .workload import FinalState, Workload, diff, generate
 
 PEERS = ("scanpay", "ledger", "postgres", "redis", "sqlite")
 CLOCK = time.perf_counter
+CHECKED: list[str] = []         # every run whose state was checked, kept or not
 
 
 class Mismatch(Exception):
@@ -74,6 +75,7 @@ def check(run: Run, expected: FinalState, out: list[Run]) -> None:
                        f"first differences (- Scanpay, + {run.peer}):\n{lines}")
     print(f"  {run.peer:<28} {run.column:<4} {run.rate:>12,.0f} payments/s  "
           f"state {got[:16]} = Scanpay's", flush=True)
+    CHECKED.append(run.peer)
     out.append(run)
 
 
@@ -165,7 +167,8 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     final = expected[len(full)]
     exhausted = sum(1 for s in wl.stocks.values() if s.budget - final.spent[s.id] < 2_000)
-    print(f"\nall {len(runs)} runs ended in Scanpay's state (hash {final.digest()}); "
+    print(f"\nall {len(CHECKED)} runs ({len(runs)} figures) ended in Scanpay's state "
+          f"(hash {final.digest()}); "
           f"outcomes of the {len(full):,} payments: {final.outcomes}; "
           f"{exhausted} of {len(wl.stocks)} stocks have under 20.00 of budget left\n")
     print(table(runs, started, f"at the start {load_start}, at the end {load()}"))

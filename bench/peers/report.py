@@ -30,7 +30,7 @@ def table(runs: list[Run], started: str, load: str) -> str:
              "|---|--:|--:|--:|--:|---|"]
     for name, cols in rows(runs).items():
         many, one = cols.get("many"), cols.get("one")
-        how = "; ".join(f"{label}: {r.how} ({r.payments:,} payments)"
+        how = "; ".join(f"{label}: {r.payments:,} payments, {r.how}"
                         for (key, label), r in zip(COLUMNS, (many, one)) if r is not None)
         lines.append("| " + " | ".join([name, *_cells(many), *_cells(one), how]) + " |")
     return "\n".join(lines)
