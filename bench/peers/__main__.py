@@ -163,6 +163,17 @@ def main(argv=None) -> int:
     except Mismatch as e:
         print(f"\nMISMATCH, no figure counts:\n{e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: the servers it started are stopped, its temp dir removed",
+              file=sys.stderr)
+        return 130
+    except ImportError as e:
+        print(f"peers benchmark: {e}; install the drivers: pip install -e '.[peers]'",
+              file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as e:     # a server that is missing or did not start
+        print(f"peers benchmark: {e}", file=sys.stderr)
+        return 2
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     final = expected[len(full)]

@@ -212,7 +212,9 @@ def many(pg: Postgres, wl: Workload, payments: list[Payment], callers: int, cloc
             results[k] = one_at_a_time(payer(conns[k]), lanes[k], clock)
         except BaseException as e:          # reported by the main thread
             errors.append(e)
-    threads = [threading.Thread(target=lane_thread, args=(k,)) for k in range(len(lanes))]
+    # Daemons: on Ctrl-C the main thread stops the server and must not wait for them.
+    threads = [threading.Thread(target=lane_thread, args=(k,), daemon=True)
+               for k in range(len(lanes))]
     for t in threads:
         t.start()
     gate.wait()
