@@ -20,12 +20,14 @@ import asyncio
 
 import numpy as np
 
-from engine import Engine, frame
-from engine.config import Config
-from engine.connection import Connection
-from engine.dispatch import OP_PAY
-from engine.records import PAY_RECORD
-from engine.server import Server
+from engine import Engine
+
+from engine.protocol import frame
+from engine.server.config import Config
+from engine.server.connection import Connection
+from engine.core.dispatch import OP_PAY
+from engine.protocol.records import PAY_RECORD
+from engine.server.server import Server
 
 from _common import SUMMARY, machine
 

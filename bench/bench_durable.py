@@ -6,13 +6,13 @@ same batches, replay rate, restart time with a snapshot, snapshot pause.
 (bench/conftest.py collects bench_*.py files from the directory; naming the
 file itself on the command line would collect it twice.)
 
-The world is engine/world.py's standard world scaled to DURABLE_USERS users
+The world is engine/demo/world.py's standard world scaled to DURABLE_USERS users
 (SCANPAY_DURABLE_USERS to change it), built twice with `build`: once in an
 in-memory engine, once in a durable one (every build call journaled). Then
 every PAY round applies one fresh batch of 8190 payments (automatic coupon
 selection) to both, in-memory first, and times each: the ratio is the cost of
 journaling the 655 KB entry and waiting for its fdatasync (which overlaps the
-kernel's apply: engine/engine.py `_write`).
+kernel's apply: engine/core/engine.py `_write`).
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from engine import Engine
-from engine.records import PAY_RESULT
-from engine.snapshot import list_snapshots
-from engine.world import BATCH_RECORDS_MAX, World, build, capacity_for, pay_batches
+from engine.protocol.records import PAY_RESULT
+from engine.storage.snapshot import list_snapshots
+from engine.demo.world import BATCH_RECORDS_MAX, World, build, capacity_for, pay_batches
 
 from _common import SUMMARY, load, machine
 

@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 
-from engine.records import ISSUE_RECORD, PAY_RESULT
-from engine.status import Status
-from engine.world import (BATCH_RECORDS_MAX, World, build, capacity_for, make_engine,
+from engine.protocol.records import ISSUE_RECORD, PAY_RESULT
+from engine.protocol.status import Status
+from engine.demo.world import (BATCH_RECORDS_MAX, World, build, capacity_for, make_engine,
                           pay_batches, scramble_ids)
 
 from _common import SUMMARY, load, machine, rss_bytes

@@ -46,7 +46,7 @@ from iso8583.specs import default_ascii as SPEC    # noqa: E402
 
 from bench._common import load, machine             # noqa: E402
 from engine.client import AsyncClient               # noqa: E402
-from engine.records import PAY_PAYER_IS_CODE        # noqa: E402
+from engine.protocol.records import PAY_PAYER_IS_CODE        # noqa: E402
 
 ROUND_DEADLINE_S = 120
 MERCHANT_DE42 = "MERCHANT0000001"
@@ -201,7 +201,7 @@ def stage_costs(repeats: int = 5000) -> dict:
     pyiso8583 decode, the mapping (field checks, payment id), the response
     built and encoded by pyiso8583. Best of 3, to keep machine noise out."""
     import timeit
-    from engine import iso8583_map as m
+    from engine.iso8583 import mapping as m
     config = m.config_from({"merchants": {MERCHANT_DE42: 1}}, {})
     spec = config.build_spec()
     raw = iso_messages([123456789012345678], 1, 0, 1)[0][1][2:]

@@ -41,10 +41,10 @@ import time
 import numpy as np
 import pytest
 
-from engine.records import (CAPTURE_RECORD, PAY_AUTHORIZE, PAY_RESULT, REFUND_RECORD,
+from engine.protocol.records import (CAPTURE_RECORD, PAY_AUTHORIZE, PAY_RESULT, REFUND_RECORD,
                             RESULT_AUTHORIZED)
-from engine.status import Status
-from engine.world import (BATCH_RECORDS_MAX, World, build, capacity_for, make_engine,
+from engine.protocol.status import Status
+from engine.demo.world import (BATCH_RECORDS_MAX, World, build, capacity_for, make_engine,
                           pay_batches, scramble_ids)
 
 from _common import SUMMARY, load, machine, rss_bytes

@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 
-import engine.world as world
-from engine.records import PAY_RESULT
-from engine.world import BATCH_RECORDS_MAX, World, build, pay_batches
+import engine.demo.world as world
+from engine.protocol.records import PAY_RESULT
+from engine.demo.world import BATCH_RECORDS_MAX, World, build, pay_batches
 
 from _common import SUMMARY, load, machine
 

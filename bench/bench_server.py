@@ -61,11 +61,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from engine import world as world_module  # noqa: E402
+from engine.demo import world as world_module  # noqa: E402
 from engine.client import Client  # noqa: E402
-from engine.metrics import STAGES  # noqa: E402
-from engine.records import PAY_RESULT  # noqa: E402
-from engine.world import World, build, make_engine, pay_batches  # noqa: E402
+from engine.server.metrics import STAGES  # noqa: E402
+from engine.protocol.records import PAY_RESULT  # noqa: E402
+from engine.demo.world import World, build, make_engine, pay_batches  # noqa: E402
 
 PYTHON = sys.executable
 LOADGEN = str(ROOT / "bench" / "loadgen.py")

@@ -1,4 +1,4 @@
-"""Benchmarks of the engine on the standard world (engine/world.py).
+"""Benchmarks of the engine on the standard world (engine/demo/world.py).
 
 Not part of CI. Run them with:
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.world import World, WorldInfo, build, capacity_for, make_engine
+from engine.demo.world import World, WorldInfo, build, capacity_for, make_engine
 
 from _common import SUMMARY, machine, rss_bytes
 

@@ -57,7 +57,7 @@ if ROOT not in sys.path:
 from hdrh.histogram import HdrHistogram  # noqa: E402
 
 from engine._loadgen import HISTOGRAM_US_MAX, Loop  # noqa: E402
-from engine.records import PAY_RECORD  # noqa: E402
+from engine.protocol.records import PAY_RECORD  # noqa: E402
 
 OP_PAY = 16
 STATUS_SLOTS = 64

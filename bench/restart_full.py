@@ -5,8 +5,8 @@ journaled, a snapshot, a 20-batch tail; then Engine(path) reopens it.
 """
 import time, shutil, numpy as np, tempfile
 from engine import Engine
-from engine.records import PAY_RESULT
-from engine.world import World, build, pay_batches, BATCH_RECORDS_MAX
+from engine.protocol.records import PAY_RESULT
+from engine.demo.world import World, build, pay_batches, BATCH_RECORDS_MAX
 d = tempfile.mkdtemp(prefix="scanpay-restart-", dir="/tmp")
 spec = World.standard()
 cap = {"users": 1_000_000, "coupons": 3_000_000, "payments": 10_100_000}

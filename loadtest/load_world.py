@@ -15,9 +15,9 @@ from itertools import count
 import numpy as np
 
 from engine.client import Client
-from engine.ops_query import WIRE_LOOKUP_ITEMS_MAX
-from engine.records import ISSUE_RECORD
-from engine.status import STATUS_NAMES
+from engine.core.ops.query import WIRE_LOOKUP_ITEMS_MAX
+from engine.protocol.records import ISSUE_RECORD
+from engine.protocol.status import STATUS_NAMES
 
 ID_OFFSET_BITS = 48
 ID_PREFIX_DEFAULT = 0x5C00

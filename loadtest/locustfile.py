@@ -48,9 +48,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # load_world.py beside this file
 
 from engine.client import Client, ConnectionLost, ProtocolError, parse_address  # noqa: E402
-from engine.errors import EngineError  # noqa: E402
-from engine.records import ISSUE_RECORD, PAY_RECORD  # noqa: E402
-from engine.status import STATUS_NAMES, Status  # noqa: E402
+from engine.protocol.errors import EngineError  # noqa: E402
+from engine.protocol.records import ISSUE_RECORD, PAY_RECORD  # noqa: E402
+from engine.protocol.status import STATUS_NAMES, Status  # noqa: E402
 
 import load_world  # noqa: E402
 from load_world import ID_BASE, WorldError, fresh_id  # noqa: E402

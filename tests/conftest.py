@@ -9,7 +9,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-import engine.engine as engine_module
+import engine.core.engine as engine_module
 
 settings.register_profile(
     "ci", max_examples=100, deadline=None,

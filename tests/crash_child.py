@@ -39,7 +39,7 @@ if ROOT not in sys.path:
 import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engine.records import (CAPTURE_RECORD, ISSUE_RECORD, PAY_AUTHORIZE,  # noqa: E402
+from engine.protocol.records import (CAPTURE_RECORD, ISSUE_RECORD, PAY_AUTHORIZE,  # noqa: E402
                             PAY_NO_COUPONS, PAY_PAYER_IS_CODE, PAY_RECORD, REFUND_RECORD)
 
 T0 = 1_700_000_000_000
@@ -318,7 +318,7 @@ def send(eng, name: str, payload, last_code: list):
 
 def main(argv=None) -> int:
     from engine import Engine
-    from engine.errors import EngineError
+    from engine.protocol.errors import EngineError
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("datadir")
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.slow_snapshot:
-        import engine.snapshot as snapshot_module
+        import engine.storage.snapshot as snapshot_module
         write_snapshot = snapshot_module.write_snapshot
 
         def slow_write_snapshot(*a, **kw):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import Engine, audit, canonical
-from engine.records import PAYMENT_CODE_MIN
+from engine import Engine
+
+from engine.core import audit, canonical
+from engine.protocol.records import PAYMENT_CODE_MIN
 
 HOLD_MS = 10_000
 

@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine import canonical
-from engine.errors import BadBody, UnknownOp
-from engine.records import (
+from engine.core import canonical
+from engine.protocol.errors import BadBody, UnknownOp
+from engine.protocol.records import (
     AMOUNT_MAX, AMOUNT_MIN, BANK_DEBT_MAX, COUPONS_PER_PAYMENT_MAX,
     ISSUE_RECORD, ISSUE_RESULT, PAY_AUTHORIZE, PAY_FLAGS_KNOWN, PAY_NO_COUPONS,
     PAY_PAYER_IS_CODE, PAY_RECORD, PAY_RESULT, PAYMENT_CODE_MAX,
     PAYMENT_CODE_MIN, PAYMENT_CODE_TTL_MS, RESULT_DUPLICATE, WALLET_BALANCE_MAX,
 )
-from engine.status import STATUS_NAMES, Status
+from engine.protocol.status import STATUS_NAMES, Status
 
 MAX_BATCH = 8190                 # ext: Batches
 U32 = 2**32
@@ -1163,5 +1163,5 @@ class Reference:
         request = self._single(request)
         if request:
             return _invalid("AUDIT takes no keys")
-        from engine import audit   # written by the lead (engine/audit.py)
+        from engine import audit   # written by the lead (engine/core/audit.py)
         return audit.audit(self.canonical())

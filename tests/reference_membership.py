@@ -20,7 +20,7 @@ with:
   memberships, earnings, redemptions, visits, stock_stats, merchant_stats.
 
 Written from the two documents only (not from ext/kernel.pyx or
-engine/ops_membership.py).
+engine/core/ops/membership.py).
 
 Hooks into MoneyReference (which is not edited), each the smallest existing
 method that sees the event:
@@ -81,9 +81,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine import canonical
-from engine.records import ISSUE_RECORD, PAY_AUTHORIZE, RESULT_DUPLICATE
-from engine.status import STATUS_NAMES, Status
+from engine.core import canonical
+from engine.protocol.records import ISSUE_RECORD, PAY_AUTHORIZE, RESULT_DUPLICATE
+from engine.protocol.status import STATUS_NAMES, Status
 
 from reference import _invalid, _in_range, _is_u32, _is_u64, _table
 from reference_money import MoneyReference

@@ -15,7 +15,7 @@ the setup and read map ops) with:
 - tombstones (reversals of payments never seen);
 - cumulative floor refund shares in Python ints (exact, unbounded);
 - settlement periods, payouts merchant -> bank, the settlement history;
-- canonical() with every lifecycle column of engine/canonical.py.
+- canonical() with every lifecycle column of engine/core/canonical.py.
 
 It was written from the two documents only (not from ext/kernel.pyx). Money is
 Python `int` everywhere; numpy appears only at the record boundary.
@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine import canonical
-from engine.errors import BadBody, UnknownOp
-from engine.records import (
+from engine.core import canonical
+from engine.protocol.errors import BadBody, UnknownOp
+from engine.protocol.records import (
     AMOUNT_MAX, AMOUNT_MIN, CAPTURE_RECORD, PAY_AUTHORIZE, PAY_FLAGS_KNOWN,
     PAY_NO_COUPONS, PAY_RESULT, REFUND_RECORD, REFUND_RESULT, RESULT_AUTHORIZED,
     RESULT_DUPLICATE,
 )
-from engine.status import STATUS_NAMES, Status
+from engine.protocol.status import STATUS_NAMES, Status
 
 from reference import (Reference, _invalid, _is_i64, _is_int, _is_u32, _is_u64,
                        _status_item, _table)
@@ -751,7 +751,7 @@ class MoneyReference(Reference):
     # =========================================================================
 
     def canonical(self) -> dict:
-        """Every table of engine/canonical.py. Written out in full rather than
+        """Every table of engine/core/canonical.py. Written out in full rather than
         extending Reference.canonical(), whose stocks table predates the
         campaign-control columns (day, day_spent) of canonical.STOCKS."""
         t = {}

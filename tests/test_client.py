@@ -1,8 +1,8 @@
-"""Clients (engine/client.py), admin commands (engine/admin.py) and the
+"""Clients (engine/client/__init__.py), admin commands (engine/cli/admin.py) and the
 locust file, against a small fake server written here from PROTOCOL.md, and
 against the real server when it can be started.
 
-The fake parses frames with its own struct code (not engine/frame.py) and
+The fake parses frames with its own struct code (not engine/protocol/frame.py) and
 checks HELLO MACs with its own hmac call, so the client is held to the spec,
 not to shared helpers.
 """
@@ -23,13 +23,15 @@ import msgspec
 import numpy as np
 import pytest
 
-from engine import admin, client as client_module
+from engine import client as client_module
+
+from engine.cli import admin
 from engine.client import (AsyncClient, BadFrame, Client, ConnectionLost, Forbidden,
                            FrameTooLarge, HelloInfo, NotAuthenticated, PayResult,
                            UnsupportedProtocol, encode_frame, error_from_frame)
-from engine.errors import BadBody, Busy, EngineError, Unavailable, UnknownOp
-from engine.records import ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT
-from engine.status import ErrorCode
+from engine.protocol.errors import BadBody, Busy, EngineError, Unavailable, UnknownOp
+from engine.protocol.records import ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT
+from engine.protocol.status import ErrorCode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HDR = struct.Struct("<IHHQ")      # size, op, flags, request_id: PROTOCOL.md, written out again
@@ -231,12 +233,12 @@ def test_frame_round_trip_matches_the_spec_layout():
     assert (size, op, flags, rid) == (240, 16, 0, 2**64 - 1)
     assert bytes(frame[16:]) == records.tobytes()
     assert np.array_equal(np.frombuffer(bytes(frame[16:]), PAY_RECORD), records)
-    from engine import frame as lead_frame     # the server's encoder agrees byte for byte
+    from engine.protocol import frame as lead_frame     # the server's encoder agrees byte for byte
     assert bytes(encode_frame(37, 9, b"\x80")) == lead_frame.encode(37, 9, b"\x80")
 
 
 def test_op_table_matches_the_spec_and_dispatch():
-    from engine import dispatch
+    from engine.core import dispatch
     for code, name in dispatch.OP_NAMES.items():
         assert client_module.OPS[name] == code
     for code, name in dispatch.PLANNED_OPS.items():
@@ -618,8 +620,8 @@ class RealServer:
 
     async def _main(self):
         from engine import Engine
-        from engine.config import Config
-        from engine.server import Server
+        from engine.server.config import Config
+        from engine.server.server import Server
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         try:
@@ -704,7 +706,7 @@ def test_real_server_pipelining(real):
 
 
 def test_real_server_hmac_and_roles():
-    from engine.auth import Key
+    from engine.protocol.auth import Key
     keys = [Key("gw", "gateway-secret-0123456789", "gateway", frozenset({1})),
             Key("ops", "admin-secret-0123456789ab", "admin")]
     with RealServer(keys=keys) as server:
@@ -753,7 +755,7 @@ def test_real_server_blocking_client_and_admin(real, tmp_path):
 
 
 def Status_name(code):
-    from engine.status import STATUS_NAMES
+    from engine.protocol.status import STATUS_NAMES
     return STATUS_NAMES[int(code)]
 
 

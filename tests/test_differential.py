@@ -35,9 +35,9 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from engine import canonical
-from engine.errors import EngineError
-from engine.records import ISSUE_RECORD, PAY_RECORD
+from engine.core import canonical
+from engine.protocol.errors import EngineError
+from engine.protocol.records import ISSUE_RECORD, PAY_RECORD
 
 from reference import Reference
 
@@ -421,7 +421,7 @@ class Pair:
             "\nsteps:\n" + "\n".join(self.log)
         assert scope_digest(ta) == scope_digest(tb)
         if not isinstance(self.a, Reference):
-            # AUDIT of the engine. (engine/audit.py also checks the tables of
+            # AUDIT of the engine. (engine/core/audit.py also checks the tables of
             # later work, membership and analytics, which this reference leaves
             # empty; the reference is checked by check_invariants below.)
             report = self.a.call("AUDIT", {})
@@ -462,7 +462,7 @@ def scope_digest(tables: dict) -> str:
 
 def check_invariants(t: dict) -> None:
     """Accounting invariants of RULES.md on canonical tables (independent of
-    engine/audit.py, so the reference is checked even before it exists)."""
+    engine/core/audit.py, so the reference is checked even before it exists)."""
     meta = t["meta"][0]
     total = (int(t["users"]["balance"].sum()) + int(t["merchants"]["balance"].sum())
              + int(t["stocks"]["campaign"].sum()) + int(meta["fees"]) + int(meta["bank"]))

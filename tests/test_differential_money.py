@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from engine.records import (CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, PAYMENT_CODE_MIN,
+from engine.protocol.records import (CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, PAYMENT_CODE_MIN,
                             REFUND_RECORD)
 
 import differential_pair

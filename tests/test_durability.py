@@ -37,16 +37,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import crash_child as cc
-import engine.durability as durability
+import engine.storage.durability as durability
 from faulty_fs import FaultyFs
-from engine import Engine, canonical
-from engine.command import decode
-from engine.dispatch import OP_EXPIRE, OP_ISSUE, OP_NAMES, OP_PAY
-from engine.errors import Unavailable
-from engine.journal import JournalCorrupt, JournalError, verify
-from engine.records import PAY_RECORD, RESULT_DUPLICATE
-from engine.snapshot import list_snapshots, load_snapshot
-from engine.status import Status
+from engine import Engine
+from engine.core import canonical
+from engine.core.command import decode
+from engine.core.dispatch import OP_EXPIRE, OP_ISSUE, OP_NAMES, OP_PAY
+from engine.protocol.errors import Unavailable
+from engine.storage.journal import JournalCorrupt, JournalError, verify
+from engine.protocol.records import PAY_RECORD, RESULT_DUPLICATE
+from engine.storage.snapshot import list_snapshots, load_snapshot
+from engine.protocol.status import Status
 
 CHILD = Path(__file__).with_name("crash_child.py")
 ROOT = CHILD.parent.parent
@@ -863,7 +864,7 @@ def test_a_snapshot_written_across_a_storage_failure_stays_valid(tmp_path, fast_
 def test_snapshot_pause_is_reported(tmp_path, capsys):
     """The fork pause of engine.snapshot() on a mid-size state (not asserted:
     a shared 2-core VM; the figure goes to the log and the terminal)."""
-    from engine.world import World, build
+    from engine.demo.world import World, build
     datadir = str(tmp_path / "data")
     spec = World(users=50_000, merchants=200, stocks=20, seed=3)
     eng = Engine(datadir, clock=lambda: spec.now_ms)
@@ -914,7 +915,7 @@ def test_restart_loads_with_headroom_and_keeps_hints_and_topups(tmp_path):
 
 
 def test_snapshot_of_other_row_layouts_is_refused_with_what_to_do(tmp_path):
-    from engine.snapshot import write_snapshot
+    from engine.storage.snapshot import write_snapshot
     datadir = str(tmp_path / "data")
     with Engine(datadir) as eng:
         eng.call("WALLETS", {"users": [1, 2]})
@@ -930,7 +931,7 @@ def test_snapshot_of_other_row_layouts_is_refused_with_what_to_do(tmp_path):
 
 def test_group_commit_shares_one_fsync_among_the_commands_made_meanwhile(tmp_path):
     import msgspec
-    from engine.dispatch import MAP_OPS
+    from engine.core.dispatch import MAP_OPS
 
     class SlowFs(FaultyFs):
         def fdatasync(self, fd):
@@ -957,7 +958,7 @@ def test_group_commit_shares_one_fsync_among_the_commands_made_meanwhile(tmp_pat
 
 def test_commit_interval_spaces_the_fsyncs_and_each_covers_what_came_meanwhile(tmp_path):
     import msgspec
-    from engine.dispatch import MAP_OPS
+    from engine.core.dispatch import MAP_OPS
     wallets = MAP_OPS["WALLETS"].code
     interval_s = 0.03
     with Engine(str(tmp_path / "data"), commit_interval_us=int(interval_s * 1e6)) as eng:
@@ -976,7 +977,7 @@ def test_commit_interval_spaces_the_fsyncs_and_each_covers_what_came_meanwhile(t
 
 
 def test_a_snapshot_is_due_by_journal_bytes_as_well_as_entries(tmp_path):
-    from engine.durability import Storage
+    from engine.storage.durability import Storage
 
     class Command:
         def __init__(self, size):
@@ -1022,7 +1023,7 @@ def test_foreign_file_under_a_segment_name_stops_the_engine_and_serve(tmp_path):
         [sys.executable, "-m", "engine.cli", "serve", "--data", str(datadir), "--listen",
          "127.0.0.1:0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert served.returncode == 2, served.stderr          # a start-up failure (engine/cli.py)
+    assert served.returncode == 2, served.stderr          # a start-up failure (engine/cli/__init__.py)
     lines = served.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in served.stderr, served.stderr
     assert lines[0].startswith("scanpay serve: the journal is damaged ")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from engine import BadBody, Engine, UnknownOp
-from engine.records import ISSUE_RECORD, PAY_RECORD, RESULT_DUPLICATE
-from engine.status import Status
+from engine.protocol.records import ISSUE_RECORD, PAY_RECORD, RESULT_DUPLICATE
+from engine.protocol.status import Status
 
 T0 = 1_700_000_000_000
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from engine import frame
+from engine.protocol import frame
 from engine._framing import PayBatch
-from engine.dispatch import OP_PAY, OP_PING
-from engine.records import PAY_RECORD
+from engine.core.dispatch import OP_PAY, OP_PING
+from engine.protocol.records import PAY_RECORD
 
 RECORD = PAY_RECORD.itemsize
 

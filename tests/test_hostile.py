@@ -12,11 +12,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from engine import Engine, frame, msgpack_guard
-from engine.config import Config, ConfigError, check
-from engine.errors import BadBody
-from engine.records import PAY_RESULT
-from engine.status import Status
+from engine import Engine
+
+from engine.protocol import frame
+
+from engine.server import msgpack_guard
+from engine.server.config import Config, ConfigError, check
+from engine.protocol.errors import BadBody
+from engine.protocol.records import PAY_RESULT
+from engine.protocol.status import Status
 from test_server import (SECRET_ADMIN, SECRET_GW, Raw, dec, enc, error_of, gateway_config, hello,
                          pay_body, run, started, started_with_world)
 
@@ -347,7 +351,7 @@ def test_read_lists_over_the_wire_limit_are_bad_body(op, key):
 def engine_with_a_user_holding(coupon_ids) -> Engine:
     """An Engine whose user 1 holds `coupon_ids` of one stackable stock."""
     from test_engine import Clock, world
-    from engine.records import ISSUE_RECORD
+    from engine.protocol.records import ISSUE_RECORD
     eng = Engine(clock=Clock())
     world(eng, users=2)
     eng.call("STOCKS", {"stocks": [{"id": 1, "funder": "platform", "kind": "fixed", "value": 1,
@@ -462,7 +466,7 @@ def test_the_bounded_listings_match_the_reference():
     """COUPONS pages and the bounded QUOTE explain, engine against tests/reference.py."""
     from reference import Reference
     from test_differential import Pair
-    from engine.records import ISSUE_RECORD
+    from engine.protocol.records import ISSUE_RECORD
     pair = Pair(Engine, Reference, 1_700_000_000_000)
     pair.call("MERCHANTS", {"merchants": [{"id": 1, "fee_bps": 0}]})
     pair.call("WALLETS", {"users": [1]})

@@ -1,4 +1,4 @@
-"""The ISO 8583 adapter (engine/iso8583.py) against a real `scanpay serve`.
+"""The ISO 8583 adapter (engine/iso8583/__init__.py) against a real `scanpay serve`.
 
 Messages are built and read with pyiso8583 here, from its bundled spec, not
 with the adapter's encoder; the payment id is recomputed from the recipe of
@@ -21,12 +21,12 @@ import iso8583
 import pytest
 from iso8583.specs import default_ascii as SPEC
 
-from engine import iso8583_map
+from engine.iso8583 import mapping as iso8583_map
 from engine.client import AsyncClient, Client
-from engine.config import Config, parse_key
+from engine.server.config import Config, parse_key
 from engine.iso8583 import Adapter
-from engine.iso8583_map import IsoConfigError, config_from, load_config
-from engine.server import Server
+from engine.iso8583.mapping import IsoConfigError, config_from, load_config
+from engine.server.server import Server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_CONFIG = os.path.join(ROOT, "docs", "iso8583.example.toml")
@@ -83,7 +83,7 @@ async def shopper(client: AsyncClient, balance=BALANCE, coupon=False) -> int:
     await client.call("TOPUP", {"topups": [{"id": user, "user": user, "amount": balance}]})
     if coupon:
         import numpy as np
-        from engine.records import ISSUE_RECORD
+        from engine.protocol.records import ISSUE_RECORD
         records = np.zeros(1, ISSUE_RECORD)
         records[0] = (user, STOCK, user, 0)
         assert (await client.issue(records))[0]["status"] == 0
@@ -847,7 +847,7 @@ def test_pipelined_load_every_approval_is_in_get_payments(engine_port):
 
 def test_an_iso8583_section_starts_the_adapter_inside_the_server(tmp_path):
     from engine import Engine
-    from engine.config import ConfigError, load
+    from engine.server.config import ConfigError, load
     path = tmp_path / "serve.toml"
     path.write_text('[server]\nlisten = "127.0.0.1:0"\n[iso8583]\nlisten = "127.0.0.1:0"\n'
                     f'[iso8583.merchants]\n"{MERCHANT_DE42}" = 1\n')
@@ -884,7 +884,7 @@ def test_an_iso8583_section_starts_the_adapter_inside_the_server(tmp_path):
 
 def check_with(config, section, **settings):
     import dataclasses
-    from engine.config import check
+    from engine.server.config import check
     check(dataclasses.replace(config, iso8583={**config.iso8583, **section}, **settings))
 
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from faulty_fs import FaultyFs
-from engine.journal import (
+from engine.storage.journal import (
     ENTRY_HEADER_BYTES, MANIFEST_NAME, SEGMENT_HEADER_BYTES, Journal, JournalCorrupt,
     JournalError, JournalUnavailable, Manifest, _write_manifest, segment_name, verify,
 )
@@ -222,7 +222,7 @@ def test_torn_tail_at_every_byte_offset_of_the_last_entry(tmp_path, caplog):
         (directory / segment_name(1)).write_bytes(data[:size])
         crash_manifest(directory, 1, 2)     # crashed while writing entry 3
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="engine.journal"):
+        with caplog.at_level(logging.WARNING, logger="engine.storage.journal"):
             journal = Journal.open(directory)
         with journal:
             assert read_all(journal) == list(enumerate(payloads[:2], 1))
@@ -252,7 +252,7 @@ def test_torn_tail_inside_a_new_segment_header(tmp_path, caplog):
         shutil.copytree(source, directory)
         (directory / segment_name(2)).write_bytes(data[:size])
         crash_manifest(directory, 1, 1)     # crashed while rolling to segment 2
-        with caplog.at_level(logging.WARNING, logger="engine.journal"):
+        with caplog.at_level(logging.WARNING, logger="engine.storage.journal"):
             with Journal.open(directory, segment_bytes_max=128) as journal:
                 assert read_all(journal) == [(1, bytes(90))]
                 assert journal.append(b"x") == 2  # Seq 2 again: it was never durable.
@@ -340,7 +340,7 @@ def test_torn_write_in_a_preallocated_segment_is_truncated(tmp_path, caplog):
     with open(path, "r+b") as file:
         file.seek(valid)
         file.write(b"\x2a" * 20)          # half an entry header and a bit
-    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+    with caplog.at_level(logging.WARNING, logger="engine.storage.journal"):
         with Journal.open(tmp_path, segment_bytes_max=segment_bytes, prealloc=True) as journal:
             assert read_all(journal) == [(1, b"first"), (2, b"second")]
             assert journal.append(b"third") == 3
@@ -829,7 +829,7 @@ def test_a_torn_segment_header_is_quarantined_not_deleted(tmp_path, caplog):
     # The crash came while segment 2 got its header: 20 of its 32 bytes.
     header = (tmp_path / segment_name(2)).read_bytes()[:SEGMENT_HEADER_BYTES]
     (image / segment_name(2)).write_bytes(header[:20])
-    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+    with caplog.at_level(logging.WARNING, logger="engine.storage.journal"):
         with Journal.open(image, segment_bytes_max=128) as journal:
             assert read_all(journal) == [(1, bytes(90))]
     assert segment_name(2) not in segments_in(image)
@@ -948,7 +948,7 @@ def test_spare_is_removed_when_the_disk_fills(tmp_path, monkeypatch, caplog):
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+    with caplog.at_level(logging.WARNING, logger="engine.storage.journal"):
         journal = Journal.open(tmp_path, segment_bytes_max=1 << 20, prealloc=True)
         journal._spare._thread.join(timeout=10)
         assert not journal._spare._thread.is_alive()
@@ -970,7 +970,7 @@ def test_spare_is_not_made_while_the_disk_cannot_hold_it(tmp_path, monkeypatch, 
             self.f_bavail = (1 << 20) // stat.f_frsize     # 1 MiB free
 
     monkeypatch.setattr(os, "statvfs", Full)
-    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+    with caplog.at_level(logging.WARNING, logger="engine.storage.journal"):
         with Journal.open(tmp_path, segment_bytes_max=1 << 20, prealloc=True) as journal:
             journal._spare._thread.join(timeout=10)
             assert "journal-spare.tmp" not in os.listdir(tmp_path)
@@ -996,7 +996,7 @@ def test_an_entry_with_an_unwritten_sector_is_a_torn_write(tmp_path, caplog):
     entry[sector:sector + 512] = bytes(512)
     with open(path, "ab") as file:
         file.write(bytes(entry) + bytes(8192))
-    with caplog.at_level(logging.WARNING, logger="engine.journal"):
+    with caplog.at_level(logging.WARNING, logger="engine.storage.journal"):
         with Journal.open(directory) as journal:
             assert read_all(journal) == [(1, payload_of(1, 100))]
     assert "torn tail" in caplog.text and "1 entries from seq 2" in caplog.text

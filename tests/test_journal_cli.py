@@ -7,8 +7,8 @@ import pytest
 import crash_child as cc
 from engine import Engine
 from engine.cli import main
-from engine.journal import verify
-from engine.snapshot import list_snapshots
+from engine.storage.journal import verify
+from engine.storage.snapshot import list_snapshots
 
 
 def build(datadir, ops=120, seed=4, **storage):

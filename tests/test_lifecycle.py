@@ -4,8 +4,8 @@ import pytest
 
 from engine import Engine
 from engine.client import issue_record, pay_record
-from engine.records import ISSUE_RECORD, PAY_RECORD
-from engine.status import Status
+from engine.protocol.records import ISSUE_RECORD, PAY_RECORD
+from engine.protocol.status import Status
 
 T0 = 1_700_000_000_000
 DAY_MS = 86_400_000

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 
 from engine import Engine
-from engine.config import Config
-from engine.records import PAY_RECORD
-from engine.server import Server
-from engine.status import Status
+from engine.server.config import Config
+from engine.protocol.records import PAY_RECORD
+from engine.server.server import Server
+from engine.protocol.status import Status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN = os.path.join(ROOT, "bench", "loadgen.py")

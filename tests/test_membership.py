@@ -5,8 +5,8 @@ import pytest
 
 from engine import Engine
 from engine.client import pay_record
-from engine.records import PAY_RECORD
-from engine.status import Status
+from engine.protocol.records import PAY_RECORD
+from engine.protocol.status import Status
 
 REWARD_BASE = 2**63
 

@@ -158,7 +158,7 @@ def test_connect_takes_a_unix_path_and_refuses_nonsense(tmp_path, capsys):
     ("colour", '"blue"', "unknown [server] setting(s) ['colour']"),
 ])
 def test_config_is_checked_by_type_and_range(tmp_path, setting, value, expected):
-    from engine.config import ConfigError, load
+    from engine.server.config import ConfigError, load
     toml = tmp_path / "scanpay.toml"
     toml.write_text(f"[server]\n{setting} = {value}\n")
     with pytest.raises(ConfigError) as e:
@@ -211,8 +211,8 @@ def test_serve_data_directory_locked(tmp_path):
 
 
 def test_startup_failure_lines_for_permission_and_corruption():
-    from engine.config import Config
-    from engine.journal import JournalCorrupt
+    from engine.server.config import Config
+    from engine.storage.journal import JournalCorrupt
     config = Config(data="/srv/scanpay")
     line = cli.startup_failure(PermissionError(13, "Permission denied", "/srv/scanpay"), config)
     assert line.startswith("permission denied (/srv/scanpay): ")
@@ -236,7 +236,7 @@ def test_requests_total_counts_every_request_and_seconds_per_op(real):
     import asyncio
 
     from engine.client import AsyncClient, UnknownOp
-    from engine.errors import BadBody
+    from engine.protocol.errors import BadBody
     from test_client import pay_batch
 
     async def traffic():
@@ -429,7 +429,7 @@ def test_locust_refuses_a_server_holding_other_data(real):
 
 def test_serve_damaged_journal(tmp_path):
     from engine import Engine
-    from engine.journal import verify
+    from engine.storage.journal import verify
     with Engine(str(tmp_path / "data")) as eng:
         for k in range(30):
             eng.call("WALLETS", {"users": [k + 1]})

@@ -7,10 +7,10 @@ engine) gets wrong.
 import numpy as np
 import pytest
 
-from engine.errors import BadBody, UnknownOp
+from engine.protocol.errors import BadBody, UnknownOp
 from engine.client import pay_record
-from engine.records import ISSUE_RECORD, PAY_RECORD
-from engine.status import Status
+from engine.protocol.records import ISSUE_RECORD, PAY_RECORD
+from engine.protocol.status import Status
 
 from reference import Reference
 

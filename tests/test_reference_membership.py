@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import audit, canonical
-from engine.errors import BadBody
+from engine.core import audit, canonical
+from engine.protocol.errors import BadBody
 from engine.client import issue_record, pay_record
-from engine.records import ISSUE_RECORD, PAY_RECORD
+from engine.protocol.records import ISSUE_RECORD, PAY_RECORD
 
 from reference_membership import REWARD_BASE, MembershipReference
 

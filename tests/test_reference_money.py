@@ -4,10 +4,10 @@ rules say, independent of the engine."""
 import numpy as np
 import pytest
 
-from engine import audit
+from engine.core import audit
 from engine.client import issue_record, pay_record
-from engine.records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, REFUND_RECORD
-from engine.status import Status
+from engine.protocol.records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, REFUND_RECORD
+from engine.protocol.status import Status
 
 from reference_money import MoneyReference
 

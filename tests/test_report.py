@@ -5,8 +5,8 @@ import numpy as np
 
 from engine import Engine
 from engine.cli import main as scanpay
-from engine.records import ISSUE_RECORD, PAY_RECORD
-from engine.report import redemptions_over_time, write
+from engine.protocol.records import ISSUE_RECORD, PAY_RECORD
+from engine.cli.report import redemptions_over_time, write
 
 HOUR_MS = 3_600_000
 

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from engine import Engine
-from engine.auth import Key
-from engine.config import Config
-from engine.dispatch import MAP_OPS, OP_NAMES
-from engine.records import (CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_AUTHORIZE,
+from engine.protocol.auth import Key
+from engine.server.config import Config
+from engine.core.dispatch import MAP_OPS, OP_NAMES
+from engine.protocol.records import (CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_AUTHORIZE,
                             PAY_RECORD, PAY_RESULT, REFUND_RECORD, REFUND_RESULT)
-from engine.server import Server
-from engine.status import Status
+from engine.server.server import Server
+from engine.protocol.status import Status
 from test_server import Raw, dec, enc, hello
 
 SECRET = {"ops": "admin-secret-0123456789ab", "gw": "gateway-all-secret-01234",

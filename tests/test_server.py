@@ -12,12 +12,14 @@ import msgspec
 import numpy as np
 import pytest
 
-from engine import Engine, frame
-from engine.config import Config, ConfigError, check
-from engine.metrics import STAGES, FastHistogram
-from engine.records import PAY_RECORD, PAY_RESULT
-from engine.server import Server
-from engine.status import ErrorCode, Status
+from engine import Engine
+
+from engine.protocol import frame
+from engine.server.config import Config, ConfigError, check
+from engine.server.metrics import STAGES, FastHistogram
+from engine.protocol.records import PAY_RECORD, PAY_RESULT
+from engine.server.server import Server
+from engine.protocol.status import ErrorCode, Status
 
 enc = msgspec.msgpack.encode
 dec = msgspec.msgpack.decode
@@ -175,7 +177,7 @@ def test_request_errors_keep_the_connection_and_change_nothing(op, body, name):
 
 
 def gateway_config():
-    from engine.auth import Key
+    from engine.protocol.auth import Key
     return [Key("gw", SECRET_GW, "gateway", frozenset({1})),
             Key("ops", SECRET_ADMIN, "admin")]
 
@@ -577,7 +579,7 @@ def test_replies_the_courier_refuses_are_written_by_the_event_loop(tmp_path):
 
 
 def test_the_sync_and_sender_threads_run_ahead_of_the_event_loop(tmp_path):
-    """io_threads_nice (engine/threads.py): the threads every durable reply
+    """io_threads_nice (engine/server/threads.py): the threads every durable reply
     waits on get the CPU first; the event loop keeps the process's priority."""
     import os
     import threading
@@ -660,7 +662,7 @@ def test_pay_fast_path_pauses_reading_at_the_inflight_limit(limit):
     """PAY frames taken straight into the writer's batch count against the
     connection's in-flight limits like any other: reading pauses once the
     limit is reached, and resumes when the replies have gone out."""
-    from engine.connection import Connection
+    from engine.server.connection import Connection
 
     frame_bytes = frame.encode(16, 1, pay_body([1]))
     limits = ({"inflight_frames_max": 4} if limit == "frames"
@@ -692,7 +694,7 @@ def test_non_loopback_listen_without_keys_is_refused():
 
 def test_capacity_from_the_config_file_and_flags_sizes_the_tables(tmp_path):
     import engine.cli as cli
-    from engine.config import load
+    from engine.server.config import load
     toml = tmp_path / "scanpay.toml"
     toml.write_text("[capacity]\npayments = 30000\nusers = 500\n")
     flags = [cli.capacity_item("visits=20000"), cli.capacity_item("users=700")]
@@ -716,7 +718,7 @@ def test_capacity_from_the_config_file_and_flags_sizes_the_tables(tmp_path):
 
 
 def test_durability_settings_come_from_the_config_file_and_are_checked(tmp_path):
-    from engine.config import load
+    from engine.server.config import load
     toml = tmp_path / "scanpay.toml"
     toml.write_text("[server]\ncommit_interval_us = 800\nsnapshot_mb_per_s = 20\n"
                     "snapshot_every_mb = 256\nsnapshot_every_entries = 5000\n")
@@ -746,7 +748,7 @@ def test_a_storage_failure_answers_each_batched_pay_frame_and_a_retry_is_applied
 
     from faulty_fs import FaultyFs
 
-    from engine.records import RESULT_DUPLICATE
+    from engine.protocol.records import RESULT_DUPLICATE
 
     async def main():
         fs = FaultyFs()
@@ -807,8 +809,8 @@ def test_pay_answered_unavailable_under_load_is_never_applied(tmp_path, monkeypa
 
     from faulty_fs import GatedFs
 
-    import engine.durability as durability
-    from engine.records import RESULT_DUPLICATE
+    import engine.storage.durability as durability
+    from engine.protocol.records import RESULT_DUPLICATE
     monkeypatch.setattr(durability, "RECOVER_INTERVAL_MS", 0)
     failed = list(range(1000, 1100))
 

@@ -10,7 +10,7 @@ the same way; this kills the server, replies and all.
 A killed process leaves what it wrote in the page cache, so this catches a
 reply that leaves before its journal write (a mutation that hands replies
 over before the sync fails it), not one that leaves before the fdatasync:
-that order is the sync thread's (engine/engine.py `_sync_worker`), and
+that order is the sync thread's (engine/core/engine.py `_sync_worker`), and
 storage failures are tested with the fault-injecting file system.
 """
 import asyncio
@@ -25,10 +25,12 @@ import time
 import numpy as np
 import pytest
 
-from engine import Engine, frame
+from engine import Engine
+
+from engine.protocol import frame
 from engine.client import Client
-from engine.records import PAY_RECORD, PAY_RESULT
-from engine.status import Status
+from engine.protocol.records import PAY_RECORD, PAY_RESULT
+from engine.protocol.status import Status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OP_PAY = 16

@@ -21,13 +21,15 @@ import msgspec
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from engine import Engine, frame
-from engine.auth import Key
-from engine.config import Config
-from engine.dispatch import OP_NAMES
-from engine.records import PAY_RECORD, PAY_RESULT
-from engine.server import Server
-from engine.status import ErrorCode, Status
+from engine import Engine
+
+from engine.protocol import frame
+from engine.protocol.auth import Key
+from engine.server.config import Config
+from engine.core.dispatch import OP_NAMES
+from engine.protocol.records import PAY_RECORD, PAY_RESULT
+from engine.server.server import Server
+from engine.protocol.status import ErrorCode, Status
 from test_server import hello
 
 FRAME_BYTES_MAX = 4096

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from engine.records import PAY_RECORD
-from engine.snapshot import (
+from engine.protocol.records import PAY_RECORD
+from engine.storage.snapshot import (
     CHUNK_BYTES, SNAPSHOT_HEADER_BYTES, SnapshotCorrupt, list_snapshots, load_latest,
     load_snapshot, remove_snapshots_before, snapshot_name, write_snapshot,
 )
@@ -135,7 +135,7 @@ def test_damaged_newest_snapshot_falls_back_to_the_previous(tmp_path, caplog, da
     open(new_path, "wb").write(data)
     with pytest.raises(SnapshotCorrupt):
         load_snapshot(new_path)
-    with caplog.at_level(logging.WARNING, logger="engine.snapshot"):
+    with caplog.at_level(logging.WARNING, logger="engine.storage.snapshot"):
         seq, arrays, meta = load_latest(tmp_path)
     assert (seq, meta) == (10, {"n": 10})
     assert_same(arrays, old_arrays)

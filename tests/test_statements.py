@@ -9,10 +9,10 @@ import pytest
 
 from engine import Engine
 from engine.cli import main as scanpay
-from engine.config import Config
-from engine.records import PAY_RECORD
-from engine.server import Server
-from engine.statements import major_units
+from engine.server.config import Config
+from engine.protocol.records import PAY_RECORD
+from engine.server.server import Server
+from engine.cli.statements import major_units
 
 
 @pytest.fixture

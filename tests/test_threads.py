@@ -1,10 +1,10 @@
-"""The sync and sender threads run ahead of the rest (engine/threads.py)."""
+"""The sync and sender threads run ahead of the rest (engine/server/threads.py)."""
 import logging
 import os
 import threading
 
-from engine import threads
-from engine.threads import raise_thread_priority
+from engine.server import threads
+from engine.server.threads import raise_thread_priority
 
 
 def in_thread(fn):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from engine.topups import TOPUPS, Topups
+from engine.core.topups import TOPUPS, Topups
 
 
 def test_loaded_and_new_topups_answer_alike_and_round_trip():

@@ -1,11 +1,11 @@
-"""The world generator (engine/world.py) and the demo (engine/demo.py), on tiny sizes."""
+"""The world generator (engine/demo/world.py) and the demo (engine/demo/__init__.py), on tiny sizes."""
 import numpy as np
 import pytest
 
 from engine import Engine
-from engine.records import PAY_RECORD, PAY_RESULT
-from engine.status import Status
-from engine.world import (CATEGORIES, DEMO_START_MS, World, build, pay_batches, scramble_ids,
+from engine.protocol.records import PAY_RECORD, PAY_RESULT
+from engine.protocol.status import Status
+from engine.demo.world import (CATEGORIES, DEMO_START_MS, World, build, pay_batches, scramble_ids,
                           zipf_ranks)
 
 TINY = World(users=300, merchants=40, stocks=25, coupons_per_user=3, seed=5,

@@ -12,8 +12,8 @@ import numpy as np
 
 from engine import Engine
 from engine.client import AsyncClient, Client, issue_record
-from engine.config import Config
-from engine.records import ISSUE_RECORD, PAY_RECORD, RESULT_DUPLICATE
+from engine.server.config import Config
+from engine.protocol.records import ISSUE_RECORD, PAY_RECORD, RESULT_DUPLICATE
 
 from .common import Run, chunks, free_port, stop_process, wait_port
 from .workload import (KIND_FIXED, VALID_UNTIL_MS, FinalState, Payment, Workload,

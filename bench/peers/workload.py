@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import random
 
-from engine.status import Status
+from engine.protocol.status import Status
 
 KIND_FIXED, KIND_PERCENT = 0, 1
 VALID_UNTIL_MS = 2**62          # no coupon expires during a run
