@@ -15,7 +15,7 @@ within each, so each connection gets one write.
 
 Anything else (another op, an odd size, a flag, a frame over max_frame, an
 incomplete frame) ends a run and is left to the general parser in
-engine/frame.py, which answers or refuses it exactly as for a lone frame.
+engine/protocol/frame.py, which answers or refuses it exactly as for a lone frame.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
@@ -212,7 +212,7 @@ cdef enum:
 
 
 def intake_pay(writer, conn, buffer, Py_ssize_t at):
-    """The PAY fast path of one read (engine/writer.py, engine/connection.py):
+    """The PAY fast path of one read (engine/server/writer.py, engine/server/connection.py):
     take the run of PAY frames at `at` of `buffer` for `conn` into the
     writer's open PayBatch, opening batches as they fill. Returns where the
     frames taken end: `at` itself when the frame there is not for this path
@@ -263,7 +263,7 @@ def intake_pay(writer, conn, buffer, Py_ssize_t at):
     return at
 
 
-# -- MessagePack map bodies: depth and repeated keys (engine/msgpack_guard.py) --
+# -- MessagePack map bodies: depth and repeated keys (engine/server/msgpack_guard.py) --
 
 cdef enum:
     MSGPACK_DEPTH_LIMIT = 64                # the stack below; DEPTH_MAX may not exceed it

@@ -28,7 +28,7 @@ from .records import PAY_RECORD, PAY_RESULT
 
 cnp.import_array()
 
-# Status codes (engine/status.py).
+# Status codes (engine/protocol/status.py).
 cdef enum:
     ST_OK = 0
     ST_INVALID_ID = 1

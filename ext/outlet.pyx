@@ -9,7 +9,7 @@ round. The replies of a PAY batch are known as soon as the kernel applied it
 (before its fsync), so the writer queues them here (`Sends`, one per fsync).
 The sync thread hands each `Sends` over once its fdatasync has returned,
 through a `Courier` (a C queue and condition), and the sender thread
-(engine/writer.py) waits there and sends them without the GIL, one sendmsg
+(engine/server/writer.py) waits there and sends them without the GIL, one sendmsg
 per connection, while the sync thread goes on with the next fsync. (With a
 Python queue the woken sender first had to take the GIL back from the busy
 event loop: the `send` stage measured 0.77-1.10 ms on the mean that way,
@@ -19,7 +19,7 @@ the fsync covering its batches returned.
 
 Order per connection is the hard part, and `Outlet` keeps it: the writer
 queues a member only if every earlier reply of its connection is itself
-queued here (engine/connection.py `may_send_directly`), and the sender sends
+queued here (engine/server/connection.py `may_send_directly`), and the sender sends
 a connection's members strictly in the order they were queued, each only if
 all before it went out whole. The first one that cannot (a short send, a
 full socket buffer, a member whose fsync's sends had already run) blocks the
