@@ -24,7 +24,7 @@ from index cimport (Entry, Index, index_get, index_put, index_prefetch, index_gu
                    row_id, LOAD_MAX_PCT, __builtin_prefetch, prefetch_row,
                    prefetch_for_write)
 
-from .records import PAY_RECORD, PAY_RESULT
+from engine.protocol.records import PAY_RECORD, PAY_RESULT
 
 cnp.import_array()
 

@@ -21,6 +21,10 @@ def build(datadir, ops=120, seed=4, **storage):
         current[0] = k
         name, payload = cc.op_at(seed, k)
         cc.send(eng, name, payload, last_code)
+        # A snapshot due while the last one's child still writes is put off
+        # to a later entry: wait for each, so snapshots land at exact seqs
+        # however slow the machine is.
+        eng.storage.reap_snapshot(block=True)
     return eng
 
 
