@@ -24,6 +24,7 @@ import numpy as np
 from . import frame
 from ._framing import PayBatch
 from ._outlet import Courier, Sends
+from .audit_fork import Audits
 from .dispatch import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS
 from .errors import EngineError, Unavailable
 from .records import ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RESULT
@@ -108,6 +109,8 @@ class Writer:
         self.loop = None
         self.stopping = False
         self.task = None
+        # AUDIT runs in a forked child, off the writer (engine/audit_fork.py).
+        self.audits = Audits(self)
 
     # -- intake -----------------------------------------------------------
 
@@ -176,8 +179,10 @@ class Writer:
 
     async def run(self):
         while True:
+            if self.audits.ready():         # between batches: fork for waiting AUDITs
+                self.audits.start()
             if not self.queue:
-                if self.stopping:
+                if self.stopping and not self.audits.active:
                     break
                 self.wake.clear()
                 await self.wake.wait()
@@ -231,6 +236,8 @@ class Writer:
                 self.process_records(group)
             elif group[0].spec.writes:
                 self.process_map_write(group[0])
+            elif group[0].spec.name == "AUDIT":
+                self.audits.request(group[0])
             else:
                 reply, durable = self.engine.read_command(group[0].spec, group[0].request)
                 self.schedule(durable, [(group[0].deliver, reply)])

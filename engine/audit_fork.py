@@ -1,0 +1,208 @@
+"""AUDIT in the server without stopping payments.
+
+AUDIT reads the whole state (about 4 s at 1 M payments). Run in the writer,
+every payment waited for it. Instead the writer forks a child between two
+batches, as a snapshot does (engine/durability.py): the child runs the same
+checks (engine/audit.py) on its copy-on-write image of the state as of that
+point, writes the report as MessagePack to a pipe and exits; the event loop
+reads the pipe and releases the reply, while the writer goes on applying
+batches.
+
+- The report reflects the state after journal entry `seq` at engine time
+  `now` (both added to the reply): every request the writer took before the
+  AUDIT, and none after.
+- One audit child at a time. An AUDIT that arrives while one runs waits
+  (up to AUDITS_WAITING_MAX of them, then `busy`); when the child is done,
+  one new child serves every waiting AUDIT, so each report reflects a state
+  at least as new as its request.
+- A child that fails, dies or outlives `timeout_s` (it is then killed)
+  gives an `unavailable` error reply (retryable), never a hang.
+
+The embedded `Engine` keeps AUDIT in process (its caller waits for it
+anyway). Linux only, as the snapshots.
+"""
+import logging
+import os
+import resource
+import signal
+import time
+
+import msgspec
+
+from . import audit as audit_checks
+from . import export
+from .durability import SNAPSHOT_NICE
+from .errors import Busy, EngineError, Unavailable
+from .ops_query import audit_refusal
+
+log = logging.getLogger("scanpay.audit")
+
+AUDIT_TIMEOUT_S = 600               # a child still running after this is killed
+AUDITS_WAITING_MAX = 64             # AUDITs waiting for the next child; more get busy
+REPORT_BYTES_MAX = 16 << 20         # a report is a few KiB; a child sending more is broken
+READ_CHUNK_BYTES = 1 << 16
+# Tests only: called in the child before the checks (to hold it back, or
+# make it fail). Never set in production.
+CHILD_HOOK = None
+
+
+class AuditRun:
+    """One audit child: the AUDITs it answers and what its report reflects."""
+    __slots__ = ("pid", "fd", "works", "durable", "seq", "now", "started", "timer",
+                 "chunks", "size", "killed_because")
+
+    def __init__(self, pid, fd, works, durable, seq, now):
+        self.pid, self.fd, self.works, self.durable = pid, fd, works, durable
+        self.seq, self.now = seq, now
+        self.started = time.perf_counter()
+        self.timer = None
+        self.chunks = []
+        self.size = 0
+        self.killed_because = None
+
+
+class Audits:
+    """The server's AUDITs, for one Writer (engine/writer.py)."""
+
+    def __init__(self, writer, timeout_s: float = AUDIT_TIMEOUT_S):
+        self.writer = writer
+        self.timeout_s = timeout_s
+        self.running = None                 # the AuditRun of the child, if one runs
+        self.waiting = []                   # Work: AUDITs for the next child
+        self.children = 0                   # children forked so far (metrics, tests)
+
+    @property
+    def active(self) -> bool:
+        return self.running is not None or bool(self.waiting)
+
+    def ready(self) -> bool:
+        """AUDITs wait and no child runs: the writer calls start() now."""
+        return self.running is None and bool(self.waiting)
+
+    def request(self, work) -> None:
+        """In the writer, for an AUDIT it took from its queue."""
+        refusal = audit_refusal(work.request)
+        if refusal is not None:
+            return self.writer.schedule(None, [(work.deliver, refusal)])
+        if len(self.waiting) >= AUDITS_WAITING_MAX:
+            return self.writer.schedule(None, [(work.deliver, Busy(
+                f"{AUDITS_WAITING_MAX} AUDITs already wait for the running one; retry later"))])
+        self.waiting.append(work)
+        if self.running is None:
+            self.start()
+
+    def start(self) -> None:
+        """In the writer, between batches: fork a child for every waiting AUDIT."""
+        works, self.waiting = self.waiting, []
+        engine = self.writer.engine
+        try:
+            durable = engine.expire_due()   # as any read does first
+        except EngineError as error:        # storage failed: the EXPIRE is refused
+            return self.writer.schedule(None, [(w.deliver, error) for w in works])
+        seq = engine.storage.journal.last_seq if engine.storage is not None else 0
+        now = engine._now()
+        read_fd, write_fd = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(read_fd)
+            os.close(write_fd)
+            log.error("could not fork the audit process: %s", e)
+            error = Unavailable(f"could not start the audit process ({e}); retry later")
+            return self.writer.schedule(durable, [(w.deliver, error) for w in works])
+        if pid == 0:
+            child_main(engine.state, write_fd)      # never returns
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        self.children += 1
+        run = self.running = AuditRun(pid, read_fd, works, durable, seq, now)
+        loop = self.writer.loop
+        loop.add_reader(read_fd, self.readable, run)
+        run.timer = loop.call_later(self.timeout_s, self.kill, run, "timed out")
+
+    def readable(self, run: AuditRun) -> None:
+        """In the event loop: the child's report, until end of file."""
+        try:
+            data = os.read(run.fd, READ_CHUNK_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.error("reading the audit report failed: %s", e)
+            data = b""
+        if data:
+            run.chunks.append(data)
+            run.size += len(data)
+            if run.size > REPORT_BYTES_MAX:
+                self.kill(run, f"sent more than {REPORT_BYTES_MAX} bytes")
+            return
+        self.finish(run)
+
+    def kill(self, run: AuditRun, because: str) -> None:
+        """Stop a child; its end of file then finishes the run as failed."""
+        if run.killed_because is None:
+            run.killed_because = because
+            try:
+                os.kill(run.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def finish(self, run: AuditRun) -> None:
+        loop = self.writer.loop
+        loop.remove_reader(run.fd)
+        os.close(run.fd)
+        run.timer.cancel()
+        # End of file: the child has exited or is exiting (its pipe closed).
+        try:
+            exit_code = os.waitstatus_to_exitcode(os.waitpid(run.pid, 0)[1])
+        except ChildProcessError:           # reaped elsewhere: judge by its report
+            exit_code = 0
+        took_s = time.perf_counter() - run.started
+        reply = self.reply(run, exit_code, took_s)
+        self.running = None
+        self.writer.schedule(run.durable, [(w.deliver, reply) for w in run.works])
+        self.writer.wake.set()              # the writer starts the next child, or stops
+
+    def reply(self, run: AuditRun, exit_code: int, took_s: float):
+        """The reply for the run's AUDITs: the report, or an Unavailable."""
+        what = f"audit at entry {run.seq}"
+        if run.killed_because is not None:
+            message = f"the audit process {run.killed_because} (after {took_s:.1f} s) and was killed"
+        elif exit_code != 0:
+            message = f"the audit process died (exit code {exit_code})"
+        else:
+            try:
+                report = msgspec.msgpack.decode(b"".join(run.chunks))
+            except msgspec.DecodeError:
+                report = {"failed": "its report is not MessagePack"}
+            if "failed" not in report:
+                log.info("%s: %s in %.1f s", what, "ok" if report["ok"] else "FAILED", took_s)
+                return {**report, "seq": run.seq, "now": run.now}
+            message = f"the audit failed to run: {report['failed']}"
+        log.error("%s: %s", what, message)
+        return Unavailable(f"{message}; nothing was changed; retry AUDIT (see the server log)")
+
+
+def child_main(state, write_fd: int) -> None:
+    """The audit child: compute, write the pipe, leave. It touches nothing
+    the server's other threads may hold (no logging, no journal, no
+    sockets), as the snapshot child (engine/durability.py)."""
+    code = 1
+    try:
+        # Keep no inherited fd but stdio and the pipe: a restarted server
+        # must be able to bind and lock its data directory while we run.
+        os.closerange(3, write_fd)
+        os.closerange(write_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        # The writer and its threads come first: we use what they leave.
+        os.nice(SNAPSHOT_NICE)
+        if CHILD_HOOK is not None:
+            CHILD_HOOK()
+        try:
+            payload = msgspec.msgpack.encode(audit_checks.audit(export.canonical(state)))
+        except Exception as e:              # noqa: BLE001 - the server logs it
+            payload = msgspec.msgpack.encode({"failed": f"{type(e).__name__}: {e}"})
+        view = memoryview(payload)
+        while view:                         # blocking: the event loop reads as we write
+            view = view[os.write(write_fd, view):]
+        code = 0
+    finally:
+        os._exit(code)
