@@ -31,13 +31,16 @@ import msgspec
 
 from . import audit as audit_checks
 from . import export
-from .durability import SNAPSHOT_NICE
 from .errors import Busy, EngineError, Unavailable
 from .ops_query import audit_refusal
 
 log = logging.getLogger("scanpay.audit")
 
 AUDIT_TIMEOUT_S = 600               # a child still running after this is killed
+# The child's nice value: the lowest priority. It is all CPU (the snapshot
+# child, at 10, mostly waits for its paced writes), and on a machine with no
+# core to spare it would otherwise take ~10 % of one from the writer.
+AUDIT_NICE = 19
 AUDITS_WAITING_MAX = 64             # AUDITs waiting for the next child; more get busy
 REPORT_BYTES_MAX = 16 << 20         # a report is a few KiB; a child sending more is broken
 READ_CHUNK_BYTES = 1 << 16
@@ -48,13 +51,14 @@ CHILD_HOOK = None
 
 class AuditRun:
     """One audit child: the AUDITs it answers and what its report reflects."""
-    __slots__ = ("pid", "fd", "works", "durable", "seq", "now", "started", "timer",
-                 "chunks", "size", "killed_because")
+    __slots__ = ("pid", "fd", "works", "durable", "seq", "now", "started", "pause_ms",
+                 "timer", "chunks", "size", "killed_because")
 
-    def __init__(self, pid, fd, works, durable, seq, now):
+    def __init__(self, pid, fd, works, durable, seq, now, started):
         self.pid, self.fd, self.works, self.durable = pid, fd, works, durable
         self.seq, self.now = seq, now
-        self.started = time.perf_counter()
+        self.started = started
+        self.pause_ms = (time.perf_counter() - started) * 1000     # the writer's, for the fork
         self.timer = None
         self.chunks = []
         self.size = 0
@@ -102,6 +106,7 @@ class Audits:
         seq = engine.storage.journal.last_seq if engine.storage is not None else 0
         now = engine._now()
         read_fd, write_fd = os.pipe()
+        started = time.perf_counter()
         try:
             pid = os.fork()
         except OSError as e:
@@ -115,7 +120,7 @@ class Audits:
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         self.children += 1
-        run = self.running = AuditRun(pid, read_fd, works, durable, seq, now)
+        run = self.running = AuditRun(pid, read_fd, works, durable, seq, now, started)
         loop = self.writer.loop
         loop.add_reader(read_fd, self.readable, run)
         run.timer = loop.call_later(self.timeout_s, self.kill, run, "timed out")
@@ -175,7 +180,8 @@ class Audits:
             except msgspec.DecodeError:
                 report = {"failed": "its report is not MessagePack"}
             if "failed" not in report:
-                log.info("%s: %s in %.1f s", what, "ok" if report["ok"] else "FAILED", took_s)
+                log.info("%s: %s in %.1f s (fork pause %.1f ms)", what,
+                         "ok" if report["ok"] else "FAILED", took_s, run.pause_ms)
                 return {**report, "seq": run.seq, "now": run.now}
             message = f"the audit failed to run: {report['failed']}"
         log.error("%s: %s", what, message)
@@ -193,7 +199,7 @@ def child_main(state, write_fd: int) -> None:
         os.closerange(3, write_fd)
         os.closerange(write_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         # The writer and its threads come first: we use what they leave.
-        os.nice(SNAPSHOT_NICE)
+        os.nice(AUDIT_NICE)
         if CHILD_HOOK is not None:
             CHILD_HOOK()
         try:

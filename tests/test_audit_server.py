@@ -19,6 +19,7 @@ AUDIT = 45
 PAY = 16
 GATE_WAIT_S_MAX = 60                    # a gate never opened lets the child go on
 POLL_ROUNDS_MAX = 2_000                 # x 5 ms: how long a test waits for the server
+AUDIT_REPLY_WAIT_S = 120
 
 
 def gate_hook(path: str):
@@ -49,10 +50,17 @@ async def send_audit(server, client, request_id: int = 1) -> asyncio.Task:
         return sum(len(c.slots) for c in server.connections)
     before = pending()
     client.send(AUDIT, request_id, b"")
-    task = asyncio.ensure_future(client.recv(timeout=120))
+    task = asyncio.ensure_future(client.recv(timeout=AUDIT_REPLY_WAIT_S))
     await until(lambda: task.done() or pending() > before, "receiving the AUDIT")
     await until(lambda: task.done() or not server.writer.queue, "taking the AUDIT")
     return task
+
+
+async def audit_reply(client):
+    """AUDIT and its reply. The child runs at the lowest priority: on a busy
+    machine even a tiny state can take seconds, so wait long."""
+    client.send(AUDIT, 1, b"")
+    return await client.recv(timeout=AUDIT_REPLY_WAIT_S)
 
 
 def report_of(reply) -> dict:
@@ -100,7 +108,7 @@ def test_the_audit_child_reports_corruption():
         server, c = await started_with_world()
         await c.call(PAY, pay_body([1, 2, 3]), 1)
         server.engine.state.ledger.users["balance"][0] += 1      # money from nowhere
-        report = report_of(await c.call(AUDIT, b""))
+        report = report_of(await audit_reply(c))
         assert report["ok"] is False
         failed = {name for name, check in report["checks"].items() if not check["ok"]}
         assert {"sum_zero", "wallets_match_history"} <= failed
@@ -146,15 +154,18 @@ def test_an_audit_child_that_dies_or_hangs_gives_an_error_reply(monkeypatch, fai
 
     async def main():
         server, c = await started_with_world()
-        server.writer.audits.timeout_s = 0.2
-        error = error_of(await c.call(AUDIT, b""))
+        audits = server.writer.audits
+        if failure == "hangs":
+            audits.timeout_s = 0.5          # the hook sleeps far longer
+        error = error_of(await audit_reply(c))
         assert error["name"] == "unavailable" and error["retryable"] is True
         expected = "exit code 7" if failure == "dies" else "timed out"
         assert expected in error["message"], error["message"]
-        assert server.writer.audits.running is None         # reaped, nothing leaks
+        assert audits.running is None                       # reaped, nothing leaks
         await pay_ok(c, 5)                                  # still serving
         monkeypatch.setattr(audit_fork, "CHILD_HOOK", None)
-        assert report_of(await c.call(AUDIT, b""))["ok"] is True
+        audits.timeout_s = audit_fork.AUDIT_TIMEOUT_S
+        assert report_of(await audit_reply(c))["ok"] is True
         await server.stop()
     run(main())
 
@@ -172,4 +183,18 @@ def test_a_graceful_stop_answers_a_running_audit(tmp_path, monkeypatch):
         open(gate, "w").close()
         assert report_of(await audit)["ok"] is True
         await asyncio.wait_for(stopping, 30)
+    run(main())
+
+
+def test_scanpay_audit_says_which_journal_entry_it_reflects(tmp_path):
+    from test_client import admin_main
+
+    async def main():
+        server, c = await started_with_world(tmp_path)
+        await c.call(PAY, pay_body([1, 2]), 1)
+        seq = server.engine.storage.journal.last_seq
+        code, out, err = await asyncio.get_running_loop().run_in_executor(
+            None, admin_main, ["audit", "--connect", server.config.listen])
+        assert code == 0 and f"audit: ok (18 checks, as of journal entry {seq})" in err, err
+        await server.stop()
     run(main())
