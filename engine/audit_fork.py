@@ -17,9 +17,9 @@ batches.
   at least as new as its request.
 - A child that fails, dies or outlives `timeout_s` (it is then killed)
   gives an `unavailable` error reply (retryable), never a hang.
-- The child runs at the lowest priority, and first lets go of the pages of
-  the tables' free rows, so that the writer's appends do not copy a shared
-  page each (release_unused_rows says why).
+- The child runs at the lowest priority, and first lets go of the pages the
+  writer writes and the checks do not read, so that the writer does not
+  copy a shared page at every other write (release_writer_pages says why).
 
 The embedded `Engine` keeps AUDIT in process (its caller waits for it
 anyway). Linux only, as the snapshots.
@@ -209,7 +209,7 @@ def child_main(state, write_fd: int) -> None:
         os.closerange(3, write_fd)
         os.closerange(write_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         try:
-            release_unused_rows(state)
+            release_writer_pages(state)
             # The writer and its threads come first: we use what they leave.
             os.nice(AUDIT_NICE)
             if CHILD_HOOK is not None:
@@ -225,20 +225,26 @@ def child_main(state, write_fd: int) -> None:
         os._exit(code)
 
 
-def release_unused_rows(state) -> None:
-    """Let go of this child's share of the tables' free rows (their reserved
-    capacity), where the server appends.
+def release_writer_pages(state) -> None:
+    """Let go of this child's share of what the writer writes and the checks
+    do not read: the tables' free rows (their reserved capacity, where the
+    writer appends) and the id indexes other than export.INDEXES_READ.
 
-    While a page is shared with this child, the server's first write to it
-    faults and copies it (and splits the 2 MiB page it sits on: numpy asks
-    for huge pages). Measured at 1 M payments, a forked child that only
-    slept held the server's kernel at a third to a half of its rate, with
-    a fault every 8 payments or so: appended rows. Once this child drops
-    those pages, the server's appends fault once per 2 MiB, as without a
-    child; what stays shared (the used rows and the indexes, which the
-    checks read) faults at most once per page per audit."""
-    arrays, _scalars = state.ledger.dump()      # views of the used rows
-    for array in arrays.values():
+    While a page is shared with this child, the writer's first write to it
+    faults and copies it, and splits the 2 MiB page it sits on (numpy asks
+    for huge pages; a split page stays split, and random accesses to it miss
+    the TLB). Measured at 1 M payments, a forked child that only slept held
+    the kernel at a third to a half of its rate per CPU-second, a fault every
+    8 payments or so (appended rows, index inserts). Pages this child has
+    dropped are the writer's alone again: they fault once per 2 MiB, as
+    without a child. What stays shared (the used rows, which the checks
+    read) faults at most once per page per audit."""
+    arrays, _scalars = state.ledger.dump()      # views of the used rows; the indexes
+    for name, array in arrays.items():
+        if name.endswith("_ix"):
+            if name[:-len("_ix")] not in export.INDEXES_READ:
+                release(array)
+            continue
         whole = array.base                      # the table with its free rows
         if (isinstance(whole, np.ndarray) and whole.dtype == array.dtype and whole.ndim == 1
                 and whole.ctypes.data == array.ctypes.data and len(whole) > len(array)):

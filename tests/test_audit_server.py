@@ -44,14 +44,16 @@ async def pay_ok(client, payment_id: int) -> None:
     assert flags == 0 and np.frombuffer(body, PAY_RESULT)["status"][0] == Status.ok
 
 
-async def send_audit(server, client, request_id: int = 1) -> asyncio.Task:
-    """Send AUDIT and wait until the writer has taken it from its queue."""
+async def send_audit(server, client, outstanding: int = 0) -> asyncio.Task:
+    """Send AUDIT and wait until the writer has taken it from its queue.
+    `outstanding`: the AUDITs still unanswered; first every other reply must
+    be gone (a reply the sender thread sent leaves its slot a moment later)."""
     def pending() -> int:
         return sum(len(c.slots) for c in server.connections)
-    before = pending()
-    client.send(AUDIT, request_id, b"")
+    await until(lambda: pending() == outstanding, "answering all but the AUDITs")
+    client.send(AUDIT, 1, b"")
     task = asyncio.ensure_future(client.recv(timeout=AUDIT_REPLY_WAIT_S))
-    await until(lambda: task.done() or pending() > before, "receiving the AUDIT")
+    await until(lambda: task.done() or pending() > outstanding, "receiving the AUDIT")
     await until(lambda: task.done() or not server.writer.queue, "taking the AUDIT")
     return task
 
@@ -131,9 +133,9 @@ def test_an_audit_while_one_runs_waits_for_the_next_child(tmp_path, monkeypatch)
         running = await send_audit(server, first)
         assert audits.running is not None
         await pay_ok(payer, 7)
-        waiting = [await send_audit(server, second), await send_audit(server, third)]
+        waiting = [await send_audit(server, second, 1), await send_audit(server, third, 2)]
         assert len(audits.waiting) == 2 and audits.children == 1
-        assert error_of(await (await send_audit(server, fourth)))["name"] == "busy"
+        assert error_of(await (await send_audit(server, fourth, 3)))["name"] == "busy"
         open(gate, "w").close()
         before = report_of(await running)
         after = [report_of(await task) for task in waiting]
@@ -206,10 +208,11 @@ def resident_mib() -> int:
 
 
 def test_the_audit_child_lets_go_of_the_free_rows_and_keeps_the_used_ones():
-    """In the child, the tables' reserved rows (where the server appends) are
-    dropped, so that the server's appends do not fault page by page while
-    the audit runs; the rows in use, which the checks read, are untouched.
-    (Here in process: on an engine nothing appends to afterwards.)"""
+    """In the child, the tables' reserved rows (where the server appends) and
+    the indexes the checks do not read are dropped, so that the server's
+    writes do not fault page by page while the audit runs; the rows in use,
+    which the checks read, are untouched. (Here in process: on an engine
+    nothing writes to afterwards.)"""
     from engine import Engine
     eng = Engine(capacity={"payments": 500_000})
     eng.call("MERCHANTS", {"merchants": [{"id": 1, "fee_bps": 60}]})
@@ -217,7 +220,32 @@ def test_the_audit_child_lets_go_of_the_free_rows_and_keeps_the_used_ones():
     eng.call("TOPUP", {"topups": [{"id": 1, "user": 1, "amount": 10**6}]})
     assert (eng.pay(np.frombuffer(pay_body([1, 2, 3]), PAY_RECORD))["status"] == 0).all()
     digest, before_mib = eng.digest(), resident_mib()
-    audit_fork.release_unused_rows(eng.state)
+    audit_fork.release_writer_pages(eng.state)
     # ~370 bytes a reserved payment row: ~180 MiB resident before
     assert resident_mib() < before_mib - 100
     assert eng.digest() == digest and eng.audit()["ok"]
+
+
+def test_the_child_reports_what_the_engine_reports_in_process():
+    """The child drops the indexes the checks do not read (big enough here to
+    be dropped): its report on a world with coupons and payments is the one
+    the embedded engine computes in process."""
+    from engine.world import World, build, make_engine, pay_batches
+    spec = World(users=3000, merchants=60, stocks=12, coupons_per_user=3, seed=5, districts=4,
+                 malls=4, topup_per_user_min=10**9, topup_per_user_max=10**9, preset="standard",
+                 now_ms=1_700_000_000_000)
+    eng = make_engine(lambda: spec.now_ms, {"payments": 300_000})
+    info = build(eng, spec)
+    for batch in pay_batches(info, 8, batch_records=1000, seed=3, start_payment_id=1):
+        eng.pay(batch)
+
+    async def main():
+        from test_server import started
+        server = await started(engine=eng)
+        report = report_of(await audit_reply(await Raw.open(server)))
+        await server.stop()
+        return report
+    report = run(main())
+    expected = eng.audit()
+    assert expected["ok"] is True and "all 8000 payments" in payments_checked(expected)
+    assert {key: report[key] for key in ("ok", "checks")} == expected
