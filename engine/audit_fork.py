@@ -182,6 +182,9 @@ class Audits:
         what = f"audit at entry {run.seq}"
         if run.killed_because is not None:
             message = f"the audit process {run.killed_because} (after {took_s:.1f} s) and was killed"
+        elif exit_code == -signal.SIGKILL:
+            message = ("the audit process was killed (signal 9: by the kernel's OOM killer? "
+                       "it needs memory for a copy of the tables; see the kernel log)")
         elif exit_code != 0:
             message = f"the audit process died (exit code {exit_code})"
         else:
@@ -208,6 +211,10 @@ def child_main(state, write_fd: int) -> None:
         # must be able to bind and lock its data directory while we run.
         os.closerange(3, write_fd)
         os.closerange(write_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        # The server's handlers (its event loop's) mean nothing here: a stop
+        # of the service (SIGTERM to the whole group) ends this child at once.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         try:
             release_writer_pages(state)
             # The writer and its threads come first: we use what they leave.
