@@ -143,7 +143,8 @@ def test_payment_rate_while_audit_runs(bench):
     finally:
         server.stop()
     with open(server.log_path) as f:
-        logged = [line.strip() for line in f if "audit at entry" in line or "slow" in line]
+        logged = [line.strip() for line in f
+                  if "audit at entry" in line or "slow" in line or "snapshot" in line]
     def ratios(key: str) -> list:
         return [runs[i][1][key] / ((runs[i - 1][1][key] + runs[i + 1][1][key]) / 2)
                 for i in range(1, len(runs), 2)]
@@ -179,8 +180,8 @@ def report_table(runs: list, fill_s: float, idle_audit_s: float, seq, ratios: li
           f"{', '.join(f'{x:.1%}' for x in cpu_ratios)}; mean {cpu_mean:.1%} (what the child "
           f"costs the server itself, whatever the machine's other tenants do)")
     print(f"loadgen: {runs[0][1]['command']}")
-    print(f"server log: {len(logged)} audit and slow-batch lines; the last ones:")
-    for line in logged[-6:]:
+    print(f"server log: {len(logged)} audit, snapshot and slow-batch lines; the last ones:")
+    for line in logged[-10:]:
         print(f"  {line}")
 
 

@@ -13,7 +13,7 @@ import pytest
 from engine import audit_fork
 from engine.records import PAY_RECORD, PAY_RESULT
 from engine.status import Status
-from test_server import Raw, error_of, pay_body, run, started_with_world
+from test_server import Raw, dec, error_of, pay_body, run, started, started_with_world
 
 AUDIT = 45
 PAY = 16
@@ -66,7 +66,6 @@ async def audit_reply(client):
 
 
 def report_of(reply) -> dict:
-    from test_server import dec
     _op, flags, _rid, body = reply
     assert flags == 0, dec(body)
     return dec(body)
@@ -240,7 +239,6 @@ def test_the_child_reports_what_the_engine_reports_in_process():
         eng.pay(batch)
 
     async def main():
-        from test_server import started
         server = await started(engine=eng)
         report = report_of(await audit_reply(await Raw.open(server)))
         await server.stop()
