@@ -33,6 +33,9 @@ from engine.protocol.errors import EngineError
 ITEMS_PER_CALL_MAX = 1000      # keeps a request far below the 1 MiB frame limit
 COUPON_PAGES_MAX = 100_000     # `coupons --user`: pages of up to 1,024 followed
 TIMEOUT_MS_DEFAULT = 30_000    # a write waits for the journal's fsync
+# AUDIT runs at the lowest priority on the server (engine/server/audit_fork.py):
+# wait as long as the server lets it run.
+AUDIT_TIMEOUT_MS_DEFAULT = 600_000
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # CSV column types per write. Lists are "1;2;3"; slots are "weekday:start:end;...".
@@ -113,7 +116,7 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("audit", help="check every ledger invariant; exit 1 if one fails")
     _connection_options(p)
     _output_options(p)
-    p.set_defaults(admin_run=_run_audit)
+    p.set_defaults(admin_run=_run_audit, timeout_ms=AUDIT_TIMEOUT_MS_DEFAULT)
     _add_single_parsers(subparsers)
     _add_read_parsers(subparsers)
 
@@ -577,7 +580,8 @@ def _run_audit(args, stdout, stderr) -> int:
     _write_output(args, reply if _format(args) == "json" else rows, stdout)
     failed = [r for r in rows if not r["ok"]]
     if reply.get("ok") and not failed:
-        print(f"audit: ok ({len(rows)} checks)", file=stderr)
+        at = f", as of journal entry {reply['seq']}" if reply.get("seq") else ""
+        print(f"audit: ok ({len(rows)} checks{at})", file=stderr)
         return EXIT_OK
     names = ", ".join(f"{r['check']} ({r['detail']})" for r in failed) or "see the report"
     print(f"audit: FAILED {len(failed)} of {len(rows)} checks: {names}", file=stderr)

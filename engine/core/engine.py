@@ -367,10 +367,16 @@ class Engine:
         changes state, except that holds which have expired are voided first,
         as a journaled EXPIRE command, as before any other command."""
         self._ensure_current()
-        durable = None
-        if self.state.ledger.expiry_due(self._now()):
-            _, durable = self.write_command(OP_EXPIRE, b"")
+        durable = self.expire_due()
         return spec.apply(self.state, request, self._now(), ()), durable
+
+    def expire_due(self):
+        """Void the holds that have expired, as a journaled EXPIRE command,
+        as before any other command: its durability future (None when none
+        was due, or in memory). Reads call it before they look at the state."""
+        if self.state.ledger.expiry_due(self._now()):
+            return self.write_command(OP_EXPIRE, b"")[1]
+        return None
 
     def sync_pending(self):
         """A future that completes when everything applied so far is durable."""

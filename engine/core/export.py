@@ -6,6 +6,11 @@ from engine.core import canonical as cn
 from engine.core.state import State
 
 
+# The id indexes canonical() looks ids up in (the coupons of redemptions):
+# the audit child (engine/server/audit_fork.py) drops its share of the others.
+INDEXES_READ = frozenset({"coupons"})
+
+
 def canonical(state: State) -> dict:
     ledger = state.ledger
     users = ledger.users[:ledger.n_users]

@@ -29,6 +29,7 @@ from engine.protocol.errors import EngineError, Unavailable
 from engine.protocol.records import ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RESULT
 from engine.core.scope import SCOPED_RECORD_OPS, filter_records
 from engine.server.threads import raise_thread_priority
+from engine.server.audit_fork import Audits
 
 log = logging.getLogger("scanpay.writer")
 
@@ -190,6 +191,8 @@ class Writer:
         self.stopping = False
         self.task = None
         self.slow_log = SlowLog()
+        # AUDIT runs in a forked child, off the writer (engine/server/audit_fork.py).
+        self.audits = Audits(self)
 
     # -- intake -----------------------------------------------------------
 
@@ -259,8 +262,10 @@ class Writer:
 
     async def run(self):
         while True:
+            if self.audits.ready():         # between batches: fork for waiting AUDITs
+                self.audits.start()
             if not self.queue:
-                if self.stopping:
+                if self.stopping and not self.audits.active:
                     break
                 self.wake.clear()
                 await self.wake.wait()
@@ -313,6 +318,8 @@ class Writer:
                 self.process_records(group)
             elif group[0].spec.writes:
                 self.process_map_write(group[0])
+            elif group[0].spec.name == "AUDIT":
+                self.audits.request(group[0])
             else:
                 reply, durable = self.engine.read_command(group[0].spec, group[0].request)
                 self.schedule(durable, [(group[0].deliver, reply)])

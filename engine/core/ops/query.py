@@ -214,8 +214,15 @@ def coupon_row(ledger, slot: int, now: int) -> dict:
 
 # -- AUDIT ------------------------------------------------------------------
 
-def audit(state: State, request, now: int, draws) -> dict:
+def audit_refusal(request) -> dict | None:
+    """The reply to an AUDIT request that is not `{}`, else None. (The
+    server checks this before it forks the audit: engine/audit_fork.py.)"""
     require_map(request, "{}")
     if request:
         return failure(Status.invalid_argument, "AUDIT takes an empty map")
-    return audit_checks.audit(export.canonical(state))
+    return None
+
+
+def audit(state: State, request, now: int, draws) -> dict:
+    refusal = audit_refusal(request)
+    return refusal if refusal is not None else audit_checks.audit(export.canonical(state))

@@ -1,0 +1,255 @@
+"""AUDIT under load (issue 14): the payment rate over the wire with and
+without AUDITs running, side by side in one run, on a durable `scanpay serve`
+holding ~1 M payments. Target: >= 90 % of the rate while AUDIT runs.
+
+    .venv/bin/python -m pytest bench/bench_audit.py -p no:cacheprovider -s
+
+(Run it like bench/bench_server.py, whose server, world and load generator it
+reuses: named on the command line, never collected by CI.)
+
+One server: the world of bench_server.py, then SCANPAY_AUDIT_PAYMENTS
+(default 1,000,000) payments in frames of 8,190, then three measured runs of
+bench/loadgen.py, each SCANPAY_BENCH_SECONDS (default 10) after 2 s of
+warmup, small frames (1 record, 64 connections, 32 in flight each, closed
+loop), alternating: no AUDIT, AUDITs back to back from another connection
+for the whole run, no AUDIT, AUDITs, no AUDIT. Each AUDIT run is compared
+with the mean of the two runs around it (they bracket the drift of a shared
+machine); the figure is the mean of those ratios. After an AUDIT run the
+running audit is waited for, so that no child runs into the next run.
+SCANPAY_AUDIT_ROUNDS (default 1) sets the number of AUDIT runs.
+
+A second test measures, in process, the page faults and CPU per payment of
+kernel PAY while a forked child holds its copy-on-write image: a child that
+shares every page (as a snapshot child) against the audit child, which first
+drops its share of what the writer writes (engine/server/audit_fork.py).
+
+To see the old behaviour (AUDIT in the writer), run this file against an
+older checkout: it only needs the AUDIT reply's `ok`.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_server  # noqa: E402
+from bench_server import (BATCH, SECONDS, Bench, ServerProcess, load, machine,  # noqa: E402
+                          run_loadgen)
+from engine.server import audit_fork  # noqa: E402
+from engine.client import Client  # noqa: E402
+from engine.protocol.records import PAY_RESULT  # noqa: E402
+from engine.demo.world import pay_batches  # noqa: E402
+
+PAYMENTS = int(os.environ.get("SCANPAY_AUDIT_PAYMENTS", "1000000"))
+ROUNDS = int(os.environ.get("SCANPAY_AUDIT_ROUNDS", "1"))
+# Room for each run's payments (small frames reach 300-500 k/s here, 10 s of
+# them with the warmup): the server allocates it up front, as an operator would.
+PAYMENTS_PER_RUN_MAX = 2_700_000
+TARGET_RATIO = 0.90
+AUDITS_MAX = 1_000                   # bound on the back-to-back AUDITs of one run
+AUDIT_TIMEOUT_MS = 300_000
+LOAD = {"records": 1, "connections": 64, "window": 32}
+
+
+def fill(port: int, bench: Bench) -> float:
+    """PAYMENTS payments in full frames; returns the seconds it took."""
+    batches = max(1, PAYMENTS // BATCH)
+    t0 = time.perf_counter()
+    with Client.connect("127.0.0.1", port, timeout_ms=120_000) as client:
+        for batch in pay_batches(bench.twin_info, batches, batch_records=BATCH, seed=7,
+                                 start_payment_id=1 << 56):
+            client.pay(batch)
+    return time.perf_counter() - t0
+
+
+class Auditor(threading.Thread):
+    """AUDITs back to back over one connection until told to stop."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.client = Client.connect("127.0.0.1", port, timeout_ms=AUDIT_TIMEOUT_MS)
+        self.stop = threading.Event()
+        self.runs = []                   # (seconds, ok, seq)
+
+    def run(self) -> None:
+        for _ in range(AUDITS_MAX):
+            if self.stop.is_set():
+                break
+            t0 = time.perf_counter()
+            reply = self.client.call("AUDIT", {})
+            self.runs.append((time.perf_counter() - t0, reply["ok"], reply.get("seq")))
+
+    def finish(self) -> list:
+        self.stop.set()
+        self.join(AUDIT_TIMEOUT_MS / 1000)
+        self.client.close()
+        return self.runs
+
+
+def one_audit(port: int) -> tuple[float, dict]:
+    with Client.connect("127.0.0.1", port, timeout_ms=AUDIT_TIMEOUT_MS) as client:
+        t0 = time.perf_counter()
+        reply = client.call("AUDIT", {})
+        return time.perf_counter() - t0, reply
+
+
+def measure(server: ServerProcess, bench: Bench, with_audits: bool) -> dict:
+    auditor = Auditor(server.port) if with_audits else None
+    if auditor:
+        auditor.start()
+    load_before = load()
+    records0, cpu0 = server.metric("scanpay_batch_records_sum"), server.cpu_seconds()
+    try:
+        out = run_loadgen(server.port, bench.pool_path, bench.id_base(), seconds=SECONDS, **LOAD)
+    finally:
+        # (the server's own CPU: an audit child's is not in it)
+        records, cpu = (server.metric("scanpay_batch_records_sum") - records0,
+                        server.cpu_seconds() - cpu0)
+        audits = auditor.finish() if auditor else []
+    out["per_cpu_s"] = records / max(cpu, 1e-9)
+    out["audits"] = audits
+    out["load"] = f"{load_before} -> {load()}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench():
+    # The in-memory twin only needs room for the payments of the second test
+    # (the machine must also hold the server and an audit child's copy).
+    bench_server.TWIN_CAPACITY_PAYMENTS = PAYMENTS + 2 * COW_PAYMENTS
+    with tempfile.TemporaryDirectory(prefix="scanpay-bench-audit-") as tmp:
+        yield Bench(tmp)
+
+
+def test_payment_rate_while_audit_runs(bench):
+    server = bench.start_server(PAYMENTS + (1 + 2 * ROUNDS) * PAYMENTS_PER_RUN_MAX)
+    try:
+        fill_s = fill(server.port, bench)
+        idle_audit_s, report = one_audit(server.port)
+        assert report["ok"], report
+        runs = [("no AUDIT", measure(server, bench, False))]
+        for _ in range(ROUNDS):
+            runs.append(("AUDITs back to back", measure(server, bench, True)))
+            runs.append(("no AUDIT", measure(server, bench, False)))
+    finally:
+        server.stop()
+    with open(server.log_path) as f:
+        logged = [line.strip() for line in f
+                  if "audit at entry" in line or "slow" in line or "snapshot" in line]
+    def ratios(key: str) -> list:
+        return [runs[i][1][key] / ((runs[i - 1][1][key] + runs[i + 1][1][key]) / 2)
+                for i in range(1, len(runs), 2)]
+    report_table(runs, fill_s, idle_audit_s, report.get("seq"), ratios("rate"),
+                 ratios("per_cpu_s"), logged)
+    assert all(ok for _name, r in runs for _s, ok, _seq in r["audits"])
+    assert all(r["audits"] for name, r in runs if name.startswith("AUDITs"))
+    assert all(r["error_count"] == 0 for _name, r in runs)
+
+
+def report_table(runs: list, fill_s: float, idle_audit_s: float, seq, ratios: list,
+                 cpu_ratios: list, logged: list) -> None:
+    print(f"\nAUDIT under load, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; {machine()}")
+    print(f"{PAYMENTS:,} payments filled in {fill_s:.1f} s; one AUDIT on the idle server "
+          f"took {idle_audit_s:.2f} s (journal entry {seq})")
+    head = (f"{'run':<22} {'rate/s':>10} {'/srv CPU-s':>10} {'p50ms':>7} {'p99ms':>7} {'maxms':>8} "
+            f"{'audits':>7} {'audit s':>11} {'load':>18}")
+    print(head)
+    print("-" * len(head))
+    for name, r in runs:
+        lat = r["latency_us"]
+        took = [s for s, _ok, _seq in r["audits"]]
+        spread = f"{min(took):.1f}-{max(took):.1f}" if took else "-"
+        print(f"{name:<22} {r['rate']:>10,.0f} {r['per_cpu_s']:>10,.0f} {lat['p50'] / 1000:>7.2f} {lat['p99'] / 1000:>7.2f} "
+              f"{lat['max'] / 1000:>8.2f} {len(took):>7} {spread:>11} {r['load']:>18}")
+    mean = sum(ratios) / len(ratios)
+    met = "met" if mean >= TARGET_RATIO else "NOT met"
+    print(f"rate under AUDIT / mean of the runs around it: "
+          f"{', '.join(f'{x:.1%}' for x in ratios)}; mean {mean:.1%} "
+          f"(target >= {TARGET_RATIO:.0%}: {met})")
+    cpu_mean = sum(cpu_ratios) / len(cpu_ratios)
+    print(f"payments per server CPU-second under AUDIT / around it: "
+          f"{', '.join(f'{x:.1%}' for x in cpu_ratios)}; mean {cpu_mean:.1%} (what the child "
+          f"costs the server itself, whatever the machine's other tenants do)")
+    print(f"loadgen: {runs[0][1]['command']}")
+    print(f"server log: {len(logged)} audit, snapshot and slow-batch lines; the last ones:")
+    for line in logged[-10:]:
+        print(f"  {line}")
+
+
+# ------------------------------------------ the writer's cost of a forked child
+
+COW_ROUNDS = 2
+COW_BATCHES = 3_000                  # of 64 records: ~192k payments a measurement
+COW_BATCH_RECORDS = 64
+COW_KINDS = ("no child", "child shares all (as a snapshot's)", "audit child")
+COW_PAYMENTS = COW_ROUNDS * len(COW_KINDS) * COW_BATCHES * COW_BATCH_RECORDS
+
+
+def cow_child(eng, kind: str) -> int | None:
+    """A forked child that holds its copy-on-write image and sleeps: only
+    the pages it shares cost the writer. Returns its pid, once it is ready."""
+    if kind == "no child":
+        return None
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if kind == "audit child":
+                audit_fork.release_writer_pages(eng.state)
+            os.write(write_fd, b"r")
+            os.nice(19)
+            time.sleep(300)
+        finally:
+            os._exit(0)
+    os.read(read_fd, 1)
+    os.close(read_fd)
+    os.close(write_fd)
+    return pid
+
+
+def test_writer_cost_of_a_forked_child(bench):
+    """Page faults and CPU per payment of kernel PAY in this process while a
+    forked child sleeps on its image: what a snapshot child costs (it shares
+    every page), against the audit child (it first drops its share of what
+    the writer writes). Per CPU-second of this thread, so other tenants of
+    the machine count less than in the wall rate above."""
+    eng, info = bench.twin, bench.twin_info
+    for batch in pay_batches(info, max(1, PAYMENTS // BATCH), batch_records=BATCH, seed=17,
+                             start_payment_id=1 << 57):
+        eng.pay(batch)
+    batches = list(pay_batches(info, 200, batch_records=COW_BATCH_RECORDS, seed=19,
+                               start_payment_id=1 << 58))
+    out = np.zeros(COW_BATCH_RECORDS, PAY_RESULT)
+    rows = {kind: [] for kind in COW_KINDS}
+    for round_ in range(COW_ROUNDS):
+        for kind in COW_KINDS:
+            pid = cow_child(eng, kind)
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            cpu0 = time.thread_time()
+            for i in range(COW_BATCHES):
+                batch = batches[i % len(batches)]
+                batch["id"] += np.uint64(1 << 32)          # fresh ids each time
+                eng.kernel_pay(batch, info.now_ms, out)
+            cpu = time.thread_time() - cpu0
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            n = COW_BATCHES * COW_BATCH_RECORDS
+            rows[kind].append((1000 * faults / n, 1e6 * cpu / n))
+    print(f"\nthe writer's cost of a forked child ({eng.counts()['payments']:,} payments, "
+          f"{COW_ROUNDS} rounds of {COW_BATCHES * COW_BATCH_RECORDS:,} payments in batches of "
+          f"{COW_BATCH_RECORDS}; load {load()}):")
+    for kind, values in rows.items():
+        print(f"  {kind:<36} faults/1000 payments "
+              f"{', '.join(f'{f:.0f}' for f, _c in values):<12} CPU us/payment "
+              f"{', '.join(f'{c:.2f}' for _f, c in values)}")
