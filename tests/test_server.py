@@ -511,6 +511,22 @@ def reply_writes(server) -> dict:
             for sender in ("sender_thread", "event_loop")}
 
 
+async def pay_until_the_sender_thread_sends(server, c, first_id: int) -> int:
+    """Lone PAYs until the sender thread has sent one more reply; how many.
+    A reply whose fsync returns before the writer queued it goes out from
+    the event loop (a race a busy machine can win), so one lone PAY proves
+    nothing; an outlet that stays blocked never sends again (bounded)."""
+    before = reply_writes(server)["sender_thread"]
+    paid = 0
+    while reply_writes(server)["sender_thread"] == before:
+        assert paid < 50, reply_writes(server)
+        rid = 10_000_000 + first_id + paid
+        assert (await c.call(16, pay_body([first_id + paid], amount=1), request_id=rid))[2] == rid
+        paid += 1
+        await all_released(server)
+    return paid
+
+
 def test_replies_sent_after_the_fsync_by_the_sender_thread(tmp_path):
     """Durable PAY replies leave from the sender thread (ext/outlet.pyx);
     when a client stops reading and its socket fills, the rest of them go
@@ -521,9 +537,8 @@ def test_replies_sent_after_the_fsync_by_the_sender_thread(tmp_path):
         server = await started(tmp_path, unix=unix)
         c = await Raw.open(server, unix=unix)
         await world(c)
-        await c.call(16, pay_body([1], amount=1), request_id=1)
-        await all_released(server)
-        assert reply_writes(server) == {"sender_thread": 1, "event_loop": 0}
+        first = await pay_until_the_sender_thread_sends(server, c, 1)
+        assert reply_writes(server)["sender_thread"] == 1
         frames = 40                         # 40 x 88 KB of replies: more than the socket holds
         ids = [[10_000 * (f + 1) + k for k in range(1000)] for f in range(frames)]
         for f in range(frames):
@@ -538,19 +553,9 @@ def test_replies_sent_after_the_fsync_by_the_sender_thread(tmp_path):
         await all_released(server)
         writes = reply_writes(server)
         assert writes["event_loop"] >= 1, writes     # the socket filled: the event loop took over
-        # Drained: the sender thread takes over again. A reply whose fsync
-        # returns before the writer queued it goes out from the event loop
-        # (a race a busy machine can win): so pay until the sender thread
-        # has sent one, bounded. An outlet left blocked never sends again.
-        paid = 0
-        while reply_writes(server)["sender_thread"] == writes["sender_thread"]:
-            assert paid < 50, reply_writes(server)
-            assert (await c.call(16, pay_body([900 + paid], amount=1),
-                                 request_id=200 + paid))[2] == 200 + paid
-            paid += 1
-            await all_released(server)
+        paid = await pay_until_the_sender_thread_sends(server, c, 900)   # drained: again
         assert sum(reply_writes(server).values()) == sum(writes.values()) + paid
-        assert server.engine.counts()["payments"] == 1 + frames * 1000 + paid
+        assert server.engine.counts()["payments"] == first + frames * 1000 + paid
         await server.stop()
     run(main())
 
