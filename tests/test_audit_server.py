@@ -247,3 +247,48 @@ def test_the_child_reports_what_the_engine_reports_in_process():
     expected = eng.audit()
     assert expected["ok"] is True and "all 8000 payments" in payments_checked(expected)
     assert {key: report[key] for key in ("ok", "checks")} == expected
+
+
+def test_an_audit_that_saw_commands_a_storage_failure_dropped_is_unavailable(tmp_path,
+                                                                            monkeypatch):
+    """The child forks while a PAY is applied but its fsync is still held;
+    the fsync then fails, so the PAY is dropped and the state rebuilt. The
+    report the child sends afterwards checked a state holding that PAY: it
+    must not come back as the ledger's AUDIT (unavailable, retryable), and
+    the next AUDIT, on the rebuilt state, is ok without the PAY."""
+    import errno
+
+    from faulty_fs import GatedFs
+
+    from engine import Engine
+    audit_gate = str(tmp_path / "audit-gate")
+    monkeypatch.setattr(audit_fork, "CHILD_HOOK", gate_hook(audit_gate))
+
+    async def main():
+        fs = GatedFs()
+        engine = Engine(str(tmp_path / "data"), fs=fs)
+        server, c = await started_with_world(engine=engine)
+        payments_before = engine.counts()["payments"]
+        fsync_gate = fs.hold_next()         # the held fsync succeeds; the next one fails
+        c.send(PAY, 1, pay_body([1]))
+        await until(fs.entered.is_set, "the held fsync")
+        c.send(PAY, 2, pay_body([2]))       # applied behind it, durable never
+        await until(lambda: engine.counts()["payments"] == payments_before + 2,
+                    "the second PAY applied")
+        auditor = await Raw.open(server)
+        reply = await send_audit(server, auditor, outstanding=2)
+        await until(lambda: server.writer.audits.running is not None, "the audit child")
+        fs.fail("fdatasync", errno.EIO)
+        fsync_gate.set()
+        _op, flags, _rid, body = await c.recv()
+        assert not flags and np.frombuffer(body, PAY_RESULT)["status"][0] == Status.ok
+        assert error_of(await c.recv())["name"] == "unavailable"
+        fs.heal()
+        _flags, _reply = await c.map(43, {"users": [1]}, 3)     # rebuilds the state
+        assert engine.counts()["payments"] == payments_before + 1
+        open(audit_gate, "w").close()
+        failed = error_of(await reply)
+        assert failed["name"] == "unavailable" and failed["retryable"], failed
+        assert report_of(await audit_reply(auditor))["ok"]
+        await server.stop()
+    run(main())
