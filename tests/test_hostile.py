@@ -484,3 +484,33 @@ def test_the_bounded_listings_match_the_reference():
     pair.call("COUPONS", {"user": 1, "limit": 0})
     quote = pair.call("QUOTE", {"payer": 1, "merchant": 1, "amount": 1000, "coupons": [3090]})
     assert quote["explain_omitted"] == 6
+
+
+def test_get_payments_replies_are_built_off_the_writers_thread(monkeypatch):
+    """The writer only copies the rows a GET_PAYMENTS reply needs; the
+    reply's Python objects are made in the reply thread while the writer
+    goes on (engine/server/writer.py built_off_writer). The reply is the
+    same as the embedded Engine's, which builds it at once."""
+    import engine.core.ops.money as money
+    built_in = []
+    original = money.payment_result
+
+    def recording(*args):
+        built_in.append(threading.current_thread().name)
+        return original(*args)
+    monkeypatch.setattr(money, "payment_result", recording)
+
+    async def main():
+        server, c = await started_with_world()
+        _op, flags, _rid, _body = await c.call(16, pay_body([1, 2, 3]), 5)
+        assert not flags
+        flags, reply = await c.map(42, {"ids": [1, 2, 3, 99]}, 6)
+        assert not flags and [r["status"] for r in reply["results"]] == [
+            0, 0, 0, Status.payment_not_found]
+        assert reply == server.engine.call("GET_PAYMENTS", {"ids": [1, 2, 3, 99]})
+        await server.stop()
+    run(main())
+    over_the_wire = built_in[:3]
+    assert len(over_the_wire) == 3 and all(
+        name.startswith("scanpay-replies") for name in over_the_wire), built_in
+    assert built_in[3:] == [threading.main_thread().name] * 3     # the embedded call

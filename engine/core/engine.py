@@ -24,6 +24,7 @@ from engine.core import canonical, export, scope
 
 from engine.storage import durability
 from engine.core.command import Command
+from engine.core.ops.money import BuiltLater
 from engine.core.dispatch import (MAP_OPS, MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_EXPIRE, OP_ISSUE,
                        OP_PAY, OP_REFUND_RECORDS, PLANNED_OPS)
 from engine._kernel import TABLE_ROWS
@@ -457,7 +458,7 @@ class Engine:
             reply, durable = self.read_command(spec, request)
             if durable is not None:
                 durable.result()
-            return reply
+            return reply.build() if isinstance(reply, BuiltLater) else reply
         spec.check_body(request)
         try:
             body = msgspec.msgpack.encode(request)

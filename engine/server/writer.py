@@ -14,6 +14,7 @@ in one write. Queueing anything else closes the open batch, so work is still
 applied in arrival order.
 """
 import asyncio
+import concurrent.futures
 import collections
 import logging
 import threading
@@ -30,6 +31,7 @@ from engine.protocol.records import ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND
 from engine.core.scope import SCOPED_RECORD_OPS, filter_records
 from engine.server.threads import raise_thread_priority
 from engine.server.audit_fork import Audits
+from engine.core.ops.money import BuiltLater
 
 log = logging.getLogger("scanpay.writer")
 
@@ -193,6 +195,15 @@ class Writer:
         self.slow_log = SlowLog()
         # AUDIT runs in a forked child, off the writer (engine/server/audit_fork.py).
         self.audits = Audits(self)
+        # Big read replies (GET_PAYMENTS) are built off the writer's path: the
+        # writer copies the rows they need, this thread makes the Python
+        # objects (most of the cost) while the writer applies the next batches
+        # (the kernel releases the GIL). One thread: replies of one connection
+        # leave in request order anyway (their slots), and the connections'
+        # in-flight limits bound what waits for it.
+        self.reply_builder = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="scanpay-replies")
+        self.replies_building = set()           # asyncio futures of builds under way
 
     # -- intake -----------------------------------------------------------
 
@@ -237,6 +248,9 @@ class Writer:
         self.wake.set()
         if self.task is not None:
             await self.task
+        if self.replies_building:            # released reads still being built
+            await asyncio.wait(set(self.replies_building))
+        self.reply_builder.shutdown(wait=True)
         if self.sender is not None:
             self.courier.close()
             self.sender.join()
@@ -322,9 +336,31 @@ class Writer:
                 self.audits.request(group[0])
             else:
                 reply, durable = self.engine.read_command(group[0].spec, group[0].request)
-                self.schedule(durable, [(group[0].deliver, reply)])
+                self.schedule(durable, [(self.built_off_writer(group[0].deliver), reply)])
         except EngineError as error:        # unavailable storage, a refused body
             self.schedule(None, [(w.deliver, error) for w in group])
+
+    def built_off_writer(self, deliver):
+        """`deliver`, except that a BuiltLater reply (rows copied by the
+        writer) is built in the reply thread first, then delivered on the
+        event loop. Released replies arrive here in order; a failed storage's
+        Unavailable goes straight through."""
+        def deliver_built(value) -> None:
+            if not isinstance(value, BuiltLater):
+                return deliver(value)
+            future = self.loop.run_in_executor(self.reply_builder, value.build)
+            self.replies_building.add(future)
+            future.add_done_callback(lambda done: self.built(done, deliver))
+        return deliver_built
+
+    def built(self, done, deliver) -> None:
+        self.replies_building.discard(done)
+        error = None if done.cancelled() else done.exception()
+        if done.cancelled() or error is not None:
+            log.error("building a read reply failed: %r", error)
+            return deliver(Unavailable("building the reply failed (see the server log); "
+                                       "nothing was changed; retry"))
+        deliver(done.result())
 
     def process_records(self, group: list) -> None:
         op = group[0].op

@@ -193,34 +193,59 @@ def get_payments(state: State, request, now: int, draws) -> dict:
     except Invalid as e:
         return {**failure(e.status, str(e)), "results": []}
     scope = parse_scope(request)
-    outside = payments_outside(state.ledger, ids, scope)
-    views = payment_views(state.ledger, ids)
-    return {"status": 0, "results": [
-        {"id": i, "status": int(Status.forbidden), "error": Status.forbidden.name} if out
-        else view for i, out, view in zip(ids, outside.tolist(), views)]}
+    outside = payments_outside(state.ledger, ids, scope).tolist()
+    gathered = gather_payments(state.ledger, ids)
+
+    def build() -> dict:
+        views = build_payment_views(ids, gathered)
+        return {"status": 0, "results": [
+            {"id": i, "status": int(Status.forbidden), "error": Status.forbidden.name} if out
+            else view for i, out, view in zip(ids, outside, views)]}
+    return BuiltLater(build)
 
 
-def payment_views(ledger, ids: list) -> list:
-    """GET_PAYMENTS results for `ids`, in order. The rows are gathered with
-    one numpy copy per column and turned into Python values in bulk: field by
-    field access to numpy records cost about 50 us a payment, and the writer
-    (and every PAY batch behind it) waited for all of them."""
+class BuiltLater:
+    """A read reply whose rows are already copied out of the ledger, and
+    whose Python objects are built by `build()`, wherever the caller likes:
+    the server builds them in its reply thread, off the writer's path
+    (engine/server/writer.py), the embedded Engine at once."""
+    __slots__ = ("build",)
+
+    def __init__(self, build):
+        self.build = build
+
+
+def gather_payments(ledger, ids: list) -> dict:
+    """The ledger's rows for `ids`, copied (numpy fancy indexing copies):
+    all a GET_PAYMENTS reply needs, so it can be built after the writer has
+    moved on. One numpy copy per column: field by field access to numpy
+    records cost about 50 us a payment."""
     slots = np.array([ledger.find("payments", i) if i else -1 for i in ids], np.int64)
-    rows = slots[slots >= 0]
-    pm = ledger.pay_meta[rows]
-    req = ledger.pay_req[rows]
+    pm = ledger.pay_meta[slots[slots >= 0]]
+    used = np.arange(pm["coupon"].shape[1]) < pm["coupon_count"].astype(np.int64)[:, None]
+    coupon_slots = pm["coupon"][used].astype(np.int64)     # the applied ones, row by row
+    stocks = ledger.coupons["stock"][coupon_slots]
+    return {"slots": slots, "pm": pm, "req": ledger.pay_req[slots[slots >= 0]],
+            "payer": ledger.users["id"][pm["user"]],
+            "coupon_id": ledger.coupons["id"][coupon_slots],
+            "stock_id": ledger.stocks["id"][stocks], "funder": ledger.stocks["funder"][stocks]}
+
+
+def build_payment_views(ids: list, gathered: dict) -> list:
+    """GET_PAYMENTS results for `ids`, in order, from gather_payments' copy."""
+    pm, req = gathered["pm"], gathered["req"]
     column = {name: pm[name].tolist() for name in (
         "amount", "authorized_amount", "cash", "discount", "fee", "refunded_amount",
         "refunded_cash", "refunded_fee", "state", "created_at", "completed_at",
         "hold_expires_at", "released", "coupon_count")}
-    column["payer"] = ledger.users["id"][pm["user"]].tolist()
+    column["payer"] = gathered["payer"].tolist()
     column["refunded_discount"] = pm["refunded_part"].sum(axis=1).tolist()
     for name in ("merchant", "user_data", "goods_tag"):
         column[name] = req[name].tolist()
-    coupons = coupon_parts(ledger, pm)
+    coupons = coupon_parts(gathered)
     results = []
     found = 0
-    for payment_id, slot in zip(ids, slots.tolist()):
+    for payment_id, slot in zip(ids, gathered["slots"].tolist()):
         if slot < 0:
             results.append(not_found(payment_id, Status.payment_not_found))
             continue
@@ -232,17 +257,16 @@ def payment_views(ledger, ids: list) -> list:
 
 def payment_view(ledger, payment_id: int) -> dict:
     """One GET_PAYMENTS result (payment_views for many)."""
-    return payment_views(ledger, [payment_id])[0]
+    return build_payment_views([payment_id], gather_payments(ledger, [payment_id]))[0]
 
 
-def coupon_parts(ledger, pm) -> list:
-    """Per payment row of `pm`, its applied coupons (GET_PAYMENTS `coupons`)."""
+def coupon_parts(gathered: dict) -> list:
+    """Per payment row, its applied coupons (GET_PAYMENTS `coupons`)."""
+    pm = gathered["pm"]
     count = pm["coupon_count"].astype(np.int64)
     used = np.arange(pm["coupon"].shape[1]) < count[:, None]
-    slots = pm["coupon"][used].astype(np.int64)
-    stocks = ledger.coupons["stock"][slots]
-    flat = zip(ledger.coupons["id"][slots].tolist(), ledger.stocks["id"][stocks].tolist(),
-               ledger.stocks["funder"][stocks].tolist(), pm["applied"][used].tolist(),
+    flat = zip(gathered["coupon_id"].tolist(), gathered["stock_id"].tolist(),
+               gathered["funder"].tolist(), pm["applied"][used].tolist(),
                pm["refunded_part"][used].tolist())
     released = pm["released"].tolist()
     parts = []
