@@ -339,9 +339,9 @@ def test_a_slow_batch_is_logged_with_what_it_was(caplog):
         server, c = await started_with_world()
         engine, write_command = server.engine, server.engine.write_command
 
-        def slow_write_command(op, body, draws=()):
+        def slow_write_command(op, body, draws=(), **options):
             time.sleep(0.15)                # over the writer's SLOW_MS (100 ms)
-            return write_command(op, body, draws)
+            return write_command(op, body, draws, **options)
         engine.write_command = slow_write_command
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="scanpay.writer"):
@@ -516,7 +516,11 @@ def test_replies_sent_after_the_fsync_by_the_sender_thread(tmp_path):
     read everything, the sender thread takes over again."""
     async def main():
         unix = str(tmp_path / "scanpay.sock")
-        server = await started(tmp_path, unix=unix)
+        # The fixed window (commit_siblings = 0), long: every fsync starts
+        # after the writer has queued its replies for the sender thread. (A
+        # lone request is otherwise synced at once, and a fast fsync may
+        # return first: then the event loop writes its reply.)
+        server = await started(tmp_path, unix=unix, commit_siblings=0, commit_interval_us=20_000)
         c = await Raw.open(server, unix=unix)
         await world(c)
         await c.call(16, pay_body([1], amount=1), request_id=1)
