@@ -129,3 +129,49 @@ def test_requesters_from_many_threads_share_fsyncs(tmp_path):
         for durable in durables:
             durable.result(timeout=10)
         assert len(durables) == 40 and len(syncs) < 40
+
+
+def test_a_server_shares_fsyncs_among_connections_paying_at_once(tmp_path):
+    """Connections paying while an fsync runs share the next one, and it
+    takes the window: the writer counts each connection's share of a batch
+    as a requester (one batch of 15 connections is 15, not 1)."""
+    import asyncio
+
+    import numpy as np
+    from engine.records import PAY_RESULT
+    from engine.status import Status
+    from test_server import Raw, pay_body, started, world
+
+    class SlowerFs(SlowFs):
+        def fdatasync(self, fd):
+            time.sleep(0.03)                # the others all arrive during one
+            super().fdatasync(fd)
+
+    async def main():
+        fs = SlowerFs()
+        # A 100 ms window: longer than the slow fsync, so a wait remains.
+        eng = Engine(str(tmp_path / "data"), fs=fs, commit_interval_us=100_000)
+        server = await started(tmp_path, engine=eng)
+        setup = await Raw.open(server)
+        await world(setup)
+        clients = [await Raw.open(server) for _ in range(16)]
+        syncs = []
+        storage_sync = eng.storage.sync
+        eng.storage.sync = lambda: syncs.append(1) or storage_sync()
+        fs.syncing.clear()
+        waits = eng.commit_waits
+        clients[0].send(16, 0, pay_body([1000], amount=1))
+        for _ in range(1000):               # its fsync has begun (at once: idle)
+            if fs.syncing.is_set():
+                break
+            await asyncio.sleep(0.001)
+        for n, c in enumerate(clients[1:], 1):
+            c.send(16, n, pay_body([1000 + n], amount=1))
+        replies = [await c.recv(timeout=10) for c in clients]
+        assert [rid for _op, _flags, rid, _body in replies] == list(range(16))
+        assert all((np.frombuffer(body, PAY_RESULT)["status"] == Status.ok).all()
+                   for _op, _flags, _rid, body in replies)
+        assert len(syncs) == 2, syncs       # the lone first, then the 15 together
+        assert eng.commit_waits == waits + 1    # only the 15 waited for the window
+        await server.stop()
+    asyncio.run(main())
