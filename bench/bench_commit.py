@@ -9,8 +9,10 @@ default `commit_interval_us` (1500), in two settings: "fixed" with
 `commit_siblings = 0` (every fsync starts at least the window after the
 previous one started: the rule before issue 16) and "adaptive" with the
 default `commit_siblings`. Each scenario is measured in both settings in
-turn, `--rounds` times (fixed, adaptive, fixed, adaptive, ...), so the
-machine's noise falls on both; every figure is printed per round.
+turn, `--rounds` times, in ABBA order (fixed, adaptive, adaptive, fixed,
+...): a run can meet the writeback of the one before it, so neither setting
+always goes second; before each run the disk is synced and the machine
+rests `--pause` seconds. Every figure is printed per round.
 
 Every run is on a fresh server (one server at a time: the payments table
 is allocated up front, and the machine's memory is shared), so no run
@@ -24,8 +26,9 @@ Scenarios (bench/loadgen.py, a separate client process):
   loop;
 - open loop at 100 k/s: 64 connections, single-record frames;
 - batched: frames of 8,190 records, 4 connections x 2 in flight (at most 2 s).
-Reported: payments/s, latency p50 / p99 (ms), and the fsyncs a second and the
-mean kernel batch from the server's metrics.
+Reported: payments/s, latency p50 / p99 (ms), and from the server's metrics
+the fsyncs a second, how many of them waited for the window
+(`scanpay_commit_waits_total`) and the mean kernel batch.
 """
 from __future__ import annotations
 
@@ -106,6 +109,7 @@ def loadgen(server, pool_path: str, id_base: int, seconds: float, records: int,
 
 def measure(server, pool_path: str, id_base: int, seconds: float, kw: dict) -> dict:
     f_n0 = server.metric("scanpay_fsync_seconds_count")
+    w_n0 = server.metric("scanpay_commit_waits_total")
     b_sum0, b_n0 = (server.metric("scanpay_batch_records_sum"),
                     server.metric("scanpay_batch_records_count"))
     out = loadgen(server, pool_path, id_base, seconds, **kw)
@@ -115,6 +119,7 @@ def measure(server, pool_path: str, id_base: int, seconds: float, kw: dict) -> d
     errors = sum(out.get("errors", {}).values()) if isinstance(out.get("errors"), dict) else 0
     return {"rate": round(out["rate"]), "p50_ms": lat["p50"] / 1000, "p99_ms": lat["p99"] / 1000,
             "fsyncs_per_s": round((server.metric("scanpay_fsync_seconds_count") - f_n0) / wall),
+            "waits_per_s": round((server.metric("scanpay_commit_waits_total") - w_n0) / wall),
             "mean_batch": round((server.metric("scanpay_batch_records_sum") - b_sum0) / b_n, 1)
             if b_n else None, "errors": errors}
 
@@ -125,10 +130,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help=f"alternations (<= {ROUNDS_MAX})")
     p.add_argument("--users", type=int, default=20_000)
     p.add_argument("--scenarios", default="", help="comma-separated substrings; default all")
+    p.add_argument("--pause", type=float, default=3.0,
+                   help="seconds of rest (after a sync) before each run (default 3)")
     p.add_argument("--out", help="also write every figure as JSON here")
     args = p.parse_args(argv)
-    if not 1 <= args.rounds <= ROUNDS_MAX or args.seconds <= 0:
-        p.error(f"--rounds in 1..{ROUNDS_MAX} and --seconds > 0")
+    if not 1 <= args.rounds <= ROUNDS_MAX or args.seconds <= 0 or not 0 <= args.pause <= 60:
+        p.error(f"--rounds in 1..{ROUNDS_MAX}, --seconds > 0 and --pause in 0..60")
     spec = World(users=args.users, merchants=max(args.users // 100, 10),
                  stocks=max(args.users // 1000, 5), coupons_per_user=3, seed=11, districts=20,
                  malls=50, topup_per_user_min=10**11, topup_per_user_max=10**11,
@@ -142,8 +149,13 @@ def main(argv=None) -> int:
         for name, (kw, capacity, seconds_max) in scenarios.items():
             seconds = min(args.seconds, seconds_max)
             for rnd in range(args.rounds):
-                for policy, siblings in POLICIES.items():
+                # ABBA: the second run of a pair may meet the first's writeback,
+                # so each setting goes first in every other round.
+                order = list(POLICIES.items())[::1 if rnd % 2 == 0 else -1]
+                for policy, siblings in order:
                     runs += 1
+                    os.sync()               # the last run's journal written back first
+                    time.sleep(args.pause)
                     server, pool_path = start(os.path.join(tmp, f"run-{runs}"), siblings, spec,
                                               capacity)
                     try:
@@ -157,7 +169,7 @@ def main(argv=None) -> int:
                     results[name][policy].append(r)
                     print(f"{name:34} round {rnd + 1} {policy:8} {r['rate']:>9,}/s  "
                           f"p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  "
-                          f"fsyncs {r['fsyncs_per_s']:>5}/s  batch {r['mean_batch']}  "
+                          f"fsyncs {r['fsyncs_per_s']:>5}/s (waited {r['waits_per_s']:>5}/s)  batch {r['mean_batch']}  "
                           f"errors {r['errors']}  load {bs.load()}", flush=True)
     print(f"load after: {bs.load()}")
     print_table(results)

@@ -93,6 +93,7 @@ class SyncFuture(concurrent.futures.Future):
         super().__init__()
         self.sync_started_at = 0.0
         self.synced_at = 0.0
+        self.waited = False     # it waited for the group-commit window first
 
 
 class Engine:
@@ -319,10 +320,11 @@ class Engine:
                     self._sync_pool.submit(self._sync_worker)
             return self._sync_waiting
 
-    def _commit_wait(self, idle: bool) -> None:
-        """Before an fsync: the group-commit window, if the rule says it pays."""
+    def _commit_wait(self, idle: bool) -> bool:
+        """Before an fsync: the group-commit window, if the rule says it
+        pays. True if it waited."""
         if not self._commit_interval_s:
-            return
+            return False
         with self._sync_lock:
             requesters = self._sync_requesters
         now = time.perf_counter()
@@ -333,13 +335,14 @@ class Engine:
             time.sleep(wait_s)
             now = time.perf_counter()
         self._sync_started_at = now
+        return wait_s > 0
 
     def _sync_worker(self) -> None:
         """The sync thread: fsync for the waiting requests until none wait.
         The first fsync of a run serves requests that found it idle."""
         idle = True
         while True:
-            self._commit_wait(idle)
+            waited = self._commit_wait(idle)
             idle = False
             with self._sync_lock:
                 future, self._sync_waiting = self._sync_waiting, None
@@ -347,6 +350,7 @@ class Engine:
                 if future is None:
                     self._sync_busy = False
                     return
+            future.waited = waited
             future.sync_started_at = time.perf_counter()
             try:
                 durable_seq = self.storage.sync()

@@ -140,7 +140,7 @@ def test_a_server_shares_fsyncs_among_connections_paying_at_once(tmp_path):
     import numpy as np
     from engine.records import PAY_RESULT
     from engine.status import Status
-    from test_server import Raw, pay_body, started, world
+    from test_server import Raw, all_released, pay_body, started, world
 
     class SlowerFs(SlowFs):
         def fdatasync(self, fd):
@@ -173,5 +173,7 @@ def test_a_server_shares_fsyncs_among_connections_paying_at_once(tmp_path):
                    for _op, _flags, _rid, body in replies)
         assert len(syncs) == 2, syncs       # the lone first, then the 15 together
         assert eng.commit_waits == waits + 1    # only the 15 waited for the window
+        await all_released(server)          # and the operator's metric says so
+        assert server.metrics.commit_waits._value.get() == 1
         await server.stop()
     asyncio.run(main())
