@@ -145,38 +145,44 @@ def main(argv=None) -> int:
     print(f"machine: {bs.machine()}; load before: {bs.load()}", flush=True)
     results = {name: {policy: [] for policy in POLICIES} for name in scenarios}
     with tempfile.TemporaryDirectory(prefix="scanpay-bench-commit-") as tmp:
-        runs = 0
         for name, (kw, capacity, seconds_max) in scenarios.items():
-            seconds = min(args.seconds, seconds_max)
-            for rnd in range(args.rounds):
-                # ABBA: the second run of a pair may meet the first's writeback,
-                # so each setting goes first in every other round.
-                order = list(POLICIES.items())[::1 if rnd % 2 == 0 else -1]
-                for policy, siblings in order:
-                    runs += 1
-                    os.sync()               # the last run's journal written back first
-                    time.sleep(args.pause)
-                    server, pool_path = start(os.path.join(tmp, f"run-{runs}"), siblings, spec,
-                                              capacity)
-                    try:
-                        r = measure(server, pool_path, 1 << 40, seconds, kw)
-                    except (RuntimeError, subprocess.TimeoutExpired) as error:
-                        print(f"{name:34} round {rnd + 1} {policy:8} FAILED: {error}",
-                              flush=True)     # reported, not hidden: the others still run
-                        continue
-                    finally:
-                        server.stop()
-                    results[name][policy].append(r)
-                    print(f"{name:34} round {rnd + 1} {policy:8} {r['rate']:>9,}/s  "
-                          f"p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  "
-                          f"fsyncs {r['fsyncs_per_s']:>5}/s (waited {r['waits_per_s']:>5}/s)  batch {r['mean_batch']}  "
-                          f"errors {r['errors']}  load {bs.load()}", flush=True)
+            run_scenario(tmp, name, kw, capacity, min(args.seconds, seconds_max), args, spec,
+                         results[name])
     print(f"load after: {bs.load()}")
     print_table(results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     return 0
+
+
+def run_scenario(tmp: str, name: str, kw: dict, capacity: int, seconds: float, args,
+                 spec: World, results: dict) -> None:
+    """`args.rounds` rounds of the scenario in each setting, ABBA, each run
+    on a fresh server; the figures appended to results[policy]."""
+    for rnd in range(args.rounds):
+        # ABBA: the second run of a pair may meet the first's writeback,
+        # so each setting goes first in every other round.
+        order = list(POLICIES.items())[::1 if rnd % 2 == 0 else -1]
+        for policy, siblings in order:
+            os.sync()                       # the last run's journal written back first
+            time.sleep(args.pause)
+            root = tempfile.mkdtemp(prefix="run-", dir=tmp)
+            os.rmdir(root)                  # start() makes it
+            server, pool_path = start(root, siblings, spec, capacity)
+            try:
+                r = measure(server, pool_path, 1 << 40, seconds, kw)
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                print(f"{name:34} round {rnd + 1} {policy:8} FAILED: {error}",
+                      flush=True)           # reported, not hidden: the others still run
+                continue
+            finally:
+                server.stop()
+            results[policy].append(r)
+            print(f"{name:34} round {rnd + 1} {policy:8} {r['rate']:>9,}/s  "
+                  f"p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  "
+                  f"fsyncs {r['fsyncs_per_s']:>5}/s (waited {r['waits_per_s']:>5}/s)  "
+                  f"batch {r['mean_batch']}  errors {r['errors']}  load {bs.load()}", flush=True)
 
 
 def print_table(results: dict) -> None:

@@ -52,8 +52,7 @@ class Config:
     snapshot_mb_per_s: Range(0) = 64     # pacing of snapshot writes; 0 = full speed
     commit_interval_us: Range(0, 100_000) = 1500   # group commit: the longest wait before an fsync
     # The window is taken only when the fsync covers at least this many
-    # requesters journaled during the one before (engine/group_commit.py);
-    # 0 = always (the fixed window).
+    # requesters (engine/group_commit.py); 0 = always (the fixed window).
     commit_siblings: Range(0, 1_000_000) = COMMIT_SIBLINGS_DEFAULT
     direct_replies: bool = True          # PAY replies sent by the sender thread after the fsync
     journal_prealloc: bool = True        # journal segments zero-filled ahead (cheaper fsyncs)

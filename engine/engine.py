@@ -148,10 +148,10 @@ class Engine:
         self._sync_lock = threading.Lock()
         self._sync_waiting = None       # the future the next fsync completes
         self._sync_busy = False         # the sync thread is running fsyncs
-        # Group commit window (engine/group_commit.py): under load (at
-        # least commit_siblings requesters journaled during the previous
-        # fsync) an fsync starts up to this long after the one before, and
-        # covers everything journaled meanwhile; otherwise at once. The
+        # Group commit window (engine/group_commit.py): under load (the
+        # fsync covers at least commit_siblings requesters) an fsync starts
+        # up to this long after the one before, and covers everything
+        # journaled meanwhile; otherwise at once. The
         # server sets it (Config.commit_interval_us); an embedded engine,
         # whose callers wait for each write in turn, leaves it 0.
         assert commit_interval_us >= 0 and commit_siblings >= 0
@@ -320,7 +320,7 @@ class Engine:
                     self._sync_pool.submit(self._sync_worker)
             return self._sync_waiting
 
-    def _commit_wait(self, idle: bool) -> bool:
+    def _commit_wait(self) -> bool:
         """Before an fsync: the group-commit window, if the rule says it
         pays. True if it waited."""
         if not self._commit_interval_s:
@@ -328,8 +328,8 @@ class Engine:
         with self._sync_lock:
             requesters = self._sync_requesters
         now = time.perf_counter()
-        wait_s = commit_wait_s(self._commit_interval_s, self._commit_siblings, idle,
-                               requesters, now - self._sync_started_at)
+        wait_s = commit_wait_s(self._commit_interval_s, self._commit_siblings, requesters,
+                               now - self._sync_started_at)
         if wait_s > 0:
             self.commit_waits += 1
             time.sleep(wait_s)
@@ -338,12 +338,9 @@ class Engine:
         return wait_s > 0
 
     def _sync_worker(self) -> None:
-        """The sync thread: fsync for the waiting requests until none wait.
-        The first fsync of a run serves requests that found it idle."""
-        idle = True
+        """The sync thread: fsync for the waiting requests until none wait."""
         while True:
-            waited = self._commit_wait(idle)
-            idle = False
+            waited = self._commit_wait()
             with self._sync_lock:
                 future, self._sync_waiting = self._sync_waiting, None
                 self._sync_requesters = 0

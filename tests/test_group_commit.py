@@ -21,29 +21,25 @@ def wallets(user: int) -> bytes:
 
 
 def test_a_lone_request_is_synced_with_no_added_wait():
-    # It found the sync thread idle: at once, however recent the last fsync.
+    # However recent the last fsync: at once.
     for since_s in (0.0, 0.0002, 0.001):
-        assert commit_wait_s(WINDOW_S, COMMIT_SIBLINGS_DEFAULT, True, 1, since_s) == 0.0
-    # It came while the last fsync was returning: alone, still at once.
-    assert commit_wait_s(WINDOW_S, COMMIT_SIBLINGS_DEFAULT, False, 1, 0.0002) == 0.0
+        assert commit_wait_s(WINDOW_S, COMMIT_SIBLINGS_DEFAULT, 1, since_s) == 0.0
     # The fixed window (commit_siblings = 0) made it wait the rest of the window.
-    assert commit_wait_s(WINDOW_S, 0, True, 1, 0.0005) == pytest.approx(0.001)
+    assert commit_wait_s(WINDOW_S, 0, 1, 0.0005) == pytest.approx(0.001)
 
 
 def test_the_window_is_taken_only_for_enough_requesters_and_is_bounded():
     siblings = COMMIT_SIBLINGS_DEFAULT
-    assert commit_wait_s(WINDOW_S, siblings, False, siblings - 1, 0.0005) == 0.0
-    assert commit_wait_s(WINDOW_S, siblings, False, siblings, 0.0005) == pytest.approx(0.001)
-    assert commit_wait_s(WINDOW_S, siblings, False, 500, 0.0) == pytest.approx(WINDOW_S)
+    assert commit_wait_s(WINDOW_S, siblings, siblings - 1, 0.0005) == 0.0
+    assert commit_wait_s(WINDOW_S, siblings, siblings, 0.0005) == pytest.approx(0.001)
+    assert commit_wait_s(WINDOW_S, siblings, 500, 0.0) == pytest.approx(WINDOW_S)
     # Never more than one window, and nothing once it has passed.
-    assert commit_wait_s(WINDOW_S, siblings, False, 500, -5.0) == pytest.approx(WINDOW_S)
-    assert commit_wait_s(WINDOW_S, siblings, False, 500, 0.002) == 0.0
-    # Even a busy idle-start group is synced at once: it found the journal idle.
-    assert commit_wait_s(WINDOW_S, siblings, True, 500, 0.0) == 0.0
+    assert commit_wait_s(WINDOW_S, siblings, 500, -5.0) == pytest.approx(WINDOW_S)
+    assert commit_wait_s(WINDOW_S, siblings, 500, 0.002) == 0.0
     # No window configured (the embedded engine): never a wait.
-    assert commit_wait_s(0.0, 0, False, 500, 0.0) == 0.0
+    assert commit_wait_s(0.0, 0, 500, 0.0) == 0.0
     with pytest.raises(ValueError):
-        commit_wait_s(WINDOW_S, -1, False, 1, 0.0)
+        commit_wait_s(WINDOW_S, -1, 1, 0.0)
 
 
 class SleepLog:

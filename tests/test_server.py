@@ -722,17 +722,20 @@ def test_capacity_from_the_config_file_and_flags_sizes_the_tables(tmp_path):
 def test_durability_settings_come_from_the_config_file_and_are_checked(tmp_path):
     from engine.config import load
     toml = tmp_path / "scanpay.toml"
-    toml.write_text("[server]\ncommit_interval_us = 800\nsnapshot_mb_per_s = 20\n"
-                    "snapshot_every_mb = 256\nsnapshot_every_entries = 5000\n")
+    toml.write_text("[server]\ncommit_interval_us = 800\ncommit_siblings = 2\n"
+                    "snapshot_mb_per_s = 20\nsnapshot_every_mb = 256\n"
+                    "snapshot_every_entries = 5000\n")
     config = load(str(toml), {})
     config.data = str(tmp_path / "data")
     server = Server(config)
     storage = server.engine.storage
     assert server.engine._commit_interval_s == 0.0008
+    assert server.engine._commit_siblings == 2
     assert (storage.snapshot_mb_per_s, storage.snapshot_every_bytes,
             storage.snapshot_every_entries) == (20, 256 << 20, 5000)
     server.engine.close()
     for setting, bad in (("commit_interval_us", -1), ("commit_interval_us", 100_001),
+                         ("commit_siblings", -1), ("commit_siblings", "5"),
                          ("snapshot_mb_per_s", -5), ("snapshot_every_mb", 0),
                          ("snapshot_every_entries", True), ("direct_replies", 1),
                          ("journal_prealloc", "yes"), ("io_threads_nice", 1),
