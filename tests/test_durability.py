@@ -961,7 +961,9 @@ def test_commit_interval_spaces_the_fsyncs_and_each_covers_what_came_meanwhile(t
     from engine.core.dispatch import MAP_OPS
     wallets = MAP_OPS["WALLETS"].code
     interval_s = 0.03
-    with Engine(str(tmp_path / "data"), commit_interval_us=int(interval_s * 1e6)) as eng:
+    # The fixed window (commit_siblings = 0): every fsync waits for it.
+    with Engine(str(tmp_path / "data"), commit_interval_us=int(interval_s * 1e6),
+                commit_siblings=0) as eng:
         started = []                        # when each journal sync began
         storage_sync = eng.storage.sync
         eng.storage.sync = lambda: started.append(time.perf_counter()) or storage_sync()

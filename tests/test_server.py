@@ -341,9 +341,9 @@ def test_a_slow_batch_is_logged_with_what_it_was(caplog):
         server, c = await started_with_world()
         engine, write_command = server.engine, server.engine.write_command
 
-        def slow_write_command(op, body, draws=()):
+        def slow_write_command(op, body, draws=(), **options):
             time.sleep(0.15)                # over the writer's SLOW_MS (100 ms)
-            return write_command(op, body, draws)
+            return write_command(op, body, draws, **options)
         engine.write_command = slow_write_command
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="scanpay.writer"):
@@ -534,7 +534,11 @@ def test_replies_sent_after_the_fsync_by_the_sender_thread(tmp_path):
     read everything, the sender thread takes over again."""
     async def main():
         unix = str(tmp_path / "scanpay.sock")
-        server = await started(tmp_path, unix=unix)
+        # The fixed window (commit_siblings = 0), long: every fsync starts
+        # after the writer has queued its replies for the sender thread. (A
+        # lone request is otherwise synced at once, and a fast fsync may
+        # return first: then the event loop writes its reply.)
+        server = await started(tmp_path, unix=unix, commit_siblings=0, commit_interval_us=20_000)
         c = await Raw.open(server, unix=unix)
         await world(c)
         first = await pay_until_the_sender_thread_sends(server, c, 1)
@@ -732,17 +736,20 @@ def test_capacity_from_the_config_file_and_flags_sizes_the_tables(tmp_path):
 def test_durability_settings_come_from_the_config_file_and_are_checked(tmp_path):
     from engine.server.config import load
     toml = tmp_path / "scanpay.toml"
-    toml.write_text("[server]\ncommit_interval_us = 800\nsnapshot_mb_per_s = 20\n"
-                    "snapshot_every_mb = 256\nsnapshot_every_entries = 5000\n")
+    toml.write_text("[server]\ncommit_interval_us = 800\ncommit_siblings = 2\n"
+                    "snapshot_mb_per_s = 20\nsnapshot_every_mb = 256\n"
+                    "snapshot_every_entries = 5000\n")
     config = load(str(toml), {})
     config.data = str(tmp_path / "data")
     server = Server(config)
     storage = server.engine.storage
     assert server.engine._commit_interval_s == 0.0008
+    assert server.engine._commit_siblings == 2
     assert (storage.snapshot_mb_per_s, storage.snapshot_every_bytes,
             storage.snapshot_every_entries) == (20, 256 << 20, 5000)
     server.engine.close()
     for setting, bad in (("commit_interval_us", -1), ("commit_interval_us", 100_001),
+                         ("commit_siblings", -1), ("commit_siblings", "5"),
                          ("snapshot_mb_per_s", -5), ("snapshot_every_mb", 0),
                          ("snapshot_every_entries", True), ("direct_replies", 1),
                          ("journal_prealloc", "yes"), ("io_threads_nice", 1),

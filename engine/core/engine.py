@@ -30,6 +30,7 @@ from engine.core.dispatch import (MAP_OPS, MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, 
 from engine._kernel import TABLE_ROWS
 from engine.storage.durability import Storage
 from engine.protocol.errors import BadBody, Unavailable, UnknownOp
+from engine.core.group_commit import COMMIT_SIBLINGS_DEFAULT, commit_wait_s
 from engine.storage.journal import JournalError
 from engine.protocol.records import (CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
                       PAYMENT_CODE_MAX, PAYMENT_CODE_MIN, REFUND_RECORD, REFUND_RESULT)
@@ -95,6 +96,7 @@ class SyncFuture(concurrent.futures.Future):
         super().__init__()
         self.sync_started_at = 0.0
         self.synced_at = 0.0
+        self.waited = False     # it waited for the group-commit window first
 
 
 class Engine:
@@ -110,6 +112,7 @@ class Engine:
                  tz_offset_ms: int = TZ_OFFSET_MS_DEFAULT,
                  hold_ms: int = HOLD_MS_DEFAULT, currency: str = "CNY",
                  capacity: dict | None = None, commit_interval_us: int = 0,
+                 commit_siblings: int = COMMIT_SIBLINGS_DEFAULT,
                  io_threads_nice: int = 0, **storage_options):
         self.clock = clock or wall_clock_ms
         self.code_source = code_source or random_payment_code
@@ -148,13 +151,18 @@ class Engine:
         self._sync_lock = threading.Lock()
         self._sync_waiting = None       # the future the next fsync completes
         self._sync_busy = False         # the sync thread is running fsyncs
-        # Group commit window: an fsync starts at least this long after the
-        # one before, and covers everything journaled meanwhile. A server
-        # under load sets it (Config.commit_interval_us); callers that wait
-        # for each write in turn leave it 0.
-        assert commit_interval_us >= 0
+        # Group commit window (engine/core/group_commit.py): under load (the
+        # fsync covers at least commit_siblings requesters) an fsync starts
+        # up to this long after the one before, and covers everything
+        # journaled meanwhile; otherwise at once. The
+        # server sets it (Config.commit_interval_us); an embedded engine,
+        # whose callers wait for each write in turn, leaves it 0.
+        assert commit_interval_us >= 0 and commit_siblings >= 0
         self._commit_interval_s = commit_interval_us / 1e6
+        self._commit_siblings = commit_siblings
         self._sync_started_at = 0.0
+        self._sync_requesters = 0       # requesters the next fsync covers so far
+        self.commit_waits = 0           # fsyncs that waited for the window
         # Called in the sync thread with each fsync's future once that fsync
         # has returned, before the future completes: the server's writer
         # hands the replies it covers to its sender thread (ext/outlet.pyx).
@@ -276,14 +284,14 @@ class Engine:
         request = msgspec.msgpack.decode(command.body)
         return spec.apply(self.state, request, command.now, command.draws)
 
-    def _begin(self, command: Command):
+    def _begin(self, command: Command, requesters: int = 1):
         """Journal the command and start the fsync that covers it, in a worker
         thread, so that it runs while the kernel applies (without the GIL).
         Returns the future of that fsync (None for an in-memory engine)."""
         if self.storage is None:
             return None
         self._applied_seq = self.storage.append(command)
-        return self._request_sync()
+        return self._request_sync(requesters)
 
     def _command(self, op: int, body, draws) -> Command:
         """The next command, stamped, once the state is current and the
@@ -298,14 +306,16 @@ class Engine:
                                   "journal; retry")
         return Command(op, self._now(), tuple(draws), body)
 
-    def _request_sync(self):
+    def _request_sync(self, requesters: int = 1):
         """A future done once everything appended so far is durable.
 
         Group commit: one fsync runs at a time, and every request made while
         it runs shares the single next one, which covers them all. (A sync job
         per command would queue thousands a second behind one another, each
-        waiting for the GIL, and every reply behind them.)"""
+        waiting for the GIL, and every reply behind them.) `requesters`: how
+        many reply destinations wait for this command (the window's rule)."""
         with self._sync_lock:
+            self._sync_requesters += requesters
             if self._sync_waiting is None:
                 self._sync_waiting = SyncFuture()
                 if not self._sync_busy:
@@ -313,19 +323,34 @@ class Engine:
                     self._sync_pool.submit(self._sync_worker)
             return self._sync_waiting
 
+    def _commit_wait(self) -> bool:
+        """Before an fsync: the group-commit window, if the rule says it
+        pays. True if it waited."""
+        if not self._commit_interval_s:
+            return False
+        with self._sync_lock:
+            requesters = self._sync_requesters
+        now = time.perf_counter()
+        wait_s = commit_wait_s(self._commit_interval_s, self._commit_siblings, requesters,
+                               now - self._sync_started_at)
+        if wait_s > 0:
+            self.commit_waits += 1
+            time.sleep(wait_s)
+            now = time.perf_counter()
+        self._sync_started_at = now
+        return wait_s > 0
+
     def _sync_worker(self) -> None:
         """The sync thread: fsync for the waiting requests until none wait."""
         while True:
-            if self._commit_interval_s:
-                wait_s = self._sync_started_at + self._commit_interval_s - time.perf_counter()
-                if wait_s > 0:
-                    time.sleep(wait_s)
-                self._sync_started_at = time.perf_counter()
+            waited = self._commit_wait()
             with self._sync_lock:
                 future, self._sync_waiting = self._sync_waiting, None
+                self._sync_requesters = 0
                 if future is None:
                     self._sync_busy = False
                     return
+            future.waited = waited
             future.sync_started_at = time.perf_counter()
             try:
                 durable_seq = self.storage.sync()
@@ -353,11 +378,12 @@ class Engine:
             self.storage.after_write(self)
         return result
 
-    def write_command(self, op: int, body, draws=()):
+    def write_command(self, op: int, body, draws=(), requesters: int = 1):
         """For the server's writer: journal and apply a command now; return
-        (result, durability future or None). Reply only once the future is done."""
+        (result, durability future or None). Reply only once the future is done.
+        `requesters`: the reply destinations waiting for it (group commit's rule)."""
         command = self._command(op, body, draws)
-        durable = self._begin(command)
+        durable = self._begin(command, requesters)
         result = self._execute(command)
         if self.storage is not None:
             self.storage.after_write(self)

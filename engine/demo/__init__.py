@@ -131,6 +131,7 @@ def _make_engine(args, spec: World, clock: SimClock, data_dir: str | None):
     defaults = Config()                     # durable as `scanpay serve` is by default
     return Engine(data_dir, clock=clock, capacity=capacity_for(spec, args.payments),
                   commit_interval_us=defaults.commit_interval_us,
+                  commit_siblings=defaults.commit_siblings,
                   journal_prealloc=defaults.journal_prealloc,
                   io_threads_nice=defaults.io_threads_nice)
 

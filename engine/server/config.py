@@ -8,6 +8,7 @@ import msgspec
 
 from engine.protocol.auth import ROLE_ADMIN, ROLE_GATEWAY, Key
 from engine.protocol.frame import FRAME_BYTES_MAX_DEFAULT
+from engine.core.group_commit import COMMIT_SIBLINGS_DEFAULT
 
 PORT_DEFAULT = 7411
 
@@ -49,7 +50,10 @@ class Config:
     snapshot_every_entries: Count = 1_000_000
     snapshot_every_mb: Count = 1024      # or after this much journal, whichever first
     snapshot_mb_per_s: Range(0) = 64     # pacing of snapshot writes; 0 = full speed
-    commit_interval_us: Range(0, 100_000) = 1500   # group commit: fsyncs start at least this far apart
+    commit_interval_us: Range(0, 100_000) = 1500   # group commit: the longest wait before an fsync
+    # The window is taken only when the fsync covers at least this many
+    # requesters (engine/core/group_commit.py); 0 = always (the fixed window).
+    commit_siblings: Range(0, 1_000_000) = COMMIT_SIBLINGS_DEFAULT
     direct_replies: bool = True          # PAY replies sent by the sender thread after the fsync
     journal_prealloc: bool = True        # journal segments zero-filled ahead (cheaper fsyncs)
     io_threads_nice: Range(-20, 0) = -10  # sync and sender threads ahead of the rest (threads.py)

@@ -50,6 +50,7 @@ class Server:
                                        snapshot_every_mb=config.snapshot_every_mb,
                                        snapshot_mb_per_s=config.snapshot_mb_per_s or None,
                                        commit_interval_us=config.commit_interval_us,
+                                       commit_siblings=config.commit_siblings,
                                        journal_prealloc=config.journal_prealloc,
                                        io_threads_nice=config.io_threads_nice,
                                        capacity=config.capacity)

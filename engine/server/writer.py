@@ -370,7 +370,7 @@ class Writer:
         body = group[0].body if len(group) == 1 else b"".join(w.body for w in group)
         if not body:                        # every record outside the keys' scopes
             return self.schedule(None, [(w.deliver, np.zeros(0, RESULT_DTYPES[op])) for w in group])
-        results, durable = self.engine.write_command(op, body)
+        results, durable = self.engine.write_command(op, body, requesters=len(group))
         if self.metrics:
             self.count_records(op, results)
         at = 0
@@ -400,7 +400,9 @@ class Writer:
 
     def process_pay_batch(self, batch: PayBatch) -> None:
         try:
-            results, durable = self.engine.write_command(OP_PAY, batch.body())
+            # Each member (a connection's frames) is a requester (group commit's rule).
+            results, durable = self.engine.write_command(OP_PAY, batch.body(),
+                                                         requesters=len(batch.parts))
         except EngineError as error:
             return self.schedule(None, [(lambda value: self.deliver_pay_batch(batch, value),
                                          error)])
@@ -539,6 +541,8 @@ class Writer:
         if durable is not self.observed:
             self.observed = durable
             self.metrics.fsync_seconds.observe(durable.synced_at - durable.sync_started_at)
+            if durable.waited:
+                self.metrics.commit_waits.inc()
         if sends is not None and sends is not self.observed_sends and sends.finished and len(sends):
             self.observed_sends = sends
             stage["send"].observe(sends.finished_at - durable.synced_at)
