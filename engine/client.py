@@ -749,6 +749,7 @@ class Pool:
         self._connect_kwargs = dict(connect_kwargs, timeout_ms=timeout_ms)
         self._idle: collections.deque[AsyncClient] = collections.deque()
         self._all: set[AsyncClient] = set()   # idle and lent out
+        self._lent: set[AsyncClient] = set()
         self._opening = 0                     # connects under way (count toward max_size)
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._closed = False
@@ -793,6 +794,7 @@ class Pool:
             while self._idle:
                 conn = self._idle.popleft()
                 if conn._closed is None:
+                    self._lent.add(conn)
                     return conn
                 self._drop(conn)
             if self.size < self.max_size:
@@ -806,6 +808,7 @@ class Pool:
                     conn.close()
                     raise PoolClosed("the pool is closed")
                 self._all.add(conn)
+                self._lent.add(conn)
                 return conn
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
@@ -821,8 +824,12 @@ class Pool:
 
     def release(self, conn: AsyncClient) -> None:
         """Give a connection back: idle again, or dropped if it was lost."""
-        if conn not in self._all:
+        if self._closed:                      # close() already closed it
+            conn.close()
+            return
+        if conn not in self._lent:
             raise ValueError("this connection does not belong to the pool (or was released)")
+        self._lent.discard(conn)
         if self._closed or conn._closed is not None:
             self._drop(conn)
         else:
@@ -848,6 +855,7 @@ class Pool:
         self._closed = True
         conns = list(self._all)
         self._all.clear()
+        self._lent.clear()
         self._idle.clear()
         for conn in conns:
             conn.close()
