@@ -181,9 +181,10 @@ async def one_round(module, port: int, workload: str, seconds: float, connection
 async def main_async(args, server: Server) -> list[dict]:
     await setup_world(server.port)
     modules = {"before": client_before(args.before), "after": client_after}
+    modules = {k: v for k, v in modules.items() if k in args.clients.split(",")}
     rows, id_base = [], 1
     for round_no in range(1, args.rounds + 1):
-        for workload in ("pay_one", "pay1"):
+        for workload in args.workloads.split(","):
             for name, module in modules.items():
                 server_cpu0 = server.cpu_seconds()
                 row = await asyncio.wait_for(one_round(
@@ -210,6 +211,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--before", default="main", help="git revision of the 'before' client")
     p.add_argument("--memory", action="store_true", help="in-memory server (default durable)")
+    p.add_argument("--clients", default="before,after", help="which clients to run")
+    p.add_argument("--workloads", default="pay_one,pay1", help="which workloads to run")
+    p.add_argument("--profile", help="cProfile this process into PATH (distorts the rates)")
     args = p.parse_args(argv)
     print(f"machine: {machine()}; server: {'in-memory' if args.memory else 'durable'} "
           f"scanpay serve; client: {getattr(client_after, 'IMPLEMENTATION', 'python')}", flush=True)
@@ -217,7 +221,13 @@ def main(argv=None) -> int:
         server = Server(tmp, args.memory)
         try:
             import uvloop
-            uvloop.run(main_async(args, server))
+            if args.profile:
+                import cProfile
+                cProfile.runctx("uvloop.run(main_async(args, server))", globals(),
+                                {"uvloop": uvloop, "args": args, "server": server},
+                                args.profile)
+            else:
+                uvloop.run(main_async(args, server))
         finally:
             server.stop()
     return 0

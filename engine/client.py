@@ -477,8 +477,10 @@ class AsyncClient:
         self._impl = _impl             # the hot path in use when the client was made
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        # request id -> (Future or _Batch, op, TimerHandle)
-        self._pending: dict[int, tuple[Any, int, asyncio.TimerHandle]] = {}
+        # request id -> (Future or _Batch, op, TimerHandle or None, deadline):
+        # in request id order, which _sweep_expired relies on
+        self._pending: dict[int, tuple[Any, int, Any, float]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
         self._next_id = 1
         self._in_flight_max = in_flight_max
         self._room_waiters: collections.deque[asyncio.Future] = collections.deque()
@@ -531,10 +533,14 @@ class AsyncClient:
 
     async def pay(self, records: np.ndarray, *, timeout_ms: int | None = None) -> np.ndarray:
         """One PAY frame: PAY_RECORD array in, PAY_RESULT array (read-only) out."""
-        return await self._batch(OP_PAY, records, PAY_RECORD, PAY_RESULT, timeout_ms)
+        body = _batch_body(records, PAY_RECORD, self.max_batch)
+        reply = await self._request(OP_PAY, body, timeout_ms)
+        return _batch_reply(reply, PAY_RESULT, len(records))
 
     async def issue(self, records: np.ndarray, *, timeout_ms: int | None = None) -> np.ndarray:
-        return await self._batch(OP_ISSUE, records, ISSUE_RECORD, ISSUE_RESULT, timeout_ms)
+        body = _batch_body(records, ISSUE_RECORD, self.max_batch)
+        reply = await self._request(OP_ISSUE, body, timeout_ms)
+        return _batch_reply(reply, ISSUE_RESULT, len(records))
 
     async def call(self, op: str | int, request: dict | None = None, *,
                    timeout_ms: int | None = None) -> dict:
@@ -613,11 +619,6 @@ class AsyncClient:
                 waiter.set_result(None)
                 return
 
-    async def _batch(self, op, records, dtype, result_dtype, timeout_ms=None) -> np.ndarray:
-        body = _batch_body(records, dtype, self.max_batch)
-        reply = await self._request(op, body, timeout_ms)
-        return _batch_reply(reply, result_dtype, len(records))
-
     async def _request(self, op: int, body, timeout_ms: int | None = None) -> bytes:
         if (self._closed is not None or len(self._pending) >= self._in_flight_max
                 or not self._writable.is_set()):
@@ -629,7 +630,8 @@ class AsyncClient:
         finally:
             entry = self._pending.pop(request_id, None)
             if entry is not None:          # cancelled or failed before its reply
-                entry[2].cancel()
+                if entry[2] is not None:
+                    entry[2].cancel()
                 self._wake_room_waiter()
 
     def _send(self, op: int, body, waiter, timeout_ms: int | None) -> int:
@@ -637,9 +639,17 @@ class AsyncClient:
         and queue the frame; the frames of one loop tick leave in one write."""
         request_id = self._next_id
         self._next_id += 1
-        timer = self._loop.call_later((timeout_ms or self.timeout_ms) / 1000,
-                                      self._expire, request_id)
-        self._pending[request_id] = (waiter, op, timer)
+        if timeout_ms is None or timeout_ms == self.timeout_ms:
+            # The default timeout: no timer of its own (a timer and its cancel
+            # cost more than the rest of a request); deadlines grow with the
+            # request id, so one sweep timer finds the expired ones in order.
+            timer, deadline = None, self._loop.time() + self.timeout_ms / 1000
+            if self._sweep is None:
+                self._sweep = self._loop.call_at(deadline, self._sweep_expired)
+        else:
+            timer, deadline = self._loop.call_later(timeout_ms / 1000, self._expire,
+                                                    request_id), 0.0
+        self._pending[request_id] = (waiter, op, timer, deadline)
         out = self._out
         if not out:
             self._loop.call_soon(self._write_out)
@@ -651,6 +661,23 @@ class AsyncClient:
         out, self._out = self._out, bytearray()
         if out and self._closed is None:
             self._transport.write(out)
+
+    def _sweep_expired(self) -> None:
+        """Expire the default-timeout requests whose deadline has passed, then
+        sleep until the earliest deadline left."""
+        self._sweep = None
+        now, expired, next_deadline = self._loop.time(), [], None
+        for request_id, (_, _, timer, deadline) in self._pending.items():
+            if timer is not None:
+                continue                   # its own timer expires it
+            if deadline > now:
+                next_deadline = deadline
+                break
+            expired.append(request_id)
+        for request_id in expired:
+            self._expire(request_id)
+        if next_deadline is not None and self._closed is None:
+            self._sweep = self._loop.call_at(next_deadline, self._sweep_expired)
 
     def _expire(self, request_id: int):
         entry = self._pending.pop(request_id, None)
@@ -675,8 +702,9 @@ class AsyncClient:
                 if request_id == 0 or getattr(error, "code", None) in CLOSING_CODES:
                     self._fail(error)
             return
-        waiter, sent_op, timer = entry
-        timer.cancel()
+        waiter, sent_op, timer, _ = entry
+        if timer is not None:
+            timer.cancel()
         if self._room_waiters:
             self._wake_room_waiter()
         if type(waiter) is _Batch:
@@ -696,8 +724,12 @@ class AsyncClient:
         if self._closed is None:
             self._closed = error
         pending, self._pending = self._pending, {}
-        for waiter, _, timer in pending.values():
-            timer.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for waiter, _, timer, _ in pending.values():
+            if timer is not None:
+                timer.cancel()
             if type(waiter) is _Batch:
                 waiter.fail(error)
             elif not waiter.done():

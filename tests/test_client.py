@@ -447,6 +447,22 @@ def test_async_timeout_then_late_reply_is_ignored(fake):
     run(main())
 
 
+def test_default_timeouts_expire_in_order_without_a_timer_each(fake):
+    """Requests on the client's own timeout share one sweep timer; those on a
+    timeout of their own keep a timer; both expire, answered ones do not."""
+    async def main():
+        async with await AsyncClient.connect("127.0.0.1", fake.port, timeout_ms=200) as c:
+            calls = [c.call("QUOTE", {"n": i, "delay_ms": d}, timeout_ms=t)
+                     for i, (d, t) in enumerate([(600, None), (10, None), (600, 400),
+                                                 (600, None), (20, 1000), (5, None)])]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            assert [type(o).__name__ for o in outcomes] == [
+                "TimeoutError", "dict", "TimeoutError", "TimeoutError", "dict", "dict"]
+            assert c.in_flight == 0 and c._sweep is None
+            assert (await c.call("QUOTE", {"n": 9}))["echo"] == {"n": 9}
+    run(main())
+
+
 def test_connect_refused():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
