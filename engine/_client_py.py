@@ -12,6 +12,9 @@ text of a record field; the Cython twin repeats them word for word.
   cannot spoil a coalesced batch; nothing is appended on error.
 - `pay_results(body)` / `issue_results(body)`: the result records of a
   reply body as PayResult / IssueResult structs of plain ints.
+- `resolve(futures, results)`: each caller of a coalesced frame gets its
+  result (callers that gave up are skipped); ProtocolError when the counts
+  differ, before any future is touched.
 - `FrameCutter().feed(data)`: the complete reply frames of the stream so
   far, as (frames, error): a list of (op, flags, request_id, body) and None,
   or the frames before a broken header and the ProtocolError that ends it.
@@ -98,6 +101,14 @@ def issue_results(body) -> list:
     make = _types["issue_result"]
     return [make(*row) for row in _ISSUE_RESULT.iter_unpack(
         _whole(body, _ISSUE_RESULT.size, "ISSUE"))]
+
+
+def resolve(futures: list, results: list) -> None:
+    if len(results) != len(futures):
+        raise _types["protocol_error"](f"expected {len(futures)} results, got {len(results)}")
+    for future, result in zip(futures, results):
+        if not future.done():
+            future.set_result(result)
 
 
 class FrameCutter:

@@ -405,15 +405,9 @@ class _Batch:
             if op != sent_op:
                 raise ProtocolError(f"reply to request {request_id} has op {op}, "
                                     f"the request had {sent_op}")
-            results = self.to_structs(body)
-            if len(results) != len(futures):
-                raise ProtocolError(f"expected {len(futures)} results, got {len(results)}")
+            client._impl.resolve(futures, self.to_structs(body))
         except Exception as e:     # noqa: BLE001 - every caller of the frame gets the error
             self.fail(e)
-            return
-        for future, result in zip(futures, results):
-            if not future.done():
-                future.set_result(result)
 
     def fail(self, error: BaseException) -> None:
         for future in self.futures:

@@ -190,6 +190,16 @@ def issue_results(const uint8_t[::1] body):
     return out
 
 
+def resolve(list futures, list results):
+    cdef Py_ssize_t i, n = len(futures)
+    if len(results) != n:
+        raise ProtocolError(f"expected {n} results, got {len(results)}")
+    for i in range(n):
+        future = futures[i]
+        if not future.done():
+            future.set_result(results[i])
+
+
 cdef class FrameCutter:
     """Cuts the reply stream into frames; keeps a partial frame for the next feed."""
     cdef bytearray buffer
