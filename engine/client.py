@@ -430,14 +430,13 @@ class _Coalescer:
 
     def submit(self, *fields) -> asyncio.Future:
         self.pack(self.body, *fields)      # a bad record raises here, alone
-        future = self.client._loop.create_future()
+        client = self.client
+        future = client._loop.create_future()
         futures = self.futures
-        if not futures:
-            # Runs after every callback already ready in this iteration, so all
-            # calls made in this tick are in the batch.
-            self.client._loop.call_soon(self.flush)
         futures.append(future)
-        if len(futures) >= self.client.max_batch:
+        if not client._tick_scheduled:
+            client._schedule_tick()
+        if len(futures) >= client.max_batch:
             self.flush()
         return future
 
@@ -479,6 +478,7 @@ class AsyncClient:
         self._in_flight_max = in_flight_max
         self._room_waiters: collections.deque[asyncio.Future] = collections.deque()
         self._out = bytearray()        # frames of this loop tick, written in one go
+        self._tick_scheduled = False   # _end_of_tick is due
         self._writable = asyncio.Event()
         self._writable.set()
         self._closed: BaseException | None = None
@@ -645,13 +645,23 @@ class AsyncClient:
                                                     request_id), 0.0
         self._pending[request_id] = (waiter, op, timer, deadline)
         out = self._out
-        if not out:
-            self._loop.call_soon(self._write_out)
         out += HEADER.pack(len(body), op, 0, request_id)
         out += body
+        if not self._tick_scheduled:
+            self._schedule_tick()
         return request_id
 
-    def _write_out(self) -> None:
+    def _schedule_tick(self) -> None:
+        self._tick_scheduled = True
+        # Runs after every callback already ready in this loop iteration, so
+        # all calls made in this tick are in its frames and its one write.
+        self._loop.call_soon(self._end_of_tick)
+
+    def _end_of_tick(self) -> None:
+        """Send the coalesced frames, then every frame of this tick in one write."""
+        self._tick_scheduled = False
+        self._pay.flush()
+        self._issue.flush()
         out, self._out = self._out, bytearray()
         if out and self._closed is None:
             self._transport.write(out)
