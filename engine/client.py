@@ -64,6 +64,7 @@ BATCH_RECORDS_MAX_DEFAULT = 8190       # until HELLO says otherwise
 IN_FLIGHT_MAX_DEFAULT = 4096           # requests awaiting a reply, per connection
 RECV_BYTES = 1 << 18
 ACQUIRE_ROUNDS_MAX = 1 << 20           # pool: wake-ups one acquire may go through
+ROOM_WAITS_MAX = 1 << 20               # wake-ups one request may wait for a free slot
 
 # Op numbers: PROTOCOL.md's, plus the server's extensions (STATEMENT, ...)
 # from the one dispatch table.
@@ -433,6 +434,8 @@ class _Coalescer:
         client = self.client
         future = client._loop.create_future()
         futures = self.futures
+        if not futures:
+            client._open_frames += 1       # it takes an in-flight slot from now on
         futures.append(future)
         if not client._tick_scheduled:
             client._schedule_tick()
@@ -445,6 +448,7 @@ class _Coalescer:
             return
         batch = _Batch(self.futures, self.to_structs)
         body, self.body, self.futures = self.body, bytearray(), []
+        self.client._open_frames -= 1
         if self.client._closed is not None:
             batch.fail(ConnectionLost(f"the connection is closed ({self.client._closed})"))
             return
@@ -479,6 +483,7 @@ class AsyncClient:
         self._room_waiters: collections.deque[asyncio.Future] = collections.deque()
         self._out = bytearray()        # frames of this loop tick, written in one go
         self._tick_scheduled = False   # _end_of_tick is due
+        self._open_frames = 0          # coalesced frames being filled (count as in flight)
         self._writable = asyncio.Event()
         self._writable.set()
         self._closed: BaseException | None = None
@@ -547,15 +552,17 @@ class AsyncClient:
                       flags: int = 0, goods_tag: int = 0, coupons=(),
                       user_data: int = 0) -> PayResult:
         """One payment; concurrent calls of one loop tick share a PAY frame."""
-        if self._closed is not None or len(self._pending) >= self._in_flight_max:
-            await self._wait_for_room()
-        return await self._pay.submit(id, payer, merchant, amount, flags, goods_tag,
-                                      coupons, user_data)
+        pay = self._pay
+        if self._closed is not None or (not pay.futures and not self._has_room()):
+            await self._wait_for_room(pay)     # joining an open frame needs no slot
+        return await pay.submit(id, payer, merchant, amount, flags, goods_tag, coupons,
+                                user_data)
 
     async def issue_one(self, *, coupon: int, stock: int, user: int) -> IssueResult:
-        if self._closed is not None or len(self._pending) >= self._in_flight_max:
-            await self._wait_for_room()
-        return await self._issue.submit(coupon, stock, user)
+        issue = self._issue
+        if self._closed is not None or (not issue.futures and not self._has_room()):
+            await self._wait_for_room(issue)
+        return await issue.submit(coupon, stock, user)
 
     @property
     def max_batch(self) -> int:
@@ -589,14 +596,19 @@ class AsyncClient:
         if self._closed is not None:
             raise ConnectionLost(f"the connection is closed ({self._closed})")
 
-    async def _wait_for_room(self) -> None:
-        """Wait (FIFO) until fewer than in_flight_max requests await a reply
-        and the transport takes writes; raises once the connection is closed."""
+    def _has_room(self) -> bool:
+        return (len(self._pending) + self._open_frames < self._in_flight_max
+                and self._writable.is_set())
+
+    async def _wait_for_room(self, coalescer: "_Coalescer | None" = None) -> None:
+        """Wait until fewer than in_flight_max requests await a reply and the
+        transport takes writes; raises once the connection is closed. Each
+        freed slot wakes the longest waiter (a caller arriving at that moment
+        may take the slot first; the waiter then waits for the next one)."""
         self._check_open()
-        waits = 0
-        while (len(self._pending) >= self._in_flight_max or not self._writable.is_set()):
-            waits += 1
-            assert waits <= 1 << 30, "woken without room forever"
+        for _ in range(ROOM_WAITS_MAX):
+            if self._has_room() or (coalescer is not None and coalescer.futures):
+                return
             if not self._writable.is_set():
                 await self._writable.wait()
             else:
@@ -604,18 +616,18 @@ class AsyncClient:
                 self._room_waiters.append(waiter)
                 await waiter
             self._check_open()
+        raise RuntimeError(f"no room for a request after {ROOM_WAITS_MAX} wake-ups")
 
     def _wake_room_waiter(self) -> None:
         waiters = self._room_waiters
-        while waiters and len(self._pending) < self._in_flight_max:
+        while waiters and len(self._pending) + self._open_frames < self._in_flight_max:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
 
     async def _request(self, op: int, body, timeout_ms: int | None = None) -> bytes:
-        if (self._closed is not None or len(self._pending) >= self._in_flight_max
-                or not self._writable.is_set()):
+        if self._closed is not None or not self._has_room():
             await self._wait_for_room()
         future = self._loop.create_future()
         request_id = self._send(op, body, future, timeout_ms)

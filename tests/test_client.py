@@ -447,6 +447,66 @@ def test_async_timeout_then_late_reply_is_ignored(fake):
     run(main())
 
 
+class CountingTransport:
+    """Counts request frames written and replies delivered: the requests on
+    the wire, as the client sees them (the fake's own count lags by its
+    writer.drain())."""
+
+    def __init__(self, client):
+        self.real, self.client = client._transport, client
+        self.written = self.answered = self.peak = 0
+        self.deliver = client._deliver
+        client._deliver = self._delivered
+
+    def write(self, data):
+        at = 0
+        while at < len(data):
+            at += 16 + HDR.unpack_from(data, at)[0]
+            self.written += 1
+        self.peak = max(self.peak, self.written - self.answered)
+        self.real.write(data)
+
+    def _delivered(self, *frame):
+        self.answered += 1
+        self.deliver(*frame)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_in_flight_max_bounds_requests_on_the_wire(fake):
+    async def main():
+        async with await AsyncClient.connect("127.0.0.1", fake.port, in_flight_max=5) as c:
+            wire = c._transport = CountingTransport(c)
+            calls = asyncio.gather(*(c.call("QUOTE", {"n": i, "delay_ms": 20})
+                                     for i in range(40)))
+            pays = asyncio.gather(*(c.pay_one(id=i, payer=1, merchant=1, amount=i)
+                                    for i in range(1, 30)))
+            await asyncio.sleep(0)
+            assert c.in_flight == 5
+            waiting = asyncio.ensure_future(c.call("QUOTE", {"n": -1, "delay_ms": 20}))
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            waiting.cancel()                      # a caller that gives up while waiting
+            replies, paid = await calls, await pays
+            assert [r["echo"]["n"] for r in replies] == list(range(40))
+            assert [p.cash for p in paid] == list(range(1, 30))
+            assert c.in_flight == 0 and not [w for w in c._room_waiters if not w.done()]
+            assert wire.peak == 5 and wire.written == wire.answered > 40
+        # A pay_one opening a coalesced frame takes its slot at once: a call
+        # made later in the same tick must not slip in ahead of it.
+        async with await AsyncClient.connect("127.0.0.1", fake.port, in_flight_max=2) as c:
+            wire = c._transport = CountingTransport(c)
+            slow = asyncio.ensure_future(c.call("QUOTE", {"delay_ms": 50}))
+            await asyncio.sleep(0)
+            both = await asyncio.gather(c.pay_one(id=1, payer=1, merchant=1, amount=7),
+                                        c.call("QUOTE", {"n": 2}))
+            assert both[0].cash == 7 and both[1]["echo"] == {"n": 2}
+            assert (await slow)["echo"]["delay_ms"] == 50
+            assert wire.peak == 2
+    run(main())
+
+
 def test_default_timeouts_expire_in_order_without_a_timer_each(fake):
     """Requests on the client's own timeout share one sweep timer; those on a
     timeout of their own keep a timer; both expire, answered ones do not."""
