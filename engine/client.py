@@ -421,16 +421,16 @@ class _Coalescer:
     each record is checked and packed straight into the frame's body, and the
     reply resolves the callers' futures in one pass (no task per frame)."""
 
-    def __init__(self, client: "AsyncClient", op: int, pack, to_structs):
+    def __init__(self, client: "AsyncClient", op: int, to_structs):
         self.client = client
         self.op = op
-        self.pack = pack
         self.to_structs = to_structs
         self.body = bytearray()
         self.futures: list[asyncio.Future] = []
 
-    def submit(self, *fields) -> asyncio.Future:
-        self.pack(self.body, *fields)      # a bad record raises here, alone
+    def add(self) -> asyncio.Future:
+        """The future of the record just packed into `body` (the caller
+        packs it first, so that a bad record raises alone)."""
         client = self.client
         future = client._loop.create_future()
         futures = self.futures
@@ -439,7 +439,7 @@ class _Coalescer:
         futures.append(future)
         if not client._tick_scheduled:
             client._schedule_tick()
-        if len(futures) >= client.max_batch:
+        if len(futures) >= client._max_batch:
             self.flush()
         return future
 
@@ -488,9 +488,10 @@ class AsyncClient:
         self._writable.set()
         self._closed: BaseException | None = None
         self._lost = self._loop.create_future()   # done when the transport is gone
-        self._pay = _Coalescer(self, OP_PAY, self._impl.pack_pay, self._impl.pay_results)
-        self._issue = _Coalescer(self, OP_ISSUE, self._impl.pack_issue,
-                                 self._impl.issue_results)
+        self._max_batch = BATCH_RECORDS_MAX_DEFAULT    # until HELLO says otherwise
+        self._pack_pay, self._pack_issue = self._impl.pack_pay, self._impl.pack_issue
+        self._pay = _Coalescer(self, OP_PAY, self._impl.pay_results)
+        self._issue = _Coalescer(self, OP_ISSUE, self._impl.issue_results)
 
     @classmethod
     async def connect(cls, host: str = "127.0.0.1", port: int = PORT_DEFAULT, *,
@@ -525,6 +526,7 @@ class AsyncClient:
         reply = await self._request(OP_HELLO, _encoder.encode(
             hello_request(key_id, secret, client_name=client_name)))
         self.server_info = msgspec.convert(_decoder.decode(reply), HelloInfo)
+        self._max_batch = self.server_info.max_batch
         return self.server_info
 
     async def ping(self, *, timeout_ms: int | None = None) -> None:
@@ -555,18 +557,20 @@ class AsyncClient:
         pay = self._pay
         if self._closed is not None or (not pay.futures and not self._has_room()):
             await self._wait_for_room(pay)     # joining an open frame needs no slot
-        return await pay.submit(id, payer, merchant, amount, flags, goods_tag, coupons,
-                                user_data)
+        self._pack_pay(pay.body, id, payer, merchant, amount, flags, goods_tag, coupons,
+                       user_data)
+        return await pay.add()
 
     async def issue_one(self, *, coupon: int, stock: int, user: int) -> IssueResult:
         issue = self._issue
         if self._closed is not None or (not issue.futures and not self._has_room()):
             await self._wait_for_room(issue)
-        return await issue.submit(coupon, stock, user)
+        self._pack_issue(issue.body, coupon, stock, user)
+        return await issue.add()
 
     @property
     def max_batch(self) -> int:
-        return self.server_info.max_batch if self.server_info else BATCH_RECORDS_MAX_DEFAULT
+        return self._max_batch
 
     @property
     def in_flight(self) -> int:
