@@ -12,6 +12,8 @@ text of a record field; the Cython twin repeats them word for word.
   cannot spoil a coalesced batch; nothing is appended on error.
 - `pay_results(body)` / `issue_results(body)`: the result records of a
   reply body as PayResult / IssueResult structs of plain ints.
+- `append_frame(out, op, request_id, body)`: append a request frame (header
+  and body: bytes, or any C-contiguous buffer such as a record array).
 - `resolve(futures, results)`: each caller of a coalesced frame gets its
   result (callers that gave up are skipped); ProtocolError when the counts
   differ, before any future is touched.
@@ -101,6 +103,14 @@ def issue_results(body) -> list:
     make = _types["issue_result"]
     return [make(*row) for row in _ISSUE_RESULT.iter_unpack(
         _whole(body, _ISSUE_RESULT.size, "ISSUE"))]
+
+
+def append_frame(out: bytearray, op: int, request_id: int, body) -> None:
+    view = memoryview(body).cast("B")
+    if len(view) > U32_MAX:
+        raise ValueError(f"a frame body of {len(view)} bytes does not fit the u32 size")
+    out += _HEADER.pack(len(view), op, 0, request_id)
+    out += view
 
 
 def resolve(futures: list, results: list) -> None:

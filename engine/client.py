@@ -246,7 +246,8 @@ def encode_frame(op: int, request_id: int, body=b"", flags: int = 0) -> bytearra
     return frame
 
 
-def _batch_body(records: np.ndarray, dtype: np.dtype, batch_max: int) -> memoryview:
+def _batch_body(records: np.ndarray, dtype: np.dtype, batch_max: int) -> np.ndarray:
+    """The records, checked and C-contiguous: a frame body as they are."""
     if type(records) is not np.ndarray or records.dtype != dtype:
         if not isinstance(records, np.ndarray) or records.dtype != dtype:
             raise TypeError(f"records must be a numpy array of dtype {dtype}, "
@@ -256,7 +257,7 @@ def _batch_body(records: np.ndarray, dtype: np.dtype, batch_max: int) -> memoryv
                          "split it into several calls")
     if not records.flags.c_contiguous:
         records = np.ascontiguousarray(records)
-    return memoryview(records.view(np.uint8))
+    return records
 
 
 def _batch_reply(body: bytes, dtype: np.dtype, n: int) -> np.ndarray:
@@ -490,6 +491,7 @@ class AsyncClient:
         self._lost = self._loop.create_future()   # done when the transport is gone
         self._max_batch = BATCH_RECORDS_MAX_DEFAULT    # until HELLO says otherwise
         self._pack_pay, self._pack_issue = self._impl.pack_pay, self._impl.pack_issue
+        self._append_frame = self._impl.append_frame
         self._pay = _Coalescer(self, OP_PAY, self._impl.pay_results)
         self._issue = _Coalescer(self, OP_ISSUE, self._impl.issue_results)
 
@@ -660,9 +662,7 @@ class AsyncClient:
             timer, deadline = self._loop.call_later(timeout_ms / 1000, self._expire,
                                                     request_id), 0.0
         self._pending[request_id] = (waiter, op, timer, deadline)
-        out = self._out
-        out += HEADER.pack(len(body), op, 0, request_id)
-        out += body
+        self._append_frame(self._out, op, request_id, body)
         if not self._tick_scheduled:
             self._schedule_tick()
         return request_id

@@ -10,6 +10,7 @@ body copy per reply frame. Here a record is checked and written straight
 into the connection's pending frame body, and a reply body becomes
 PayResult structs of plain ints in one pass, with no numpy in between.
 """
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_AsLongLong, PyLong_AsUnsignedLongLong
@@ -188,6 +189,27 @@ def issue_results(const uint8_t[::1] body):
         memcpy(&r, &body[i * ISSUE_RESULT_BYTES], ISSUE_RESULT_BYTES)
         out.append(IssueResult(r.coupon, r.status, r.flags, r.expires_at))
     return out
+
+
+def append_frame(bytearray out, uint16_t op, uint64_t request_id, body):
+    cdef Py_buffer view
+    cdef Header h
+    cdef char* p
+    # PyBUF_SIMPLE: the bytes of any C-contiguous exporter (a structured
+    # numpy array too) without building its format string.
+    PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
+    try:
+        if view.len > 0xFFFFFFFF:
+            raise ValueError(f"a frame body of {view.len} bytes does not fit the u32 size")
+        h.size = <uint32_t>view.len
+        h.op = op
+        h.flags = 0
+        h.request_id = request_id
+        p = grow(out, HEADER_BYTES + view.len)
+        memcpy(p, &h, HEADER_BYTES)
+        memcpy(p + HEADER_BYTES, view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
 
 
 def resolve(list futures, list results):

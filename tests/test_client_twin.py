@@ -133,3 +133,35 @@ def test_a_bad_record_leaves_the_pending_body_alone(module):
     with pytest.raises(ValueError, match="flags must be an int in 0..4294967295, got True"):
         module.pack_pay(out, 1, 2, 3, 4, True, 0, (), 0)
     assert len(out) == 80
+
+
+@SETTINGS
+@given(st.integers(0, 2**16 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=300),
+       st.integers(0, 3))
+def test_append_frame_twins_agree(op, request_id, body, records):
+    rows = np.zeros(records, PAY_RECORD)
+    rows["id"] = np.arange(records) + request_id % 1000
+    for payload in (body, bytearray(body), rows, rows[::-1].copy()):
+        got = [bytearray(b"x") for _ in TWINS]
+        for out, module in zip(got, TWINS):
+            module.append_frame(out, op, request_id, payload)
+        assert got[0] == got[1]
+        raw = bytes(memoryview(payload).cast("B"))
+        assert got[0] == b"x" + client_module.HEADER.pack(len(raw), op, 0, request_id) + raw
+
+
+@pytest.mark.parametrize("module", TWINS, ids=["cython", "python"])
+def test_resolve_skips_callers_that_gave_up_and_checks_the_count(module):
+    import asyncio
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(3)]
+        futures[1].cancel()
+        with pytest.raises(client_module.ProtocolError, match="expected 3 results, got 2"):
+            module.resolve(futures, ["a", "b"])
+        assert not futures[0].done()
+        module.resolve(futures, ["a", "b", "c"])
+        assert (futures[0].result(), futures[1].cancelled(), futures[2].result()) == (
+            "a", True, "c")
+    asyncio.run(main())
