@@ -44,18 +44,23 @@ import numpy as np                                  # noqa: E402
 
 from bench._common import load, machine             # noqa: E402
 from engine import client as client_after           # noqa: E402
-from engine.frame import HEADER                     # noqa: E402
-from engine.records import PAY_RECORD               # noqa: E402
+
+HEADER, PAY_RECORD = client_after.HEADER, client_after.PAY_RECORD
 
 HELLO_REPLY = bytes.fromhex("81a870726f746f636f6c01")   # msgpack {"protocol": 1}
 
 USERS = 10_000
+BEFORE_DEFAULT = "eddc990"       # the last commit before issue 16's client work
 ROUND_DEADLINE_S = 60
 MEMORY_SERVER = """
 import asyncio, sys
 from engine import Engine
-from engine.config import Config
-from engine.server import Server
+try:                                    # the package layout of issue 15
+    from engine.server.config import Config
+    from engine.server.server import Server
+except ImportError:
+    from engine.config import Config
+    from engine.server import Server
 async def main():
     server = Server(Config(data="", listen=sys.argv[1]), engine=Engine())
     await server.start()
@@ -110,9 +115,16 @@ class Server:
 
 
 def client_before(rev: str):
-    """engine/client.py at `rev`, as the module engine._client_before."""
-    source = subprocess.run(["git", "show", f"{rev}:engine/client.py"], cwd=str(ROOT),
-                            capture_output=True, text=True, check=True).stdout
+    """The client at `rev` (engine/client.py, or engine/client/__init__.py
+    after the package layout), as the module engine._client_before."""
+    for path in ("engine/client.py", "engine/client/__init__.py"):
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=str(ROOT),
+                               capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"no client at git revision {rev}: {shown.stderr.strip()}")
+    source = shown.stdout
     path = os.path.join(tempfile.mkdtemp(prefix="client-before-"), "client.py")
     with open(path, "w") as f:
         f.write(source)
@@ -257,7 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--window", type=int, default=64, help="coroutines per connection")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--before", default="main", help="git revision of the 'before' client")
+    p.add_argument("--before", default=BEFORE_DEFAULT,
+                   help="git revision of the 'before' client (default: the client before issue 16)")
     p.add_argument("--memory", action="store_true", help="in-memory server (default durable)")
     p.add_argument("--clients", default="before,after", help="which clients to run")
     p.add_argument("--inproc", action="store_true",

@@ -7,6 +7,13 @@ Two flavours with the same calls:
   calls of one event-loop tick into a single PAY / ISSUE frame.
 - `Client` (blocking, plain `socket`): one request at a time; works under
   gevent monkey-patching, which is what the locust load test uses.
+- `create_pool` / `Pool`: up to max_size AsyncClient connections, lent out
+  with `async with pool.acquire()`, lost ones replaced.
+
+The per-request work (packing records, cutting replies, building results)
+runs in the compiled `engine._client` (ext/client.pyx) when it is built and
+in its plain-Python twin engine/_client_py.py otherwise. The API reference
+is docs/client.md.
 
     client = await AsyncClient.connect("127.0.0.1", 7411)
     result = await client.pay_one(id=1, payer=42, merchant=7, amount=30_00)
@@ -33,9 +40,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from . import _client_py
-from ._client_py import I64_MAX, I64_MIN, REPLY_BYTES_MAX, U32_MAX, U64_MAX
-from ._client_py import check_range as _check_range
+from engine import _client_py           # absolute: the twin stays engine/_client_py.py
+from engine._client_py import (I64_MAX, I64_MIN, REPLY_BYTES_MAX, U32_MAX,  # noqa: F401 (names
+                         U64_MAX)                                     # of this module before)
 from .dispatch import OP_NAMES as _DISPATCH_OP_NAMES
 from .errors import (BadBody, BadFrame, Busy, EngineError, Forbidden, FrameTooLarge,
                      NotAuthenticated, Unavailable, UnknownOp, UnsupportedProtocol)
@@ -45,7 +52,7 @@ from .records import (COUPONS_PER_PAYMENT_MAX, ISSUE_RECORD, ISSUE_RESULT,
 from .status import STATUS_NAMES, ErrorCode
 
 try:                                   # the compiled hot path (ext/client.pyx)
-    from . import _client as _client_c
+    from engine import _client as _client_c
 except ImportError:                    # not built: the plain-Python twin does the same
     _client_c = None
 

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from engine import _client as compiled
 from engine import _client_py as python
 from engine import client as client_module      # configures both with the result types
-from engine.records import ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT
+
+PAY_RECORD, PAY_RESULT = client_module.PAY_RECORD, client_module.PAY_RESULT
+ISSUE_RECORD, ISSUE_RESULT = client_module.ISSUE_RECORD, client_module.ISSUE_RESULT
 
 TWINS = (compiled, python)
 SETTINGS = settings(max_examples=300, deadline=None,
