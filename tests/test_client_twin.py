@@ -167,3 +167,21 @@ def test_resolve_skips_callers_that_gave_up_and_checks_the_count(module):
         assert (futures[0].result(), futures[1].cancelled(), futures[2].result()) == (
             "a", True, "c")
     asyncio.run(main())
+
+
+def test_the_client_falls_back_to_the_python_twin_when_the_extension_is_missing():
+    """A checkout without the build still has a working client."""
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.modules['engine._client'] = None\n"   # import of it fails
+        "import numpy as np\n"
+        "from engine import client\n"
+        "rows = np.zeros(1, client.PAY_RESULT); rows['coupons'][0, 1] = 9\n"
+        "print(client.IMPLEMENTATION, sorted(client.IMPLEMENTATIONS),"
+        " client.pay_results(rows)[0].coupons)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["python", "['python']", "(9,)"]
+    assert client_module.IMPLEMENTATION == "cython"     # here, the build is there
