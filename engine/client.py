@@ -627,7 +627,12 @@ class AsyncClient:
             else:
                 waiter = self._loop.create_future()
                 self._room_waiters.append(waiter)
-                await waiter
+                try:
+                    await waiter
+                except BaseException:
+                    if waiter.done() and not waiter.cancelled():
+                        self._wake_room_waiter()   # pass on a wake-up this caller drops
+                    raise
             self._check_open()
         raise RuntimeError(f"no room for a request after {ROOM_WAITS_MAX} wake-ups")
 
@@ -878,6 +883,10 @@ class Pool:
                 await asyncio.wait_for(waiter, remaining_s)
             except asyncio.TimeoutError:
                 break
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()        # pass on a wake-up this caller drops
+                raise
         raise TimeoutError(f"no pool connection free in {timeout_ms} ms "
                            f"(max_size {self.max_size}, all in use)")
 

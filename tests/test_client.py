@@ -507,6 +507,23 @@ def test_in_flight_max_bounds_requests_on_the_wire(fake):
     run(main())
 
 
+def test_a_woken_waiter_that_is_cancelled_passes_the_slot_on(fake):
+    async def main():
+        async with await AsyncClient.connect("127.0.0.1", fake.port, in_flight_max=1) as c:
+            x = asyncio.ensure_future(c.call("QUOTE", {"delay_ms": 500}))
+            await asyncio.sleep(0)
+            a = asyncio.ensure_future(c.call("QUOTE", {"n": "a"}))
+            b = asyncio.ensure_future(c.call("QUOTE", {"n": "b"}))
+            await asyncio.sleep(0)
+            assert len(c._room_waiters) == 2
+            x.cancel()
+            await asyncio.sleep(0)        # x gives its slot up and wakes a ...
+            a.cancel()                    # ... which is cancelled before it runs
+            assert (await asyncio.wait_for(b, 5))["echo"] == {"n": "b"}
+            assert a.cancelled() and x.cancelled()
+    run(main())
+
+
 def test_default_timeouts_expire_in_order_without_a_timer_each(fake):
     """Requests on the client's own timeout share one sweep timer; those on a
     timeout of their own keep a timer; both expire, answered ones do not."""
