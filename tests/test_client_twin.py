@@ -185,3 +185,90 @@ def test_the_client_falls_back_to_the_python_twin_when_the_extension_is_missing(
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["python", "['python']", "(9,)"]
     assert client_module.IMPLEMENTATION == "cython"     # here, the build is there
+
+
+class _Sink:
+    """A transport that keeps what the client writes."""
+
+    def __init__(self):
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data):
+        self.written += data
+
+    def is_closing(self):
+        return self.closed
+
+    def close(self):
+        self.closed = True
+
+    def get_extra_info(self, name):
+        return None
+
+
+def _describe(future):
+    if not future.done():
+        return ("pending",)
+    if future.cancelled():
+        return ("cancelled",)
+    error = future.exception()
+    if error is not None:
+        return ("error", type(error).__name__, str(error))
+    return ("ok", future.result())
+
+
+def _client_outcome(implementation: str, pays: int, pieces: list) -> tuple:
+    """Two requests (a PING as request 1, then at the end of the tick a
+    coalesced PAY frame of `pays` records as request 2) on a client of
+    `implementation`, then the reply
+    stream `pieces`: what each caller got, and whether the client closed."""
+    import asyncio
+
+    async def main():
+        before = client_module.use_implementation(implementation)
+        try:
+            c = client_module.AsyncClient(timeout_ms=60_000)
+        finally:
+            client_module.use_implementation(before)
+        protocol = client_module._Protocol(c)
+        protocol.connection_made(_Sink())
+        calls = [asyncio.ensure_future(c.pay_one(id=i + 1, payer=1, merchant=1, amount=5))
+                 for i in range(pays)]
+        ping = asyncio.ensure_future(c.ping())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for piece in pieces:
+            protocol.data_received(piece)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        outcome = ([_describe(f) for f in calls], _describe(ping),
+                   None if c._closed is None else type(c._closed).__name__)
+        c.close()
+        for f in [*calls, ping]:
+            f.cancel()
+        return outcome
+    return asyncio.run(main())
+
+
+reply_frames = st.lists(st.tuples(
+    st.sampled_from([1, 2, 0, 7]),                    # request id: the PAY, the PING, ...
+    st.sampled_from([16, 2, 17]), st.sampled_from([0, 1]),
+    st.one_of(st.binary(max_size=200),                # any body, or whole results
+              st.integers(0, 3).map(lambda n: bytes(range(80)) * n))),
+    max_size=4)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 3), reply_frames, st.lists(st.integers(0, 800), max_size=4),
+       st.one_of(st.none(), st.binary(min_size=240, max_size=240)), st.integers(0, 4))
+def test_whole_clients_agree_on_any_reply_stream(pays, frames, cuts, results, at):
+    if results is not None:            # the right PAY reply (random result bytes) somewhere
+        frames = list(frames)
+        frames.insert(min(at, len(frames)), (2, 16, 0, results[:80 * pays]))
+    stream = b"".join(client_module.HEADER.pack(len(body), op, flags, rid) + body
+                      for rid, op, flags, body in frames)
+    points = sorted({min(c, len(stream)) for c in cuts})
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
+    outcomes = [_client_outcome(name, pays, pieces) for name in ("cython", "python")]
+    assert outcomes[0] == outcomes[1]
