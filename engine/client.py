@@ -662,8 +662,9 @@ class AsyncClient:
         """Register `waiter` (a Future, or a _Batch) under a fresh request id
         and queue the frame; the frames of one loop tick leave in one write."""
         request_id = self._next_id
+        self._append_frame(self._out, op, request_id, body)    # may refuse the body
         self._next_id += 1
-        if timeout_ms is None or timeout_ms == self.timeout_ms:
+        if not timeout_ms or timeout_ms == self.timeout_ms:
             # The default timeout: no timer of its own (a timer and its cancel
             # cost more than the rest of a request); deadlines grow with the
             # request id, so one sweep timer finds the expired ones in order.
@@ -674,7 +675,6 @@ class AsyncClient:
             timer, deadline = self._loop.call_later(timeout_ms / 1000, self._expire,
                                                     request_id), 0.0
         self._pending[request_id] = (waiter, op, timer, deadline)
-        self._append_frame(self._out, op, request_id, body)
         if not self._tick_scheduled:
             self._schedule_tick()
         return request_id
