@@ -19,6 +19,8 @@ extensions = [
     cython_extension("_kernel", "kernel.pyx"),
     cython_extension("_framing", "framing.pyx"),
     cython_extension("_outlet", "outlet.pyx"),
+    # The client's hot path (engine/client.py; engine/_client_py.py is its twin).
+    cython_extension("_client", "client.pyx"),
     # The load generator's event loop (bench/loadgen.py): built with the
     # engine so that benchmarks need no build step of their own.
     cython_extension("_loadgen", "loadgen.pyx", "-O2"),

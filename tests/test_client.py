@@ -206,8 +206,18 @@ class FakeServer:
         return hmac.compare_digest(mac, expected)
 
 
+@pytest.fixture(params=sorted(client_module.IMPLEMENTATIONS))
+def impl(request):
+    """Every client test runs on the compiled hot path and on its Python twin."""
+    before = client_module.use_implementation(request.param)
+    try:
+        yield request.param
+    finally:
+        client_module.use_implementation(before)
+
+
 @pytest.fixture
-def fake():
+def fake(impl):
     with FakeServer() as server:
         yield server
 
@@ -293,9 +303,10 @@ def test_parse_address():
 
 # -- AsyncClient ---------------------------------------------------------------------
 
-def test_async_hello_ping_pay_issue_call(fake):
+def test_async_hello_ping_pay_issue_call(fake, impl):
     async def main():
         async with await AsyncClient.connect("127.0.0.1", fake.port) as c:
+            assert c._impl is client_module.IMPLEMENTATIONS[impl]
             assert isinstance(c.server_info, HelloInfo)
             assert (c.server_info.protocol, c.server_info.max_batch, c.server_info.currency) == (1, 8190, "CNY")
             await c.ping()
@@ -339,6 +350,7 @@ def test_concurrent_pay_one_calls_share_frames(fake):
     assert fake.frames[16] == 2 and fake.batch_sizes[16] == [1000, 1]
 
 
+@pytest.mark.usefixtures("impl")
 def test_coalescing_splits_at_max_batch():
     with FakeServer(max_batch=64) as server:
         async def main():
@@ -403,6 +415,7 @@ def test_unknown_op_and_oversized_frame(fake):
     run(main())
 
 
+@pytest.mark.usefixtures("impl")
 def test_hmac_hello_accepted_and_refused():
     with FakeServer(keys={KEY_ID: SECRET}) as server:
         async def main():
@@ -433,6 +446,99 @@ def test_async_timeout_then_late_reply_is_ignored(fake):
             c.close()
             with pytest.raises(ConnectionLost):
                 await slow
+    run(main())
+
+
+class CountingTransport:
+    """Counts request frames written and replies delivered: the requests on
+    the wire, as the client sees them (the fake's own count lags by its
+    writer.drain())."""
+
+    def __init__(self, client):
+        self.real, self.client = client._transport, client
+        self.written = self.answered = self.peak = 0
+        self.deliver = client._deliver
+        client._deliver = self._delivered
+
+    def write(self, data):
+        at = 0
+        while at < len(data):
+            at += 16 + HDR.unpack_from(data, at)[0]
+            self.written += 1
+        self.peak = max(self.peak, self.written - self.answered)
+        self.real.write(data)
+
+    def _delivered(self, *frame):
+        self.answered += 1
+        self.deliver(*frame)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_in_flight_max_bounds_requests_on_the_wire(fake):
+    async def main():
+        async with await AsyncClient.connect("127.0.0.1", fake.port, in_flight_max=5) as c:
+            wire = c._transport = CountingTransport(c)
+            calls = asyncio.gather(*(c.call("QUOTE", {"n": i, "delay_ms": 20})
+                                     for i in range(40)))
+            pays = asyncio.gather(*(c.pay_one(id=i, payer=1, merchant=1, amount=i)
+                                    for i in range(1, 30)))
+            await asyncio.sleep(0)
+            assert c.in_flight == 5
+            waiting = asyncio.ensure_future(c.call("QUOTE", {"n": -1, "delay_ms": 20}))
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            waiting.cancel()                      # a caller that gives up while waiting
+            replies, paid = await calls, await pays
+            assert [r["echo"]["n"] for r in replies] == list(range(40))
+            assert [p.cash for p in paid] == list(range(1, 30))
+            assert c.in_flight == 0 and not [w for w in c._room_waiters if not w.done()]
+            assert wire.peak == 5 and wire.written == wire.answered > 40
+        # A pay_one opening a coalesced frame takes its slot at once: a call
+        # made later in the same tick must not slip in ahead of it.
+        async with await AsyncClient.connect("127.0.0.1", fake.port, in_flight_max=2) as c:
+            wire = c._transport = CountingTransport(c)
+            slow = asyncio.ensure_future(c.call("QUOTE", {"delay_ms": 50}))
+            await asyncio.sleep(0)
+            both = await asyncio.gather(c.pay_one(id=1, payer=1, merchant=1, amount=7),
+                                        c.call("QUOTE", {"n": 2}))
+            assert both[0].cash == 7 and both[1]["echo"] == {"n": 2}
+            assert (await slow)["echo"]["delay_ms"] == 50
+            assert wire.peak == 2
+    run(main())
+
+
+def test_a_woken_waiter_that_is_cancelled_passes_the_slot_on(fake):
+    async def main():
+        async with await AsyncClient.connect("127.0.0.1", fake.port, in_flight_max=1) as c:
+            x = asyncio.ensure_future(c.call("QUOTE", {"delay_ms": 500}))
+            await asyncio.sleep(0)
+            a = asyncio.ensure_future(c.call("QUOTE", {"n": "a"}))
+            b = asyncio.ensure_future(c.call("QUOTE", {"n": "b"}))
+            await asyncio.sleep(0)
+            assert len(c._room_waiters) == 2
+            x.cancel()
+            await asyncio.sleep(0)        # x gives its slot up and wakes a ...
+            a.cancel()                    # ... which is cancelled before it runs
+            assert (await asyncio.wait_for(b, 5))["echo"] == {"n": "b"}
+            assert a.cancelled() and x.cancelled()
+    run(main())
+
+
+def test_default_timeouts_expire_in_order_without_a_timer_each(fake):
+    """Requests on the client's own timeout share one sweep timer; those on a
+    timeout of their own keep a timer; both expire, answered ones do not."""
+    async def main():
+        async with await AsyncClient.connect("127.0.0.1", fake.port, timeout_ms=200) as c:
+            calls = [c.call("QUOTE", {"n": i, "delay_ms": d}, timeout_ms=t)
+                     for i, (d, t) in enumerate([(600, None), (10, None), (600, 400),
+                                                 (600, None), (20, 1000), (5, None)])]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            assert [type(o).__name__ for o in outcomes] == [
+                "TimeoutError", "dict", "TimeoutError", "TimeoutError", "dict", "dict"]
+            assert c.in_flight == 0 and c._sweep is None
+            assert (await c.call("QUOTE", {"n": 9}))["echo"] == {"n": 9}
     run(main())
 
 
@@ -474,6 +580,7 @@ def test_blocking_client_calls(fake):
             c.ping()
 
 
+@pytest.mark.usefixtures("impl")
 def test_blocking_client_hmac():
     with FakeServer(keys={KEY_ID: SECRET}) as server:
         with Client.connect("127.0.0.1", server.port, key_id=KEY_ID, secret=SECRET) as c:
@@ -640,7 +747,7 @@ class RealServer:
 
 
 @pytest.fixture
-def real():
+def real(impl):
     with RealServer() as server:
         yield server
 
@@ -705,6 +812,7 @@ def test_real_server_pipelining(real):
     run(main())
 
 
+@pytest.mark.usefixtures("impl")
 def test_real_server_hmac_and_roles():
     from engine.protocol.auth import Key
     keys = [Key("gw", "gateway-secret-0123456789", "gateway", frozenset({1})),
@@ -812,3 +920,138 @@ def test_real_server_unix_socket(tmp_path):
             assert c.server_info.protocol == 1
         code, _, err = admin_main(["audit", "--unix", path])
         assert code == 0, err
+
+
+# -- results are plain ints ---------------------------------------------------------------
+
+def test_results_are_plain_ints_that_json_encodes(fake):
+    """PayResult.coupons used to hold np.uint64, which json and msgspec.json refuse."""
+    rows = np.zeros(2, PAY_RESULT)
+    rows["id"], rows["coupons"][0] = [1, 2**64 - 1], [7, 0, 2**64 - 1, 0]
+    rows["cash"] = [-5, 2**63 - 1]
+    results = client_module.pay_results(rows)
+    assert results[0].coupons == (7, 2**64 - 1) and results[1].id == 2**64 - 1
+    values = [v for r in results for v in (*msgspec.structs.astuple(r)[:-1], *r.coupons)]
+    assert all(type(v) is int for v in values)
+    assert json.loads(msgspec.json.encode(results))[0]["coupons"] == [7, 2**64 - 1]
+    json.dumps([msgspec.structs.asdict(r) for r in results])
+    issued = np.zeros(1, ISSUE_RESULT)
+    issued["coupon"], issued["expires_at"] = 3, 2**64 - 1
+    assert msgspec.json.decode(msgspec.json.encode(client_module.issue_results(issued))) == [
+        {"coupon": 3, "status": 0, "flags": 0, "expires_at": 2**64 - 1}]
+
+    async def main():
+        async with await AsyncClient.connect("127.0.0.1", fake.port) as c:
+            r = await c.pay_one(id=5, payer=1, merchant=2, amount=300)
+            assert json.loads(msgspec.json.encode(r))["cash"] == 300
+    run(main())
+
+
+def test_a_reply_of_the_wrong_size_fails_every_caller_of_the_frame(impl):
+    """A PAY reply body that is not one result per coalesced record is the
+    server's bug: each caller gets a ProtocolError, none a wrong result."""
+    async def serve(reader, writer):
+        size, op, _, rid = HDR.unpack(await reader.readexactly(16))       # HELLO
+        await reader.readexactly(size)
+        hello = msgspec.msgpack.encode({"protocol": 1})
+        writer.write(HDR.pack(len(hello), op, 0, rid) + hello)
+        size, op, _, rid = HDR.unpack(await reader.readexactly(16))       # PAY of 3
+        await reader.readexactly(size)
+        writer.write(HDR.pack(80, op, 0, rid) + bytes(80))    # one result for three records
+        await writer.drain()
+        await reader.read()
+
+    async def main():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with await AsyncClient.connect("127.0.0.1", port, timeout_ms=5000) as c:
+            calls = [c.pay_one(id=i, payer=1, merchant=1, amount=1) for i in range(3)]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(o, client_module.ProtocolError) for o in outcomes), outcomes
+            assert "expected 3 results, got 1" in str(outcomes[0])
+        server.close()
+    run(main())
+
+
+# -- the pool ------------------------------------------------------------------------------
+
+def test_pool_bounds_its_connections(fake):
+    async def main():
+        pool = await client_module.create_pool("127.0.0.1", fake.port, min_size=1, max_size=2,
+                                               timeout_ms=2000)
+        assert (pool.size, pool.idle) == (1, 1)
+        held = [await pool.acquire(), await pool.acquire()]
+        assert pool.size == 2 and held[0] is not held[1]
+        with pytest.raises(TimeoutError, match="max_size 2"):
+            await pool.acquire(timeout_ms=100)
+        third = asyncio.ensure_future(pool.acquire())
+        await asyncio.sleep(0.05)
+        assert not third.done() and pool.size == 2       # waits for a release
+        pool.release(held[0])
+        assert await third is held[0]                     # the same connection, reused
+        peak = 0
+
+        async def user(i):
+            nonlocal peak
+            async with pool.acquire() as conn:
+                peak = max(peak, pool.size)
+                return (await conn.pay_one(id=i, payer=1, merchant=1, amount=i)).cash
+        pool.release(held[1])
+        pool.release(await third)
+        assert await asyncio.gather(*(user(i) for i in range(1, 41))) == list(range(1, 41))
+        assert peak <= 2 and pool.size == 2 and pool.replaced == 0
+        with pytest.raises(ValueError, match="does not belong"):
+            pool.release(held[1])
+        await pool.close()
+        with pytest.raises(client_module.PoolClosed):
+            await pool.acquire()
+    run(main())
+    with pytest.raises(ValueError, match="min_size"):
+        client_module.Pool("127.0.0.1", 1, min_size=3, max_size=2, timeout_ms=1,
+                           connect_kwargs={})
+
+
+def test_pool_replaces_a_lost_connection(fake):
+    async def main():
+        async with await client_module.create_pool("127.0.0.1", fake.port, min_size=2,
+                                                   max_size=2) as pool:
+            async with pool.acquire() as first:
+                await first.ping()
+            first._transport.close()                      # lost while idle
+            await asyncio.sleep(0.05)
+            async with pool.acquire() as conn:
+                # the server closes the stream after a bad_frame error: lost while held
+                with pytest.raises(BadFrame):
+                    await conn.call("STATS", {"error_code": int(ErrorCode.bad_frame)})
+            await asyncio.sleep(0.05)
+            assert pool.size <= 2
+            conns = [await pool.acquire(), await pool.acquire()]
+            for conn in conns:
+                assert conn._closed is None and conn is not first
+                assert (await conn.pay_one(id=9, payer=1, merchant=1, amount=3)).cash == 3
+                pool.release(conn)
+            assert pool.replaced == 2 and pool.size == 2
+        assert pool.size == 0
+    run(main())
+
+
+def test_pool_survives_a_server_restart(impl):
+    async def main(port):
+        pool = await client_module.create_pool("127.0.0.1", port, min_size=2, max_size=2,
+                                               timeout_ms=2000)
+        return pool
+    with FakeServer() as server:
+        port = server.port
+        loop = asyncio.new_event_loop()
+        pool = loop.run_until_complete(main(port))
+        async def use():
+            async with pool.acquire() as conn:
+                return (await conn.pay_one(id=1, payer=1, merchant=1, amount=4)).cash
+        assert loop.run_until_complete(use()) == 4
+    with FakeServer() as again:                           # a new server (new port)
+        pool.port = again.port                            # same address in real life
+        loop.run_until_complete(asyncio.sleep(0.1))
+        assert loop.run_until_complete(use()) == 4
+        assert pool.replaced >= 1 and pool.size <= 2
+        loop.run_until_complete(pool.close())
+        loop.close()

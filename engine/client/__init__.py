@@ -7,6 +7,13 @@ Two flavours with the same calls:
   calls of one event-loop tick into a single PAY / ISSUE frame.
 - `Client` (blocking, plain `socket`): one request at a time; works under
   gevent monkey-patching, which is what the locust load test uses.
+- `create_pool` / `Pool`: up to max_size AsyncClient connections, lent out
+  with `async with pool.acquire()`, lost ones replaced.
+
+The per-request work (packing records, cutting replies, building results)
+runs in the compiled `engine._client` (ext/client.pyx) when it is built and
+in its plain-Python twin engine/_client_py.py otherwise. The API reference
+is docs/client.md.
 
     client = await AsyncClient.connect("127.0.0.1", 7411)
     result = await client.pay_one(id=1, payer=42, merchant=7, amount=30_00)
@@ -20,6 +27,7 @@ exception.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import ipaddress
@@ -32,6 +40,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from engine import _client_py           # absolute: the twin stays engine/_client_py.py
+from engine._client_py import (I64_MAX, I64_MIN, REPLY_BYTES_MAX, U32_MAX,  # noqa: F401 (names
+                         U64_MAX)                                     # of this module before)
 from engine.core.dispatch import OP_NAMES as _DISPATCH_OP_NAMES
 from engine.protocol.errors import (BadBody, BadFrame, Busy, EngineError, Forbidden, FrameTooLarge,
                      NotAuthenticated, Unavailable, UnknownOp, UnsupportedProtocol)
@@ -40,8 +51,13 @@ from engine.protocol.records import (COUPONS_PER_PAYMENT_MAX, ISSUE_RECORD, ISSU
                       PAY_RECORD, PAY_RESULT, RESULT_AUTHORIZED, RESULT_DUPLICATE)
 from engine.protocol.status import STATUS_NAMES, ErrorCode
 
+try:                                   # the compiled hot path (ext/client.pyx)
+    from engine import _client as _client_c
+except ImportError:                    # not built: the plain-Python twin does the same
+    _client_c = None
+
 __all__ = [
-    "AsyncClient", "Client", "HelloInfo", "PayResult", "IssueResult",
+    "AsyncClient", "Client", "Pool", "PoolClosed", "create_pool", "HelloInfo", "PayResult", "IssueResult",
     "ConnectionLost", "ProtocolError", "ServerError", "OPS", "hello_request", "hello_mac",
     "parse_address", "error_from_frame",
     "NotAuthenticated", "Forbidden", "FrameTooLarge", "BadFrame", "UnsupportedProtocol",
@@ -53,11 +69,9 @@ PORT_DEFAULT = 7411
 TIMEOUT_MS_DEFAULT = 10_000
 BATCH_RECORDS_MAX_DEFAULT = 8190       # until HELLO says otherwise
 IN_FLIGHT_MAX_DEFAULT = 4096           # requests awaiting a reply, per connection
-REPLY_BYTES_MAX = 64 << 20             # sanity bound: a bigger size means a broken stream
 RECV_BYTES = 1 << 18
-U64_MAX = 2**64 - 1
-U32_MAX = 2**32 - 1
-I64_MIN, I64_MAX = -2**63, 2**63 - 1
+ACQUIRE_ROUNDS_MAX = 1 << 20           # pool: wake-ups one acquire may go through
+ROOM_WAITS_MAX = 1 << 20               # wake-ups one request may wait for a free slot
 
 # Op numbers: PROTOCOL.md's, plus the server's extensions (STATEMENT, ...)
 # from the one dispatch table.
@@ -193,14 +207,45 @@ class IssueResult(_Outcome, msgspec.Struct, frozen=True):
 
 
 
+# -- the hot path: compiled, or its plain-Python twin ----------------------------
+
+assert HEADER.format == "<IHHQ" and COUPONS_PER_PAYMENT_MAX == _client_py.COUPONS_MAX
+assert PAY_RECORD.itemsize == _client_py._PAY.size
+assert PAY_RESULT.itemsize == _client_py._PAY_RESULT.size
+IMPLEMENTATIONS = {"python": _client_py}
+if _client_c is not None:
+    IMPLEMENTATIONS["cython"] = _client_c
+for _module in IMPLEMENTATIONS.values():
+    _module.configure(PayResult, IssueResult, ProtocolError)
+IMPLEMENTATION = "cython" if _client_c is not None else "python"
+_impl = IMPLEMENTATIONS[IMPLEMENTATION]
+
+
+def use_implementation(name: str) -> str:
+    """Make clients created from now on use the "cython" or "python" hot path
+    (tests run both); returns the name in use before."""
+    global IMPLEMENTATION, _impl
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation {name!r} is not available; "
+                         f"have: {', '.join(IMPLEMENTATIONS)}")
+    before, IMPLEMENTATION, _impl = IMPLEMENTATION, name, IMPLEMENTATIONS[name]
+    return before
+
+
+def _result_bytes(results: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if not isinstance(results, np.ndarray) or results.dtype != dtype:
+        raise TypeError(f"results must be a numpy array of dtype {dtype}")
+    return np.ascontiguousarray(results).reshape(-1).view(np.uint8)
+
+
 def pay_results(results: np.ndarray) -> list[PayResult]:
-    """PAY_RESULT rows as structs (tolist() once: no per-field numpy access)."""
-    return [PayResult(i, s, f, c, d, fee, t, tuple(x for x in cs if x))
-            for i, s, f, c, d, fee, t, cs in results.tolist()]
+    """PAY_RESULT rows as PayResult structs of plain ints."""
+    return _impl.pay_results(_result_bytes(results, PAY_RESULT))
 
 
 def issue_results(results: np.ndarray) -> list[IssueResult]:
-    return [IssueResult(*row) for row in results.tolist()]
+    """ISSUE_RESULT rows as IssueResult structs of plain ints."""
+    return _impl.issue_results(_result_bytes(results, ISSUE_RESULT))
 
 
 # -- encoding ---------------------------------------------------------------
@@ -218,14 +263,18 @@ def encode_frame(op: int, request_id: int, body=b"", flags: int = 0) -> bytearra
     return frame
 
 
-def _batch_body(records: np.ndarray, dtype: np.dtype, batch_max: int) -> memoryview:
-    if not isinstance(records, np.ndarray) or records.dtype != dtype:
-        raise TypeError(f"records must be a numpy array of dtype {dtype}, "
-                        f"got {getattr(records, 'dtype', type(records).__name__)}")
-    if not 1 <= len(records) <= batch_max:
-        raise ValueError(f"a batch holds 1..{batch_max} records, got {len(records)}; "
+def _batch_body(records: np.ndarray, dtype: np.dtype, batch_max: int) -> np.ndarray:
+    """The records, checked and C-contiguous: a frame body as they are."""
+    if type(records) is not np.ndarray or records.dtype != dtype:
+        if not isinstance(records, np.ndarray) or records.dtype != dtype:
+            raise TypeError(f"records must be a numpy array of dtype {dtype}, "
+                            f"got {getattr(records, 'dtype', type(records).__name__)}")
+    if records.ndim != 1 or not 1 <= len(records) <= batch_max:
+        raise ValueError(f"a batch holds 1..{batch_max} records, got {len(records) if records.ndim == 1 else records.shape}; "
                          "split it into several calls")
-    return memoryview(np.ascontiguousarray(records).view(np.uint8))
+    if not records.flags.c_contiguous:
+        records = np.ascontiguousarray(records)
+    return records
 
 
 def _batch_reply(body: bytes, dtype: np.dtype, n: int) -> np.ndarray:
@@ -244,33 +293,15 @@ def _op_code(op: str | int) -> int:
     return code
 
 
-def _check_range(name: str, value: int, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name} must be an int in {low}..{high}, got {value!r}")
-    return value
-
-
 def pay_record(id: int, payer: int, merchant: int, amount: int, flags: int = 0,
                goods_tag: int = 0, coupons=(), user_data: int = 0) -> tuple:
-    """One PayRecord as a tuple for np.array(..., PAY_RECORD), range-checked so
-    that one bad call cannot spoil a coalesced batch."""
-    coupons = tuple(coupons)
-    if len(coupons) > COUPONS_PER_PAYMENT_MAX:
-        raise ValueError(f"at most {COUPONS_PER_PAYMENT_MAX} coupons, got {len(coupons)}")
-    for c in coupons:
-        _check_range("coupon id", c, 0, U64_MAX)
-    return (_check_range("id", id, 0, U64_MAX), _check_range("payer", payer, 0, U64_MAX),
-            _check_range("merchant", merchant, 0, U64_MAX),
-            _check_range("amount", amount, I64_MIN, I64_MAX),
-            _check_range("flags", flags, 0, U32_MAX),
-            _check_range("goods_tag", goods_tag, 0, U32_MAX),
-            coupons + (0,) * (COUPONS_PER_PAYMENT_MAX - len(coupons)),
-            _check_range("user_data", user_data, 0, U64_MAX))
+    """One PayRecord as a tuple for np.array(..., PAY_RECORD), range-checked."""
+    return _client_py.pay_fields(id, payer, merchant, amount, flags, goods_tag, coupons,
+                                 user_data)
 
 
 def issue_record(coupon: int, stock: int, user: int) -> tuple:
-    return (_check_range("coupon", coupon, 0, U64_MAX), _check_range("stock", stock, 0, U64_MAX),
-            _check_range("user", user, 0, U64_MAX), 0)
+    return _client_py.issue_fields(coupon, stock, user)
 
 
 # -- HELLO ------------------------------------------------------------------
@@ -351,28 +382,18 @@ class _Protocol(asyncio.Protocol):
 
     def __init__(self, client: "AsyncClient"):
         self.client = client
-        self.buffer = bytearray()
+        self.cutter = client._impl.FrameCutter()
 
     def connection_made(self, transport):
         self.client._transport = transport
 
     def data_received(self, data):
-        buffer = self.buffer
-        buffer += data
-        at, end_of_data = 0, len(buffer)
+        frames, error = self.cutter.feed(data)
         deliver = self.client._deliver
-        while end_of_data - at >= HEADER_BYTES:
-            size, op, flags, request_id = HEADER.unpack_from(buffer, at)
-            if size > REPLY_BYTES_MAX:
-                self.client._fail(ProtocolError(f"reply of {size} bytes: the stream is broken"))
-                return
-            end = at + HEADER_BYTES + size
-            if end > end_of_data:
-                break
-            deliver(op, flags, request_id, bytes(buffer[at + HEADER_BYTES:end]))
-            at = end
-        if at:
-            del buffer[:at]
+        for op, flags, request_id, body in frames:
+            deliver(op, flags, request_id, body)
+        if error is not None:
+            self.client._fail(error)
 
     def connection_lost(self, exc):
         self.client._fail(ConnectionLost(f"connection closed: {exc}" if exc else "connection closed"))
@@ -386,57 +407,71 @@ class _Protocol(asyncio.Protocol):
         self.client._writable.set()
 
 
-class _Coalescer:
-    """Gathers the single-record calls of one loop tick into one batch frame."""
+class _Batch:
+    """The callers of one coalesced PAY / ISSUE frame, in record order."""
+    __slots__ = ("futures", "to_structs")
 
-    def __init__(self, client: "AsyncClient", op: int, dtype: np.dtype,
-                 result_dtype: np.dtype, to_structs):
+    def __init__(self, futures: list, to_structs):
+        self.futures = futures
+        self.to_structs = to_structs
+
+    def settle(self, client: "AsyncClient", op: int, sent_op: int, flags: int,
+               request_id: int, body: bytes) -> None:
+        futures = self.futures
+        try:
+            if flags & FLAG_ERROR:
+                raise error_from_frame(op, request_id, body)
+            if op != sent_op:
+                raise ProtocolError(f"reply to request {request_id} has op {op}, "
+                                    f"the request had {sent_op}")
+            client._impl.resolve(futures, self.to_structs(body))
+        except Exception as e:     # noqa: BLE001 - every caller of the frame gets the error
+            self.fail(e)
+
+    def fail(self, error: BaseException) -> None:
+        for future in self.futures:
+            if not future.done():
+                future.set_exception(error)
+
+
+class _Coalescer:
+    """Gathers the single-record calls of one loop tick into one batch frame:
+    each record is checked and packed straight into the frame's body, and the
+    reply resolves the callers' futures in one pass (no task per frame)."""
+
+    def __init__(self, client: "AsyncClient", op: int, to_structs):
         self.client = client
         self.op = op
-        self.dtype = dtype
-        self.result_dtype = result_dtype
         self.to_structs = to_structs
-        self.pending: list[tuple[tuple, asyncio.Future]] = []
-        self.tasks: set[asyncio.Task] = set()   # strong refs until each batch is done
+        self.body = bytearray()
+        self.futures: list[asyncio.Future] = []
 
-    def submit(self, record: tuple) -> asyncio.Future:
-        loop = self.client._loop
-        future = loop.create_future()
-        if not self.pending:
-            # Runs after every callback already ready in this iteration, so all
-            # calls made in this tick are in the batch.
-            loop.call_soon(self.flush)
-        self.pending.append((record, future))
+    def add(self) -> asyncio.Future:
+        """The future of the record just packed into `body` (the caller
+        packs it first, so that a bad record raises alone)."""
+        client = self.client
+        future = client._loop.create_future()
+        futures = self.futures
+        if not futures:
+            client._open_frames += 1       # it takes an in-flight slot from now on
+        futures.append(future)
+        if not client._tick_scheduled:
+            client._schedule_tick()
+        if len(futures) >= client._max_batch:
+            self.flush()
         return future
 
     def flush(self):
-        pending, self.pending = self.pending, []
-        batch_max = self.client.max_batch
-        for start in range(0, len(pending), batch_max):
-            chunk = pending[start:start + batch_max]
-            task = self.client._loop.create_task(self.send(chunk))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def send(self, chunk):
-        futures = [future for _, future in chunk]
-        try:
-            records = np.array([record for record, _ in chunk], self.dtype)
-            self.client.batches_sent += 1
-            results = await self.client._batch(self.op, records, self.dtype, self.result_dtype)
-        except asyncio.CancelledError:
-            for future in futures:
-                if not future.done():
-                    future.set_exception(ConnectionLost("client closed"))
-            raise
-        except Exception as e:  # noqa: BLE001 - every caller gets the error
-            for future in futures:
-                if not future.done():
-                    future.set_exception(e)
+        if not self.futures:
             return
-        for future, result in zip(futures, self.to_structs(results)):
-            if not future.done():
-                future.set_result(result)
+        batch = _Batch(self.futures, self.to_structs)
+        body, self.body, self.futures = self.body, bytearray(), []
+        self.client._open_frames -= 1
+        if self.client._closed is not None:
+            batch.fail(ConnectionLost(f"the connection is closed ({self.client._closed})"))
+            return
+        self.client.batches_sent += 1
+        self.client._send(self.op, body, batch, None)
 
 
 class AsyncClient:
@@ -449,20 +484,33 @@ class AsyncClient:
                  in_flight_max: int = IN_FLIGHT_MAX_DEFAULT):
         if timeout_ms <= 0:
             raise ValueError("timeout_ms must be > 0")
+        if in_flight_max <= 0:
+            raise ValueError("in_flight_max must be > 0")
         self.timeout_ms = timeout_ms
         self.server_info: HelloInfo | None = None
         self.batches_sent = 0          # coalesced PAY/ISSUE frames (observability, tests)
+        self._impl = _impl             # the hot path in use when the client was made
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._pending: dict[int, tuple[asyncio.Future, int, asyncio.TimerHandle]] = {}
+        # request id -> (Future or _Batch, op, TimerHandle or None, deadline):
+        # in request id order, which _sweep_expired relies on
+        self._pending: dict[int, tuple[Any, int, Any, float]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
         self._next_id = 1
-        self._in_flight = asyncio.Semaphore(in_flight_max)
+        self._in_flight_max = in_flight_max
+        self._room_waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._out = bytearray()        # frames of this loop tick, written in one go
+        self._tick_scheduled = False   # _end_of_tick is due
+        self._open_frames = 0          # coalesced frames being filled (count as in flight)
         self._writable = asyncio.Event()
         self._writable.set()
         self._closed: BaseException | None = None
         self._lost = self._loop.create_future()   # done when the transport is gone
-        self._pay = _Coalescer(self, OP_PAY, PAY_RECORD, PAY_RESULT, pay_results)
-        self._issue = _Coalescer(self, OP_ISSUE, ISSUE_RECORD, ISSUE_RESULT, issue_results)
+        self._max_batch = BATCH_RECORDS_MAX_DEFAULT    # until HELLO says otherwise
+        self._pack_pay, self._pack_issue = self._impl.pack_pay, self._impl.pack_issue
+        self._append_frame = self._impl.append_frame
+        self._pay = _Coalescer(self, OP_PAY, self._impl.pay_results)
+        self._issue = _Coalescer(self, OP_ISSUE, self._impl.issue_results)
 
     @classmethod
     async def connect(cls, host: str = "127.0.0.1", port: int = PORT_DEFAULT, *,
@@ -497,6 +545,7 @@ class AsyncClient:
         reply = await self._request(OP_HELLO, _encoder.encode(
             hello_request(key_id, secret, client_name=client_name)))
         self.server_info = msgspec.convert(decode_reply(reply), HelloInfo)
+        self._max_batch = self.server_info.max_batch
         return self.server_info
 
     async def ping(self, *, timeout_ms: int | None = None) -> None:
@@ -504,10 +553,14 @@ class AsyncClient:
 
     async def pay(self, records: np.ndarray, *, timeout_ms: int | None = None) -> np.ndarray:
         """One PAY frame: PAY_RECORD array in, PAY_RESULT array (read-only) out."""
-        return await self._batch(OP_PAY, records, PAY_RECORD, PAY_RESULT, timeout_ms)
+        body = _batch_body(records, PAY_RECORD, self.max_batch)
+        reply = await self._request(OP_PAY, body, timeout_ms)
+        return _batch_reply(reply, PAY_RESULT, len(records))
 
     async def issue(self, records: np.ndarray, *, timeout_ms: int | None = None) -> np.ndarray:
-        return await self._batch(OP_ISSUE, records, ISSUE_RECORD, ISSUE_RESULT, timeout_ms)
+        body = _batch_body(records, ISSUE_RECORD, self.max_batch)
+        reply = await self._request(OP_ISSUE, body, timeout_ms)
+        return _batch_reply(reply, ISSUE_RESULT, len(records))
 
     async def call(self, op: str | int, request: dict | None = None, *,
                    timeout_ms: int | None = None) -> dict:
@@ -520,17 +573,23 @@ class AsyncClient:
                       flags: int = 0, goods_tag: int = 0, coupons=(),
                       user_data: int = 0) -> PayResult:
         """One payment; concurrent calls of one loop tick share a PAY frame."""
-        self._check_open()
-        return await self._pay.submit(pay_record(id, payer, merchant, amount, flags,
-                                                 goods_tag, coupons, user_data))
+        pay = self._pay
+        if self._closed is not None or (not pay.futures and not self._has_room()):
+            await self._wait_for_room(pay)     # joining an open frame needs no slot
+        self._pack_pay(pay.body, id, payer, merchant, amount, flags, goods_tag, coupons,
+                       user_data)
+        return await pay.add()
 
     async def issue_one(self, *, coupon: int, stock: int, user: int) -> IssueResult:
-        self._check_open()
-        return await self._issue.submit(issue_record(coupon, stock, user))
+        issue = self._issue
+        if self._closed is not None or (not issue.futures and not self._has_room()):
+            await self._wait_for_room(issue)
+        self._pack_issue(issue.body, coupon, stock, user)
+        return await issue.add()
 
     @property
     def max_batch(self) -> int:
-        return self.server_info.max_batch if self.server_info else BATCH_RECORDS_MAX_DEFAULT
+        return self._max_batch
 
     @property
     def in_flight(self) -> int:
@@ -560,35 +619,119 @@ class AsyncClient:
         if self._closed is not None:
             raise ConnectionLost(f"the connection is closed ({self._closed})")
 
-    async def _batch(self, op, records, dtype, result_dtype, timeout_ms=None) -> np.ndarray:
-        body = _batch_body(records, dtype, self.max_batch)
-        reply = await self._request(op, body, timeout_ms)
-        return _batch_reply(reply, result_dtype, len(records))
+    def _has_room(self) -> bool:
+        return (len(self._pending) + self._open_frames < self._in_flight_max
+                and self._writable.is_set())
 
-    async def _request(self, op: int, body, timeout_ms: int | None = None) -> bytes:
+    async def _wait_for_room(self, coalescer: "_Coalescer | None" = None) -> None:
+        """Wait until fewer than in_flight_max requests await a reply and the
+        transport takes writes; raises once the connection is closed. Each
+        freed slot wakes the longest waiter (a caller arriving at that moment
+        may take the slot first; the waiter then waits for the next one)."""
         self._check_open()
-        async with self._in_flight:
+        for _ in range(ROOM_WAITS_MAX):
+            if self._has_room() or (coalescer is not None and coalescer.futures):
+                return
             if not self._writable.is_set():
                 await self._writable.wait()
+            else:
+                waiter = self._loop.create_future()
+                self._room_waiters.append(waiter)
+                try:
+                    await waiter
+                except BaseException:
+                    if waiter.done() and not waiter.cancelled():
+                        self._wake_room_waiter()   # pass on a wake-up this caller drops
+                    raise
             self._check_open()
-            request_id = self._next_id
-            self._next_id += 1
-            future = self._loop.create_future()
-            timer = self._loop.call_later((timeout_ms or self.timeout_ms) / 1000,
-                                          self._expire, request_id)
-            self._pending[request_id] = (future, op, timer)
-            try:
-                self._transport.write(encode_frame(op, request_id, body))
-                return await future
-            finally:
-                timer.cancel()
-                self._pending.pop(request_id, None)
+        raise RuntimeError(f"no room for a request after {ROOM_WAITS_MAX} wake-ups")
+
+    def _wake_room_waiter(self) -> None:
+        waiters = self._room_waiters
+        while waiters and len(self._pending) + self._open_frames < self._in_flight_max:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _request(self, op: int, body, timeout_ms: int | None = None) -> bytes:
+        if self._closed is not None or not self._has_room():
+            await self._wait_for_room()
+        future = self._loop.create_future()
+        request_id = self._send(op, body, future, timeout_ms)
+        try:
+            return await future
+        finally:
+            entry = self._pending.pop(request_id, None)
+            if entry is not None:          # cancelled or failed before its reply
+                if entry[2] is not None:
+                    entry[2].cancel()
+                self._wake_room_waiter()
+
+    def _send(self, op: int, body, waiter, timeout_ms: int | None) -> int:
+        """Register `waiter` (a Future, or a _Batch) under a fresh request id
+        and queue the frame; the frames of one loop tick leave in one write."""
+        request_id = self._next_id
+        self._append_frame(self._out, op, request_id, body)    # may refuse the body
+        self._next_id += 1
+        if not timeout_ms or timeout_ms == self.timeout_ms:
+            # The default timeout: no timer of its own (a timer and its cancel
+            # cost more than the rest of a request); deadlines grow with the
+            # request id, so one sweep timer finds the expired ones in order.
+            timer, deadline = None, self._loop.time() + self.timeout_ms / 1000
+            if self._sweep is None:
+                self._sweep = self._loop.call_at(deadline, self._sweep_expired)
+        else:
+            timer, deadline = self._loop.call_later(timeout_ms / 1000, self._expire,
+                                                    request_id), 0.0
+        self._pending[request_id] = (waiter, op, timer, deadline)
+        if not self._tick_scheduled:
+            self._schedule_tick()
+        return request_id
+
+    def _schedule_tick(self) -> None:
+        self._tick_scheduled = True
+        # Runs after every callback already ready in this loop iteration, so
+        # all calls made in this tick are in its frames and its one write.
+        self._loop.call_soon(self._end_of_tick)
+
+    def _end_of_tick(self) -> None:
+        """Send the coalesced frames, then every frame of this tick in one write."""
+        self._tick_scheduled = False
+        self._pay.flush()
+        self._issue.flush()
+        out, self._out = self._out, bytearray()
+        if out and self._closed is None:
+            self._transport.write(out)
+
+    def _sweep_expired(self) -> None:
+        """Expire the default-timeout requests whose deadline has passed, then
+        sleep until the earliest deadline left."""
+        self._sweep = None
+        now, expired, next_deadline = self._loop.time(), [], None
+        for request_id, (_, _, timer, deadline) in self._pending.items():
+            if timer is not None:
+                continue                   # its own timer expires it
+            if deadline > now:
+                next_deadline = deadline
+                break
+            expired.append(request_id)
+        for request_id in expired:
+            self._expire(request_id)
+        if next_deadline is not None and self._closed is None:
+            self._sweep = self._loop.call_at(next_deadline, self._sweep_expired)
 
     def _expire(self, request_id: int):
         entry = self._pending.pop(request_id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(TimeoutError(
-                f"no reply to {OP_NAMES.get(entry[1], entry[1])} in the timeout"))
+        if entry is None:
+            return
+        error = TimeoutError(f"no reply to {OP_NAMES.get(entry[1], entry[1])} in the timeout")
+        waiter = entry[0]
+        if type(waiter) is _Batch:
+            waiter.fail(error)
+        elif not waiter.done():
+            waiter.set_exception(error)
+        self._wake_room_waiter()
 
     def _deliver(self, op: int, flags: int, request_id: int, body: bytes):
         entry = self._pending.pop(request_id, None)
@@ -601,30 +744,244 @@ class AsyncClient:
                 if request_id == 0 or getattr(error, "code", None) in CLOSING_CODES:
                     self._fail(error)
             return
-        future, sent_op, timer = entry
-        timer.cancel()
-        if future.done():
+        waiter, sent_op, timer, _ = entry
+        if timer is not None:
+            timer.cancel()
+        if self._room_waiters:
+            self._wake_room_waiter()
+        if type(waiter) is _Batch:
+            waiter.settle(self, op, sent_op, flags, request_id, body)
+        elif waiter.done():
             return
-        if flags & FLAG_ERROR:
-            future.set_exception(error_from_frame(op, request_id, body))
+        elif flags & FLAG_ERROR:
+            waiter.set_exception(error_from_frame(op, request_id, body))
         elif op != sent_op:
-            future.set_exception(ProtocolError(
+            waiter.set_exception(ProtocolError(
                 f"reply to request {request_id} has op {op}, the request had {sent_op}"))
         else:
-            future.set_result(body)
+            waiter.set_result(body)
 
     def _fail(self, error: BaseException):
         """Every request in flight fails with `error`; the client is closed."""
         if self._closed is None:
             self._closed = error
         pending, self._pending = self._pending, {}
-        for future, _, timer in pending.values():
-            timer.cancel()
-            if not future.done():
-                future.set_exception(error)
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for waiter, _, timer, _ in pending.values():
+            if timer is not None:
+                timer.cancel()
+            if type(waiter) is _Batch:
+                waiter.fail(error)
+            elif not waiter.done():
+                waiter.set_exception(error)
+        for coalescer in (self._pay, self._issue):
+            coalescer.flush()              # its callers fail: the connection is closed
+        waiters, self._room_waiters = self._room_waiters, collections.deque()
+        for waiter in waiters:             # they see the closed state and raise
+            if not waiter.done():
+                waiter.set_result(None)
         self._writable.set()   # wake writers so that they see the closed state
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
+
+# -- connection pool ----------------------------------------------------------
+
+class PoolClosed(ConnectionLost):
+    """The pool is closed: no connection can be acquired from it."""
+
+
+class Pool:
+    """Up to `max_size` AsyncClient connections to one server, lent out one
+    holder at a time (in the style of asyncpg's pool):
+
+        pool = await create_pool("127.0.0.1", 7411, min_size=2, max_size=16)
+        async with pool.acquire() as conn:
+            result = await conn.pay_one(id=1, payer=42, merchant=7, amount=30_00)
+        await pool.close()
+
+    A connection that was lost (the server closed it, a closing error, a
+    broken stream) is dropped when it comes back or is found idle, and a new
+    one is opened in its place on the next acquire. Acquirers beyond
+    `max_size` wait, first come first served, up to `timeout_ms`.
+    """
+
+    def __init__(self, host: str, port: int, *, min_size: int, max_size: int,
+                 timeout_ms: int, connect_kwargs: dict):
+        if not isinstance(max_size, int) or max_size < 1:
+            raise ValueError(f"max_size must be an int >= 1, got {max_size!r}")
+        if not isinstance(min_size, int) or not 0 <= min_size <= max_size:
+            raise ValueError(f"min_size must be an int in 0..max_size ({max_size}), "
+                             f"got {min_size!r}")
+        if timeout_ms <= 0:
+            raise ValueError("timeout_ms must be > 0")
+        self.host, self.port = host, port
+        self.min_size, self.max_size = min_size, max_size
+        self.timeout_ms = timeout_ms
+        self.replaced = 0                     # lost connections dropped (observability, tests)
+        self._connect_kwargs = dict(connect_kwargs, timeout_ms=timeout_ms)
+        self._idle: collections.deque[AsyncClient] = collections.deque()
+        self._all: set[AsyncClient] = set()   # idle and lent out
+        self._lent: set[AsyncClient] = set()
+        self._opening = 0                     # connects under way (count toward max_size)
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        """Connections open or being opened (never above max_size)."""
+        return len(self._all) + self._opening
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def _fill(self) -> None:
+        """Open connections up to min_size (at start, in parallel)."""
+        need = self.min_size - self.size
+        self._opening += need
+        opened = await asyncio.gather(*(self._connect() for _ in range(need)),
+                                      return_exceptions=True)
+        self._opening -= need
+        errors = [c for c in opened if isinstance(c, BaseException)]
+        for conn in opened:
+            if isinstance(conn, AsyncClient):
+                self._all.add(conn)
+                self._idle.append(conn)
+        if errors:
+            raise errors[0]
+
+    async def _connect(self) -> AsyncClient:
+        return await AsyncClient.connect(self.host, self.port, **self._connect_kwargs)
+
+    def acquire(self, *, timeout_ms: int | None = None) -> "_PoolAcquire":
+        """`async with pool.acquire() as conn:` (or `conn = await
+        pool.acquire()` and later `pool.release(conn)`)."""
+        return _PoolAcquire(self, timeout_ms or self.timeout_ms)
+
+    async def _acquire(self, timeout_ms: int) -> AsyncClient:
+        deadline = time.monotonic() + timeout_ms / 1000
+        for _ in range(ACQUIRE_ROUNDS_MAX):     # each round: woken by a release or a drop
+            if self._closed:
+                raise PoolClosed("the pool is closed")
+            while self._idle:
+                conn = self._idle.popleft()
+                if conn._closed is None:
+                    self._lent.add(conn)
+                    return conn
+                self._drop(conn)
+            if self.size < self.max_size:
+                self._opening += 1
+                try:
+                    conn = await self._connect()
+                finally:
+                    self._opening -= 1
+                    self._wake_one()            # the slot is taken or free again
+                if self._closed:
+                    conn.close()
+                    raise PoolClosed("the pool is closed")
+                self._all.add(conn)
+                self._lent.add(conn)
+                return conn
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining_s)
+            except asyncio.TimeoutError:
+                break
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()        # pass on a wake-up this caller drops
+                raise
+        raise TimeoutError(f"no pool connection free in {timeout_ms} ms "
+                           f"(max_size {self.max_size}, all in use)")
+
+    def release(self, conn: AsyncClient) -> None:
+        """Give a connection back: idle again, or dropped if it was lost."""
+        if self._closed:                      # close() already closed it
+            conn.close()
+            return
+        if conn not in self._lent:
+            raise ValueError("this connection does not belong to the pool (or was released)")
+        self._lent.discard(conn)
+        if self._closed or conn._closed is not None:
+            self._drop(conn)
+        else:
+            self._idle.append(conn)
+        self._wake_one()
+
+    def _drop(self, conn: AsyncClient) -> None:
+        self._all.discard(conn)
+        if not self._closed:
+            self.replaced += 1
+        conn.close()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        """Close every connection (those lent out too: their calls fail with
+        ConnectionLost) and refuse further acquires."""
+        self._closed = True
+        conns = list(self._all)
+        self._all.clear()
+        self._lent.clear()
+        self._idle.clear()
+        for conn in conns:
+            conn.close()
+        for conn in conns:
+            await conn.wait_closed()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)      # they see the closed pool and raise
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
+class _PoolAcquire:
+    __slots__ = ("pool", "timeout_ms", "conn")
+
+    def __init__(self, pool: Pool, timeout_ms: int):
+        self.pool, self.timeout_ms, self.conn = pool, timeout_ms, None
+
+    def __await__(self):
+        return self.pool._acquire(self.timeout_ms).__await__()
+
+    async def __aenter__(self) -> AsyncClient:
+        self.conn = await self.pool._acquire(self.timeout_ms)
+        return self.conn
+
+    async def __aexit__(self, *exc):
+        conn, self.conn = self.conn, None
+        self.pool.release(conn)
+
+
+async def create_pool(host: str = "127.0.0.1", port: int = PORT_DEFAULT, *,
+                      min_size: int = 1, max_size: int = 16,
+                      timeout_ms: int = TIMEOUT_MS_DEFAULT, **connect_kwargs) -> Pool:
+    """A Pool with `min_size` connections open; `connect_kwargs` are those of
+    AsyncClient.connect (unix, ssl, key_id, secret, in_flight_max, client_name)."""
+    pool = Pool(host, port, min_size=min_size, max_size=max_size, timeout_ms=timeout_ms,
+                connect_kwargs=connect_kwargs)
+    try:
+        await pool._fill()
+    except BaseException:
+        await pool.close()
+        raise
+    return pool
 
 
 # -- blocking client ---------------------------------------------------------
@@ -700,13 +1057,20 @@ class Client:
 
     def pay_one(self, *, id: int, payer: int, merchant: int, amount: int, flags: int = 0,
                 goods_tag: int = 0, coupons=(), user_data: int = 0) -> PayResult:
-        records = np.array([pay_record(id, payer, merchant, amount, flags, goods_tag,
-                                       coupons, user_data)], PAY_RECORD)
-        return pay_results(self.pay(records))[0]
+        body = bytearray()
+        _impl.pack_pay(body, id, payer, merchant, amount, flags, goods_tag, coupons, user_data)
+        return self._one(OP_PAY, body, _impl.pay_results, timeout_ms=None)
 
     def issue_one(self, *, coupon: int, stock: int, user: int) -> IssueResult:
-        records = np.array([issue_record(coupon, stock, user)], ISSUE_RECORD)
-        return issue_results(self.issue(records))[0]
+        body = bytearray()
+        _impl.pack_issue(body, coupon, stock, user)
+        return self._one(OP_ISSUE, body, _impl.issue_results, timeout_ms=None)
+
+    def _one(self, op: int, body: bytearray, to_structs, timeout_ms: int | None):
+        results = to_structs(self._request(op, body, timeout_ms))
+        if len(results) != 1:
+            raise ProtocolError(f"expected 1 result, got {len(results)}")
+        return results[0]
 
     @property
     def max_batch(self) -> int:

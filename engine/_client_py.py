@@ -1,0 +1,154 @@
+"""The client's hot path in plain Python: the twin of ext/client.pyx.
+
+engine/client.py uses the compiled `engine._client` when it imports and this
+module otherwise; both export the same functions with the same results and
+the same errors (tests/test_client.py feeds both random records, bodies and
+byte streams and compares). This module owns the value ranges and the error
+text of a record field; the Cython twin repeats them word for word.
+
+- `pack_pay(out, id, payer, merchant, amount, flags, goods_tag, coupons,
+  user_data)` / `pack_issue(out, coupon, stock, user)`: append one record
+  to the bytearray `out`, range-checked (ValueError), so that one bad call
+  cannot spoil a coalesced batch; nothing is appended on error.
+- `pay_results(body)` / `issue_results(body)`: the result records of a
+  reply body as PayResult / IssueResult structs of plain ints.
+- `append_frame(out, op, request_id, body)`: append a request frame (header
+  and body: bytes, or any C-contiguous buffer such as a record array).
+- `resolve(futures, results)`: each caller of a coalesced frame gets its
+  result (callers that gave up are skipped); ProtocolError when the counts
+  differ, before any future is touched.
+- `FrameCutter().feed(data)`: the complete reply frames of the stream so
+  far, as (frames, error): a list of (op, flags, request_id, body) and None,
+  or the frames before a broken header and the ProtocolError that ends it.
+"""
+from __future__ import annotations
+
+import struct
+
+U64_MAX = 2**64 - 1
+U32_MAX = 2**32 - 1
+I64_MIN, I64_MAX = -2**63, 2**63 - 1
+COUPONS_MAX = 4                       # records.COUPONS_PER_PAYMENT_MAX (asserted by client.py)
+REPLY_BYTES_MAX = 64 << 20            # a bigger size means a broken stream
+
+_HEADER = struct.Struct("<IHHQ")      # frame.HEADER (asserted by client.py)
+_PAY = struct.Struct("<QQQqII4QQ")    # records.PAY_RECORD
+_ISSUE = struct.Struct("<QQQQ")       # records.ISSUE_RECORD
+_PAY_RESULT = struct.Struct("<QIIqqqQ4Q")
+_ISSUE_RESULT = struct.Struct("<QIIQ")
+
+_types: dict = {}                     # PayResult, IssueResult, ProtocolError: configure()
+
+
+def configure(pay_result, issue_result, protocol_error) -> None:
+    """engine/client.py hands over its result and error classes (it owns them)."""
+    _types.update(pay_result=pay_result, issue_result=issue_result,
+                  protocol_error=protocol_error)
+
+
+def check_range(name: str, value, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int in {low}..{high}, got {value!r}")
+    return value
+
+
+def pay_fields(id, payer, merchant, amount, flags, goods_tag, coupons, user_data) -> tuple:
+    """The checked fields of one PayRecord, coupons padded with zeros."""
+    coupons = tuple(coupons)
+    if len(coupons) > COUPONS_MAX:
+        raise ValueError(f"at most {COUPONS_MAX} coupons, got {len(coupons)}")
+    for c in coupons:
+        check_range("coupon id", c, 0, U64_MAX)
+    return (check_range("id", id, 0, U64_MAX), check_range("payer", payer, 0, U64_MAX),
+            check_range("merchant", merchant, 0, U64_MAX),
+            check_range("amount", amount, I64_MIN, I64_MAX),
+            check_range("flags", flags, 0, U32_MAX),
+            check_range("goods_tag", goods_tag, 0, U32_MAX),
+            coupons + (0,) * (COUPONS_MAX - len(coupons)),
+            check_range("user_data", user_data, 0, U64_MAX))
+
+
+def issue_fields(coupon, stock, user) -> tuple:
+    return (check_range("coupon", coupon, 0, U64_MAX), check_range("stock", stock, 0, U64_MAX),
+            check_range("user", user, 0, U64_MAX), 0)
+
+
+def pack_pay(out: bytearray, id, payer, merchant, amount, flags, goods_tag, coupons,
+             user_data) -> None:
+    i, p, m, a, f, g, cs, u = pay_fields(id, payer, merchant, amount, flags, goods_tag,
+                                         coupons, user_data)
+    out += _PAY.pack(i, p, m, a, f, g, *cs, u)
+
+
+def pack_issue(out: bytearray, coupon, stock, user) -> None:
+    out += _ISSUE.pack(*issue_fields(coupon, stock, user))
+
+
+def _whole(body, size: int, what: str) -> memoryview:
+    view = memoryview(body).cast("B")
+    if len(view) % size:
+        raise _types["protocol_error"](
+            f"a {what} body of {len(view)} bytes is not a whole number of {size}-byte results")
+    return view
+
+
+def pay_results(body) -> list:
+    make = _types["pay_result"]
+    return [make(i, s, f, c, d, fee, t, tuple(x for x in (c0, c1, c2, c3) if x))
+            for i, s, f, c, d, fee, t, c0, c1, c2, c3
+            in _PAY_RESULT.iter_unpack(_whole(body, _PAY_RESULT.size, "PAY"))]
+
+
+def issue_results(body) -> list:
+    make = _types["issue_result"]
+    return [make(*row) for row in _ISSUE_RESULT.iter_unpack(
+        _whole(body, _ISSUE_RESULT.size, "ISSUE"))]
+
+
+def append_frame(out: bytearray, op: int, request_id: int, body) -> None:
+    view = memoryview(body).cast("B")
+    if len(view) > U32_MAX:
+        raise ValueError(f"a frame body of {len(view)} bytes does not fit the u32 size")
+    out += _HEADER.pack(len(view), op, 0, request_id)
+    out += view
+
+
+def resolve(futures: list, results: list) -> None:
+    if len(results) != len(futures):
+        raise _types["protocol_error"](f"expected {len(futures)} results, got {len(results)}")
+    for future, result in zip(futures, results):
+        if not future.done():
+            future.set_result(result)
+
+
+class FrameCutter:
+    """Cuts the reply stream into frames; keeps a partial frame for the next feed."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+        self.error = None
+
+    def feed(self, data) -> tuple[list, Exception | None]:
+        if self.error is not None:
+            return [], self.error
+        buffer = self.buffer
+        buffer += data
+        frames, at, end_of_data = [], 0, len(buffer)
+        while end_of_data - at >= _HEADER.size:
+            size, op, flags, request_id = _HEADER.unpack_from(buffer, at)
+            if size > REPLY_BYTES_MAX:
+                self.error = _types["protocol_error"](
+                    f"reply of {size} bytes: the stream is broken")
+                break
+            end = at + _HEADER.size + size
+            if end > end_of_data:
+                break
+            frames.append((op, flags, request_id, bytes(buffer[at + _HEADER.size:end])))
+            at = end
+        if at:
+            del buffer[:at]
+        return frames, self.error
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self.buffer)
