@@ -1164,5 +1164,5 @@ class Reference:
         request = self._single(request)
         if request:
             return _invalid("AUDIT takes no keys")
-        from engine import audit   # written by the lead (engine/core/audit.py)
+        from engine.core import audit
         return audit.audit(self.canonical())
