@@ -154,7 +154,7 @@ def test_issue(benchmark, standard):
 
 
 def _load_reference():
-    """The whole plain-Python reference of RULES.md (core, money lifecycle,
+    """The whole plain-Python reference of docs/reference/rules.md (core, money lifecycle,
     membership and STATS), as the differential tests use it: only the whole
     one keeps every table the engine's digest covers."""
     tests = str(pathlib.Path(__file__).resolve().parent.parent / "tests")

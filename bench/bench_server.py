@@ -227,7 +227,7 @@ class ServerProcess:
 
 
 class SocketEngine:
-    """The two calls engine.world.build needs, over the wire (blocking Client)."""
+    """The two calls engine.demo.world.build needs, over the wire (blocking Client)."""
 
     def __init__(self, port: int):
         self.client = Client.connect("127.0.0.1", port, timeout_ms=120_000)

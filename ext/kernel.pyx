@@ -7,8 +7,8 @@ whole batch of wire records in one call without the GIL and without a
 Python object per record. The apply is deterministic: it reads no clock and
 no randomness; the caller passes the batch's engine time.
 
-Rules: RULES.md, "Paying" and "Coupon stocks and coupons". Step numbers in
-comments refer to "Paying".
+Rules: docs/reference/rules.md, "Paying" and "Coupon stocks and coupons".
+Comments cite its steps as "rules.md step N" (the numbered steps of "Paying").
 """
 cimport cython
 cimport numpy as cnp
@@ -275,7 +275,7 @@ cdef struct Clock:
 
 
 cdef inline bint ranks_before(const Cand* a, const Cand* b) noexcept nogil:
-    # Step 5: d descending, expires_at ascending, coupon id ascending.
+    # rules.md step 5: d descending, expires_at ascending, coupon id ascending.
     if a.d != b.d:
         return a.d > b.d
     if a.expires_at != b.expires_at:
@@ -299,7 +299,7 @@ cdef inline bint contains_u64(const uint64_t* sorted_values, int32_t n,
 
 
 cdef inline int64_t discount_of(const Stock* s, int64_t amount) noexcept nogil:
-    """Step 4: d on the original amount."""
+    """rules.md step 4: d on the original amount."""
     cdef int64_t d
     if s.kind == KIND_FIXED:
         return s.value if s.value < amount else amount
@@ -680,7 +680,7 @@ cdef class Ledger:
     cdef int check_coupon(self, int32_t c, int32_t m, int64_t amount,
                           uint32_t goods_tag, const Clock* t, bint explicit,
                           int64_t* d_out) noexcept nogil:
-        """Steps 4 and 5: whether coupon slot `c` may apply; its d."""
+        """rules.md steps 4 and 5: whether coupon slot `c` may apply; its d."""
         cdef const Coupon* cp = &self.C[c]
         cdef const Stock* s = &self.S[cp.stock]
         cdef int64_t d = discount_of(s, amount)
@@ -737,7 +737,7 @@ cdef class Ledger:
     cdef void select_auto(self, int32_t user, int32_t m, int64_t amount,
                           uint32_t goods_tag, const Clock* t,
                           Selection* sel) noexcept nogil:
-        """Step 5, automatic mode: the exact best option."""
+        """rules.md step 5, automatic mode: the exact best option."""
         cdef Cand* cands = self.cands_p
         cdef int32_t count = 0, c, j, i, k, best_ex = -1, top_count = 0, prev = -1, nxt
         cdef int32_t top[4]
@@ -833,7 +833,7 @@ cdef class Ledger:
     cdef int select_explicit(self, const PayRecord* r, int32_t user, int32_t m,
                              const Clock* t, Selection* sel,
                              int32_t* reasons) noexcept nogil:
-        """Step 5, explicit mode. Returns the first failing status.
+        """rules.md step 5, explicit mode. Returns the first failing status.
 
         With `reasons` (QUOTE) every named coupon is checked and its status
         written to reasons[i]; without, the first failure ends the check.
@@ -880,7 +880,7 @@ cdef class Ledger:
         return status
 
     cdef int precheck(self, const PayRecord* r, bint has_id) noexcept nogil:
-        """Step 1: checks that need no state."""
+        """rules.md step 1: checks that need no state."""
         if has_id and r.id == 0:
             return ST_INVALID_ID
         if r.amount < 1 or r.amount > AMOUNT_MAX:
@@ -895,7 +895,7 @@ cdef class Ledger:
     cdef int resolve(self, const PayRecord* r, int64_t now, int32_t* m,
                      int32_t* user, int32_t* code, int32_t user_guess=-1,
                      int32_t merchant_guess=-1) noexcept nogil:
-        """Step 3: merchant, then payer (by user id or payment code). A
+        """rules.md step 3: merchant, then payer (by user id or payment code). A
         guessed slot whose row holds the id sought is that id's slot (ids are
         unique), which spares a second hash probe."""
         if merchant_guess >= 0 and self.M[merchant_guess].id == r.merchant:
@@ -942,12 +942,12 @@ cdef class Ledger:
 
     cdef inline int64_t fee_of(self, int64_t amount, int64_t merchant_discount,
                                int32_t m) noexcept nogil:
-        """Step 7: fee = (base * fee_bps + 5000) // 10000, rounded half up."""
+        """rules.md step 7: fee = (base * fee_bps + 5000) // 10000, rounded half up."""
         return ((amount - merchant_discount) * self.M[m].fee_bps + 5000) / 10000
 
     cdef void pay_one(self, const PayRecord* r, PayResult* out,
                       const Clock* t, int32_t user_guess, int32_t merchant_guess) noexcept nogil:
-        """Steps 1-7 of RULES.md Paying for one record; the guesses are the
+        """rules.md steps 1-7 ("Paying") for one record; the guesses are the
         prefetch pipeline's (see resolve)."""
         cdef int32_t m, user, code, p, i, c
         cdef int st
@@ -963,7 +963,7 @@ cdef class Ledger:
         if st != ST_OK:
             out.status = st
             return
-        # Step 2: idempotency by payment id, byte-for-byte replay.
+        # rules.md step 2: idempotency by payment id, byte-for-byte replay.
         p = index_get(&self.payments_ix.ix, r.id)
         if p >= 0:
             if memcmp(&self.PQ[p], r, sizeof(PayRecord)) == 0:
@@ -981,14 +981,14 @@ cdef class Ledger:
         if st != ST_OK:
             out.status = st
             return
-        # Step 6: cash from the wallet's available balance, or nothing changes.
+        # rules.md step 6: cash from the wallet's available balance, or nothing changes.
         cash = r.amount - sel.total
         if self.U[user].balance - self.U[user].held < cash:
             out.status = ST_INSUFFICIENT_FUNDS
             return
         merchant_discount = self.merchant_funded(&sel)
         fee = self.fee_of(r.amount, merchant_discount, m)
-        # Step 7 (or, authorizing, the hold): all at once.
+        # rules.md step 7 (or, authorizing, the hold): all at once.
         p = <int32_t>self.n_payments
         self.n_payments += 1
         out.cash = cash
@@ -1047,7 +1047,7 @@ cdef class Ledger:
     cdef inline void post_completion(self, Payment* pm, int32_t m, int64_t amount,
                                      int64_t merchant_discount, int64_t platform_discount,
                                      int64_t fee) noexcept nogil:
-        """Step 7 for the merchant and the fee account, and the period totals
+        """rules.md step 7 for the merchant and the fee account, and the period totals
         that settlement reports."""
         cdef Merchant* mr = &self.M[m]
         mr.balance += amount - merchant_discount - fee
@@ -1557,7 +1557,7 @@ cdef class Ledger:
         return rows
 
     cdef int issue_check(self, int32_t s, int32_t u, int64_t now) noexcept nogil:
-        """The checks of ISSUE after the stock is known, in RULES.md order."""
+        """The checks of ISSUE after the stock is known, in rules.md order."""
         cdef Stock* st = &self.S[s]
         cdef int32_t c
         cdef int64_t owned = 0

@@ -1,7 +1,8 @@
 # Row layouts of the ledger's tables and of the wire records.
 #
-# Each table is a numpy array whose dtype matches one of these structs (see
-# engine/_layout in kernel.pyx); a payment touches every field of one wallet
+# Each table is a numpy array whose dtype matches one of these structs (the
+# dtypes USER, MERCHANT, ... in kernel.pyx, asserted against sizeof() when
+# engine._kernel loads); a payment touches every field of one wallet
 # row, so a row per entity keeps it to one cache line.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, int64_t, uint64_t
 
@@ -77,7 +78,7 @@ cdef struct Merchant:
     uint8_t period_active   # activity since the last settlement
     uint8_t _pad
     uint32_t tags[16]       # sorted, tag_count used
-    # Since the last settlement (RULES.md, Settlement):
+    # Since the last settlement (docs/reference/rules.md, Settlement):
     int64_t gross
     int64_t merchant_discount
     int64_t platform_discount

@@ -1,9 +1,10 @@
-"""Plain-Python reference implementation of RULES.md (the scope of issues 1-5).
+"""Plain-Python reference implementation of docs/reference/rules.md (issues 1-5).
 
 This is the oracle the differential tests hold the Cython engine to. It is
 written for clarity, not speed: dicts and small dataclasses, one function per
-rule, comments citing the step of RULES.md ("Paying" steps 1-8) or the section
-of docs/protocol-extensions.md ("ext: ...") that each piece implements.
+rule, comments citing the step of docs/reference/rules.md ("Paying" steps 1-8)
+or the **Scanpay** note of docs/reference/rules.md or protocol.md ("ext: ...")
+that each piece implements.
 
 Scope now: PAY (without the authorize flag), ISSUE and the map operations
 MERCHANTS, WALLETS, TOPUP, STOCKS, PAYMENT_CODE, QUOTE, BALANCES, COUPONS,
@@ -257,7 +258,7 @@ class Reference:
         self.topups: dict[int, Topup] = {}
         self.codes: dict[int, PaymentCode] = {}
 
-    # --- time (RULES.md "Units, identities, time"; ext: Engine time) ----------
+    # --- time (docs/reference/rules.md "Units, identities, time"; ext: Engine time) ----------
 
     def _stamp(self) -> int:
         """Stamp of a state-changing call: max(previous stamp, clock), kept."""
@@ -388,7 +389,7 @@ class Reference:
         return not stock.goods_tags or goods_tag in stock.goods_tags
 
     def engine_day(self, now: int) -> int:
-        """Days are in the engine's time zone (RULES.md "Units, identities, time")."""
+        """Days are in the engine's time zone (rules.md "Units, identities, time")."""
         return (now + self.tz_offset_ms) // DAY_MS
 
     def in_slots(self, stock: Stock, now: int) -> bool:
@@ -611,7 +612,7 @@ class Reference:
 
     def _explain(self, plan: Plan, user: int, amount: int, flags: int, named: list,
                  reasons: dict) -> list:
-        """QUOTE's explain (RULES.md QUOTE; ext: QUOTE): every coupon the payer
+        """QUOTE's explain (docs/reference/rules.md QUOTE; ext: QUOTE): every coupon the payer
         holds, by coupon id."""
         applied = {c.id: a for (c, a) in plan.chosen}
         would_pay = plan.status in (Status.ok, Status.insufficient_funds)
@@ -702,7 +703,7 @@ class Reference:
             coupon.payment = pid
         merchant.balance -= plan.fee                             # merchant -> fees: fee
         self.fees += plan.fee
-        # The period totals settlement reports (RULES.md "Settlement").
+        # The period totals settlement reports (docs/reference/rules.md "Settlement").
         merchant_funded = sum(a for c, a in plan.chosen
                               if self.stocks[c.stock].funder == canonical.FUNDER_MERCHANT)
         merchant.period_active = True
@@ -1079,7 +1080,7 @@ class Reference:
         if flags & ~PAY_FLAGS_KNOWN or (named and flags & PAY_NO_COUPONS):
             return reply(Status.invalid_flags)
         if flags & PAY_AUTHORIZE:
-            # RULES.md: QUOTE is PAY's computation "authorize flag or not". While
+            # docs/reference/rules.md: QUOTE is PAY's computation "authorize flag or not". While
             # PAY refuses flag 4 (AUTHORIZE not implemented yet), QUOTE says what
             # that PAY would do: invalid_flags. The money-lifecycle work replaces this.
             return reply(Status.invalid_flags)
@@ -1163,5 +1164,5 @@ class Reference:
         request = self._single(request)
         if request:
             return _invalid("AUDIT takes no keys")
-        from engine import audit   # written by the lead (engine/core/audit.py)
+        from engine.core import audit
         return audit.audit(self.canonical())

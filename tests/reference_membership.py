@@ -1,6 +1,6 @@
-"""Plain-Python reference of membership and marketing (RULES.md "Membership and
-marketing"; docs/protocol-extensions.md "Membership and marketing: PROGRAMS,
-REDEEM_POINTS, STATS").
+"""Plain-Python reference of membership and marketing (docs/reference/rules.md
+"Membership and marketing"; docs/reference/protocol.md, PROGRAMS,
+REDEEM_POINTS, STATS).
 
 `MembershipReference` extends `tests/reference_money.py`'s `MoneyReference`
 with:
@@ -376,7 +376,7 @@ class MembershipReference(MoneyReference):
             # A full refund takes the stamps back. "If the reward was already
             # used" is judged as the refund finds it, before its own effects:
             # a reward this very payment used still counts as used, though the
-            # refund then returns it (RULES.md Refunds: R = T).
+            # refund then returns it (docs/reference/rules.md Refunds: R = T).
             for prog_id, earning in mine:
                 if earning.stamped:
                     self._take_stamp_back(self.membership(p.user, prog_id),

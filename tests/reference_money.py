@@ -1,6 +1,6 @@
-"""Plain-Python reference of the money lifecycle (RULES.md "Two-phase payments",
-"Refunds", "Reversal", "Settlement"; docs/protocol-extensions.md "Two-phase
-payments, refunds, reversals, settlement").
+"""Plain-Python reference of the money lifecycle (docs/reference/rules.md
+"Two-phase payments", "Refunds", "Reversal", "Settlement", with their Scanpay
+notes; shapes in docs/reference/protocol.md, CAPTURE to STATEMENT).
 
 `MoneyReference` extends `tests/reference.py`'s `Reference` (PAY direct, ISSUE,
 the setup and read map ops) with:
@@ -39,7 +39,7 @@ from engine.protocol.status import STATUS_NAMES, Status
 from reference import (Reference, _invalid, _is_i64, _is_int, _is_u32, _is_u64,
                        _status_item, _table)
 
-HOLD_MS_DEFAULT = 7 * 24 * 3600 * 1000      # RULES.md: hold_ms default 7 days
+HOLD_MS_DEFAULT = 7 * 24 * 3600 * 1000      # docs/reference/rules.md: hold_ms default 7 days
 DAY_MS = 86_400_000
 GET_PAYMENTS_IDS_MAX = 100_000              # the engine's limit (not in the docs)
 
@@ -98,7 +98,7 @@ class LifePayment:
 
 @dataclass
 class Period:
-    """A merchant's totals since the last settlement (RULES.md "Settlement")."""
+    """A merchant's totals since the last settlement (docs/reference/rules.md "Settlement")."""
     active: bool = False
     gross: int = 0
     merchant_discount: int = 0
@@ -193,7 +193,7 @@ class MoneyReference(Reference):
         elif day == last:
             self.stock_day[stock_id] = (day, spent + delta)
 
-    # --- time and expiry (RULES.md "Units, identities, time"; ext: Expiry of holds)
+    # --- time and expiry (docs/reference/rules.md "Units, identities, time"; ext: Expiry of holds)
 
     def _stamp(self) -> int:
         """Every state-changing call: stamp max(previous, clock), keep it, and void
@@ -232,7 +232,7 @@ class MoneyReference(Reference):
         return super().call(op, request)
 
     # =========================================================================
-    # PAY and AUTHORIZE (RULES.md "Paying", "Two-phase payments")
+    # PAY and AUTHORIZE (docs/reference/rules.md "Paying", "Two-phase payments")
     # =========================================================================
 
     def _quote_op(self, request) -> dict:
@@ -348,7 +348,7 @@ class MoneyReference(Reference):
         p.ended_at = ended_at
 
     # =========================================================================
-    # CAPTURE (RULES.md "Two-phase payments"; ext: CAPTURE)
+    # CAPTURE (docs/reference/rules.md "Two-phase payments"; ext: CAPTURE)
     # =========================================================================
 
     def capture(self, records: np.ndarray) -> np.ndarray:
@@ -422,7 +422,7 @@ class MoneyReference(Reference):
         # Recompute each locked coupon on the final amount, in applied order:
         # min spend re-checked, percent recomputed, min(d, amount left, its
         # reserved part) -- a capture never spends more of a budget than the
-        # authorization reserved (docs/protocol-extensions.md); one that no
+        # authorization reserved (docs/reference/rules.md); one that no
         # longer applies, or whose applied part is 0, is released. Time, scope
         # and controls are not re-checked.
         left, applied, released = amount, [], 0
@@ -463,7 +463,7 @@ class MoneyReference(Reference):
         return p.capture_result.copy()
 
     # =========================================================================
-    # VOID (RULES.md "Two-phase payments"; ext: VOID)
+    # VOID (docs/reference/rules.md "Two-phase payments"; ext: VOID)
     # =========================================================================
 
     def _void_op(self, request) -> dict:
@@ -501,7 +501,7 @@ class MoneyReference(Reference):
         return p.void_result.copy()
 
     # =========================================================================
-    # REFUND (RULES.md "Refunds"; ext: REFUND, Refund arithmetic)
+    # REFUND (docs/reference/rules.md "Refunds"; ext: REFUND, Refund arithmetic)
     # =========================================================================
 
     def refund(self, records: np.ndarray) -> np.ndarray:
@@ -621,7 +621,7 @@ class MoneyReference(Reference):
         return cash, discount, fee
 
     # =========================================================================
-    # REVERSE (RULES.md "Reversal"; ext: REVERSE)
+    # REVERSE (docs/reference/rules.md "Reversal"; ext: REVERSE)
     # =========================================================================
 
     def _reverse_op(self, request) -> dict:
@@ -703,7 +703,7 @@ class MoneyReference(Reference):
                 "hold_expires_at": p.hold_expires_at}
 
     # =========================================================================
-    # SETTLE and STATEMENT (RULES.md "Settlement"; ext: SETTLE, STATEMENT)
+    # SETTLE and STATEMENT (docs/reference/rules.md "Settlement"; ext: SETTLE, STATEMENT)
     # =========================================================================
 
     def _settle_op(self, request) -> dict:

@@ -1,5 +1,5 @@
 """Clients (engine/client/__init__.py), admin commands (engine/cli/admin.py) and the
-locust file, against a small fake server written here from PROTOCOL.md, and
+locust file, against a small fake server written here from docs/reference/protocol.md, and
 against the real server when it can be started.
 
 The fake parses frames with its own struct code (not engine/protocol/frame.py) and
@@ -34,7 +34,7 @@ from engine.protocol.records import ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_
 from engine.protocol.status import ErrorCode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HDR = struct.Struct("<IHHQ")      # size, op, flags, request_id: PROTOCOL.md, written out again
+HDR = struct.Struct("<IHHQ")      # size, op, flags, request_id: protocol.md, written out again
 KEY_ID, SECRET = "gw-1", "a-secret-of-sixteen+"
 ERROR_CLASSES = {
     ErrorCode.bad_frame: BadFrame, ErrorCode.frame_too_large: FrameTooLarge,
@@ -50,7 +50,7 @@ STATS = 46      # the fake's test hook: STATS {error_code} answers that error fr
 # -- the fake server ---------------------------------------------------------------
 
 class FakeServer:
-    """PROTOCOL.md in miniature, on its own thread and event loop.
+    """docs/reference/protocol.md in miniature, on its own thread and event loop.
 
     HELLO, PING; PAY/ISSUE echo ok results built from the records (or go to
     `engine` when given); map ops echo {"echo": request} after an optional

@@ -1,7 +1,7 @@
 """The client's hot path: ext/client.pyx (engine._client) against its
 plain-Python twin (engine/_client_py.py). Random records, result bodies and
 reply streams go to both; the results, the bytes and the errors must be the
-same, and both must agree with numpy's reading of the PROTOCOL.md layouts.
+same, and both must agree with numpy's reading of the docs/reference/protocol.md layouts.
 """
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Campaign controls as RULES.md's worked examples: slots, daily budgets,
+"""Campaign controls as docs/reference/rules.md's worked examples: slots, daily budgets,
 per-user daily limits, goods tags, in the engine's time zone (UTC+8)."""
 import datetime as dt
 

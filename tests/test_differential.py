@@ -461,7 +461,7 @@ def scope_digest(tables: dict) -> str:
 
 
 def check_invariants(t: dict) -> None:
-    """Accounting invariants of RULES.md on canonical tables (independent of
+    """Accounting invariants of docs/reference/rules.md on canonical tables (independent of
     engine/core/audit.py, so the reference is checked even before it exists)."""
     meta = t["meta"][0]
     total = (int(t["users"]["balance"].sum()) + int(t["merchants"]["balance"].sum())

@@ -183,7 +183,7 @@ SCOPES = st.sampled_from([None, None, None, None, [1], [2, 3], [], [3, 9]])
 
 def scoped(data, request: dict) -> dict:
     """The request, now and then with a gateway key's `scope`
-    (docs/protocol-extensions.md, "Keys, roles and merchant scope")."""
+    (docs/reference/protocol.md, "Keys, roles and merchant scope")."""
     scope = data.draw(SCOPES)
     return request if scope is None else {**request, "scope": scope}
 

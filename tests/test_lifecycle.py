@@ -1,4 +1,4 @@
-"""The money lifecycle as RULES.md's worked examples, and its bad input."""
+"""The money lifecycle as docs/reference/rules.md's worked examples, and its bad input."""
 import numpy as np
 import pytest
 
@@ -220,7 +220,7 @@ def test_settlement_reconciles_with_the_ledger(eng):
 def test_capture_never_spends_more_than_the_authorization_reserved(eng):
     """A fixed coupon cut by the amount left at authorization reserved less
     than its d; at capture it must not grow past that reservation and take
-    its stock over budget (docs/protocol-extensions.md)."""
+    its stock over budget (docs/reference/rules.md, Two-phase payments)."""
     eng.call("STOCKS", {"stocks": [stock(1, value=100, min_spend=140),
                                    stock(2, value=100, budget=100)]})
     issue(eng, (1, 1, 1), (2, 2, 1), (3, 2, 1))

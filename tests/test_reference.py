@@ -1,4 +1,4 @@
-"""Worked examples of RULES.md on the plain-Python reference alone.
+"""Worked examples of docs/reference/rules.md on the plain-Python reference alone.
 
 Each test is a small story with numbers worked out by hand, so that a failure
 says which rule the reference (and, through the differential tests, the

@@ -1,7 +1,6 @@
 """Worked examples of membership and marketing on the reference alone
-(tests/reference_membership.py; RULES.md "Membership and marketing";
-docs/protocol-extensions.md "Membership and marketing: PROGRAMS, REDEEM_POINTS,
-STATS"). Each test is a small story a merchant would recognise.
+(tests/reference_membership.py; docs/reference/rules.md "Membership and marketing";
+docs/reference/protocol.md, PROGRAMS, REDEEM_POINTS, STATS). Each test is a small story a merchant would recognise.
 
 Run: .venv/bin/python -m pytest tests/test_reference_membership.py
 """

@@ -1,4 +1,4 @@
-"""RULES.md's money-lifecycle examples, worked on MoneyReference alone
+"""docs/reference/rules.md's money-lifecycle examples, worked on MoneyReference alone
 (tests/reference_money.py): readable checks that the reference says what the
 rules say, independent of the engine."""
 import numpy as np

@@ -1,5 +1,5 @@
 """What each key may do, over real sockets: one test per cell of the table of
-ops against roles and scopes in docs/protocol-extensions.md ("Keys, roles and
+ops against roles and scopes in docs/reference/protocol.md ("Keys, roles and
 merchant scope"), plus the scoped reversal tombstone, HELLO replay across a
 restart, malformed HELLOs, and the warnings at start.
 
@@ -161,7 +161,7 @@ async def ping(conn):
 
 
 def expected(op: str, column: str):
-    """The table of docs/protocol-extensions.md, cell by cell."""
+    """The table of docs/reference/protocol.md, cell by cell."""
     if column == "none":
         return "not_authenticated"
     if op in ADMIN_OP_REQUESTS:
@@ -293,7 +293,7 @@ def test_scoped_tombstones_merge_and_yield_to_an_unscoped_one():
         Status.ok, Status.exists_with_different_fields, Status.reversed, Status.ok]
     assert engine.pay(pays([84], [3]))["status"][0] == Status.ok
     engine.call("REVERSE", {"payments": [85], "scope": [3]})
-    # RULES.md step 1 (fields) comes before the tombstone, as for the kernel's.
+    # docs/reference/rules.md step 1 (fields) comes before the tombstone, as for the kernel's.
     assert engine.pay(pays([85], [3], amount=0))["status"][0] == Status.invalid_amount
     assert engine.pay(pays([85, 85], [1, 3]))["status"].tolist() == [
         Status.ok, Status.exists_with_different_fields]

@@ -1,4 +1,4 @@
-"""The socket server over real sockets: every error frame of PROTOCOL.md,
+"""The socket server over real sockets: every error frame of docs/reference/protocol.md,
 authentication and roles, limits, ordering, durability and shutdown."""
 import asyncio
 import hashlib
@@ -759,7 +759,7 @@ def test_durability_settings_come_from_the_config_file_and_are_checked(tmp_path)
 
 
 def test_a_storage_failure_answers_each_batched_pay_frame_and_a_retry_is_applied_once(tmp_path):
-    """PROTOCOL.md: unavailable is retryable, nothing applied. The frames of a
+    """docs/reference/protocol.md: unavailable is retryable, nothing applied. The frames of a
     batch whose fsync failed each get it, in request order; once storage is
     back, a retry of the same payment is applied (not a duplicate: the first
     attempt was dropped), and a second retry is the duplicate."""

@@ -1,11 +1,11 @@
-"""The server survives anything a client sends (PROTOCOL.md, issue 4).
+"""The server survives anything a client sends (docs/reference/protocol.md, issue 4).
 
 Hypothesis writes a byte stream of well-formed, half-formed and random
 frames over a real socket, cut into random chunks: every op code, bodies
 of the right and wrong sizes, random MessagePack and garbage, bad flags,
 oversized headers. Whatever it sends:
 - every reply is a whole frame, and every error frame names a code of
-  PROTOCOL.md with a message;
+  docs/reference/protocol.md with a message;
 - another connection is served meanwhile and afterwards (PING, a payment);
 - payments only come from well-formed PAY frames (none at all when keys
   are configured: a random stream cannot authenticate), and AUDIT holds after

@@ -63,7 +63,7 @@ def setup(path: str, wl: Workload) -> None:
 
 
 def _apply(conn: sqlite3.Connection, p: Payment) -> str:
-    """Inside the caller's transaction: the rules of RULES.md's subset."""
+    """Inside the caller's transaction: the rules of docs/reference/rules.md's subset."""
     prev = conn.execute("SELECT payer, merchant, amount FROM payments WHERE id = ?",
                         (p.id,)).fetchone()
     if prev is not None:

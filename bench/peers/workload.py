@@ -118,7 +118,7 @@ def generate(seed: int, *, users: int, merchants: int, payments: int, shards: in
 
 
 def discount_of(stock: Stock, amount: int) -> int:
-    """RULES.md step 4: the discount d a coupon of `stock` gives on `amount`."""
+    """docs/reference/rules.md step 4: the discount d a coupon of `stock` gives on `amount`."""
     if stock.kind == KIND_FIXED:
         return min(stock.value, amount)
     d = amount * stock.value // BPS
@@ -145,7 +145,7 @@ def best_coupon(amount: int, held) -> tuple[int, int, int] | None:
 
 
 def fee_of(amount: int, fee_bps: int) -> int:
-    """RULES.md step 7, base = amount (every stock here is platform-funded)."""
+    """docs/reference/rules.md step 7, base = amount (every stock here is platform-funded)."""
     return (amount * fee_bps + 5_000) // BPS
 
 

@@ -65,7 +65,7 @@ COLUMNS = {
 @dataclass(frozen=True)
 class Write:
     command: str      # subcommand
-    op: str           # PROTOCOL.md op
+    op: str           # docs/reference/protocol.md op
     key: str          # the list's key in the request map
     help: str
 
@@ -520,7 +520,7 @@ def _run_balances(args, stdout, stderr) -> int:
 
 def _balances_in_parts(client, lists: dict) -> dict:
     """BALANCES of any number of ids, ITEMS_PER_CALL_MAX per list and call
-    (the server refuses longer read lists: docs/protocol-extensions.md)."""
+    (the server refuses longer read lists: docs/reference/protocol.md)."""
     calls = max(1, *(-(-len(ids) // ITEMS_PER_CALL_MAX) for ids in lists.values()))
     reply = None
     for k in range(calls):

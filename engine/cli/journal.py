@@ -3,7 +3,7 @@ directory holds, and whether an engine started on it would recover exactly.
 
 Both read the directory and change nothing (no truncation of a torn tail, no
 lock taken, no snapshot written). They check every checksum
-(engine.journal.verify), load and check every snapshot, replay the newest
+(engine.storage.journal.verify), load and check every snapshot, replay the newest
 valid snapshot plus the journal after it (what `Engine(path)` does at start)
 and, when the journal still starts at entry 1, replay everything from entry 1
 too: both must give the same state, and each snapshot must equal the full

@@ -10,7 +10,7 @@ from engine.cli import admin
 COLUMNS = ("gross", "merchant_discount", "platform_discount", "fees", "refund_cash",
            "refund_platform_discount", "refund_merchant_discount", "refund_fee",
            "refunds", "net", "payout")
-MINOR_UNITS_PER_MAJOR = 100     # CNY fen; one currency per engine (RULES.md)
+MINOR_UNITS_PER_MAJOR = 100     # CNY fen; one currency per engine (docs/reference/rules.md)
 
 
 def major_units(minor: int) -> str:

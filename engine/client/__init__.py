@@ -1,4 +1,4 @@
-"""Clients of the Scanpay wire protocol (PROTOCOL.md).
+"""Clients of the Scanpay wire protocol (docs/reference/protocol.md).
 
 Two flavours with the same calls:
 
@@ -73,7 +73,7 @@ RECV_BYTES = 1 << 18
 ACQUIRE_ROUNDS_MAX = 1 << 20           # pool: wake-ups one acquire may go through
 ROOM_WAITS_MAX = 1 << 20               # wake-ups one request may wait for a free slot
 
-# Op numbers: PROTOCOL.md's, plus the server's extensions (STATEMENT, ...)
+# Op numbers: docs/reference/protocol.md's, plus the server's extensions (STATEMENT, ...)
 # from the one dispatch table.
 OPS = {
     "HELLO": 1, "PING": 2, "PAY": 16, "ISSUE": 17,
@@ -109,7 +109,7 @@ ERRORS_BY_CODE: dict[int, type[EngineError]] = {
         BadFrame, FrameTooLarge, UnknownOp, BadBody, NotAuthenticated,
         Forbidden, Busy, Unavailable, UnsupportedProtocol)
 }
-# After these the server closes the connection (PROTOCOL.md).
+# After these the server closes the connection (docs/reference/protocol.md).
 CLOSING_CODES = frozenset({ErrorCode.bad_frame, ErrorCode.frame_too_large,
                            ErrorCode.unsupported_protocol})
 
@@ -119,7 +119,7 @@ class ConnectionLost(ConnectionError):
 
 
 class ProtocolError(Exception):
-    """The server sent something PROTOCOL.md does not allow."""
+    """The server sent something docs/reference/protocol.md does not allow."""
 
 
 def decode_reply(body: bytes):
@@ -307,7 +307,7 @@ def issue_record(coupon: int, stock: int, user: int) -> tuple:
 # -- HELLO ------------------------------------------------------------------
 
 def hello_mac(secret: str, key_id: str, ts_ms: int, nonce: str) -> bytes:
-    """HMAC-SHA256 over "ts.nonce.key_id", keyed with the secret (PROTOCOL.md)."""
+    """HMAC-SHA256 over "ts.nonce.key_id", keyed with the secret (docs/reference/protocol.md)."""
     message = f"{ts_ms}.{nonce}.{key_id}".encode()
     return hmac.new(secret.encode(), message, hashlib.sha256).digest()
 

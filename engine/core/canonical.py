@@ -1,6 +1,6 @@
 """The canonical form of the whole engine state, and its digest.
 
-Any implementation of RULES.md (the Cython engine, the plain-Python reference
+Any implementation of docs/reference/rules.md (the Cython engine, the plain-Python reference
 in tests/, a replica after replay) can express its state as these tables:
 plain numpy arrays, one row per entity, sorted by key, with ids instead of
 internal slots. Two states are equal exactly when their tables are, and the
@@ -100,7 +100,7 @@ CODES = np.dtype([
     ("code", "<u8"), ("user", "<u8"), ("expires_at", "<i8"), ("used", "u1"),
 ])
 
-# Membership and marketing (docs/protocol-extensions.md).
+# Membership and marketing (docs/reference/rules.md).
 PROGRAM_POINTS = 0
 PROGRAM_STAMPS = 1
 PROGRAM_KIND_NAMES = ("points", "stamps")

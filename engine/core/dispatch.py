@@ -1,5 +1,5 @@
 """The one table of operations: the embedded Engine, the server and the CLI
-all dispatch through it. Op numbers are PROTOCOL.md's."""
+all dispatch through it. Op numbers are docs/reference/protocol.md's."""
 from dataclasses import dataclass
 from typing import Callable
 
@@ -75,5 +75,5 @@ OP_NAMES = {OP_HELLO: "HELLO", OP_PING: "PING", OP_PAY: "PAY", OP_ISSUE: "ISSUE"
             OP_CLOCK: "CLOCK", OP_EXPIRE: "EXPIRE",
             **{op.code: op.name for op in MAP_OPS.values()}}
 
-# Ops of PROTOCOL.md that later work implements; until then: unknown_op.
+# Ops of docs/reference/protocol.md not implemented yet answer unknown_op; none left.
 PLANNED_OPS = {}

@@ -269,7 +269,7 @@ class Engine:
         assert command.now >= self.state.now, "engine time went back"
         self.state.now = command.now
         ledger = self.state.ledger
-        ledger.expire(command.now)          # RULES.md: before applying anything
+        ledger.expire(command.now)          # docs/reference/rules.md: before applying anything
         if command.op == OP_EXPIRE:
             return None
         if command.op in RECORD_OPS:
@@ -475,7 +475,7 @@ class Engine:
     # -- map operations ---------------------------------------------------
 
     def call(self, op: str, request: dict) -> dict:
-        """A map operation of PROTOCOL.md by name, with the same maps."""
+        """A map operation of docs/reference/protocol.md by name, with the same maps."""
         spec = MAP_OPS.get(op)
         if spec is None:
             planned = " (not implemented yet)" if op in PLANNED_OPS.values() else ""

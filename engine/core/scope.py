@@ -1,4 +1,4 @@
-"""A gateway key's merchant scope (PROTOCOL.md, HELLO): what it may touch.
+"""A gateway key's merchant scope (docs/reference/protocol.md, HELLO): what it may touch.
 
 The server passes a scoped key's merchants with each request that touches
 payments or stocks; the embedded Engine passes none (admin: every merchant).
@@ -128,7 +128,7 @@ def reverse_unknown(state, payment_ids: list, scope: frozenset) -> list:
 
 
 def stateless_check(record) -> Status:
-    """RULES.md PAY step 1 (the kernel's precheck), which comes before the
+    """docs/reference/rules.md PAY step 1 (the kernel's precheck), which comes before the
     tombstone check of step 2: a record it fails is the kernel's to answer.
     (The differential test against tests/reference_money.py holds the two
     copies of this step together.)"""

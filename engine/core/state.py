@@ -6,7 +6,7 @@ from engine._kernel import Ledger
 from engine.core.tombstones import ScopedTombstones
 from engine.core.topups import Topups
 
-TZ_OFFSET_MS_DEFAULT = 8 * 3600 * 1000      # UTC+8 (RULES.md)
+TZ_OFFSET_MS_DEFAULT = 8 * 3600 * 1000      # UTC+8 (docs/reference/rules.md)
 HOLD_MS_DEFAULT = 7 * 24 * 3600 * 1000
 
 

@@ -1,5 +1,5 @@
 """Field checks for map requests: each failure is `invalid_argument` with a
-message naming the field (docs/protocol-extensions.md, "General")."""
+message naming the field (docs/reference/protocol.md, "General")."""
 from engine.protocol.status import Status
 
 U64_MAX = 2**64 - 1

@@ -1,11 +1,11 @@
-"""HELLO authentication (PROTOCOL.md) and what each role may do.
+"""HELLO authentication (docs/reference/protocol.md) and what each role may do.
 
 A key has an id, a secret, a role (`gateway` or `admin`) and, for gateways,
 the merchants it may charge. The MAC is HMAC-SHA256 keyed with the secret over
 f"{ts}.{nonce}.{key_id}"; `ts` must be within 5 minutes of the server clock and
 a nonce is accepted once. Seen nonces live in memory only, so a HELLO must
 also be no older than the server's start: one captured before a restart
-cannot be replayed after it (docs/protocol-extensions.md, "HELLO").
+cannot be replayed after it (docs/reference/protocol.md, "HELLO").
 """
 import hashlib
 import hmac
@@ -20,7 +20,7 @@ NONCE = re.compile(r"^[0-9a-fA-F]{32}$")
 
 ROLE_GATEWAY = "gateway"
 ROLE_ADMIN = "admin"
-# Ops a gateway may send (PROTOCOL.md names). Everything else is admin only.
+# Ops a gateway may send (docs/reference/protocol.md names). Everything else is admin only.
 GATEWAY_OPS = frozenset({
     "HELLO", "PING", "PAY", "ISSUE", "QUOTE", "PAYMENT_CODE", "COUPONS",
     "CAPTURE", "VOID", "REFUND", "REVERSE", "GET_PAYMENTS",
@@ -54,7 +54,7 @@ def mac_of(secret: str, ts: int, nonce: str, key_id: str) -> bytes:
     return hmac.new(secret.encode(), message, hashlib.sha256).digest()
 
 
-# HELLO fields and the types they must have, when present (PROTOCOL.md).
+# HELLO fields and the types they must have, when present (docs/reference/protocol.md).
 # `type(v) is int`: a bool or a float equal to 1 is not a protocol number.
 HELLO_FIELD_TYPES = {"protocol": (int,), "client": (str,), "key_id": (str,), "ts": (int,),
                      "nonce": (str,), "mac": (bytes, bytearray)}

@@ -1,4 +1,4 @@
-"""Errors that refuse a whole request (PROTOCOL.md error frames).
+"""Errors that refuse a whole request (docs/reference/protocol.md error frames).
 
 Per-record and per-item outcomes are not exceptions: they are status codes in
 the results. These exceptions are what the server turns into error frames and

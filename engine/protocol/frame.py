@@ -1,4 +1,4 @@
-"""Frames of PROTOCOL.md: a 16-byte header (u32 size, u16 op, u16 flags,
+"""Frames of docs/reference/protocol.md: a 16-byte header (u32 size, u16 op, u16 flags,
 u64 request_id, little-endian) and a body.
 
 `FrameReader` cuts a byte stream into frames with no per-record work: a PAY
@@ -74,9 +74,9 @@ class FrameReader:
             raise FrameError(ErrorCode.frame_too_large,
                              f"frame body of {size} bytes is over max_frame "
                              f"{self.frame_bytes_max}", op, request_id)
-        if flags:                           # none is defined for requests (protocol-extensions.md)
+        if flags:                           # none for requests: docs/reference/protocol.md
             raise FrameError(ErrorCode.bad_frame,
-                             f"request flags must be 0 (got {flags}): PROTOCOL.md defines none "
+                             f"request flags must be 0 (got {flags}): protocol.md defines none "
                              f"for requests, and bit 0 marks error replies", op, request_id)
         end = at + HEADER_BYTES + size
         if len(buffer) < end:

@@ -1,8 +1,8 @@
-"""Fixed-size binary records of PROTOCOL.md as numpy dtypes.
+"""Fixed-size binary records of docs/reference/protocol.md as numpy dtypes.
 
 A frame body of n records is `np.frombuffer(body, PAY_RECORD)`: no copy, no
 per-record parsing. Layouts are little-endian and packed, byte for byte the
-tables of PROTOCOL.md.
+tables of docs/reference/protocol.md.
 """
 import numpy as np
 
@@ -42,7 +42,7 @@ ISSUE_RESULT = np.dtype([
     ("expires_at", "<u8"),
 ])
 
-# Extensions (docs/protocol-extensions.md): the hot lifecycle operations as
+# Extensions (docs/reference/protocol.md): the hot lifecycle operations as
 # fixed records too, for batches that must not pay for a map per item.
 CAPTURE_RECORD = np.dtype([("payment", "<u8"), ("amount", "<i8")])
 REFUND_RECORD = np.dtype([
@@ -75,7 +75,7 @@ PAY_FLAGS_KNOWN = PAY_NO_COUPONS | PAY_PAYER_IS_CODE | PAY_AUTHORIZE
 RESULT_DUPLICATE = 1
 RESULT_AUTHORIZED = 2
 
-# Limits of RULES.md.
+# Limits of docs/reference/rules.md.
 AMOUNT_MIN = 1
 AMOUNT_MAX = 10**14
 WALLET_BALANCE_MAX = 10**15

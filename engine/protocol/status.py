@@ -1,4 +1,4 @@
-"""Status codes of records and map items, and error-frame codes (PROTOCOL.md)."""
+"""Status codes of records and map items, and error-frame codes (docs/reference/protocol.md)."""
 from enum import IntEnum
 
 

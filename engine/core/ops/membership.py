@@ -1,6 +1,6 @@
 """Map operations of membership and marketing: PROGRAMS, REDEEM_POINTS,
-STATS, and the `memberships` part of BALANCES (docs/protocol-extensions.md,
-"Membership and marketing"). Earning, stamps and stats happen in the kernel
+STATS, and the `memberships` part of BALANCES (docs/reference/protocol.md;
+docs/reference/rules.md, "Membership and marketing"). Earning, stamps and stats happen in the kernel
 as payments complete; these ops define programs and read counters."""
 import numpy as np
 
@@ -18,7 +18,7 @@ PROGRAM_KEYS = frozenset({"id", "kind", "merchants", "tags", "rate", "offers",
 OFFERS_MAX = 64
 REDEEM_KEYS = frozenset({"coupon", "user", "program", "stock"})
 
-# Status codes of this extension (docs/protocol-extensions.md).
+# Status codes of this extension (docs/reference/protocol.md).
 PROGRAM_NOT_FOUND = 30
 INSUFFICIENT_POINTS = 31
 OFFER_NOT_FOUND = 32

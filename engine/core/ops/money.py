@@ -1,6 +1,6 @@
 """Map operations of the money lifecycle: CAPTURE, VOID, REFUND, REVERSE,
-GET_PAYMENTS, SETTLE, STATEMENT (RULES.md; shapes in
-docs/protocol-extensions.md). Items are parsed into arrays and applied by the
+GET_PAYMENTS, SETTLE, STATEMENT (docs/reference/rules.md; shapes in
+docs/reference/protocol.md). Items are parsed into arrays and applied by the
 kernel in one call; only malformed items take the slow path."""
 import numpy as np
 

@@ -1,5 +1,5 @@
 """Read-only map operations: QUOTE, BALANCES, COUPONS, AUDIT. They never
-change state (docs/protocol-extensions.md)."""
+change state (docs/reference/protocol.md)."""
 import numpy as np
 
 from engine.core import audit as audit_checks

@@ -1,5 +1,5 @@
 """Map operations that set up the world: MERCHANTS, WALLETS, TOPUP, STOCKS,
-PAYMENT_CODE. Checks and replies: docs/protocol-extensions.md."""
+PAYMENT_CODE. Checks and replies: docs/reference/protocol.md."""
 import numpy as np
 
 from engine.core.canonical import FUNDER_MERCHANT, FUNDER_NAMES, KIND_FIXED, KIND_NAMES, STACKING_NAMES
