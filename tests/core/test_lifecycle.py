@@ -1,8 +1,11 @@
-"""The money lifecycle as RULES.md's worked examples, and its bad input."""
+"""The money lifecycle as RULES.md's worked examples, and its bad input.
+
+Every test runs twice, as frozenlist's tests do: on the Engine and on the
+plain-Python reference (the `ledger_impl` fixture, tests/support/ledgers.py),
+with the same assertions."""
 import numpy as np
 import pytest
 
-from engine import Engine
 from engine.client import issue_record, pay_record
 from engine.protocol.records import ISSUE_RECORD, PAY_RECORD
 from engine.protocol.status import Status
@@ -11,17 +14,9 @@ T0 = 1_700_000_000_000
 DAY_MS = 86_400_000
 
 
-class Clock:
-    def __init__(self):
-        self.now = T0
-
-    def __call__(self):
-        return self.now
-
-
 @pytest.fixture
-def eng():
-    engine = Engine(clock=Clock())
+def eng(ledger_impl, clock):
+    engine = ledger_impl(clock=clock)
     engine.call("MERCHANTS", {"merchants": [{"id": 1, "fee_bps": 60, "tags": [7]},
                                             {"id": 2, "fee_bps": 100}]})
     engine.call("WALLETS", {"users": [1, 2]})
@@ -139,7 +134,7 @@ def test_reverse_refunds_the_rest_and_voids_authorizations(eng):
 def test_hold_expiry_voids_and_capture_after_gets_authorization_expired(eng):
     clock = eng.clock
     pay(eng, 1, 500, flags=4)
-    clock.now += 7 * DAY_MS                  # exactly at the expiry: expired (half-open)
+    clock.now_ms += 7 * DAY_MS                  # exactly at the expiry: expired (half-open)
     assert eng.call("BALANCES", {"users": [1]})["users"][0]["held"] == 0
     assert eng.call("GET_PAYMENTS", {"ids": [1]})["results"][0]["state"] == "expired"
     capture = one(eng.call("CAPTURE", {"captures": [{"payment": 1, "amount": 500}]}))

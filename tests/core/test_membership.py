@@ -1,9 +1,12 @@
 """Membership and marketing as worked examples: points, stamp cards,
-redemptions, clawback, and the campaign statistics."""
+redemptions, clawback, and the campaign statistics.
+
+Every test runs twice, as frozenlist's tests do: on the Engine and on the
+plain-Python reference (the `ledger_impl` fixture, tests/support/ledgers.py),
+with the same assertions."""
 import numpy as np
 import pytest
 
-from engine import Engine
 from engine.client import pay_record
 from engine.protocol.records import PAY_RECORD
 from engine.protocol.status import Status
@@ -11,16 +14,9 @@ from engine.protocol.status import Status
 REWARD_BASE = 2**63
 
 
-class Clock:
-    now = 1_700_000_000_000
-
-    def __call__(self):
-        return self.now
-
-
 @pytest.fixture
-def eng():
-    engine = Engine(clock=Clock())
+def eng(ledger_impl, clock):
+    engine = ledger_impl(clock=clock)
     engine.call("MERCHANTS", {"merchants": [{"id": 1, "fee_bps": 0, "tags": [5]},
                                             {"id": 2, "fee_bps": 0}]})
     engine.call("WALLETS", {"users": [1, 2]})
