@@ -37,13 +37,12 @@ from hypothesis import given, strategies as st
 
 from engine.protocol.records import ISSUE_RECORD, PAY_RECORD
 
-from support.reference import Reference
-
 from engine import Engine
 from support.lockstep import CODE_BASE, Pair
+from support.reference import Reference
 
 # ---------------------------------------------------------------------------
-# Shared clock and deterministic code sources
+# Times (the Clock and the code sources are in tests/support/lockstep.py)
 # ---------------------------------------------------------------------------
 
 MIN = 60_000

@@ -7,13 +7,14 @@ from engine.protocol.records import PAY_RECORD, PAY_RESULT
 from engine.protocol.status import Status
 from engine.demo.world import (CATEGORIES, DEMO_START_MS, World, build, pay_batches, scramble_ids,
                           zipf_ranks)
+from support.clock import Clock
 
 TINY = World(users=300, merchants=40, stocks=25, coupons_per_user=3, seed=5,
              districts=4, malls=2, preset="tiny")
 
 
 def _built(spec=TINY):
-    eng = Engine(clock=lambda: spec.now_ms)
+    eng = Engine(clock=Clock(spec.now_ms))
     return eng, build(eng, spec)
 
 
