@@ -160,7 +160,7 @@ def _load_reference():
     tests = str(pathlib.Path(__file__).resolve().parent.parent / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
-    return importlib.import_module("reference_membership").MembershipReference
+    return importlib.import_module("support.reference_membership").MembershipReference
 
 
 def test_kernel_vs_reference(benchmark):

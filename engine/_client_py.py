@@ -2,7 +2,7 @@
 
 engine/client.py uses the compiled `engine._client` when it imports and this
 module otherwise; both export the same functions with the same results and
-the same errors (tests/test_client.py feeds both random records, bodies and
+the same errors (tests/client/test_client.py feeds both random records, bodies and
 byte streams and compares). This module owns the value ranges and the error
 text of a record field; the Cython twin repeats them word for word.
 

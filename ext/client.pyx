@@ -1,7 +1,7 @@
 # cython: boundscheck=False, wraparound=False, cdivision=True
 """The client's hot path (engine/client.py), compiled: the twin of
 engine/_client_py.py, with the same functions, results and errors (see
-there for what each does; tests/test_client.py compares the two).
+there for what each does; tests/client/test_client.py compares the two).
 
 A gateway's single payments used to cost the Python client about 30 us
 each: a tuple of range-checked fields, numpy building a one-row structured

@@ -1,4 +1,6 @@
-"""Shared test setup: bounded hypothesis profiles, and AUDIT after every test.
+"""Shared test setup: bounded hypothesis profiles, AUDIT after every test,
+and the fixtures many folders use (clock, ledger_impl, real). What they are
+built from lives in tests/support/.
 
 Every Engine a test creates is audited when the test ends: whatever the test
 did, every invariant of AUDIT must still hold. A test that corrupts state on
@@ -10,6 +12,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import engine.core.engine as engine_module
+from support.clock import Clock
+from support.ledgers import LEDGER_IMPLS, ReferenceLedger, audit_reference
+from support.servers import RealServer
 
 settings.register_profile(
     "ci", max_examples=100, deadline=None,
@@ -44,3 +49,36 @@ def audit_every_engine(request, monkeypatch):
         report = eng.audit()
         failed = {k: v["detail"] for k, v in report["checks"].items() if not v["ok"]}
         assert report["ok"], f"AUDIT failed after the test: {failed}"
+
+
+@pytest.fixture
+def clock():
+    """A fresh settable Clock at T0_MS (tests/support/clock.py)."""
+    return Clock()
+
+
+@pytest.fixture(params=sorted(LEDGER_IMPLS))
+def ledger_impl(request):
+    """Make a ledger of each implementation in turn: the Engine and the
+    plain-Python reference (tests/support/ledgers.py). Every reference the
+    test made is audited at the end, as every Engine is."""
+    made = []
+
+    def make(**kwargs):
+        ledger = LEDGER_IMPLS[request.param](**kwargs)
+        made.append(ledger)
+        return ledger
+
+    yield make
+    if request.node.get_closest_marker("no_audit"):
+        return
+    for ledger in made:
+        if isinstance(ledger, ReferenceLedger):
+            audit_reference(ledger)
+
+
+@pytest.fixture
+def real():
+    """A real server over an in-memory Engine, on its own thread (tests/support/servers.py)."""
+    with RealServer() as server:
+        yield server

@@ -130,7 +130,7 @@ def reverse_unknown(state, payment_ids: list, scope: frozenset) -> list:
 def stateless_check(record) -> Status:
     """docs/reference/rules.md PAY step 1 (the kernel's precheck), which comes before the
     tombstone check of step 2: a record it fails is the kernel's to answer.
-    (The differential test against tests/reference_money.py holds the two
+    (The differential test against tests/support/reference_money.py holds the two
     copies of this step together.)"""
     amount, flags = int(record["amount"]), int(record["flags"])
     if not AMOUNT_MIN <= amount <= AMOUNT_MAX:
