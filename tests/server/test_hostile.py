@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 
 import numpy as np
 import pytest
