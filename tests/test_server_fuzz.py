@@ -26,7 +26,7 @@ from engine import Engine
 from engine.protocol import frame
 from engine.protocol.auth import Key
 from engine.server.config import Config
-from engine.core.dispatch import OP_NAMES
+from engine.protocol.ops import OP_NAMES
 from engine.protocol.records import PAY_RECORD, PAY_RESULT
 from engine.server.server import Server
 from engine.protocol.status import ErrorCode, Status

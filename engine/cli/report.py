@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from engine.protocol.limits import COUPONS_PER_PAYMENT_MAX
 from engine.core import canonical as cn
 from engine.core.ops.membership import merchant_stats, stock_stats
 
@@ -29,7 +30,7 @@ def redemptions_over_time(tables: dict) -> tuple[np.ndarray, dict]:
         return np.zeros(0, np.int64), {}
     coupons = tables["coupons"]
     stocks = coupons["stock"][np.searchsorted(coupons["id"], ids[used])]
-    hour_of = np.repeat(hours, 4).reshape(ids.shape)[used]
+    hour_of = np.repeat(hours, COUPONS_PER_PAYMENT_MAX).reshape(ids.shape)[used]
     first, last = hour_of.min(), hour_of.max()
     series = {}
     for stock in np.unique(stocks):

@@ -32,12 +32,13 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from engine.core.dispatch import OP_NAMES as _DISPATCH_OP_NAMES
 from engine.protocol.errors import (BadBody, BadFrame, Busy, EngineError, Forbidden, FrameTooLarge,
                      NotAuthenticated, Unavailable, UnknownOp, UnsupportedProtocol)
 from engine.protocol.frame import FLAG_ERROR, FRAME_BYTES_MAX_DEFAULT, HEADER, HEADER_BYTES
-from engine.protocol.records import (COUPONS_PER_PAYMENT_MAX, ISSUE_RECORD, ISSUE_RESULT,
-                      PAY_RECORD, PAY_RESULT, RESULT_AUTHORIZED, RESULT_DUPLICATE)
+from engine.protocol.records import (ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
+                                     RESULT_AUTHORIZED, RESULT_DUPLICATE)
+from engine.protocol.limits import BATCH_RECORDS_MAX, COUPONS_PER_PAYMENT_MAX
+from engine.protocol.ops import OP_CODES, OP_HELLO, OP_ISSUE, OP_NAMES, OP_PAY, OP_PING
 from engine.protocol.status import STATUS_NAMES, ErrorCode
 
 __all__ = [
@@ -51,7 +52,7 @@ PROTOCOL_VERSION = 1
 CLIENT_NAME = "scanpay-python/0.1.0"
 PORT_DEFAULT = 7411
 TIMEOUT_MS_DEFAULT = 10_000
-BATCH_RECORDS_MAX_DEFAULT = 8190       # until HELLO says otherwise
+BATCH_RECORDS_MAX_DEFAULT = BATCH_RECORDS_MAX   # until HELLO says otherwise
 IN_FLIGHT_MAX_DEFAULT = 4096           # requests awaiting a reply, per connection
 REPLY_BYTES_MAX = 64 << 20             # sanity bound: a bigger size means a broken stream
 RECV_BYTES = 1 << 18
@@ -59,19 +60,7 @@ U64_MAX = 2**64 - 1
 U32_MAX = 2**32 - 1
 I64_MIN, I64_MAX = -2**63, 2**63 - 1
 
-# Op numbers: PROTOCOL.md's, plus the server's extensions (STATEMENT, ...)
-# from the one dispatch table.
-OPS = {
-    "HELLO": 1, "PING": 2, "PAY": 16, "ISSUE": 17,
-    "MERCHANTS": 32, "WALLETS": 33, "TOPUP": 34, "STOCKS": 35,
-    "PAYMENT_CODE": 36, "QUOTE": 37, "CAPTURE": 38, "VOID": 39, "REFUND": 40,
-    "REVERSE": 41, "GET_PAYMENTS": 42, "BALANCES": 43, "SETTLE": 44,
-    "AUDIT": 45, "STATS": 46, "PROGRAMS": 47, "REDEEM_POINTS": 48,
-    "COUPONS": 49, "CLOCK": 50,
-    **{name: code for code, name in _DISPATCH_OP_NAMES.items()},
-}
-OP_NAMES = {code: name for name, code in OPS.items()}
-OP_HELLO, OP_PING, OP_PAY, OP_ISSUE = 1, 2, 16, 17
+OPS = OP_CODES                         # every op by name (engine/protocol/ops.py)
 
 
 # -- errors ---------------------------------------------------------------

@@ -24,20 +24,22 @@ from engine.core import canonical, export, scope
 
 from engine.storage import durability
 from engine.core.command import Command
-from engine.core.dispatch import (MAP_OPS, MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_EXPIRE, OP_ISSUE,
-                       OP_PAY, OP_REFUND_RECORDS, PLANNED_OPS)
+from engine.core.dispatch import MAP_OPS, MAP_OPS_BY_CODE
+from engine.protocol.ops import (OP_CAPTURE_RECORDS, OP_EXPIRE, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS,
+                                 PLANNED_OPS)
 from engine._kernel import TABLE_ROWS
 from engine.storage.durability import Storage
 from engine.protocol.errors import BadBody, Unavailable, UnknownOp
 from engine.storage.journal import JournalError
-from engine.protocol.records import (CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
-                      PAYMENT_CODE_MAX, PAYMENT_CODE_MIN, REFUND_RECORD, REFUND_RESULT)
+from engine.protocol.records import (
+    CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RECORD,
+    REFUND_RESULT)
+from engine.protocol.limits import BATCH_RECORDS_MAX, PAYMENT_CODE_MAX, PAYMENT_CODE_MIN
 from engine.core.state import HOLD_MS_DEFAULT, TZ_OFFSET_MS_DEFAULT, State
 from engine.server.threads import NICE_MIN, raise_thread_priority
 
 log = logging.getLogger("scanpay.engine")
 
-BATCH_RECORDS_MAX = 8190
 SYNC_IDLE_WAIT_S = 5.0          # a rebuild waits this long for the sync thread to finish
 # Record ops: op -> (record dtype, result dtype, the kernel's batch apply).
 RECORD_OPS = {
