@@ -27,11 +27,14 @@ import re
 import secrets
 import socket
 import time
+import ssl as ssl_module
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 import numpy as np
 
+from engine._version import __version__
 from engine.protocol.errors import (BadBody, BadFrame, Busy, EngineError, Forbidden, FrameTooLarge,
                      NotAuthenticated, Unavailable, UnknownOp, UnsupportedProtocol)
 from engine.protocol.frame import FLAG_ERROR, FRAME_BYTES_MAX_DEFAULT, HEADER, HEADER_BYTES
@@ -49,7 +52,7 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-CLIENT_NAME = "scanpay-python/0.1.0"
+CLIENT_NAME = f"scanpay-python/{__version__}"
 PORT_DEFAULT = 7411
 TIMEOUT_MS_DEFAULT = 10_000
 BATCH_RECORDS_MAX_DEFAULT = BATCH_RECORDS_MAX   # until HELLO says otherwise
@@ -97,7 +100,7 @@ class ProtocolError(Exception):
     """The server sent something PROTOCOL.md does not allow."""
 
 
-def decode_reply(body: bytes):
+def decode_reply(body: bytes) -> Any:
     """A map reply's body. A reply msgspec cannot decode (or nested so deep
     that it runs out of stack) is the server's fault: ProtocolError, not a
     RecursionError traceback in the caller."""
@@ -240,7 +243,8 @@ def _check_range(name: str, value: int, low: int, high: int) -> int:
 
 
 def pay_record(id: int, payer: int, merchant: int, amount: int, flags: int = 0,
-               goods_tag: int = 0, coupons=(), user_data: int = 0) -> tuple:
+               goods_tag: int = 0, coupons: Sequence[int] = (),
+               user_data: int = 0) -> tuple[Any, ...]:
     """One PayRecord as a tuple for np.array(..., PAY_RECORD), range-checked so
     that one bad call cannot spoil a coalesced batch."""
     coupons = tuple(coupons)
@@ -257,7 +261,7 @@ def pay_record(id: int, payer: int, merchant: int, amount: int, flags: int = 0,
             _check_range("user_data", user_data, 0, U64_MAX))
 
 
-def issue_record(coupon: int, stock: int, user: int) -> tuple:
+def issue_record(coupon: int, stock: int, user: int) -> tuple[int, int, int, int]:
     return (_check_range("coupon", coupon, 0, U64_MAX), _check_range("stock", stock, 0, U64_MAX),
             _check_range("user", user, 0, U64_MAX), 0)
 
@@ -272,7 +276,7 @@ def hello_mac(secret: str, key_id: str, ts_ms: int, nonce: str) -> bytes:
 
 def hello_request(key_id: str | None = None, secret: str | None = None, *,
                   client_name: str = CLIENT_NAME, ts_ms: int | None = None,
-                  nonce: str | None = None) -> dict:
+                  nonce: str | None = None) -> dict[str, Any]:
     """The HELLO map; authenticated when key_id and secret are given."""
     request: dict = {"protocol": PROTOCOL_VERSION, "client": client_name}
     if (key_id is None) != (secret is None):
@@ -455,7 +459,8 @@ class AsyncClient:
 
     @classmethod
     async def connect(cls, host: str = "127.0.0.1", port: int = PORT_DEFAULT, *,
-                      unix: str | None = None, ssl=None, key_id: str | None = None,
+                      unix: str | None = None, ssl: ssl_module.SSLContext | None = None,
+                      key_id: str | None = None,
                       secret: str | None = None, timeout_ms: int = TIMEOUT_MS_DEFAULT,
                       in_flight_max: int = IN_FLIGHT_MAX_DEFAULT,
                       client_name: str = CLIENT_NAME) -> "AsyncClient":
@@ -498,15 +503,15 @@ class AsyncClient:
     async def issue(self, records: np.ndarray, *, timeout_ms: int | None = None) -> np.ndarray:
         return await self._batch(OP_ISSUE, records, ISSUE_RECORD, ISSUE_RESULT, timeout_ms)
 
-    async def call(self, op: str | int, request: dict | None = None, *,
-                   timeout_ms: int | None = None) -> dict:
+    async def call(self, op: str | int, request: dict[str, Any] | None = None, *,
+                   timeout_ms: int | None = None) -> dict[str, Any]:
         """A map operation by name ("QUOTE") or number: map in, map out."""
         reply = await self._request(_op_code(op), _encoder.encode(
             {} if request is None else request), timeout_ms)
         return decode_reply(reply)
 
     async def pay_one(self, *, id: int, payer: int, merchant: int, amount: int,
-                      flags: int = 0, goods_tag: int = 0, coupons=(),
+                      flags: int = 0, goods_tag: int = 0, coupons: Sequence[int] = (),
                       user_data: int = 0) -> PayResult:
         """One payment; concurrent calls of one loop tick share a PAY frame."""
         self._check_open()
@@ -536,10 +541,10 @@ class AsyncClient:
         if self._transport is not None:
             await self._lost
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> "AsyncClient":
         return self
 
-    async def __aexit__(self, *exc):
+    async def __aexit__(self, *exc: object) -> None:
         self.close()
         await self.wait_closed()
 
@@ -638,7 +643,8 @@ class Client:
 
     @classmethod
     def connect(cls, host: str = "127.0.0.1", port: int = PORT_DEFAULT, *,
-                unix: str | None = None, ssl=None, key_id: str | None = None,
+                unix: str | None = None, ssl: ssl_module.SSLContext | None = None,
+                key_id: str | None = None,
                 secret: str | None = None, timeout_ms: int = TIMEOUT_MS_DEFAULT,
                 client_name: str = CLIENT_NAME) -> "Client":
         timeout_s = timeout_ms / 1000
@@ -681,14 +687,15 @@ class Client:
         body = _batch_body(records, ISSUE_RECORD, self.max_batch)
         return _batch_reply(self._request(OP_ISSUE, body, timeout_ms), ISSUE_RESULT, len(records))
 
-    def call(self, op: str | int, request: dict | None = None, *,
-             timeout_ms: int | None = None) -> dict:
+    def call(self, op: str | int, request: dict[str, Any] | None = None, *,
+             timeout_ms: int | None = None) -> dict[str, Any]:
         reply = self._request(_op_code(op), _encoder.encode(
             {} if request is None else request), timeout_ms)
         return decode_reply(reply)
 
     def pay_one(self, *, id: int, payer: int, merchant: int, amount: int, flags: int = 0,
-                goods_tag: int = 0, coupons=(), user_data: int = 0) -> PayResult:
+                goods_tag: int = 0, coupons: Sequence[int] = (),
+                user_data: int = 0) -> PayResult:
         records = np.array([pay_record(id, payer, merchant, amount, flags, goods_tag,
                                        coupons, user_data)], PAY_RECORD)
         return pay_results(self.pay(records))[0]
@@ -706,10 +713,10 @@ class Client:
             sock, self._sock = self._sock, None
             sock.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- internals ----------------------------------------------------------
