@@ -1,10 +1,11 @@
 # Stub of the frame fast path (ext/framing.pyx): the surface Python uses.
-from typing_extensions import Buffer
+from typing_extensions import Buffer, disjoint_base
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+@disjoint_base
 class PayBatch:
     """Runs of PAY frames copied from read buffers straight into one batch."""
     records: int
@@ -14,6 +15,7 @@ class PayBatch:
     opened_at: float
     def __init__(self, records_max: int, record_bytes: int, frame_bytes_max: int,
                  op: int) -> None: ...
+    @property
     def room(self) -> int: ...
     # (records taken, frames taken, where they end, size of the frame that did not fit)
     def take(self, buffer: Buffer, at: int, member: int,

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from typing_extensions import Buffer
+from typing_extensions import Buffer, disjoint_base
 
 REASON_APPLIED: int
 REASON_NOT_CHOSEN: int
@@ -23,17 +23,27 @@ EARNING: np.dtype[Any]
 VISIT: np.dtype[Any]
 REDEMPTION: np.dtype[Any]
 CODE: np.dtype[Any]
+PAY_RECORD: np.dtype[Any]
+PAY_RESULT: np.dtype[Any]
 
 LIMITS: dict[str, int]
 TABLE_ROWS: dict[str, tuple[str, ...]]
 UNINDEXED_TABLES: frozenset[str]
 
+@disjoint_base
 class IdIndex:
     def get(self, key: int) -> int: ...
+    @property
     def nbytes(self) -> int: ...
+    @property
     def count(self) -> int: ...
 
+@disjoint_base
 class Ledger:
+    # What dump() and load() carry: scalars, indexes and row arrays by name.
+    SCALARS: tuple[str, ...]
+    INDEXES: tuple[str, ...]
+    ROWS: tuple[str, ...]
     # Tables (numpy structured arrays, grown as needed) and their counts.
     users: NDArray[Any]
     merchants: NDArray[Any]

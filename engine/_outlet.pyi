@@ -1,16 +1,21 @@
 # Stub of the reply sender (ext/outlet.pyx): the surface Python uses.
+from typing_extensions import disjoint_base
+
+@disjoint_base
 class Outlet:
     """One connection's socket, as the sender thread writes to it."""
     fd: int
     queued: int
     outstanding: int
     def __init__(self, fd: int) -> None: ...
+    @property
     def blocked(self) -> bool: ...
     def block(self) -> None: ...
     def reset(self) -> None: ...
     def released(self) -> None: ...
     def close(self) -> None: ...
 
+@disjoint_base
 class Sends:
     """The replies of one batch, handed to the sender thread together."""
     done: bool
@@ -26,6 +31,7 @@ class Sends:
     def sent(self, index: int) -> int: ...
     def __len__(self) -> int: ...
 
+@disjoint_base
 class Courier:
     """The bounded queue of `Sends` between the writer and the sender thread."""
     capacity: int

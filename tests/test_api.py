@@ -252,3 +252,16 @@ def test_typed_program_passes_mypy_strict():
         env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Success: no issues found in 1 source file" in out.stdout
+
+
+def test_extension_stubs_match_the_compiled_modules():
+    """engine/*.pyi describe what ext/*.pyx really export (mypy.stubtest
+    imports the extensions and compares), so a changed kernel surface shows
+    here, not as a wrong type in a caller."""
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "engine._kernel", "engine._framing",
+         "engine._outlet", "--mypy-config-file", "tests/typing/mypy.ini",
+         "--allowlist", "tests/typing/stubtest-allowlist.txt"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stdout + out.stderr
