@@ -25,7 +25,7 @@ from engine import Engine
 from engine.protocol import frame
 from engine.server.config import Config
 from engine.server.connection import Connection
-from engine.core.dispatch import OP_PAY
+from engine.protocol.ops import OP_PAY
 from engine.protocol.records import PAY_RECORD
 from engine.server.server import Server
 

@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from engine.demo import world as world_module  # noqa: E402
 from engine.client import Client  # noqa: E402
 from engine.server.metrics import STAGES  # noqa: E402
+from engine.protocol.limits import BATCH_RECORDS_MAX  # noqa: E402
 from engine.protocol.records import PAY_RESULT  # noqa: E402
 from engine.demo.world import World, build, make_engine, pay_batches  # noqa: E402
 
@@ -72,7 +73,7 @@ LOADGEN = str(ROOT / "bench" / "loadgen.py")
 SECONDS = float(os.environ.get("SCANPAY_BENCH_SECONDS", "10"))
 WARMUP = 2.0
 USERS = int(os.environ.get("SCANPAY_BENCH_USERS", "100000"))
-BATCH = 8190
+BATCH = BATCH_RECORDS_MAX
 TARGET_BIG = 1_000_000
 TARGET_SMALL = 200_000
 TARGET_SMALL_P99_US = 5_000
@@ -475,7 +476,7 @@ def test_server_pay_small_frames(benchmark, bench):
 
 def test_server_pay_big_frames(benchmark, bench):
     out = _once(benchmark, lambda: bench.scenario(
-        "big frames (8190/frame)", capacity_payments=CAPACITY_PAYMENTS_BIG, records=BATCH,
+        f"big frames ({BATCH}/frame)", capacity_payments=CAPACITY_PAYMENTS_BIG, records=BATCH,
         connections=4, window=2))
     _extra(benchmark, out, target_rate=TARGET_BIG)
     assert out["error_count"] == 0

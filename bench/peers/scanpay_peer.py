@@ -13,13 +13,14 @@ import numpy as np
 from engine import Engine
 from engine.client import AsyncClient, Client, issue_record
 from engine.server.config import Config
+from engine.protocol.limits import BATCH_RECORDS_MAX
 from engine.protocol.records import ISSUE_RECORD, PAY_RECORD, RESULT_DUPLICATE
 
 from .common import Run, chunks, free_port, stop_process, wait_port
 from .workload import (KIND_FIXED, VALID_UNTIL_MS, FinalState, Payment, Workload,
                        outcome_name, tally)
 
-BATCH = 8190                    # records per PAY frame / Engine.pay call (the protocol's max)
+BATCH = BATCH_RECORDS_MAX       # records per PAY frame / Engine.pay call (the protocol's max)
 MAP_ITEMS = 50_000              # items per setup map call and per BALANCES/COUPONS lookup
 FRAMES_IN_FLIGHT = 4            # batched mode over the wire: frames pipelined on one connection
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -5,6 +5,8 @@ import errno
 import os
 import sys
 
+from engine._version import __version__
+
 
 def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run the socket server")
@@ -100,21 +102,9 @@ def _listeners(config) -> str:
 
 
 def package_version() -> str:
-    """The installed package's version; the source tree's pyproject.toml when
-    running uninstalled (issue 15 will keep one copy)."""
-    from importlib import metadata
-    try:
-        return metadata.version("scanpay")
-    except metadata.PackageNotFoundError:
-        pass
-    import tomllib
-    pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "pyproject.toml")
-    try:
-        with open(pyproject, "rb") as f:
-            return tomllib.load(f)["project"]["version"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        return "unknown"
+    """The package's version: engine/_version.py, the one source (pyproject
+    reads it too, so an installed copy and the source tree agree)."""
+    return __version__
 
 
 def describe_subcommands(sub) -> None:

@@ -30,14 +30,13 @@ import msgspec
 from engine.storage import journal as journal_module
 from engine.storage import snapshot as snapshot_module
 from engine.core.command import decode
-from engine.core.dispatch import OP_CAPTURE_RECORDS, OP_EXPIRE, OP_ISSUE, OP_NAMES, OP_PAY, \
-    OP_REFUND_RECORDS
+from engine.protocol.ops import (OP_CAPTURE_RECORDS, OP_EXPIRE, OP_ISSUE, OP_NAMES, OP_PAY,
+                                 OP_REFUND_RECORDS)
 from engine.protocol.records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, REFUND_RECORD
 from engine.core.state import HOLD_MS_DEFAULT, TZ_OFFSET_MS_DEFAULT
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
-# dispatch.OP_NAMES has no name for the internal EXPIRE command.
-NAMES = {**OP_NAMES, OP_EXPIRE: "EXPIRE"}
+NAMES = OP_NAMES                  # every op, the internal EXPIRE included
 
 RECORD_OPS = {OP_PAY: PAY_RECORD, OP_ISSUE: ISSUE_RECORD,
               OP_CAPTURE_RECORDS: CAPTURE_RECORD, OP_REFUND_RECORDS: REFUND_RECORD}

@@ -1,5 +1,5 @@
 """`scanpay report`: the campaign and merchant report, as CSV files and one
-PNG chart: redemptions over time per campaign, budget burn, and the
+PNG chart (with the optional extra `pip install 'scanpay[report]'`): redemptions over time per campaign, budget burn, and the
 repeat-payer share per merchant. Everything comes from the engine's state
 (its payments and the STATS counters), so it reconciles with the ledger."""
 import csv
@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from engine.protocol.limits import COUPONS_PER_PAYMENT_MAX
 from engine.core import canonical as cn
 from engine.core.ops.membership import merchant_stats, stock_stats
 
@@ -29,7 +30,7 @@ def redemptions_over_time(tables: dict) -> tuple[np.ndarray, dict]:
         return np.zeros(0, np.int64), {}
     coupons = tables["coupons"]
     stocks = coupons["stock"][np.searchsorted(coupons["id"], ids[used])]
-    hour_of = np.repeat(hours, 4).reshape(ids.shape)[used]
+    hour_of = np.repeat(hours, COUPONS_PER_PAYMENT_MAX).reshape(ids.shape)[used]
     first, last = hour_of.min(), hour_of.max()
     series = {}
     for stock in np.unique(stocks):
@@ -43,7 +44,8 @@ def redemptions_over_time(tables: dict) -> tuple[np.ndarray, dict]:
 
 def write(engine, out_dir: str, stock_names: dict | None = None,
           merchant_names: dict | None = None, tables: dict | None = None) -> list[str]:
-    """Write campaigns.csv, merchants.csv and report.png; return their paths."""
+    """Write campaigns.csv, merchants.csv and (with matplotlib) report.png;
+    return the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     tables = tables or engine.canonical()
     ledger = engine.state.ledger
@@ -56,9 +58,28 @@ def write(engine, out_dir: str, stock_names: dict | None = None,
     paths = [os.path.join(out_dir, "campaigns.csv"), os.path.join(out_dir, "merchants.csv")]
     write_rows(paths[0], campaigns)
     write_rows(paths[1], merchants)
-    paths.append(os.path.join(out_dir, "report.png"))
-    chart(paths[2], tables, campaigns, merchants)
+    if plotting_available():
+        paths.append(os.path.join(out_dir, "report.png"))
+        chart(paths[2], tables, campaigns, merchants)
     return paths
+
+
+# matplotlib is an optional extra: without it the report is the CSVs, and
+# this one line says how to get the chart.
+PNG_NEEDS_EXTRA = "report.png needs matplotlib: pip install 'scanpay[report]'"
+
+
+def plotting_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def missing_png_note(paths: list[str]) -> str:
+    """The one line to print after `paths` when the PNG could not be drawn."""
+    return "" if any(p.endswith(".png") for p in paths) else PNG_NEEDS_EXTRA
 
 
 def write_rows(path: str, rows: list[dict]) -> None:
@@ -122,4 +143,6 @@ def run(args) -> int:
     with engine:
         paths = write(engine, args.out)
     print("report: " + ", ".join(paths))
+    if missing_png_note(paths):
+        print(missing_png_note(paths))
     return 0

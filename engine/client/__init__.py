@@ -35,6 +35,8 @@ import re
 import secrets
 import socket
 import time
+import ssl as ssl_module
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -43,12 +45,14 @@ import numpy as np
 from engine import _client_py           # absolute: the twin stays engine/_client_py.py
 from engine._client_py import (I64_MAX, I64_MIN, REPLY_BYTES_MAX, U32_MAX,  # noqa: F401 (names
                          U64_MAX)                                     # of this module before)
-from engine.core.dispatch import OP_NAMES as _DISPATCH_OP_NAMES
+from engine._version import __version__
 from engine.protocol.errors import (BadBody, BadFrame, Busy, EngineError, Forbidden, FrameTooLarge,
                      NotAuthenticated, Unavailable, UnknownOp, UnsupportedProtocol)
 from engine.protocol.frame import FLAG_ERROR, FRAME_BYTES_MAX_DEFAULT, HEADER, HEADER_BYTES
-from engine.protocol.records import (COUPONS_PER_PAYMENT_MAX, ISSUE_RECORD, ISSUE_RESULT,
-                      PAY_RECORD, PAY_RESULT, RESULT_AUTHORIZED, RESULT_DUPLICATE)
+from engine.protocol.records import (ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
+                                     RESULT_AUTHORIZED, RESULT_DUPLICATE)
+from engine.protocol.limits import BATCH_RECORDS_MAX, COUPONS_PER_PAYMENT_MAX
+from engine.protocol.ops import OP_CODES, OP_HELLO, OP_ISSUE, OP_NAMES, OP_PAY, OP_PING
 from engine.protocol.status import STATUS_NAMES, ErrorCode
 
 try:                                   # the compiled hot path (ext/client.pyx)
@@ -64,28 +68,16 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-CLIENT_NAME = "scanpay-python/0.1.0"
+CLIENT_NAME = f"scanpay-python/{__version__}"
 PORT_DEFAULT = 7411
 TIMEOUT_MS_DEFAULT = 10_000
-BATCH_RECORDS_MAX_DEFAULT = 8190       # until HELLO says otherwise
+BATCH_RECORDS_MAX_DEFAULT = BATCH_RECORDS_MAX   # until HELLO says otherwise
 IN_FLIGHT_MAX_DEFAULT = 4096           # requests awaiting a reply, per connection
 RECV_BYTES = 1 << 18
 ACQUIRE_ROUNDS_MAX = 1 << 20           # pool: wake-ups one acquire may go through
 ROOM_WAITS_MAX = 1 << 20               # wake-ups one request may wait for a free slot
 
-# Op numbers: docs/reference/protocol.md's, plus the server's extensions (STATEMENT, ...)
-# from the one dispatch table.
-OPS = {
-    "HELLO": 1, "PING": 2, "PAY": 16, "ISSUE": 17,
-    "MERCHANTS": 32, "WALLETS": 33, "TOPUP": 34, "STOCKS": 35,
-    "PAYMENT_CODE": 36, "QUOTE": 37, "CAPTURE": 38, "VOID": 39, "REFUND": 40,
-    "REVERSE": 41, "GET_PAYMENTS": 42, "BALANCES": 43, "SETTLE": 44,
-    "AUDIT": 45, "STATS": 46, "PROGRAMS": 47, "REDEEM_POINTS": 48,
-    "COUPONS": 49, "CLOCK": 50,
-    **{name: code for code, name in _DISPATCH_OP_NAMES.items()},
-}
-OP_NAMES = {code: name for name, code in OPS.items()}
-OP_HELLO, OP_PING, OP_PAY, OP_ISSUE = 1, 2, 16, 17
+OPS = OP_CODES                         # every op by name (engine/protocol/ops.py)
 
 
 # -- errors ---------------------------------------------------------------
@@ -122,7 +114,7 @@ class ProtocolError(Exception):
     """The server sent something docs/reference/protocol.md does not allow."""
 
 
-def decode_reply(body: bytes):
+def decode_reply(body: bytes) -> Any:
     """A map reply's body. A reply msgspec cannot decode (or nested so deep
     that it runs out of stack) is the server's fault: ProtocolError, not a
     RecursionError traceback in the caller."""
@@ -294,13 +286,14 @@ def _op_code(op: str | int) -> int:
 
 
 def pay_record(id: int, payer: int, merchant: int, amount: int, flags: int = 0,
-               goods_tag: int = 0, coupons=(), user_data: int = 0) -> tuple:
+               goods_tag: int = 0, coupons: Sequence[int] = (),
+               user_data: int = 0) -> tuple[Any, ...]:
     """One PayRecord as a tuple for np.array(..., PAY_RECORD), range-checked."""
     return _client_py.pay_fields(id, payer, merchant, amount, flags, goods_tag, coupons,
                                  user_data)
 
 
-def issue_record(coupon: int, stock: int, user: int) -> tuple:
+def issue_record(coupon: int, stock: int, user: int) -> tuple[int, int, int, int]:
     return _client_py.issue_fields(coupon, stock, user)
 
 
@@ -314,7 +307,7 @@ def hello_mac(secret: str, key_id: str, ts_ms: int, nonce: str) -> bytes:
 
 def hello_request(key_id: str | None = None, secret: str | None = None, *,
                   client_name: str = CLIENT_NAME, ts_ms: int | None = None,
-                  nonce: str | None = None) -> dict:
+                  nonce: str | None = None) -> dict[str, Any]:
     """The HELLO map; authenticated when key_id and secret are given."""
     request: dict = {"protocol": PROTOCOL_VERSION, "client": client_name}
     if (key_id is None) != (secret is None):
@@ -514,7 +507,8 @@ class AsyncClient:
 
     @classmethod
     async def connect(cls, host: str = "127.0.0.1", port: int = PORT_DEFAULT, *,
-                      unix: str | None = None, ssl=None, key_id: str | None = None,
+                      unix: str | None = None, ssl: ssl_module.SSLContext | None = None,
+                      key_id: str | None = None,
                       secret: str | None = None, timeout_ms: int = TIMEOUT_MS_DEFAULT,
                       in_flight_max: int = IN_FLIGHT_MAX_DEFAULT,
                       client_name: str = CLIENT_NAME) -> "AsyncClient":
@@ -562,15 +556,15 @@ class AsyncClient:
         reply = await self._request(OP_ISSUE, body, timeout_ms)
         return _batch_reply(reply, ISSUE_RESULT, len(records))
 
-    async def call(self, op: str | int, request: dict | None = None, *,
-                   timeout_ms: int | None = None) -> dict:
+    async def call(self, op: str | int, request: dict[str, Any] | None = None, *,
+                   timeout_ms: int | None = None) -> dict[str, Any]:
         """A map operation by name ("QUOTE") or number: map in, map out."""
         reply = await self._request(_op_code(op), _encoder.encode(
             {} if request is None else request), timeout_ms)
         return decode_reply(reply)
 
     async def pay_one(self, *, id: int, payer: int, merchant: int, amount: int,
-                      flags: int = 0, goods_tag: int = 0, coupons=(),
+                      flags: int = 0, goods_tag: int = 0, coupons: Sequence[int] = (),
                       user_data: int = 0) -> PayResult:
         """One payment; concurrent calls of one loop tick share a PAY frame."""
         pay = self._pay
@@ -606,10 +600,10 @@ class AsyncClient:
         if self._transport is not None:
             await self._lost
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> "AsyncClient":
         return self
 
-    async def __aexit__(self, *exc):
+    async def __aexit__(self, *exc: object) -> None:
         self.close()
         await self.wait_closed()
 
@@ -1006,7 +1000,8 @@ class Client:
 
     @classmethod
     def connect(cls, host: str = "127.0.0.1", port: int = PORT_DEFAULT, *,
-                unix: str | None = None, ssl=None, key_id: str | None = None,
+                unix: str | None = None, ssl: ssl_module.SSLContext | None = None,
+                key_id: str | None = None,
                 secret: str | None = None, timeout_ms: int = TIMEOUT_MS_DEFAULT,
                 client_name: str = CLIENT_NAME) -> "Client":
         timeout_s = timeout_ms / 1000
@@ -1049,14 +1044,15 @@ class Client:
         body = _batch_body(records, ISSUE_RECORD, self.max_batch)
         return _batch_reply(self._request(OP_ISSUE, body, timeout_ms), ISSUE_RESULT, len(records))
 
-    def call(self, op: str | int, request: dict | None = None, *,
-             timeout_ms: int | None = None) -> dict:
+    def call(self, op: str | int, request: dict[str, Any] | None = None, *,
+             timeout_ms: int | None = None) -> dict[str, Any]:
         reply = self._request(_op_code(op), _encoder.encode(
             {} if request is None else request), timeout_ms)
         return decode_reply(reply)
 
     def pay_one(self, *, id: int, payer: int, merchant: int, amount: int, flags: int = 0,
-                goods_tag: int = 0, coupons=(), user_data: int = 0) -> PayResult:
+                goods_tag: int = 0, coupons: Sequence[int] = (),
+                user_data: int = 0) -> PayResult:
         body = bytearray()
         _impl.pack_pay(body, id, payer, merchant, amount, flags, goods_tag, coupons, user_data)
         return self._one(OP_PAY, body, _impl.pay_results, timeout_ms=None)
@@ -1081,10 +1077,10 @@ class Client:
             sock, self._sock = self._sock, None
             sock.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- internals ----------------------------------------------------------

@@ -5,6 +5,7 @@ Each check re-derives a quantity from history (top-ups, payments) and
 compares it with the balance the engine keeps, or checks a limit."""
 import numpy as np
 
+from engine.protocol.limits import COUPONS_PER_PAYMENT_MAX
 from engine.core import canonical as cn
 
 
@@ -220,7 +221,8 @@ def stock_daily_budget(t) -> dict:
     used = ids != 0
     if used.any():
         stock_at = np.searchsorted(s["id"], coupons["stock"][np.searchsorted(coupons["id"], ids[used])])
-        same_day = np.repeat(rows["day"], 4).reshape(ids.shape)[used] == s["day"][stock_at]
+        days = np.repeat(rows["day"], COUPONS_PER_PAYMENT_MAX).reshape(ids.shape)
+        same_day = days[used] == s["day"][stock_at]
         np.add.at(expected, stock_at[same_day], amounts[used][same_day])
     bad = (s["day_spent"] != expected) | ((s["daily_budget"] > 0) & (s["day_spent"] > s["daily_budget"]))
     return first_bad(s["id"], bad, "stocks (day_spent = that day's payments <= daily_budget)")
@@ -253,7 +255,7 @@ def coupons_match_payments(t) -> dict:
     holding = payments_in(t, (cn.PAYMENT_AUTHORIZED, cn.PAYMENT_COMPLETED,
                               cn.PAYMENT_PARTIALLY_REFUNDED))
     ids = holding["result.coupons"].copy()
-    released = (holding["released"][:, None] >> np.arange(4)) & 1
+    released = (holding["released"][:, None] >> np.arange(COUPONS_PER_PAYMENT_MAX)) & 1
     ids[released == 1] = 0
     listed_ids = ids[ids != 0]
     uses = np.unique(listed_ids, return_counts=True)
@@ -355,7 +357,7 @@ def stats_match_payments(t) -> dict:
     # Stock redemptions: coupons applied in paid payments that still hold them.
     holding = payments_in(t, (cn.PAYMENT_COMPLETED, cn.PAYMENT_PARTIALLY_REFUNDED))
     ids = holding["result.coupons"].copy()
-    ids[((holding["released"][:, None] >> np.arange(4)) & 1) == 1] = 0
+    ids[((holding["released"][:, None] >> np.arange(COUPONS_PER_PAYMENT_MAX)) & 1) == 1] = 0
     ids = ids[ids != 0]
     coupons = t["coupons"]
     stocks = coupons["stock"][np.searchsorted(coupons["id"], ids)]

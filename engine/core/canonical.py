@@ -11,6 +11,7 @@ import hashlib
 
 import numpy as np
 
+from engine.protocol.limits import COUPONS_PER_PAYMENT_MAX
 from engine.protocol.records import PAY_RECORD, PAY_RESULT
 
 # Coupon states.
@@ -85,8 +86,8 @@ PAYMENTS = np.dtype([
     ("state", "u1"),
     ("released", "u1"),        # bit i: coupon i released at capture
     ("reversed", "u1"),
-    ("applied", "<i8", (4,)),  # applied (authorized: reserved) part of result.coupons[i]
-    ("refunded_part", "<i8", (4,)),
+    ("applied", "<i8", (COUPONS_PER_PAYMENT_MAX,)),  # applied (authorized: reserved) part of result.coupons[i]
+    ("refunded_part", "<i8", (COUPONS_PER_PAYMENT_MAX,)),
 ] + [(f, "<i8") for f in PAYMENT_PARTS])  # amount: T, the captured amount once captured
 REFUNDS = np.dtype([("id", "<u8"), ("payment", "<u8"), ("amount", "<i8"),
                     ("cash", "<i8"), ("discount", "<i8"), ("fee", "<i8")])

@@ -1,18 +1,13 @@
 """The one table of operations: the embedded Engine, the server and the CLI
-all dispatch through it. Op numbers are docs/reference/protocol.md's."""
+all dispatch through it. Op numbers come from their owner,
+engine/protocol/ops.py."""
 from dataclasses import dataclass
 from typing import Callable
 
 from engine.core.ops import membership as ops_membership, money as ops_money, query as ops_query, setup as ops_setup
 from engine.core.scope import parse_scope, scoped_items
 from engine.protocol.errors import BadBody
-
-OP_HELLO = 1
-OP_PING = 2
-OP_PAY = 16
-OP_ISSUE = 17
-OP_CAPTURE_RECORDS = 18    # extension: CaptureRecord batch -> PayResult batch
-OP_REFUND_RECORDS = 19     # extension: RefundRecord batch -> RefundResult batch
+from engine.protocol.ops import MAP_OP_CODES
 
 
 @dataclass(frozen=True)
@@ -41,39 +36,30 @@ class MapOp:
                 ops_query.check_lookup_lists(self.name, request)
 
 
+def _map_op(name: str, *args, **kwargs) -> MapOp:
+    return MapOp(MAP_OP_CODES[name], name, *args, **kwargs)
+
+
 MAP_OPS = {op.name: op for op in (
-    MapOp(32, "MERCHANTS", ops_setup.merchants, True, list_key="merchants"),
-    MapOp(33, "WALLETS", ops_setup.wallets, True, list_key="users"),
-    MapOp(34, "TOPUP", ops_setup.topups, True, list_key="topups"),
-    MapOp(35, "STOCKS", ops_setup.stocks, True, list_key="stocks"),
-    MapOp(36, "PAYMENT_CODE", ops_setup.payment_code, True, ops_setup.draw_payment_code),
-    MapOp(37, "QUOTE", ops_query.quote, False),
-    MapOp(38, "CAPTURE", ops_money.capture, True, list_key="captures",
-          scoped=True),
-    MapOp(39, "VOID", ops_money.void, True, list_key="payments",
-          scoped=True),
-    MapOp(40, "REFUND", ops_money.refund, True, list_key="refunds",
-          scoped=True),
-    MapOp(41, "REVERSE", ops_money.reverse, True, list_key="payments",
-          scoped=True),
-    MapOp(42, "GET_PAYMENTS", ops_money.get_payments, False, scoped=True),
-    MapOp(44, "SETTLE", ops_money.settle, True),
-    MapOp(64, "STATEMENT", ops_money.statement, False),
-    MapOp(46, "STATS", ops_membership.stats, False),
-    MapOp(47, "PROGRAMS", ops_membership.programs, True, list_key="programs"),
-    MapOp(48, "REDEEM_POINTS", ops_membership.redeem_points, True, list_key="redemptions"),
-    MapOp(43, "BALANCES", ops_query.balances, False),
-    MapOp(45, "AUDIT", ops_query.audit, False),
-    MapOp(49, "COUPONS", ops_query.coupons, False),
+    _map_op("MERCHANTS", ops_setup.merchants, True, list_key="merchants"),
+    _map_op("WALLETS", ops_setup.wallets, True, list_key="users"),
+    _map_op("TOPUP", ops_setup.topups, True, list_key="topups"),
+    _map_op("STOCKS", ops_setup.stocks, True, list_key="stocks"),
+    _map_op("PAYMENT_CODE", ops_setup.payment_code, True, ops_setup.draw_payment_code),
+    _map_op("QUOTE", ops_query.quote, False),
+    _map_op("CAPTURE", ops_money.capture, True, list_key="captures", scoped=True),
+    _map_op("VOID", ops_money.void, True, list_key="payments", scoped=True),
+    _map_op("REFUND", ops_money.refund, True, list_key="refunds", scoped=True),
+    _map_op("REVERSE", ops_money.reverse, True, list_key="payments", scoped=True),
+    _map_op("GET_PAYMENTS", ops_money.get_payments, False, scoped=True),
+    _map_op("SETTLE", ops_money.settle, True),
+    _map_op("STATEMENT", ops_money.statement, False),
+    _map_op("STATS", ops_membership.stats, False),
+    _map_op("PROGRAMS", ops_membership.programs, True, list_key="programs"),
+    _map_op("REDEEM_POINTS", ops_membership.redeem_points, True, list_key="redemptions"),
+    _map_op("BALANCES", ops_query.balances, False),
+    _map_op("AUDIT", ops_query.audit, False),
+    _map_op("COUPONS", ops_query.coupons, False),
 )}
 MAP_OPS_BY_CODE = {op.code: op for op in MAP_OPS.values()}
-
-OP_CLOCK = 50
-OP_EXPIRE = 65             # internal: expiry of holds found by a read, journaled
-OP_NAMES = {OP_HELLO: "HELLO", OP_PING: "PING", OP_PAY: "PAY", OP_ISSUE: "ISSUE",
-            OP_CAPTURE_RECORDS: "CAPTURE_RECORDS", OP_REFUND_RECORDS: "REFUND_RECORDS",
-            OP_CLOCK: "CLOCK", OP_EXPIRE: "EXPIRE",
-            **{op.code: op.name for op in MAP_OPS.values()}}
-
-# Ops of docs/reference/protocol.md not implemented yet answer unknown_op; none left.
-PLANNED_OPS = {}
+assert set(MAP_OPS_BY_CODE) == set(MAP_OP_CODES.values()), "ops.py and the table disagree"

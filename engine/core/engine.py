@@ -12,10 +12,12 @@ before the next read or write the engine rebuilds its state from the
 snapshot and the durable journal, exactly as at start (`_ensure_current`).
 """
 import concurrent.futures
+import os
 import logging
 import secrets
 import threading
 import time
+from typing import Any, Callable
 
 import msgspec
 import numpy as np
@@ -25,21 +27,23 @@ from engine.core import canonical, export, scope
 from engine.storage import durability
 from engine.core.command import Command
 from engine.core.ops.money import BuiltLater
-from engine.core.dispatch import (MAP_OPS, MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_EXPIRE, OP_ISSUE,
-                       OP_PAY, OP_REFUND_RECORDS, PLANNED_OPS)
+from engine.core.dispatch import MAP_OPS, MAP_OPS_BY_CODE
+from engine.protocol.ops import (OP_CAPTURE_RECORDS, OP_EXPIRE, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS,
+                                 PLANNED_OPS)
 from engine._kernel import TABLE_ROWS
 from engine.storage.durability import Storage
 from engine.protocol.errors import BadBody, Unavailable, UnknownOp
 from engine.core.group_commit import COMMIT_SIBLINGS_DEFAULT, commit_wait_s
 from engine.storage.journal import JournalError
-from engine.protocol.records import (CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
-                      PAYMENT_CODE_MAX, PAYMENT_CODE_MIN, REFUND_RECORD, REFUND_RESULT)
+from engine.protocol.records import (
+    CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RECORD,
+    REFUND_RESULT)
+from engine.protocol.limits import BATCH_RECORDS_MAX, PAYMENT_CODE_MAX, PAYMENT_CODE_MIN
 from engine.core.state import HOLD_MS_DEFAULT, TZ_OFFSET_MS_DEFAULT, State
 from engine.server.threads import NICE_MIN, raise_thread_priority
 
 log = logging.getLogger("scanpay.engine")
 
-BATCH_RECORDS_MAX = 8190
 SYNC_IDLE_WAIT_S = 5.0          # a rebuild waits this long for the sync thread to finish
 # Record ops: op -> (record dtype, result dtype, the kernel's batch apply).
 RECORD_OPS = {
@@ -108,12 +112,14 @@ class Engine:
     {'results': [{'status': 0}]}
     """
 
-    def __init__(self, path=None, *, clock=None, code_source=None,
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 clock: Callable[[], int] | None = None,
+                 code_source: Callable[[], int] | None = None,
                  tz_offset_ms: int = TZ_OFFSET_MS_DEFAULT,
                  hold_ms: int = HOLD_MS_DEFAULT, currency: str = "CNY",
-                 capacity: dict | None = None, commit_interval_us: int = 0,
+                 capacity: dict[str, int] | None = None, commit_interval_us: int = 0,
                  commit_siblings: int = COMMIT_SIBLINGS_DEFAULT,
-                 io_threads_nice: int = 0, **storage_options):
+                 io_threads_nice: int = 0, **storage_options: Any) -> None:
         self.clock = clock or wall_clock_ms
         self.code_source = code_source or random_payment_code
         self.currency = currency
@@ -447,22 +453,22 @@ class Engine:
 
     # -- batches ----------------------------------------------------------
 
-    def pay(self, records) -> np.ndarray:
+    def pay(self, records: np.ndarray | bytes) -> np.ndarray:
         """Apply PayRecords (ndarray of PAY_RECORD, or their bytes)."""
         records = as_batch(records, PAY_RECORD)
         return self._write(OP_PAY, records.view(np.uint8).data)
 
-    def issue(self, records) -> np.ndarray:
+    def issue(self, records: np.ndarray | bytes) -> np.ndarray:
         """Apply IssueRecords (ndarray of ISSUE_RECORD, or their bytes)."""
         records = as_batch(records, ISSUE_RECORD)
         return self._write(OP_ISSUE, records.view(np.uint8).data)
 
-    def capture(self, records) -> np.ndarray:
+    def capture(self, records: np.ndarray | bytes) -> np.ndarray:
         """CAPTURE as a batch of CaptureRecords (extension; same rules as the map)."""
         records = as_batch(records, CAPTURE_RECORD)
         return self._write(OP_CAPTURE_RECORDS, records.view(np.uint8).data)
 
-    def refund(self, records) -> np.ndarray:
+    def refund(self, records: np.ndarray | bytes) -> np.ndarray:
         """REFUND as a batch of RefundRecords (extension; same rules as the map)."""
         records = as_batch(records, REFUND_RECORD)
         return self._write(OP_REFUND_RECORDS, records.view(np.uint8).data)
@@ -474,7 +480,7 @@ class Engine:
 
     # -- map operations ---------------------------------------------------
 
-    def call(self, op: str, request: dict) -> dict:
+    def call(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         """A map operation of docs/reference/protocol.md by name, with the same maps."""
         spec = MAP_OPS.get(op)
         if spec is None:
@@ -508,7 +514,7 @@ class Engine:
 
     # -- state ------------------------------------------------------------
 
-    def snapshot(self, wait: bool = True) -> dict:
+    def snapshot(self, wait: bool = True) -> dict[str, Any]:
         """Write a snapshot of the state now (durable engines only)."""
         if self.storage is None:
             raise ValueError("an in-memory engine has nothing to snapshot to")
@@ -521,13 +527,13 @@ class Engine:
             self._sync_pool.shutdown()
             self.storage = None
 
-    def __enter__(self):
+    def __enter__(self) -> "Engine":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def canonical(self) -> dict:
+    def canonical(self) -> dict[str, Any]:
         """The whole state as canonical tables (engine/core/canonical.py)."""
         self._ensure_current()
         return export.canonical(self.state)
@@ -536,17 +542,17 @@ class Engine:
         """SHA-256 of the whole state: equal for engines fed the same input."""
         return canonical.digest(self.canonical())
 
-    def audit(self) -> dict:
+    def audit(self) -> dict[str, Any]:
         return self.call("AUDIT", {})
 
-    def counts(self) -> dict:
+    def counts(self) -> dict[str, int]:
         self._ensure_current()
         ledger = self.state.ledger
         return {"users": ledger.n_users, "merchants": ledger.n_merchants,
                 "stocks": ledger.n_stocks, "coupons": ledger.n_coupons,
                 "payments": ledger.n_payments, "codes": ledger.n_codes}
 
-    def memory_bytes(self) -> dict:
+    def memory_bytes(self) -> dict[str, int]:
         """Bytes allocated per table, rows and index together."""
         ledger = self.state.ledger
         return {

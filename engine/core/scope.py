@@ -17,14 +17,14 @@ import numpy as np
 from engine.core.canonical import FUNDER_MERCHANT
 from engine.protocol.errors import BadBody
 from engine.core.ops.setup import list_items
-from engine.protocol.records import (AMOUNT_MAX, AMOUNT_MIN, CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT,
-                      PAY_FLAGS_KNOWN, PAY_NO_COUPONS, PAY_RECORD, PAY_RESULT, REFUND_RECORD,
-                      REFUND_RESULT)
+from engine.protocol.records import (
+    CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_FLAGS_KNOWN, PAY_NO_COUPONS, PAY_RECORD,
+    PAY_RESULT, REFUND_RECORD, REFUND_RESULT)
+from engine.protocol.limits import AMOUNT_MAX, AMOUNT_MIN, SCOPE_MERCHANTS_MAX
 from engine.protocol.status import Status
 from engine.core.validate import U64_MAX
 
 SCOPE_KEY = "scope"
-SCOPE_MERCHANTS_MAX = 100_000       # merchants in one scope (a key's list is far shorter)
 
 
 def parse_scope(request: dict) -> frozenset | None:

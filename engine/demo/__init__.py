@@ -158,6 +158,8 @@ def _run(console, args, eng, spec: World, clock: SimClock, data_dir: str | None)
             stock_names=dict(zip(info.stock_ids.tolist(), info.stock_names)),
             merchant_names=dict(zip(info.merchant_ids.tolist(), info.merchant_names)))
         console.print("campaign report: " + ", ".join(paths))
+        if report.missing_png_note(paths):
+            console.print(report.missing_png_note(paths), markup=False, highlight=False)
     return 0 if audit.get("ok") is True else 1
 
 

@@ -23,9 +23,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from engine.protocol.limits import BATCH_RECORDS_MAX
 from engine.protocol.records import ISSUE_RECORD, PAY_NO_COUPONS, PAY_RECORD
 
-BATCH_RECORDS_MAX = 8190          # PROTOCOL max_batch of this engine
 MAP_ITEMS_PER_CALL = 50_000       # large map calls; the engine parses them in one go
 DAY_MS = 86_400_000
 TZ_OFFSET_MS = 8 * 3_600_000      # engine default time zone, UTC+8

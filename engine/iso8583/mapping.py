@@ -19,7 +19,8 @@ import iso8583
 import iso8583.specs
 
 from engine.server.config import is_loopback
-from engine.protocol.records import AMOUNT_MAX, PAY_AUTHORIZE, PAY_PAYER_IS_CODE
+from engine.protocol.records import PAY_AUTHORIZE, PAY_PAYER_IS_CODE
+from engine.protocol.limits import AMOUNT_MAX
 from engine.protocol.status import Status
 
 # -- MTIs -----------------------------------------------------------------------------

@@ -10,13 +10,13 @@ import struct
 
 import msgspec
 
+from engine.protocol.limits import FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES
 from engine.protocol.status import ErrorCode
 
 HEADER = struct.Struct("<IHHQ")
 HEADER_BYTES = HEADER.size
 FLAG_ERROR = 1
-FRAME_BYTES_MAX_DEFAULT = 1 << 20            # announced in HELLO as max_frame
-assert HEADER_BYTES == 16
+assert HEADER_BYTES == FRAME_HEADER_BYTES
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -6,6 +6,8 @@ tables of docs/reference/protocol.md.
 """
 import numpy as np
 
+from engine.protocol.limits import COUPONS_PER_PAYMENT_MAX, RECORD_BYTES_MAX
+
 PAY_RECORD = np.dtype([
     ("id", "<u8"),
     ("payer", "<u8"),
@@ -13,7 +15,7 @@ PAY_RECORD = np.dtype([
     ("amount", "<i8"),
     ("flags", "<u4"),
     ("goods_tag", "<u4"),
-    ("coupons", "<u8", (4,)),
+    ("coupons", "<u8", (COUPONS_PER_PAYMENT_MAX,)),
     ("user_data", "<u8"),
 ])
 
@@ -25,7 +27,7 @@ PAY_RESULT = np.dtype([
     ("discount", "<i8"),
     ("fee", "<i8"),
     ("timestamp", "<u8"),
-    ("coupons", "<u8", (4,)),
+    ("coupons", "<u8", (COUPONS_PER_PAYMENT_MAX,)),
 ])
 
 ISSUE_RECORD = np.dtype([
@@ -63,6 +65,8 @@ REFUND_RESULT = np.dtype([
 assert PAY_RECORD.itemsize == 80 and PAY_RESULT.itemsize == 80
 assert CAPTURE_RECORD.itemsize == 16 and REFUND_RECORD.itemsize == 32
 assert REFUND_RESULT.itemsize == 40
+assert max(d.itemsize for d in (PAY_RECORD, PAY_RESULT, CAPTURE_RECORD, REFUND_RECORD,
+                                REFUND_RESULT, ISSUE_RECORD, ISSUE_RESULT)) == RECORD_BYTES_MAX
 assert ISSUE_RECORD.itemsize == 32 and ISSUE_RESULT.itemsize == 24
 
 # PayRecord.flags
@@ -75,15 +79,8 @@ PAY_FLAGS_KNOWN = PAY_NO_COUPONS | PAY_PAYER_IS_CODE | PAY_AUTHORIZE
 RESULT_DUPLICATE = 1
 RESULT_AUTHORIZED = 2
 
-# Limits of docs/reference/rules.md.
-AMOUNT_MIN = 1
-AMOUNT_MAX = 10**14
-WALLET_BALANCE_MAX = 10**15
-BANK_DEBT_MAX = 2**62
-COUPONS_PER_PAYMENT_MAX = 4
-PAYMENT_CODE_MIN = 10**17
-PAYMENT_CODE_MAX = 10**18  # exclusive
-PAYMENT_CODE_TTL_MS = 60_000
+# The limits of the rules (AMOUNT_MAX, PAYMENT_CODE_MIN, ...) live in
+# engine/protocol/limits.py.
 
 
 def pay_records(n: int) -> np.ndarray:

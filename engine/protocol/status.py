@@ -1,4 +1,6 @@
-"""Status codes of records and map items, and error-frame codes (docs/reference/protocol.md)."""
+"""Status codes of records and map items, and error-frame codes: the one
+owner of every code (docs/reference/protocol.md). The kernel's copies must
+equal these."""
 from enum import IntEnum
 
 
@@ -35,6 +37,10 @@ class Status(IntEnum):
     authorization_expired = 27
     forbidden = 28
     invalid_argument = 29
+    # Membership and marketing (extension: PROGRAMS, REDEEM_POINTS).
+    program_not_found = 30
+    insufficient_points = 31
+    offer_not_found = 32
 
 
 class ErrorCode(IntEnum):

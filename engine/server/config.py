@@ -7,7 +7,7 @@ from typing import Annotated, Literal, get_args, get_origin
 import msgspec
 
 from engine.protocol.auth import ROLE_ADMIN, ROLE_GATEWAY, Key
-from engine.protocol.frame import FRAME_BYTES_MAX_DEFAULT
+from engine.protocol.limits import BATCH_RECORDS_MAX, FRAME_BYTES_MAX_DEFAULT
 from engine.core.group_commit import COMMIT_SIBLINGS_DEFAULT
 
 PORT_DEFAULT = 7411
@@ -41,7 +41,7 @@ class Config:
     test_clock: bool = False
     log_format: LogFormat = "text"
     frame_bytes_max: Range(1024, 2**32 - 1) = FRAME_BYTES_MAX_DEFAULT
-    batch_records_max: Range(1, 8190) = 8190
+    batch_records_max: Range(1, BATCH_RECORDS_MAX) = BATCH_RECORDS_MAX
     connections_max: Range(1, 1_000_000) = 1024
     inflight_frames_max: Count = 256     # per connection, then pause_reading
     inflight_bytes_max: Count = 8 << 20  # per connection, then pause_reading

@@ -13,8 +13,9 @@ from engine.server import msgpack_guard
 from engine._framing import intake_pay
 from engine._outlet import Outlet
 from engine.protocol.auth import ANONYMOUS_ADMIN, ROLE_ADMIN, hello_shape_error
-from engine.core.dispatch import (MAP_OPS_BY_CODE, OP_CAPTURE_RECORDS, OP_CLOCK, OP_HELLO, OP_ISSUE,
-                       OP_NAMES, OP_PAY, OP_PING, OP_REFUND_RECORDS)
+from engine.core.dispatch import MAP_OPS_BY_CODE
+from engine.protocol.ops import (OP_CAPTURE_RECORDS, OP_CLOCK, OP_HELLO, OP_ISSUE, OP_NAMES, OP_PAY,
+                                 OP_PING, OP_REFUND_RECORDS)
 from engine.protocol.errors import EngineError
 from engine.core.scope import SCOPE_KEY
 from engine.protocol.records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, PAY_RESULT, REFUND_RECORD

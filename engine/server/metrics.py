@@ -5,6 +5,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
+from engine.protocol.limits import BATCH_RECORDS_MAX
 from engine.protocol.status import STATUS_NAMES
 
 STATUS_SLOTS = 64                   # status codes are small; larger ones count as the last
@@ -149,7 +150,7 @@ class Metrics:
         r.register(self.records)
         self.batch_records = Histogram(
             "scanpay_batch_records", "Records per kernel batch", registry=r,
-            buckets=(1, 4, 16, 64, 256, 1024, 4096, 8190))
+            buckets=(1, 4, 16, 64, 256, 1024, 4096, BATCH_RECORDS_MAX))
         self.queue_records = Gauge("scanpay_queue_records", "Records waiting for the writer",
                                    registry=r)
         # Where a request's time goes in the server, stage by stage, per

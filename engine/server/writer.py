@@ -25,7 +25,8 @@ import numpy as np
 from engine.protocol import frame
 from engine._framing import PayBatch
 from engine._outlet import Courier, Sends
-from engine.core.dispatch import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS
+from engine.protocol.limits import BATCH_RECORDS_MAX
+from engine.protocol.ops import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS
 from engine.protocol.errors import EngineError, Unavailable
 from engine.protocol.records import ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RESULT
 from engine.core.scope import SCOPED_RECORD_OPS, filter_records
@@ -152,7 +153,7 @@ class SlowLog:
 
 
 class Writer:
-    def __init__(self, engine, metrics=None, batch_records_max: int = 8190,
+    def __init__(self, engine, metrics=None, batch_records_max: int = BATCH_RECORDS_MAX,
                  queue_records_max: int = 262_144,
                  frame_bytes_max: int = frame.FRAME_BYTES_MAX_DEFAULT,
                  direct_replies: bool = True):

@@ -248,9 +248,11 @@ def test_frame_round_trip_matches_the_spec_layout():
 
 def test_op_table_matches_the_spec_and_dispatch():
     from engine.core import dispatch
-    for code, name in dispatch.OP_NAMES.items():
-        assert client_module.OPS[name] == code
-    for code, name in dispatch.PLANNED_OPS.items():
+    from engine.protocol import ops
+    assert client_module.OPS is ops.OP_CODES        # one table: no copy in the client
+    for name, spec_op in dispatch.MAP_OPS.items():
+        assert client_module.OPS[name] == spec_op.code
+    for name, code in ops.PLANNED_OPS.items():
         assert client_module.OPS[name] == code
     spec = {"HELLO": 1, "PING": 2, "PAY": 16, "ISSUE": 17, "MERCHANTS": 32, "QUOTE": 37,
             "BALANCES": 43, "AUDIT": 45, "COUPONS": 49, "CLOCK": 50}

@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from engine.protocol.records import (CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, PAYMENT_CODE_MIN,
-                            REFUND_RECORD)
+from engine.protocol.records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, REFUND_RECORD
+from engine.protocol.limits import PAYMENT_CODE_MIN
 
 from support import differential_pair
 from support.differential_pair import HOLD_MS, Codes

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from engine.protocol import frame
 from engine._framing import PayBatch
-from engine.core.dispatch import OP_PAY, OP_PING
+from engine.protocol.ops import OP_PAY, OP_PING
 from engine.protocol.records import PAY_RECORD
 
 RECORD = PAY_RECORD.itemsize

@@ -19,6 +19,7 @@ from engine.protocol import frame
 from engine.server import msgpack_guard
 from engine.server.config import Config, ConfigError, check
 from engine.protocol.errors import BadBody
+from engine.protocol.ops import OP_BALANCES, OP_GET_PAYMENTS, OP_HELLO, OP_PAY, OP_PING, OP_TOPUP
 from engine.protocol.records import PAY_RESULT
 from engine.protocol.status import Status
 from support.clock import Clock
@@ -26,8 +27,6 @@ from support.ledgers import world
 from support.servers import RealServer
 from support.wire import (SECRET_ADMIN, SECRET_GW, Raw, dec, enc, error_of, gateway_config, hello,
                           pay_body, run, started, started_with_world)
-
-OP_HELLO, OP_PING, OP_PAY, OP_TOPUP, OP_BALANCES = 1, 2, 16, 34, 43
 
 
 def nested(depth: int) -> bytes:
@@ -242,7 +241,6 @@ def test_hostile_limits_are_checked_in_the_config():
 
 # -- replies that are never read -------------------------------------------------
 
-OP_GET_PAYMENTS = 42
 SMALL_SOCKET_BUFFER_BYTES = 4096
 
 

@@ -18,7 +18,8 @@ import pytest
 from engine import Engine
 from engine.protocol.auth import Key
 from engine.server.config import Config
-from engine.core.dispatch import MAP_OPS, OP_NAMES
+from engine.core.dispatch import MAP_OPS
+from engine.protocol.ops import OP_NAMES
 from engine.protocol.records import (CAPTURE_RECORD, ISSUE_RECORD, ISSUE_RESULT, PAY_AUTHORIZE,
                             PAY_RECORD, PAY_RESULT, REFUND_RECORD, REFUND_RESULT)
 from engine.server.server import Server

@@ -29,11 +29,11 @@ from engine import Engine
 
 from engine.protocol import frame
 from engine.client import Client
+from engine.protocol.ops import OP_PAY
 from engine.protocol.records import PAY_RECORD, PAY_RESULT
 from engine.protocol.status import Status
 
 from support import ROOT  # noqa: E402
-OP_PAY = 16
 GATEWAYS = 8
 WINDOW_FRAMES = 16                  # PAY frames each gateway keeps in flight
 RECORDS_PER_FRAME = 4

@@ -26,7 +26,7 @@ from engine import Engine
 from engine.protocol import frame
 from engine.protocol.auth import Key
 from engine.server.config import Config
-from engine.core.dispatch import OP_NAMES
+from engine.protocol.ops import OP_NAMES, OP_PAY
 from engine.protocol.records import PAY_RECORD, PAY_RESULT
 from engine.server.server import Server
 from engine.protocol.status import ErrorCode, Status
@@ -35,7 +35,6 @@ from support.wire import hello
 FRAME_BYTES_MAX = 4096
 IDLE_S = 0.15                       # no reply for this long: the server has answered all it will
 REQUEST_IDS_MAX = 1 << 32
-OP_PAY = 16
 FIELD_NAMES = ["merchants", "users", "topups", "stocks", "id", "user", "amount", "merchant",
                "fee_bps", "payment", "payments", "coupons", "budget", "kind", "value",
                "threshold", "per_user_limit", "now", "protocol", "client", "key_id", "limit",

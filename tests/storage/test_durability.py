@@ -43,7 +43,7 @@ from support.faulty_fs import FaultyFs
 from engine import Engine
 from engine.core import canonical
 from engine.core.command import decode
-from engine.core.dispatch import OP_EXPIRE, OP_ISSUE, OP_NAMES, OP_PAY
+from engine.protocol.ops import OP_EXPIRE, OP_ISSUE, OP_NAMES, OP_PAY
 from engine.protocol.errors import Unavailable
 from engine.storage.journal import JournalCorrupt, JournalError, verify
 from engine.protocol.records import PAY_RECORD, RESULT_DUPLICATE

@@ -8,7 +8,7 @@ import numpy as np
 from engine import Engine
 
 from engine.core import audit, canonical
-from engine.protocol.records import PAYMENT_CODE_MIN
+from engine.protocol.limits import PAYMENT_CODE_MIN
 from support.clock import Clock
 
 HOLD_MS = 10_000

@@ -24,14 +24,15 @@ import numpy as np
 from engine.core import canonical
 from engine.protocol.errors import BadBody, UnknownOp
 from engine.protocol.records import (
-    AMOUNT_MAX, AMOUNT_MIN, BANK_DEBT_MAX, COUPONS_PER_PAYMENT_MAX,
     ISSUE_RECORD, ISSUE_RESULT, PAY_AUTHORIZE, PAY_FLAGS_KNOWN, PAY_NO_COUPONS,
-    PAY_PAYER_IS_CODE, PAY_RECORD, PAY_RESULT, PAYMENT_CODE_MAX,
-    PAYMENT_CODE_MIN, PAYMENT_CODE_TTL_MS, RESULT_DUPLICATE, WALLET_BALANCE_MAX,
-)
+    PAY_PAYER_IS_CODE, PAY_RECORD, PAY_RESULT, RESULT_DUPLICATE)
+from engine.protocol.limits import (
+    AMOUNT_MAX, AMOUNT_MIN, BANK_DEBT_MAX, BATCH_RECORDS_MAX, COUPONS_PAGE_MAX,
+    COUPONS_PER_PAYMENT_MAX, PAYMENT_CODE_MAX, PAYMENT_CODE_MIN, PAYMENT_CODE_TTL_MS,
+    QUOTE_EXPLAIN_MAX, WALLET_BALANCE_MAX)
 from engine.protocol.status import STATUS_NAMES, Status
 
-MAX_BATCH = 8190                 # ext: Batches
+MAX_BATCH = BATCH_RECORDS_MAX    # ext: Batches
 U32 = 2**32
 U64 = 2**64
 I64_MIN, I64_MAX = -2**63, 2**63 - 1
@@ -61,8 +62,6 @@ STOCK_COLUMNS = ("id", "funder", "merchant", "kind", "stacking", "value", "cap",
 # Map operations in scope; the others are `unknown_op` (ext: Not yet supported).
 STATE_CHANGING_OPS = ("MERCHANTS", "WALLETS", "TOPUP", "STOCKS", "PAYMENT_CODE")
 READ_ONLY_OPS = ("QUOTE", "BALANCES", "COUPONS", "AUDIT")
-COUPONS_PAGE_MAX = 1024             # COUPONS {user}: coupons per reply, then `next`
-QUOTE_EXPLAIN_MAX = 1024            # QUOTE explain entries per reply, then explain_omitted
 
 
 # ---------------------------------------------------------------------------
@@ -273,7 +272,7 @@ class Reference:
 
     @staticmethod
     def _check_batch(records, dtype) -> None:
-        """ext: Batches: 1..8190 records of the right dtype, else bad_body."""
+        """ext: Batches: 1..BATCH_RECORDS_MAX records of the right dtype, else bad_body."""
         if not isinstance(records, np.ndarray) or records.dtype != dtype or records.ndim != 1:
             raise BadBody(f"expected a 1-d array of {dtype}")
         if not 1 <= len(records) <= MAX_BATCH:

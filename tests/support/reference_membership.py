@@ -82,28 +82,26 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.core import canonical
+from engine.protocol.limits import AMOUNT_MAX, OFFERS_MAX
 from engine.protocol.records import ISSUE_RECORD, PAY_AUTHORIZE, RESULT_DUPLICATE
 from engine.protocol.status import STATUS_NAMES, Status
 
 from support.reference import _invalid, _in_range, _is_u32, _is_u64, _table
 from support.reference_money import MoneyReference
 
-# New status codes (ext: Membership and marketing).
-PROGRAM_NOT_FOUND = 30
-INSUFFICIENT_POINTS = 31
-OFFER_NOT_FOUND = 32
-NAMES = {**STATUS_NAMES, PROGRAM_NOT_FOUND: "program_not_found",
-         INSUFFICIENT_POINTS: "insufficient_points", OFFER_NOT_FOUND: "offer_not_found"}
+# Status codes of the extension (Membership and marketing).
+PROGRAM_NOT_FOUND = Status.program_not_found
+INSUFFICIENT_POINTS = Status.insufficient_points
+OFFER_NOT_FOUND = Status.offer_not_found
+NAMES = STATUS_NAMES
 
 POINTS = canonical.PROGRAM_POINTS
 STAMPS = canonical.PROGRAM_STAMPS
 PROGRAM_KINDS = {"points": POINTS, "stamps": STAMPS}
 REWARD_BASE = 2**63
-AMOUNT_MAX = 10**14
 PRICE_MAX = 2**62
 RATE_MAX = 10000
 STAMPS_MAX = 1000
-OFFERS_MAX = 64
 LIST_MAX = 4096                   # as a stock's lists (ext: STOCKS)
 
 COMMON_KEYS = {"id", "kind", "merchants", "tags"}

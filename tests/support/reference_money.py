@@ -30,10 +30,9 @@ import numpy as np
 from engine.core import canonical
 from engine.protocol.errors import BadBody, UnknownOp
 from engine.protocol.records import (
-    AMOUNT_MAX, AMOUNT_MIN, CAPTURE_RECORD, PAY_AUTHORIZE, PAY_FLAGS_KNOWN,
-    PAY_NO_COUPONS, PAY_RESULT, REFUND_RECORD, REFUND_RESULT, RESULT_AUTHORIZED,
-    RESULT_DUPLICATE,
-)
+    CAPTURE_RECORD, PAY_AUTHORIZE, PAY_FLAGS_KNOWN, PAY_NO_COUPONS, PAY_RESULT,
+    REFUND_RECORD, REFUND_RESULT, RESULT_AUTHORIZED, RESULT_DUPLICATE)
+from engine.protocol.limits import AMOUNT_MAX, AMOUNT_MIN
 from engine.protocol.status import STATUS_NAMES, Status
 
 from support.reference import (Reference, _invalid, _is_i64, _is_int, _is_u32, _is_u64,

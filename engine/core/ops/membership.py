@@ -6,8 +6,9 @@ import numpy as np
 
 from engine._kernel import LIMITS
 from engine.core.canonical import PROGRAM_KIND_NAMES, PROGRAM_POINTS, PROGRAM_STAMPS
-from engine.core.ops.query import LOOKUP_IDS_MAX, not_found, require_map
-from engine.core.ops.setup import STOCK_LIST_LENGTH_MAX, each_item, list_items
+from engine.core.ops.query import not_found, require_map
+from engine.core.ops.setup import each_item, list_items
+from engine.protocol.limits import LOOKUP_IDS_MAX, OFFERS_MAX, STOCK_LIST_LENGTH_MAX
 from engine.core.state import State
 from engine.protocol.status import Status
 from engine.core.validate import (COUNT_MAX, U32_MAX, Invalid, choice, failure, integer, item_id,
@@ -15,25 +16,9 @@ from engine.core.validate import (COUNT_MAX, U32_MAX, Invalid, choice, failure, 
 
 PROGRAM_KEYS = frozenset({"id", "kind", "merchants", "tags", "rate", "offers",
                           "threshold", "stamps", "reward_stock"})
-OFFERS_MAX = 64
 REDEEM_KEYS = frozenset({"coupon", "user", "program", "stock"})
 
-# Status codes of this extension (docs/reference/protocol.md).
-PROGRAM_NOT_FOUND = 30
-INSUFFICIENT_POINTS = 31
-OFFER_NOT_FOUND = 32
-EXTENSION_STATUS_NAMES = {PROGRAM_NOT_FOUND: "program_not_found",
-                          INSUFFICIENT_POINTS: "insufficient_points",
-                          OFFER_NOT_FOUND: "offer_not_found"}
-
-
-def status_name(status: int) -> str:
-    return EXTENSION_STATUS_NAMES.get(status) or Status(status).name
-
-
 def failed(status: int, message: str | None = None) -> dict:
-    if status in EXTENSION_STATUS_NAMES:
-        return {"status": status, "error": EXTENSION_STATUS_NAMES[status]}
     return failure(Status(status), message)
 
 
@@ -154,7 +139,7 @@ def membership_view(state: State, pair) -> dict:
     if user < 0:
         return {**base, **failed(Status.user_not_found)}
     if program < 0:
-        return {**base, **failed(PROGRAM_NOT_FOUND)}
+        return {**base, **failed(Status.program_not_found)}
     row = membership_row(ledger, user, program)
     points = int(ledger.memberships["points"][row]) if row >= 0 else 0
     stamps = int(ledger.memberships["stamps"][row]) if row >= 0 else 0

@@ -6,7 +6,8 @@ import numpy as np
 
 from engine._kernel import REFUND
 from engine.core.canonical import FUNDER_NAMES, PAYMENT_STATE_NAMES
-from engine.core.ops.query import LOOKUP_IDS_MAX, not_found, require_map
+from engine.core.ops.query import not_found, require_map
+from engine.protocol.limits import LOOKUP_IDS_MAX
 from engine.core.scope import parse_scope, payments_outside, reverse_unknown, scoped_items
 from engine.protocol.records import PAY_RESULT, RESULT_DUPLICATE
 from engine.core.state import State

@@ -7,21 +7,14 @@ from engine.core import export
 from engine._kernel import REASON_APPLIED, REASON_NOT_CHOSEN
 from engine.core.canonical import COUPON_AVAILABLE, COUPON_STATE_NAMES
 from engine.protocol.errors import BadBody
+from engine.protocol.limits import (COUPONS_PAGE_MAX, COUPONS_PER_PAYMENT_MAX, LOOKUP_IDS_MAX,
+                                   QUOTE_EXPLAIN_MAX, WIRE_LOOKUP_ITEMS_MAX)
 from engine.protocol.records import PAY_RECORD
 from engine.core.state import State
 from engine.protocol.status import Status
 from engine.core.validate import I63_MAX, U32_MAX, Invalid, failure, integer, only_keys, u64, u64_list
 
-COUPONS_PAGE_MAX = 1024                 # COUPONS {user}: coupons per reply (then `next`)
-QUOTE_EXPLAIN_MAX = 1024                # QUOTE explain entries per reply (then explain_omitted)
 QUOTE_KEYS = frozenset({"payer", "merchant", "amount", "flags", "coupons", "goods_tag"})
-LOOKUP_IDS_MAX = 100_000                # the embedded Engine's own limit
-# Items per list of a read request over the wire (GET_PAYMENTS and COUPONS
-# `ids`, the lists of BALANCES and STATS): a longer one is bad_body
-# (check_lookup_lists, from MapOp.check_body in the server). One GET_PAYMENTS
-# of 100,000 ids made an 11.4 MB reply and held every payment back for 0.5 s
-# while it was built; 1,024 bound a reply to about 0.5 MB.
-WIRE_LOOKUP_ITEMS_MAX = 1024
 LOOKUP_LIST_KEYS = ("ids", "users", "merchants", "stocks", "memberships")
 
 
@@ -52,7 +45,7 @@ def quote_record(request) -> np.ndarray:
     record["amount"] = integer(request, "amount", -(2**63), I63_MAX)  # then 1..10**14: kernel
     record["flags"] = integer(request, "flags", 0, U32_MAX, default=0)
     record["goods_tag"] = integer(request, "goods_tag", 0, U32_MAX, default=0)
-    coupons = u64_list(request, "coupons", 4, nonzero=True)
+    coupons = u64_list(request, "coupons", COUPONS_PER_PAYMENT_MAX, nonzero=True)
     record["coupons"][0, :len(coupons)] = coupons
     return record
 

@@ -4,15 +4,14 @@ import numpy as np
 
 from engine.core.canonical import FUNDER_MERCHANT, FUNDER_NAMES, KIND_FIXED, KIND_NAMES, STACKING_NAMES
 from engine.protocol.errors import BadBody
-from engine.protocol.records import AMOUNT_MAX, BANK_DEBT_MAX, PAYMENT_CODE_TTL_MS, WALLET_BALANCE_MAX
+from engine.protocol.limits import (
+    AMOUNT_MAX, BANK_DEBT_MAX, PAYMENT_CODE_TTL_MS, STOCK_LIST_LENGTH_MAX, STOCK_SLOTS_MAX,
+    TAGS_PER_MERCHANT_MAX, WALLET_BALANCE_MAX)
 from engine.core.state import State
 from engine.protocol.status import Status
 from engine.core.validate import (COUNT_MAX, I63_MAX, U32_MAX, Invalid, choice, failure,
                        integer, item_id, only_keys, result, u64, u64_list)
 
-TAGS_PER_MERCHANT_MAX = 16
-STOCK_LIST_LENGTH_MAX = 4096
-STOCK_SLOTS_MAX = 64
 MINUTES_PER_DAY = 1440
 
 

@@ -1,0 +1,136 @@
+# Stub of the compiled kernel (ext/kernel.pyx): the surface Python uses.
+# Buffers are any C-contiguous buffer of the named element type (numpy arrays
+# viewed as uint8 for record batches).
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from typing_extensions import Buffer, disjoint_base
+
+REASON_APPLIED: int
+REASON_NOT_CHOSEN: int
+
+USER: np.dtype[Any]
+MERCHANT: np.dtype[Any]
+STOCK: np.dtype[Any]
+COUPON: np.dtype[Any]
+PAYMENT: np.dtype[Any]
+REFUND: np.dtype[Any]
+TOMBSTONE: np.dtype[Any]
+PROGRAM: np.dtype[Any]
+MEMBERSHIP: np.dtype[Any]
+EARNING: np.dtype[Any]
+VISIT: np.dtype[Any]
+REDEMPTION: np.dtype[Any]
+CODE: np.dtype[Any]
+PAY_RECORD: np.dtype[Any]
+PAY_RESULT: np.dtype[Any]
+
+LIMITS: dict[str, int]
+TABLE_ROWS: dict[str, tuple[str, ...]]
+UNINDEXED_TABLES: frozenset[str]
+
+@disjoint_base
+class IdIndex:
+    def get(self, key: int) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+
+@disjoint_base
+class Ledger:
+    # What dump() and load() carry: scalars, indexes and row arrays by name.
+    SCALARS: tuple[str, ...]
+    INDEXES: tuple[str, ...]
+    ROWS: tuple[str, ...]
+    # Tables (numpy structured arrays, grown as needed) and their counts.
+    users: NDArray[Any]
+    merchants: NDArray[Any]
+    stocks: NDArray[Any]
+    coupons: NDArray[Any]
+    codes: NDArray[Any]
+    pay_req: NDArray[Any]
+    pay_res: NDArray[Any]
+    pay_meta: NDArray[Any]
+    refunds: NDArray[Any]
+    tombstones: NDArray[Any]
+    auth_queue: NDArray[Any]
+    programs: NDArray[Any]
+    memberships: NDArray[Any]
+    earnings: NDArray[Any]
+    visits: NDArray[Any]
+    redemptions: NDArray[Any]
+    program_order: NDArray[Any]
+    lists: NDArray[Any]
+    slots: NDArray[Any]
+    stock_mark: NDArray[Any]
+    stock_cand: NDArray[Any]
+    cands: NDArray[Any]
+    users_ix: IdIndex
+    merchants_ix: IdIndex
+    stocks_ix: IdIndex
+    coupons_ix: IdIndex
+    payments_ix: IdIndex
+    codes_ix: IdIndex
+    refunds_ix: IdIndex
+    tombstones_ix: IdIndex
+    programs_ix: IdIndex
+    visits_ix: IdIndex
+    redemptions_ix: IdIndex
+    n_users: int
+    n_merchants: int
+    n_stocks: int
+    n_coupons: int
+    n_payments: int
+    n_codes: int
+    n_lists: int
+    n_slots: int
+    n_refunds: int
+    n_tombstones: int
+    auth_head: int
+    n_auth: int
+    n_programs: int
+    n_memberships: int
+    n_earnings: int
+    n_visits: int
+    n_redemptions: int
+    n_rewards: int
+    fees: int
+    bank: int
+    tz_offset_ms: int
+    hold_ms: int
+    coupons_per_user_max: int
+
+    def __init__(self, tz_offset_ms: int = ..., hold_ms: int = ...) -> None: ...
+    def reserve(self, table: str, more: int) -> None: ...
+    def rows(self, table: str) -> int: ...
+    def append(self, table: str, key: int) -> int: ...
+    def find(self, table: str, key: int) -> int: ...
+    def append_list(self, values: Any) -> int: ...
+    def append_slots(self, triples: Any) -> int: ...
+    def dump(self) -> tuple[dict[str, NDArray[Any]], dict[str, int]]: ...
+    @classmethod
+    def load(cls, arrays: dict[str, NDArray[Any]], scalars: dict[str, int]) -> Ledger: ...
+    def user_coupon_slots(self, user: int) -> list[int]: ...
+    def sort_programs(self) -> None: ...
+    def expire(self, now: int) -> None: ...
+    def expiry_due(self, now: int) -> bool: ...
+    # Record batches: raw bytes in, results written into `out`.
+    def pay(self, records: Buffer, now: int, out: Buffer) -> None: ...
+    def issue(self, records: Buffer, now: int, out: Buffer) -> None: ...
+    def capture_records(self, records: Buffer, now: int, out: Buffer) -> None: ...
+    def refund_records(self, records: Buffer, now: int, out: Buffer) -> None: ...
+    def capture(self, payments: Buffer, amounts: Buffer, now: int, out: Buffer) -> None: ...
+    def void(self, payments: Buffer, now: int, out: Buffer) -> None: ...
+    def reverse(self, payments: Buffer, now: int, out: Buffer) -> None: ...
+    def refund(self, ids: Buffer, payments: Buffer, amounts: Buffer, now: int, out: Buffer,
+               status: Buffer) -> None: ...
+    def settle(self) -> list[dict[str, int]]: ...
+    def find_membership(self, user: int, program: int) -> int: ...
+    def redeem(self, coupon_id: int, user_id: int, program_id: int, stock_id: int, price: int,
+               now: int) -> tuple[int, bool, int, int]: ...
+    def reserve_payments(self, n: int) -> None: ...
+    # (status, cash, discount, fee, coupons, explain)
+    def quote(self, record: Buffer, now: int) -> tuple[int, int, int, int, list[int],
+                                                       list[tuple[int, int, int, int]]]: ...
