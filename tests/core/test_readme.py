@@ -19,8 +19,8 @@ def test_readme_library_example_runs():
 
 
 def test_readme_client_example_runs_against_a_server():
-    from test_client import RealServer
-    text = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    from support.servers import RealServer
+    text = Path(ROOT, "README.md").read_text()
     section = text.split("## Library use\n", 1)[1].split("\n## ", 1)[0]
     block = re.findall(r"```python\n(.*?)```", section, re.S)[1]
     assert "Client.connect(\"127.0.0.1\", 7411)" in block
@@ -44,7 +44,7 @@ def test_readme_demo_command_matches_the_optional_report_extra():
     matplotlib (tests/test_api.py runs it without); README says how to get
     the PNG, with the extra pyproject defines."""
     import tomllib
-    root = Path(__file__).resolve().parent.parent
+    root = Path(ROOT)
     text = root.joinpath("README.md").read_text()
     assert ".venv/bin/pip install -q -e . && .venv/bin/scanpay demo" in text
     assert "pip install -e '.[report]'" in text
