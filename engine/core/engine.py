@@ -102,6 +102,12 @@ class SyncFuture(concurrent.futures.Future):
         self.synced_at = 0.0
         self.waited = False     # it waited for the group-commit window first
 
+    def cancel(self) -> bool:
+        """Refused: every command the fsync covers shares this future, so
+        one waiter that gives up must not cancel it for the others (nor make
+        the sync thread's `set_result` fail on a cancelled future)."""
+        return False
+
 
 class Engine:
     """Scanpay in process. `Engine()` keeps state in memory; `Engine(path)`

@@ -16,14 +16,12 @@ cut back to the durable prefix; the journal refuses appends until
 has already been told it failed (docs/operations-durability.md).
 
 Threading: `append` runs on the caller's thread (the event loop) and only
-encodes into memory. Writing and fsync happen in `sync` (blocking) or in
-`sync_async` (on a dedicated worker thread, coalescing concurrent callers into
-one fdatasync: group commit).
+encodes into memory. Writing and fsync happen in `sync`, which the engine's
+group commit (`Engine._request_sync`, engine/core/engine.py) calls on its sync
+thread, one fdatasync for every command journaled meanwhile.
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import errno as errno_module
@@ -251,8 +249,6 @@ class Journal:
         self._failure: str | None = None
         self._closed = False
         self._lock_fd: int | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._inflight: asyncio.Future | None = None
         # The last journal.manifest written (or read at open). Its own lock:
         # retention (engine thread) and the sync worker both rewrite it.
         self._manifest: Manifest | None = None
@@ -434,38 +430,6 @@ class Journal:
         """Writes and fdatasyncs everything appended so far; returns durable_seq."""
         return self._sync_io()
 
-    async def sync_async(self) -> int:
-        """Group commit: returns once everything appended before the call is durable.
-
-        The fsync runs on a worker thread. Concurrent callers share one
-        in-flight fsync if it covers their entries; a caller whose entries were
-        appended after the in-flight one started waits for the next.
-        """
-        target = self._last_seq
-        loop = asyncio.get_running_loop()
-        while True:
-            if self._failure is not None:
-                raise self._unavailable()
-            if self._durable_seq >= target:
-                return self._durable_seq
-            future = self._inflight
-            if future is None or future.done():
-                future = loop.run_in_executor(self._worker(), self._sync_io)
-                # Retrieve the exception even if every waiter was cancelled.
-                future.add_done_callback(lambda f: f.cancelled() or f.exception())
-                self._inflight = future
-            try:
-                await asyncio.shield(future)
-            finally:
-                if self._inflight is future and future.done():
-                    self._inflight = None
-
-    def _worker(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="journal-sync")
-        return self._executor
-
     def _sync_io(self) -> int:
         with self._io_lock:
             with self._lock:
@@ -622,9 +586,6 @@ class Journal:
                         self._durable_seq)
             return self._durable_seq
 
-    async def recover_async(self) -> int:
-        return await asyncio.get_running_loop().run_in_executor(self._worker(), self.recover)
-
     def _probe(self) -> None:
         """Write PROBE_BYTES to a scratch file, fdatasync, remove it: raises
         OSError while the storage would still fail the next write."""
@@ -756,9 +717,6 @@ class Journal:
                     log.error("journal: could not rewrite %s at close (%s)",
                               os.path.join(self._dir, MANIFEST_NAME), error)
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
             if self._spare is not None:
                 self._spare.stop()
             with self._io_lock:

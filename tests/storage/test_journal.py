@@ -1,18 +1,21 @@
 """The journal: round trips, segment rolls, torn tails vs corruption, group
 commit and storage failures (injected through the `fs` parameter)."""
-import asyncio
 import errno
 import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from support.faulty_fs import FaultyFs
+import engine.storage.durability as durability
+from support.faulty_fs import FaultyFs, GatedFs
+from engine import Engine
+from engine.core.dispatch import MAP_OPS
+from engine.protocol.errors import Unavailable
 from engine.storage.journal import (
     ENTRY_HEADER_BYTES, MANIFEST_NAME, SEGMENT_HEADER_BYTES, Journal, JournalCorrupt,
     JournalError, JournalUnavailable, Manifest, _write_manifest, segment_name, verify,
@@ -528,96 +531,93 @@ def test_random_damage_never_yields_a_wrong_payload(sizes, segment_bytes_max, da
 
 # ------------------------------------------------------------- group commit
 
-def test_concurrent_sync_async_callers_share_fsyncs(tmp_path):
-    fs = FaultyFs()
+# Group commit is the engine's (`Engine._request_sync`, engine/core/engine.py):
+# its sync thread calls `Journal.sync` for every command journaled meanwhile.
+
+def wallets_command(eng, user):
+    """Journals and applies one WALLETS command as the server's writer does:
+    (its journal seq, the future of the fsync that covers it)."""
+    _, durable = eng.write_command(MAP_OPS["WALLETS"].code,
+                                   msgspec.msgpack.encode({"users": [user]}))
+    return eng.storage.journal.last_seq, durable
+
+
+def wallets_found(datadir, users):
+    with Engine(datadir) as eng:
+        found = eng.call("BALANCES", {"users": list(users)})["users"]
+    return [user for user, entry in zip(users, found) if entry["status"] == 0]
+
+
+def test_commands_journaled_during_an_fsync_share_the_next_one(tmp_path):
+    fs = GatedFs()
     callers = 64
-
-    async def main():
-        journal = Journal.open(tmp_path, fs=fs)
-        fsyncs_before = fs.calls["fdatasync"]
-
-        async def one(index):
-            seq = journal.append(payload_of(index + 1))
-            durable = await journal.sync_async()
-            assert durable >= seq
-            assert journal.durable_seq >= seq
-            return seq
-
-        seqs = await asyncio.gather(*(one(index) for index in range(callers)))
-        fsyncs = fs.calls["fdatasync"] - fsyncs_before
-        assert sorted(seqs) == list(range(1, callers + 1))
-        assert 1 <= fsyncs < callers // 4, fsyncs
-        assert journal.fsync_count == fsyncs
-        journal.close()
-
-    asyncio.run(main())
-    with Journal.open(tmp_path) as journal:
-        assert read_all(journal) == [(seq, payload_of(seq)) for seq in range(1, callers + 1)]
-
-
-class BlockingFs(FaultyFs):
-    """fdatasync blocks until released, so tests can act while one is in flight."""
-
-    def __init__(self):
-        super().__init__()
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self.blocking = False
-
-    def fdatasync(self, fd):
-        if self.blocking:
-            self.entered.set()
-            assert self.release.wait(10)
-        super().fdatasync(fd)
+    datadir = str(tmp_path / "data")
+    eng = Engine(datadir, fs=fs)
+    journal = eng.storage.journal
+    fsyncs_before, count_before = fs.calls["fdatasync"], journal.fsync_count
+    gate = fs.hold_next()               # the first fsync waits: the others pile up
+    pending = [wallets_command(eng, user) for user in range(1, callers + 1)]
+    gate.set()
+    for seq, durable in pending:
+        assert durable.result(timeout=10) >= seq
+    assert journal.durable_seq == journal.last_seq
+    fsyncs = fs.calls["fdatasync"] - fsyncs_before
+    seqs = [seq for seq, _ in pending]
+    assert seqs == list(range(seqs[0], seqs[0] + callers))
+    assert 1 <= fsyncs < callers // 4, fsyncs
+    assert journal.fsync_count - count_before == fsyncs
+    eng.close()
+    with Journal.open(datadir) as reopened:
+        assert [seq for seq, _ in reopened.read(seqs[0])] == seqs
+    assert wallets_found(datadir, range(1, callers + 1)) == list(range(1, callers + 1))
 
 
 def test_appends_after_an_inflight_fsync_started_wait_for_the_next(tmp_path):
-    fs = BlockingFs()
-
-    async def main():
-        journal = Journal.open(tmp_path, fs=fs)
-        fs.blocking = True
-        seq_a = journal.append(b"a")
-        task_a = asyncio.create_task(journal.sync_async())
-        # The event loop keeps running while the fsync is in flight.
-        while not fs.entered.is_set():
-            await asyncio.sleep(0.001)
-        seq_b = journal.append(b"b")
-        task_b = asyncio.create_task(journal.sync_async())
-        task_c = asyncio.create_task(journal.sync_async())
-        await asyncio.sleep(0.01)
-        assert not task_a.done() and not task_b.done()
-        assert journal.durable_seq == 0
-        fs.blocking = False
-        fs.release.set()
-        assert await task_a == seq_a  # Its fsync covered only a.
-        assert await task_b >= seq_b and await task_c >= seq_b
-        assert journal.fsync_count == 2  # b and c shared the second one.
-        # A cancelled waiter does not cancel the shared fsync.
-        journal.append(b"c")
-        waiter = asyncio.create_task(journal.sync_async())
-        other = asyncio.create_task(journal.sync_async())
-        await asyncio.sleep(0)
-        waiter.cancel()
-        assert await other == 3
-        journal.close()
-
-    asyncio.run(main())
+    fs = GatedFs()
+    eng = Engine(str(tmp_path / "data"), fs=fs)
+    journal = eng.storage.journal
+    durable_before, count_before = journal.durable_seq, journal.fsync_count
+    gate = fs.hold_next()
+    seq_a, task_a = wallets_command(eng, 1)
+    assert fs.entered.wait(10)          # a's fsync is in flight
+    seq_b, task_b = wallets_command(eng, 2)
+    seq_c, task_c = wallets_command(eng, 3)
+    time.sleep(0.01)
+    assert not task_a.done() and not task_b.done()
+    assert journal.durable_seq == durable_before
+    gate.set()
+    assert task_a.result(timeout=10) == seq_a  # Its fsync covered only a.
+    assert task_b.result(timeout=10) >= seq_b and task_c.result(timeout=10) >= seq_c
+    assert journal.fsync_count - count_before == 2  # b and c shared the second one.
+    # A cancelled waiter does not cancel the shared fsync.
+    gate = fs.hold_next()
+    seq_d, waiter = wallets_command(eng, 4)
+    seq_e, other = wallets_command(eng, 5)
+    assert fs.entered.wait(10)
+    assert not waiter.cancel()
+    gate.set()
+    assert waiter.result(timeout=10) >= seq_d
+    assert other.result(timeout=10) >= seq_e == journal.last_seq
+    eng.close()
 
 
-def test_sync_async_with_nothing_pending_returns_at_once(tmp_path):
+def test_a_sync_with_nothing_pending_returns_at_once(tmp_path):
     fs = FaultyFs()
-
-    async def main():
-        with Journal.open(tmp_path, fs=fs) as journal:
-            before = fs.calls["fdatasync"]
-            assert await journal.sync_async() == 0
-            journal.append(b"x")
-            assert await journal.sync_async() == 1
-            assert await journal.sync_async() == 1
-            assert fs.calls["fdatasync"] == before + 1
-
-    asyncio.run(main())
+    with Engine(str(tmp_path / "data"), fs=fs) as eng:
+        durable = eng.storage.journal.durable_seq
+        before = fs.calls["fdatasync"]
+        assert eng.sync_pending().result(timeout=10) == durable
+        seq, future = wallets_command(eng, 1)
+        assert future.result(timeout=10) == seq
+        assert eng.sync_pending().result(timeout=10) == seq
+        assert fs.calls["fdatasync"] == before + 1
+    with Journal.open(tmp_path / "journal-only", fs=fs) as journal:
+        before = fs.calls["fdatasync"]
+        assert journal.sync() == 0
+        journal.append(b"x")
+        assert journal.sync() == 1
+        assert journal.sync() == 1
+        assert fs.calls["fdatasync"] == before + 1
 
 
 # ------------------------------------------------------------------ failures
@@ -645,7 +645,7 @@ def test_fdatasync_eio_drops_the_pending_entries_then_recover(tmp_path):
     with pytest.raises(JournalUnavailable):
         journal.append(b"refused")
     with pytest.raises(JournalUnavailable):
-        asyncio.run(journal.sync_async())
+        journal.sync()
     assert [seq for seq, _ in journal.read()] == [1, 2, 3]  # Only what is durable.
     # Still broken: recover fails, stays failed, reports nothing new.
     with pytest.raises(JournalUnavailable):
@@ -736,31 +736,31 @@ def test_failure_on_the_very_first_sync_then_recover(tmp_path):
         assert read_all(journal) == [(1, b"again")]
 
 
-def test_sync_async_failure_reaches_every_waiter(tmp_path):
-    fs = FaultyFs()
-
-    async def main():
-        journal = Journal.open(tmp_path, fs=fs)
-        journal.append(b"ok")
-        await journal.sync_async()
-        fs.fail("fdatasync", errno.EIO)
-
-        async def one(index):
-            seq = journal.append(bytes([index]))
-            with pytest.raises(JournalUnavailable):
-                await journal.sync_async()
-            return seq
-
-        await asyncio.gather(*(one(index) for index in range(10)))
-        assert journal.durable_seq == 1
-        fs.heal()
-        assert await journal.recover_async() == 1
-        assert await journal.sync_async() == 1
-        journal.close()
-
-    asyncio.run(main())
-    with Journal.open(tmp_path) as journal:
-        assert [seq for seq, _ in journal.read()] == [1]
+def test_a_failed_group_commit_reaches_every_waiter(tmp_path, monkeypatch):
+    monkeypatch.setattr(durability, "RECOVER_INTERVAL_MS", 0)   # every write retries
+    fs = GatedFs()
+    datadir = str(tmp_path / "data")
+    eng = Engine(datadir, fs=fs)
+    journal = eng.storage.journal
+    seq_ok, future = wallets_command(eng, 1)
+    assert future.result(timeout=10) == seq_ok
+    gate = fs.hold_next()
+    seq_held, held = wallets_command(eng, 2)
+    assert fs.entered.wait(10)
+    behind = [wallets_command(eng, user)[1] for user in range(3, 13)]
+    fs.fail("fdatasync", errno.EIO)
+    gate.set()
+    assert held.result(timeout=10) == seq_held
+    for waiter in behind:
+        with pytest.raises(Unavailable):
+            waiter.result(timeout=10)
+    assert journal.durable_seq == seq_held
+    fs.heal()
+    eng.call("WALLETS", {"users": [100]})   # the journal recovers, goes on after seq_held
+    assert eng.sync_pending().result(timeout=10) == journal.durable_seq == seq_held + 1
+    eng.close()
+    users = [1, 2, 100] + list(range(3, 13))
+    assert wallets_found(datadir, users) == [1, 2, 100]
 
 
 def test_crash_while_failed_keeps_only_the_durable_prefix(tmp_path):
