@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import hmac
 import ipaddress
 import re
 import secrets
@@ -46,9 +44,11 @@ from engine import _client_py           # absolute: the twin stays engine/_clien
 from engine._client_py import (I64_MAX, I64_MIN, REPLY_BYTES_MAX, U32_MAX,  # noqa: F401 (names
                          U64_MAX)                                     # of this module before)
 from engine._version import __version__
+from engine.protocol.auth import hello_mac
 from engine.protocol.errors import (BadBody, BadFrame, Busy, EngineError, Forbidden, FrameTooLarge,
                      NotAuthenticated, Unavailable, UnknownOp, UnsupportedProtocol)
 from engine.protocol.frame import FLAG_ERROR, FRAME_BYTES_MAX_DEFAULT, HEADER, HEADER_BYTES
+from engine.protocol.frame import encode as encode_frame
 from engine.protocol.records import (ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT,
                                      RESULT_AUTHORIZED, RESULT_DUPLICATE)
 from engine.protocol.limits import BATCH_RECORDS_MAX, COUPONS_PER_PAYMENT_MAX
@@ -246,15 +246,6 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
 
 
-def encode_frame(op: int, request_id: int, body=b"", flags: int = 0) -> bytearray:
-    """Header and body in one buffer: one copy of the body, one write."""
-    view = memoryview(body).cast("B") if not isinstance(body, (bytes, bytearray)) else body
-    frame = bytearray(HEADER_BYTES + len(view))
-    HEADER.pack_into(frame, 0, len(view), op, flags, request_id)
-    frame[HEADER_BYTES:] = view
-    return frame
-
-
 def _batch_body(records: np.ndarray, dtype: np.dtype, batch_max: int) -> np.ndarray:
     """The records, checked and C-contiguous: a frame body as they are."""
     if type(records) is not np.ndarray or records.dtype != dtype:
@@ -298,12 +289,6 @@ def issue_record(coupon: int, stock: int, user: int) -> tuple[int, int, int, int
 
 
 # -- HELLO ------------------------------------------------------------------
-
-def hello_mac(secret: str, key_id: str, ts_ms: int, nonce: str) -> bytes:
-    """HMAC-SHA256 over "ts.nonce.key_id", keyed with the secret (docs/reference/protocol.md)."""
-    message = f"{ts_ms}.{nonce}.{key_id}".encode()
-    return hmac.new(secret.encode(), message, hashlib.sha256).digest()
-
 
 def hello_request(key_id: str | None = None, secret: str | None = None, *,
                   client_name: str = CLIENT_NAME, ts_ms: int | None = None,

@@ -49,8 +49,11 @@ class Identity:
 ANONYMOUS_ADMIN = Identity(ROLE_ADMIN)   # a server with no keys (loopback only)
 
 
-def mac_of(secret: str, ts: int, nonce: str, key_id: str) -> bytes:
-    message = f"{ts}.{nonce}.{key_id}".encode()
+def hello_mac(secret: str, key_id: str, ts_ms: int, nonce: str) -> bytes:
+    """The HELLO MAC (PROTOCOL.md): HMAC-SHA256 over "ts.nonce.key_id", keyed
+    with the secret. The one definition: the client signs with it, the
+    server checks with it."""
+    message = f"{ts_ms}.{nonce}.{key_id}".encode()
     return hmac.new(secret.encode(), message, hashlib.sha256).digest()
 
 
@@ -99,7 +102,7 @@ class Authenticator:
         if not isinstance(nonce, str) or not NONCE.match(nonce):
             raise ValueError("nonce must be 32 hex digits")
         if not isinstance(mac, (bytes, bytearray)) or not hmac.compare_digest(
-                bytes(mac), mac_of(key.secret, ts, nonce, key.key_id)):
+                bytes(mac), hello_mac(key.secret, key.key_id, ts, nonce)):
             raise ValueError("mac does not match")
         if nonce in self.nonces:
             raise ValueError("nonce already used")

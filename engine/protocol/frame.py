@@ -33,7 +33,11 @@ class FrameError(Exception):
 
 
 def encode(op: int, request_id: int, body=b"", flags: int = 0) -> bytes:
-    return HEADER.pack(len(body), op, flags, request_id) + bytes(body)
+    """One frame: header and body in one buffer, one copy of the body (any
+    C-contiguous buffer: bytes, a memoryview of records), so one write. The
+    only frame encoder: the server and the clients both use it."""
+    view = memoryview(body).cast("B")       # its size in bytes, whatever its items
+    return b"".join((HEADER.pack(view.nbytes, op, flags, request_id), view))
 
 
 def encode_map(op: int, request_id: int, reply: dict, flags: int = 0) -> bytes:

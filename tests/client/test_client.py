@@ -293,6 +293,21 @@ def test_hello_mac_is_the_spec_hmac():
     assert isinstance(msgspec.msgpack.decode(msgspec.msgpack.encode(fresh))["mac"], bytes)
 
 
+def test_one_hello_mac_signs_and_checks():
+    """The client signs and the server checks with the same helper
+    (engine/protocol/auth.py), so the two cannot disagree on its arguments."""
+    from engine.protocol import auth
+    assert client_module.hello_mac is auth.hello_mac
+    now_ms = time.time_ns() // 1_000_000
+    authenticator = auth.Authenticator([auth.Key(KEY_ID, SECRET, auth.ROLE_GATEWAY)],
+                                       started_ms=now_ms - 1000)
+    identity = authenticator.check(client_module.hello_request(KEY_ID, SECRET), now_ms)
+    assert (identity.role, identity.key_id) == (auth.ROLE_GATEWAY, KEY_ID)
+    forged = client_module.hello_request(KEY_ID, SECRET + "x")
+    with pytest.raises(ValueError, match="mac does not match"):
+        authenticator.check(forged, now_ms)
+
+
 def test_parse_address():
     parse = client_module.parse_address
     assert parse("tcp://127.0.0.1:7411") == ("127.0.0.1", 7411)

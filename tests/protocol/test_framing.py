@@ -15,7 +15,7 @@ RECORD = PAY_RECORD.itemsize
 
 
 def pay(rid: int, records: int, fill: int = 0) -> bytes:
-    return frame.HEADER.pack(records * RECORD, OP_PAY, 0, rid) + bytes([fill]) * (records * RECORD)
+    return frame.encode(OP_PAY, rid, bytes([fill]) * (records * RECORD))
 
 
 def new_batch(records_max: int) -> PayBatch:
@@ -102,7 +102,7 @@ a_frame = st.one_of(
 @given(st.lists(a_frame, max_size=25), st.lists(st.integers(1, 400), max_size=30),
        st.integers(1, 8), st.randoms(use_true_random=False))
 def test_batches_take_the_same_frames_as_the_general_parser(frames, cuts, records_max, rnd):
-    stream = b"".join(frame.HEADER.pack(size, op, flags, rid) + rnd.randbytes(size)
+    stream = b"".join(frame.encode(op, rid, rnd.randbytes(size), flags)
                       for op, flags, rid, size in frames)
     pieces, at = [], 0
     for cut in cuts:

@@ -11,6 +11,7 @@ import pytest
 from engine import Engine
 
 from engine.protocol import frame
+from engine.protocol.auth import hello_mac
 from engine.server.config import Config, ConfigError, check
 from engine.server.metrics import STAGES, FastHistogram
 from engine.protocol.records import PAY_RECORD, PAY_RESULT
@@ -167,7 +168,7 @@ def test_mixed_pipelines_keep_arrival_order_and_request_order(tmp_path):
             (2, 7, b""),
             (16, 8, pay_body([105], payer=2, amount=300)),
         ]
-        a.writer.write(b"".join(frame.HEADER.pack(len(body), op, 0, rid) + body
+        a.writer.write(b"".join(frame.encode(op, rid, body)
                                 for op, rid, body in frames))
         for i in range(40):                                        # meanwhile, on b
             b.send(16, 500 + i, pay_body([1000 + i]))

@@ -79,7 +79,7 @@ def pay_frame(gateway: int, seq: int) -> bytes:
     records["merchant"] = 1
     records["amount"] = 100 + seq % 50
     body = records.tobytes()
-    return frame.HEADER.pack(len(body), OP_PAY, 0, seq) + body
+    return frame.encode(OP_PAY, seq, body)
 
 
 async def gateway(port: int, index: int, acked: list) -> None:

@@ -100,7 +100,7 @@ def pieces(draw):
         op = draw(st.one_of(st.sampled_from(sorted(OP_NAMES)), st.integers(0, 0xFFFF)))
         body = draw(map_bodies)
     flags = draw(st.sampled_from([0] * 6 + [frame.FLAG_ERROR, 2]))      # a bad_frame, sometimes
-    return frame.HEADER.pack(len(body), op, flags, request_id) + body
+    return frame.encode(op, request_id, body, flags)
 
 
 def whole_pay_records(stream: bytes) -> int:
@@ -120,7 +120,7 @@ ADMIN = Key("ops", "admin-secret-0123456789ab", "admin")
 
 
 async def call(reader, writer, op, request_id, body=b""):
-    writer.write(frame.HEADER.pack(len(body), op, 0, request_id) + body)
+    writer.write(frame.encode(op, request_id, body))
     header = await asyncio.wait_for(reader.readexactly(frame.HEADER.size), 5)
     size, reply_op, flags, reply_id = frame.HEADER.unpack(header)
     reply = await asyncio.wait_for(reader.readexactly(size), 5)
