@@ -36,6 +36,7 @@ include "kernel/dtypes.pxi"
 include "kernel/index.pxi"
 include "kernel/rules.pxi"
 include "kernel/tables.pxi"
+include "kernel/invariants.pxi"
 include "kernel/select.pxi"
 include "kernel/issue.pxi"
 include "kernel/membership.pxi"
@@ -44,8 +45,9 @@ include "kernel/lifecycle.pxi"
 include "kernel/refunds.pxi"
 include "kernel/settle.pxi"
 include "kernel/quote.pxi"
+include "kernel/maps.pxi"
 
 
-cdef class Ledger(_Quote):
+cdef class Ledger(_Maps):
     """All state of one engine, and the batch apply over it."""
 

@@ -1163,5 +1163,5 @@ class Reference:
         request = self._single(request)
         if request:
             return _invalid("AUDIT takes no keys")
-        from engine import audit   # written by the lead (engine/core/audit.py)
+        from engine.core import audit  # written by the lead (engine/core/audit.py)
         return audit.audit(self.canonical())

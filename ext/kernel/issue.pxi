@@ -93,3 +93,5 @@ cdef class _Issue(_Select):
         with nogil:
             for i in range(n):
                 self.issue_one(&rec[i], &res[i], now)
+        if KERNEL_DEBUG:
+            self.debug_check("issue")

@@ -19,6 +19,9 @@ cdef class _Lifecycle(_Pay):
         """Void an authorization: the hold, the coupons and their reservation."""
         cdef Payment* pm = &self.PM[p]
         cdef int32_t i, c
+        cdef int64_t before = 0
+        if KERNEL_DEBUG:
+            before = self.posting_sum(pm.user, pm.merchant, pm.coupon, pm.coupon_count)
         self.U[pm.user].held -= pm.cash
         for i in range(pm.coupon_count):
             c = pm.coupon[i]
@@ -27,6 +30,8 @@ cdef class _Lifecycle(_Pay):
             self.make_available(c)
         pm.state = state
         pm.ended_at = now
+        if KERNEL_DEBUG:
+            self.check_posting(before, pm.user, pm.merchant, pm.coupon, pm.coupon_count)
 
     cdef void expire_due(self, int64_t now) noexcept nogil:
         """Void every authorization whose hold has expired. Holds expire in
@@ -44,6 +49,8 @@ cdef class _Lifecycle(_Pay):
     def expire(self, int64_t now):
         """Apply expiry of holds at engine time `now` (every command does)."""
         self.expire_due(now)
+        if KERNEL_DEBUG:
+            self.debug_check("expire")
 
     def expiry_due(self, int64_t now):
         """Whether some hold has expired at `now` (read-only)."""
@@ -76,7 +83,7 @@ cdef class _Lifecycle(_Pay):
         cdef int32_t p = index_get(&self.payments_ix.ix, payment_id)
         cdef Payment* pm
         cdef int32_t i, c, m
-        cdef int64_t left, d, a, cash, fee, merchant_discount = 0, hold, total
+        cdef int64_t left, d, a, cash, fee, merchant_discount = 0, hold, total, before = 0
         cdef int64_t applied[4]
         cdef Stock* s
         memset(out, 0, sizeof(PayResult))
@@ -118,6 +125,8 @@ cdef class _Lifecycle(_Pay):
         hold = pm.cash
         if self.U[pm.user].balance - (self.U[pm.user].held - hold) < cash:
             return ST_INSUFFICIENT_FUNDS
+        if KERNEL_DEBUG:
+            before = self.posting_sum(pm.user, m, pm.coupon, pm.coupon_count)
         self.U[pm.user].held -= hold
         self.U[pm.user].balance -= cash
         for i in range(pm.coupon_count):
@@ -142,6 +151,8 @@ cdef class _Lifecycle(_Pay):
         pm.state = PAYMENT_COMPLETED
         self.post_completion(pm, m, amount, merchant_discount, total - merchant_discount, fee)
         self.complete(p, now)
+        if KERNEL_DEBUG:
+            self.check_posting(before, pm.user, m, pm.coupon, pm.coupon_count)
         self.result_of(p, out, False, now)
         out.fee = fee
         return ST_OK
@@ -176,6 +187,8 @@ cdef class _Lifecycle(_Pay):
         with nogil:
             for i in range(n):
                 res[i].status = self.capture_one(payments[i], amounts[i], now, &res[i])
+        if KERNEL_DEBUG:
+            self.debug_check("capture")
 
     def void(self, const uint64_t[::1] payments, int64_t now, uint8_t[::1] out):
         cdef int64_t n = payments.shape[0], i
@@ -184,6 +197,8 @@ cdef class _Lifecycle(_Pay):
         with nogil:
             for i in range(n):
                 res[i].status = self.void_one(payments[i], now, &res[i])
+        if KERNEL_DEBUG:
+            self.debug_check("void")
 
     def capture_records(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
         """CAPTURE_RECORDS: a batch of CaptureRecords -> PayResults."""
@@ -195,3 +210,5 @@ cdef class _Lifecycle(_Pay):
         with nogil:
             for i in range(n):
                 res[i].status = self.capture_one(rec[i].payment, rec[i].amount, now, &res[i])
+        if KERNEL_DEBUG:
+            self.debug_check("capture_records")

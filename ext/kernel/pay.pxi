@@ -22,7 +22,7 @@ cdef class _Pay(_Membership):
         prefetch pipeline's (see resolve)."""
         cdef int32_t m, user, code, p, i, c
         cdef int st
-        cdef int64_t cash, fee, merchant_discount, a
+        cdef int64_t cash, fee, merchant_discount, a, before = 0
         cdef bint authorize = r.flags & PAY_AUTHORIZE
         cdef Selection sel
         cdef Stock* s
@@ -60,6 +60,8 @@ cdef class _Pay(_Membership):
         merchant_discount = self.merchant_funded(&sel)
         fee = self.fee_of(r.amount, merchant_discount, m)
         # Step 7 (or, authorizing, the hold): all at once.
+        if KERNEL_DEBUG:
+            before = self.posting_sum(user, m, sel.slot, sel.count)
         p = <int32_t>self.n_payments
         self.n_payments += 1
         out.cash = cash
@@ -114,6 +116,8 @@ cdef class _Pay(_Membership):
             self.complete(p, t.now)
         if code >= 0:
             self.K[code].used = 1
+        if KERNEL_DEBUG:
+            self.check_posting(before, user, m, sel.slot, sel.count)
 
     cdef inline void post_completion(self, Payment* pm, int32_t m, int64_t amount,
                                      int64_t merchant_discount, int64_t platform_discount,
@@ -149,6 +153,8 @@ cdef class _Pay(_Membership):
                 self.prefetch(rec, n, i)
                 self.pay_one(&rec[i], &res[i], &t, self.ahead_user[i & (AHEAD_RECORDS - 1)],
                              self.ahead_merchant[i & (AHEAD_RECORDS - 1)])
+        if KERNEL_DEBUG:
+            self.debug_check("pay")
 
     cdef inline void prefetch(self, const PayRecord* rec, int64_t n,
                               int64_t i) noexcept nogil:

@@ -14,6 +14,9 @@ cdef class _Refunds(_Lifecycle):
         cdef int64_t cash, fee, part, discount = 0
         cdef int32_t i, c
         cdef Stock* s
+        cdef int64_t before = 0
+        if KERNEL_DEBUG:
+            before = self.posting_sum(pm.user, pm.merchant, pm.coupon, pm.coupon_count)
         cash = share_of(r, pm.cash, t) - pm.refunded_cash
         fee = share_of(r, pm.fee, t) - pm.refunded_fee
         mr.balance -= cash
@@ -51,6 +54,8 @@ cdef class _Refunds(_Lifecycle):
                     self.S[self.C[c].stock].stat_redeemed -= 1
         else:
             pm.state = PAYMENT_PARTIALLY_REFUNDED
+        if KERNEL_DEBUG:
+            self.check_posting(before, pm.user, pm.merchant, pm.coupon, pm.coupon_count)
         cash_out[0] = cash
         discount_out[0] = discount
         fee_out[0] = fee
@@ -122,6 +127,8 @@ cdef class _Refunds(_Lifecycle):
         with nogil:
             for i in range(n):
                 res[i].status = self.reverse_one(payments[i], now, &res[i])
+        if KERNEL_DEBUG:
+            self.debug_check("reverse")
 
     def refund(self, const uint64_t[::1] ids, const uint64_t[::1] payments,
                const int64_t[::1] amounts, int64_t now, uint8_t[::1] out,
@@ -135,6 +142,8 @@ cdef class _Refunds(_Lifecycle):
         with nogil:
             for i in range(n):
                 status[i] = self.refund_one(ids[i], payments[i], amounts[i], now, &res[i])
+        if KERNEL_DEBUG:
+            self.debug_check("refund")
 
     def refund_records(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
         """REFUND_RECORDS: a batch of RefundRecords -> RefundResults."""
@@ -160,3 +169,5 @@ cdef class _Refunds(_Lifecycle):
                 res[i].cash = row.cash
                 res[i].discount = row.discount
                 res[i].fee = row.fee
+        if KERNEL_DEBUG:
+            self.debug_check("refund_records")

@@ -2,7 +2,7 @@
 # 2-5): scope, time slots, limits, automatic and explicit selection.
 
 
-cdef class _Select(_Tables):
+cdef class _Select(_Invariants):
     # -- rules ------------------------------------------------------------
 
     cdef inline Clock clock_at(self, int64_t now) noexcept nogil:

@@ -31,4 +31,6 @@ cdef class _Settle(_Refunds):
             mr.refund_cash = mr.refund_platform_discount = 0
             mr.refund_merchant_discount = mr.refund_fee = 0
             mr.period_active = 0
+        if KERNEL_DEBUG:
+            self.debug_check("settle", True)
         return rows

@@ -1,25 +1,45 @@
 # Ledger part 1: the tables. Every table's rows, their growth, snapshots
 # (dump/load) and the capacity that a batch reserves before it runs.
 
+def read_only(arr):
+    """A view of `arr` that numpy refuses to write through: what Python sees
+    of the kernel's tables."""
+    view = arr.view()
+    view.flags.writeable = False
+    return view
+
+
+def owned(arr):
+    """`arr` contiguous and writable, copied if it is a read-only view (for
+    example another ledger's dump()), so that no two ledgers share rows."""
+    arr = np.ascontiguousarray(arr)
+    return arr if arr.flags.writeable else arr.copy()
+
+# Row arrays Python may read (through read_only views).
+READABLE = frozenset(("users", "merchants", "stocks", "coupons", "codes", "pay_req",
+                      "pay_res", "pay_meta", "lists", "slots", "refunds", "tombstones",
+                      "auth_queue", "programs", "memberships", "earnings", "visits",
+                      "redemptions", "program_order"))
+
 
 cdef class _Tables:
     """The tables of a ledger: rows, indexes, growth and snapshots."""
-    cdef public object users, merchants, stocks, coupons, codes
-    cdef public object pay_req, pay_res, pay_meta, refunds, tombstones, auth_queue
-    cdef public object programs, memberships, earnings, visits, redemptions, program_order
-    cdef public object lists, slots
-    cdef public IdIndex users_ix, merchants_ix, stocks_ix, coupons_ix
-    cdef public IdIndex payments_ix, codes_ix, refunds_ix, tombstones_ix
-    cdef public IdIndex programs_ix, visits_ix, redemptions_ix
-    cdef public int64_t n_users, n_merchants, n_stocks, n_coupons
-    cdef public int64_t n_payments, n_codes, n_lists, n_slots
-    cdef public int64_t n_refunds, n_tombstones, auth_head, n_auth
-    cdef public int64_t n_programs, n_memberships, n_earnings, n_visits, n_redemptions
-    cdef public int64_t n_rewards
-    cdef public int64_t fees, bank, tz_offset_ms, hold_ms
-    cdef public int32_t coupons_per_user_max
-    # Auto selection scratch: per-stock "best candidate" marks, candidates.
-    cdef public object stock_mark, stock_cand, cands
+    # The row arrays by name (TABLE_ROWS, ROWS, and the selection scratch):
+    # private, so that every write goes through a kernel function; Python
+    # reads them as read-only views (__getattr__ below).
+    cdef dict t
+    cdef readonly IdIndex users_ix, merchants_ix, stocks_ix, coupons_ix
+    cdef readonly IdIndex payments_ix, codes_ix, refunds_ix, tombstones_ix
+    cdef readonly IdIndex programs_ix, visits_ix, redemptions_ix
+    cdef readonly int64_t n_users, n_merchants, n_stocks, n_coupons
+    cdef readonly int64_t n_payments, n_codes, n_lists, n_slots
+    cdef readonly int64_t n_refunds, n_tombstones, auth_head, n_auth
+    cdef readonly int64_t n_programs, n_memberships, n_earnings, n_visits, n_redemptions
+    cdef readonly int64_t n_rewards
+    cdef readonly int64_t fees, bank, tz_offset_ms, hold_ms
+    cdef readonly int32_t coupons_per_user_max
+    # Auto selection scratch (in t): per-stock "best candidate" marks
+    # (stock_mark, stock_cand) and candidates (cands).
     cdef int64_t generation
 
     cdef User* U
@@ -53,41 +73,42 @@ cdef class _Tables:
 
     def __init__(self, int64_t tz_offset_ms=8 * 3600 * 1000,
                  int64_t hold_ms=7 * 24 * 3600 * 1000):
+        self.t = {}
         self.tz_offset_ms = tz_offset_ms
         self.hold_ms = hold_ms
-        self.refunds = np.zeros(64, REFUND)
-        self.tombstones = np.zeros(64, TOMBSTONE)
-        self.auth_queue = np.zeros(64, np.int32)
+        self.t["refunds"] = np.zeros(64, REFUND)
+        self.t["tombstones"] = np.zeros(64, TOMBSTONE)
+        self.t["auth_queue"] = np.zeros(64, np.int32)
         self.refunds_ix = IdIndex()
         self.tombstones_ix = IdIndex()
-        self.programs = np.zeros(16, PROGRAM)
-        self.program_order = np.zeros(PROGRAMS_MAX, np.int32)
-        self.memberships = np.zeros(1024, MEMBERSHIP)
-        self.earnings = np.zeros(1024, EARNING)
-        self.visits = np.zeros(1024, VISIT)
-        self.redemptions = np.zeros(64, REDEMPTION)
+        self.t["programs"] = np.zeros(16, PROGRAM)
+        self.t["program_order"] = np.zeros(PROGRAMS_MAX, np.int32)
+        self.t["memberships"] = np.zeros(1024, MEMBERSHIP)
+        self.t["earnings"] = np.zeros(1024, EARNING)
+        self.t["visits"] = np.zeros(1024, VISIT)
+        self.t["redemptions"] = np.zeros(64, REDEMPTION)
         self.programs_ix = IdIndex()
         self.visits_ix = IdIndex()
         self.redemptions_ix = IdIndex()
-        self.users = np.zeros(1024, USER)
-        self.merchants = np.zeros(64, MERCHANT)
-        self.stocks = np.zeros(64, STOCK)
-        self.coupons = np.zeros(1024, COUPON)
-        self.codes = np.zeros(64, CODE)
-        self.pay_req = np.zeros(1024, PAY_RECORD)
-        self.pay_res = np.zeros(1024, PAY_RESULT)
-        self.pay_meta = np.zeros(1024, PAYMENT)
-        self.lists = np.zeros(256, np.uint64)
-        self.slots = np.zeros(3 * 64, np.int32)
+        self.t["users"] = np.zeros(1024, USER)
+        self.t["merchants"] = np.zeros(64, MERCHANT)
+        self.t["stocks"] = np.zeros(64, STOCK)
+        self.t["coupons"] = np.zeros(1024, COUPON)
+        self.t["codes"] = np.zeros(64, CODE)
+        self.t["pay_req"] = np.zeros(1024, PAY_RECORD)
+        self.t["pay_res"] = np.zeros(1024, PAY_RESULT)
+        self.t["pay_meta"] = np.zeros(1024, PAYMENT)
+        self.t["lists"] = np.zeros(256, np.uint64)
+        self.t["slots"] = np.zeros(3 * 64, np.int32)
         self.users_ix = IdIndex()
         self.merchants_ix = IdIndex()
         self.stocks_ix = IdIndex()
         self.coupons_ix = IdIndex()
         self.payments_ix = IdIndex()
         self.codes_ix = IdIndex()
-        self.stock_mark = np.zeros(64, np.int64)
-        self.stock_cand = np.zeros(64, np.int32)
-        self.cands = np.zeros(16 * 48, np.uint8)
+        self.t["stock_mark"] = np.zeros(64, np.int64)
+        self.t["stock_cand"] = np.zeros(64, np.int32)
+        self.t["cands"] = np.zeros(16 * 48, np.uint8)
         self.cands_capacity = 16
         self.generation = 0
         self._bind()
@@ -96,39 +117,39 @@ cdef class _Tables:
 
     cdef _bind(self):
         """Refresh raw pointers after any array was (re)allocated."""
-        self.U = <User*>data_of(self.users)
-        self.M = <Merchant*>data_of(self.merchants)
-        self.S = <Stock*>data_of(self.stocks)
-        self.C = <Coupon*>data_of(self.coupons)
-        self.K = <Code*>data_of(self.codes)
-        self.RF = <Refund*>data_of(self.refunds)
-        self.TS = <Tombstone*>data_of(self.tombstones)
-        self.PG = <Program*>data_of(self.programs)
-        self.PO = <int32_t*>data_of(self.program_order)
-        self.MS = <Membership*>data_of(self.memberships)
-        self.EA = <Earning*>data_of(self.earnings)
-        self.VS = <Visit*>data_of(self.visits)
-        self.RD = <Redemption*>data_of(self.redemptions)
-        self.AQ = <int32_t*>data_of(self.auth_queue)
-        self.PQ = <PayRecord*>data_of(self.pay_req)
-        self.PR = <PayResult*>data_of(self.pay_res)
-        self.PM = <Payment*>data_of(self.pay_meta)
-        self.LP = <uint64_t*>data_of(self.lists)
-        self.SP = <int32_t*>data_of(self.slots)
-        self.stock_mark_p = <int64_t*>data_of(self.stock_mark)
-        self.stock_cand_p = <int32_t*>data_of(self.stock_cand)
-        self.cands_p = <Cand*>data_of(self.cands)
-        self.users_ix.bind(self.users)
-        self.merchants_ix.bind(self.merchants)
-        self.stocks_ix.bind(self.stocks)
-        self.coupons_ix.bind(self.coupons)
-        self.payments_ix.bind(self.pay_req)
-        self.codes_ix.bind(self.codes)
-        self.refunds_ix.bind(self.refunds)
-        self.tombstones_ix.bind(self.tombstones)
-        self.programs_ix.bind(self.programs)
-        self.visits_ix.bind(self.visits)
-        self.redemptions_ix.bind(self.redemptions)
+        self.U = <User*>data_of(self.t["users"])
+        self.M = <Merchant*>data_of(self.t["merchants"])
+        self.S = <Stock*>data_of(self.t["stocks"])
+        self.C = <Coupon*>data_of(self.t["coupons"])
+        self.K = <Code*>data_of(self.t["codes"])
+        self.RF = <Refund*>data_of(self.t["refunds"])
+        self.TS = <Tombstone*>data_of(self.t["tombstones"])
+        self.PG = <Program*>data_of(self.t["programs"])
+        self.PO = <int32_t*>data_of(self.t["program_order"])
+        self.MS = <Membership*>data_of(self.t["memberships"])
+        self.EA = <Earning*>data_of(self.t["earnings"])
+        self.VS = <Visit*>data_of(self.t["visits"])
+        self.RD = <Redemption*>data_of(self.t["redemptions"])
+        self.AQ = <int32_t*>data_of(self.t["auth_queue"])
+        self.PQ = <PayRecord*>data_of(self.t["pay_req"])
+        self.PR = <PayResult*>data_of(self.t["pay_res"])
+        self.PM = <Payment*>data_of(self.t["pay_meta"])
+        self.LP = <uint64_t*>data_of(self.t["lists"])
+        self.SP = <int32_t*>data_of(self.t["slots"])
+        self.stock_mark_p = <int64_t*>data_of(self.t["stock_mark"])
+        self.stock_cand_p = <int32_t*>data_of(self.t["stock_cand"])
+        self.cands_p = <Cand*>data_of(self.t["cands"])
+        self.users_ix.bind(self.t["users"])
+        self.merchants_ix.bind(self.t["merchants"])
+        self.stocks_ix.bind(self.t["stocks"])
+        self.coupons_ix.bind(self.t["coupons"])
+        self.payments_ix.bind(self.t["pay_req"])
+        self.codes_ix.bind(self.t["codes"])
+        self.refunds_ix.bind(self.t["refunds"])
+        self.tombstones_ix.bind(self.t["tombstones"])
+        self.programs_ix.bind(self.t["programs"])
+        self.visits_ix.bind(self.t["visits"])
+        self.redemptions_ix.bind(self.t["redemptions"])
 
     @staticmethod
     def _grown(arr, int64_t need):
@@ -150,9 +171,9 @@ cdef class _Tables:
             raise ValueError(f"unknown table {table!r}")
         cdef int64_t need = getattr(self, "n_" + table) + more
         for name in TABLE_ROWS[table]:
-            setattr(self, name, self._grown(getattr(self, name), need))
+            self.t[name] = self._grown(self.t[name], need)
         if table == "payments":     # each payment may become an authorization to expire
-            self.auth_queue = self._grown(self.auth_queue, self.n_auth + more)
+            self.t["auth_queue"] = self._grown(self.t["auth_queue"], self.n_auth + more)
         self._bind()
         cdef IdIndex ix
         if table not in UNINDEXED_TABLES:
@@ -217,8 +238,8 @@ cdef class _Tables:
         """Append u64 values to the stock list pool; return where they start."""
         cdef int64_t n = len(values)
         cdef int64_t at = self.n_lists
-        self.lists = self._grown(self.lists, at + n)
-        self.lists[at:at + n] = values
+        self.t["lists"] = self._grown(self.t["lists"], at + n)
+        self.t["lists"][at:at + n] = values
         self.n_lists = at + n
         self._bind()
         return at
@@ -227,11 +248,11 @@ cdef class _Tables:
         """Append (weekday, start, end) slots; return the index of the first."""
         cdef int64_t n = len(triples)
         cdef int64_t at = self.n_slots
-        self.slots = self._grown(self.slots, 3 * (at + n))
+        self.t["slots"] = self._grown(self.t["slots"], 3 * (at + n))
         for i, (w, s, e) in enumerate(triples):
-            self.slots[3 * (at + i)] = w
-            self.slots[3 * (at + i) + 1] = s
-            self.slots[3 * (at + i) + 2] = e
+            self.t["slots"][3 * (at + i)] = w
+            self.t["slots"][3 * (at + i) + 1] = s
+            self.t["slots"][3 * (at + i) + 2] = e
         self.n_slots = at + n
         self._bind()
         return at
@@ -253,29 +274,60 @@ cdef class _Tables:
     def dump(self):
         """(arrays, scalars): the whole ledger as views of its used rows."""
         arrays = {
-            "users": self.users[:self.n_users],
-            "merchants": self.merchants[:self.n_merchants],
-            "stocks": self.stocks[:self.n_stocks],
-            "coupons": self.coupons[:self.n_coupons],
-            "codes": self.codes[:self.n_codes],
-            "pay_req": self.pay_req[:self.n_payments],
-            "pay_res": self.pay_res[:self.n_payments],
-            "pay_meta": self.pay_meta[:self.n_payments],
-            "lists": self.lists[:self.n_lists],
-            "slots": self.slots[:3 * self.n_slots],
-            "refunds": self.refunds[:self.n_refunds],
-            "tombstones": self.tombstones[:self.n_tombstones],
-            "auth_queue": self.auth_queue[:self.n_auth],
-            "programs": self.programs[:self.n_programs],
-            "memberships": self.memberships[:self.n_memberships],
-            "earnings": self.earnings[:self.n_earnings],
-            "visits": self.visits[:self.n_visits],
-            "redemptions": self.redemptions[:self.n_redemptions],
+            "users": self.t["users"][:self.n_users],
+            "merchants": self.t["merchants"][:self.n_merchants],
+            "stocks": self.t["stocks"][:self.n_stocks],
+            "coupons": self.t["coupons"][:self.n_coupons],
+            "codes": self.t["codes"][:self.n_codes],
+            "pay_req": self.t["pay_req"][:self.n_payments],
+            "pay_res": self.t["pay_res"][:self.n_payments],
+            "pay_meta": self.t["pay_meta"][:self.n_payments],
+            "lists": self.t["lists"][:self.n_lists],
+            "slots": self.t["slots"][:3 * self.n_slots],
+            "refunds": self.t["refunds"][:self.n_refunds],
+            "tombstones": self.t["tombstones"][:self.n_tombstones],
+            "auth_queue": self.t["auth_queue"][:self.n_auth],
+            "programs": self.t["programs"][:self.n_programs],
+            "memberships": self.t["memberships"][:self.n_memberships],
+            "earnings": self.t["earnings"][:self.n_earnings],
+            "visits": self.t["visits"][:self.n_visits],
+            "redemptions": self.t["redemptions"][:self.n_redemptions],
         }
         for name in self.INDEXES:
             arrays[name + "_ix"] = (<IdIndex>getattr(self, name + "_ix")).entries
         scalars = {name: int(getattr(self, name)) for name in self.SCALARS}
-        return arrays, scalars
+        return {name: read_only(arr) for name, arr in arrays.items()}, scalars
+
+    def __getattr__(self, str name):
+        """ledger.users etc.: a read-only view of the whole row array."""
+        if name in READABLE:
+            return read_only(self.t[name])
+        raise AttributeError(name)
+
+    cdef _set_scalars(self, dict scalars):
+        self.n_users = scalars["n_users"]
+        self.n_merchants = scalars["n_merchants"]
+        self.n_stocks = scalars["n_stocks"]
+        self.n_coupons = scalars["n_coupons"]
+        self.n_payments = scalars["n_payments"]
+        self.n_codes = scalars["n_codes"]
+        self.n_lists = scalars["n_lists"]
+        self.n_slots = scalars["n_slots"]
+        self.n_refunds = scalars["n_refunds"]
+        self.n_tombstones = scalars["n_tombstones"]
+        self.n_programs = scalars["n_programs"]
+        self.n_memberships = scalars["n_memberships"]
+        self.n_earnings = scalars["n_earnings"]
+        self.n_visits = scalars["n_visits"]
+        self.n_redemptions = scalars["n_redemptions"]
+        self.n_rewards = scalars["n_rewards"]
+        self.auth_head = scalars["auth_head"]
+        self.n_auth = scalars["n_auth"]
+        self.fees = scalars["fees"]
+        self.bank = scalars["bank"]
+        self.tz_offset_ms = scalars["tz_offset_ms"]
+        self.hold_ms = scalars["hold_ms"]
+        self.coupons_per_user_max = scalars["coupons_per_user_max"]
 
     @classmethod
     def load(cls, arrays, scalars):
@@ -283,18 +335,17 @@ cdef class _Tables:
         cdef _Tables ledger = cls(scalars["tz_offset_ms"], scalars["hold_ms"])
         cdef IdIndex ix
         for name in cls.ROWS:
-            current = getattr(ledger, name)
-            loaded = np.ascontiguousarray(arrays[name])
+            current = ledger.t[name]
+            loaded = owned(arrays[name])
             assert loaded.dtype == current.dtype, f"{name}: dtype {loaded.dtype}"
-            setattr(ledger, name, loaded if len(loaded) else current)
-        for name in cls.SCALARS:
-            setattr(ledger, name, scalars[name])
+            ledger.t[name] = loaded if len(loaded) else current
+        ledger._set_scalars(scalars)
         n_stocks = max(ledger.n_stocks, 64)
-        ledger.stock_mark = np.zeros(n_stocks, np.int64)
-        ledger.stock_cand = np.zeros(n_stocks, np.int32)
+        ledger.t["stock_mark"] = np.zeros(n_stocks, np.int64)
+        ledger.t["stock_cand"] = np.zeros(n_stocks, np.int32)
         for name in cls.INDEXES:
             ix = getattr(ledger, name + "_ix")
-            entries = np.ascontiguousarray(arrays[name + "_ix"], np.int64)
+            entries = owned(np.ascontiguousarray(arrays[name + "_ix"], np.int64))
             capacity = len(entries)
             assert capacity >= 16 and capacity & (capacity - 1) == 0
             ix.entries = entries
@@ -317,13 +368,13 @@ cdef class _Tables:
 
     def sort_programs(self):
         """Programs apply in program id order, whatever order they were made in."""
-        ids = self.programs["id"][:self.n_programs]
-        self.program_order[:self.n_programs] = np.argsort(ids, kind="stable").astype(np.int32)
+        ids = self.t["programs"]["id"][:self.n_programs]
+        self.t["program_order"][:self.n_programs] = np.argsort(ids, kind="stable").astype(np.int32)
 
     cdef _reserve_cands(self):
         cdef int64_t need = self.coupons_per_user_max
         if need > self.cands_capacity:
-            self.cands = np.zeros(need * sizeof(Cand), np.uint8)
+            self.t["cands"] = np.zeros(need * sizeof(Cand), np.uint8)
             self.cands_capacity = need
             self._bind()
 

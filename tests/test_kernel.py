@@ -1,0 +1,90 @@
+"""The kernel's boundary: the suite runs on the debug kernel, whose checks
+raise where money moves; Python reads the tables through read-only views and
+every posting is a kernel function (issue 15)."""
+from pathlib import Path
+
+import pytest
+
+import engine._kernel as kernel
+from engine._kernel import InvariantError, Ledger
+
+
+def wallet(balance: int) -> tuple[Ledger, int]:
+    ledger = Ledger()
+    user = ledger.append("users", 7)
+    ledger.topup(user, balance)
+    return ledger, user
+
+
+def test_the_suite_runs_on_the_debug_kernel():
+    # .ci/run and README.md build with SCANPAY_KERNEL_DEBUG=1.
+    assert kernel.DEBUG is True
+
+
+def test_a_hold_above_the_balance_raises_at_the_next_posting():
+    ledger, user = wallet(100)
+    ledger.check_invariants()                    # sound so far
+    ledger._debug_set_held(user, 150)            # held > balance: a kernel bug
+    with pytest.raises(InvariantError, match="topup: wallet"):
+        ledger.topup(user, 1)
+
+
+def test_a_negative_hold_raises_in_the_whole_ledger_check():
+    ledger, user = wallet(100)
+    ledger._debug_set_held(user, -1)
+    with pytest.raises(InvariantError, match="wallet"):
+        ledger.topup(user, 1)
+    ledger._debug_set_held(user, 0)
+    ledger.check_invariants()                    # the flag was reported once, then cleared
+
+
+def test_topup_posts_both_sides_and_checks_its_arguments():
+    ledger, user = wallet(100)
+    assert (int(ledger.users["balance"][user]), ledger.bank) == (100, -100)
+    with pytest.raises(ValueError):
+        ledger.topup(user, 0)
+    with pytest.raises(IndexError):
+        ledger.topup(user + 1, 5)
+    assert (int(ledger.users["balance"][user]), ledger.bank) == (100, -100)
+
+
+def test_python_cannot_write_the_tables_or_the_accounts():
+    ledger, user = wallet(100)
+    with pytest.raises(ValueError):             # numpy: assignment destination is read-only
+        ledger.users["balance"][user] = 10**6
+    with pytest.raises(AttributeError):
+        ledger.bank = 0
+    with pytest.raises(AttributeError):
+        ledger.n_users = 0
+    arrays, _scalars = ledger.dump()
+    assert not arrays["users"].flags.writeable
+    assert int(ledger.users["balance"][user]) == 100
+
+
+def test_configure_sets_definitions_only():
+    ledger, user = wallet(100)
+    merchant = ledger.append("merchants", 9)
+    ledger.configure("merchants", merchant, {"fee_bps": 30, "active": 1})
+    assert int(ledger.merchants["fee_bps"][merchant]) == 30
+    for table, slot, field in (("merchants", merchant, "balance"), ("users", user, "balance"),
+                               ("merchants", merchant, "period_active")):
+        with pytest.raises(ValueError):
+            ledger.configure(table, slot, {field: 1})
+    with pytest.raises(IndexError):
+        ledger.configure("merchants", merchant + 1, {"fee_bps": 1})
+    assert int(ledger.merchants["balance"][merchant]) == 0
+
+
+def test_a_ledger_loaded_from_another_ones_dump_shares_no_rows():
+    ledger, user = wallet(100)
+    copy = Ledger.load(*ledger.dump())
+    copy.topup(user, 5)
+    assert int(copy.users["balance"][user]) == 105
+    assert int(ledger.users["balance"][user]) == 100
+
+
+def test_ci_runs_the_readme_test_command_with_the_debug_kernel():
+    root = Path(__file__).resolve().parent.parent
+    ci = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert "SCANPAY_KERNEL_DEBUG=1 .venv/bin/pip install" in ci
+    assert ci in (root / "README.md").read_text()
