@@ -17,6 +17,7 @@ from libc.stdint cimport uint8_t, uint32_t, int32_t, int64_t, uint64_t
 from libc.string cimport memcmp, memset
 
 from tables cimport (PayRecord, PayResult, IssueRecord, IssueResult, User,
+                     COUPONS_PER_PAYMENT_MAX, TAGS_PER_MERCHANT_MAX,
                      CaptureRecord, RefundRecord, RefundResult,
                      Program, Membership, Earning, Visit, Redemption,
                      Merchant, Stock, Coupon, Payment, Code, Refund, Tombstone)
@@ -24,6 +25,8 @@ from index cimport (Entry, Index, index_get, index_put, index_prefetch, index_gu
                    row_id, LOAD_MAX_PCT, __builtin_prefetch, prefetch_row,
                    prefetch_for_write)
 
+from engine.protocol import limits as _limits, records as _records
+from engine.protocol.status import Status as _Status
 from engine.protocol.records import PAY_RECORD, PAY_RESULT
 
 cnp.import_array()
@@ -32,6 +35,7 @@ cnp.import_array()
 # constants and helpers, then the Ledger class built up part by part; each
 # part is a base class of the next so that a part calls only the parts above it.
 include "kernel/consts.pxi"
+include "kernel/layout.pxi"
 include "kernel/dtypes.pxi"
 include "kernel/index.pxi"
 include "kernel/rules.pxi"

@@ -1,8 +1,12 @@
 """The kernel's boundary: the suite runs on the debug kernel, whose checks
 raise where money moves; Python reads the tables through read-only views and
 every posting is a kernel function (issue 15)."""
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import engine._kernel as kernel
@@ -88,3 +92,37 @@ def test_ci_runs_the_readme_test_command_with_the_debug_kernel():
     ci = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert "SCANPAY_KERNEL_DEBUG=1 .venv/bin/pip install" in ci
     assert ci in (root / "README.md").read_text()
+
+
+def test_the_generated_struct_layouts_are_up_to_date():
+    # ext/kernel/layout.pxi is generated from ext/tables.pxd.
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "tools" / "generate_layout.py"), "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_dtype_that_differs_from_its_struct_by_one_offset_refuses_to_load(monkeypatch):
+    kernel.check_layouts()                       # the real dtypes match
+    names = list(kernel.USER.names)
+    swapped = np.dtype({"names": names, "formats": [kernel.USER.fields[n][0] for n in names],
+                        "offsets": [kernel.USER.fields[n][1] for n in names],
+                        "itemsize": kernel.USER.itemsize})
+    fields = {n: kernel.USER.fields[n] for n in names}
+    # balance and held swap places: same total size, wrong offsets.
+    order = ["id", "held", "balance"] + names[3:]
+    moved = np.dtype({"names": order, "formats": [fields[n][0] for n in order],
+                      "offsets": [fields[n][1] for n in names],
+                      "itemsize": kernel.USER.itemsize})
+    assert moved.itemsize == kernel.USER.itemsize and swapped == kernel.USER
+    monkeypatch.setattr(kernel, "USER", moved)
+    with pytest.raises(ImportError, match="User"):
+        kernel.check_layouts()
+
+
+def test_a_kernel_constant_that_differs_from_its_owner_refuses_to_load(monkeypatch):
+    kernel.check_constants()                     # the real owners agree
+    monkeypatch.setattr(kernel, "_limits", SimpleNamespace(
+        COUPONS_PER_PAYMENT_MAX=5, TAGS_PER_MERCHANT_MAX=16))
+    with pytest.raises(ImportError, match="COUPONS_PER_PAYMENT_MAX"):
+        kernel.check_constants()

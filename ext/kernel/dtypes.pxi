@@ -31,12 +31,12 @@ STOCK = np.dtype([("id", "<u8"), ("merchant_id", "<u8")]
 COUPON = np.dtype([("id", "<u8"), ("expires_at", "<i8"), ("stock", "<i4"),
                    ("user", "<i4"), ("next", "<i4"), ("payment", "<i4"),
                    ("next_live", "<i4"), ("state", "u1"), ("live", "u1")], align=True)
-PAYMENT = np.dtype([("applied", "<i8", (4,)), ("refunded_part", "<i8", (4,))]
+PAYMENT = np.dtype([("applied", "<i8", (COUPONS_PER_PAYMENT_MAX,)), ("refunded_part", "<i8", (COUPONS_PER_PAYMENT_MAX,))]
                    + [(f, "<i8") for f in (
                        "amount", "authorized_amount", "cash", "discount", "fee",
                        "refunded_amount", "refunded_cash", "refunded_fee",
                        "created_at", "completed_at", "ended_at", "hold_expires_at", "day")]
-                   + [("coupon", "<i4", (4,)), ("earn_at", "<i4"), ("earn_count", "<i4"),
+                   + [("coupon", "<i4", (COUPONS_PER_PAYMENT_MAX,)), ("earn_at", "<i4"), ("earn_count", "<i4"),
                       ("user", "<i4"), ("merchant", "<i4"),
                       ("state", "u1"), ("coupon_count", "u1"), ("released", "u1"),
                       ("reversed", "u1")], align=True)
@@ -72,6 +72,34 @@ assert EARNING.itemsize == sizeof(Earning) and VISIT.itemsize == sizeof(Visit)
 assert REDEMPTION.itemsize == sizeof(Redemption)
 assert sizeof(PayRecord) == 80 and sizeof(PayResult) == 80
 assert sizeof(IssueRecord) == 32 and sizeof(IssueResult) == 24
+
+
+def dtype_layout(dtype) -> dict:
+    """{field: (offset, size)} of a numpy dtype, as c_layouts() gives a struct's."""
+    return {name: (spec[1], spec[0].itemsize) for name, spec in dtype.fields.items()}
+
+
+def check_layouts():
+    """Every table's and record's dtype matches its C struct field by field
+    (name, offset, size), or the kernel refuses to load: a kernel reading a
+    row at the wrong offset would post to the wrong field silently."""
+    layouts = c_layouts()
+    pairs = {"User": USER, "Merchant": MERCHANT, "Stock": STOCK, "Coupon": COUPON,
+             "Payment": PAYMENT, "Code": CODE, "Refund": REFUND, "Tombstone": TOMBSTONE,
+             "Program": PROGRAM, "Membership": MEMBERSHIP, "Earning": EARNING,
+             "Visit": VISIT, "Redemption": REDEMPTION, "PayRecord": _records.PAY_RECORD,
+             "PayResult": _records.PAY_RESULT, "IssueRecord": _records.ISSUE_RECORD,
+             "IssueResult": _records.ISSUE_RESULT, "CaptureRecord": _records.CAPTURE_RECORD,
+             "RefundRecord": _records.REFUND_RECORD, "RefundResult": _records.REFUND_RESULT}
+    if set(pairs) != set(layouts):
+        raise ImportError(f"structs without a dtype: {sorted(set(layouts) - set(pairs))}")
+    for struct, dtype in pairs.items():
+        if dtype_layout(dtype) != layouts[struct]:
+            raise ImportError(f"{struct}: the numpy dtype {dtype_layout(dtype)} does not match "
+                              f"the C struct {layouts[struct]} (ext/tables.pxd)")
+
+
+check_layouts()
 
 
 # The row arrays of each table (grown together) and the tables with no index.

@@ -84,7 +84,7 @@ cdef class _Lifecycle(_Pay):
         cdef Payment* pm
         cdef int32_t i, c, m
         cdef int64_t left, d, a, cash, fee, merchant_discount = 0, hold, total, before = 0
-        cdef int64_t applied[4]
+        cdef int64_t applied[COUPONS_PER_PAYMENT_MAX]
         cdef Stock* s
         memset(out, 0, sizeof(PayResult))
         out.id = payment_id

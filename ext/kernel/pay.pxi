@@ -80,7 +80,7 @@ cdef class _Pay(_Membership):
         pm.fee = fee
         pm.created_at = t.now
         pm.day = t.day
-        for i in range(4):
+        for i in range(COUPONS_PER_PAYMENT_MAX):
             pm.coupon[i] = -1
         for i in range(sel.count):
             c = sel.slot[i]

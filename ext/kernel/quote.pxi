@@ -14,7 +14,7 @@ cdef class _Quote(_Settle):
         cdef const PayRecord* r = <const PayRecord*>&record[0]
         cdef Clock t = self.clock_at(now)
         cdef Selection sel
-        cdef int32_t reasons[4]
+        cdef int32_t reasons[COUPONS_PER_PAYMENT_MAX]
         cdef int32_t m, user, code, c, i
         cdef int64_t d, cash = 0, fee = 0
         cdef int st = self.precheck(r, False)
@@ -22,7 +22,7 @@ cdef class _Quote(_Settle):
             st = self.resolve(r, now, &m, &user, &code)
         if st != ST_OK:
             return st, 0, 0, 0, [], []
-        for i in range(4):
+        for i in range(COUPONS_PER_PAYMENT_MAX):
             reasons[i] = ST_OK
         st = self.select(r, user, m, &t, &sel, reasons)
         if st == ST_OK:
@@ -38,7 +38,7 @@ cdef class _Quote(_Settle):
             r.coupons[0] | r.coupons[1] | r.coupons[2] | r.coupons[3])
         named = {}
         if explicit:
-            for i in range(4):
+            for i in range(COUPONS_PER_PAYMENT_MAX):
                 c = index_get(&self.coupons_ix.ix, r.coupons[i]) if r.coupons[i] else -1
                 if c >= 0 and self.C[c].user == user:
                     if named.get(c, ST_OK) == ST_OK:

@@ -19,9 +19,9 @@ cdef struct Cand:
 
 cdef struct Selection:
     int32_t count
-    int32_t slot[4]
-    int64_t d[4]            # discount on the original amount
-    int64_t applied[4]
+    int32_t slot[COUPONS_PER_PAYMENT_MAX]
+    int64_t d[COUPONS_PER_PAYMENT_MAX]            # discount on the original amount
+    int64_t applied[COUPONS_PER_PAYMENT_MAX]
     int64_t total
 
 

@@ -109,7 +109,7 @@ cdef class _Select(_Invariants):
         """Step 5, automatic mode: the exact best option."""
         cdef Cand* cands = self.cands_p
         cdef int32_t count = 0, c, j, i, k, best_ex = -1, top_count = 0, prev = -1, nxt
-        cdef int32_t top[4]
+        cdef int32_t top[COUPONS_PER_PAYMENT_MAX]
         cdef int64_t d, stack_sum = 0, stack_total, ex_total, left, a
         cdef bint take_ex
         cdef Cand cand
@@ -151,14 +151,14 @@ cdef class _Select(_Invariants):
                 if best_ex < 0 or ranks_before(&cands[j], &cands[best_ex]):
                     best_ex = j
                 continue
-            i = top_count if top_count < 4 else 4
+            i = top_count if top_count < COUPONS_PER_PAYMENT_MAX else COUPONS_PER_PAYMENT_MAX
             while i > 0 and ranks_before(&cands[j], &cands[top[i - 1]]):
-                if i < 4:
+                if i < COUPONS_PER_PAYMENT_MAX:
                     top[i] = top[i - 1]
                 i -= 1
-            if i < 4:
+            if i < COUPONS_PER_PAYMENT_MAX:
                 top[i] = j
-                if top_count < 4:
+                if top_count < COUPONS_PER_PAYMENT_MAX:
                     top_count += 1
         # Stack option: the smallest k whose discounts reach the amount.
         k = 0
@@ -207,11 +207,11 @@ cdef class _Select(_Invariants):
         With `reasons` (QUOTE) every named coupon is checked and its status
         written to reasons[i]; without, the first failure ends the check.
         """
-        cdef int32_t held[4]
+        cdef int32_t held[COUPONS_PER_PAYMENT_MAX]
         cdef int32_t held_count = 0, i, j, c, status = ST_OK, st
         cdef int64_t d, left, a
         sel.count = 0
-        for i in range(4):
+        for i in range(COUPONS_PER_PAYMENT_MAX):
             if r.coupons[i] == 0:
                 continue
             c = index_get(&self.coupons_ix.ix, r.coupons[i])
