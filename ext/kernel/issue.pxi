@@ -83,9 +83,12 @@ cdef class _Issue(_Select):
     def issue(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
         """Apply a batch of IssueRecords (raw bytes) at engine time `now`."""
         cdef int64_t n = records.shape[0] // sizeof(IssueRecord)
-        assert 1 <= n <= BATCH_RECORDS_MAX
-        assert records.shape[0] == n * sizeof(IssueRecord)
-        assert out.shape[0] == n * sizeof(IssueResult)
+        if not (1 <= n <= BATCH_RECORDS_MAX):
+            raise ValueError("a batch must satisfy 1 <= n <= BATCH_RECORDS_MAX")
+        if not (records.shape[0] == n * sizeof(IssueRecord)):
+            raise ValueError("a batch must satisfy records.shape[0] == n * sizeof(IssueRecord)")
+        if not (out.shape[0] == n * sizeof(IssueResult)):
+            raise ValueError("a batch must satisfy out.shape[0] == n * sizeof(IssueResult)")
         self.reserve("coupons", n)
         cdef const IssueRecord* rec = <const IssueRecord*>&records[0]
         cdef IssueResult* res = <IssueResult*>&out[0]

@@ -3,260 +3,339 @@
 # them out; dtypes.pxi checks every numpy dtype against them at import.
 
 
+cdef dict layout_PayRecord():
+    cdef PayRecord row
+    cdef char* at = <char*>&row
+    return {
+        "id": (<char*>&row.id - at, sizeof(row.id)),
+        "payer": (<char*>&row.payer - at, sizeof(row.payer)),
+        "merchant": (<char*>&row.merchant - at, sizeof(row.merchant)),
+        "amount": (<char*>&row.amount - at, sizeof(row.amount)),
+        "flags": (<char*>&row.flags - at, sizeof(row.flags)),
+        "goods_tag": (<char*>&row.goods_tag - at, sizeof(row.goods_tag)),
+        "coupons": (<char*>&row.coupons - at, sizeof(row.coupons)),
+        "user_data": (<char*>&row.user_data - at, sizeof(row.user_data)),
+    }
+
+
+cdef dict layout_PayResult():
+    cdef PayResult row
+    cdef char* at = <char*>&row
+    return {
+        "id": (<char*>&row.id - at, sizeof(row.id)),
+        "status": (<char*>&row.status - at, sizeof(row.status)),
+        "flags": (<char*>&row.flags - at, sizeof(row.flags)),
+        "cash": (<char*>&row.cash - at, sizeof(row.cash)),
+        "discount": (<char*>&row.discount - at, sizeof(row.discount)),
+        "fee": (<char*>&row.fee - at, sizeof(row.fee)),
+        "timestamp": (<char*>&row.timestamp - at, sizeof(row.timestamp)),
+        "coupons": (<char*>&row.coupons - at, sizeof(row.coupons)),
+    }
+
+
+cdef dict layout_IssueRecord():
+    cdef IssueRecord row
+    cdef char* at = <char*>&row
+    return {
+        "coupon": (<char*>&row.coupon - at, sizeof(row.coupon)),
+        "stock": (<char*>&row.stock - at, sizeof(row.stock)),
+        "user": (<char*>&row.user - at, sizeof(row.user)),
+        "reserved": (<char*>&row.reserved - at, sizeof(row.reserved)),
+    }
+
+
+cdef dict layout_IssueResult():
+    cdef IssueResult row
+    cdef char* at = <char*>&row
+    return {
+        "coupon": (<char*>&row.coupon - at, sizeof(row.coupon)),
+        "status": (<char*>&row.status - at, sizeof(row.status)),
+        "flags": (<char*>&row.flags - at, sizeof(row.flags)),
+        "expires_at": (<char*>&row.expires_at - at, sizeof(row.expires_at)),
+    }
+
+
+cdef dict layout_CaptureRecord():
+    cdef CaptureRecord row
+    cdef char* at = <char*>&row
+    return {
+        "payment": (<char*>&row.payment - at, sizeof(row.payment)),
+        "amount": (<char*>&row.amount - at, sizeof(row.amount)),
+    }
+
+
+cdef dict layout_RefundRecord():
+    cdef RefundRecord row
+    cdef char* at = <char*>&row
+    return {
+        "id": (<char*>&row.id - at, sizeof(row.id)),
+        "payment": (<char*>&row.payment - at, sizeof(row.payment)),
+        "amount": (<char*>&row.amount - at, sizeof(row.amount)),
+        "reserved": (<char*>&row.reserved - at, sizeof(row.reserved)),
+    }
+
+
+cdef dict layout_RefundResult():
+    cdef RefundResult row
+    cdef char* at = <char*>&row
+    return {
+        "id": (<char*>&row.id - at, sizeof(row.id)),
+        "status": (<char*>&row.status - at, sizeof(row.status)),
+        "flags": (<char*>&row.flags - at, sizeof(row.flags)),
+        "cash": (<char*>&row.cash - at, sizeof(row.cash)),
+        "discount": (<char*>&row.discount - at, sizeof(row.discount)),
+        "fee": (<char*>&row.fee - at, sizeof(row.fee)),
+    }
+
+
+cdef dict layout_User():
+    cdef User row
+    cdef char* at = <char*>&row
+    return {
+        "id": (<char*>&row.id - at, sizeof(row.id)),
+        "balance": (<char*>&row.balance - at, sizeof(row.balance)),
+        "held": (<char*>&row.held - at, sizeof(row.held)),
+        "coupon_head": (<char*>&row.coupon_head - at, sizeof(row.coupon_head)),
+        "coupon_count": (<char*>&row.coupon_count - at, sizeof(row.coupon_count)),
+        "live_head": (<char*>&row.live_head - at, sizeof(row.live_head)),
+        "membership_head": (<char*>&row.membership_head - at, sizeof(row.membership_head)),
+    }
+
+
+cdef dict layout_Merchant():
+    cdef Merchant row
+    cdef char* at = <char*>&row
+    return {
+        "id": (<char*>&row.id - at, sizeof(row.id)),
+        "balance": (<char*>&row.balance - at, sizeof(row.balance)),
+        "fee_bps": (<char*>&row.fee_bps - at, sizeof(row.fee_bps)),
+        "active": (<char*>&row.active - at, sizeof(row.active)),
+        "tag_count": (<char*>&row.tag_count - at, sizeof(row.tag_count)),
+        "period_active": (<char*>&row.period_active - at, sizeof(row.period_active)),
+        "_pad": (<char*>&row._pad - at, sizeof(row._pad)),
+        "tags": (<char*>&row.tags - at, sizeof(row.tags)),
+        "gross": (<char*>&row.gross - at, sizeof(row.gross)),
+        "merchant_discount": (<char*>&row.merchant_discount - at, sizeof(row.merchant_discount)),
+        "platform_discount": (<char*>&row.platform_discount - at, sizeof(row.platform_discount)),
+        "fees": (<char*>&row.fees - at, sizeof(row.fees)),
+        "refund_cash": (<char*>&row.refund_cash - at, sizeof(row.refund_cash)),
+        "refund_platform_discount": (<char*>&row.refund_platform_discount - at, sizeof(row.refund_platform_discount)),
+        "refund_merchant_discount": (<char*>&row.refund_merchant_discount - at, sizeof(row.refund_merchant_discount)),
+        "refund_fee": (<char*>&row.refund_fee - at, sizeof(row.refund_fee)),
+        "settled_balance": (<char*>&row.settled_balance - at, sizeof(row.settled_balance)),
+        "stat_payments": (<char*>&row.stat_payments - at, sizeof(row.stat_payments)),
+        "stat_gmv": (<char*>&row.stat_gmv - at, sizeof(row.stat_gmv)),
+        "stat_unique_payers": (<char*>&row.stat_unique_payers - at, sizeof(row.stat_unique_payers)),
+        "stat_repeat_payers": (<char*>&row.stat_repeat_payers - at, sizeof(row.stat_repeat_payers)),
+        "stat_coupon_payments": (<char*>&row.stat_coupon_payments - at, sizeof(row.stat_coupon_payments)),
+        "stat_points_issued": (<char*>&row.stat_points_issued - at, sizeof(row.stat_points_issued)),
+    }
+
+
+cdef dict layout_Stock():
+    cdef Stock row
+    cdef char* at = <char*>&row
+    return {
+        "id": (<char*>&row.id - at, sizeof(row.id)),
+        "merchant_id": (<char*>&row.merchant_id - at, sizeof(row.merchant_id)),
+        "value": (<char*>&row.value - at, sizeof(row.value)),
+        "cap": (<char*>&row.cap - at, sizeof(row.cap)),
+        "min_spend": (<char*>&row.min_spend - at, sizeof(row.min_spend)),
+        "valid_from": (<char*>&row.valid_from - at, sizeof(row.valid_from)),
+        "valid_until": (<char*>&row.valid_until - at, sizeof(row.valid_until)),
+        "validity_ms": (<char*>&row.validity_ms - at, sizeof(row.validity_ms)),
+        "budget": (<char*>&row.budget - at, sizeof(row.budget)),
+        "max_issued": (<char*>&row.max_issued - at, sizeof(row.max_issued)),
+        "per_user_limit": (<char*>&row.per_user_limit - at, sizeof(row.per_user_limit)),
+        "daily_budget": (<char*>&row.daily_budget - at, sizeof(row.daily_budget)),
+        "per_user_daily_limit": (<char*>&row.per_user_daily_limit - at, sizeof(row.per_user_daily_limit)),
+        "spent": (<char*>&row.spent - at, sizeof(row.spent)),
+        "reserved": (<char*>&row.reserved - at, sizeof(row.reserved)),
+        "issued": (<char*>&row.issued - at, sizeof(row.issued)),
+        "campaign": (<char*>&row.campaign - at, sizeof(row.campaign)),
+        "day": (<char*>&row.day - at, sizeof(row.day)),
+        "day_spent": (<char*>&row.day_spent - at, sizeof(row.day_spent)),
+        "stat_redeemed": (<char*>&row.stat_redeemed - at, sizeof(row.stat_redeemed)),
+        "stat_gmv": (<char*>&row.stat_gmv - at, sizeof(row.stat_gmv)),
+        "stat_payers_new": (<char*>&row.stat_payers_new - at, sizeof(row.stat_payers_new)),
+        "stat_payers_returning": (<char*>&row.stat_payers_returning - at, sizeof(row.stat_payers_returning)),
+        "merchant": (<char*>&row.merchant - at, sizeof(row.merchant)),
+        "list_at": (<char*>&row.list_at - at, sizeof(row.list_at)),
+        "merchants_count": (<char*>&row.merchants_count - at, sizeof(row.merchants_count)),
+        "tags_count": (<char*>&row.tags_count - at, sizeof(row.tags_count)),
+        "goods_count": (<char*>&row.goods_count - at, sizeof(row.goods_count)),
+        "slot_at": (<char*>&row.slot_at - at, sizeof(row.slot_at)),
+        "slots_count": (<char*>&row.slots_count - at, sizeof(row.slots_count)),
+        "funder": (<char*>&row.funder - at, sizeof(row.funder)),
+        "kind": (<char*>&row.kind - at, sizeof(row.kind)),
+        "stacking": (<char*>&row.stacking - at, sizeof(row.stacking)),
+    }
+
+
+cdef dict layout_Coupon():
+    cdef Coupon row
+    cdef char* at = <char*>&row
+    return {
+        "id": (<char*>&row.id - at, sizeof(row.id)),
+        "expires_at": (<char*>&row.expires_at - at, sizeof(row.expires_at)),
+        "stock": (<char*>&row.stock - at, sizeof(row.stock)),
+        "user": (<char*>&row.user - at, sizeof(row.user)),
+        "next": (<char*>&row.next - at, sizeof(row.next)),
+        "payment": (<char*>&row.payment - at, sizeof(row.payment)),
+        "next_live": (<char*>&row.next_live - at, sizeof(row.next_live)),
+        "state": (<char*>&row.state - at, sizeof(row.state)),
+        "live": (<char*>&row.live - at, sizeof(row.live)),
+    }
+
+
+cdef dict layout_Payment():
+    cdef Payment row
+    cdef char* at = <char*>&row
+    return {
+        "applied": (<char*>&row.applied - at, sizeof(row.applied)),
+        "refunded_part": (<char*>&row.refunded_part - at, sizeof(row.refunded_part)),
+        "amount": (<char*>&row.amount - at, sizeof(row.amount)),
+        "authorized_amount": (<char*>&row.authorized_amount - at, sizeof(row.authorized_amount)),
+        "cash": (<char*>&row.cash - at, sizeof(row.cash)),
+        "discount": (<char*>&row.discount - at, sizeof(row.discount)),
+        "fee": (<char*>&row.fee - at, sizeof(row.fee)),
+        "refunded_amount": (<char*>&row.refunded_amount - at, sizeof(row.refunded_amount)),
+        "refunded_cash": (<char*>&row.refunded_cash - at, sizeof(row.refunded_cash)),
+        "refunded_fee": (<char*>&row.refunded_fee - at, sizeof(row.refunded_fee)),
+        "created_at": (<char*>&row.created_at - at, sizeof(row.created_at)),
+        "completed_at": (<char*>&row.completed_at - at, sizeof(row.completed_at)),
+        "ended_at": (<char*>&row.ended_at - at, sizeof(row.ended_at)),
+        "hold_expires_at": (<char*>&row.hold_expires_at - at, sizeof(row.hold_expires_at)),
+        "day": (<char*>&row.day - at, sizeof(row.day)),
+        "coupon": (<char*>&row.coupon - at, sizeof(row.coupon)),
+        "earn_at": (<char*>&row.earn_at - at, sizeof(row.earn_at)),
+        "earn_count": (<char*>&row.earn_count - at, sizeof(row.earn_count)),
+        "user": (<char*>&row.user - at, sizeof(row.user)),
+        "merchant": (<char*>&row.merchant - at, sizeof(row.merchant)),
+        "state": (<char*>&row.state - at, sizeof(row.state)),
+        "coupon_count": (<char*>&row.coupon_count - at, sizeof(row.coupon_count)),
+        "released": (<char*>&row.released - at, sizeof(row.released)),
+        "reversed": (<char*>&row.reversed - at, sizeof(row.reversed)),
+    }
+
+
+cdef dict layout_Refund():
+    cdef Refund row
+    cdef char* at = <char*>&row
+    return {
+        "id": (<char*>&row.id - at, sizeof(row.id)),
+        "payment": (<char*>&row.payment - at, sizeof(row.payment)),
+        "amount": (<char*>&row.amount - at, sizeof(row.amount)),
+        "cash": (<char*>&row.cash - at, sizeof(row.cash)),
+        "discount": (<char*>&row.discount - at, sizeof(row.discount)),
+        "fee": (<char*>&row.fee - at, sizeof(row.fee)),
+    }
+
+
+cdef dict layout_Tombstone():
+    cdef Tombstone row
+    cdef char* at = <char*>&row
+    return {
+        "id": (<char*>&row.id - at, sizeof(row.id)),
+    }
+
+
+cdef dict layout_Code():
+    cdef Code row
+    cdef char* at = <char*>&row
+    return {
+        "code": (<char*>&row.code - at, sizeof(row.code)),
+        "expires_at": (<char*>&row.expires_at - at, sizeof(row.expires_at)),
+        "user": (<char*>&row.user - at, sizeof(row.user)),
+        "used": (<char*>&row.used - at, sizeof(row.used)),
+    }
+
+
+cdef dict layout_Program():
+    cdef Program row
+    cdef char* at = <char*>&row
+    return {
+        "id": (<char*>&row.id - at, sizeof(row.id)),
+        "reward_stock_id": (<char*>&row.reward_stock_id - at, sizeof(row.reward_stock_id)),
+        "rate": (<char*>&row.rate - at, sizeof(row.rate)),
+        "threshold": (<char*>&row.threshold - at, sizeof(row.threshold)),
+        "stamps": (<char*>&row.stamps - at, sizeof(row.stamps)),
+        "reward_stock": (<char*>&row.reward_stock - at, sizeof(row.reward_stock)),
+        "list_at": (<char*>&row.list_at - at, sizeof(row.list_at)),
+        "merchants_count": (<char*>&row.merchants_count - at, sizeof(row.merchants_count)),
+        "tags_count": (<char*>&row.tags_count - at, sizeof(row.tags_count)),
+        "kind": (<char*>&row.kind - at, sizeof(row.kind)),
+    }
+
+
+cdef dict layout_Membership():
+    cdef Membership row
+    cdef char* at = <char*>&row
+    return {
+        "key": (<char*>&row.key - at, sizeof(row.key)),
+        "points": (<char*>&row.points - at, sizeof(row.points)),
+        "stamps": (<char*>&row.stamps - at, sizeof(row.stamps)),
+        "user": (<char*>&row.user - at, sizeof(row.user)),
+        "program": (<char*>&row.program - at, sizeof(row.program)),
+        "reward": (<char*>&row.reward - at, sizeof(row.reward)),
+        "next": (<char*>&row.next - at, sizeof(row.next)),
+    }
+
+
+cdef dict layout_Earning():
+    cdef Earning row
+    cdef char* at = <char*>&row
+    return {
+        "points": (<char*>&row.points - at, sizeof(row.points)),
+        "clawed": (<char*>&row.clawed - at, sizeof(row.clawed)),
+        "payment": (<char*>&row.payment - at, sizeof(row.payment)),
+        "program": (<char*>&row.program - at, sizeof(row.program)),
+        "stamped": (<char*>&row.stamped - at, sizeof(row.stamped)),
+    }
+
+
+cdef dict layout_Visit():
+    cdef Visit row
+    cdef char* at = <char*>&row
+    return {
+        "key": (<char*>&row.key - at, sizeof(row.key)),
+        "payments": (<char*>&row.payments - at, sizeof(row.payments)),
+        "user": (<char*>&row.user - at, sizeof(row.user)),
+        "merchant": (<char*>&row.merchant - at, sizeof(row.merchant)),
+    }
+
+
+cdef dict layout_Redemption():
+    cdef Redemption row
+    cdef char* at = <char*>&row
+    return {
+        "coupon": (<char*>&row.coupon - at, sizeof(row.coupon)),
+        "price": (<char*>&row.price - at, sizeof(row.price)),
+        "user": (<char*>&row.user - at, sizeof(row.user)),
+        "program": (<char*>&row.program - at, sizeof(row.program)),
+    }
+
+
 cdef dict c_layouts():
-    cdef PayRecord _PayRecord
-    cdef PayResult _PayResult
-    cdef IssueRecord _IssueRecord
-    cdef IssueResult _IssueResult
-    cdef CaptureRecord _CaptureRecord
-    cdef RefundRecord _RefundRecord
-    cdef RefundResult _RefundResult
-    cdef User _User
-    cdef Merchant _Merchant
-    cdef Stock _Stock
-    cdef Coupon _Coupon
-    cdef Payment _Payment
-    cdef Refund _Refund
-    cdef Tombstone _Tombstone
-    cdef Code _Code
-    cdef Program _Program
-    cdef Membership _Membership
-    cdef Earning _Earning
-    cdef Visit _Visit
-    cdef Redemption _Redemption
-    cdef char* at
-    layouts = {}
-    at = <char*>&_PayRecord
-    layouts["PayRecord"] = {
-        "id": (<char*>&_PayRecord.id - at, sizeof(_PayRecord.id)),
-        "payer": (<char*>&_PayRecord.payer - at, sizeof(_PayRecord.payer)),
-        "merchant": (<char*>&_PayRecord.merchant - at, sizeof(_PayRecord.merchant)),
-        "amount": (<char*>&_PayRecord.amount - at, sizeof(_PayRecord.amount)),
-        "flags": (<char*>&_PayRecord.flags - at, sizeof(_PayRecord.flags)),
-        "goods_tag": (<char*>&_PayRecord.goods_tag - at, sizeof(_PayRecord.goods_tag)),
-        "coupons": (<char*>&_PayRecord.coupons - at, sizeof(_PayRecord.coupons)),
-        "user_data": (<char*>&_PayRecord.user_data - at, sizeof(_PayRecord.user_data)),
+    return {
+        "PayRecord": layout_PayRecord(),
+        "PayResult": layout_PayResult(),
+        "IssueRecord": layout_IssueRecord(),
+        "IssueResult": layout_IssueResult(),
+        "CaptureRecord": layout_CaptureRecord(),
+        "RefundRecord": layout_RefundRecord(),
+        "RefundResult": layout_RefundResult(),
+        "User": layout_User(),
+        "Merchant": layout_Merchant(),
+        "Stock": layout_Stock(),
+        "Coupon": layout_Coupon(),
+        "Payment": layout_Payment(),
+        "Refund": layout_Refund(),
+        "Tombstone": layout_Tombstone(),
+        "Code": layout_Code(),
+        "Program": layout_Program(),
+        "Membership": layout_Membership(),
+        "Earning": layout_Earning(),
+        "Visit": layout_Visit(),
+        "Redemption": layout_Redemption(),
     }
-    at = <char*>&_PayResult
-    layouts["PayResult"] = {
-        "id": (<char*>&_PayResult.id - at, sizeof(_PayResult.id)),
-        "status": (<char*>&_PayResult.status - at, sizeof(_PayResult.status)),
-        "flags": (<char*>&_PayResult.flags - at, sizeof(_PayResult.flags)),
-        "cash": (<char*>&_PayResult.cash - at, sizeof(_PayResult.cash)),
-        "discount": (<char*>&_PayResult.discount - at, sizeof(_PayResult.discount)),
-        "fee": (<char*>&_PayResult.fee - at, sizeof(_PayResult.fee)),
-        "timestamp": (<char*>&_PayResult.timestamp - at, sizeof(_PayResult.timestamp)),
-        "coupons": (<char*>&_PayResult.coupons - at, sizeof(_PayResult.coupons)),
-    }
-    at = <char*>&_IssueRecord
-    layouts["IssueRecord"] = {
-        "coupon": (<char*>&_IssueRecord.coupon - at, sizeof(_IssueRecord.coupon)),
-        "stock": (<char*>&_IssueRecord.stock - at, sizeof(_IssueRecord.stock)),
-        "user": (<char*>&_IssueRecord.user - at, sizeof(_IssueRecord.user)),
-        "reserved": (<char*>&_IssueRecord.reserved - at, sizeof(_IssueRecord.reserved)),
-    }
-    at = <char*>&_IssueResult
-    layouts["IssueResult"] = {
-        "coupon": (<char*>&_IssueResult.coupon - at, sizeof(_IssueResult.coupon)),
-        "status": (<char*>&_IssueResult.status - at, sizeof(_IssueResult.status)),
-        "flags": (<char*>&_IssueResult.flags - at, sizeof(_IssueResult.flags)),
-        "expires_at": (<char*>&_IssueResult.expires_at - at, sizeof(_IssueResult.expires_at)),
-    }
-    at = <char*>&_CaptureRecord
-    layouts["CaptureRecord"] = {
-        "payment": (<char*>&_CaptureRecord.payment - at, sizeof(_CaptureRecord.payment)),
-        "amount": (<char*>&_CaptureRecord.amount - at, sizeof(_CaptureRecord.amount)),
-    }
-    at = <char*>&_RefundRecord
-    layouts["RefundRecord"] = {
-        "id": (<char*>&_RefundRecord.id - at, sizeof(_RefundRecord.id)),
-        "payment": (<char*>&_RefundRecord.payment - at, sizeof(_RefundRecord.payment)),
-        "amount": (<char*>&_RefundRecord.amount - at, sizeof(_RefundRecord.amount)),
-        "reserved": (<char*>&_RefundRecord.reserved - at, sizeof(_RefundRecord.reserved)),
-    }
-    at = <char*>&_RefundResult
-    layouts["RefundResult"] = {
-        "id": (<char*>&_RefundResult.id - at, sizeof(_RefundResult.id)),
-        "status": (<char*>&_RefundResult.status - at, sizeof(_RefundResult.status)),
-        "flags": (<char*>&_RefundResult.flags - at, sizeof(_RefundResult.flags)),
-        "cash": (<char*>&_RefundResult.cash - at, sizeof(_RefundResult.cash)),
-        "discount": (<char*>&_RefundResult.discount - at, sizeof(_RefundResult.discount)),
-        "fee": (<char*>&_RefundResult.fee - at, sizeof(_RefundResult.fee)),
-    }
-    at = <char*>&_User
-    layouts["User"] = {
-        "id": (<char*>&_User.id - at, sizeof(_User.id)),
-        "balance": (<char*>&_User.balance - at, sizeof(_User.balance)),
-        "held": (<char*>&_User.held - at, sizeof(_User.held)),
-        "coupon_head": (<char*>&_User.coupon_head - at, sizeof(_User.coupon_head)),
-        "coupon_count": (<char*>&_User.coupon_count - at, sizeof(_User.coupon_count)),
-        "live_head": (<char*>&_User.live_head - at, sizeof(_User.live_head)),
-        "membership_head": (<char*>&_User.membership_head - at, sizeof(_User.membership_head)),
-    }
-    at = <char*>&_Merchant
-    layouts["Merchant"] = {
-        "id": (<char*>&_Merchant.id - at, sizeof(_Merchant.id)),
-        "balance": (<char*>&_Merchant.balance - at, sizeof(_Merchant.balance)),
-        "fee_bps": (<char*>&_Merchant.fee_bps - at, sizeof(_Merchant.fee_bps)),
-        "active": (<char*>&_Merchant.active - at, sizeof(_Merchant.active)),
-        "tag_count": (<char*>&_Merchant.tag_count - at, sizeof(_Merchant.tag_count)),
-        "period_active": (<char*>&_Merchant.period_active - at, sizeof(_Merchant.period_active)),
-        "_pad": (<char*>&_Merchant._pad - at, sizeof(_Merchant._pad)),
-        "tags": (<char*>&_Merchant.tags - at, sizeof(_Merchant.tags)),
-        "gross": (<char*>&_Merchant.gross - at, sizeof(_Merchant.gross)),
-        "merchant_discount": (<char*>&_Merchant.merchant_discount - at, sizeof(_Merchant.merchant_discount)),
-        "platform_discount": (<char*>&_Merchant.platform_discount - at, sizeof(_Merchant.platform_discount)),
-        "fees": (<char*>&_Merchant.fees - at, sizeof(_Merchant.fees)),
-        "refund_cash": (<char*>&_Merchant.refund_cash - at, sizeof(_Merchant.refund_cash)),
-        "refund_platform_discount": (<char*>&_Merchant.refund_platform_discount - at, sizeof(_Merchant.refund_platform_discount)),
-        "refund_merchant_discount": (<char*>&_Merchant.refund_merchant_discount - at, sizeof(_Merchant.refund_merchant_discount)),
-        "refund_fee": (<char*>&_Merchant.refund_fee - at, sizeof(_Merchant.refund_fee)),
-        "settled_balance": (<char*>&_Merchant.settled_balance - at, sizeof(_Merchant.settled_balance)),
-        "stat_payments": (<char*>&_Merchant.stat_payments - at, sizeof(_Merchant.stat_payments)),
-        "stat_gmv": (<char*>&_Merchant.stat_gmv - at, sizeof(_Merchant.stat_gmv)),
-        "stat_unique_payers": (<char*>&_Merchant.stat_unique_payers - at, sizeof(_Merchant.stat_unique_payers)),
-        "stat_repeat_payers": (<char*>&_Merchant.stat_repeat_payers - at, sizeof(_Merchant.stat_repeat_payers)),
-        "stat_coupon_payments": (<char*>&_Merchant.stat_coupon_payments - at, sizeof(_Merchant.stat_coupon_payments)),
-        "stat_points_issued": (<char*>&_Merchant.stat_points_issued - at, sizeof(_Merchant.stat_points_issued)),
-    }
-    at = <char*>&_Stock
-    layouts["Stock"] = {
-        "id": (<char*>&_Stock.id - at, sizeof(_Stock.id)),
-        "merchant_id": (<char*>&_Stock.merchant_id - at, sizeof(_Stock.merchant_id)),
-        "value": (<char*>&_Stock.value - at, sizeof(_Stock.value)),
-        "cap": (<char*>&_Stock.cap - at, sizeof(_Stock.cap)),
-        "min_spend": (<char*>&_Stock.min_spend - at, sizeof(_Stock.min_spend)),
-        "valid_from": (<char*>&_Stock.valid_from - at, sizeof(_Stock.valid_from)),
-        "valid_until": (<char*>&_Stock.valid_until - at, sizeof(_Stock.valid_until)),
-        "validity_ms": (<char*>&_Stock.validity_ms - at, sizeof(_Stock.validity_ms)),
-        "budget": (<char*>&_Stock.budget - at, sizeof(_Stock.budget)),
-        "max_issued": (<char*>&_Stock.max_issued - at, sizeof(_Stock.max_issued)),
-        "per_user_limit": (<char*>&_Stock.per_user_limit - at, sizeof(_Stock.per_user_limit)),
-        "daily_budget": (<char*>&_Stock.daily_budget - at, sizeof(_Stock.daily_budget)),
-        "per_user_daily_limit": (<char*>&_Stock.per_user_daily_limit - at, sizeof(_Stock.per_user_daily_limit)),
-        "spent": (<char*>&_Stock.spent - at, sizeof(_Stock.spent)),
-        "reserved": (<char*>&_Stock.reserved - at, sizeof(_Stock.reserved)),
-        "issued": (<char*>&_Stock.issued - at, sizeof(_Stock.issued)),
-        "campaign": (<char*>&_Stock.campaign - at, sizeof(_Stock.campaign)),
-        "day": (<char*>&_Stock.day - at, sizeof(_Stock.day)),
-        "day_spent": (<char*>&_Stock.day_spent - at, sizeof(_Stock.day_spent)),
-        "stat_redeemed": (<char*>&_Stock.stat_redeemed - at, sizeof(_Stock.stat_redeemed)),
-        "stat_gmv": (<char*>&_Stock.stat_gmv - at, sizeof(_Stock.stat_gmv)),
-        "stat_payers_new": (<char*>&_Stock.stat_payers_new - at, sizeof(_Stock.stat_payers_new)),
-        "stat_payers_returning": (<char*>&_Stock.stat_payers_returning - at, sizeof(_Stock.stat_payers_returning)),
-        "merchant": (<char*>&_Stock.merchant - at, sizeof(_Stock.merchant)),
-        "list_at": (<char*>&_Stock.list_at - at, sizeof(_Stock.list_at)),
-        "merchants_count": (<char*>&_Stock.merchants_count - at, sizeof(_Stock.merchants_count)),
-        "tags_count": (<char*>&_Stock.tags_count - at, sizeof(_Stock.tags_count)),
-        "goods_count": (<char*>&_Stock.goods_count - at, sizeof(_Stock.goods_count)),
-        "slot_at": (<char*>&_Stock.slot_at - at, sizeof(_Stock.slot_at)),
-        "slots_count": (<char*>&_Stock.slots_count - at, sizeof(_Stock.slots_count)),
-        "funder": (<char*>&_Stock.funder - at, sizeof(_Stock.funder)),
-        "kind": (<char*>&_Stock.kind - at, sizeof(_Stock.kind)),
-        "stacking": (<char*>&_Stock.stacking - at, sizeof(_Stock.stacking)),
-    }
-    at = <char*>&_Coupon
-    layouts["Coupon"] = {
-        "id": (<char*>&_Coupon.id - at, sizeof(_Coupon.id)),
-        "expires_at": (<char*>&_Coupon.expires_at - at, sizeof(_Coupon.expires_at)),
-        "stock": (<char*>&_Coupon.stock - at, sizeof(_Coupon.stock)),
-        "user": (<char*>&_Coupon.user - at, sizeof(_Coupon.user)),
-        "next": (<char*>&_Coupon.next - at, sizeof(_Coupon.next)),
-        "payment": (<char*>&_Coupon.payment - at, sizeof(_Coupon.payment)),
-        "next_live": (<char*>&_Coupon.next_live - at, sizeof(_Coupon.next_live)),
-        "state": (<char*>&_Coupon.state - at, sizeof(_Coupon.state)),
-        "live": (<char*>&_Coupon.live - at, sizeof(_Coupon.live)),
-    }
-    at = <char*>&_Payment
-    layouts["Payment"] = {
-        "applied": (<char*>&_Payment.applied - at, sizeof(_Payment.applied)),
-        "refunded_part": (<char*>&_Payment.refunded_part - at, sizeof(_Payment.refunded_part)),
-        "amount": (<char*>&_Payment.amount - at, sizeof(_Payment.amount)),
-        "authorized_amount": (<char*>&_Payment.authorized_amount - at, sizeof(_Payment.authorized_amount)),
-        "cash": (<char*>&_Payment.cash - at, sizeof(_Payment.cash)),
-        "discount": (<char*>&_Payment.discount - at, sizeof(_Payment.discount)),
-        "fee": (<char*>&_Payment.fee - at, sizeof(_Payment.fee)),
-        "refunded_amount": (<char*>&_Payment.refunded_amount - at, sizeof(_Payment.refunded_amount)),
-        "refunded_cash": (<char*>&_Payment.refunded_cash - at, sizeof(_Payment.refunded_cash)),
-        "refunded_fee": (<char*>&_Payment.refunded_fee - at, sizeof(_Payment.refunded_fee)),
-        "created_at": (<char*>&_Payment.created_at - at, sizeof(_Payment.created_at)),
-        "completed_at": (<char*>&_Payment.completed_at - at, sizeof(_Payment.completed_at)),
-        "ended_at": (<char*>&_Payment.ended_at - at, sizeof(_Payment.ended_at)),
-        "hold_expires_at": (<char*>&_Payment.hold_expires_at - at, sizeof(_Payment.hold_expires_at)),
-        "day": (<char*>&_Payment.day - at, sizeof(_Payment.day)),
-        "coupon": (<char*>&_Payment.coupon - at, sizeof(_Payment.coupon)),
-        "earn_at": (<char*>&_Payment.earn_at - at, sizeof(_Payment.earn_at)),
-        "earn_count": (<char*>&_Payment.earn_count - at, sizeof(_Payment.earn_count)),
-        "user": (<char*>&_Payment.user - at, sizeof(_Payment.user)),
-        "merchant": (<char*>&_Payment.merchant - at, sizeof(_Payment.merchant)),
-        "state": (<char*>&_Payment.state - at, sizeof(_Payment.state)),
-        "coupon_count": (<char*>&_Payment.coupon_count - at, sizeof(_Payment.coupon_count)),
-        "released": (<char*>&_Payment.released - at, sizeof(_Payment.released)),
-        "reversed": (<char*>&_Payment.reversed - at, sizeof(_Payment.reversed)),
-    }
-    at = <char*>&_Refund
-    layouts["Refund"] = {
-        "id": (<char*>&_Refund.id - at, sizeof(_Refund.id)),
-        "payment": (<char*>&_Refund.payment - at, sizeof(_Refund.payment)),
-        "amount": (<char*>&_Refund.amount - at, sizeof(_Refund.amount)),
-        "cash": (<char*>&_Refund.cash - at, sizeof(_Refund.cash)),
-        "discount": (<char*>&_Refund.discount - at, sizeof(_Refund.discount)),
-        "fee": (<char*>&_Refund.fee - at, sizeof(_Refund.fee)),
-    }
-    at = <char*>&_Tombstone
-    layouts["Tombstone"] = {
-        "id": (<char*>&_Tombstone.id - at, sizeof(_Tombstone.id)),
-    }
-    at = <char*>&_Code
-    layouts["Code"] = {
-        "code": (<char*>&_Code.code - at, sizeof(_Code.code)),
-        "expires_at": (<char*>&_Code.expires_at - at, sizeof(_Code.expires_at)),
-        "user": (<char*>&_Code.user - at, sizeof(_Code.user)),
-        "used": (<char*>&_Code.used - at, sizeof(_Code.used)),
-    }
-    at = <char*>&_Program
-    layouts["Program"] = {
-        "id": (<char*>&_Program.id - at, sizeof(_Program.id)),
-        "reward_stock_id": (<char*>&_Program.reward_stock_id - at, sizeof(_Program.reward_stock_id)),
-        "rate": (<char*>&_Program.rate - at, sizeof(_Program.rate)),
-        "threshold": (<char*>&_Program.threshold - at, sizeof(_Program.threshold)),
-        "stamps": (<char*>&_Program.stamps - at, sizeof(_Program.stamps)),
-        "reward_stock": (<char*>&_Program.reward_stock - at, sizeof(_Program.reward_stock)),
-        "list_at": (<char*>&_Program.list_at - at, sizeof(_Program.list_at)),
-        "merchants_count": (<char*>&_Program.merchants_count - at, sizeof(_Program.merchants_count)),
-        "tags_count": (<char*>&_Program.tags_count - at, sizeof(_Program.tags_count)),
-        "kind": (<char*>&_Program.kind - at, sizeof(_Program.kind)),
-    }
-    at = <char*>&_Membership
-    layouts["Membership"] = {
-        "key": (<char*>&_Membership.key - at, sizeof(_Membership.key)),
-        "points": (<char*>&_Membership.points - at, sizeof(_Membership.points)),
-        "stamps": (<char*>&_Membership.stamps - at, sizeof(_Membership.stamps)),
-        "user": (<char*>&_Membership.user - at, sizeof(_Membership.user)),
-        "program": (<char*>&_Membership.program - at, sizeof(_Membership.program)),
-        "reward": (<char*>&_Membership.reward - at, sizeof(_Membership.reward)),
-        "next": (<char*>&_Membership.next - at, sizeof(_Membership.next)),
-    }
-    at = <char*>&_Earning
-    layouts["Earning"] = {
-        "points": (<char*>&_Earning.points - at, sizeof(_Earning.points)),
-        "clawed": (<char*>&_Earning.clawed - at, sizeof(_Earning.clawed)),
-        "payment": (<char*>&_Earning.payment - at, sizeof(_Earning.payment)),
-        "program": (<char*>&_Earning.program - at, sizeof(_Earning.program)),
-        "stamped": (<char*>&_Earning.stamped - at, sizeof(_Earning.stamped)),
-    }
-    at = <char*>&_Visit
-    layouts["Visit"] = {
-        "key": (<char*>&_Visit.key - at, sizeof(_Visit.key)),
-        "payments": (<char*>&_Visit.payments - at, sizeof(_Visit.payments)),
-        "user": (<char*>&_Visit.user - at, sizeof(_Visit.user)),
-        "merchant": (<char*>&_Visit.merchant - at, sizeof(_Visit.merchant)),
-    }
-    at = <char*>&_Redemption
-    layouts["Redemption"] = {
-        "coupon": (<char*>&_Redemption.coupon - at, sizeof(_Redemption.coupon)),
-        "price": (<char*>&_Redemption.price - at, sizeof(_Redemption.price)),
-        "user": (<char*>&_Redemption.user - at, sizeof(_Redemption.user)),
-        "program": (<char*>&_Redemption.program - at, sizeof(_Redemption.program)),
-    }
-    return layouts

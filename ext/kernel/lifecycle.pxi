@@ -181,7 +181,8 @@ cdef class _Lifecycle(_Pay):
     def capture(self, const uint64_t[::1] payments, const int64_t[::1] amounts,
                 int64_t now, uint8_t[::1] out):
         cdef int64_t n = payments.shape[0], i
-        assert amounts.shape[0] == n and out.shape[0] == n * sizeof(PayResult)
+        if not (amounts.shape[0] == n and out.shape[0] == n * sizeof(PayResult)):
+            raise ValueError("a batch must satisfy amounts.shape[0] == n and out.shape[0] == n * sizeof(PayResult)")
         self.reserve_completions(n)
         cdef PayResult* res = <PayResult*>&out[0] if n else NULL
         with nogil:
@@ -193,7 +194,8 @@ cdef class _Lifecycle(_Pay):
     def void(self, const uint64_t[::1] payments, int64_t now, uint8_t[::1] out):
         cdef int64_t n = payments.shape[0], i
         cdef PayResult* res = <PayResult*>&out[0] if n else NULL
-        assert out.shape[0] == n * sizeof(PayResult)
+        if not (out.shape[0] == n * sizeof(PayResult)):
+            raise ValueError("a batch must satisfy out.shape[0] == n * sizeof(PayResult)")
         with nogil:
             for i in range(n):
                 res[i].status = self.void_one(payments[i], now, &res[i])
@@ -203,7 +205,8 @@ cdef class _Lifecycle(_Pay):
     def capture_records(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
         """CAPTURE_RECORDS: a batch of CaptureRecords -> PayResults."""
         cdef int64_t n = records.shape[0] // sizeof(CaptureRecord), i
-        assert 1 <= n <= BATCH_RECORDS_MAX and out.shape[0] == n * sizeof(PayResult)
+        if not (1 <= n <= BATCH_RECORDS_MAX and out.shape[0] == n * sizeof(PayResult)):
+            raise ValueError("a batch must satisfy 1 <= n <= BATCH_RECORDS_MAX and out.shape[0] == n * sizeof(PayResult)")
         self.reserve_completions(n)
         cdef const CaptureRecord* rec = <const CaptureRecord*>&records[0]
         cdef PayResult* res = <PayResult*>&out[0]

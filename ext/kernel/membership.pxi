@@ -44,7 +44,8 @@ cdef class _Membership(_Issue):
 
     def find_membership(self, int32_t user, int32_t program):
         """The (user slot, program slot) membership row, or -1."""
-        assert 0 <= user < self.n_users and 0 <= program < self.n_programs
+        if not (0 <= user < self.n_users and 0 <= program < self.n_programs):
+            raise IndexError(f"no wallet {user} or program {program}")
         return self.membership(user, program, False)
 
     cdef int32_t reward(self, const Program* pg, int32_t u, int64_t now) noexcept nogil:

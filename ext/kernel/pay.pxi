@@ -136,9 +136,12 @@ cdef class _Pay(_Membership):
     def pay(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
         """Apply a batch of PayRecords (raw bytes) at engine time `now`."""
         cdef int64_t n = records.shape[0] // sizeof(PayRecord)
-        assert 1 <= n <= BATCH_RECORDS_MAX
-        assert records.shape[0] == n * sizeof(PayRecord)
-        assert out.shape[0] == n * sizeof(PayResult)
+        if not (1 <= n <= BATCH_RECORDS_MAX):
+            raise ValueError("a batch must satisfy 1 <= n <= BATCH_RECORDS_MAX")
+        if not (records.shape[0] == n * sizeof(PayRecord)):
+            raise ValueError("a batch must satisfy records.shape[0] == n * sizeof(PayRecord)")
+        if not (out.shape[0] == n * sizeof(PayResult)):
+            raise ValueError("a batch must satisfy out.shape[0] == n * sizeof(PayResult)")
         self.reserve("payments", n)
         self.reserve_completions(n)
         self._reserve_cands()

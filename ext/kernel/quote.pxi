@@ -9,7 +9,8 @@ cdef class _Quote(_Settle):
         explain is [(coupon id, stock id, discount, reason)] by coupon id and
         reason is a status code, REASON_APPLIED or REASON_NOT_CHOSEN.
         """
-        assert record.shape[0] == sizeof(PayRecord)
+        if not (record.shape[0] == sizeof(PayRecord)):
+            raise ValueError("a batch must satisfy record.shape[0] == sizeof(PayRecord)")
         self._reserve_cands()
         cdef const PayRecord* r = <const PayRecord*>&record[0]
         cdef Clock t = self.clock_at(now)

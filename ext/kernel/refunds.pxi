@@ -121,7 +121,8 @@ cdef class _Refunds(_Lifecycle):
 
     def reverse(self, const uint64_t[::1] payments, int64_t now, uint8_t[::1] out):
         cdef int64_t n = payments.shape[0], i
-        assert out.shape[0] == n * sizeof(PayResult)
+        if not (out.shape[0] == n * sizeof(PayResult)):
+            raise ValueError("a batch must satisfy out.shape[0] == n * sizeof(PayResult)")
         self.reserve("tombstones", n)
         cdef PayResult* res = <PayResult*>&out[0] if n else NULL
         with nogil:
@@ -135,8 +136,10 @@ cdef class _Refunds(_Lifecycle):
                int32_t[::1] status):
         """Refunds; status[i] is a status code, or -1 for a replay."""
         cdef int64_t n = ids.shape[0], i
-        assert payments.shape[0] == n and amounts.shape[0] == n and status.shape[0] == n
-        assert out.shape[0] == n * sizeof(Refund)
+        if not (payments.shape[0] == n and amounts.shape[0] == n and status.shape[0] == n):
+            raise ValueError("a batch must satisfy payments.shape[0] == n and amounts.shape[0] == n and status.shape[0] == n")
+        if not (out.shape[0] == n * sizeof(Refund)):
+            raise ValueError("a batch must satisfy out.shape[0] == n * sizeof(Refund)")
         self.reserve("refunds", n)
         cdef Refund* res = <Refund*>&out[0] if n else NULL
         with nogil:
@@ -148,7 +151,8 @@ cdef class _Refunds(_Lifecycle):
     def refund_records(self, const uint8_t[::1] records, int64_t now, uint8_t[::1] out):
         """REFUND_RECORDS: a batch of RefundRecords -> RefundResults."""
         cdef int64_t n = records.shape[0] // sizeof(RefundRecord), i
-        assert 1 <= n <= BATCH_RECORDS_MAX and out.shape[0] == n * sizeof(RefundResult)
+        if not (1 <= n <= BATCH_RECORDS_MAX and out.shape[0] == n * sizeof(RefundResult)):
+            raise ValueError("a batch must satisfy 1 <= n <= BATCH_RECORDS_MAX and out.shape[0] == n * sizeof(RefundResult)")
         self.reserve("refunds", n)
         cdef const RefundRecord* rec = <const RefundRecord*>&records[0]
         cdef RefundResult* res = <RefundResult*>&out[0]

@@ -190,7 +190,8 @@ cdef class _Tables:
 
     def append(self, str table, uint64_t key):
         """Add a zeroed row with id `key` (known absent) and return its slot."""
-        assert key != 0
+        if key == 0:
+            raise ValueError("a row id is nonzero")
         self.reserve(table, 1)
         cdef int32_t slot
         if table == "users":
@@ -218,7 +219,8 @@ cdef class _Tables:
             index_put(&self.codes_ix.ix, key, slot)
             self.n_codes += 1
         elif table == "programs":
-            assert self.n_programs < <int64_t>PROGRAMS_MAX
+            if self.n_programs >= <int64_t>PROGRAMS_MAX:
+                raise ValueError(f"at most {PROGRAMS_MAX} programs")
             slot = self.n_programs
             self.PG[slot].id = key
             index_put(&self.programs_ix.ix, key, slot)
