@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import engine._kernel as kernel
+from engine.protocol.records import PAY_NO_COUPONS, PAY_RECORD, PAY_RESULT
 from engine._kernel import InvariantError, Ledger
 
 
@@ -33,13 +34,21 @@ def test_a_hold_above_the_balance_raises_at_the_next_posting():
         ledger.topup(user, 1)
 
 
-def test_a_negative_hold_raises_in_the_whole_ledger_check():
+def test_a_broken_wallet_raises_in_the_pay_batch_that_posts_to_it():
     ledger, user = wallet(100)
-    ledger._debug_set_held(user, -1)
-    with pytest.raises(InvariantError, match="wallet"):
-        ledger.topup(user, 1)
+    merchant = ledger.append("merchants", 9)
+    ledger.configure("merchants", merchant, {"active": 1})
+    records = np.zeros(2, PAY_RECORD)
+    records["id"], records["payer"], records["merchant"] = [1, 2], 7, 9
+    records["amount"], records["flags"] = 10, PAY_NO_COUPONS
+    out = np.zeros(2, PAY_RESULT)
+    ledger.pay(records[:1].tobytes(), 0, out[:1].view(np.uint8))
+    assert out["status"][0] == 0                 # sound: the check is silent
+    ledger._debug_set_held(user, -1)             # a kernel bug
+    with pytest.raises(InvariantError, match="pay: wallet"):
+        ledger.pay(records[1:].tobytes(), 0, out[1:].view(np.uint8))
     ledger._debug_set_held(user, 0)
-    ledger.check_invariants()                    # the flag was reported once, then cleared
+    ledger.check_invariants()                    # reported once, then cleared
 
 
 def test_topup_posts_both_sides_and_checks_its_arguments():
