@@ -13,6 +13,9 @@ import engine._kernel as kernel
 from engine.protocol.records import PAY_NO_COUPONS, PAY_RECORD, PAY_RESULT
 from engine._kernel import InvariantError, Ledger
 
+# The repository root, wherever this file sits under tests/.
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
+
 
 def wallet(balance: int) -> tuple[Ledger, int]:
     ledger = Ledger()
@@ -97,16 +100,14 @@ def test_a_ledger_loaded_from_another_ones_dump_shares_no_rows():
 
 
 def test_ci_runs_the_readme_test_command_with_the_debug_kernel():
-    root = Path(__file__).resolve().parent.parent
-    ci = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert "SCANPAY_KERNEL_DEBUG=1 .venv/bin/pip install" in ci
-    assert ci in (root / "README.md").read_text()
+    assert ci in (ROOT / "README.md").read_text()
 
 
 def test_the_generated_struct_layouts_are_up_to_date():
     # ext/kernel/layout.pxi is generated from ext/tables.pxd.
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, str(root / "tools" / "generate_layout.py"), "--check"],
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "generate_layout.py"), "--check"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
