@@ -1,8 +1,29 @@
-"""Builds the Cython kernel, the frame fast path and the load generator loop
-(ext/) into the engine package."""
+"""Builds the Cython kernel and the frame fast path (ext/) into the engine
+package. (The load generator's loop is benchmark tooling: bench/build_loadgen.py
+builds it on demand.)"""
+import os
+import pathlib
+
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+
+# SCANPAY_KERNEL_DEBUG=1 builds the kernel with its invariant checks (the
+# test suite's build, see .ci/run); unset or 0 builds the release kernel
+# (benchmarks, production), where the checks compile to nothing.
+KERNEL_DEBUG = os.environ.get("SCANPAY_KERNEL_DEBUG", "0") == "1"
+MODE_HEADER = pathlib.Path(__file__).parent / "ext" / "kernel" / "mode.h"
+
+
+def write_mode_header() -> bool:
+    """Write ext/kernel/mode.h for this build; True if the mode changed (then
+    the kernel is regenerated and recompiled, not reused from the other mode)."""
+    text = ("/* Written by setup.py from SCANPAY_KERNEL_DEBUG; not edited by hand. */\n"
+            f"#define SCANPAY_KERNEL_DEBUG {int(KERNEL_DEBUG)}\n")
+    if MODE_HEADER.exists() and MODE_HEADER.read_text() == text:
+        return False
+    MODE_HEADER.write_text(text)
+    return True
 
 
 def cython_extension(name: str, source: str, optimize: str = "-O3") -> Extension:
@@ -19,16 +40,15 @@ extensions = [
     cython_extension("_kernel", "kernel.pyx"),
     cython_extension("_framing", "framing.pyx"),
     cython_extension("_outlet", "outlet.pyx"),
-    # The client's hot path (engine/client.py; engine/_client_py.py is its twin).
+    # The client's hot path (engine/client/__init__.py; engine/_client_py.py is its twin).
     cython_extension("_client", "client.pyx"),
-    # The load generator's event loop (bench/loadgen.py): built with the
-    # engine so that benchmarks need no build step of their own.
-    cython_extension("_loadgen", "loadgen.pyx", "-O2"),
 ]
 
+mode_changed = write_mode_header()
 setup(
     ext_modules=cythonize(
         extensions,
+        force=mode_changed,
         include_path=["ext"],
         compiler_directives={"language_level": "3"},
     ),

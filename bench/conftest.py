@@ -29,6 +29,15 @@ def _enabled(config) -> bool:
     return bool(config.getoption("benchmark_only", False)) or os.environ.get("SCANPAY_BENCH") == "1"
 
 
+def pytest_sessionstart(session):
+    """Benchmarks measure the release kernel: the debug build (the test
+    suite's, SCANPAY_KERNEL_DEBUG=1) checks every posting and would skew them."""
+    import engine._kernel
+    if _enabled(session.config) and engine._kernel.DEBUG:
+        pytest.exit("the kernel is the debug build (SCANPAY_KERNEL_DEBUG=1); build the release "
+                    "kernel first: .venv/bin/pip install -q -e '.[bench]'", returncode=2)
+
+
 def pytest_collect_file(file_path, parent):
     if file_path.suffix == ".py" and file_path.name.startswith("bench_") and _enabled(parent.config):
         return pytest.Module.from_parent(parent, path=file_path)

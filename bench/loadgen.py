@@ -18,9 +18,9 @@ at a server over N connections and records latency in an HdrHistogram.
   a connection with `--window` frames in flight keeps the rest in a bounded
   backlog. Latency is reported from the actual send and from the scheduled
   time (coordinated omission corrected; includes up to one tick of pacing).
-- `--mode raw` (default) runs the connections in engine._loadgen
-  (ext/loadgen.pyx): epoll, send and recv with the GIL released, no Python
-  object per frame, so the generator is not the bottleneck it was in Python.
+- `--mode raw` (default) runs the connections in the Cython loop
+  bench/_loadgen.pyx (built on first use by bench/build_loadgen.py): epoll,
+  send and recv with the GIL released, no Python object per frame, so the generator is not the bottleneck it was in Python.
   `--mode client` drives the same load through engine.client.AsyncClient
   (pay / pay_one) to measure what the project's own client achieves.
 - `--warmup` seconds run first and are not recorded; then `--duration`
@@ -56,8 +56,11 @@ if ROOT not in sys.path:
 
 from hdrh.histogram import HdrHistogram  # noqa: E402
 
-from engine._loadgen import HISTOGRAM_US_MAX, Loop  # noqa: E402
+from bench.build_loadgen import import_loop  # noqa: E402
 from engine.protocol.records import PAY_RECORD  # noqa: E402
+
+_loop = import_loop()       # bench/_loadgen.pyx, built on first use
+HISTOGRAM_US_MAX, Loop = _loop.HISTOGRAM_US_MAX, _loop.Loop
 
 OP_PAY = 16
 STATUS_SLOTS = 64

@@ -1,8 +1,9 @@
 # Row layouts of the ledger's tables and of the wire records.
 #
-# Each table is a numpy array whose dtype matches one of these structs (the
-# dtypes USER, MERCHANT, ... in kernel.pyx, asserted against sizeof() when
-# engine._kernel loads); a payment touches every field of one wallet
+# Each table is a numpy array whose dtype matches one of these structs, field
+# by field: ext/kernel/dtypes.pxi checks it at import against
+# ext/kernel/layout.pxi (generated from this file by tools/generate_layout.py:
+# rerun it after changing a struct). A payment touches every field of one wallet
 # row, so a row per entity keeps it to one cache line.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, int64_t, uint64_t
 
@@ -17,7 +18,7 @@ cdef struct PayRecord:
     int64_t amount
     uint32_t flags
     uint32_t goods_tag
-    uint64_t coupons[4]
+    uint64_t coupons[COUPONS_PER_PAYMENT_MAX]
     uint64_t user_data
 
 cdef struct PayResult:
@@ -28,7 +29,7 @@ cdef struct PayResult:
     int64_t discount
     int64_t fee
     uint64_t timestamp
-    uint64_t coupons[4]
+    uint64_t coupons[COUPONS_PER_PAYMENT_MAX]
 
 cdef struct IssueRecord:
     uint64_t coupon
@@ -77,7 +78,7 @@ cdef struct Merchant:
     uint8_t tag_count
     uint8_t period_active   # activity since the last settlement
     uint8_t _pad
-    uint32_t tags[16]       # sorted, tag_count used
+    uint32_t tags[TAGS_PER_MERCHANT_MAX]       # sorted, tag_count used
     # Since the last settlement (docs/reference/rules.md, Settlement):
     int64_t gross
     int64_t merchant_discount
@@ -143,8 +144,8 @@ cdef struct Coupon:
     uint8_t live            # on the live list
 
 cdef struct Payment:
-    int64_t applied[4]      # applied (or, while authorized, reserved) part of coupon i
-    int64_t refunded_part[4]
+    int64_t applied[COUPONS_PER_PAYMENT_MAX]      # applied (or, while authorized, reserved) part of coupon i
+    int64_t refunded_part[COUPONS_PER_PAYMENT_MAX]
     int64_t amount          # T: the captured amount once captured
     int64_t authorized_amount   # 0 for a direct PAY
     int64_t cash            # posted (or held, while authorized)
@@ -158,7 +159,7 @@ cdef struct Payment:
     int64_t ended_at        # void or expiry time
     int64_t hold_expires_at # 0 for a direct PAY
     int64_t day             # engine day it was made: its coupons count there
-    int32_t coupon[4]       # coupon slots of result.coupons
+    int32_t coupon[COUPONS_PER_PAYMENT_MAX]       # coupon slots of result.coupons
     int32_t earn_at         # its rows in the earnings table (set on completion)
     int32_t earn_count
     int32_t user            # payer's wallet slot

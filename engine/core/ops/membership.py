@@ -79,16 +79,12 @@ def create_program(state: State, item) -> dict:
         raise Invalid(f"at most {LIMITS['programs']} programs")
     list_at = ledger.append_list(np.array(d["merchants"] + d["tags"], np.uint64))
     slot = ledger.append("programs", program_id)
-    rows = ledger.programs
-    rows["kind"][slot] = d["kind"]
-    rows["rate"][slot] = d["rate"]
-    rows["threshold"][slot] = d["threshold"]
-    rows["stamps"][slot] = d["stamps"]
-    rows["reward_stock_id"][slot] = d["reward_stock"]
-    rows["reward_stock"][slot] = ledger.find("stocks", d["reward_stock"]) if d["reward_stock"] else -1
-    rows["list_at"][slot] = list_at
-    rows["merchants_count"][slot] = len(d["merchants"])
-    rows["tags_count"][slot] = len(d["tags"])
+    reward_slot = ledger.find("stocks", d["reward_stock"]) if d["reward_stock"] else -1
+    ledger.configure("programs", slot, {
+        "kind": d["kind"], "rate": d["rate"], "threshold": d["threshold"],
+        "stamps": d["stamps"], "reward_stock_id": d["reward_stock"],
+        "reward_stock": reward_slot, "list_at": list_at,
+        "merchants_count": len(d["merchants"]), "tags_count": len(d["tags"])})
     state.programs[program_id] = d
     return result()
 

@@ -61,16 +61,16 @@ def upsert_merchant(state: State, item) -> dict:
     slot = ledger.find("merchants", merchant_id)
     if slot < 0:
         slot = ledger.append("merchants", merchant_id)
-        ledger.merchants["active"][slot] = 1
-    rows = ledger.merchants
+        ledger.configure("merchants", slot, {"active": 1})
+    fields = {}
     if fee_bps >= 0:
-        rows["fee_bps"][slot] = fee_bps
+        fields["fee_bps"] = fee_bps
     if tags is not None:
-        rows["tags"][slot] = 0
-        rows["tags"][slot, :len(tags)] = tags
-        rows["tag_count"][slot] = len(tags)
+        fields["tags"] = tags + [0] * (TAGS_PER_MERCHANT_MAX - len(tags))
+        fields["tag_count"] = len(tags)
     if active is not None:
-        rows["active"][slot] = active
+        fields["active"] = active
+    ledger.configure("merchants", slot, fields)
     return result()
 
 
@@ -116,8 +116,7 @@ def topup(state: State, item) -> dict:
     balance = int(ledger.users["balance"][slot])
     if balance + amount > WALLET_BALANCE_MAX or -ledger.bank + amount > BANK_DEBT_MAX:
         return failure(Status.invalid_amount)
-    ledger.users["balance"][slot] = balance + amount
-    ledger.bank -= amount
+    ledger.topup(slot, amount)
     state.topups[topup_id] = (user_id, amount)
     return result()
 
@@ -227,16 +226,11 @@ def create_stock(state: State, item) -> dict:
     list_at = ledger.append_list(np.array(lists, np.uint64))
     slot_at = ledger.append_slots(sorted(d["slots"]))
     slot = ledger.append("stocks", stock_id)
-    rows = ledger.stocks
-    for key in STOCK_SCALARS:
-        rows["merchant_id" if key == "merchant" else key][slot] = d[key]
-    rows["merchant"][slot] = merchant_slot
-    rows["list_at"][slot] = list_at
-    rows["merchants_count"][slot] = len(d["merchants"])
-    rows["tags_count"][slot] = len(d["tags"])
-    rows["goods_count"][slot] = len(d["goods_tags"])
-    rows["slot_at"][slot] = slot_at
-    rows["slots_count"][slot] = len(d["slots"])
+    fields = {"merchant_id" if key == "merchant" else key: d[key] for key in STOCK_SCALARS}
+    fields.update(merchant=merchant_slot, list_at=list_at, merchants_count=len(d["merchants"]),
+                  tags_count=len(d["tags"]), goods_count=len(d["goods_tags"]),
+                  slot_at=slot_at, slots_count=len(d["slots"]))
+    ledger.configure("stocks", slot, fields)
     return result()
 
 
@@ -275,6 +269,5 @@ def payment_code(state: State, request, now: int, draws) -> dict:
     (code,) = draws
     slot = state.ledger.append("codes", code)
     expires_at = now + PAYMENT_CODE_TTL_MS
-    state.ledger.codes["user"][slot] = user_slot
-    state.ledger.codes["expires_at"][slot] = expires_at
+    state.ledger.configure("codes", slot, {"user": user_slot, "expires_at": expires_at})
     return {"status": 0, "code": code, "expires_at": expires_at}
