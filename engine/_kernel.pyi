@@ -27,6 +27,25 @@ PAY_RECORD: np.dtype[Any]
 PAY_RESULT: np.dtype[Any]
 
 LIMITS: dict[str, int]
+
+# The debug build (SCANPAY_KERNEL_DEBUG=1) checks invariants where money moves.
+DEBUG: bool
+
+class InvariantError(RuntimeError): ...
+
+BROKEN_TEXT: dict[int, str]
+CONFIG_FIELDS: dict[str, frozenset[str]]
+READABLE: frozenset[str]
+KERNEL_STATUS: dict[str, int]
+KERNEL_RECORD_CONSTANTS: dict[str, int]
+KERNEL_LIMITS: dict[str, int]
+STATUS_PENDING_OWNER: frozenset[str]
+
+def check_constants() -> None: ...
+def check_layouts() -> None: ...
+def dtype_layout(dtype: np.dtype[Any]) -> dict[str, tuple[int, int]]: ...
+def read_only(arr: NDArray[Any]) -> NDArray[Any]: ...
+def owned(arr: NDArray[Any]) -> NDArray[Any]: ...
 TABLE_ROWS: dict[str, tuple[str, ...]]
 UNINDEXED_TABLES: frozenset[str]
 
@@ -38,7 +57,6 @@ class IdIndex:
     @property
     def count(self) -> int: ...
 
-@disjoint_base
 class Ledger:
     # What dump() and load() carry: scalars, indexes and row arrays by name.
     SCALARS: tuple[str, ...]
