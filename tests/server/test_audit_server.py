@@ -108,11 +108,13 @@ def test_the_audit_child_reports_corruption():
     async def main():
         server, c = await started_with_world()
         await c.call(PAY, pay_body([1, 2, 3]), 1)
-        server.engine.state.ledger.users["balance"][0] += 1      # money from nowhere
+        # A hold no authorization accounts for (the debug kernel's test hook:
+        # Python cannot write the ledger's tables).
+        server.engine.state.ledger._debug_set_held(0, 1)
         report = report_of(await audit_reply(c))
         assert report["ok"] is False
         failed = {name for name, check in report["checks"].items() if not check["ok"]}
-        assert {"sum_zero", "wallets_match_history"} <= failed
+        assert "holds_match_authorizations" in failed, failed
         assert server.writer.audits.children == 1           # through the child
         _flags, refused = await c.map(AUDIT, {"full": True})  # a request that is not {}
         assert refused["status"] == Status.invalid_argument and "ok" not in refused
