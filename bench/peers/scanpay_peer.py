@@ -13,7 +13,7 @@ import numpy as np
 from engine import Engine
 from engine.client import AsyncClient, Client, issue_record
 from engine.server.config import Config
-from engine.protocol.limits import BATCH_RECORDS_MAX
+from engine.protocol.limits import BATCH_RECORDS_MAX, WIRE_LOOKUP_ITEMS_MAX
 from engine.protocol.records import ISSUE_RECORD, PAY_RECORD, RESULT_DUPLICATE
 
 from .common import Run, chunks, free_port, stop_process, wait_port
@@ -21,7 +21,8 @@ from .workload import (KIND_FIXED, VALID_UNTIL_MS, FinalState, Payment, Workload
                        outcome_name, tally)
 
 BATCH = BATCH_RECORDS_MAX       # records per PAY frame / Engine.pay call (the protocol's max)
-MAP_ITEMS = 50_000              # items per setup map call and per BALANCES/COUPONS lookup
+MAP_ITEMS = 50_000              # items per setup map call
+LOOKUP_ITEMS = WIRE_LOOKUP_ITEMS_MAX  # ids per BALANCES/COUPONS list: the wire's bound
 FRAMES_IN_FLIGHT = 4            # batched mode over the wire: frames pipelined on one connection
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -72,14 +73,16 @@ def final_state(target, wl: Workload, outcomes: dict) -> FinalState:
     """Read back through BALANCES and COUPONS, as any client would."""
     users, merchants, spent, used = {}, {}, {}, {}
     fees = 0
-    for part in chunks(list(wl.users), MAP_ITEMS):
+    for part in chunks(list(wl.users), LOOKUP_ITEMS):
         reply = target.call("BALANCES", {"users": part})
         users.update((r["id"], r["balance"]) for r in reply["users"])
         fees = reply["fees"]
-    reply = target.call("BALANCES", {"merchants": list(wl.merchants), "stocks": list(wl.stocks)})
-    merchants.update((r["id"], r["balance"]) for r in reply["merchants"])
-    spent.update((r["id"], r["spent"]) for r in reply["stocks"])
-    for part in chunks(list(wl.coupons), MAP_ITEMS):
+    for part in chunks(list(wl.merchants), LOOKUP_ITEMS):
+        reply = target.call("BALANCES", {"merchants": part})
+        merchants.update((r["id"], r["balance"]) for r in reply["merchants"])
+    for part in chunks(list(wl.stocks), LOOKUP_ITEMS):
+        spent.update((r["id"], r["spent"]) for r in target.call("BALANCES", {"stocks": part})["stocks"])
+    for part in chunks(list(wl.coupons), LOOKUP_ITEMS):
         for r in target.call("COUPONS", {"ids": part})["results"]:
             if r["state"] == "used":
                 used[r["id"]] = r["payment"]
