@@ -163,19 +163,14 @@ def _load_reference():
     return importlib.import_module("support.reference_membership").MembershipReference
 
 
-def test_kernel_vs_reference(benchmark):
-    """The same batch through the engine and the plain-Python reference, each
-    on its own copy of a 10k-user world built from the same seed."""
+def _pay_through_the_reference(spec, clock):
+    """(the batch, the reference's results, its seconds, its digest or None)
+    of one batch through the plain-Python reference on a world of `spec`."""
     Reference = _load_reference()
-    spec = World.standard().replace(users=REFERENCE_USERS, merchants=1_000, stocks=200,
-                                    districts=20, malls=20, preset="small")
-    now_ms = spec.now_ms
-    clock = lambda: now_ms  # noqa: E731
     ref = Reference(clock=clock)
     info = build(ref, spec)
     batch = next(pay_batches(info, 1, batch_records=REFERENCE_BATCH_RECORDS, seed=21,
                              no_coupon_share=0.0))
-
     t0 = time.perf_counter()
     ref_out = ref.pay(batch)
     ref_seconds = time.perf_counter() - t0
@@ -184,6 +179,17 @@ def test_kernel_vs_reference(benchmark):
     except Exception as e:   # the reference lags a canonical-table change: say so, go on
         ref_digest = None
         SUMMARY["reference digest"] = f"unavailable: {type(e).__name__}: {e}"
+    return batch, ref_out, ref_seconds, ref_digest
+
+
+def test_kernel_vs_reference(benchmark):
+    """The same batch through the engine and the plain-Python reference, each
+    on its own copy of a 10k-user world built from the same seed."""
+    spec = World.standard().replace(users=REFERENCE_USERS, merchants=1_000, stocks=200,
+                                    districts=20, malls=20, preset="small")
+    now_ms = spec.now_ms
+    clock = lambda: now_ms  # noqa: E731
+    batch, ref_out, ref_seconds, ref_digest = _pay_through_the_reference(spec, clock)
 
     same_state: list[bool] = []
     same_results: list[bool] = []

@@ -387,20 +387,58 @@ def test_settle_10m(benchmark, kernel_pay_rate):
     """One SETTLE over 10k merchants after SCANPAY_SETTLE_PAYMENTS completed
     payments, on an engine of its own."""
     spec = World.standard().replace(users=SETTLE_USERS)
+    eng, info, m = _settle_world(spec)
+    m.update(_settle_payments(eng, info))
+    m["rss_paid"], m["peak_paid"] = rss_bytes()
+    m["mem"] = eng.memory_bytes()
+    m["counts"] = eng.counts()
+    m["active"] = int(np.count_nonzero(
+        eng.state.ledger.merchants["period_active"][:m["counts"]["merchants"]])) \
+        if "period_active" in (eng.state.ledger.merchants.dtype.names or ()) else None
+
+    replies = []
+    cpu = _CpuClock()
+    benchmark.pedantic(cpu(lambda: replies.append(eng.call("SETTLE", {}))), rounds=1, iterations=1)
+    m["settle_s"] = benchmark.stats.stats.min
+    m["settle_cpu_s"] = cpu.seconds
+    reply = replies[0]
+    m["rows"] = len(reply["rows"])
+    m["gross"] = sum(r["gross"] for r in reply["rows"])
+    # What SETTLE costs without the map-op wrapper: the kernel's settle of an
+    # empty period is the floor; time a second SETTLE (no activity) as well.
+    t = time.perf_counter()
+    empty = eng.call("SETTLE", {})
+    m["empty_s"] = time.perf_counter() - t
+    m["empty_rows"] = len(empty["rows"])
+
+    benchmark.extra_info.update(_settle_figures(spec, info, m, kernel_pay_rate))
+    _settle_summary(spec, m, kernel_pay_rate)
+    del eng, info, replies, reply, empty
+    gc.collect()
+    assert not m["budget_hit"] or m["made"] > 0
+
+
+def _settle_world(spec):
+    """The engine of test_settle_10m (capacity hints reserved) and its world,
+    and what building them took."""
     now_ms = spec.now_ms
     capacity = capacity_for(spec, SETTLE_PAYMENTS)
     capacity["merchants"] = spec.merchants
-    rss0 = rss_bytes()[0]
+    m = {"rss0": rss_bytes()[0]}
     t0 = time.perf_counter()
     eng = make_engine(lambda: now_ms, capacity)      # reserves (zero-fills) every table
-    reserve_s = time.perf_counter() - t0
-    rss_reserved = rss_bytes()[0]
+    m["reserve_s"] = time.perf_counter() - t0
+    m["rss_reserved"] = rss_bytes()[0]
     t0 = time.perf_counter()
     info = build(eng, spec)
-    world_s = time.perf_counter() - t0
-    rss_world = rss_bytes()[0]
+    m["world_s"] = time.perf_counter() - t0
+    m["rss_world"] = rss_bytes()[0]
+    return eng, info, m
 
-    # 10M completed payments through Engine.pay, batches of 8,190.
+
+def _settle_payments(eng, info) -> dict:
+    """10M completed payments through Engine.pay, batches of 8,190 (fewer if
+    SETTLE_BUILD_BUDGET_S runs out), and what they took."""
     gen_s = pay_s = pay_cpu = 0.0
     made = ok = 0
     started = time.perf_counter()
@@ -419,68 +457,55 @@ def test_settle_10m(benchmark, kernel_pay_rate):
         pay_s += time.perf_counter() - t
         made += len(batch)
         ok += int((res["status"] == Status.ok).sum())
-    payments_s = time.perf_counter() - started
-    rss_paid, peak_paid = rss_bytes()
-    mem = eng.memory_bytes()
-    counts = eng.counts()
-    active = int(np.count_nonzero(eng.state.ledger.merchants["period_active"][:counts["merchants"]])) \
-        if "period_active" in (eng.state.ledger.merchants.dtype.names or ()) else None
+    return {"made": made, "ok": ok, "gen_s": gen_s, "pay_s": pay_s, "pay_cpu": pay_cpu,
+            "payments_s": time.perf_counter() - started, "budget_hit": budget_hit}
 
-    replies = []
-    cpu = _CpuClock()
-    benchmark.pedantic(cpu(lambda: replies.append(eng.call("SETTLE", {}))), rounds=1, iterations=1)
-    settle_s = benchmark.stats.stats.min
-    reply = replies[0]
-    rows = len(reply["rows"])
-    gross = sum(r["gross"] for r in reply["rows"])
-    # What SETTLE costs without the map-op wrapper: the kernel's settle of an
-    # empty period is the floor; time a second SETTLE (no activity) as well.
-    t = time.perf_counter()
-    empty = eng.call("SETTLE", {})
-    empty_s = time.perf_counter() - t
 
-    base = kernel_pay_rate
-    figures = {
-        "payments_requested": SETTLE_PAYMENTS, "payments_made": made, "payments_ok": ok,
-        "build_budget_hit": budget_hit, "users": spec.users, "merchants": spec.merchants,
-        "settle_seconds": settle_s, "settle_cpu_seconds": cpu.seconds,
-        "settle_rows": rows, "settle_gross": gross,
-        "active_merchants_before": active, "empty_settle_seconds": empty_s,
-        "empty_settle_rows": len(empty["rows"]),
+def _settle_figures(spec, info, m: dict, base: dict) -> dict:
+    made, pay_s, pay_cpu, settle_s = m["made"], m["pay_s"], m["pay_cpu"], m["settle_s"]
+    return {
+        "payments_requested": SETTLE_PAYMENTS, "payments_made": made, "payments_ok": m["ok"],
+        "build_budget_hit": m["budget_hit"], "users": spec.users, "merchants": spec.merchants,
+        "settle_seconds": settle_s, "settle_cpu_seconds": m["settle_cpu_s"],
+        "settle_rows": m["rows"], "settle_gross": m["gross"],
+        "active_merchants_before": m["active"], "empty_settle_seconds": m["empty_s"],
+        "empty_settle_rows": m["empty_rows"],
         "target_settle_seconds": TARGET_SETTLE_SECONDS,
         "meets_target": settle_s < TARGET_SETTLE_SECONDS,
-        "engine_reserve_seconds": reserve_s, "rss_after_reserve_bytes": rss_reserved,
-        "world_build_seconds": world_s, "world_stage_seconds": info.seconds,
-        "payments_build_seconds": payments_s, "payments_engine_pay_seconds": pay_s,
-        "payments_engine_pay_cpu_seconds": pay_cpu, "payments_generate_seconds": gen_s,
+        "engine_reserve_seconds": m["reserve_s"], "rss_after_reserve_bytes": m["rss_reserved"],
+        "world_build_seconds": m["world_s"], "world_stage_seconds": info.seconds,
+        "payments_build_seconds": m["payments_s"], "payments_engine_pay_seconds": pay_s,
+        "payments_engine_pay_cpu_seconds": pay_cpu, "payments_generate_seconds": m["gen_s"],
         "engine_pay_per_second": made / pay_s, "engine_pay_per_cpu_second": made / pay_cpu,
         "engine_pay_vs_kernel_pay_wall": (made / pay_s) / base["median"],
         "engine_pay_vs_kernel_pay_cpu": (made / pay_cpu) / base["per_cpu_second"],
         "settle_in_kernel_pay_payments": settle_s * base["median"],
         "kernel_pay_per_second_median": base["median"],
-        "rss_before_bytes": rss0, "rss_after_world_bytes": rss_world,
-        "rss_after_payments_bytes": rss_paid, "rss_peak_bytes": rss_bytes()[1],
-        "memory_bytes": mem, "counts": counts, "machine": machine(), "load": load(),
+        "rss_before_bytes": m["rss0"], "rss_after_world_bytes": m["rss_world"],
+        "rss_after_payments_bytes": m["rss_paid"], "rss_peak_bytes": rss_bytes()[1],
+        "memory_bytes": m["mem"], "counts": m["counts"], "machine": machine(), "load": load(),
         "tree": _tree(),
     }
-    benchmark.extra_info.update(figures)
-    size = f"{made:,} payments" + (" (build budget hit)" if budget_hit else "")
+
+
+def _settle_summary(spec, m: dict, base: dict) -> None:
+    made, pay_s, pay_cpu, settle_s = m["made"], m["pay_s"], m["pay_cpu"], m["settle_s"]
+    size = f"{made:,} payments" + (" (build budget hit)" if m["budget_hit"] else "")
     SUMMARY["SETTLE (map op)"] = (
-        f"{settle_s * 1000:,.1f} ms for {rows:,} merchant rows after {size} "
-        f"(target < {TARGET_SETTLE_SECONDS:g} s); empty period {empty_s * 1000:.1f} ms; "
+        f"{settle_s * 1000:,.1f} ms for {m['rows']:,} merchant rows after {size} "
+        f"(target < {TARGET_SETTLE_SECONDS:g} s); empty period {m['empty_s'] * 1000:.1f} ms; "
         f"= {settle_s * base['median']:,.0f} payments at the kernel PAY rate; {load()}")
     SUMMARY["SETTLE world: building"] = (
-        f"engine with capacity hints {reserve_s:.1f} s; "
-        f"world {world_s:.1f} s ({spec.users:,} users, {spec.merchants:,} merchants); "
-        f"{made:,} payments in {payments_s:.1f} s (Engine.pay {pay_s:.1f} s = "
+        f"engine with capacity hints {m['reserve_s']:.1f} s; "
+        f"world {m['world_s']:.1f} s ({spec.users:,} users, {spec.merchants:,} merchants); "
+        f"{made:,} payments in {m['payments_s']:.1f} s (Engine.pay {pay_s:.1f} s = "
         f"{made / pay_s:,.0f}/s wall, {made / pay_cpu:,.0f}/CPU-s, "
-        f"{(made / pay_s) / base['median']:.2f}x kernel PAY; batch drawing {gen_s:.1f} s); "
-        f"ok {ok / made:.1%}")
+        f"{(made / pay_s) / base['median']:.2f}x kernel PAY; "
+        f"batch drawing {m['gen_s']:.1f} s); ok {m['ok'] / made:.1%}")
     SUMMARY["SETTLE world: memory"] = (
-        f"RSS {rss0 / 2**20:,.0f} MiB before, {rss_reserved / 2**20:,.0f} after the reservation, "
-        f"{rss_world / 2**20:,.0f} after the world, "
-        f"{rss_paid / 2**20:,.0f} after the payments (peak {peak_paid / 2**20:,.0f}); "
-        f"payments table {mem['payments'] / 2**20:,.0f} MiB for {counts['payments']:,}")
-    del eng, info, replies, reply, empty
-    gc.collect()
-    assert not budget_hit or made > 0
+        f"RSS {m['rss0'] / 2**20:,.0f} MiB before, "
+        f"{m['rss_reserved'] / 2**20:,.0f} after the reservation, "
+        f"{m['rss_world'] / 2**20:,.0f} after the world, "
+        f"{m['rss_paid'] / 2**20:,.0f} after the payments (peak {m['peak_paid'] / 2**20:,.0f}); "
+        f"payments table {m['mem']['payments'] / 2**20:,.0f} MiB for "
+        f"{m['counts']['payments']:,}")

@@ -380,24 +380,30 @@ def _apply(report: Report, eng, segments, from_seq: int, stop_seqs=(), at_seq=No
 
 
 def _replays(report: Report, valid: list, hold: int, tz: int) -> None:
+    if _replay_as_the_engine_starts(report, valid, hold, tz):
+        _full_replay(report, valid, hold, tz)
+
+
+def _replay_as_the_engine_starts(report: Report, valid: list, hold: int, tz: int) -> bool:
+    """1. What Engine(path) does: the newest valid snapshot plus the entries
+    after it. False if that could not be done (the report says why)."""
     segments = report.segments
     newest = valid[-1] if valid else None
     base = newest.seq if newest else 0
-    # 1. What Engine(path) does: the newest valid snapshot plus the entries after it.
     if newest is not None and base > report.last_seq:
         report.error(f"snapshot {base} is ahead of the journal (last entry {report.last_seq}): "
                      f"journal segments are missing; restore them from a backup")
-        return
+        return False
     if report.segments and report.first_seq > base + 1:
         report.error(f"replay needs entries from {base + 1} but the journal starts at "
                      f"{report.first_seq}: restore the missing segments (or valid snapshot) "
                      f"from a backup")
-        return
+        return False
     started = time.perf_counter()
     eng = _from_snapshot(newest, hold, tz) if newest else _engine(hold, tz)
     applied = _apply(report, eng, segments, base + 1)
     if applied is None:
-        return
+        return False
     count, last = applied
     seconds = time.perf_counter() - started
     what = f"snapshot {base} + {count} entries" if newest else f"{count} entries from entry 1"
@@ -410,9 +416,14 @@ def _replays(report: Report, valid: list, hold: int, tz: int) -> None:
     if not report.audit["ok"]:
         report.error("AUDIT fails on the recovered state: an invariant of the ledger does not "
                      "hold; keep the directory as it is and report it (see the checks above)")
-    del eng
-    # 2. Full replay from entry 1, when retention has not removed it; each
-    #    snapshot must equal the replay at its seq.
+    return True
+
+
+def _full_replay(report: Report, valid: list, hold: int, tz: int) -> None:
+    """2. Full replay from entry 1, when retention has not removed it; each
+    snapshot must equal the replay at its seq."""
+    segments = report.segments
+    newest = valid[-1] if valid else None
     if not segments or report.first_seq != 1:
         if segments:
             report.lines.append(f"full replay from entry 1: not possible, the journal starts at "

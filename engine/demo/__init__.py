@@ -306,6 +306,37 @@ def _cny(fen: int) -> str:
 def _report(console, eng, info, tally: Tally, audit: dict) -> None:
     from rich.table import Table
 
+    console.print(_summary_table(eng, tally))
+
+    st = Table(title="Payments by status")
+    st.add_column("status")
+    st.add_column("code", justify="right")
+    st.add_column("payments", justify="right")
+    for code in np.nonzero(tally.statuses)[0]:
+        st.add_row(STATUS_NAMES[int(code)], str(int(code)), f"{int(tally.statuses[code]):,}")
+    console.print(st)
+
+    cat = Table(title="GMV by category")
+    cat.add_column("category")
+    cat.add_column("GMV (CNY)", justify="right")
+    for c, row in enumerate(CATEGORIES):
+        cat.add_row(row[0], _cny(int(tally.gmv_by_category[c])))
+    console.print(cat)
+
+    console.print(_campaign_table(eng, info, tally))
+
+    au = Table(title=f"AUDIT: {'[green]ok' if audit.get('ok') else '[red]FAILED'}")
+    au.add_column("check")
+    au.add_column("ok")
+    au.add_column("detail")
+    for name, check in audit.get("checks", {}).items():
+        au.add_row(name, "[green]ok" if check.get("ok") else "[red]FAIL", str(check.get("detail", "")))
+    console.print(au)
+
+
+def _summary_table(eng, tally: Tally):
+    from rich.table import Table
+
     rate = tally.payments / max(tally.pay_seconds, 1e-9)
     ok = int(tally.statuses[Status.ok])
     head = Table(title="Weekend summary", show_header=False)
@@ -334,22 +365,11 @@ def _report(console, eng, info, tally: Tally, audit: dict) -> None:
         p = {q: tally.latency.get_value_at_percentile(q) / 1000 for q in (50, 99, 99.9)}
         head.add_row("PAY frame latency (ms, 512 records)",
                      f"p50 {p[50]:,.1f}, p99 {p[99]:,.1f}, p99.9 {p[99.9]:,.1f}")
-    console.print(head)
+    return head
 
-    st = Table(title="Payments by status")
-    st.add_column("status")
-    st.add_column("code", justify="right")
-    st.add_column("payments", justify="right")
-    for code in np.nonzero(tally.statuses)[0]:
-        st.add_row(STATUS_NAMES[int(code)], str(int(code)), f"{int(tally.statuses[code]):,}")
-    console.print(st)
 
-    cat = Table(title="GMV by category")
-    cat.add_column("category")
-    cat.add_column("GMV (CNY)", justify="right")
-    for c, row in enumerate(CATEGORIES):
-        cat.add_row(row[0], _cny(int(tally.gmv_by_category[c])))
-    console.print(cat)
+def _campaign_table(eng, info, tally: Tally):
+    from rich.table import Table
 
     balances = eng.call("BALANCES", {"stocks": info.stock_ids.tolist()})
     by_id = {s["id"]: s for s in balances.get("stocks", [])}
@@ -365,15 +385,7 @@ def _report(console, eng, info, tally: Tally, audit: dict) -> None:
         used = f"{100 * spent / budget:.1f} %" if budget else "no limit"
         camp.add_row(name, info.stock_defs[i]["funder"], f"{int(s.get('issued', 0)):,}",
                      f"{int(tally.redeemed[i]):,}", _cny(spent), _cny(budget) if budget else "-", used)
-    console.print(camp)
-
-    au = Table(title=f"AUDIT: {'[green]ok' if audit.get('ok') else '[red]FAILED'}")
-    au.add_column("check")
-    au.add_column("ok")
-    au.add_column("detail")
-    for name, check in audit.get("checks", {}).items():
-        au.add_row(name, "[green]ok" if check.get("ok") else "[red]FAIL", str(check.get("detail", "")))
-    console.print(au)
+    return camp
 
 
 if __name__ == "__main__":

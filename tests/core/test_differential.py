@@ -113,7 +113,27 @@ def draw_stock_item(data, now: int, malformed: bool = True):
     kind = data.draw(st.sampled_from(["fixed", "percent"]))
     item = {"id": data.draw(world_ids if not malformed else ids), "funder": funder, "kind": kind,
             "stacking": data.draw(st.sampled_from(["exclusive", "stackable", "stackable"]))}
-    if kind == "fixed":
+    draw_stock_value(data, item)
+    start = data.draw(st.sampled_from([-DAY, -DAY, -HOUR, -1, 0, 0, 1, HOUR]))
+    length = data.draw(st.sampled_from([MIN, HOUR, DAY, 7 * DAY, 7 * DAY, 3650 * DAY]))
+    item["valid_from"] = max(0, now + start)
+    item["valid_until"] = item["valid_from"] + length
+    draw_stock_scope(data, item)
+    for key, pool in (("min_spend", [0, 500, 2000]), ("validity_ms", [0, MIN, HOUR]),
+                      ("budget", [0, 100, 250, 1000]), ("max_issued", [0, 1, 2, 3]),
+                      ("per_user_limit", [0, 1, 2])):
+        if data.draw(st.integers(0, 2)) == 0:
+            item[key] = data.draw(st.sampled_from(pool))
+    if data.draw(st.integers(0, 6)) == 0:
+        item["slots"] = draw_stock_slots(data, now)
+    # Malformed variants.
+    mutation = data.draw(st.sampled_from([None] * 30 + list(range(16)))) if malformed else None
+    mutate_stock_item(data, item, mutation)
+    return item
+
+
+def draw_stock_value(data, item: dict) -> None:
+    if item["kind"] == "fixed":
         item["value"] = data.draw(st.sampled_from([1, 50, 100, 100, 300, 300, 1000, 10**14]))
         if data.draw(st.integers(0, 5)) == 0:
             item["cap"] = data.draw(st.sampled_from([0, 7]))
@@ -121,10 +141,10 @@ def draw_stock_item(data, now: int, malformed: bool = True):
         item["value"] = data.draw(st.sampled_from([1, 500, 1000, 3333, 10000]))
         if data.draw(st.booleans()):
             item["cap"] = data.draw(st.sampled_from([0, 1, 50, 200]))
-    start = data.draw(st.sampled_from([-DAY, -DAY, -HOUR, -1, 0, 0, 1, HOUR]))
-    length = data.draw(st.sampled_from([MIN, HOUR, DAY, 7 * DAY, 7 * DAY, 3650 * DAY]))
-    item["valid_from"] = max(0, now + start)
-    item["valid_until"] = item["valid_from"] + length
+
+
+def draw_stock_scope(data, item: dict) -> None:
+    funder = item["funder"]
     if funder == "merchant":
         item["merchant"] = data.draw(world_ids)
     elif data.draw(st.integers(0, 5)) == 0:
@@ -135,23 +155,22 @@ def draw_stock_item(data, now: int, malformed: bool = True):
         item["tags"] = data.draw(st.lists(u32_tags, max_size=2))
     if data.draw(st.integers(0, 5)) == 0:
         item["goods_tags"] = data.draw(st.lists(st.sampled_from([0, 1, 2]), max_size=2))
-    for key, pool in (("min_spend", [0, 500, 2000]), ("validity_ms", [0, MIN, HOUR]),
-                      ("budget", [0, 100, 250, 1000]), ("max_issued", [0, 1, 2, 3]),
-                      ("per_user_limit", [0, 1, 2])):
-        if data.draw(st.integers(0, 2)) == 0:
-            item[key] = data.draw(st.sampled_from(pool))
-    if data.draw(st.integers(0, 6)) == 0:
-        wd, minute = local_weekday_minute(now)
-        slots = []
-        for _ in range(data.draw(st.integers(1, 2))):
-            w = (wd + data.draw(st.sampled_from([0, 0, 1, 6]))) % 7
-            a = max(0, minute + data.draw(st.sampled_from([-600, -30, -1, 0, 1, 60])))
-            b = min(1440, max(a + 1, minute + data.draw(st.sampled_from([1, 2, 30, 600]))))
-            if a < b:
-                slots.append([w, a, b])
-        item["slots"] = slots
-    # Malformed variants.
-    mutation = data.draw(st.sampled_from([None] * 30 + list(range(16)))) if malformed else None
+
+
+def draw_stock_slots(data, now: int) -> list:
+    wd, minute = local_weekday_minute(now)
+    slots = []
+    for _ in range(data.draw(st.integers(1, 2))):
+        w = (wd + data.draw(st.sampled_from([0, 0, 1, 6]))) % 7
+        a = max(0, minute + data.draw(st.sampled_from([-600, -30, -1, 0, 1, 60])))
+        b = min(1440, max(a + 1, minute + data.draw(st.sampled_from([1, 2, 30, 600]))))
+        if a < b:
+            slots.append([w, a, b])
+    return slots
+
+
+def mutate_stock_item(data, item: dict, mutation) -> None:
+    """The malformed variant `mutation` of a stock item (None: none)."""
     if mutation == 0:
         item.pop(data.draw(st.sampled_from(["funder", "kind", "value", "valid_from",
                                             "valid_until", "stacking", "id"])))
@@ -188,7 +207,6 @@ def draw_stock_item(data, now: int, malformed: bool = True):
         item["cap"] = data.draw(st.sampled_from([-1, 10**14 + 1, 10**14]))
     elif mutation == 15:
         item["validity_ms"] = data.draw(st.sampled_from([-1, 2**63, 2**63 - 1]))
-    return item
 
 
 def draw_topup_item(data):
@@ -291,8 +309,25 @@ def draw_issue_record(data):
 
 def run_scenario(pair: Pair, data) -> None:
     """Set up a small world, then a random sequence of every in-scope op."""
+    set_up_world(pair, data)
+    ops = ["pay"] * 8 + ["issue"] * 4 + ["quote"] * 4 + ["tick"] * 3 + [
+        "code"] * 2 + ["stocks", "merchants", "wallets", "topup", "balances", "coupons",
+                       "badbatch", "unknown", "badbody", "setback"]
+    for _ in range(data.draw(st.integers(1, STEPS_MAX))):
+        op = data.draw(st.sampled_from(ops))
+        STEPS[op](pair, data)
+    # A final look at everything, then the state.
+    pair.call("BALANCES", {"users": [0, 1, 2, 3, 4], "merchants": [0, 1, 2, 3, 4],
+                           "stocks": [0, 1, 2, 3, 4, 5, 6, 8, BIG]})
+    pair.call("COUPONS", {"ids": list(range(9)) + [BIG]})
+    for u in (1, 2, 3):
+        pair.call("QUOTE", {"payer": u, "merchant": 1, "amount": 1000})
+    pair.finish()
+
+
+def set_up_world(pair: Pair, data) -> None:
+    """Usually-valid setup, so that payments get far enough to be interesting."""
     now = pair.clock.now_ms
-    # World: usually-valid setup so that payments get far enough to be interesting.
     pair.call("MERCHANTS", {"merchants": [
         {"id": m, "fee_bps": data.draw(st.sampled_from([0, 60, 600])),
          "tags": data.draw(st.lists(u32_tags, max_size=2))} for m in (1, 2, 3)]})
@@ -316,100 +351,113 @@ def run_scenario(pair: Pair, data) -> None:
         issue[i]["user"] = data.draw(st.sampled_from([1, 1, 2, 3]))
     pair.issue(issue)
 
-    ops = ["pay"] * 8 + ["issue"] * 4 + ["quote"] * 4 + ["tick"] * 3 + [
-        "code"] * 2 + ["stocks", "merchants", "wallets", "topup", "balances", "coupons",
-                       "badbatch", "unknown", "badbody", "setback"]
-    for _ in range(data.draw(st.integers(1, STEPS_MAX))):
-        op = data.draw(st.sampled_from(ops))
-        if op == "pay":
-            n = data.draw(st.integers(1, 4))
-            recs = np.zeros(n, PAY_RECORD)
-            for i in range(n):
-                recs[i] = draw_pay_record(data, pair.issued_codes, pair.pay_history,
-                                          pair.held)
-            pair.pay(recs)
-        elif op == "issue":
-            n = data.draw(st.integers(1, 4))
-            recs = np.zeros(n, ISSUE_RECORD)
-            for i in range(n):
-                recs[i] = draw_issue_record(data)
-            pair.issue(recs)
-        elif op == "quote":
-            pair.call("QUOTE", draw_quote(data, pair.issued_codes, pair.held))
-        elif op == "tick":
-            pair.tick(data.draw(time_steps))
-        elif op == "setback":
-            # A clock that goes backwards: stamps must stay monotonic.
-            pair.tick(-data.draw(st.sampled_from([1, MIN, HOUR])))
-        elif op == "code":
-            pool = [CODE_BASE + i for i in range(3)]
-            queue = data.draw(st.lists(st.sampled_from(pool), max_size=3))
-            user = data.draw(st.one_of(ids, bad_u64)) if data.draw(
-                st.integers(0, 5)) == 0 else data.draw(small_ids)
-            req = data.draw(st.sampled_from([{"user": user}] * 8 + [{}, {"user": 1, "x": 1}]))
-            pair.call("PAYMENT_CODE", req, code_queue=queue)
-        elif op == "stocks":
-            pair.call("STOCKS", {"stocks": [draw_stock_item(data, pair.clock.now_ms)
-                                            for _ in range(data.draw(st.integers(1, 3)))]})
-        elif op == "merchants":
-            pair.call("MERCHANTS", {"merchants": [
-                draw_merchant_item(data) for _ in range(data.draw(st.integers(0, 3)))]})
-        elif op == "wallets":
-            pair.call("WALLETS", {"users": data.draw(st.lists(
-                st.one_of(ids, ids, bad_u64), max_size=3))})
-        elif op == "topup":
-            pair.call("TOPUP", {"topups": [
-                draw_topup_item(data) for _ in range(data.draw(st.integers(1, 3)))]})
-        elif op == "balances":
-            req = {}
-            for key in ("users", "merchants", "stocks"):
-                if data.draw(st.booleans()):
-                    req[key] = data.draw(st.lists(ids, max_size=3))
-            if data.draw(st.integers(0, 6)) == 0:
-                req = data.draw(st.sampled_from([{"users": 1}, {"users": [-1]},
-                                                 {"wallets": [1]}, {"stocks": ["a"]}]))
-            pair.call("BALANCES", req)
-        elif op == "coupons":
-            req = data.draw(st.sampled_from([
-                "ids", "ids", "user", "user", {}, {"ids": [1], "user": 1},
-                {"ids": 1}, {"user": -1}, {"ids": [-1]}, {"id": [1]}]))
-            if req == "ids":
-                req = {"ids": data.draw(st.lists(coupon_ids, max_size=4))}
-            elif req == "user":
-                req = {"user": data.draw(ids)}
-            pair.call("COUPONS", req)
-        elif op == "badbatch":
-            which = data.draw(st.sampled_from(["empty_pay", "empty_issue", "dtype",
-                                               "big", "issue_as_pay"]))
-            if which == "empty_pay":
-                pair.pay(np.zeros(0, PAY_RECORD))
-            elif which == "empty_issue":
-                pair.issue(np.zeros(0, ISSUE_RECORD))
-            elif which == "dtype":
-                pair._both("pay int64 array", lambda e: e.pay(np.zeros(4, np.int64)))
-            elif which == "big":
-                pair.pay(np.zeros(8191, PAY_RECORD))
-            else:
-                pair._both("pay with issue records",
-                           lambda e: e.pay(np.zeros(2, ISSUE_RECORD)))
-        elif op == "unknown":
-            # Ops no implementation knows. (CAPTURE, VOID, REFUND, ... are
-            # unknown_op in the reference of this scope; the engine already has
-            # them, so they are not compared here.)
-            pair.call(data.draw(st.sampled_from(["NOPE", "pay", "", "CLOCK_SET"])), {})
-        elif op == "badbody":
-            op_name = data.draw(st.sampled_from(["MERCHANTS", "WALLETS", "TOPUP", "STOCKS",
-                                                 "PAYMENT_CODE", "QUOTE", "BALANCES",
-                                                 "COUPONS"]))
-            body = data.draw(st.sampled_from([[], 5, "x", None, {"items": []}]))
-            pair.call(op_name, body)
-    # A final look at everything, then the state.
-    pair.call("BALANCES", {"users": [0, 1, 2, 3, 4], "merchants": [0, 1, 2, 3, 4],
-                           "stocks": [0, 1, 2, 3, 4, 5, 6, 8, BIG]})
-    pair.call("COUPONS", {"ids": list(range(9)) + [BIG]})
-    for u in (1, 2, 3):
-        pair.call("QUOTE", {"payer": u, "merchant": 1, "amount": 1000})
-    pair.finish()
+
+def step_pay(pair: Pair, data) -> None:
+    n = data.draw(st.integers(1, 4))
+    recs = np.zeros(n, PAY_RECORD)
+    for i in range(n):
+        recs[i] = draw_pay_record(data, pair.issued_codes, pair.pay_history, pair.held)
+    pair.pay(recs)
+
+
+def step_issue(pair: Pair, data) -> None:
+    n = data.draw(st.integers(1, 4))
+    recs = np.zeros(n, ISSUE_RECORD)
+    for i in range(n):
+        recs[i] = draw_issue_record(data)
+    pair.issue(recs)
+
+
+def step_setback(pair: Pair, data) -> None:
+    """A clock that goes backwards: stamps must stay monotonic."""
+    pair.tick(-data.draw(st.sampled_from([1, MIN, HOUR])))
+
+
+def step_code(pair: Pair, data) -> None:
+    pool = [CODE_BASE + i for i in range(3)]
+    queue = data.draw(st.lists(st.sampled_from(pool), max_size=3))
+    user = data.draw(st.one_of(ids, bad_u64)) if data.draw(
+        st.integers(0, 5)) == 0 else data.draw(small_ids)
+    req = data.draw(st.sampled_from([{"user": user}] * 8 + [{}, {"user": 1, "x": 1}]))
+    pair.call("PAYMENT_CODE", req, code_queue=queue)
+
+
+def step_balances(pair: Pair, data) -> None:
+    req = {}
+    for key in ("users", "merchants", "stocks"):
+        if data.draw(st.booleans()):
+            req[key] = data.draw(st.lists(ids, max_size=3))
+    if data.draw(st.integers(0, 6)) == 0:
+        req = data.draw(st.sampled_from([{"users": 1}, {"users": [-1]},
+                                         {"wallets": [1]}, {"stocks": ["a"]}]))
+    pair.call("BALANCES", req)
+
+
+def step_coupons(pair: Pair, data) -> None:
+    req = data.draw(st.sampled_from([
+        "ids", "ids", "user", "user", {}, {"ids": [1], "user": 1},
+        {"ids": 1}, {"user": -1}, {"ids": [-1]}, {"id": [1]}]))
+    if req == "ids":
+        req = {"ids": data.draw(st.lists(coupon_ids, max_size=4))}
+    elif req == "user":
+        req = {"user": data.draw(ids)}
+    pair.call("COUPONS", req)
+
+
+def step_badbatch(pair: Pair, data) -> None:
+    which = data.draw(st.sampled_from(["empty_pay", "empty_issue", "dtype",
+                                       "big", "issue_as_pay"]))
+    if which == "empty_pay":
+        pair.pay(np.zeros(0, PAY_RECORD))
+    elif which == "empty_issue":
+        pair.issue(np.zeros(0, ISSUE_RECORD))
+    elif which == "dtype":
+        pair._both("pay int64 array", lambda e: e.pay(np.zeros(4, np.int64)))
+    elif which == "big":
+        pair.pay(np.zeros(8191, PAY_RECORD))
+    else:
+        pair._both("pay with issue records",
+                   lambda e: e.pay(np.zeros(2, ISSUE_RECORD)))
+
+
+def step_unknown(pair: Pair, data) -> None:
+    """Ops no implementation knows. (CAPTURE, VOID, REFUND, ... are
+    unknown_op in the reference of this scope; the engine already has them,
+    so they are not compared here.)"""
+    pair.call(data.draw(st.sampled_from(["NOPE", "pay", "", "CLOCK_SET"])), {})
+
+
+def step_badbody(pair: Pair, data) -> None:
+    op_name = data.draw(st.sampled_from(["MERCHANTS", "WALLETS", "TOPUP", "STOCKS",
+                                         "PAYMENT_CODE", "QUOTE", "BALANCES",
+                                         "COUPONS"]))
+    body = data.draw(st.sampled_from([[], 5, "x", None, {"items": []}]))
+    pair.call(op_name, body)
+
+
+# One random step of run_scenario, by name.
+STEPS = {
+    "pay": step_pay,
+    "issue": step_issue,
+    "quote": lambda pair, data: pair.call("QUOTE", draw_quote(data, pair.issued_codes,
+                                                              pair.held)),
+    "tick": lambda pair, data: pair.tick(data.draw(time_steps)),
+    "setback": step_setback,
+    "code": step_code,
+    "stocks": lambda pair, data: pair.call("STOCKS", {"stocks": [
+        draw_stock_item(data, pair.clock.now_ms) for _ in range(data.draw(st.integers(1, 3)))]}),
+    "merchants": lambda pair, data: pair.call("MERCHANTS", {"merchants": [
+        draw_merchant_item(data) for _ in range(data.draw(st.integers(0, 3)))]}),
+    "wallets": lambda pair, data: pair.call("WALLETS", {"users": data.draw(st.lists(
+        st.one_of(ids, ids, bad_u64), max_size=3))}),
+    "topup": lambda pair, data: pair.call("TOPUP", {"topups": [
+        draw_topup_item(data) for _ in range(data.draw(st.integers(1, 3)))]}),
+    "balances": step_balances,
+    "coupons": step_coupons,
+    "badbatch": step_badbatch,
+    "unknown": step_unknown,
+    "badbody": step_badbody,
+}
 
 
 @given(data=st.data(), t0=st.sampled_from(T0S))

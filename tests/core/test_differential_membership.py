@@ -179,113 +179,157 @@ def run_scenario(pair: Pair, data) -> None:
     history, known = [], {}     # known: payment id -> amount
     steps = data.draw(st.integers(5, 40))
     for _ in range(steps):
-        op = data.draw(st.sampled_from(
-            ["pay"] * 8 + ["pay_batch", "capture", "capture", "capture_records"]
-            + ["refund"] * 3
-            + ["refund_records", "reverse", "reverse", "void", "redeem", "redeem", "redeem",
-               "stats", "stats", "balances", "balances", "programs", "issue", "tags",
-               "coupons", "tick", "tick", "malformed"]))
-        if op == "pay":
-            rec = draw_pay(data, pair, history)
-            result = pair.batch("pay", rec)
-            if result[0]["status"] == 0:
-                known[int(result[0]["id"])] = int(rec[0]["amount"])
-        elif op == "pay_batch":
-            recs = np.concatenate([draw_pay(data, pair, history)
-                                   for _ in range(data.draw(st.integers(2, 4)))])
-            results = pair.batch("pay", recs)
-            for rec, result in zip(recs, results):
-                if result["status"] == 0:
-                    known[int(result["id"])] = int(rec["amount"])
-        elif op == "capture_records":
-            records = np.zeros(data.draw(st.integers(1, 2)), CAPTURE_RECORD)
-            for i in range(len(records)):
-                pid = known_or_any(data, known)
-                records[i] = (pid, amount_near(data, known, pid))
-            results = pair.batch("capture", records)
-            for rec, result in zip(records, results):
-                if result["status"] == 0:
-                    known[int(rec["payment"])] = int(rec["amount"])
-        elif op == "malformed":
-            op, request = data.draw(st.sampled_from([
-                ("STATS", {"stocks": [-1]}), ("STATS", {"x": []}), ("STATS", {"stocks": 1}),
-                ("BALANCES", {"memberships": [{"user": 1}]}),
-                ("BALANCES", {"memberships": 5}),
-                ("BALANCES", {"memberships": [{"user": 1, "program": -1}]}),
-                ("BALANCES", {"users": [1], "memberships": []}),
-                ("REDEEM_POINTS", {"redemptions": [{"coupon": 30, "user": 1, "program": 1,
-                                                    "stock": 9, "x": 0}]}),
-                ("PROGRAMS", {"programs": ["x", {"kind": "points", "rate": 1}]}),
-            ]))
-            pair.call(op, request)
-        elif op == "capture":
-            pid = known_or_any(data, known)
-            reply = pair.call("CAPTURE", {"captures": [
-                {"payment": pid, "amount": amount_near(data, known, pid)}]})
-            if reply["results"][0]["status"] == 0:
-                known[pid] = reply["results"][0]["cash"] + reply["results"][0]["discount"]
-        elif op == "refund":
-            items = []
-            for _ in range(data.draw(st.integers(1, 2))):
-                pid = known_or_any(data, known)
-                items.append({"id": data.draw(refund_ids), "payment": pid,
-                              "amount": amount_near(data, known, pid)})
-            pair.call("REFUND", {"refunds": items})
-        elif op == "refund_records":
-            pid = known_or_any(data, known)
-            records = np.zeros(1, REFUND_RECORD)
-            records[0] = (data.draw(refund_ids), pid, amount_near(data, known, pid), 0)
-            pair.batch("refund", records)
-        elif op == "reverse":
-            pair.call("REVERSE", {"payments": [known_or_any(data, known)]})
-        elif op == "void":
-            pair.call("VOID", {"payments": [known_or_any(data, known)]})
-        elif op == "redeem":
-            items = [{"coupon": data.draw(st.sampled_from([20, 21, 22, 23, 24, 1, 0,
-                                                          REWARD_BASE + 5])),
-                      "user": data.draw(st.sampled_from(USERS + (9,))),
-                      "program": data.draw(st.sampled_from([1, 1, 2, 2, 3, 6, 9, 0])),
-                      "stock": data.draw(st.sampled_from([9, 9, 10, 8, 1]))}
-                     for _ in range(data.draw(st.integers(1, 2)))]
-            if data.draw(st.integers(0, 9)) == 0:
-                items.append(data.draw(st.sampled_from([{"coupon": 20}, 5,
-                                                        {"coupon": 20, "user": 1,
-                                                         "program": 1, "stock": -1}])))
-            pair.call("REDEEM_POINTS", {"redemptions": items})
-        elif op == "stats":
-            request = {}
-            if data.draw(st.booleans()):
-                request["stocks"] = data.draw(st.lists(st.sampled_from(STOCK_IDS + [99]),
-                                                       max_size=4))
-            if data.draw(st.booleans()):
-                request["merchants"] = data.draw(st.lists(st.sampled_from([1, 2, 3, 99]),
-                                                          max_size=3))
-            pair.call("STATS", request)
-        elif op == "balances":
-            pair.call("BALANCES", {"users": list(USERS), "memberships": [
-                {"user": u, "program": g} for u in USERS + (9,) for g in PROGRAM_IDS
-                if data.draw(st.integers(0, 3)) == 0]})
-        elif op == "programs":
-            pair.call("PROGRAMS", {"programs": data.draw(st.lists(
-                st.sampled_from(PROGRAMS + LATE_PROGRAMS), min_size=1, max_size=3))})
-        elif op == "issue":
-            issue = np.zeros(1, ISSUE_RECORD)
-            issue[0] = (data.draw(st.sampled_from(COUPON_IDS + REWARD_IDS)),
-                        data.draw(st.sampled_from([1, 2, 3, 4, 5, 7, 8])),
-                        data.draw(st.sampled_from(USERS)), 0)
-            pair.batch("issue", issue)
-        elif op == "tags":
-            pair.call("MERCHANTS", {"merchants": [
-                {"id": data.draw(st.sampled_from([1, 2, 3])),
-                 "tags": data.draw(st.sampled_from([[], [7], [8], [7, 8]]))}]})
-        elif op == "coupons":
-            pair.call("COUPONS", {"user": data.draw(st.sampled_from(USERS))})
-        elif op == "tick":
-            pair.tick(data.draw(time_steps))
+        op = data.draw(st.sampled_from(OPS))
+        STEPS[op](pair, data, known, history)
     pair.call("STATS", {"stocks": STOCK_IDS, "merchants": [1, 2, 3]})
     pair.call("BALANCES", {"memberships": [{"user": u, "program": g}
                                            for u in USERS for g in PROGRAM_IDS]})
     pair.finish()
+
+
+OPS = (["pay"] * 8 + ["pay_batch", "capture", "capture", "capture_records"]
+       + ["refund"] * 3
+       + ["refund_records", "reverse", "reverse", "void", "redeem", "redeem", "redeem",
+          "stats", "stats", "balances", "balances", "programs", "issue", "tags",
+          "coupons", "tick", "tick", "malformed"])
+
+
+def step_pay(pair: Pair, data, known: dict, history: list) -> None:
+    rec = draw_pay(data, pair, history)
+    result = pair.batch("pay", rec)
+    if result[0]["status"] == 0:
+        known[int(result[0]["id"])] = int(rec[0]["amount"])
+
+
+def step_pay_batch(pair: Pair, data, known: dict, history: list) -> None:
+    recs = np.concatenate([draw_pay(data, pair, history)
+                           for _ in range(data.draw(st.integers(2, 4)))])
+    results = pair.batch("pay", recs)
+    for rec, result in zip(recs, results):
+        if result["status"] == 0:
+            known[int(result["id"])] = int(rec["amount"])
+
+
+def step_capture_records(pair: Pair, data, known: dict, history: list) -> None:
+    records = np.zeros(data.draw(st.integers(1, 2)), CAPTURE_RECORD)
+    for i in range(len(records)):
+        pid = known_or_any(data, known)
+        records[i] = (pid, amount_near(data, known, pid))
+    results = pair.batch("capture", records)
+    for rec, result in zip(records, results):
+        if result["status"] == 0:
+            known[int(rec["payment"])] = int(rec["amount"])
+
+
+def step_malformed(pair: Pair, data, known: dict, history: list) -> None:
+    op, request = data.draw(st.sampled_from([
+        ("STATS", {"stocks": [-1]}), ("STATS", {"x": []}), ("STATS", {"stocks": 1}),
+        ("BALANCES", {"memberships": [{"user": 1}]}),
+        ("BALANCES", {"memberships": 5}),
+        ("BALANCES", {"memberships": [{"user": 1, "program": -1}]}),
+        ("BALANCES", {"users": [1], "memberships": []}),
+        ("REDEEM_POINTS", {"redemptions": [{"coupon": 30, "user": 1, "program": 1,
+                                            "stock": 9, "x": 0}]}),
+        ("PROGRAMS", {"programs": ["x", {"kind": "points", "rate": 1}]}),
+    ]))
+    pair.call(op, request)
+
+
+def step_capture(pair: Pair, data, known: dict, history: list) -> None:
+    pid = known_or_any(data, known)
+    reply = pair.call("CAPTURE", {"captures": [
+        {"payment": pid, "amount": amount_near(data, known, pid)}]})
+    if reply["results"][0]["status"] == 0:
+        known[pid] = reply["results"][0]["cash"] + reply["results"][0]["discount"]
+
+
+def step_refund(pair: Pair, data, known: dict, history: list) -> None:
+    items = []
+    for _ in range(data.draw(st.integers(1, 2))):
+        pid = known_or_any(data, known)
+        items.append({"id": data.draw(refund_ids), "payment": pid,
+                      "amount": amount_near(data, known, pid)})
+    pair.call("REFUND", {"refunds": items})
+
+
+def step_refund_records(pair: Pair, data, known: dict, history: list) -> None:
+    pid = known_or_any(data, known)
+    records = np.zeros(1, REFUND_RECORD)
+    records[0] = (data.draw(refund_ids), pid, amount_near(data, known, pid), 0)
+    pair.batch("refund", records)
+
+
+def step_redeem(pair: Pair, data, known: dict, history: list) -> None:
+    items = [{"coupon": data.draw(st.sampled_from([20, 21, 22, 23, 24, 1, 0,
+                                                  REWARD_BASE + 5])),
+              "user": data.draw(st.sampled_from(USERS + (9,))),
+              "program": data.draw(st.sampled_from([1, 1, 2, 2, 3, 6, 9, 0])),
+              "stock": data.draw(st.sampled_from([9, 9, 10, 8, 1]))}
+             for _ in range(data.draw(st.integers(1, 2)))]
+    if data.draw(st.integers(0, 9)) == 0:
+        items.append(data.draw(st.sampled_from([{"coupon": 20}, 5,
+                                                {"coupon": 20, "user": 1,
+                                                 "program": 1, "stock": -1}])))
+    pair.call("REDEEM_POINTS", {"redemptions": items})
+
+
+def step_stats(pair: Pair, data, known: dict, history: list) -> None:
+    request = {}
+    if data.draw(st.booleans()):
+        request["stocks"] = data.draw(st.lists(st.sampled_from(STOCK_IDS + [99]),
+                                               max_size=4))
+    if data.draw(st.booleans()):
+        request["merchants"] = data.draw(st.lists(st.sampled_from([1, 2, 3, 99]),
+                                                  max_size=3))
+    pair.call("STATS", request)
+
+
+def step_balances(pair: Pair, data, known: dict, history: list) -> None:
+    pair.call("BALANCES", {"users": list(USERS), "memberships": [
+        {"user": u, "program": g} for u in USERS + (9,) for g in PROGRAM_IDS
+        if data.draw(st.integers(0, 3)) == 0]})
+
+
+def step_issue(pair: Pair, data, known: dict, history: list) -> None:
+    issue = np.zeros(1, ISSUE_RECORD)
+    issue[0] = (data.draw(st.sampled_from(COUPON_IDS + REWARD_IDS)),
+                data.draw(st.sampled_from([1, 2, 3, 4, 5, 7, 8])),
+                data.draw(st.sampled_from(USERS)), 0)
+    pair.batch("issue", issue)
+
+
+def step_tags(pair: Pair, data, known: dict, history: list) -> None:
+    pair.call("MERCHANTS", {"merchants": [
+        {"id": data.draw(st.sampled_from([1, 2, 3])),
+         "tags": data.draw(st.sampled_from([[], [7], [8], [7, 8]]))}]})
+
+
+# One random step of run_scenario, by name: (pair, data, known, history).
+STEPS = {
+    "pay": step_pay,
+    "pay_batch": step_pay_batch,
+    "capture_records": step_capture_records,
+    "malformed": step_malformed,
+    "capture": step_capture,
+    "refund": step_refund,
+    "refund_records": step_refund_records,
+    "reverse": lambda pair, data, known, history: pair.call(
+        "REVERSE", {"payments": [known_or_any(data, known)]}),
+    "void": lambda pair, data, known, history: pair.call(
+        "VOID", {"payments": [known_or_any(data, known)]}),
+    "redeem": step_redeem,
+    "stats": step_stats,
+    "balances": step_balances,
+    "programs": lambda pair, data, known, history: pair.call("PROGRAMS", {
+        "programs": data.draw(st.lists(st.sampled_from(PROGRAMS + LATE_PROGRAMS),
+                                       min_size=1, max_size=3))}),
+    "issue": step_issue,
+    "tags": step_tags,
+    "coupons": lambda pair, data, known, history: pair.call(
+        "COUPONS", {"user": data.draw(st.sampled_from(USERS))}),
+    "tick": lambda pair, data, known, history: pair.tick(data.draw(time_steps)),
+}
+assert set(STEPS) == set(OPS)
 
 
 @settings(max_examples=300, deadline=None)

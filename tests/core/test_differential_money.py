@@ -206,13 +206,7 @@ def run_scenario(pair: Pair, data) -> None:
         elif op == "capture":
             pair.call("CAPTURE", scoped(data, {"captures": draw_capture_items(data, known)}))
         elif op == "capture_records":
-            items = [i for i in draw_capture_items(data, known) if isinstance(i, dict)
-                     and set(i) == {"payment", "amount"} and isinstance(i["payment"], int)]
-            if items:
-                records = np.zeros(len(items), CAPTURE_RECORD)
-                for i, item in enumerate(items):
-                    records[i] = (item["payment"], item["amount"])
-                pair.batch("capture", records)
+            capture_records(pair, data, known)
         elif op == "void":
             ids = [known_or_any(data, known) for _ in range(data.draw(st.integers(1, 2)))]
             pair.call("VOID", scoped(data, {"payments": ids + (
@@ -220,15 +214,7 @@ def run_scenario(pair: Pair, data) -> None:
         elif op == "refund":
             pair.call("REFUND", scoped(data, {"refunds": draw_refund_items(data, known)}))
         elif op == "refund_records":
-            items = [i for i in draw_refund_items(data, known)
-                     if isinstance(i, dict) and isinstance(i.get("amount"), int)
-                     and i.get("id", -1) >= 0]
-            records = np.zeros(len(items), REFUND_RECORD)
-            for i, item in enumerate(items):
-                reserved = data.draw(st.sampled_from([0, 0, 0, 0, 0, 1]))
-                records[i] = (item["id"], item["payment"], item["amount"], reserved)
-            if len(records):
-                pair.batch("refund", records)
+            refund_records(pair, data, known)
         elif op == "reverse":
             ids = [known_or_any(data, known) if data.draw(st.integers(0, 4)) < 4
                    else data.draw(st.sampled_from([0, 11, 12, 7, 8, 9, 10]))
@@ -268,6 +254,28 @@ def run_scenario(pair: Pair, data) -> None:
                         data.draw(st.sampled_from(USERS)), 0)
             pair.batch("issue", issue)
     pair.finish()
+
+
+def capture_records(pair: Pair, data, known: dict) -> None:
+    items = [i for i in draw_capture_items(data, known) if isinstance(i, dict)
+             and set(i) == {"payment", "amount"} and isinstance(i["payment"], int)]
+    if items:
+        records = np.zeros(len(items), CAPTURE_RECORD)
+        for i, item in enumerate(items):
+            records[i] = (item["payment"], item["amount"])
+        pair.batch("capture", records)
+
+
+def refund_records(pair: Pair, data, known: dict) -> None:
+    items = [i for i in draw_refund_items(data, known)
+             if isinstance(i, dict) and isinstance(i.get("amount"), int)
+             and i.get("id", -1) >= 0]
+    records = np.zeros(len(items), REFUND_RECORD)
+    for i, item in enumerate(items):
+        reserved = data.draw(st.sampled_from([0, 0, 0, 0, 0, 1]))
+        records[i] = (item["id"], item["payment"], item["amount"], reserved)
+    if len(records):
+        pair.batch("refund", records)
 
 
 @settings(max_examples=150, deadline=None)

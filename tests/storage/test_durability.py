@@ -270,9 +270,23 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_op(tmp_path):
     assert len(extra) <= kills, (len(extra), kills)
     assert len({seq for seq, _ in acks.values()}) == len(acks)   # one entry per ack
 
-    # Idempotent retries after restarts: every acknowledged PAY and ISSUE,
-    # re-sent now, replays its successful records byte for byte, plus the flag.
     before = ref.canonical()
+    resent = resend_acknowledged(eng, acks, commands)
+    assert resent > 100
+    assert_audit_ok(eng)
+    live = eng.digest()
+    eng.close()
+    with Engine(str(datadir), hold_ms=cc.HOLD_MS) as again:
+        assert again.digest() == live
+    log.info("crash test: %d runs, %d kills, %d acks, %d unacknowledged entries survived, "
+             "%d payments re-sent as duplicates; state %s", runs, kills, len(acks),
+             len(extra), resent, {k: len(v) for k, v in before.items()})
+
+
+def resend_acknowledged(eng, acks: dict, commands: dict) -> int:
+    """Idempotent retries after restarts: every acknowledged PAY and ISSUE,
+    re-sent now, replays its successful records byte for byte, plus the flag.
+    Returns the records re-sent."""
     resent = 0
     for k, (seq, _digest) in sorted(acks.items()):
         command = commands[seq]
@@ -286,15 +300,7 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_op(tmp_path):
         expected["flags"] |= RESULT_DUPLICATE
         assert again[ok].tobytes() == expected.tobytes(), f"op {k} (seq {seq})"
         resent += int(ok.sum())
-    assert resent > 100
-    assert_audit_ok(eng)
-    live = eng.digest()
-    eng.close()
-    with Engine(str(datadir), hold_ms=cc.HOLD_MS) as again:
-        assert again.digest() == live
-    log.info("crash test: %d runs, %d kills, %d acks, %d unacknowledged entries survived, "
-             "%d payments re-sent as duplicates; state %s", runs, kills, len(acks),
-             len(extra), resent, {k: len(v) for k, v in before.items()})
+    return resent
 
 
 _RESULT_CACHE: dict = {}

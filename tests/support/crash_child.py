@@ -144,6 +144,34 @@ def _earlier_payments(seed: int, k: int, rng, codes: bool, n: int) -> list[int]:
 def op_at(seed: int, k: int, codes: bool = True) -> tuple[str, object]:
     """Op k of the stream: ("PAY", records) | ("ISSUE", records) |
     (map op name, request) | ("PAY_BY_CODE", records with payer 0)."""
+    if k < SETUP_OPS:
+        return _setup_op(seed, k)
+    rng = _rng(seed, k)
+    kind = _kind(rng, codes)
+    if kind == "PAY":
+        return "PAY", pay_batch(seed, k, rng, codes)
+    if kind == "ISSUE":
+        return "ISSUE", issue_batch(k, rng)
+    if kind == "WALLETS":
+        return "WALLETS", {"users": [int(u) for u in rng.integers(1, USERS + 40, 5)]}
+    if kind == "PAYMENT_CODE":
+        return "PAYMENT_CODE", {"user": int(rng.integers(1, USERS + 5))}
+    if kind == "SETTLE":
+        return kind, {}
+    if kind == "BALANCES":
+        return kind, {"users": [int(u) for u in rng.integers(1, USERS + 1, 3)]}
+    if kind in KIND_OPS:
+        return KIND_OPS[kind](seed, k, rng, codes, kind)
+    records = np.zeros(int(rng.integers(1, 3)), PAY_RECORD)
+    records["id"] = k * IDS_PER_OP + 1 + np.arange(len(records))
+    records["merchant"] = rng.integers(1, MERCHANTS + 1, len(records))
+    records["amount"] = rng.integers(100, 20_000, len(records))
+    records["flags"] = PAY_PAYER_IS_CODE
+    return "PAY_BY_CODE", records
+
+
+def _setup_op(seed: int, k: int) -> tuple[str, object]:
+    """Ops 0..3: the world."""
     if k == 0:
         return "MERCHANTS", {"merchants": [
             {"id": m, "fee_bps": [0, 38, 60, 100][m % 4], "tags": [1 + m % 3, 100 + m % 5]}
@@ -154,91 +182,92 @@ def op_at(seed: int, k: int, codes: bool = True) -> tuple[str, object]:
         amounts = _rng(seed, k).integers(10**5, 10**7, USERS)
         return "TOPUP", {"topups": [{"id": u, "user": u, "amount": int(amounts[u - 1])}
                                     for u in range(1, USERS + 1)]}
-    if k == 3:
-        return "STOCKS", {"stocks": base_stocks()}
-    rng = _rng(seed, k)
-    kind = _kind(rng, codes)
-    if kind == "PAY":
-        return "PAY", pay_batch(seed, k, rng, codes)
-    if kind == "ISSUE":
-        return "ISSUE", issue_batch(k, rng)
-    if kind == "TOPUP":
-        items = []
-        for i in range(int(rng.integers(1, 20))):
-            item = {"id": k * IDS_PER_OP + i + 1, "user": int(rng.integers(1, USERS + 8)),
-                    "amount": int(rng.integers(1, 10**6))}
-            roll = rng.random()
-            if roll < 0.05:
-                item["amount"] = 0                       # invalid_amount
-            elif roll < 0.12:                            # an earlier id, other fields
-                item["id"] = int(rng.integers(1, USERS + 1))
-            items.append(item)
-        return "TOPUP", {"topups": items}
-    if kind == "WALLETS":
-        return "WALLETS", {"users": [int(u) for u in rng.integers(1, USERS + 40, 5)]}
-    if kind == "MERCHANTS":
-        m = int(rng.integers(1, MERCHANTS + 3))
+    assert k == 3
+    return "STOCKS", {"stocks": base_stocks()}
+
+
+def _topup_op(seed: int, k: int, rng, codes: bool, kind: str) -> tuple[str, object]:
+    items = []
+    for i in range(int(rng.integers(1, 20))):
+        item = {"id": k * IDS_PER_OP + i + 1, "user": int(rng.integers(1, USERS + 8)),
+                "amount": int(rng.integers(1, 10**6))}
         roll = rng.random()
-        if roll < 0.3:
-            item = {"id": m, "active": bool(rng.random() < 0.6)}
-        elif roll < 0.8:
-            item = {"id": m, "fee_bps": int(rng.integers(0, 200))}
-        else:
-            item = {"id": m, "fee_bps": 20_000}          # invalid_argument
-        return "MERCHANTS", {"merchants": [item]}
-    if kind == "STOCKS":
-        roll = rng.random()
-        stocks = base_stocks()
-        if roll < 0.3:
-            item = stocks[int(rng.integers(0, len(stocks)))]            # duplicate
-        elif roll < 0.5:
-            item = dict(stocks[int(rng.integers(0, len(stocks)))], value=77)  # different
-        elif roll < 0.6:
-            item = {"id": 1000 + k, "funder": "platform", "kind": "fixed", "value": 5,
-                    "valid_from": T0 + 10, "valid_until": T0}                 # invalid
-        else:
-            item = {"id": 1000 + k, "funder": "platform", "kind": "fixed",
-                    "value": int(rng.integers(1, 900)), "stacking": "stackable",
-                    "valid_from": T0, "valid_until": T0 + 10**9,
-                    "budget": int(rng.integers(0, 50_000))}
-        return "STOCKS", {"stocks": [item]}
-    if kind == "PAYMENT_CODE":
-        return "PAYMENT_CODE", {"user": int(rng.integers(1, USERS + 5))}
-    if kind in ("CAPTURE", "CAPTURE_RECORDS"):
-        ids = _earlier_payments(seed, k, rng, codes, int(rng.integers(1, 6)))
-        amounts = [int(a) for a in rng.integers(1, 40_000, len(ids))]
-        if kind == "CAPTURE":
-            return kind, {"captures": [{"payment": i, "amount": a} for i, a in zip(ids, amounts)]}
-        records = np.zeros(len(ids), CAPTURE_RECORD)
-        records["payment"], records["amount"] = ids, amounts
-        return kind, records
-    if kind in ("VOID", "REVERSE"):
-        ids = _earlier_payments(seed, k, rng, codes, int(rng.integers(1, 4)))
-        if kind == "REVERSE" and rng.random() < 0.2:
-            ids.append((k + 5) * IDS_PER_OP + 1)       # reversed before it arrives
-        return kind, {"payments": ids}
-    if kind in ("REFUND", "REFUND_RECORDS"):
-        ids = _earlier_payments(seed, k, rng, codes, int(rng.integers(1, 6)))
-        refund_ids = [k * IDS_PER_OP + i + 1 for i in range(len(ids))]
-        amounts = [int(a) for a in rng.integers(1, 30_000, len(ids))]
-        if rng.random() < 0.2:                         # an earlier refund id again
-            refund_ids[0] = int(rng.integers(SETUP_OPS * IDS_PER_OP, k * IDS_PER_OP + 1))
-        if kind == "REFUND":
-            return kind, {"refunds": [{"id": r, "payment": i, "amount": a}
-                                      for r, i, a in zip(refund_ids, ids, amounts)]}
-        records = np.zeros(len(ids), REFUND_RECORD)
-        records["id"], records["payment"], records["amount"] = refund_ids, ids, amounts
-        return kind, records
-    if kind == "SETTLE":
-        return kind, {}
-    if kind == "BALANCES":
-        return kind, {"users": [int(u) for u in rng.integers(1, USERS + 1, 3)]}
-    records = np.zeros(int(rng.integers(1, 3)), PAY_RECORD)
-    records["id"] = k * IDS_PER_OP + 1 + np.arange(len(records))
-    records["merchant"] = rng.integers(1, MERCHANTS + 1, len(records))
-    records["amount"] = rng.integers(100, 20_000, len(records))
-    records["flags"] = PAY_PAYER_IS_CODE
-    return "PAY_BY_CODE", records
+        if roll < 0.05:
+            item["amount"] = 0                       # invalid_amount
+        elif roll < 0.12:                            # an earlier id, other fields
+            item["id"] = int(rng.integers(1, USERS + 1))
+        items.append(item)
+    return "TOPUP", {"topups": items}
+
+
+def _merchants_op(seed: int, k: int, rng, codes: bool, kind: str) -> tuple[str, object]:
+    m = int(rng.integers(1, MERCHANTS + 3))
+    roll = rng.random()
+    if roll < 0.3:
+        item = {"id": m, "active": bool(rng.random() < 0.6)}
+    elif roll < 0.8:
+        item = {"id": m, "fee_bps": int(rng.integers(0, 200))}
+    else:
+        item = {"id": m, "fee_bps": 20_000}          # invalid_argument
+    return "MERCHANTS", {"merchants": [item]}
+
+
+def _stocks_op(seed: int, k: int, rng, codes: bool, kind: str) -> tuple[str, object]:
+    roll = rng.random()
+    stocks = base_stocks()
+    if roll < 0.3:
+        item = stocks[int(rng.integers(0, len(stocks)))]            # duplicate
+    elif roll < 0.5:
+        item = dict(stocks[int(rng.integers(0, len(stocks)))], value=77)  # different
+    elif roll < 0.6:
+        item = {"id": 1000 + k, "funder": "platform", "kind": "fixed", "value": 5,
+                "valid_from": T0 + 10, "valid_until": T0}                 # invalid
+    else:
+        item = {"id": 1000 + k, "funder": "platform", "kind": "fixed",
+                "value": int(rng.integers(1, 900)), "stacking": "stackable",
+                "valid_from": T0, "valid_until": T0 + 10**9,
+                "budget": int(rng.integers(0, 50_000))}
+    return "STOCKS", {"stocks": [item]}
+
+
+def _capture_op(seed: int, k: int, rng, codes: bool, kind: str) -> tuple[str, object]:
+    ids = _earlier_payments(seed, k, rng, codes, int(rng.integers(1, 6)))
+    amounts = [int(a) for a in rng.integers(1, 40_000, len(ids))]
+    if kind == "CAPTURE":
+        return kind, {"captures": [{"payment": i, "amount": a} for i, a in zip(ids, amounts)]}
+    records = np.zeros(len(ids), CAPTURE_RECORD)
+    records["payment"], records["amount"] = ids, amounts
+    return kind, records
+
+
+def _void_op(seed: int, k: int, rng, codes: bool, kind: str) -> tuple[str, object]:
+    ids = _earlier_payments(seed, k, rng, codes, int(rng.integers(1, 4)))
+    if kind == "REVERSE" and rng.random() < 0.2:
+        ids.append((k + 5) * IDS_PER_OP + 1)       # reversed before it arrives
+    return kind, {"payments": ids}
+
+
+def _refund_op(seed: int, k: int, rng, codes: bool, kind: str) -> tuple[str, object]:
+    ids = _earlier_payments(seed, k, rng, codes, int(rng.integers(1, 6)))
+    refund_ids = [k * IDS_PER_OP + i + 1 for i in range(len(ids))]
+    amounts = [int(a) for a in rng.integers(1, 30_000, len(ids))]
+    if rng.random() < 0.2:                         # an earlier refund id again
+        refund_ids[0] = int(rng.integers(SETUP_OPS * IDS_PER_OP, k * IDS_PER_OP + 1))
+    if kind == "REFUND":
+        return kind, {"refunds": [{"id": r, "payment": i, "amount": a}
+                                  for r, i, a in zip(refund_ids, ids, amounts)]}
+    records = np.zeros(len(ids), REFUND_RECORD)
+    records["id"], records["payment"], records["amount"] = refund_ids, ids, amounts
+    return kind, records
+
+
+# The ops of op_at drawn in a function of their own: kind -> (seed, k, rng, codes, kind).
+KIND_OPS = {
+    "TOPUP": _topup_op, "MERCHANTS": _merchants_op, "STOCKS": _stocks_op,
+    "CAPTURE": _capture_op, "CAPTURE_RECORDS": _capture_op,
+    "VOID": _void_op, "REVERSE": _void_op,
+    "REFUND": _refund_op, "REFUND_RECORDS": _refund_op,
+}
 
 
 def issue_batch(k: int, rng) -> np.ndarray:

@@ -683,9 +683,25 @@ class Reference:
         if plan.status != Status.ok:
             return self._fail(pid, plan.status, now)             # nothing changes
 
-        # Step 7: postings, all or nothing.
-        merchant = self.merchants[int(rec["merchant"])]
         day = self.engine_day(now)
+        self._post_pay(plan, self.merchants[int(rec["merchant"])], pid, amount, day)
+
+        # Step 8: the result.
+        result = np.zeros((), PAY_RESULT)
+        result["id"] = pid
+        result["status"] = Status.ok
+        result["cash"] = plan.cash
+        result["discount"] = plan.discount
+        result["fee"] = plan.fee
+        result["timestamp"] = now
+        result["coupons"] = [c.id for c, _ in plan.chosen] + [0] * (4 - len(plan.chosen))
+        self.payments[pid] = Payment(request=rec.copy(), result=result.copy(),
+                                     user=plan.user, applied=[a for _, a in plan.chosen],
+                                     day=day)
+        return result
+
+    def _post_pay(self, plan, merchant, pid: int, amount: int, day: int) -> None:
+        """Step 7: postings, all or nothing."""
         self.wallets[plan.user].balance -= plan.cash             # wallet -> merchant: cash
         merchant.balance += plan.cash
         for coupon, applied in plan.chosen:
@@ -712,20 +728,6 @@ class Reference:
         merchant.period_fees += plan.fee
         if plan.code is not None:
             plan.code.used = True                                # consumed only by a success
-
-        # Step 8: the result.
-        result = np.zeros((), PAY_RESULT)
-        result["id"] = pid
-        result["status"] = Status.ok
-        result["cash"] = plan.cash
-        result["discount"] = plan.discount
-        result["fee"] = plan.fee
-        result["timestamp"] = now
-        result["coupons"] = [c.id for c, _ in plan.chosen] + [0] * (4 - len(plan.chosen))
-        self.payments[pid] = Payment(request=rec.copy(), result=result.copy(),
-                                     user=plan.user, applied=[a for _, a in plan.chosen],
-                                     day=day)
-        return result
 
     # =========================================================================
     # ISSUE
@@ -948,24 +950,7 @@ class Reference:
         for key in ("budget", "max_issued", "per_user_limit"):
             if not _in_range(item.get(key, 0), 0, COUNT_MAX):
                 raise _Invalid(f"{key} must be in 0..2**62")
-        lists = {}
-        for key, ok in (("merchants", lambda v: _is_u64(v) and v != 0),
-                        ("tags", _is_u32), ("goods_tags", _is_u32)):
-            value = item.get(key, [])
-            if not isinstance(value, LISTS) or len(value) > LIST_MAX \
-                    or not all(ok(v) for v in value):
-                raise _Invalid(f"{key} must be a list of at most {LIST_MAX} "
-                               + ("nonzero u64" if key == "merchants" else "u32"))
-            lists[key] = frozenset(value)
-        slots = item.get("slots", [])
-        if not isinstance(slots, LISTS) or len(slots) > SLOTS_MAX:
-            raise _Invalid(f"slots must be a list of at most {SLOTS_MAX} slots")
-        for slot in slots:
-            if not (isinstance(slot, LISTS) and len(slot) == 3
-                    and _in_range(slot[0], 0, 6) and _in_range(slot[1], 0, 1440)
-                    and _in_range(slot[2], 0, 1440) and slot[1] < slot[2]):
-                raise _Invalid("a slot is [weekday 0..6, start, end] with "
-                               "0 <= start < end <= 1440")
+        lists, slots = Reference._parse_stock_lists(item)
         merchant = item.get("merchant", 0)
         if not _is_u64(merchant):
             raise _Invalid("merchant must be a u64")
@@ -990,6 +975,30 @@ class Reference:
             per_user_limit=item.get("per_user_limit", 0), stacking=stacking,
             daily_budget=0, per_user_daily_limit=0,
             slots=frozenset(tuple(s) for s in slots))
+
+    @staticmethod
+    def _parse_stock_lists(item: dict) -> tuple[dict, list]:
+        """ext: STOCKS: the merchants, tags and goods_tags lists (as frozensets)
+        and the time slots of a stock item."""
+        lists = {}
+        for key, ok in (("merchants", lambda v: _is_u64(v) and v != 0),
+                        ("tags", _is_u32), ("goods_tags", _is_u32)):
+            value = item.get(key, [])
+            if not isinstance(value, LISTS) or len(value) > LIST_MAX \
+                    or not all(ok(v) for v in value):
+                raise _Invalid(f"{key} must be a list of at most {LIST_MAX} "
+                               + ("nonzero u64" if key == "merchants" else "u32"))
+            lists[key] = frozenset(value)
+        slots = item.get("slots", [])
+        if not isinstance(slots, LISTS) or len(slots) > SLOTS_MAX:
+            raise _Invalid(f"slots must be a list of at most {SLOTS_MAX} slots")
+        for slot in slots:
+            if not (isinstance(slot, LISTS) and len(slot) == 3
+                    and _in_range(slot[0], 0, 6) and _in_range(slot[1], 0, 1440)
+                    and _in_range(slot[2], 0, 1440) and slot[1] < slot[2]):
+                raise _Invalid("a slot is [weekday 0..6, start, end] with "
+                               "0 <= start < end <= 1440")
+        return lists, slots
 
     # =========================================================================
     # Single-object map operations (ext: General, PAYMENT_CODE, QUOTE, ...)
