@@ -31,3 +31,56 @@ def load() -> str:
     """The machine is shared: say how busy it was when a figure was taken."""
     one, five, _ = os.getloadavg()
     return f"load avg {one:.1f}/{five:.1f} on {os.cpu_count()} cores"
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python <argv>` from the repository root (a server or the adapter),
+    logging to `log_path`, ready once `port` accepts connections (30 s at
+    most); its CPU time from /proc; stopped by pid."""
+
+    def __init__(self, argv: list[str], port: int, log_path: str, start_s_max: float = 30):
+        import contextlib
+        import pathlib
+        import socket
+        import subprocess
+        import sys
+        import time
+        root = pathlib.Path(__file__).resolve().parent.parent
+        self.port = port
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, *argv], cwd=str(root),
+                                     env=dict(os.environ, PYTHONPATH=str(root)),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + start_s_max
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(open(log_path).read()[-2000:])
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(argv)} did not start")
+            time.sleep(0.05)
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        import subprocess
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()

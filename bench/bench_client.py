@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np                                  # noqa: E402
 
-from bench._common import load, machine             # noqa: E402
+from bench._common import ServerProcess, free_port, load, machine  # noqa: E402
 from engine import client as client_after           # noqa: E402
 
 HEADER, PAY_RECORD = client_after.HEADER, client_after.PAY_RECORD
@@ -70,48 +68,14 @@ uvloop.run(main())
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, data_dir: str, memory: bool):
-        self.port = free_port()
-        listen = f"127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.log = open(os.path.join(data_dir, "server.log"), "w")
-        args = (["-c", MEMORY_SERVER, listen] if memory else
-                ["-m", "engine.cli", "serve", "--data", os.path.join(data_dir, "data"),
-                 "--listen", listen])
-        self.proc = subprocess.Popen([sys.executable, *args], cwd=str(ROOT), env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(open(self.log.name).read()[-2000:])
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+def Server(data_dir: str, memory: bool) -> ServerProcess:    # noqa: N802 - a constructor
+    """A server on a free port: in memory (MEMORY_SERVER) or `scanpay serve`."""
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    argv = (["-c", MEMORY_SERVER, listen] if memory else
+            ["-m", "engine.cli", "serve", "--data", os.path.join(data_dir, "data"),
+             "--listen", listen])
+    return ServerProcess(argv, port, os.path.join(data_dir, "server.log"))
 
 
 def client_before(rev: str):
@@ -124,7 +88,7 @@ def client_before(rev: str):
             break
     else:
         raise SystemExit(f"no client at git revision {rev}: {shown.stderr.strip()}")
-    source = shown.stdout
+    source = old_imports_to_the_package_layout(shown.stdout)
     path = os.path.join(tempfile.mkdtemp(prefix="client-before-"), "client.py")
     with open(path, "w") as f:
         f.write(source)
@@ -134,6 +98,18 @@ def client_before(rev: str):
     sys.modules[spec.name] = module          # msgspec resolves the Structs' annotations there
     spec.loader.exec_module(module)
     return module
+
+
+# Where the old flat modules the old client imports live now (issue 15's layout).
+OLD_MODULES = {"dispatch": "engine.protocol.ops", "errors": "engine.protocol.errors",
+               "frame": "engine.protocol.frame", "records": "engine.protocol.records",
+               "status": "engine.protocol.status"}
+
+
+def old_imports_to_the_package_layout(source: str) -> str:
+    for old, new in OLD_MODULES.items():
+        source = source.replace(f"from .{old} import", f"from {new} import")
+    return source
 
 
 async def setup_world(port: int) -> None:

@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import pathlib
 import resource
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import iso8583                                      # noqa: E402
 from iso8583.specs import default_ascii as SPEC    # noqa: E402
 
-from bench._common import load, machine             # noqa: E402
+from bench._common import ServerProcess, free_port, load, machine  # noqa: E402
 from engine.client import AsyncClient               # noqa: E402
 from engine.protocol.records import PAY_PAYER_IS_CODE        # noqa: E402
 
@@ -53,47 +50,12 @@ MERCHANT_DE42 = "MERCHANT0000001"
 LENGTH = struct.Struct(">H")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Process:
-    def __init__(self, args: list[str], port: int, log_path: str):
-        self.port = port
-        self.log = open(log_path, "w")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        profile = os.environ.get("SCANPAY_ADAPTER_PROFILE") if args[0] == "iso8583" else None
-        prefix = ["-m", "cProfile", "-o", profile] if profile else []
-        self.proc = subprocess.Popen([sys.executable, *prefix, "-m", "engine.cli", *args],
-                                     cwd=str(ROOT),
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(open(log_path).read()[-2000:])
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{args[0]} did not start")
-            time.sleep(0.05)
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+def Process(args: list[str], port: int, log_path: str) -> ServerProcess:  # noqa: N802
+    """`scanpay ARGS` on `port` (the adapter under cProfile when
+    SCANPAY_ADAPTER_PROFILE names an output file)."""
+    profile = os.environ.get("SCANPAY_ADAPTER_PROFILE") if args[0] == "iso8583" else None
+    prefix = ["-m", "cProfile", "-o", profile] if profile else []
+    return ServerProcess([*prefix, "-m", "engine.cli", *args], port, log_path)
 
 
 # ---------------------------------------------------------------- setup
