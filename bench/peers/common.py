@@ -101,3 +101,36 @@ def one_at_a_time(pay_one, payments: list[Payment], clock) -> tuple[list[str], l
         names.append(pay_one(p))
         latencies.append(clock() - t0)
     return names, latencies
+
+
+def lanes_in_threads(conns: list, lanes: list, payer_of, clock):
+    """Each lane in its own thread on its own connection, all released at
+    once: (outcome names, seconds from the release to the last lane's end,
+    latencies). `payer_of(conn)` gives the lane's pay_one. The connections
+    are closed at the end; a lane's error is raised here."""
+    import threading
+    results: list = [None] * len(lanes)
+    errors: list = []
+    gate = threading.Barrier(len(lanes) + 1)
+
+    def lane_thread(k: int) -> None:
+        try:
+            gate.wait()
+            results[k] = one_at_a_time(payer_of(conns[k]), lanes[k], clock)
+        except BaseException as e:          # reported by the main thread
+            errors.append(e)
+    # Daemons: on Ctrl-C the main thread stops the server and must not wait for them.
+    threads = [threading.Thread(target=lane_thread, args=(k,), daemon=True)
+               for k in range(len(lanes))]
+    for t in threads:
+        t.start()
+    gate.wait()
+    started = clock()
+    for t in threads:
+        t.join()
+    seconds = clock() - started
+    for conn in conns:
+        conn.close()
+    if errors:
+        raise errors[0]
+    return ([n for r in results for n in r[0]], seconds, [x for r in results for x in r[1]])

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 
-from .common import Run, free_port, one_at_a_time, stop_process, wait_port
+from .common import Run, free_port, lanes_in_threads, one_at_a_time, stop_process, wait_port
 from .workload import FinalState, Payment, Workload, tally
 
 SCHEMA = """
@@ -201,34 +201,7 @@ def payer(conn):
 def many(pg: Postgres, wl: Workload, payments: list[Payment], callers: int, clock):
     """`callers` connections, each its own thread running its lane."""
     lanes = wl.lanes(callers, payments)
-    conns = [pg.connect() for _ in lanes]
-    results: list = [None] * len(lanes)
-    errors: list = []
-    gate = threading.Barrier(len(lanes) + 1)
-
-    def lane_thread(k: int) -> None:
-        try:
-            gate.wait()
-            results[k] = one_at_a_time(payer(conns[k]), lanes[k], clock)
-        except BaseException as e:          # reported by the main thread
-            errors.append(e)
-    # Daemons: on Ctrl-C the main thread stops the server and must not wait for them.
-    threads = [threading.Thread(target=lane_thread, args=(k,), daemon=True)
-               for k in range(len(lanes))]
-    for t in threads:
-        t.start()
-    gate.wait()
-    started = clock()
-    for t in threads:
-        t.join()
-    seconds = clock() - started
-    for conn in conns:
-        conn.close()
-    if errors:
-        raise errors[0]
-    names = [n for r in results for n in r[0]]
-    latencies = [x for r in results for x in r[1]]
-    return names, seconds, latencies
+    return lanes_in_threads([pg.connect() for _ in lanes], lanes, payer, clock)
 
 
 def run(pg: Postgres, wl: Workload, payments: list[Payment], *, callers: int, clock) -> Run:

@@ -7,7 +7,7 @@ import os
 import sqlite3
 import threading
 
-from .common import Run, one_at_a_time
+from .common import Run, lanes_in_threads, one_at_a_time
 from .workload import (FinalState, Payment, Stock, Workload, best_coupon, fee_of, tally)
 
 SCHEMA = """
@@ -122,33 +122,9 @@ def final_state(conn, outcomes: dict) -> FinalState:
 
 def many(path: str, wl: Workload, payments: list[Payment], callers: int, clock):
     lanes = wl.lanes(callers, payments)
-    conns = [connect(path) for _ in lanes]
-    writers = threading.Lock()
-    results: list = [None] * len(lanes)
-    errors: list = []
-    gate = threading.Barrier(len(lanes) + 1)
-
-    def lane_thread(k: int) -> None:
-        try:
-            gate.wait()
-            results[k] = one_at_a_time(payer(conns[k], writers), lanes[k], clock)
-        except BaseException as e:          # reported by the main thread
-            errors.append(e)
-    # Daemons: on Ctrl-C the main thread stops the server and must not wait for them.
-    threads = [threading.Thread(target=lane_thread, args=(k,), daemon=True)
-               for k in range(len(lanes))]
-    for t in threads:
-        t.start()
-    gate.wait()
-    started = clock()
-    for t in threads:
-        t.join()
-    seconds = clock() - started
-    for conn in conns:
-        conn.close()
-    if errors:
-        raise errors[0]
-    return ([n for r in results for n in r[0]], seconds, [x for r in results for x in r[1]])
+    writers = threading.Lock()      # SQLite writers queue here, not in its busy handler
+    return lanes_in_threads([connect(path) for _ in lanes], lanes,
+                            lambda conn: payer(conn, writers), clock)
 
 
 def run(tmp: str, wl: Workload, payments: list[Payment], *, callers: int, clock) -> Run:
