@@ -45,7 +45,7 @@ from engine._client_py import (I64_MAX, I64_MIN, REPLY_BYTES_MAX, U32_MAX,  # no
                          U64_MAX)                                     # of this module before)
 from engine._version import __version__
 from engine.protocol.auth import hello_mac
-from engine.protocol.errors import (BadBody, BadFrame, Busy, EngineError, Forbidden, FrameTooLarge,
+from engine.protocol.errors import (BadBody, BadFrame, Busy, EngineError, Forbidden, FrameTooLarge, NotLeader,
                      NotAuthenticated, Unavailable, UnknownOp, UnsupportedProtocol)
 from engine.protocol.frame import FLAG_ERROR, FRAME_BYTES_MAX_DEFAULT, HEADER, HEADER_BYTES
 from engine.protocol.frame import encode as encode_frame
@@ -64,7 +64,7 @@ __all__ = [
     "AsyncClient", "Client", "Pool", "PoolClosed", "create_pool", "HelloInfo", "PayResult", "IssueResult",
     "ConnectionLost", "ProtocolError", "ServerError", "OPS", "hello_request", "hello_mac",
     "parse_address", "error_from_frame",
-    "NotAuthenticated", "Forbidden", "FrameTooLarge", "BadFrame", "UnsupportedProtocol",
+    "NotAuthenticated", "Forbidden", "FrameTooLarge", "BadFrame", "UnsupportedProtocol", "NotLeader",
 ]
 
 PROTOCOL_VERSION = 1
@@ -99,7 +99,7 @@ class ServerError(EngineError):
 ERRORS_BY_CODE: dict[int, type[EngineError]] = {
     cls.code.value: cls for cls in (
         BadFrame, FrameTooLarge, UnknownOp, BadBody, NotAuthenticated,
-        Forbidden, Busy, Unavailable, UnsupportedProtocol)
+        Forbidden, Busy, Unavailable, UnsupportedProtocol, NotLeader)
 }
 # After these the server closes the connection (docs/reference/protocol.md).
 CLOSING_CODES = frozenset({ErrorCode.bad_frame, ErrorCode.frame_too_large,

@@ -61,3 +61,10 @@ class Forbidden(EngineError):
 
 class UnsupportedProtocol(EngineError):
     code = ErrorCode.unsupported_protocol
+
+
+class NotLeader(EngineError):
+    """This node is a replicated follower: retry on the leader, whose
+    address the message names (docs/reference/protocol.md error frames)."""
+    code = ErrorCode.not_leader
+    retryable = True

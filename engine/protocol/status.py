@@ -55,6 +55,7 @@ class ErrorCode(IntEnum):
     busy = 7
     unavailable = 8
     unsupported_protocol = 9
+    not_leader = 10        # replicated follower; the message names the leader's address
 
 
 STATUS_NAMES = {s.value: s.name for s in Status}

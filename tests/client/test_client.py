@@ -28,7 +28,7 @@ from engine import client as client_module
 from engine.client import (AsyncClient, BadFrame, Client, ConnectionLost, Forbidden,
                            FrameTooLarge, HelloInfo, NotAuthenticated, PayResult,
                            UnsupportedProtocol, encode_frame, error_from_frame)
-from engine.protocol.errors import BadBody, Busy, EngineError, Unavailable, UnknownOp
+from engine.protocol.errors import BadBody, Busy, EngineError, NotLeader, Unavailable, UnknownOp
 from engine.protocol.records import ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT
 from engine.protocol.status import ErrorCode
 
@@ -41,7 +41,7 @@ ERROR_CLASSES = {
     ErrorCode.unknown_op: UnknownOp, ErrorCode.bad_body: BadBody,
     ErrorCode.not_authenticated: NotAuthenticated, ErrorCode.forbidden: Forbidden,
     ErrorCode.busy: Busy, ErrorCode.unavailable: Unavailable,
-    ErrorCode.unsupported_protocol: UnsupportedProtocol,
+    ErrorCode.unsupported_protocol: UnsupportedProtocol, ErrorCode.not_leader: NotLeader,
 }
 CLOSING = {ErrorCode.bad_frame, ErrorCode.frame_too_large, ErrorCode.unsupported_protocol}
 STATS = 46      # the fake's test hook: STATS {error_code} answers that error frame
@@ -268,7 +268,7 @@ def test_error_body_maps_to_its_exception(code):
     assert type(error) is ERROR_CLASSES[code]
     assert isinstance(error, EngineError)
     assert (error.code, error.message, error.op, error.request_id) == (code, "why", 45, 3)
-    assert error.retryable == (code in (ErrorCode.busy, ErrorCode.unavailable))
+    assert error.retryable == (code in (ErrorCode.busy, ErrorCode.unavailable, ErrorCode.not_leader))
 
 
 def test_unknown_error_code_from_a_newer_server():
