@@ -82,10 +82,9 @@ cdef class _Lifecycle(_Pay):
                          PayResult* out) noexcept nogil:
         cdef int32_t p = index_get(&self.payments_ix.ix, payment_id)
         cdef Payment* pm
-        cdef int32_t i, c, m
-        cdef int64_t left, d, a, cash, fee, merchant_discount = 0, hold, total, before = 0
+        cdef int64_t merchant_discount = 0, total
         cdef int64_t applied[COUPONS_PER_PAYMENT_MAX]
-        cdef Stock* s
+        cdef int st
         memset(out, 0, sizeof(PayResult))
         out.id = payment_id
         out.timestamp = <uint64_t>now
@@ -105,9 +104,24 @@ cdef class _Lifecycle(_Pay):
             return ST_OK
         if amount < 1 or amount > pm.authorized_amount:
             return ST_INVALID_AMOUNT
-        # Coupons again on the final amount, in their applied order; time,
-        # scope and controls are not re-checked.
-        left = amount
+        total = self.capture_priced(pm, amount, applied, &merchant_discount)
+        st = self.capture_post(p, pm, amount, applied, total, merchant_discount, now)
+        if st != ST_OK:
+            return st
+        self.result_of(p, out, False, now)
+        out.fee = pm.fee
+        return ST_OK
+
+    cdef inline int64_t capture_priced(self, const Payment* pm, int64_t amount,
+                                       int64_t* applied,
+                                       int64_t* merchant_discount) noexcept nogil:
+        """The coupons again on the final amount, in their applied order
+        (into applied[], the merchant-funded part added to
+        merchant_discount); the total discount. Time, scope and controls
+        are not re-checked, and no coupon spends more than it reserved."""
+        cdef int32_t i
+        cdef int64_t d, a, left = amount
+        cdef const Stock* s
         for i in range(pm.coupon_count):
             s = &self.S[self.C[pm.coupon[i]].stock]
             d = discount_of(s, amount) if amount >= s.min_spend else 0
@@ -117,18 +131,41 @@ cdef class _Lifecycle(_Pay):
             applied[i] = a
             left -= a
             if s.funder == FUNDER_MERCHANT:
-                merchant_discount += a
-        total = amount - left
-        cash = amount - total
-        m = pm.merchant
-        fee = self.fee_of(amount, merchant_discount, m)
-        hold = pm.cash
+                merchant_discount[0] += a
+        return amount - left
+
+    cdef inline int capture_post(self, int32_t p, Payment* pm, int64_t amount,
+                                 const int64_t* applied, int64_t total,
+                                 int64_t merchant_discount, int64_t now) noexcept nogil:
+        """Capture at the re-priced amounts: the hold gives way to the cash,
+        the coupons' reservations to their spend, or nothing changes."""
+        cdef int32_t m = pm.merchant
+        cdef int64_t cash = amount - total, hold = pm.cash, before = 0
+        cdef int64_t fee = self.fee_of(amount, merchant_discount, m)
         if self.U[pm.user].balance - (self.U[pm.user].held - hold) < cash:
             return ST_INSUFFICIENT_FUNDS
         if KERNEL_DEBUG:
             before = self.posting_sum(pm.user, m, pm.coupon, pm.coupon_count)
         self.U[pm.user].held -= hold
         self.U[pm.user].balance -= cash
+        self.capture_coupons(pm, applied)
+        pm.amount = amount
+        pm.cash = cash
+        pm.discount = total
+        pm.fee = fee
+        pm.completed_at = now
+        pm.state = PAYMENT_COMPLETED
+        self.post_completion(pm, m, amount, merchant_discount, total - merchant_discount, fee)
+        self.complete(p, now)
+        if KERNEL_DEBUG:
+            self.check_posting(before, pm.user, m, pm.coupon, pm.coupon_count)
+        return ST_OK
+
+    cdef inline void capture_coupons(self, Payment* pm, const int64_t* applied) noexcept nogil:
+        """Each coupon's reservation to its spend at its new amount; one
+        that applies nothing now is released (available again)."""
+        cdef int32_t i, c
+        cdef Stock* s
         for i in range(pm.coupon_count):
             c = pm.coupon[i]
             s = &self.S[self.C[c].stock]
@@ -143,19 +180,6 @@ cdef class _Lifecycle(_Pay):
             s.spent += applied[i]
             if s.funder == FUNDER_PLATFORM:
                 s.campaign -= applied[i]
-        pm.amount = amount
-        pm.cash = cash
-        pm.discount = total
-        pm.fee = fee
-        pm.completed_at = now
-        pm.state = PAYMENT_COMPLETED
-        self.post_completion(pm, m, amount, merchant_discount, total - merchant_discount, fee)
-        self.complete(p, now)
-        if KERNEL_DEBUG:
-            self.check_posting(before, pm.user, m, pm.coupon, pm.coupon_count)
-        self.result_of(p, out, False, now)
-        out.fee = fee
-        return ST_OK
 
     cdef int void_one(self, uint64_t payment_id, int64_t now, PayResult* out) noexcept nogil:
         cdef int32_t p = index_get(&self.payments_ix.ix, payment_id)

@@ -63,13 +63,15 @@ cdef class _Membership(_Issue):
     cdef void complete(self, int32_t p, int64_t now) noexcept nogil:
         """A payment completed (PAY, or CAPTURE): stats, points, stamps."""
         cdef Payment* pm = &self.PM[p]
-        cdef Merchant* mr = &self.M[pm.merchant]
+        self.count_completion(pm, self.visit_count(pm))
+        self.earn(p, pm, now)
+
+    cdef inline int64_t visit_count(self, const Payment* pm) noexcept nogil:
+        """The payer's payments at this merchant before this one (their
+        visit row made on the first), and this one counted."""
         cdef uint64_t key = <uint64_t>pm.user * MERCHANTS_MAX + <uint64_t>pm.merchant + 1
-        cdef int32_t v = index_get(&self.visits_ix.ix, key), i, g, e, k, j
-        cdef int64_t prior, points
-        cdef bint with_coupon = False
-        cdef Stock* s
-        cdef Program* pg
+        cdef int32_t v = index_get(&self.visits_ix.ix, key)
+        cdef int64_t prior
         if v < 0:
             v = <int32_t>self.n_visits
             self.n_visits += 1
@@ -80,6 +82,14 @@ cdef class _Membership(_Issue):
             index_put(&self.visits_ix.ix, key, v)
         prior = self.VS[v].payments
         self.VS[v].payments += 1
+        return prior
+
+    cdef inline void count_completion(self, const Payment* pm, int64_t prior) noexcept nogil:
+        """STATS of the merchant and of the stocks of the coupons it kept."""
+        cdef Merchant* mr = &self.M[pm.merchant]
+        cdef bint with_coupon = False
+        cdef int32_t i
+        cdef Stock* s
         mr.stat_payments += 1
         mr.stat_gmv += pm.amount
         if prior == 0:
@@ -99,6 +109,14 @@ cdef class _Membership(_Issue):
                 s.stat_payers_returning += 1
         if with_coupon:
             mr.stat_coupon_payments += 1
+
+    cdef inline void earn(self, int32_t p, Payment* pm, int64_t now) noexcept nogil:
+        """One earning row per program covering the merchant, in program id
+        order: points on the cash, or a stamp (and at a full card, the
+        reward coupon)."""
+        cdef int32_t j, g, e
+        cdef int64_t points
+        cdef Program* pg
         pm.earn_at = <int32_t>self.n_earnings
         pm.earn_count = 0
         for j in range(self.n_programs):
@@ -119,18 +137,23 @@ cdef class _Membership(_Issue):
                 self.EA[e].points = points
                 if points > 0:
                     self.MS[self.membership(pm.user, g, True)].points += points
-                    mr.stat_points_issued += points
+                    self.M[pm.merchant].stat_points_issued += points
             elif pm.amount >= pg.threshold:
                 self.EA[e].stamped = 1
-                k = self.membership(pm.user, g, True)
-                self.MS[k].stamps += 1
-                if self.MS[k].stamps >= pg.stamps:
-                    i = self.reward(pg, pm.user, now)
-                    if i >= 0:
-                        self.MS[k].stamps = 0
-                        self.MS[k].reward = i
-                    else:                   # the card stays full until it can
-                        self.MS[k].stamps = pg.stamps
+                self.stamp(pg, self.membership(pm.user, g, True), pm.user, now)
+
+    cdef inline void stamp(self, const Program* pg, int32_t k, int32_t user,
+                           int64_t now) noexcept nogil:
+        """One stamp on membership k; a full card issues the reward coupon."""
+        cdef int32_t c
+        self.MS[k].stamps += 1
+        if self.MS[k].stamps >= pg.stamps:
+            c = self.reward(pg, user, now)
+            if c >= 0:
+                self.MS[k].stamps = 0
+                self.MS[k].reward = c
+            else:                   # the card stays full until it can
+                self.MS[k].stamps = pg.stamps
 
     cdef void claw_back(self, int32_t p, int64_t refunded, int64_t now) noexcept nogil:
         """A refund takes back its share of points; a full one, the stamp."""

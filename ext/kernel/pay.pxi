@@ -20,31 +20,14 @@ cdef class _Pay(_Membership):
                       const Clock* t, int32_t user_guess, int32_t merchant_guess) noexcept nogil:
         """Steps 1-7 of docs/reference/rules.md Paying for one record; the guesses are the
         prefetch pipeline's (see resolve)."""
-        cdef int32_t m, user, code, p, i, c
+        cdef int32_t m, user, code
         cdef int st
-        cdef int64_t cash, fee, merchant_discount, a, before = 0
-        cdef bint authorize = r.flags & PAY_AUTHORIZE
+        cdef int64_t cash
         cdef Selection sel
-        cdef Stock* s
-        cdef Payment* pm
         memset(out, 0, sizeof(PayResult))
         out.id = r.id
         out.timestamp = <uint64_t>t.now
-        st = self.precheck(r, True)
-        if st != ST_OK:
-            out.status = st
-            return
-        # Step 2: idempotency by payment id, byte-for-byte replay.
-        p = index_get(&self.payments_ix.ix, r.id)
-        if p >= 0:
-            if memcmp(&self.PQ[p], r, sizeof(PayRecord)) == 0:
-                out[0] = self.PR[p]
-                out.flags |= RESULT_DUPLICATE
-            else:
-                out.status = ST_EXISTS_WITH_DIFFERENT_FIELDS
-            return
-        if index_get(&self.tombstones_ix.ix, r.id) >= 0:
-            out.status = ST_REVERSED
+        if self.pay_answered(r, out):
             return
         st = self.resolve(r, t.now, &m, &user, &code, user_guess, merchant_guess)
         if st == ST_OK:
@@ -57,9 +40,41 @@ cdef class _Pay(_Membership):
         if self.U[user].balance - self.U[user].held < cash:
             out.status = ST_INSUFFICIENT_FUNDS
             return
-        merchant_discount = self.merchant_funded(&sel)
-        fee = self.fee_of(r.amount, merchant_discount, m)
-        # Step 7 (or, authorizing, the hold): all at once.
+        self.pay_post(r, out, t, m, user, code, &sel, cash)
+
+    cdef inline bint pay_answered(self, const PayRecord* r, PayResult* out) noexcept nogil:
+        """Steps 1 and 2: the checks that need no state, then idempotency by
+        payment id (a byte-for-byte replay answers the first result). True
+        when `out` holds the answer already; nothing has changed."""
+        cdef int32_t p
+        cdef int st = self.precheck(r, True)
+        if st != ST_OK:
+            out.status = st
+            return True
+        p = index_get(&self.payments_ix.ix, r.id)
+        if p >= 0:
+            if memcmp(&self.PQ[p], r, sizeof(PayRecord)) == 0:
+                out[0] = self.PR[p]
+                out.flags |= RESULT_DUPLICATE
+            else:
+                out.status = ST_EXISTS_WITH_DIFFERENT_FIELDS
+            return True
+        if index_get(&self.tombstones_ix.ix, r.id) >= 0:
+            out.status = ST_REVERSED
+            return True
+        return False
+
+    cdef inline void pay_post(self, const PayRecord* r, PayResult* out, const Clock* t,
+                              int32_t m, int32_t user, int32_t code, const Selection* sel,
+                              int64_t cash) noexcept nogil:
+        """Step 7 (or, authorizing, the hold): all at once, once steps 1-6
+        have passed."""
+        cdef bint authorize = r.flags & PAY_AUTHORIZE
+        cdef int64_t merchant_discount = self.merchant_funded(sel)
+        cdef int64_t fee = self.fee_of(r.amount, merchant_discount, m)
+        cdef int64_t before = 0
+        cdef int32_t p
+        cdef Payment* pm
         if KERNEL_DEBUG:
             before = self.posting_sum(user, m, sel.slot, sel.count)
         p = <int32_t>self.n_payments
@@ -70,35 +85,8 @@ cdef class _Pay(_Membership):
         if authorize:
             out.flags = RESULT_AUTHORIZED
         self.PQ[p] = r[0]
-        pm = &self.PM[p]                    # a zeroed row: see _grown
-        pm.user = user
-        pm.merchant = m
-        pm.coupon_count = <uint8_t>sel.count
-        pm.amount = r.amount
-        pm.cash = cash
-        pm.discount = sel.total
-        pm.fee = fee
-        pm.created_at = t.now
-        pm.day = t.day
-        for i in range(COUPONS_PER_PAYMENT_MAX):
-            pm.coupon[i] = -1
-        for i in range(sel.count):
-            c = sel.slot[i]
-            a = sel.applied[i]
-            out.coupons[i] = self.C[c].id
-            pm.applied[i] = a
-            pm.coupon[i] = c
-            self.C[c].payment = p
-            s = &self.S[self.C[c].stock]
-            self.count_day(s, t.day, a)
-            if authorize:
-                self.C[c].state = COUPON_LOCKED
-                s.reserved += a
-            else:
-                self.C[c].state = COUPON_USED
-                s.spent += a
-                if s.funder == FUNDER_PLATFORM:
-                    s.campaign -= a
+        pm = self.pay_row(p, r.amount, t, user, m, sel, cash, fee)
+        self.pay_coupons(p, pm, sel, t.day, authorize, out)
         self.PR[p] = out[0]
         index_put(&self.payments_ix.ix, r.id, p)
         if authorize:
@@ -118,6 +106,50 @@ cdef class _Pay(_Membership):
             self.K[code].used = 1
         if KERNEL_DEBUG:
             self.check_posting(before, user, m, sel.slot, sel.count)
+
+    cdef inline Payment* pay_row(self, int32_t p, int64_t amount, const Clock* t,
+                                 int32_t user, int32_t m, const Selection* sel,
+                                 int64_t cash, int64_t fee) noexcept nogil:
+        """The new payment's row, before its coupons and state."""
+        cdef Payment* pm = &self.PM[p]      # a zeroed row: see _grown
+        cdef int32_t i
+        pm.user = user
+        pm.merchant = m
+        pm.coupon_count = <uint8_t>sel.count
+        pm.amount = amount
+        pm.cash = cash
+        pm.discount = sel.total
+        pm.fee = fee
+        pm.created_at = t.now
+        pm.day = t.day
+        for i in range(COUPONS_PER_PAYMENT_MAX):
+            pm.coupon[i] = -1
+        return pm
+
+    cdef inline void pay_coupons(self, int32_t p, Payment* pm, const Selection* sel,
+                                 int64_t day, bint authorize, PayResult* out) noexcept nogil:
+        """The selected coupons into the payment: locked and reserved when
+        authorizing, else used and spent (a platform stock's campaign pays)."""
+        cdef int32_t i, c
+        cdef int64_t a
+        cdef Stock* s
+        for i in range(sel.count):
+            c = sel.slot[i]
+            a = sel.applied[i]
+            out.coupons[i] = self.C[c].id
+            pm.applied[i] = a
+            pm.coupon[i] = c
+            self.C[c].payment = p
+            s = &self.S[self.C[c].stock]
+            self.count_day(s, day, a)
+            if authorize:
+                self.C[c].state = COUPON_LOCKED
+                s.reserved += a
+            else:
+                self.C[c].state = COUPON_USED
+                s.spent += a
+                if s.funder == FUNDER_PLATFORM:
+                    s.campaign -= a
 
     cdef inline void post_completion(self, Payment* pm, int32_t m, int64_t amount,
                                      int64_t merchant_discount, int64_t platform_discount,

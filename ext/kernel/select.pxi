@@ -2,6 +2,55 @@
 # 2-5): scope, time slots, limits, automatic and explicit selection.
 
 
+cdef inline void auto_choose(const Cand* cands, int32_t best_ex, const int32_t* top,
+                             int32_t top_count, int64_t amount, Selection* sel) noexcept nogil:
+    """Step 5, automatic mode: the best exclusive coupon alone, or the
+    smallest stack of the top stackable ones whose discounts reach the
+    amount, whichever discounts more (a tie: fewer coupons, then rank).
+    At least one candidate (best_ex >= 0 or top_count > 0)."""
+    cdef int32_t i, k = 0
+    cdef int64_t stack_sum = 0, stack_total, ex_total
+    cdef bint take_ex
+    for i in range(top_count):
+        stack_sum += cands[top[i]].d
+        k = i + 1
+        if stack_sum >= amount:
+            break
+    stack_total = stack_sum if stack_sum < amount else amount
+    ex_total = cands[best_ex].d if best_ex >= 0 else 0
+    if best_ex < 0:
+        take_ex = False
+    elif top_count == 0:
+        take_ex = True
+    elif ex_total != stack_total:
+        take_ex = ex_total > stack_total
+    elif k != 1:
+        take_ex = True                  # fewer coupons
+    else:
+        take_ex = ranks_before(&cands[best_ex], &cands[top[0]])
+    if take_ex:
+        sel.count = 1
+        sel.slot[0] = cands[best_ex].slot
+        sel.d[0] = cands[best_ex].d
+    else:
+        sel.count = k
+        for i in range(k):
+            sel.slot[i] = cands[top[i]].slot
+            sel.d[i] = cands[top[i]].d
+
+
+cdef inline void apportion(Selection* sel, int64_t amount) noexcept nogil:
+    """Step 5: each selected coupon applies min(d, what is left of the
+    amount), in selection order; the total is what they took."""
+    cdef int32_t i
+    cdef int64_t a, left = amount
+    for i in range(sel.count):
+        a = sel.d[i] if sel.d[i] < left else left
+        sel.applied[i] = a
+        left -= a
+    sel.total = amount - left
+
+
 cdef class _Select(_Invariants):
     # -- rules ------------------------------------------------------------
 
@@ -108,15 +157,28 @@ cdef class _Select(_Invariants):
                           Selection* sel) noexcept nogil:
         """Step 5, automatic mode: the exact best option."""
         cdef Cand* cands = self.cands_p
-        cdef int32_t count = 0, c, j, i, k, best_ex = -1, top_count = 0, prev = -1, nxt
+        cdef int32_t count, best_ex, top_count = 0
         cdef int32_t top[COUPONS_PER_PAYMENT_MAX]
-        cdef int64_t d, stack_sum = 0, stack_total, ex_total, left, a
-        cdef bint take_ex
-        cdef Cand cand
         self.generation += 1
-        # Candidates, keeping only the best-ranked coupon of each stock. The
-        # walk is over the live list; used coupons met on the way leave it, so
-        # a heavy payer's history is not walked again on every payment.
+        count = self.auto_candidates(user, m, amount, goods_tag, t)
+        best_ex = self.auto_ranked(cands, count, top, &top_count)
+        sel.count = 0
+        sel.total = 0
+        if best_ex < 0 and top_count == 0:
+            return
+        auto_choose(cands, best_ex, top, top_count, amount, sel)
+        apportion(sel, amount)
+
+    cdef inline int32_t auto_candidates(self, int32_t user, int32_t m, int64_t amount,
+                                        uint32_t goods_tag, const Clock* t) noexcept nogil:
+        """The candidates (into cands_p; their count), keeping only the
+        best-ranked coupon of each stock. The walk is over the live list;
+        used coupons met on the way leave it, so a heavy payer's history is
+        not walked again on every payment."""
+        cdef Cand* cands = self.cands_p
+        cdef int32_t count = 0, c, j, prev = -1, nxt
+        cdef int64_t d
+        cdef Cand cand
         c = self.U[user].live_head
         while c >= 0:
             nxt = self.C[c].next_live
@@ -145,59 +207,28 @@ cdef class _Select(_Invariants):
                     cands[count] = cand
                     count += 1
             c = nxt
-        # The best exclusive coupon, and the top four stackable ones in rank order.
+        return count
+
+    cdef inline int32_t auto_ranked(self, const Cand* cands, int32_t count, int32_t* top,
+                                    int32_t* top_count) noexcept nogil:
+        """The best exclusive candidate (returned, or -1), and the top four
+        stackable ones in rank order (into top[:top_count])."""
+        cdef int32_t j, i, best_ex = -1
         for j in range(count):
             if self.S[cands[j].stock].stacking == STACKING_EXCLUSIVE:
                 if best_ex < 0 or ranks_before(&cands[j], &cands[best_ex]):
                     best_ex = j
                 continue
-            i = top_count if top_count < COUPONS_PER_PAYMENT_MAX else COUPONS_PER_PAYMENT_MAX
+            i = top_count[0] if top_count[0] < COUPONS_PER_PAYMENT_MAX else COUPONS_PER_PAYMENT_MAX
             while i > 0 and ranks_before(&cands[j], &cands[top[i - 1]]):
                 if i < COUPONS_PER_PAYMENT_MAX:
                     top[i] = top[i - 1]
                 i -= 1
             if i < COUPONS_PER_PAYMENT_MAX:
                 top[i] = j
-                if top_count < COUPONS_PER_PAYMENT_MAX:
-                    top_count += 1
-        # Stack option: the smallest k whose discounts reach the amount.
-        k = 0
-        for i in range(top_count):
-            stack_sum += cands[top[i]].d
-            k = i + 1
-            if stack_sum >= amount:
-                break
-        stack_total = stack_sum if stack_sum < amount else amount
-        ex_total = cands[best_ex].d if best_ex >= 0 else 0
-        sel.count = 0
-        sel.total = 0
-        if best_ex < 0 and top_count == 0:
-            return
-        if best_ex < 0:
-            take_ex = False
-        elif top_count == 0:
-            take_ex = True
-        elif ex_total != stack_total:
-            take_ex = ex_total > stack_total
-        elif k != 1:
-            take_ex = True                  # fewer coupons
-        else:
-            take_ex = ranks_before(&cands[best_ex], &cands[top[0]])
-        if take_ex:
-            sel.count = 1
-            sel.slot[0] = cands[best_ex].slot
-            sel.d[0] = cands[best_ex].d
-        else:
-            sel.count = k
-            for i in range(k):
-                sel.slot[i] = cands[top[i]].slot
-                sel.d[i] = cands[top[i]].d
-        left = amount
-        for i in range(sel.count):
-            a = sel.d[i] if sel.d[i] < left else left
-            sel.applied[i] = a
-            left -= a
-        sel.total = amount - left
+                if top_count[0] < COUPONS_PER_PAYMENT_MAX:
+                    top_count[0] += 1
+        return best_ex
 
     cdef int select_explicit(self, const PayRecord* r, int32_t user, int32_t m,
                              const Clock* t, Selection* sel,
@@ -209,7 +240,7 @@ cdef class _Select(_Invariants):
         """
         cdef int32_t held[COUPONS_PER_PAYMENT_MAX]
         cdef int32_t held_count = 0, i, j, c, status = ST_OK, st
-        cdef int64_t d, left, a
+        cdef int64_t d
         sel.count = 0
         for i in range(COUPONS_PER_PAYMENT_MAX):
             if r.coupons[i] == 0:
@@ -240,12 +271,7 @@ cdef class _Select(_Invariants):
                 status = st
                 if reasons == NULL:
                     return status
-        left = r.amount
-        for i in range(sel.count):
-            a = sel.d[i] if sel.d[i] < left else left
-            sel.applied[i] = a
-            left -= a
-        sel.total = r.amount - left
+        apportion(sel, r.amount)
         return status
 
     cdef int precheck(self, const PayRecord* r, bint has_id) noexcept nogil:
