@@ -42,6 +42,7 @@ import numpy as np                                  # noqa: E402
 
 from bench._common import ServerProcess, free_port, load, machine  # noqa: E402
 from engine import client as client_after           # noqa: E402
+from engine.protocol.status import STATUS_OK        # noqa: E402
 
 HEADER, PAY_RECORD = client_after.HEADER, client_after.PAY_RECORD
 
@@ -191,7 +192,7 @@ async def one_round(module, port: int | None, workload: str, seconds: float,
             if state["measuring"]:
                 latencies_ns.append(time.perf_counter_ns() - t0)
                 state["count"] += 1
-                state["bad"] += status != 0
+                state["bad"] += status != STATUS_OK
 
     tasks = [asyncio.ensure_future(worker(c, k)) for c in clients for k in range(window)]
     await asyncio.sleep(0.5)                     # warm-up

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_server as bs  # noqa: E402
 from engine.demo import world as world_module  # noqa: E402
 from engine.demo.world import World, build, pay_batches  # noqa: E402
+from engine.protocol.limits import BATCH_RECORDS_MAX  # noqa: E402
 
 POLICIES = {"fixed": 0, "adaptive": None}        # commit_siblings (None: the default)
 # name -> (loadgen arguments, payments table capacity, longest measured seconds):
@@ -62,7 +63,7 @@ SCENARIOS = {
     "open loop 100k/s, 64 conns": (
         dict(records=1, connections=64, window=64, rate=100_000), 1_000_000, 6),
     "batched 8190/frame, 4 conns x 2": (
-        dict(records=8190, connections=4, window=2), 3_000_000, 2),
+        dict(records=BATCH_RECORDS_MAX, connections=4, window=2), 3_000_000, 2),
 }
 ROUNDS_MAX = 10
 WARMUP_S = 1.0

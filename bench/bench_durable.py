@@ -25,6 +25,7 @@ import pytest
 
 from engine import Engine
 from engine.protocol.records import PAY_RESULT
+from engine.protocol.status import Status
 from engine.storage.snapshot import list_snapshots
 from engine.demo.world import BATCH_RECORDS_MAX, World, build, capacity_for, pay_batches
 
@@ -97,7 +98,7 @@ def test_durable_pay_vs_in_memory(benchmark, pair):
     durable_rate = BATCH_RECORDS_MAX / stats.median
     memory_rate = BATCH_RECORDS_MAX / statistics.median(memory_s)
     cost = 1 - durable_rate / memory_rate
-    ok = float(np.mean(np.concatenate(outs)["status"] == 0))
+    ok = float(np.mean(np.concatenate(outs)["status"] == Status.ok))
     benchmark.extra_info.update(
         durable_payments_per_second=durable_rate, memory_payments_per_second=memory_rate,
         durable_mean_payments_per_second=BATCH_RECORDS_MAX / stats.mean,

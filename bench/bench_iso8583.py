@@ -44,6 +44,7 @@ from iso8583.specs import default_ascii as SPEC    # noqa: E402
 from bench._common import ServerProcess, free_port, load, machine  # noqa: E402
 from engine.client import AsyncClient               # noqa: E402
 from engine.protocol.records import PAY_PAYER_IS_CODE        # noqa: E402
+from engine.protocol.status import Status           # noqa: E402
 
 ROUND_DEADLINE_S = 120
 MERCHANT_DE42 = "MERCHANT0000001"
@@ -102,7 +103,7 @@ async def native_round(port: int, codes: list[int], id_base: int, links: int,
                 result = await client.pay_one(id=id_base + i, payer=codes[i], merchant=1,
                                               amount=100 + i % 900, flags=PAY_PAYER_IS_CODE)
                 latencies.append(time.perf_counter() - t0)
-                assert result.status == 0, result
+                assert result.status == Status.ok, result
         await asyncio.gather(*(one(i) for i in mine))
     start = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(worker(k) for k in range(links))), ROUND_DEADLINE_S)

@@ -23,6 +23,7 @@ import numpy as np
 
 import engine.demo.world as world
 from engine.protocol.records import PAY_RESULT
+from engine.protocol.status import Status
 from engine.demo.world import BATCH_RECORDS_MAX, World, build, pay_batches
 
 from _common import SUMMARY, load, machine
@@ -81,7 +82,7 @@ def world_engine(full: bool, controls: bool | None = None, programs: int | None 
             {"id": 1, "kind": "points", "rate": 5},
             {"id": 2, "kind": "stamps", "threshold": 1000, "stamps": 10,
              "reward_stock": reward}][:programs]})
-        assert all(r["status"] == 0 for r in reply["results"]), reply
+        assert all(r["status"] == Status.ok for r in reply["results"]), reply
     return eng, info
 
 

@@ -57,6 +57,7 @@ if ROOT not in sys.path:
 from hdrh.histogram import HdrHistogram  # noqa: E402
 
 from bench.build_loadgen import import_loop  # noqa: E402
+from engine.protocol.limits import BATCH_RECORDS_MAX  # noqa: E402
 from engine.protocol.records import PAY_RECORD  # noqa: E402
 
 _loop = import_loop()       # bench/_loadgen.pyx, built on first use
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--unix", default="", help="a Unix socket path instead of TCP (raw mode)")
     p.add_argument("--connections", type=int, default=1)
     p.add_argument("--window", type=int, default=4, help="frames in flight per connection")
-    p.add_argument("--records", type=int, default=8190, help="PayRecords per frame")
+    p.add_argument("--records", type=int, default=BATCH_RECORDS_MAX, help="PayRecords per frame")
     p.add_argument("--rate", type=float, default=0,
                    help="open loop at this many payments/s (0 = closed loop)")
     p.add_argument("--tick-us", dest="tick_us", type=int, default=1000,

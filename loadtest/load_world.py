@@ -17,7 +17,7 @@ import numpy as np
 from engine.client import Client
 from engine.core.ops.query import WIRE_LOOKUP_ITEMS_MAX
 from engine.protocol.records import ISSUE_RECORD
-from engine.protocol.status import STATUS_NAMES
+from engine.protocol.status import STATUS_NAMES, Status
 
 ID_OFFSET_BITS = 48
 ID_PREFIX_DEFAULT = 0x5C00
@@ -98,13 +98,13 @@ def foreign_data(client: Client) -> str | None:
     low = list(range(1, PROBE_LOW_IDS + 1))
     reply = client.call("BALANCES", {"users": low, "merchants": low, "stocks": low})
     for kind in ("users", "merchants", "stocks"):
-        found = [e["id"] for e in reply[kind] if e["status"] == 0]
+        found = [e["id"] for e in reply[kind] if e["status"] == Status.ok]
         if found:
             return f"{kind[:-1]} {found[0]} (and {len(found) - 1} more low ids)"
     ours = {kind: _our_entries(client, kind) for kind in ("users", "merchants")}
     ours["stocks"] = client.call("BALANCES", {"stocks": [s["id"] for s in stocks()]})["stocks"]
     money = (sum(e["balance"] for e in ours["users"] + ours["merchants"])
-             + sum(e["campaign"] for e in ours["stocks"] if e["status"] == 0)
+             + sum(e["campaign"] for e in ours["stocks"] if e["status"] == Status.ok)
              + reply["fees"] + reply["bank"])
     if money != 0:
         return (f"accounts outside the load test's ids holding {-money} minor units "
@@ -119,7 +119,7 @@ def _our_entries(client: Client, kind: str) -> list[dict]:
     for call in range(PROBE_CALLS_MAX):
         start = ID_BASE + 1 + call * PROBE_IDS_PER_CALL
         chunk = list(range(start, start + PROBE_IDS_PER_CALL))
-        found = [e for e in client.call("BALANCES", {kind: chunk})[kind] if e["status"] == 0]
+        found = [e for e in client.call("BALANCES", {kind: chunk})[kind] if e["status"] == Status.ok]
         if not found:
             break
         entries.extend(found)
@@ -159,7 +159,7 @@ def build_world(client: Client, wallets: int, merchant_count: int,
         coupons["user"] = np.repeat(user_ids, coupons_per_user)
         for start in range(0, len(coupons), client.max_batch):
             results = client.issue(coupons[start:start + client.max_batch])
-            bad = results[results["status"] != 0]
+            bad = results[results["status"] != Status.ok]
             if len(bad):
                 raise WorldError(f"ISSUE: {len(bad)} failed, first "
                                  f"{STATUS_NAMES.get(int(bad[0]['status']))}")
@@ -173,7 +173,7 @@ def _items(client: Client, op: str, key: str, items: list) -> None:
     for start in range(0, len(items), SETUP_ITEMS_PER_CALL):
         chunk = items[start:start + SETUP_ITEMS_PER_CALL]
         results = client.call(op, {key: chunk})["results"]
-        failed = [(item, r) for item, r in zip(chunk, results) if r["status"] != 0]
+        failed = [(item, r) for item, r in zip(chunk, results) if r["status"] != Status.ok]
         if failed:
             item, result = failed[0]
             raise WorldError(f"{op}: {len(failed)} of {len(chunk)} failed, first {item}: "

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # load_world.py besid
 
 from engine.client import Client, ConnectionLost, ProtocolError, parse_address  # noqa: E402
 from engine.protocol.errors import EngineError  # noqa: E402
+from engine.protocol.limits import BATCH_RECORDS_MAX  # noqa: E402
 from engine.protocol.records import ISSUE_RECORD, PAY_RECORD  # noqa: E402
 from engine.protocol.status import STATUS_NAMES, Status  # noqa: E402
 
@@ -68,7 +69,7 @@ def _env_int(name: str, default: int, low: int, high: int) -> int:
 WALLETS = _env_int("SCANPAY_USERS", 1000, 1, 1_000_000)
 MERCHANTS = _env_int("SCANPAY_MERCHANTS", 20, 1, 100_000)
 COUPONS_PER_USER = _env_int("SCANPAY_COUPONS_PER_USER", 2, 0, 100)
-BATCH_RECORDS = _env_int("SCANPAY_BATCH", 64, 1, 8190)
+BATCH_RECORDS = _env_int("SCANPAY_BATCH", 64, 1, BATCH_RECORDS_MAX)
 MAX_RUN_S = _env_int("SCANPAY_MAX_RUN_S", 120, 1, 86_400)
 KEY_ID = os.environ.get("SCANPAY_KEY_ID")
 SECRET = os.environ.get("SCANPAY_SECRET")
@@ -229,7 +230,7 @@ class ScanpayUser(User):
     @staticmethod
     def _check_map(reply) -> str | None:
         status = reply.get("status", 0)
-        return None if status == 0 else f"status {reply.get('error', status)}"
+        return None if status == Status.ok else f"status {reply.get('error', status)}"
 
     def _request(self, request_type: str, name: str, send, check) -> None:
         started = time.perf_counter()

@@ -20,12 +20,7 @@ breaks one is changed, not excused.
 Each rule also runs on small snippets here, so that it is known to find what
 it should and nothing else.
 
-Enforced over the tree today: the ledger rule, function length for Python
-and Cython, and both constant rules over the Cython sources. Not yet
-enforced over the tree (issue 15 stays open for them; the counters and their
-snippet tests are here): the two constant rules over the Python sources
-(literal batch maxima and status numbers left in bench/, loadtest/, tests/
-and engine/cli, core/ops).
+Every rule is enforced over the whole tree (RULED_DIRS).
 """
 import ast
 import os
@@ -369,6 +364,18 @@ s = "status = 8 and {BATCH_RECORDS_MAX}"
 '''
     assert cython_status_numbers(cython) == [2, 3, 6, 7]
     assert cython_literal_batch_maximum(cython) == [5]
+
+
+def test_no_literal_batch_maximum_in_python_outside_its_owner():
+    found = offenders(tracked(PYTHON), literal_batch_maximum, (LIMITS_OWNER,))
+    assert not found, f"use engine.protocol.limits.BATCH_RECORDS_MAX: {found}"
+
+
+def test_no_status_number_in_python_outside_its_owner():
+    """tests/ is exempt: its models state the numbers from the spec on their own."""
+    found = offenders([p for p in tracked(PYTHON) if not p.startswith("tests/")],
+                      status_numbers, (STATUS_OWNER,))
+    assert not found, f"use engine.protocol.status (Status.<name>, STATUS_OK): {found}"
 
 
 # -- the Cython kernel and extensions (ext/**/*.pyx, *.pxi, *.pxd) ---------------

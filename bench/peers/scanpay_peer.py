@@ -15,6 +15,7 @@ from engine.client import AsyncClient, Client, issue_record
 from engine.server.config import Config
 from engine.protocol.limits import BATCH_RECORDS_MAX, WIRE_LOOKUP_ITEMS_MAX
 from engine.protocol.records import ISSUE_RECORD, PAY_RECORD, RESULT_DUPLICATE
+from engine.protocol.status import Status
 
 from .common import Run, chunks, free_port, stop_process, wait_port
 from .workload import (KIND_FIXED, VALID_UNTIL_MS, FinalState, Payment, Workload,
@@ -42,7 +43,7 @@ def outcomes_of(results: np.ndarray) -> list[str]:
 
 
 def _checked(what: str, reply: dict) -> None:
-    bad = [r for r in reply["results"] if r["status"] != 0]
+    bad = [r for r in reply["results"] if r["status"] != Status.ok]
     if bad:
         raise RuntimeError(f"scanpay setup {what}: {bad[:3]}")
 
@@ -65,7 +66,7 @@ def setup(target, wl: Workload) -> None:
     issued = [issue_record(c, s, u) for c, (s, u) in wl.coupons.items()]
     for part in chunks(issued, BATCH):
         results = target.issue(np.array(part, ISSUE_RECORD))
-        if (results["status"] != 0).any():
+        if (results["status"] != Status.ok).any():
             raise RuntimeError("scanpay setup ISSUE failed")
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from engine.client import (Client, ConnectionLost, Forbidden, NotAuthenticated, PORT_DEFAULT,
                      ProtocolError, is_unix_path, parse_address)
 from engine.protocol.errors import EngineError
+from engine.protocol.status import STATUS_OK, Status
 
 ITEMS_PER_CALL_MAX = 1000      # keeps a request far below the 1 MiB frame limit
 COUPON_PAGES_MAX = 100_000     # `coupons --user`: pages of up to 1,024 followed
@@ -395,8 +396,8 @@ def _send_items(args, write: Write, items: list, full: bool = False) -> list[dic
 
 
 def _summarize_write(args, write: Write, rows: list[dict], stdout) -> int:
-    ok = [r for r in rows if r["status"] == 0]
-    failed = [r for r in rows if r["status"] != 0]
+    ok = [r for r in rows if r["status"] == Status.ok]
+    failed = [r for r in rows if r["status"] != Status.ok]
     duplicates = sum(1 for r in ok if r["duplicate"])
     summary = f"{write.command}: {len(ok)} ok"
     if duplicates:
@@ -445,7 +446,7 @@ def _run_issue(args, stdout, stderr) -> int:
     rows = [{"coupon": r.coupon, "status": r.status, "error": r.status_name if not r.ok else "",
              "duplicate": r.duplicate, "expires_at": r.expires_at} for r in results]
     _write_output(args, rows, stdout)
-    failed = [r for r in rows if r["status"] != 0]
+    failed = [r for r in rows if r["status"] != Status.ok]
     summary = f"issue: {len(rows) - len(failed)} ok"
     if failed:
         summary += f", {len(failed)} failed (first: coupon {failed[0]['coupon']} {failed[0]['error']})"
@@ -543,7 +544,7 @@ def _coupons_in_pages(client, request: dict) -> dict:
         ids = request["ids"]
         parts = [client.call("COUPONS", {"ids": ids[at:at + ITEMS_PER_CALL_MAX]})
                  for at in range(0, max(len(ids), 1), ITEMS_PER_CALL_MAX)]
-        return {"status": 0, "results": [r for p in parts for r in p.get("results", [])]}
+        return {"status": STATUS_OK, "results": [r for p in parts for r in p.get("results", [])]}
     reply = client.call("COUPONS", request)
     for _ in range(COUPON_PAGES_MAX):
         if reply.get("status", 0) != 0 or "next" not in reply:

@@ -53,7 +53,7 @@ from engine.protocol.records import (ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY
                                      RESULT_AUTHORIZED, RESULT_DUPLICATE)
 from engine.protocol.limits import BATCH_RECORDS_MAX, COUPONS_PER_PAYMENT_MAX
 from engine.protocol.ops import OP_CODES, OP_HELLO, OP_ISSUE, OP_NAMES, OP_PAY, OP_PING
-from engine.protocol.status import STATUS_NAMES, ErrorCode
+from engine.protocol.status import STATUS_NAMES, STATUS_OK, ErrorCode
 
 try:                                   # the compiled hot path (ext/client.pyx)
     from engine import _client as _client_c
@@ -163,7 +163,7 @@ class _Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.status == 0
+        return self.status == STATUS_OK
 
     @property
     def status_name(self) -> str:

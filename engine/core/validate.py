@@ -1,6 +1,6 @@
 """Field checks for map requests: each failure is `invalid_argument` with a
 message naming the field (docs/reference/protocol.md, "General")."""
-from engine.protocol.status import Status
+from engine.protocol.status import STATUS_OK, Status
 
 U64_MAX = 2**64 - 1
 U32_MAX = 2**32 - 1
@@ -93,4 +93,4 @@ def result(status: Status = Status.ok, duplicate: bool = False) -> dict:
     """An item's result map."""
     if status != Status.ok:
         return failure(status)
-    return {"status": 0, "duplicate": True} if duplicate else {"status": 0}
+    return {"status": STATUS_OK, "duplicate": True} if duplicate else {"status": STATUS_OK}

@@ -295,7 +295,7 @@ def _auto_topup(eng, tally: Tally, batch, res, topup_id: int) -> int:
     items = [{"id": topup_id + k, "user": u, "amount": AUTO_TOPUP_AMOUNT}
              for k, u in enumerate(dry.tolist())]
     results = eng.call("TOPUP", {"topups": items})["results"]
-    tally.auto_topups += sum(1 for r in results if r["status"] == 0)
+    tally.auto_topups += sum(1 for r in results if r["status"] == Status.ok)
     return topup_id + len(items)
 
 

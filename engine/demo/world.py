@@ -25,6 +25,7 @@ import numpy as np
 
 from engine.protocol.limits import BATCH_RECORDS_MAX
 from engine.protocol.records import ISSUE_RECORD, PAY_NO_COUPONS, PAY_RECORD
+from engine.protocol.status import Status
 
 MAP_ITEMS_PER_CALL = 50_000       # large map calls; the engine parses them in one go
 DAY_MS = 86_400_000
@@ -395,7 +396,7 @@ def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
 
 def _check(what: str, results: list[dict], first_index: int = 0) -> None:
     for i, r in enumerate(results):
-        if r["status"] != 0:
+        if r["status"] != Status.ok:
             raise WorldBuildError(f"{what} item {first_index + i}: {r}")
 
 
@@ -518,7 +519,7 @@ def _issue_all(engine, coupons: np.ndarray, stocks: np.ndarray, users: np.ndarra
         batch["stock"] = stocks[lo:hi]
         batch["user"] = users[lo:hi]
         res = engine.issue(batch)
-        bad = np.nonzero(res["status"] != 0)[0]
+        bad = np.nonzero(res["status"] != Status.ok)[0]
         if len(bad):
             raise WorldBuildError(f"ISSUE record {lo + bad[0]}: status {res['status'][bad[0]]}"
                                   f" ({len(bad)} refused in this batch)")

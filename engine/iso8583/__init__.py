@@ -27,6 +27,7 @@ import iso8583
 from engine.iso8583 import mapping as m
 from engine.client import AsyncClient, ConnectionLost, parse_address
 from engine.protocol.errors import Busy, EngineError, Forbidden, Unavailable
+from engine.protocol.status import Status
 
 log = logging.getLogger("scanpay.iso8583")
 LENGTH_BINARY2 = struct.Struct(">H")
@@ -333,7 +334,7 @@ class Adapter:
 
     def outcome(self, request: m.Request, status: int, cash: int, discount: int) -> dict:
         fields = {"39": m.response_code(status)}
-        if status == 0:
+        if status == Status.ok:
             fields["38"] = m.approval_code(request.payment)
             currency = request.fields.get("49") or self.engine.currency
             if currency:

@@ -59,3 +59,5 @@ class ErrorCode(IntEnum):
 
 
 STATUS_NAMES = {s.value: s.name for s in Status}
+STATUS_OK: int = Status.ok.value
+"""Status.ok as a plain int, for the `status` of map replies (which carry plain ints)."""

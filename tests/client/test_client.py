@@ -28,6 +28,7 @@ from engine import client as client_module
 from engine.client import (AsyncClient, BadFrame, Client, ConnectionLost, Forbidden,
                            FrameTooLarge, HelloInfo, NotAuthenticated, PayResult,
                            UnsupportedProtocol, encode_frame, error_from_frame)
+from engine.protocol.limits import BATCH_RECORDS_MAX
 from engine.protocol.errors import BadBody, Busy, EngineError, NotLeader, Unavailable, UnknownOp
 from engine.protocol.records import ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT
 from engine.protocol.status import ErrorCode
@@ -58,7 +59,7 @@ class FakeServer:
     {error_code} answers that error frame; other ops: unknown_op.
     """
 
-    def __init__(self, *, keys=None, max_batch=8190, max_frame=1 << 20, engine=None):
+    def __init__(self, *, keys=None, max_batch=BATCH_RECORDS_MAX, max_frame=1 << 20, engine=None):
         self.keys = keys or {}
         self.max_batch = max_batch
         self.max_frame = max_frame
@@ -324,7 +325,7 @@ def test_async_hello_ping_pay_issue_call(fake, impl):
         async with await AsyncClient.connect("127.0.0.1", fake.port) as c:
             assert c._impl is client_module.IMPLEMENTATIONS[impl]
             assert isinstance(c.server_info, HelloInfo)
-            assert (c.server_info.protocol, c.server_info.max_batch, c.server_info.currency) == (1, 8190, "CNY")
+            assert (c.server_info.protocol, c.server_info.max_batch, c.server_info.currency) == (1, BATCH_RECORDS_MAX, "CNY")
             await c.ping()
             out = await c.pay(pay_batch(5))
             assert out.dtype == PAY_RESULT and list(out["id"]) == [1, 2, 3, 4, 5]
@@ -572,7 +573,7 @@ def test_connect_refused():
 
 def test_blocking_client_calls(fake):
     with Client.connect("127.0.0.1", fake.port) as c:
-        assert c.server_info.max_batch == 8190 and c.server_info.hold_ms == 7 * 86_400_000
+        assert c.server_info.max_batch == BATCH_RECORDS_MAX and c.server_info.hold_ms == 7 * 86_400_000
         c.ping()
         out = c.pay(pay_batch(64))
         assert list(out["id"]) == list(range(1, 65))
@@ -715,7 +716,7 @@ def test_real_server_async_client(real):
     async def main():
         async with await AsyncClient.connect("127.0.0.1", real.port) as c:
             info = c.server_info
-            assert info.protocol == 1 and info.max_batch == 8190 and info.currency == "CNY"
+            assert info.protocol == 1 and info.max_batch == BATCH_RECORDS_MAX and info.currency == "CNY"
             assert info.server.startswith("scanpay")
             await c.ping()
             await setup_world(c)

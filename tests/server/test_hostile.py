@@ -19,6 +19,7 @@ from engine.protocol import frame
 from engine.server import msgpack_guard
 from engine.server.config import Config, ConfigError, check
 from engine.protocol.errors import BadBody
+from engine.protocol.limits import BATCH_RECORDS_MAX
 from engine.protocol.ops import OP_BALANCES, OP_GET_PAYMENTS, OP_HELLO, OP_PAY, OP_PING, OP_TOPUP
 from engine.protocol.records import PAY_RESULT
 from engine.protocol.status import Status
@@ -406,7 +407,7 @@ def test_a_reply_nested_too_deep_is_a_protocol_error_in_the_client():
                 size, op, _flags, request_id = frame.HEADER.unpack(header)
                 await reader.readexactly(size)
                 body = (enc({"protocol": 1, "server": "x", "max_frame": 1 << 20,
-                             "max_batch": 8190}) if op == OP_HELLO
+                             "max_batch": BATCH_RECORDS_MAX}) if op == OP_HELLO
                         else b"\x81\xa1a" + b"\x91" * 100_000 + b"\x01")
                 writer.write(frame.encode(op, request_id, body))
 

@@ -12,6 +12,7 @@ from engine import Engine
 
 from engine.protocol import frame
 from engine.protocol.auth import hello_mac
+from engine.protocol.limits import BATCH_RECORDS_MAX
 from engine.server.config import Config, ConfigError, check
 from engine.server.metrics import STAGES, FastHistogram
 from engine.protocol.records import PAY_RECORD, PAY_RESULT
@@ -27,7 +28,7 @@ def test_hello_and_ping():
         server = await started()
         c = await Raw.open(server)
         flags, info = await c.map(1, {"protocol": 1, "client": "t"})
-        assert flags == 0 and info["protocol"] == 1 and info["max_batch"] == 8190
+        assert flags == 0 and info["protocol"] == 1 and info["max_batch"] == BATCH_RECORDS_MAX
         assert info["durability"] == "none" and info["currency"] == "CNY"
         assert await c.call(2, b"", 77) == (2, 0, 77, b"")
         await server.stop()

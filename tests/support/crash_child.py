@@ -40,6 +40,7 @@ for path in (ROOT, os.path.join(ROOT, "tests")):     # engine, and support.* whe
 import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 
+from engine.protocol.limits import BATCH_RECORDS_MAX  # noqa: E402
 from engine.protocol.records import (CAPTURE_RECORD, ISSUE_RECORD, PAY_AUTHORIZE,  # noqa: E402
                             PAY_NO_COUPONS, PAY_PAYER_IS_CODE, PAY_RECORD, REFUND_RECORD)
 from support.clock import Clock  # noqa: E402
@@ -271,7 +272,7 @@ KIND_OPS = {
 
 
 def issue_batch(k: int, rng) -> np.ndarray:
-    n = _size(rng, 200, 8190)
+    n = _size(rng, 200, BATCH_RECORDS_MAX)
     records = np.zeros(n, ISSUE_RECORD)
     records["coupon"] = k * IDS_PER_OP + 1 + np.arange(n)
     records["stock"] = rng.integers(1, 14, n)                 # 13 is unknown
@@ -284,7 +285,7 @@ def issue_batch(k: int, rng) -> np.ndarray:
 
 
 def pay_batch(seed: int, k: int, rng, codes: bool = True) -> np.ndarray:
-    n = _size(rng, 300, 8190)
+    n = _size(rng, 300, BATCH_RECORDS_MAX)
     records = np.zeros(n, PAY_RECORD)
     records["id"] = k * IDS_PER_OP + 1 + np.arange(n)
     records["payer"] = rng.integers(1, USERS + 4, n)

@@ -10,7 +10,7 @@ from engine.core.ops.query import not_found, require_map
 from engine.core.ops.setup import each_item, list_items
 from engine.protocol.limits import LOOKUP_IDS_MAX, OFFERS_MAX, STOCK_LIST_LENGTH_MAX
 from engine.core.state import State
-from engine.protocol.status import Status
+from engine.protocol.status import STATUS_OK, Status
 from engine.core.validate import (COUNT_MAX, U32_MAX, Invalid, choice, failure, integer, item_id,
                        only_keys, result, u64, u64_list)
 
@@ -109,7 +109,7 @@ def redeem(state: State, item, now: int) -> dict:
         coupon, user, program, stock, offers.get(stock, -1), now)
     if status:
         return {**failed(status), "coupon": coupon, "points": 0, "expires_at": 0}
-    reply = {"status": 0, "coupon": coupon, "points": points, "expires_at": expires_at}
+    reply = {"status": STATUS_OK, "coupon": coupon, "points": points, "expires_at": expires_at}
     if duplicate:
         reply["duplicate"] = True
     return reply
@@ -139,7 +139,7 @@ def membership_view(state: State, pair) -> dict:
     row = membership_row(ledger, user, program)
     points = int(ledger.memberships["points"][row]) if row >= 0 else 0
     stamps = int(ledger.memberships["stamps"][row]) if row >= 0 else 0
-    return {**base, "status": 0, "points": points, "stamps": stamps}
+    return {**base, "status": STATUS_OK, "points": points, "stamps": stamps}
 
 
 def membership_row(ledger, user: int, program: int) -> int:
@@ -157,7 +157,7 @@ def stats(state: State, request, now: int, draws) -> dict:
     except Invalid as e:
         return failure(e.status, str(e))
     ledger = state.ledger
-    return {"status": 0,
+    return {"status": STATUS_OK,
             "stocks": [stock_stats(ledger, i) for i in asked["stocks"]],
             "merchants": [merchant_stats(ledger, i) for i in asked["merchants"]]}
 
@@ -173,7 +173,7 @@ def stock_stats(ledger, stock_id: int) -> dict:
     row = {k: int(v) for k, v in zip(ledger.stocks.dtype.names, ledger.stocks[slot].tolist())
            if not isinstance(v, (tuple, list))}
     budget_left = row["budget"] - row["spent"] - row["reserved"] if row["budget"] else -1
-    return {"id": stock_id, "status": 0, "issued": row["issued"],
+    return {"id": stock_id, "status": STATUS_OK, "issued": row["issued"],
             "redeemed": row["stat_redeemed"],
             "redemption_rate_bps": share_bps(row["stat_redeemed"], row["issued"]),
             "discount_spent": row["spent"], "budget_left": budget_left,
@@ -189,7 +189,7 @@ def merchant_stats(ledger, merchant_id: int) -> dict:
     payments, unique, repeat = (int(m[k]) for k in ("stat_payments", "stat_unique_payers",
                                                     "stat_repeat_payers"))
     coupon_payments = int(m["stat_coupon_payments"])
-    return {"id": merchant_id, "status": 0, "payments": payments, "gmv": int(m["stat_gmv"]),
+    return {"id": merchant_id, "status": STATUS_OK, "payments": payments, "gmv": int(m["stat_gmv"]),
             "unique_payers": unique, "repeat_payers": repeat,
             "repeat_payer_share_bps": share_bps(repeat, unique),
             "coupon_payments": coupon_payments,

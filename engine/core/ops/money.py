@@ -11,7 +11,7 @@ from engine.protocol.limits import LOOKUP_IDS_MAX
 from engine.core.scope import parse_scope, payments_outside, reverse_unknown, scoped_items
 from engine.protocol.records import PAY_RESULT, RESULT_DUPLICATE
 from engine.core.state import State
-from engine.protocol.status import Status
+from engine.protocol.status import STATUS_OK, Status
 from engine.core.validate import I63_MAX, U64_MAX, Invalid, failure, integer, only_keys, u64
 
 FORBIDDEN_RESULT = {"status": int(Status.forbidden), "error": Status.forbidden.name,
@@ -175,7 +175,7 @@ def refund(state: State, request, now: int, draws) -> dict:
             replies.append({"id": rid, "status": st, "error": Status(st).name,
                             "cash": 0, "discount": 0, "fee": 0})
             continue
-        reply = {"id": rid, "status": 0, "cash": cash, "discount": discount, "fee": fee}
+        reply = {"id": rid, "status": STATUS_OK, "cash": cash, "discount": discount, "fee": fee}
         if st < 0:
             reply["duplicate"] = True
         replies.append(reply)
@@ -199,7 +199,7 @@ def get_payments(state: State, request, now: int, draws) -> dict:
 
     def build() -> dict:
         views = build_payment_views(ids, gathered)
-        return {"status": 0, "results": [
+        return {"status": STATUS_OK, "results": [
             {"id": i, "status": int(Status.forbidden), "error": Status.forbidden.name} if out
             else view for i, out, view in zip(ids, outside, views)]}
     return BuiltLater(build)
@@ -280,7 +280,7 @@ def coupon_parts(gathered: dict) -> list:
 
 def payment_result(payment_id: int, row: dict, coupons: list) -> dict:
     return {
-        "status": 0, "id": payment_id, "payer": row["payer"], "merchant": row["merchant"],
+        "status": STATUS_OK, "id": payment_id, "payer": row["payer"], "merchant": row["merchant"],
         "amount": row["amount"], "authorized_amount": row["authorized_amount"],
         "cash": row["cash"], "discount": row["discount"], "fee": row["fee"],
         "coupons": coupons,
@@ -299,7 +299,7 @@ def settle(state: State, request, now: int, draws) -> dict:
     if request:
         return failure(Status.invalid_argument, "SETTLE takes an empty map")
     rows = state.ledger.settle()
-    reply = {"status": 0, "settlement": len(state.settlements) + 1, "at": now, "rows": rows}
+    reply = {"status": STATUS_OK, "settlement": len(state.settlements) + 1, "at": now, "rows": rows}
     state.settlements.append(reply)
     return reply
 

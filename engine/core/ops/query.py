@@ -11,7 +11,7 @@ from engine.protocol.limits import (COUPONS_PAGE_MAX, COUPONS_PER_PAYMENT_MAX, L
                                    QUOTE_EXPLAIN_MAX, WIRE_LOOKUP_ITEMS_MAX)
 from engine.protocol.records import PAY_RECORD
 from engine.core.state import State
-from engine.protocol.status import Status
+from engine.protocol.status import STATUS_OK, Status
 from engine.core.validate import I63_MAX, U32_MAX, Invalid, failure, integer, only_keys, u64, u64_list
 
 QUOTE_KEYS = frozenset({"payer", "merchant", "amount", "flags", "coupons", "goods_tag"})
@@ -102,7 +102,7 @@ def balances(state: State, request, now: int, draws) -> dict:
     ledger = state.ledger
     extra = {} if memberships is None else {"memberships": memberships}
     return {**extra, 
-        "status": 0,
+        "status": STATUS_OK,
         "users": [user_balance(ledger, i) for i in asked["users"]],
         "merchants": [merchant_balance(ledger, i) for i in asked["merchants"]],
         "stocks": [stock_balance(ledger, i) for i in asked["stocks"]],
@@ -121,7 +121,7 @@ def user_balance(ledger, user_id: int) -> dict:
         return not_found(user_id, Status.user_not_found)
     balance = int(ledger.users["balance"][slot])
     held = int(ledger.users["held"][slot])
-    return {"id": user_id, "status": 0, "balance": balance, "held": held,
+    return {"id": user_id, "status": STATUS_OK, "balance": balance, "held": held,
             "available": balance - held}
 
 
@@ -129,7 +129,7 @@ def merchant_balance(ledger, merchant_id: int) -> dict:
     slot = ledger.find("merchants", merchant_id) if merchant_id else -1
     if slot < 0:
         return not_found(merchant_id, Status.merchant_not_found)
-    return {"id": merchant_id, "status": 0, "balance": int(ledger.merchants["balance"][slot])}
+    return {"id": merchant_id, "status": STATUS_OK, "balance": int(ledger.merchants["balance"][slot])}
 
 
 def stock_balance(ledger, stock_id: int) -> dict:
@@ -137,7 +137,7 @@ def stock_balance(ledger, stock_id: int) -> dict:
     if slot < 0:
         return not_found(stock_id, Status.stock_not_found)
     row = ledger.stocks[slot]
-    return {"id": stock_id, "status": 0,
+    return {"id": stock_id, "status": STATUS_OK,
             **{k: int(row[k]) for k in ("spent", "reserved", "issued", "budget", "campaign")}}
 
 
@@ -161,7 +161,7 @@ def coupons(state: State, request, now: int, draws) -> dict:
         return {**failure(e.status, str(e)), "results": []}
     ledger = state.ledger
     if "ids" in request:
-        return {"status": 0, "results": [coupon_view(ledger, i, now) for i in ids]}
+        return {"status": STATUS_OK, "results": [coupon_view(ledger, i, now) for i in ids]}
     user = ledger.find("users", user_id) if user_id else -1
     if user < 0:
         return {**failure(Status.user_not_found), "results": []}
@@ -177,7 +177,7 @@ def user_coupons_page(ledger, user: int, after: int, limit: int, now: int) -> di
     ids, slots = ids[order], slots[order]
     start = int(np.searchsorted(ids, after, side="right"))
     page = slots[start:start + limit].tolist()
-    reply = {"status": 0, "results": [coupon_row(ledger, c, now) for c in page]}
+    reply = {"status": STATUS_OK, "results": [coupon_row(ledger, c, now) for c in page]}
     if start + limit < len(slots):
         reply["next"] = int(ids[start + limit - 1])
     return reply
@@ -198,7 +198,7 @@ def coupon_row(ledger, slot: int, now: int) -> dict:
     if state == COUPON_AVAILABLE and now >= expires_at:
         name = "expired"
     payment = int(row["payment"])
-    return {"id": int(row["id"]), "status": 0,
+    return {"id": int(row["id"]), "status": STATUS_OK,
             "stock": int(ledger.stocks["id"][row["stock"]]),
             "user": int(ledger.users["id"][row["user"]]),
             "state": name, "expires_at": expires_at,

@@ -8,7 +8,7 @@ from engine.protocol.limits import (
     AMOUNT_MAX, BANK_DEBT_MAX, PAYMENT_CODE_TTL_MS, STOCK_LIST_LENGTH_MAX, STOCK_SLOTS_MAX,
     TAGS_PER_MERCHANT_MAX, WALLET_BALANCE_MAX)
 from engine.core.state import State
-from engine.protocol.status import Status
+from engine.protocol.status import STATUS_OK, Status
 from engine.core.validate import (COUNT_MAX, I63_MAX, U32_MAX, Invalid, choice, failure,
                        integer, item_id, only_keys, result, u64, u64_list)
 
@@ -270,4 +270,4 @@ def payment_code(state: State, request, now: int, draws) -> dict:
     slot = state.ledger.append("codes", code)
     expires_at = now + PAYMENT_CODE_TTL_MS
     state.ledger.configure("codes", slot, {"user": user_slot, "expires_at": expires_at})
-    return {"status": 0, "code": code, "expires_at": expires_at}
+    return {"status": STATUS_OK, "code": code, "expires_at": expires_at}
