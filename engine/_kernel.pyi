@@ -32,6 +32,12 @@ LIMITS: dict[str, int]
 DEBUG: bool
 
 class InvariantError(RuntimeError): ...
+class LayoutError(ValueError): ...
+
+ROW_COUNTS: dict[str, tuple[str, int]]
+
+def check_loadable(current: dict[str, NDArray[Any]], arrays: dict[str, NDArray[Any]],
+                   scalars: dict[str, int]) -> None: ...
 
 BROKEN_TEXT: dict[int, str]
 CONFIG_FIELDS: dict[str, frozenset[str]]

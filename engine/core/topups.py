@@ -20,7 +20,8 @@ class Topups:
         order = np.argsort(base["id"], kind="stable")
         self._base = base[order]
         self._base_ids = ids = np.ascontiguousarray(self._base["id"])
-        assert not (ids[1:] == ids[:-1]).any(), "duplicate top-up ids"
+        if (ids[1:] == ids[:-1]).any():         # loaded input (a snapshot): a real check
+            raise ValueError("the kept top-ups hold an id twice")
         self._recent: dict[int, tuple[int, int]] = {}
 
     def _base_slot(self, topup_id: int) -> int:

@@ -123,15 +123,19 @@ class Storage:
                 f"snapshot {seq} is ahead of the journal (last entry {self.journal.last_seq}) "
                 f"in {self.path}: journal segments are missing; restore them from backup")
         self.snapshot_seq = seq
-        log.info("loaded snapshot at entry %d", seq)
+        # Ledger.load's LayoutError (a ValueError: row layouts of another
+        # version, counts that do not fit their rows), Topups' ValueError, or
+        # a missing table: raised in every build, never an assert.
         try:
-            return state_from_snapshot(arrays, meta)
-        except (AssertionError, KeyError) as error:     # row layouts of another version
+            state = state_from_snapshot(arrays, meta)
+        except (ValueError, KeyError) as error:
             raise JournalError(
                 f"snapshot {seq} in {self.path} holds tables this version cannot load "
                 f"({error}); run the version that wrote it, or move the snapshot files "
                 f"aside to rebuild the state by replaying the journal from entry 1 "
                 f"(only if no journal segment was removed since)") from None
+        log.info("loaded snapshot at entry %d", seq)
+        return state
 
     def commands_after(self, seq: int, replaying: bool = False):
         """The journaled commands after `seq`. Replayed ones count towards

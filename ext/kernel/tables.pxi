@@ -15,6 +15,47 @@ def owned(arr):
     arr = np.ascontiguousarray(arr)
     return arr if arr.flags.writeable else arr.copy()
 
+class LayoutError(ValueError):
+    """Tables given to Ledger.load that this kernel cannot take: another
+    version's row layout, or counts and indexes that do not fit their rows.
+    Raised in every build: the kernel would read past its rows."""
+
+
+# The count (a dump() scalar) of each row table, and the array entries per row.
+ROW_COUNTS = {
+    "users": ("n_users", 1), "merchants": ("n_merchants", 1), "stocks": ("n_stocks", 1),
+    "coupons": ("n_coupons", 1), "codes": ("n_codes", 1), "pay_req": ("n_payments", 1),
+    "pay_res": ("n_payments", 1), "pay_meta": ("n_payments", 1), "lists": ("n_lists", 1),
+    "slots": ("n_slots", 3), "refunds": ("n_refunds", 1), "tombstones": ("n_tombstones", 1),
+    "auth_queue": ("n_auth", 1), "programs": ("n_programs", 1),
+    "memberships": ("n_memberships", 1), "earnings": ("n_earnings", 1),
+    "visits": ("n_visits", 1), "redemptions": ("n_redemptions", 1),
+}
+
+
+def check_loadable(dict current, dict arrays, dict scalars):
+    """Raise LayoutError unless dump() output `arrays`, `scalars` fits the
+    tables `current` of this kernel: each row table of the same row layout
+    and holding the rows its count names, each index a power of two >= 16."""
+    for name, (count, per_row) in ROW_COUNTS.items():
+        loaded, own = arrays[name], current[name]
+        if loaded.dtype != own.dtype:
+            raise LayoutError(
+                f"{name}: rows of another layout ({len(loaded.dtype.names or ())} fields,"
+                f" {loaded.dtype.itemsize} bytes; this version's: "
+                f"{len(own.dtype.names or ())} fields, {own.dtype.itemsize} bytes)")
+        if not 0 <= scalars[count] * per_row <= len(loaded):
+            raise LayoutError(f"{name}: {count} is {scalars[count]}, for {len(loaded)} rows")
+    if not 0 <= scalars["auth_head"] <= scalars["n_auth"]:
+        raise LayoutError(f"auth_head is {scalars['auth_head']}, past n_auth {scalars['n_auth']}")
+    if scalars["n_programs"] > PROGRAMS_MAX:
+        raise LayoutError(f"n_programs is {scalars['n_programs']}, over {PROGRAMS_MAX}")
+    for name in _Tables.INDEXES:
+        capacity = len(arrays[name + "_ix"])
+        if capacity < 16 or capacity & (capacity - 1):
+            raise LayoutError(f"{name} index: {capacity} entries, not a power of two >= 16")
+
+
 # Row arrays Python may read (through read_only views).
 READABLE = frozenset(("users", "merchants", "stocks", "coupons", "codes", "pay_req",
                       "pay_res", "pay_meta", "lists", "slots", "refunds", "tombstones",
@@ -333,13 +374,14 @@ cdef class _Tables:
 
     @classmethod
     def load(cls, arrays, scalars):
-        """A ledger from dump() output (arrays are taken over, not copied)."""
+        """A ledger from dump() output (arrays are taken over, not copied).
+        Raises LayoutError for tables this kernel cannot take."""
         cdef _Tables ledger = cls(scalars["tz_offset_ms"], scalars["hold_ms"])
         cdef IdIndex ix
+        check_loadable(ledger.t, arrays, scalars)
         for name in cls.ROWS:
             current = ledger.t[name]
             loaded = owned(arrays[name])
-            assert loaded.dtype == current.dtype, f"{name}: dtype {loaded.dtype}"
             ledger.t[name] = loaded if len(loaded) else current
         ledger._set_scalars(scalars)
         n_stocks = max(ledger.n_stocks, 64)
@@ -349,7 +391,6 @@ cdef class _Tables:
             ix = getattr(ledger, name + "_ix")
             entries = owned(np.ascontiguousarray(arrays[name + "_ix"], np.int64))
             capacity = len(entries)
-            assert capacity >= 16 and capacity & (capacity - 1) == 0
             ix.entries = entries
             ix.ix.entries = <Entry*>data_of(entries)
             ix.ix.mask = capacity - 1
@@ -393,3 +434,7 @@ cdef class _Tables:
             self.reserve("earnings", n * self.n_programs)
             self.reserve("memberships", n * self.n_programs)
             self.reserve("coupons", n * self.n_programs)
+
+
+# Every row table has its count for check_loadable (an invariant of this file).
+assert set(ROW_COUNTS) == set(_Tables.ROWS), "ROW_COUNTS and _Tables.ROWS differ"

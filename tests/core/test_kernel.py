@@ -99,6 +99,20 @@ def test_a_ledger_loaded_from_another_ones_dump_shares_no_rows():
     assert int(ledger.users["balance"][user]) == 100
 
 
+def test_load_refuses_tables_it_cannot_take_with_a_real_error():
+    """Not an assert (python -O drops those): the kernel would run past its rows."""
+    ledger, _user = wallet(100)
+    arrays, scalars = ledger.dump()
+    assert issubclass(kernel.LayoutError, ValueError)
+    with pytest.raises(kernel.LayoutError, match="users index: 12 entries"):
+        Ledger.load(dict(arrays, users_ix=arrays["users_ix"][:12]), scalars)
+    with pytest.raises(kernel.LayoutError, match="auth_head is 1"):
+        Ledger.load(arrays, dict(scalars, auth_head=1))
+    with pytest.raises(kernel.LayoutError, match="slots: n_slots is 1, for 0 rows"):
+        Ledger.load(arrays, dict(scalars, n_slots=1))
+    assert Ledger.load(arrays, scalars).dump()[1] == scalars
+
+
 def test_ci_runs_the_readme_test_command_with_the_debug_kernel():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert "SCANPAY_KERNEL_DEBUG=1 .venv/bin/pip install" in ci

@@ -21,3 +21,11 @@ def test_loaded_and_new_topups_answer_alike_and_round_trip():
     assert sorted(again.items()) == sorted(kept.items()) == [
         (10, (1, 100)), (15, (5, 50)), (20, (2, 200)), (30, (3, 300))]
     assert not Topups()
+
+
+def test_loaded_topups_with_an_id_twice_are_refused_with_a_real_error():
+    """Loaded input (a snapshot) is checked by a ValueError, which the load
+    turns into a refusal, not by an assert that python -O drops."""
+    twice = np.array([(10, 1, 100), (20, 2, 200), (10, 3, 300)], TOPUPS)
+    with pytest.raises(ValueError, match="id twice"):
+        Topups(twice)

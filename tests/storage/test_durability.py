@@ -920,7 +920,17 @@ def test_restart_loads_with_headroom_and_keeps_hints_and_topups(tmp_path):
         assert len(bare.state.ledger.pay_req) >= payments
 
 
-def test_snapshot_of_other_row_layouts_is_refused_with_what_to_do(tmp_path):
+def older_row_layout(arrays: dict, meta: dict) -> None:
+    arrays["users"] = np.zeros(len(arrays["users"]), [("id", "<u8"), ("balance", "<i8")])
+
+
+def count_past_its_rows(arrays: dict, meta: dict) -> None:
+    meta["ledger"]["n_users"] = len(arrays["users"]) + 1_000_000
+
+
+def snapshot_the_kernel_cannot_take(tmp_path, damage) -> str:
+    """A data directory whose newest snapshot is a valid file (checksums and
+    all) holding tables this kernel cannot take: damage(arrays, meta)."""
     from engine.storage.snapshot import write_snapshot
     datadir = str(tmp_path / "data")
     with Engine(datadir) as eng:
@@ -928,11 +938,34 @@ def test_snapshot_of_other_row_layouts_is_refused_with_what_to_do(tmp_path):
         eng.snapshot()
     path = list_snapshots(datadir)[-1].path
     seq, arrays, meta = load_snapshot(path)
-    arrays["users"] = np.zeros(len(arrays["users"]), [("id", "<u8"), ("balance", "<i8")])
+    damage(arrays, meta)
     os.unlink(path)
-    write_snapshot(datadir, seq, arrays, meta)          # valid file, older layout
+    write_snapshot(datadir, seq, arrays, meta)
+    return datadir
+
+
+@pytest.mark.parametrize("damage", [older_row_layout, count_past_its_rows])
+def test_snapshot_of_other_row_layouts_is_refused_with_what_to_do(tmp_path, damage):
+    datadir = snapshot_the_kernel_cannot_take(tmp_path, damage)
     with pytest.raises(JournalError, match="cannot load.*move the snapshot files aside"):
         Engine(datadir)
+
+
+@pytest.mark.parametrize("damage", [older_row_layout, count_past_its_rows])
+def test_a_snapshot_the_kernel_cannot_take_is_refused_under_python_O(tmp_path, damage):
+    """The load checks its input with real errors, not asserts (which
+    `python -O` drops): the operator gets the same one line, and the kernel
+    never runs on rows of another layout or past the end of its rows."""
+    datadir = snapshot_the_kernel_cannot_take(tmp_path, damage)
+    served = subprocess.run(
+        [sys.executable, "-O", "-m", "engine.cli", "serve", "--data", datadir, "--listen",
+         "127.0.0.1:0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert served.returncode == 2, served.stderr
+    lines = served.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in served.stderr, served.stderr
+    assert lines[0].startswith("scanpay serve: the journal cannot be opened ")
+    assert "cannot load (users: " in lines[0] and "move the snapshot files aside" in lines[0]
 
 
 def test_group_commit_shares_one_fsync_among_the_commands_made_meanwhile(tmp_path):
