@@ -101,7 +101,7 @@ LOST = "lost"              # sent, then no answer: it may have been applied
 NOT_SENT = "not sent"      # it never left the client
 FINAL = "final"            # any other error: the caller's to see
 
-_LEADER_IS = re.compile(r"leader is\s+(\S+)")
+_LEADER_IS = re.compile(r"leader is\s+(\S+:\d+)\b")    # HOST:PORT, or [IPv6]:PORT
 
 
 def backoff_ms(failures: int, initial_ms: int, max_ms: int, draw: float) -> float:
@@ -164,15 +164,16 @@ def classify(error: BaseException) -> str:
 
 def leader_from_message(message: str) -> str | None:
     """The leader's "HOST:PORT" named by a not_leader message ("not leader;
-    leader is 127.0.0.1:7412"), or None when it names none."""
+    leader is 127.0.0.1:7412"), or None when it names none (such as "leader
+    is unknown" during an election: the client then searches its addresses)."""
     match = _LEADER_IS.search(message or "")
     if match is None:
         return None
-    text = match.group(1).rstrip(".,;)")
+    text = match.group(1)
     try:
         host, port = parse_address(text)
     except ValueError:
-        return None                      # "leader is unknown", an election under way
+        return None
     return _label(host, port)
 
 

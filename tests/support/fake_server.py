@@ -136,20 +136,10 @@ class FakeServer:
                     continue
                 if op != 2:
                     self.received.append((connection, op, body))
-                    if self.not_leader is not None:
-                        await error(op, rid, ErrorCode.not_leader,
-                                    message=f"not leader; leader is {self.not_leader}")
-                        continue
-                    if self.unavailable > 0:
-                        self.unavailable -= 1
-                        await error(op, rid, ErrorCode.unavailable)
-                        continue
-                    if self.swallow > 0:
-                        self.swallow -= 1
-                        if op in (16, 17):
-                            self._record_results(op, body)     # applied, never answered
-                        if self.swallow == 0:
-                            break
+                    fault = await self._fault(op, rid, body, error)
+                    if fault == "close":
+                        break
+                    if fault == "handled":
                         continue
                 if op == STATS:
                     code = ErrorCode(msgspec.msgpack.decode(body)["error_code"])
@@ -202,6 +192,25 @@ class FakeServer:
                 await error(op, rid, ErrorCode.unknown_op)
         finally:
             self.in_flight -= 1
+
+    async def _fault(self, op, rid, body, error):
+        """The failover faults (see the class docstring): "handled" when one
+        answered or swallowed the request, "close" to close the connection,
+        None when the request is to be served."""
+        if self.not_leader is not None:
+            await error(op, rid, ErrorCode.not_leader,
+                        message=f"not leader; leader is {self.not_leader}")
+            return "handled"
+        if self.unavailable > 0:
+            self.unavailable -= 1
+            await error(op, rid, ErrorCode.unavailable)
+            return "handled"
+        if self.swallow > 0:
+            self.swallow -= 1
+            if op in (16, 17):
+                self._record_results(op, body)     # applied, never answered
+            return "close" if self.swallow == 0 else "handled"
+        return None
 
     def _record_results(self, op, body):
         """PAY / ISSUE results of a body: ok, the amount as cash; with
