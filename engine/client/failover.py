@@ -265,13 +265,19 @@ class _Route:
                 self.addresses.append(named)
         return [known] + [a for a in order if a is not known]
 
-    def connected(self, address: Address) -> None:
+    def admits(self, address: Address, info: HelloInfo | None) -> bool:
+        """Whether a server that connected and said HELLO is used: yes,
+        unless its HELLO says it is a follower (no role: yes)."""
+        if info is not None and info.role == "follower":
+            self.last_error = f"{address.label}: a follower (HELLO role)"
+            return False
         self.start = (self.addresses.index(address) + 1) % len(self.addresses)
         self.address = address.label
         self.connections += 1
+        return True
 
     def refused(self, address: Address, error: BaseException) -> None:
-        """A candidate that could not be connected, or is a follower."""
+        """A candidate that could not be connected."""
         self.last_error = f"{address.label}: {type(error).__name__}: {error}"
         if isinstance(error, EngineError) and not error.retryable:
             self.final_error = error
@@ -297,13 +303,25 @@ class _Route:
                                      error if error is not None else self.last_error)
 
 
-class _NotALeader(Exception):
-    """A server whose HELLO says it is a follower."""
+class _Observed:
+    """What a failover client tells about itself (both flavours)."""
 
+    _route: _Route
 
-def _check_role(info: HelloInfo | None) -> None:
-    if info is not None and info.role == "follower":
-        raise _NotALeader("a follower (HELLO role)")
+    @property
+    def address(self) -> str:
+        """The server in use ("HOST:PORT" or the socket path)."""
+        return self._route.address
+
+    @property
+    def addresses(self) -> list[str]:
+        """The servers: those given, then the leaders not_leader named."""
+        return [a.label for a in self._route.addresses]
+
+    @property
+    def retries(self) -> int:
+        """Requests sent again so far."""
+        return self._route.retries
 
 
 # -- asyncio ---------------------------------------------------------------------
@@ -323,12 +341,13 @@ class _Gate:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.closed = False
+        self.clear = True                # open, nobody waiting or passing: go straight on
         self._heap: list[tuple[int, int, asyncio.Future]] = []
         self._count = 0                  # tie-break: a call waits once per wake-up
         self._passing = 0                # let through, not yet sent
 
-    def free(self) -> bool:
-        return not self.closed and not self._heap and not self._passing
+    def _update(self) -> None:
+        self.clear = not self.closed and not self._heap and not self._passing
 
     def waiting(self) -> bool:
         return any(not future.done() for _, _, future in self._heap)
@@ -341,6 +360,7 @@ class _Gate:
         timer = self.loop.call_later(max(timeout_s, 0.0), _time_up, future)
         if not self.closed and not self._passing:
             self._release()
+        self._update()
         try:
             return bool(await future)
         finally:
@@ -353,12 +373,14 @@ class _Gate:
         self.closed = False
         if not self._passing:
             self._release()
+        self._update()
 
     def close(self) -> None:
         self.closed = True
+        self.clear = False
 
     def fail_all(self, error: BaseException) -> None:
-        self.closed = True
+        self.close()
         heap, self._heap = self._heap, []
         for _, _, future in heap:
             if not future.done():
@@ -368,6 +390,7 @@ class _Gate:
         self._passing -= 1
         if not self._passing and not self.closed:
             self._release()
+        self._update()
 
     def _release(self) -> None:
         while self._heap:
@@ -377,7 +400,7 @@ class _Gate:
                 self._passing += 1
 
 
-class FailoverAsyncClient(AsyncClient):
+class FailoverAsyncClient(_Observed, AsyncClient):
     """An AsyncClient over several servers: the calls of AsyncClient, each
     sent to the leader's connection and sent again as the module docstring
     says. Made by `AsyncClient.connect` (or `create_pool`) with several
@@ -423,44 +446,70 @@ class FailoverAsyncClient(AsyncClient):
     def _closed(self) -> BaseException | None:      # type: ignore[override]
         return self._closed_by                      # (what Pool looks at)
 
-    @property
-    def address(self) -> str:
-        """The server in use ("HOST:PORT" or the socket path)."""
-        return self._route.address
-
-    @property
-    def retries(self) -> int:
-        return self._route.retries
-
-    @property
-    def addresses(self) -> list[str]:
-        return [a.label for a in self._route.addresses]
-
     # -- the calls ----------------------------------------------------------
+
+    # Each call makes its first attempt itself when the way is clear (a
+    # current connection, nobody waiting at the gate): no closure and no
+    # extra coroutine on the path that meets no failure. `_again` makes the
+    # others.
 
     async def hello(self, key_id: str | None = None, secret: str | None = None, *,
                     client_name: str = CLIENT_NAME) -> HelloInfo:
         """HELLO again on the current connection; later connections say this one."""
         self._connect_kwargs.update(key_id=key_id, secret=secret, client_name=client_name)
-        return await self._call(OP_HELLO, lambda conn: conn.hello(
-            key_id, secret, client_name=client_name))   # type: ignore[no-any-return]
+        return await self._again(OP_HELLO, None, lambda conn: conn.hello(  # type: ignore[no-any-return]
+            key_id, secret, client_name=client_name), None, None)
 
     async def pay_one(self, *, id: int, payer: int, merchant: int, amount: int,
                       flags: int = 0, goods_tag: int = 0, coupons: Sequence[int] = (),
                       user_data: int = 0) -> PayResult:
-        coupons = tuple(coupons)           # an iterator would be spent by the first attempt
-        return await self._call(OP_PAY, lambda conn: AsyncClient.pay_one(  # type: ignore[no-any-return]
-            conn, id=id, payer=payer, merchant=merchant, amount=amount, flags=flags,
-            goods_tag=goods_tag, coupons=coupons, user_data=user_data))
+        if type(coupons) is not tuple:
+            coupons = tuple(coupons)       # an iterator would be spent by the first attempt
+        conn, seq = self._way()
+        error: Exception | None = None
+        if conn is not None:
+            try:
+                # AsyncClient.pay_one's body, inlined: one coroutine less a call
+                pay = conn._pay
+                if conn._closed is not None or (not pay.futures and not conn._has_room()):
+                    await conn._wait_for_room(pay)
+                conn._pack_pay(pay.body, id, payer, merchant, amount, flags, goods_tag, coupons,
+                               user_data)
+                return self._answered(conn, await pay.add())  # type: ignore[no-any-return]
+            except Exception as e:     # noqa: BLE001 - _again raises it or sends it again
+                error = e
+        return await self._again(OP_PAY, seq, lambda c: AsyncClient.pay_one(  # type: ignore[no-any-return]
+            c, id=id, payer=payer, merchant=merchant, amount=amount, flags=flags,
+            goods_tag=goods_tag, coupons=coupons, user_data=user_data), conn, error)
 
     async def issue_one(self, *, coupon: int, stock: int, user: int) -> IssueResult:
-        return await self._call(OP_ISSUE, lambda conn: AsyncClient.issue_one(  # type: ignore[no-any-return]
-            conn, coupon=coupon, stock=stock, user=user))
+        return await self._again(OP_ISSUE, None, lambda c: AsyncClient.issue_one(  # type: ignore[no-any-return]
+            c, coupon=coupon, stock=stock, user=user), None, None)
 
     async def _request(self, op: int, body: Any, timeout_ms: int | None = None) -> bytes:
         # pay, issue, call and ping of AsyncClient come here
-        return await self._call(op, lambda conn: conn._request(  # type: ignore[no-any-return]
-            op, body, timeout_ms))
+        conn, seq = self._way()
+        error: Exception | None = None
+        if conn is not None:
+            try:
+                return self._answered(conn, await conn._request(  # type: ignore[no-any-return]
+                    op, body, timeout_ms))
+            except Exception as e:     # noqa: BLE001 - _again raises it or sends it again
+                error = e
+        return await self._again(op, seq, lambda c: c._request(  # type: ignore[no-any-return]
+            op, body, timeout_ms), conn, error)
+
+    def _way(self) -> tuple[AsyncClient | None, int]:
+        """Where a new call's first attempt goes (None: the way is not clear,
+        the call waits at the gate), and the call's place in line there."""
+        seq = self._seq
+        self._seq = seq + 1
+        return (self._conn if self._gate.clear else None), seq
+
+    def _answered(self, conn: AsyncClient, result: Any) -> Any:
+        if conn is not self._conn or self._route.failures:
+            self._succeeded(conn)
+        return result
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -483,27 +532,49 @@ class FailoverAsyncClient(AsyncClient):
 
     # -- one call, its retries ------------------------------------------------
 
-    async def _call(self, op: int, attempt: Callable[[AsyncClient], Awaitable[Any]]) -> Any:
+    async def _again(self, op: int, seq: int | None,
+                     attempt: Callable[[AsyncClient], Awaitable[Any]],
+                     conn: AsyncClient | None, error: Exception | None) -> Any:
+        """A call after its first attempt failed (`error`, on `conn`), or
+        one that found the way not clear (error None): attempts until one
+        succeeds or `_failed` raises. The retry deadline counts from here:
+        the first failure, or the first wait for the leader."""
+        if seq is None:
+            seq, self._seq = self._seq, self._seq + 1
         deadline = self._loop.time() + self._route.policy.retry_deadline_ms / 1000
-        seq, self._seq = self._seq, self._seq + 1
-        error: BaseException | None = None
-        for attempts in range(ATTEMPTS_MAX):
+        attempts = 0
+        if error is not None:
+            attempts = 1
+            self._settle(op, conn, error, deadline, attempts)
+        for _ in range(ATTEMPTS_MAX):
             conn = self._conn
-            if conn is None or not self._gate.free():
+            if conn is None or not self._gate.clear:
                 conn = await self._through_gate(op, seq, deadline, attempts, error)
+            attempts += 1
             try:
                 result = await attempt(conn)
-            except Exception as e:     # noqa: BLE001 - _failed raises it or lets it retry
+            except Exception as e:     # noqa: BLE001 - _settle raises it or lets it retry
                 error = e
-                self._failed(op, conn, e, deadline, attempts + 1)
+                self._settle(op, conn, e, deadline, attempts)
                 continue
-            finally:
-                if conn is not self._conn:
-                    self._retire(conn)
-            if conn is self._conn:
-                self._route.failures = 0
+            self._succeeded(conn)
             return result
-        raise self._route.gave_up(op, ATTEMPTS_MAX, error)
+        raise self._route.gave_up(op, attempts, error)
+
+    def _settle(self, op: int, conn: AsyncClient | None, error: Exception, deadline: float,
+                attempts: int) -> None:
+        """After a failed attempt: raise, or leave the call to retry."""
+        try:
+            self._failed(op, conn, error, deadline, attempts)
+        finally:
+            if conn is not None and conn is not self._conn:
+                self._retire(conn)
+
+    def _succeeded(self, conn: AsyncClient) -> None:
+        if conn is self._conn:
+            self._route.failures = 0       # the backoff starts again
+        else:
+            self._retire(conn)             # answered on a connection left behind
 
     async def _through_gate(self, op: int, seq: int, deadline: float, attempts: int,
                             error: BaseException | None) -> AsyncClient:
@@ -521,7 +592,7 @@ class FailoverAsyncClient(AsyncClient):
                 return self._conn
         raise self._route.gave_up(op, attempts, error)
 
-    def _failed(self, op: int, conn: AsyncClient, error: BaseException, deadline: float,
+    def _failed(self, op: int, conn: AsyncClient | None, error: BaseException, deadline: float,
                 attempts: int) -> None:
         """Raise unless the call may be sent again. The first news of a
         trouble on the current connection starts its remedy: not_leader, go
@@ -529,7 +600,7 @@ class FailoverAsyncClient(AsyncClient):
         kind = classify(error)
         if self._closed_by is not None:
             raise error
-        if conn is self._conn and kind != FINAL:
+        if conn is not None and conn is self._conn and kind != FINAL:
             if kind != REFUSED:
                 self._drop(conn, error)
             elif self._recovery is None:
@@ -608,14 +679,9 @@ class FailoverAsyncClient(AsyncClient):
             except Exception as e:     # noqa: BLE001 - this one is out; the next is tried
                 self._route.refused(address, e)
                 continue
-            try:
-                _check_role(conn.server_info)
-            except _NotALeader as e:
-                self._route.refused(address, e)
-                conn.close()
-                continue
-            self._route.connected(address)
-            return conn
+            if self._route.admits(address, conn.server_info):
+                return conn
+            conn.close()
         return None
 
     def _adopt(self, conn: AsyncClient) -> None:
@@ -658,7 +724,7 @@ async def connect_async(host: str | Sequence[str], port: int, *, retry_deadline_
 
 # -- blocking ---------------------------------------------------------------------
 
-class FailoverClient(Client):
+class FailoverClient(_Observed, Client):
     """A Client over several servers: the calls of Client, each sent to the
     leader and sent again as the module docstring says. One request at a
     time on one socket, replaced in place when the client moves to another
@@ -670,18 +736,6 @@ class FailoverClient(Client):
         self._route = route
         self._connect_kwargs = connect_kwargs
         self._closed_by: str | None = None
-
-    @property
-    def address(self) -> str:
-        return self._route.address
-
-    @property
-    def retries(self) -> int:
-        return self._route.retries
-
-    @property
-    def addresses(self) -> list[str]:
-        return [a.label for a in self._route.addresses]
 
     def hello(self, key_id: str | None = None, secret: str | None = None, *,
               client_name: str = CLIENT_NAME) -> HelloInfo:
@@ -758,17 +812,12 @@ class FailoverClient(Client):
             except Exception as e:     # noqa: BLE001 - this one is out; the next is tried
                 self._route.refused(address, e)
                 continue
-            try:
-                _check_role(found.server_info)
-            except _NotALeader as e:
-                self._route.refused(address, e)
-                found.close()
-                continue
-            self._sock, found._sock = found._sock, None     # take its socket
-            self._buffer = bytearray()
-            self.server_info = found.server_info
-            self._route.connected(address)
-            return True
+            if self._route.admits(address, found.server_info):
+                self._sock, found._sock = found._sock, None     # take its socket
+                self._buffer = bytearray()
+                self.server_info = found.server_info
+                return True
+            found.close()
         return False
 
 

@@ -40,16 +40,6 @@ ERROR_CLASSES = {
 }
 
 
-@pytest.fixture(params=sorted(client_module.IMPLEMENTATIONS))
-def impl(request):
-    """Every client test runs on the compiled hot path and on its Python twin."""
-    before = client_module.use_implementation(request.param)
-    try:
-        yield request.param
-    finally:
-        client_module.use_implementation(before)
-
-
 @pytest.fixture
 def real(impl):
     """The shared real server (tests/conftest.py), once per client implementation."""

@@ -35,15 +35,6 @@ from support.servers import RealServer, free_port, pay_batch, setup_world
 FAST = dict(retry_deadline_ms=5_000, backoff_initial_ms=5, backoff_max_ms=50)
 
 
-@pytest.fixture(params=sorted(client_module.IMPLEMENTATIONS))
-def impl(request):
-    before = client_module.use_implementation(request.param)
-    try:
-        yield request.param
-    finally:
-        client_module.use_implementation(before)
-
-
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
