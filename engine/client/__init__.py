@@ -144,9 +144,10 @@ class OutcomeUnknown(ConnectionLost):
 
 
 class RetryDeadlineExceeded(TimeoutError):
-    """The failover client gave up: `retry_deadline_ms` passed since the call
-    began. `last_error` is the last failure (None if no attempt was sent);
-    an idempotent request may be sent again later with the same ids."""
+    """The failover client gave up: `retry_deadline_ms` passed since the
+    call's first failure. `last_error` is the last failure (or why no server
+    could be used); an idempotent request may be sent again later with the
+    same ids."""
 
     def __init__(self, op: int, attempts: int, deadline_ms: int, last_error: object):
         name = OP_NAMES.get(op, str(op))

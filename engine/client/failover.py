@@ -287,6 +287,25 @@ class _Route:
         self.failures += 1
         return pause
 
+    def pause_before_search_s(self, at_once: bool) -> float:
+        """The pause before finding the leader again: none when `at_once`
+        (the leader is named, or the connection was just lost) and nothing
+        failed before, else the backoff. It counts the failure either way,
+        so a server that keeps refusing or dropping meets growing pauses."""
+        first = self.failures == 0
+        pause = self.next_pause_s()
+        return 0.0 if at_once and first else pause
+
+    def leader_named(self, error: BaseException) -> str | None:
+        """The leader a not_leader error names; None when it names none, or
+        the server in use (a stale answer: searching is better than looping)."""
+        hint = leader_from_message(getattr(error, "message", ""))
+        return None if hint == self.address else hint
+
+    def deadline_s(self) -> float:
+        """time.monotonic() at which a call that fails now gives up."""
+        return time.monotonic() + self.policy.retry_deadline_ms / 1000
+
     def resendable(self, op: int, error: BaseException, kind: str) -> None:
         """Raise what the caller must see instead of a retry: FINAL errors
         as they are, a LOST request of an op not in RESENDABLE as
@@ -612,10 +631,10 @@ class FailoverAsyncClient(_Observed, AsyncClient):
     def _refused(self, conn: AsyncClient, error: BaseException) -> None:
         self._route.last_error = error
         if getattr(error, "code", None) == ErrorCode.not_leader:
-            hint = leader_from_message(getattr(error, "message", ""))
+            hint = self._route.leader_named(error)
             self._conn = None          # new calls wait for the leader
             self._retire(conn)         # calls in flight on it finish there
-            self._recover_in_background(hint, 0.0 if hint else self._route.next_pause_s(),
+            self._recover_in_background(hint, self._route.pause_before_search_s(hint is not None),
                                         reconnect=True)
         else:
             self._recover_in_background(None, self._route.next_pause_s(), reconnect=False)
@@ -627,8 +646,8 @@ class FailoverAsyncClient(_Observed, AsyncClient):
         self._conn = None
         conn.close()
         if self._recovery is None:
-            pause = self._route.next_pause_s() if self._route.failures else 0.0
-            self._recover_in_background(None, pause, reconnect=True)
+            self._recover_in_background(None, self._route.pause_before_search_s(True),
+                                        reconnect=True)
 
     def _retire(self, conn: AsyncClient) -> None:
         """Close a connection left behind once no call is in flight on it."""
@@ -747,16 +766,18 @@ class FailoverClient(_Observed, Client):
         self._drop()
 
     def _request(self, op: int, body: Any, timeout_ms: int | None = None) -> bytes:
-        deadline = time.monotonic() + self._route.policy.retry_deadline_ms / 1000
+        deadline: float | None = None  # set by the first failure (or wait for a leader)
         error: BaseException | None = None
         hint: str | None = None
         for attempts in range(ATTEMPTS_MAX):
             if self._sock is None:
+                deadline = deadline or self._route.deadline_s()
                 self._reconnect(op, deadline, attempts, error, hint)
             try:
                 reply = Client._request(self, op, body, timeout_ms)
             except Exception as e:     # noqa: BLE001 - _failed raises it or lets it retry
                 error = e
+                deadline = deadline or self._route.deadline_s()
                 hint = self._failed(op, e, deadline, attempts + 1)
                 continue
             self._route.failures = 0
@@ -771,13 +792,14 @@ class FailoverClient(_Observed, Client):
             raise error
         hint, pause_s = None, 0.0
         if kind == REFUSED and getattr(error, "code", None) == ErrorCode.not_leader:
-            hint = leader_from_message(getattr(error, "message", ""))
+            hint = self._route.leader_named(error)
             self._drop()               # a follower: go to the leader
-            pause_s = 0.0 if hint else self._route.next_pause_s()
+            pause_s = self._route.pause_before_search_s(hint is not None)
         elif kind == REFUSED:
             pause_s = self._route.next_pause_s()       # busy, unavailable: same server, later
         elif kind != FINAL:
             self._drop()               # lost, or stuck (no reply in time)
+            pause_s = self._route.pause_before_search_s(True)
         self._route.resendable(op, error, kind)
         remaining_s = deadline - time.monotonic()
         if remaining_s <= pause_s:
@@ -831,6 +853,5 @@ def connect_blocking(host: str | Sequence[str], port: int, *, retry_deadline_ms:
     policy = RetryPolicy(RETRY_DEADLINE_MS_DEFAULT if retry_deadline_ms is None
                          else retry_deadline_ms, backoff_initial_ms, backoff_max_ms)
     client = FailoverClient(_Route(addresses, policy), connect_kwargs)
-    client._reconnect(OP_HELLO, time.monotonic() + policy.retry_deadline_ms / 1000, 0, None,
-                      None)
+    client._reconnect(OP_HELLO, client._route.deadline_s(), 0, None, None)
     return client

@@ -204,6 +204,24 @@ def test_a_server_without_role_is_used_until_it_says_not_leader(impl):
         assert pay_ids(follower) == [9] and pay_ids(leader) == [9]
 
 
+def test_a_not_leader_naming_itself_or_no_one_sends_the_client_searching(impl):
+    """A stale answer (the follower names itself) or none ("leader is
+    unknown" during an election) makes the client try its other addresses
+    instead of asking the same server again and again."""
+    with FakeServer() as a, FakeServer() as b, FakeServer() as leader:
+        a.not_leader, b.not_leader = at(a), "unknown"
+        with Client.connect([at(a), at(b), at(leader)], **FAST) as c:
+            assert c.pay_one(id=4, payer=1, merchant=2, amount=7).cash == 7
+            assert c.address == at(leader) and c.addresses == [at(a), at(b), at(leader)]
+        assert (pay_ids(a), pay_ids(b), pay_ids(leader)) == ([4], [4], [4])
+
+        async def main():
+            async with await AsyncClient.connect([at(a), at(b), at(leader)], **FAST) as c:
+                return (await c.pay_one(id=5, payer=1, merchant=2, amount=8)).cash, c.address
+        assert run(main()) == (8, at(leader))
+        assert (pay_ids(a), pay_ids(b), pay_ids(leader)) == ([4, 5], [4, 5], [4, 5])
+
+
 def test_a_pool_over_several_addresses_follows_the_leader(impl):
     with FakeServer() as follower, FakeServer() as leader:
         follower.not_leader = at(leader)
