@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -29,7 +28,7 @@ from engine.protocol.records import ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_
 from engine.protocol.status import ErrorCode
 
 from support import ROOT  # noqa: E402
-from support.fake_server import CLOSING, HDR, KEY_ID, SECRET, STATS, FakeServer  # noqa: E402
+from support.fake_server import CLOSING, HDR, KEY_ID, SECRET, FakeServer  # noqa: E402
 from support.servers import RealServer, admin_main, pay_batch, setup_world  # noqa: E402
 ERROR_CLASSES = {
     ErrorCode.bad_frame: BadFrame, ErrorCode.frame_too_large: FrameTooLarge,

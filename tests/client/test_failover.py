@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from engine import Engine
 from engine import client as client_module
 from engine.client import (AsyncClient, Client, ConnectionLost, OutcomeUnknown,
-                           RetryDeadlineExceeded, failover)
+                           RetryDeadlineExceeded)
 from engine.client.failover import (FINAL, LOST, NOT_SENT, REFUSED, RESENDABLE, FailoverAsyncClient,
                                     FailoverClient, RetryPolicy, backoff_ms, classify,
                                     leader_from_message, parse_addresses)
