@@ -560,25 +560,31 @@ class FailoverAsyncClient(_Observed, AsyncClient):
         the first failure, or the first wait for the leader."""
         if seq is None:
             seq, self._seq = self._seq, self._seq + 1
-        deadline = self._loop.time() + self._route.policy.retry_deadline_ms / 1000
+        deadline = 0.0                 # set by the first failure or wait
         attempts = 0
         if error is not None:
-            attempts = 1
+            attempts, deadline = 1, self._deadline()
             self._settle(op, conn, error, deadline, attempts)
         for _ in range(ATTEMPTS_MAX):
             conn = self._conn
             if conn is None or not self._gate.clear:
+                deadline = deadline or self._deadline()
                 conn = await self._through_gate(op, seq, deadline, attempts, error)
             attempts += 1
             try:
                 result = await attempt(conn)
             except Exception as e:     # noqa: BLE001 - _settle raises it or lets it retry
                 error = e
+                deadline = deadline or self._deadline()
                 self._settle(op, conn, e, deadline, attempts)
                 continue
             self._succeeded(conn)
             return result
         raise self._route.gave_up(op, attempts, error)
+
+    def _deadline(self) -> float:
+        """The loop time at which a call that fails now gives up."""
+        return self._loop.time() + self._route.policy.retry_deadline_ms / 1000
 
     def _settle(self, op: int, conn: AsyncClient | None, error: Exception, deadline: float,
                 attempts: int) -> None:
