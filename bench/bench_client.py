@@ -17,7 +17,11 @@ workloads each:
   PAY frame per call).
 
 "before" is engine/client.py at git revision `--before`, loaded as a module
-of its own (`git show REV:engine/client.py`); "after" is the working tree's.
+of its own (`git show REV:engine/client.py`); "after" is the working tree's;
+"failover" (`--clients after,failover`) is the working tree's failover
+client of one address (engine/client/failover.py, issue 17) on the same
+kind of connection: what routing each call to the leader costs when
+nothing fails.
 Reported per round: payments/s, client CPU microseconds per payment (this
 process's CPU time / payments), server CPU microseconds per payment, p50 and
 p99 latency of a call. Bounded: every round has a deadline; the server is
@@ -165,9 +169,23 @@ async def echo_client(module):
     return client
 
 
+async def failover_client(port: int | None):
+    """The failover client of one address, over an echo or a server connection."""
+    from engine.client import failover
+    if port is not None:
+        return await client_after.AsyncClient.connect("127.0.0.1", port,
+                                                      retry_deadline_ms=10_000)
+    route = failover._Route([failover.Address("127.0.0.1", 1)],
+                            failover.RetryPolicy(10_000, 50, 2_000))
+    client = failover.FailoverAsyncClient(route, {"timeout_ms": 10_000})
+    client._adopt(await echo_client(client_after))
+    return client
+
+
 async def one_round(module, port: int | None, workload: str, seconds: float,
                     connections: int, window: int, id_base: int) -> dict:
-    clients = [await (echo_client(module) if port is None else
+    clients = [await (failover_client(port) if module == "failover" else
+                      echo_client(module) if port is None else
                       module.AsyncClient.connect("127.0.0.1", port))
                for _ in range(connections)]
     state = {"go": True, "measuring": False, "count": 0, "bad": 0}
@@ -217,8 +235,10 @@ async def one_round(module, port: int | None, workload: str, seconds: float,
 async def main_async(args, server: Server | None) -> list[dict]:
     if server is not None:
         await setup_world(server.port)
-    modules = {"before": client_before(args.before), "after": client_after}
-    modules = {k: v for k, v in modules.items() if k in args.clients.split(",")}
+    chosen = args.clients.split(",")
+    modules = {"before": client_before(args.before) if "before" in chosen else None,
+               "after": client_after, "failover": "failover"}
+    modules = {k: v for k, v in modules.items() if k in chosen}
     rows, id_base = [], 1
     for round_no in range(1, args.rounds + 1):
         for workload in args.workloads.split(","):

@@ -62,7 +62,7 @@ except ImportError:                    # not built: the plain-Python twin does t
 
 __all__ = [
     "AsyncClient", "Client", "Pool", "PoolClosed", "create_pool", "HelloInfo", "PayResult", "IssueResult",
-    "ConnectionLost", "ProtocolError", "ServerError", "OPS", "hello_request", "hello_mac",
+    "ConnectionLost", "OutcomeUnknown", "RetryDeadlineExceeded", "ProtocolError", "ServerError", "OPS", "hello_request", "hello_mac",
     "parse_address", "error_from_frame",
     "NotAuthenticated", "Forbidden", "FrameTooLarge", "BadFrame", "UnsupportedProtocol", "NotLeader",
 ]
@@ -73,6 +73,11 @@ PORT_DEFAULT = 7411
 TIMEOUT_MS_DEFAULT = 10_000
 BATCH_RECORDS_MAX_DEFAULT = BATCH_RECORDS_MAX   # until HELLO says otherwise
 IN_FLIGHT_MAX_DEFAULT = 4096           # requests awaiting a reply, per connection
+# Failover (several addresses; docs/client.md "Several addresses"): the bounds
+# are checked by engine/client/failover.py's RetryPolicy.
+RETRY_DEADLINE_MS_DEFAULT = 30_000     # with several addresses; one address: no retries
+BACKOFF_INITIAL_MS_DEFAULT = 50
+BACKOFF_MAX_MS_DEFAULT = 2_000
 RECV_BYTES = 1 << 18
 ACQUIRE_ROUNDS_MAX = 1 << 20           # pool: wake-ups one acquire may go through
 ROOM_WAITS_MAX = 1 << 20               # wake-ups one request may wait for a free slot
@@ -107,7 +112,52 @@ CLOSING_CODES = frozenset({ErrorCode.bad_frame, ErrorCode.frame_too_large,
 
 
 class ConnectionLost(ConnectionError):
-    """The connection closed (or was closed) before the reply arrived."""
+    """The connection closed (or was closed) before the reply arrived.
+
+    `sent` is False when the request never left this client (its frame was
+    still queued, or the connection was already closed): nothing can have
+    been applied, so even an op that is not idempotent may be sent again.
+    """
+    sent = True
+
+
+def not_sent(message: str) -> ConnectionLost:
+    """The ConnectionLost of a request that never left this client."""
+    error = ConnectionLost(message)
+    error.sent = False
+    return error
+
+
+class OutcomeUnknown(ConnectionLost):
+    """A request that is not idempotent may have been applied: the connection
+    was lost (or no reply came in time) after it was sent, so the failover
+    client did not send it again (docs/client.md, "Several addresses")."""
+
+    def __init__(self, op: int, cause: BaseException):
+        name = OP_NAMES.get(op, str(op))
+        super().__init__(
+            f"{name} may or may not have been applied: {type(cause).__name__}: {cause} after "
+            f"it was sent; {name} is not idempotent, so it was not sent again. Read the state "
+            f"(e.g. BALANCES, STATEMENT) before repeating it")
+        self.op = op
+        self.cause = cause
+
+
+class RetryDeadlineExceeded(TimeoutError):
+    """The failover client gave up: `retry_deadline_ms` passed since the
+    call's first failure. `last_error` is the last failure (or why no server
+    could be used); an idempotent request may be sent again later with the
+    same ids."""
+
+    def __init__(self, op: int, attempts: int, deadline_ms: int, last_error: object):
+        name = OP_NAMES.get(op, str(op))
+        why = (f"{type(last_error).__name__}: {last_error}" if isinstance(last_error, BaseException)
+               else str(last_error or "no leader reachable"))
+        super().__init__(f"{name} not done within retry_deadline_ms={deadline_ms} "
+                         f"({attempts} attempts sent); last error: {why}")
+        self.op = op
+        self.attempts = attempts
+        self.last_error = last_error
 
 
 class ProtocolError(Exception):
@@ -155,6 +205,7 @@ class HelloInfo(msgspec.Struct, frozen=True):
     currency: str = ""
     tz_offset_ms: int = 0
     hold_ms: int = 0
+    role: str = ""                 # "leader", "follower" or "single" (replication); "" if not sent
 
 
 class _Outcome:
@@ -446,7 +497,7 @@ class _Coalescer:
         body, self.body, self.futures = self.body, bytearray(), []
         self.client._open_frames -= 1
         if self.client._closed is not None:
-            batch.fail(ConnectionLost(f"the connection is closed ({self.client._closed})"))
+            batch.fail(not_sent(f"the connection is closed ({self.client._closed})"))
             return
         self.client.batches_sent += 1
         self.client._send(self.op, body, batch, None)
@@ -491,13 +542,27 @@ class AsyncClient:
         self._issue = _Coalescer(self, OP_ISSUE, self._impl.issue_results)
 
     @classmethod
-    async def connect(cls, host: str = "127.0.0.1", port: int = PORT_DEFAULT, *,
+    async def connect(cls, host: str | Sequence[str] = "127.0.0.1", port: int = PORT_DEFAULT, *,
                       unix: str | None = None, ssl: ssl_module.SSLContext | None = None,
                       key_id: str | None = None,
                       secret: str | None = None, timeout_ms: int = TIMEOUT_MS_DEFAULT,
                       in_flight_max: int = IN_FLIGHT_MAX_DEFAULT,
-                      client_name: str = CLIENT_NAME) -> "AsyncClient":
-        """Connect (TCP, or the Unix socket `unix`) and say HELLO."""
+                      client_name: str = CLIENT_NAME, retry_deadline_ms: int | None = None,
+                      backoff_initial_ms: int = BACKOFF_INITIAL_MS_DEFAULT,
+                      backoff_max_ms: int = BACKOFF_MAX_MS_DEFAULT) -> "AsyncClient":
+        """Connect (TCP, or the Unix socket `unix`) and say HELLO.
+
+        `host` may name several servers (a list of "HOST:PORT", or one string
+        of them separated by commas): the client then follows the leader and
+        retries (engine/client/failover.py); so it does with one address when
+        `retry_deadline_ms` is given."""
+        if retry_deadline_ms or not isinstance(host, str) or "," in host:
+            from engine.client import failover
+            return await failover.connect_async(
+                host, port, retry_deadline_ms=retry_deadline_ms,
+                backoff_initial_ms=backoff_initial_ms, backoff_max_ms=backoff_max_ms,
+                unix=unix, ssl=ssl, key_id=key_id, secret=secret, timeout_ms=timeout_ms,
+                in_flight_max=in_flight_max, client_name=client_name)
         client = cls(timeout_ms=timeout_ms, in_flight_max=in_flight_max)
         loop = client._loop
         timeout_s = timeout_ms / 1000
@@ -596,7 +661,7 @@ class AsyncClient:
 
     def _check_open(self):
         if self._closed is not None:
-            raise ConnectionLost(f"the connection is closed ({self._closed})")
+            raise not_sent(f"the connection is closed ({self._closed})")
 
     def _has_room(self) -> bool:
         return (len(self._pending) + self._open_frames < self._in_flight_max
@@ -748,13 +813,18 @@ class AsyncClient:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        for waiter, _, timer, _ in pending.values():
+        unsent_from = _first_request_id(self._out) if isinstance(error, ConnectionLost) else None
+        for request_id, (waiter, _, timer, _) in pending.items():
             if timer is not None:
                 timer.cancel()
+            failure = error
+            if unsent_from is not None and request_id >= unsent_from:
+                # still in this tick's buffer: it never left, nothing was applied
+                failure = not_sent(f"{error} (before the request was sent)")
             if type(waiter) is _Batch:
-                waiter.fail(error)
+                waiter.fail(failure)
             elif not waiter.done():
-                waiter.set_exception(error)
+                waiter.set_exception(failure)
         for coalescer in (self._pay, self._issue):
             coalescer.flush()              # its callers fail: the connection is closed
         waiters, self._room_waiters = self._room_waiters, collections.deque()
@@ -764,6 +834,15 @@ class AsyncClient:
         self._writable.set()   # wake writers so that they see the closed state
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
+
+
+def _first_request_id(out: bytearray) -> int | None:
+    """The request id of the first frame in a tick's unsent buffer: frames
+    are appended in request id order, so it and every later id never left."""
+    if len(out) < HEADER_BYTES:
+        return None
+    return HEADER.unpack_from(out, 0)[3]
+
 
 # -- connection pool ----------------------------------------------------------
 
@@ -984,11 +1063,22 @@ class Client:
         self.last_reply_bytes = 0      # frame bytes of the last reply (load-test stats)
 
     @classmethod
-    def connect(cls, host: str = "127.0.0.1", port: int = PORT_DEFAULT, *,
+    def connect(cls, host: str | Sequence[str] = "127.0.0.1", port: int = PORT_DEFAULT, *,
                 unix: str | None = None, ssl: ssl_module.SSLContext | None = None,
                 key_id: str | None = None,
                 secret: str | None = None, timeout_ms: int = TIMEOUT_MS_DEFAULT,
-                client_name: str = CLIENT_NAME) -> "Client":
+                client_name: str = CLIENT_NAME, retry_deadline_ms: int | None = None,
+                backoff_initial_ms: int = BACKOFF_INITIAL_MS_DEFAULT,
+                backoff_max_ms: int = BACKOFF_MAX_MS_DEFAULT) -> "Client":
+        """Connect and say HELLO; several addresses (or `retry_deadline_ms`):
+        follow the leader and retry, as AsyncClient.connect."""
+        if retry_deadline_ms or not isinstance(host, str) or "," in host:
+            from engine.client import failover
+            return failover.connect_blocking(
+                host, port, retry_deadline_ms=retry_deadline_ms,
+                backoff_initial_ms=backoff_initial_ms, backoff_max_ms=backoff_max_ms,
+                unix=unix, ssl=ssl, key_id=key_id, secret=secret, timeout_ms=timeout_ms,
+                client_name=client_name)
         timeout_s = timeout_ms / 1000
         if unix is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1058,6 +1148,10 @@ class Client:
         return self.server_info.max_batch if self.server_info else BATCH_RECORDS_MAX_DEFAULT
 
     def close(self) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close the socket (the stream is broken, or the caller closes)."""
         if self._sock is not None:
             sock, self._sock = self._sock, None
             sock.close()
@@ -1072,7 +1166,7 @@ class Client:
 
     def _request(self, op: int, body, timeout_ms: int | None = None) -> bytes:
         if self._sock is None:
-            raise ConnectionLost("the connection is closed")
+            raise not_sent("the connection is closed")
         request_id = self._next_id
         self._next_id += 1
         deadline = time.monotonic() + (timeout_ms or self.timeout_ms) / 1000
@@ -1088,7 +1182,7 @@ class Client:
                 if flags & FLAG_ERROR:
                     error = error_from_frame(reply_op, reply_id, reply)
                     if reply_id == 0 or getattr(error, "code", None) in CLOSING_CODES:
-                        self.close()
+                        self._drop()
                         raise error
         except (socket.timeout, TimeoutError):
             raise TimeoutError(f"no reply to {OP_NAMES.get(op, op)} in "
@@ -1096,12 +1190,12 @@ class Client:
         except ConnectionLost:
             raise
         except OSError as e:
-            self.close()
+            self._drop()
             raise ConnectionLost(f"connection failed: {e}") from e
         if flags & FLAG_ERROR:
             error = error_from_frame(reply_op, reply_id, reply)
             if getattr(error, "code", None) in CLOSING_CODES:
-                self.close()
+                self._drop()
             raise error
         if reply_op != op:
             raise ProtocolError(f"reply to request {request_id} has op {reply_op}, "
@@ -1117,7 +1211,7 @@ class Client:
             if len(buffer) >= HEADER_BYTES:
                 size, op, flags, request_id = HEADER.unpack_from(buffer, 0)
                 if size > REPLY_BYTES_MAX:
-                    self.close()
+                    self._drop()
                     raise ProtocolError(f"reply of {size} bytes: the stream is broken")
                 end = HEADER_BYTES + size
                 if len(buffer) >= end:
@@ -1130,6 +1224,6 @@ class Client:
             self._sock.settimeout(remaining_s)
             chunk = self._sock.recv(RECV_BYTES)
             if not chunk:
-                self.close()
+                self._drop()
                 raise ConnectionLost("the server closed the connection")
             buffer += chunk

@@ -1,20 +1,15 @@
 """Clients (engine/client/__init__.py), admin commands (engine/cli/admin.py) and the
-locust file, against a small fake server written here from docs/reference/protocol.md, and
-against the real server when it can be started.
-
-The fake parses frames with its own struct code (not engine/protocol/frame.py) and
-checks HELLO MACs with its own hmac call, so the client is held to the spec,
-not to shared helpers.
+locust file, against a small fake server written from docs/reference/protocol.md
+(tests/support/fake_server.py, which holds the client to the spec, not to shared
+helpers), and against the real server when it can be started.
 """
 import asyncio
-import collections
 import hashlib
 import hmac
 import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -34,9 +29,8 @@ from engine.protocol.records import ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_
 from engine.protocol.status import ErrorCode
 
 from support import ROOT  # noqa: E402
+from support.fake_server import CLOSING, HDR, KEY_ID, SECRET, FakeServer  # noqa: E402
 from support.servers import RealServer, admin_main, pay_batch, setup_world  # noqa: E402
-HDR = struct.Struct("<IHHQ")      # size, op, flags, request_id: docs/reference/protocol.md, written out again
-KEY_ID, SECRET = "gw-1", "a-secret-of-sixteen+"
 ERROR_CLASSES = {
     ErrorCode.bad_frame: BadFrame, ErrorCode.frame_too_large: FrameTooLarge,
     ErrorCode.unknown_op: UnknownOp, ErrorCode.bad_body: BadBody,
@@ -44,177 +38,6 @@ ERROR_CLASSES = {
     ErrorCode.busy: Busy, ErrorCode.unavailable: Unavailable,
     ErrorCode.unsupported_protocol: UnsupportedProtocol, ErrorCode.not_leader: NotLeader,
 }
-CLOSING = {ErrorCode.bad_frame, ErrorCode.frame_too_large, ErrorCode.unsupported_protocol}
-STATS = 46      # the fake's test hook: STATS {error_code} answers that error frame
-
-
-# -- the fake server ---------------------------------------------------------------
-
-class FakeServer:
-    """docs/reference/protocol.md in miniature, on its own thread and event loop.
-
-    HELLO, PING; PAY/ISSUE echo ok results built from the records (or go to
-    `engine` when given); map ops echo {"echo": request} after an optional
-    `delay_ms` (so replies come back out of order), or go to `engine`; STATS
-    {error_code} answers that error frame; other ops: unknown_op.
-    """
-
-    def __init__(self, *, keys=None, max_batch=BATCH_RECORDS_MAX, max_frame=1 << 20, engine=None):
-        self.keys = keys or {}
-        self.max_batch = max_batch
-        self.max_frame = max_frame
-        self.engine = engine
-        self.frames = collections.Counter()       # op -> frames received
-        self.batch_sizes = collections.defaultdict(list)
-        self.in_flight = 0
-        self.in_flight_peak = 0
-        self.nonces = set()
-        self.started = threading.Event()
-        self.loop = None
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.started.wait(5)
-        return self
-
-    def __exit__(self, *exc):
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(5)
-
-    def _run(self):
-        asyncio.run(self._main())
-
-    async def _main(self):
-        self.loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        self.started.set()
-        await self._stop.wait()
-        server.close()
-
-    async def _serve(self, reader, writer):
-        authed = not self.keys
-        lock = asyncio.Lock()
-        tasks = set()
-
-        async def send(op, rid, body=b"", flags=0):
-            async with lock:
-                writer.write(HDR.pack(len(body), op, flags, rid) + body)
-                await writer.drain()
-
-        async def error(op, rid, code, close=False):
-            await send(op, rid, msgspec.msgpack.encode(
-                {"code": int(code), "name": code.name, "message": f"fake {code.name}",
-                 "retryable": code in (ErrorCode.busy, ErrorCode.unavailable)}), 1)
-
-        try:
-            while True:
-                header = await reader.readexactly(16)
-                size, op, flags, rid = HDR.unpack(header)
-                self.frames[op] += 1
-                if size > self.max_frame:
-                    await error(op, rid, ErrorCode.frame_too_large)
-                    break
-                body = await reader.readexactly(size)
-                if op == 1:
-                    hello = msgspec.msgpack.decode(body)
-                    if self.keys:
-                        if not self._check_mac(hello):
-                            await error(op, rid, ErrorCode.not_authenticated)
-                            continue
-                        authed = True
-                    await send(op, rid, msgspec.msgpack.encode(
-                        {"protocol": 1, "server": "fake/1", "max_frame": self.max_frame,
-                         "max_batch": self.max_batch, "durability": "none",
-                         "currency": "CNY", "tz_offset_ms": 8 * 3600_000,
-                         "hold_ms": 7 * 86_400_000, "extra_key_from_the_future": [1]}))
-                    continue
-                if not authed:
-                    await error(op, rid, ErrorCode.not_authenticated)
-                    continue
-                if op == STATS:
-                    code = ErrorCode(msgspec.msgpack.decode(body)["error_code"])
-                    await error(op, rid, code)
-                    if code in CLOSING:
-                        break
-                    continue
-                task = asyncio.ensure_future(self._answer(op, rid, body, send, error))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            for task in tasks:
-                task.cancel()
-            writer.close()
-
-    async def _answer(self, op, rid, body, send, error):
-        self.in_flight += 1
-        self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
-        try:
-            if op == 2:
-                await send(op, rid)
-            elif op in (16, 17):
-                dtype, result = (PAY_RECORD, PAY_RESULT) if op == 16 else (ISSUE_RECORD, ISSUE_RESULT)
-                if len(body) % dtype.itemsize or not 0 < len(body) // dtype.itemsize <= self.max_batch:
-                    await error(op, rid, ErrorCode.bad_body)
-                    return
-                records = np.frombuffer(body, dtype)
-                self.batch_sizes[op].append(len(records))
-                if self.engine is not None:
-                    out = self.engine.pay(records) if op == 16 else self.engine.issue(records)
-                else:
-                    out = np.zeros(len(records), result)
-                    if op == 16:
-                        out["id"], out["cash"] = records["id"], records["amount"]
-                        out["timestamp"] = 1234
-                    else:
-                        out["coupon"], out["expires_at"] = records["coupon"], 99
-                await send(op, rid, out.tobytes())
-            elif 32 <= op <= 50:
-                request = msgspec.msgpack.decode(body)
-                if self.engine is not None:
-                    name = client_module.OP_NAMES[op]
-                    try:
-                        reply = self.engine.call(name, request)
-                    except EngineError as e:
-                        await error(op, rid, e.code)
-                        return
-                else:
-                    await asyncio.sleep(request.get("delay_ms", 0) / 1000)
-                    reply = {"echo": request}
-                await send(op, rid, msgspec.msgpack.encode(reply))
-            else:
-                await error(op, rid, ErrorCode.unknown_op)
-        finally:
-            self.in_flight -= 1
-
-    def _check_mac(self, hello) -> bool:
-        secret = self.keys.get(hello.get("key_id"))
-        nonce, ts, mac = hello.get("nonce"), hello.get("ts"), hello.get("mac")
-        if secret is None or not isinstance(mac, bytes) or not isinstance(ts, int):
-            return False
-        if len(nonce) != 32 or int(nonce, 16) < 0 or nonce in self.nonces:
-            return False
-        if abs(time.time() * 1000 - ts) > 5 * 60_000:
-            return False
-        expected = hmac.new(SECRET.encode("utf-8"),
-                            (str(ts) + "." + nonce + "." + hello["key_id"]).encode("utf-8"),
-                            hashlib.sha256).digest()
-        self.nonces.add(nonce)
-        return hmac.compare_digest(mac, expected)
-
-
-@pytest.fixture(params=sorted(client_module.IMPLEMENTATIONS))
-def impl(request):
-    """Every client test runs on the compiled hot path and on its Python twin."""
-    before = client_module.use_implementation(request.param)
-    try:
-        yield request.param
-    finally:
-        client_module.use_implementation(before)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 the admin commands, the CLI and locust to talk to (the `real` fixture in
 tests/conftest.py starts one), and the world and batches those tests send."""
 import asyncio
+import socket
 import threading
 
 import numpy as np
@@ -15,10 +16,18 @@ from engine.server.server import Server
 START_TIMEOUT_S = 10
 
 
+def free_port() -> int:
+    """A loopback TCP port nobody listens on (as the kernel hands them out)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class RealServer:
     """`with RealServer(engine=None, **settings) as running:` serves an
-    in-memory Engine (a new one, or `engine`) on a loopback port; `running`
-    has .server, .engine and .port."""
+    in-memory Engine (a new one, or `engine`) on a loopback port (a free one,
+    or `listen="127.0.0.1:PORT"` among the settings, to start again on the
+    same port); `running` has .server, .engine and .port."""
 
     def __init__(self, engine=None, **settings):
         self.given_engine = engine
@@ -43,8 +52,8 @@ class RealServer:
         self.stopping = asyncio.Event()
         try:
             self.engine = self.given_engine if self.given_engine is not None else Engine()
-            self.server = Server(Config(data="", listen="127.0.0.1:0", **self.settings),
-                                 engine=self.engine)
+            settings = {"data": "", "listen": "127.0.0.1:0", **self.settings}
+            self.server = Server(Config(**settings), engine=self.engine)
             await self.server.start()
             self.port = self.server.config.host_port[1]
         except Exception as e:     # noqa: BLE001 - reported by __enter__

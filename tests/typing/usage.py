@@ -47,6 +47,28 @@ async def pipelined(port: int) -> list[int]:
         return [p.status for p in paid if not p.duplicate]
 
 
+async def following_the_leader(ports: list[int]) -> int:
+    """Several servers: the client follows the leader and retries."""
+    from engine.client import OutcomeUnknown, RetryDeadlineExceeded
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    client: AsyncClient = await AsyncClient.connect(addresses, retry_deadline_ms=5_000,
+                                                    backoff_initial_ms=20, backoff_max_ms=500)
+    async with client:
+        try:
+            paid = await client.pay_one(id=30, payer=1, merchant=7, amount=100)
+            code: dict[str, object] = await client.call("PAYMENT_CODE", {"user": 1})
+            assert code
+        except OutcomeUnknown as e:
+            print(f"read the state first: {e.op} {e.cause}")
+            return -1
+        except RetryDeadlineExceeded as e:
+            print(f"gave up after {e.attempts}: {e.last_error}")
+            return -1
+    with Client.connect(",".join(addresses), retry_deadline_ms=5_000) as blocking_client:
+        again = blocking_client.pay_one(id=30, payer=1, merchant=7, amount=100)
+    return paid.status if not again.duplicate else again.status
+
+
 def main() -> None:
     print(engine.__version__, embedded())
     try:
