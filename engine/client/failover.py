@@ -101,7 +101,7 @@ LOST = "lost"              # sent, then no answer: it may have been applied
 NOT_SENT = "not sent"      # it never left the client
 FINAL = "final"            # any other error: the caller's to see
 
-_LEADER_IS = re.compile(r"leader is\s+(\S+:\d+)\b")    # HOST:PORT, or [IPv6]:PORT
+_LEADER_IS = re.compile(r"leader is\s+(?:at\s+)?(\S+:\d+)\b")    # HOST:PORT, or [IPv6]:PORT; "leader is at HOST:PORT" too
 
 
 def backoff_ms(failures: int, initial_ms: int, max_ms: int, draw: float) -> float:
