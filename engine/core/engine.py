@@ -412,10 +412,32 @@ class Engine:
     def expire_due(self):
         """Void the holds that have expired, as a journaled EXPIRE command,
         as before any other command: its durability future (None when none
-        was due, or in memory). Reads call it before they look at the state."""
+        was due, or in memory). Reads call it before they look at the state.
+        A replicated follower writes nothing: it reads the state as of the
+        leader's stream, whose own commands void the holds."""
+        if self.follows():
+            return None
         if self.state.ledger.expiry_due(self._now()):
             return self.write_command(OP_EXPIRE, b"")[1]
         return None
+
+    def follows(self) -> bool:
+        """A replicated node that does not lead now (docs/replication.md)."""
+        return (self.storage is not None and getattr(self.storage.journal, "replicated", False)
+                and self.storage.journal.failed)
+
+    def apply_replicated(self, commands) -> None:
+        """A replicated follower: apply the leader's commands, (seq, Command)
+        in order, which its log has already taken as durable (they are in the
+        stream). The state must be current (`_ensure_current` first)."""
+        assert not self._stale
+        for seq, command in commands:
+            if seq != self._applied_seq + 1:
+                raise JournalError(f"replicated command {seq} does not follow the applied "
+                                   f"command {self._applied_seq}")
+            self._execute(command)
+            self._applied_seq = seq
+        self.storage.after_write(self)
 
     def sync_pending(self):
         """A future that completes when everything applied so far is durable."""
