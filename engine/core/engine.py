@@ -222,9 +222,12 @@ class Engine:
         self._wait_sync_idle()
         journal = self.storage.journal
         assert journal.last_seq == journal.durable_seq, "rebuild with entries pending"
-        log.warning("storage failed: dropping the %d applied commands after journal entry %d "
-                    "(answered unavailable) and rebuilding the state from the journal",
-                    self._applied_seq - journal.durable_seq, journal.durable_seq)
+        why = ("the replicated stream refused them (answered not_leader)"
+               if getattr(journal, "replicated", False) else
+               "storage failed (answered unavailable)")
+        log.warning("dropping the %d applied commands after journal entry %d: %s; rebuilding "
+                    "the state from the journal", self._applied_seq - journal.durable_seq,
+                    journal.durable_seq, why)
         self.storage.prepare_reload()
         self._tail_counted.clear()          # the tails are longer than at start
         self._load_state()

@@ -88,3 +88,18 @@ def test_a_missing_message_is_refused_loudly(logs, tmp_path):
     leader.close()
     with pytest.raises(StreamCorrupt, match="message 2 is missing"):
         Engine(tmp_path / "b", journal=logs.log(tmp_path / "b"))
+
+
+def test_engine_time_never_goes_back_across_leaders(logs, tmp_path):
+    """A new leader whose clock is behind stamps its commands at the last
+    stamp it applied, not at its clock: max(previous stamp, clock)."""
+    ahead_ms = 4_000_000_000_000
+    first = Engine(tmp_path / "a", journal=logs.log(tmp_path / "a", lead=True),
+                   clock=lambda: ahead_ms)
+    world(first)
+    first.close()
+    second = Engine(tmp_path / "b", journal=logs.log(tmp_path / "b"), clock=lambda: 1000)
+    second.storage.journal.lead(second.storage.journal.new_token())
+    out = second.pay(pay_batch(1))
+    assert out["timestamp"][0] == ahead_ms
+    second.close()
