@@ -179,6 +179,10 @@ class Engine:
         # has returned, before the future completes: the server's writer
         # hands the replies it covers to its sender thread (ext/outlet.pyx).
         self.on_durable = None
+        # Called with (state, seq) right after each journaled command is
+        # applied, live (not on replay): a replicated node's checkpoints
+        # (engine/replication/checkpoint.py).
+        self.on_applied = None
 
     # -- time -------------------------------------------------------------
 
@@ -386,6 +390,8 @@ class Engine:
         durable = self._begin(command)
         try:
             result = self._execute(command)
+            if self.on_applied is not None:
+                self.on_applied(self.state, self._applied_seq)
         finally:
             if durable is not None:
                 durable.result()        # raises Unavailable: not acknowledged
@@ -400,6 +406,8 @@ class Engine:
         command = self._command(op, body, draws)
         durable = self._begin(command, requesters)
         result = self._execute(command)
+        if self.on_applied is not None:
+            self.on_applied(self.state, self._applied_seq)
         if self.storage is not None:
             self.storage.after_write(self)
         return result, durable
@@ -440,6 +448,8 @@ class Engine:
                                    f"command {self._applied_seq}")
             self._execute(command)
             self._applied_seq = seq
+            if self.on_applied is not None:
+                self.on_applied(self.state, seq)
         self.storage.after_write(self)
 
     def sync_pending(self):

@@ -234,8 +234,18 @@ class StreamLog:
                 if self._refused is not None:
                     raise self.not_leader()
                 batch = list(self._pending)
+            stored = False
             for first, last, buffers in self._messages(batch):
-                self._append_commands(first, last, buffers)
+                if self._refused is not None:       # (a checkpoint record was refused)
+                    raise self.not_leader()
+                try:
+                    self._append_commands(first, last, buffers)
+                except NotLeader:
+                    if stored:          # one future covers stored and refused commands
+                        self._fatal(f"commands up to {first - 1} are in the stream, those "
+                                    f"after were refused, and one reply covers both")
+                    raise
+                stored = True
             return self._durable_seq
 
     def _messages(self, batch: list):
@@ -256,7 +266,12 @@ class StreamLog:
         payload = b"".join(buffers)
         if token is None:                   # deposed meanwhile: fenced all the same
             token = "none"
-        stream_seq = self._append(payload, f"{token}.{first}", last, None)
+        try:
+            stream_seq = self._append(payload, f"{token}.{first}", last, None)
+        except Refused as refusal:
+            self.refuse(f"the stream refused an append after message {self.stream_seq} "
+                        f"({refusal})")
+            raise self.not_leader() from None
         with self._lock:
             done = 0
             while done < len(self._pending) and self._pending[done][0] <= last:
@@ -270,7 +285,8 @@ class StreamLog:
 
     def _append(self, payload: bytes, msg_id: str, last: int, kind: str | None) -> int:
         """One message into the stream after self.stream_seq; its stream seq.
-        Refused: NotLeader (pending dropped). Unknown: sent again."""
+        Raises Refused if another writer's message is there; an unknown
+        outcome (no answer) is sent again, same message id."""
         expected = self.stream_seq
         wait_s = 0.01
         for _ in range(APPEND_TRIES_MAX):
@@ -281,13 +297,11 @@ class StreamLog:
                     self.publish_timeout_s + CALL_MARGIN_S)
                 self._stalled = False
                 return seq
-            except Refused as refusal:
+            except Refused:
+                self._stalled = False
                 if self._stored_as(expected + 1, msg_id):
-                    self._stalled = False
                     return expected + 1
-                self._refuse(f"the stream refused an append after message {expected} "
-                             f"({refusal})")
-                raise self.not_leader() from None
+                raise
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as error:
                 if not self._stalled:
                     log.error("appending to the replicated stream: no answer (%s: %s); "
@@ -311,7 +325,9 @@ class StreamLog:
                 time.sleep(READ_LAG_WAIT_S)
         self._fatal(f"cannot read stream message {seq} to learn whether an append was stored")
 
-    def _refuse(self, why: str) -> None:
+    def refuse(self, why: str) -> None:
+        """Another writer appended: drop the pending commands (answered
+        not_leader) and refuse everything until the state is rebuilt."""
         with self._lock:
             dropped = len(self._pending)
             self.dropped_count += dropped
@@ -337,15 +353,12 @@ class StreamLog:
 
     def append_record(self, kind: str, body: dict, token: str) -> int:
         """A record message after the current stream seq (from the leader's
-        append round, or a new leader's first). Raises Refused (nothing
-        dropped: a record has no command behind it) or TimeoutError."""
+        append round, or a new leader's first); its stream seq. Raises
+        Refused (nothing dropped: a record has no command behind it)."""
         with self._io_lock:
             expected = self.stream_seq
             payload = json.dumps(body, sort_keys=True).encode()
-            seq = self.loop.call(
-                self.stream.append(payload, expected, f"{token}.{kind}.{expected}",
-                                   self._durable_seq, kind, self.publish_timeout_s),
-                self.publish_timeout_s + CALL_MARGIN_S)
+            seq = self._append(payload, f"{token}.{kind}.{expected}", self._durable_seq, kind)
             self.stream_seq = seq
             return seq
 
@@ -362,8 +375,15 @@ class StreamLog:
 
     @property
     def idle(self) -> bool:
-        """No append pending or refused: the node may read the stream as a follower."""
-        return not self._pending and self._refused is None
+        """No append pending: the node may read the stream as a follower."""
+        return not self._pending
+
+    def settle(self) -> None:
+        """The engine's state is current again (rebuilt, or nothing was
+        dropped): a refusal is over, the node reads on as a follower."""
+        with self._lock:
+            if not self._pending:
+                self._refused = None
 
     @staticmethod
     def new_token() -> str:
@@ -490,12 +510,16 @@ class StreamLog:
             raise StreamCorrupt(message.seq, f"a {message.kind} record that is not a JSON map")
         return body
 
-    def advance(self, decoded: Decoded) -> None:
-        """A follower applies `decoded`: the durable prefix ends after it."""
-        with self._lock:
-            assert not self._pending and decoded.after == self.stream_seq
+    def advance(self, decoded: Decoded) -> bool:
+        """A follower applies `decoded`: the durable prefix ends after it.
+        False (nothing changed) if the log moved since it was read (a record
+        of the last append round landed meanwhile): read again."""
+        with self._io_lock, self._lock:
+            if self._pending or decoded.after != self.stream_seq:
+                return False
             self._last_seq = self._durable_seq = decoded.last_seq
             self.stream_seq = decoded.stream_seq
+            return True
 
     # -- retention and close ----------------------------------------------------
 

@@ -26,10 +26,12 @@ import nats.errors
 import nats.js.errors
 
 from engine.protocol.errors import EngineError
+from engine.replication.checkpoint import Checkpoints, DigestMismatch
 from engine.replication.lease import Lease, LeaseLost
 from engine.replication.log import StreamLog, StreamUnavailable
 from engine.replication.loop_thread import LoopThread
-from engine.replication.stream import KIND_TERM, Names, Refused, Stream, parse_servers
+from engine.replication.stream import (KIND_CHECKPOINT, KIND_TERM, Names, Refused, Stream,
+                                       parse_servers)
 from engine.storage.journal import JournalError
 
 log = logging.getLogger("scanpay.replication")
@@ -82,6 +84,9 @@ class ReplicaNode:
             raise
         self.log.on_deposed = self.deposed
         self.log.on_fatal = fatal
+        self.log.on_appended = self.appended
+        self.checkpoints = Checkpoints(config.checkpoint_every_entries)
+        self.seen_generation = 0
         self.role = FOLLOWER
         self.address = ""
         self.engine = None
@@ -98,6 +103,8 @@ class ReplicaNode:
 
     def start(self, engine, address: str) -> None:
         self.engine = engine
+        self.engine.on_applied = self.checkpoints.applied
+        self.seen_generation = engine.generation
         self.address = address
         self.loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
@@ -138,7 +145,7 @@ class ReplicaNode:
 
     def hello(self) -> dict:
         return {"durability": "replicated", "role": self.role, "leader": self.log.leader,
-                "stream_seq": self.log.stream_seq}
+                "stream_seq": self.log.stream_seq, "checkpoint": self.checkpoints.last}
 
     def position(self) -> int:
         """The stream seq the state reflects (replies to reads say it)."""
@@ -201,6 +208,20 @@ class ReplicaNode:
         self.role = CANDIDATE
         self.loop.call_soon_threadsafe(self._start_takeover)
 
+    def appended(self, _stream_seq: int, durable_seq: int) -> None:
+        """Sync thread, after each message the stream acknowledged: the
+        checkpoint records whose command is in the stream now."""
+        token = self.log.token
+        for seq, digest in self.checkpoints.ready(durable_seq):
+            if token is None:
+                return
+            try:
+                self.log.append_record(KIND_CHECKPOINT, {"seq": seq, "digest": digest}, token)
+            except Refused as refusal:
+                self.log.refuse(f"the stream refused checkpoint record {seq} ({refusal})")
+                return
+            self.checkpoints.appended_record(seq, digest)
+
     def deposed(self) -> None:
         """Sync thread: the stream refused this node's append."""
         self.nats.loop.call_soon_threadsafe(self.lost, "the stream refused an append")
@@ -218,12 +239,16 @@ class ReplicaNode:
                 continue
             try:
                 got = await self.follow_step()
+                self.checkpoints.verify()
             except (StreamUnavailable, EngineError, *NATS_ERRORS) as error:
                 log.debug("following: %s", error)
                 await asyncio.sleep(ERROR_WAIT_S)
                 continue
-            except JournalError as error:
+            except (JournalError, DigestMismatch) as error:
                 fatal(f"the replicated stream cannot be applied: {error}")
+            except Exception as error:      # a bug: stop loudly rather than fall behind silently
+                log.exception("following the stream failed")
+                fatal(f"following the stream failed unexpectedly: {error!r}")
             if not got:
                 self.wake.clear()
                 try:
@@ -234,6 +259,10 @@ class ReplicaNode:
     async def follow_step(self) -> bool:
         """Read and apply what follows the state in the stream; False if nothing."""
         self.engine._ensure_current()       # a refused leader rebuilds first
+        self.log.settle()
+        if self.engine.generation != self.seen_generation:
+            self.seen_generation = self.engine.generation
+            self.checkpoints.forget_after(self.log.durable_seq)     # digests of dropped commands
         after = self.log.stream_seq
         messages = await self.nats.run(self.stream.fetch(after))
         if not messages:
@@ -242,8 +271,12 @@ class ReplicaNode:
             return True                     # the state moved meanwhile: read again
         decoded = self.log.decode(messages, after, self.log.durable_seq + 1,
                                   commands_as="command")
-        self.log.advance(decoded)
+        if not self.log.advance(decoded):
+            return True                     # the log moved meanwhile: read again
         self.engine.apply_replicated(decoded.commands)
+        for _stream_seq, kind, body in decoded.records:
+            if kind == KIND_CHECKPOINT:
+                self.checkpoints.claim(int(body.get("seq", -1)), str(body.get("digest", "")))
         return True
 
     async def take_over(self) -> None:
@@ -263,12 +296,17 @@ class ReplicaNode:
             log.error("could not take over in %d tries; giving the lease up", TAKEOVER_TRIES_MAX)
         except (StreamUnavailable, EngineError, *NATS_ERRORS) as error:
             log.error("taking over failed (%s); giving the lease up", error)
-        except JournalError as error:
+        except (JournalError, DigestMismatch) as error:
             fatal(f"the replicated stream cannot be applied: {error}")
+        except Exception:                   # a bug: give the lease to another node
+            log.exception("taking over failed; giving the lease up")
         self.nats.loop.call_soon_threadsafe(self.lost, "the takeover failed")
 
     async def try_take_over(self) -> bool:
+        if not self.log.idle:
+            return False                    # its own appends are still being resolved
         self.engine._ensure_current()
+        self.log.settle()
         end = await self.nats.run(self.stream.last_seq())
         for _ in range(CATCH_UP_EMPTY_READS_MAX):
             if self.log.stream_seq >= end:
@@ -287,6 +325,7 @@ class ReplicaNode:
         if self.revision is None:
             return False
         self.log.lead(token)
+        self.checkpoints.appended = self.log.durable_seq    # the last leader's, or none
         self.log.leader = self.address
         self.role = LEADER
         return True

@@ -65,6 +65,9 @@ class Config:
     replicas: Range(1, 5) = 3
     allow_unreplicated: bool = False
     lease_ms: Range(500, 600_000) = 3000
+    # Every this many commands, the leader appends its state digest and
+    # each follower compares its own (engine/replication/checkpoint.py); 0: never.
+    checkpoint_every_entries: Range(0) = 100_000
     keys: list = field(default_factory=list)
     # Table sizes to allocate up front (Engine capacity hints: rows per
     # table, e.g. payments, visits, users, coupons): growing a big table

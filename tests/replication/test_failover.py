@@ -18,29 +18,20 @@ import pytest
 
 from engine.protocol import frame
 from engine.protocol.ops import OP_PAY
-from engine.protocol.records import PAY_RECORD, PAY_RESULT
+from engine.protocol.records import PAY_RESULT
 from engine.protocol.status import Status
 from support.replicas import Node, wait_for_leader, wait_for_seq
+from support.servers import pay_frame
 
 LEASE_MS = 1500
 GATEWAYS = 4
 WINDOW_FRAMES = 8                   # PAY frames each gateway keeps in flight
-RECORDS_PER_FRAME = 4
 USERS = 8
 CYCLES = 5
 REPLY_TIMEOUT_S = 1.0               # then the gateway goes to the leader the test names
 FAILOVER_BOUND_S = 15.0             # a sanity bound; bench/ measures the real figure
 LOOKUP_CHUNK = 1000
-
-
-def pay_frame(gateway: int, seq: int) -> bytes:
-    records = np.zeros(RECORDS_PER_FRAME, PAY_RECORD)
-    records["id"] = [(gateway << 40) | (seq * RECORDS_PER_FRAME + k)
-                     for k in range(RECORDS_PER_FRAME)]
-    records["payer"] = 1 + (seq + gateway) % USERS
-    records["merchant"] = 1
-    records["amount"] = 100 + seq % 50
-    return frame.encode(OP_PAY, seq, records.tobytes())
+CHECKPOINT_EVERY = 200              # commands between state digests
 
 
 class Load:
@@ -125,13 +116,22 @@ def check_acked_on(node: Node, acked: dict) -> None:
 
 
 def check_converged(leader: Node, nodes: list) -> None:
-    """Followers at the leader's stream seq hold what it holds; AUDIT holds on each."""
-    at = leader.hello()["stream_seq"]
+    """Followers at the leader's stream seq hold what it holds, and checked
+    the digest of the last checkpoint; AUDIT holds on each."""
+    hello = leader.hello()
+    at, checkpoint = hello["stream_seq"], hello["checkpoint"]
+    assert checkpoint is not None and checkpoint["seq"] >= CHECKPOINT_EVERY, hello
     query = {"users": list(range(1, USERS + 1)), "merchants": [1]}
     with leader.client() as c:
         expected = {k: v for k, v in c.call("BALANCES", query).items() if k != "stream_seq"}
     for node in nodes:
-        wait_for_seq(node, at)
+        follower = wait_for_seq(node, at)
+        deadline = time.monotonic() + 10        # its digest child may still run
+        while follower["checkpoint"] is None or follower["checkpoint"]["seq"] < checkpoint["seq"]:
+            assert time.monotonic() < deadline, (node.name, follower, checkpoint)
+            time.sleep(0.05)
+            follower = node.hello()
+        assert follower["checkpoint"] == checkpoint, node.name
         with node.client() as c:
             reply = c.call("BALANCES", query)
             assert reply.pop("stream_seq") == at, node.name
@@ -145,8 +145,8 @@ def nodes(logs, tmp_path):
     made = []
 
     def make(count: int) -> list:
-        made.extend(Node(str(tmp_path), logs.cluster.servers, LEASE_MS, f"s{i}")
-                    for i in range(count))
+        made.extend(Node(str(tmp_path), logs.cluster.servers, LEASE_MS, f"s{i}",
+                         checkpoint_every_entries=CHECKPOINT_EVERY) for i in range(count))
         for node in made:
             node.start()
         return made
