@@ -116,9 +116,11 @@ def replication_failure(error: BaseException, config) -> str | None:
         return f"the replicated stream cannot be used ({config.replicate}): {error}"
     if isinstance(error, StreamCorrupt):
         return f"the replicated stream is damaged ({config.replicate}): {error}"
-    if isinstance(error, TimeoutError) or type(error).__module__.startswith("nats"):
-        return (f"the NATS servers do not answer ({config.replicate}): {error or type(error).__name__}; "
-                f"start them (scanpay cluster up, or your NATS deployment) or fix --replicate")
+    if isinstance(error, (TimeoutError, ConnectionRefusedError)) or type(
+            error).__module__.startswith("nats"):
+        why = str(error) or "no connection within the time allowed"
+        return (f"the NATS servers do not answer ({config.replicate}): {why}; start them "
+                f"(scanpay cluster up, or your NATS deployment) or fix --replicate")
     return None
 
 

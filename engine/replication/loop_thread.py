@@ -39,6 +39,8 @@ class LoopThread:
         try:
             return future.result(timeout_s)
         except concurrent.futures.TimeoutError:
+            if future.done():               # the coroutine's own timeout
+                raise
             future.cancel()
             raise TimeoutError(f"no answer from NATS within {timeout_s:.1f} s") from None
 
@@ -47,9 +49,22 @@ class LoopThread:
         return await asyncio.wrap_future(self.submit(coroutine))
 
     def stop(self) -> None:
+        """Cancel what still runs on the loop (a connection's reader and
+        flusher), then stop and close it."""
         if self.loop.is_closed():
             return
+        try:
+            self.call(_cancel_others(), STOP_TIMEOUT_S)
+        except (TimeoutError, RuntimeError):
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(STOP_TIMEOUT_S)
         if not self.thread.is_alive():
             self.loop.close()
+
+
+async def _cancel_others() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

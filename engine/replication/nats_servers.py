@@ -83,14 +83,16 @@ def node_config(node: NatsNode, peers: list[NatsNode]) -> str:
     routes = ", ".join(f'"nats-route://127.0.0.1:{peer.cluster_port}"'
                        for peer in peers if peer is not node)
     store = os.path.join(node.directory, "jetstream")
-    return (f'server_name: "{node.name}"\n'
+    text = (f'server_name: "{node.name}"\n'
             f"listen: 127.0.0.1:{node.port}\n"
             f"max_payload: {MAX_PAYLOAD_BYTES}\n"
             f"jetstream {{\n"
             f'  store_dir: "{store}"\n'
             f"  sync_interval: always\n"
-            f"}}\n"
-            f"cluster {{\n"
+            f"}}\n")
+    if len(peers) == 1:                 # a lone server: JetStream refuses a cluster of one
+        return text
+    return text + (f"cluster {{\n"
             f'  name: "{CLUSTER_NAME}"\n'
             f"  listen: 127.0.0.1:{node.cluster_port}\n"
             f"  routes: [{routes}]\n"

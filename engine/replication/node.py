@@ -70,6 +70,7 @@ class ReplicaNode:
         self.names = names
         self.lease_s = config.lease_ms / 1000
         self.nats = LoopThread()
+        self.stream = None
         try:
             self.stream = self.nats.call(Stream.connect(parse_servers(config.replicate), names),
                                          CONNECT_TIMEOUT_S)
@@ -80,7 +81,7 @@ class ReplicaNode:
                            CONNECT_TIMEOUT_S)
             self.log = StreamLog(config.data, self.nats, self.stream)
         except BaseException:
-            self.nats.stop()
+            self.close()
             raise
         self.log.on_deposed = self.deposed
         self.log.on_fatal = fatal
@@ -137,10 +138,11 @@ class ReplicaNode:
 
     def close(self) -> None:
         """After the engine closed: the NATS connection and its thread."""
-        try:
-            self.nats.call(self.stream.close(), 5)
-        except Exception:               # noqa: BLE001 - closing anyway
-            pass
+        if self.stream is not None:
+            try:
+                self.nats.call(self.stream.close(), 5)
+            except Exception:           # noqa: BLE001 - closing anyway
+                pass
         self.nats.stop()
 
     def hello(self) -> dict:

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 
 import nats
 import nats.errors
@@ -32,7 +33,9 @@ HEADER_KIND = "Scanpay-Kind"
 KIND_TERM = "term"                  # a new leader's first append (engine/replication/node.py)
 KIND_CHECKPOINT = "checkpoint"      # the leader's state digest at a command seq
 DUPLICATE_WINDOW_S = 120            # a re-sent append is recognised by its msg id this long
-CONNECT_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 2.0            # one server
+FIRST_CONNECT_TIMEOUT_S = 10.0      # any server, at start (then: reconnect for ever)
+ERROR_LOG_INTERVAL_S = 10.0         # the same connection error is logged this often
 RECONNECT_WAIT_S = 0.25
 API_TIMEOUT_S = 5.0
 READY_TIMEOUT_S = 30.0              # a starting cluster elects its JetStream meta leader
@@ -100,6 +103,52 @@ def parse_servers(text: str) -> list[str]:
     return [s if "://" in s else f"nats://{s}" for s in servers]
 
 
+async def probe(servers: list[str]) -> None:
+    """Fail at once when no server accepts a TCP connection (nats-py, set to
+    reconnect for ever, would retry until the start's timeout)."""
+    from urllib.parse import urlsplit
+    errors = []
+    for server in servers:
+        url = urlsplit(server)
+        try:
+            _reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(url.hostname, url.port or 4222), CONNECT_TIMEOUT_S)
+            writer.close()
+            return
+        except (OSError, asyncio.TimeoutError) as error:
+            errors.append(f"{url.netloc}: {error.strerror if isinstance(error, OSError) else 'timeout'}")
+    raise ConnectionRefusedError(f"no NATS server accepts connections ({'; '.join(errors)})")
+
+
+class ConnectionNotes:
+    """nats-py's connection callbacks as log lines: one per change, not one
+    traceback per reconnect attempt (its default)."""
+
+    def __init__(self):
+        self.nc = None
+        self.last_error = None
+        self.logged_at = 0.0
+        self.closing = False
+
+    async def error(self, error: Exception) -> None:
+        if self.nc is None:                 # not connected yet: the start's one line says it
+            return
+        text = f"{type(error).__name__}: {error}"
+        now = time.monotonic()
+        if text != self.last_error or now - self.logged_at > ERROR_LOG_INTERVAL_S:
+            log.warning("NATS: %s (reconnecting)", text)
+            self.last_error, self.logged_at = text, now
+
+    async def disconnected(self) -> None:
+        if not self.closing:
+            log.warning("NATS: connection lost; reconnecting")
+
+    async def reconnected(self) -> None:
+        url = self.nc.connected_url if self.nc is not None else None
+        log.warning("NATS: reconnected to %s", url.netloc if url else "?")
+        self.last_error = None
+
+
 class Stream:
     """One shard's stream on a NATS connection (made by `connect`)."""
 
@@ -107,20 +156,30 @@ class Stream:
         self.nc = nc
         self.js = nc.jetstream(timeout=API_TIMEOUT_S)
         self.names = names
+        self.notes = ConnectionNotes()
 
     @classmethod
     async def connect(cls, servers: list[str], names: Names) -> "Stream":
-        nc = await nats.connect(servers, connect_timeout=CONNECT_TIMEOUT_S,
-                                reconnect_time_wait=RECONNECT_WAIT_S,
-                                max_reconnect_attempts=-1, allow_reconnect=True,
-                                name="scanpay")
-        return cls(nc, names)
+        """Connected to one of `servers` (reconnecting for ever once it is),
+        or TimeoutError after FIRST_CONNECT_TIMEOUT_S."""
+        await probe(servers)
+        notes = ConnectionNotes()
+        nc = await asyncio.wait_for(nats.connect(
+            servers, connect_timeout=CONNECT_TIMEOUT_S, reconnect_time_wait=RECONNECT_WAIT_S,
+            max_reconnect_attempts=-1, allow_reconnect=True, name="scanpay",
+            error_cb=notes.error, disconnected_cb=notes.disconnected,
+            reconnected_cb=notes.reconnected), FIRST_CONNECT_TIMEOUT_S)
+        notes.nc = nc
+        stream = cls(nc, names)
+        stream.notes = notes
+        return stream
 
     @property
     def max_payload(self) -> int:
         return self.nc.max_payload
 
     async def close(self) -> None:
+        self.notes.closing = True
         if not self.nc.is_closed:
             await self.nc.close()
 

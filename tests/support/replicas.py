@@ -1,6 +1,7 @@
 """Replicated `scanpay serve --replicate` nodes as processes, for the
 replication tests (kill -9, SIGSTOP): started on loopback ports, each with
 its own data directory and log file, stopped by pid."""
+import json
 import os
 import signal
 import socket
@@ -30,8 +31,8 @@ class Node:
         self.log_path = os.path.join(directory, f"{name}.log")
         self.config_path = os.path.join(directory, f"{name}.toml")
         self.process = None
-        lines = [f"lease_ms = {lease_ms}", f'replicate = "{servers}"']
-        lines += [f"{key} = {value!r}".replace("'", '"') for key, value in settings.items()]
+        settings = {"lease_ms": lease_ms, "replicate": servers, **settings}
+        lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
         with open(self.config_path, "w") as f:
             f.write("[server]\n" + "\n".join(lines) + "\n")
 
