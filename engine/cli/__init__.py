@@ -20,6 +20,12 @@ def add_serve(sub) -> None:
     p.add_argument("--test-clock", dest="test_clock", action="store_const", const=True,
                    help="enable the CLOCK op (tests only: lets clients set the engine time)")
     p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
+    p.add_argument("--replicate", metavar="NATS_URLS",
+                   help="replicate the journal to this NATS JetStream cluster, e.g. "
+                        "nats://h1:4222,nats://h2:4222,nats://h3:4222 (docs/replication.md)")
+    p.add_argument("--allow-unreplicated", dest="allow_unreplicated", action="store_const",
+                   const=True, help="with --replicate: accept a stream with fewer replicas "
+                                    "than configured (3)")
     p.add_argument("--capacity", action="append", metavar="TABLE=ROWS", type=capacity_item,
                    help="allocate TABLE for ROWS rows at start (repeatable), e.g. "
                         "payments=20000000; see docs/operations.md")
@@ -36,7 +42,8 @@ def run_serve(args) -> int:
     from engine.server import config as config_module
     from engine.server.server import serve
     overrides = {k: getattr(args, k) for k in ("data", "listen", "unix", "tls_cert", "tls_key",
-                                               "metrics", "test_clock", "log_format")}
+                                               "metrics", "test_clock", "log_format",
+                                               "replicate", "allow_unreplicated")}
     overrides["capacity"] = dict(args.capacity) if args.capacity else None
     try:
         config = config_module.load(args.config, overrides)
@@ -61,6 +68,9 @@ def startup_failure(error: BaseException, config) -> str | None:
     """One line `<what> (<where>): <what to do>` for a start-up failure the
     operator can fix, or None for anything else (which keeps its traceback)."""
     from engine.storage.journal import JournalCorrupt, JournalError
+    replicated = replication_failure(error, config)
+    if replicated is not None:
+        return replicated
     if isinstance(error, JournalCorrupt):
         return f"the journal is damaged ({config.data}): {error}"
     if isinstance(error, JournalError):
@@ -93,6 +103,24 @@ def startup_failure(error: BaseException, config) -> str | None:
     if error.errno == errno.EADDRNOTAVAIL:
         return (f"no such local address ({_listeners(config)}): listen on an address of "
                 f"this machine, e.g. 127.0.0.1 or 0.0.0.0")
+    return None
+
+
+def replication_failure(error: BaseException, config) -> str | None:
+    """One line for a replicated start that cannot go on, or None."""
+    if not config.replicate:
+        return None
+    from engine.replication.log import StreamCorrupt
+    from engine.replication.stream import StreamSettingsError
+    if isinstance(error, StreamSettingsError):
+        return f"the replicated stream cannot be used ({config.replicate}): {error}"
+    if isinstance(error, StreamCorrupt):
+        return f"the replicated stream is damaged ({config.replicate}): {error}"
+    if isinstance(error, (TimeoutError, ConnectionRefusedError)) or type(
+            error).__module__.startswith("nats"):
+        why = str(error) or "no connection within the time allowed"
+        return (f"the NATS servers do not answer ({config.replicate}): {why}; start them "
+                f"(scanpay cluster up, or your NATS deployment) or fix --replicate")
     return None
 
 

@@ -179,6 +179,10 @@ class Engine:
         # has returned, before the future completes: the server's writer
         # hands the replies it covers to its sender thread (ext/outlet.pyx).
         self.on_durable = None
+        # Called with (state, seq) right after each journaled command is
+        # applied, live (not on replay): a replicated node's checkpoints
+        # (engine/replication/checkpoint.py).
+        self.on_applied = None
 
     # -- time -------------------------------------------------------------
 
@@ -222,9 +226,12 @@ class Engine:
         self._wait_sync_idle()
         journal = self.storage.journal
         assert journal.last_seq == journal.durable_seq, "rebuild with entries pending"
-        log.warning("storage failed: dropping the %d applied commands after journal entry %d "
-                    "(answered unavailable) and rebuilding the state from the journal",
-                    self._applied_seq - journal.durable_seq, journal.durable_seq)
+        why = ("the replicated stream refused them (answered not_leader)"
+               if getattr(journal, "replicated", False) else
+               "storage failed (answered unavailable)")
+        log.warning("dropping the %d applied commands after journal entry %d: %s; rebuilding "
+                    "the state from the journal", self._applied_seq - journal.durable_seq,
+                    journal.durable_seq, why)
         self.storage.prepare_reload()
         self._tail_counted.clear()          # the tails are longer than at start
         self._load_state()
@@ -383,6 +390,8 @@ class Engine:
         durable = self._begin(command)
         try:
             result = self._execute(command)
+            if self.on_applied is not None:
+                self.on_applied(self.state, self._applied_seq)
         finally:
             if durable is not None:
                 durable.result()        # raises Unavailable: not acknowledged
@@ -397,6 +406,8 @@ class Engine:
         command = self._command(op, body, draws)
         durable = self._begin(command, requesters)
         result = self._execute(command)
+        if self.on_applied is not None:
+            self.on_applied(self.state, self._applied_seq)
         if self.storage is not None:
             self.storage.after_write(self)
         return result, durable
@@ -412,10 +423,34 @@ class Engine:
     def expire_due(self):
         """Void the holds that have expired, as a journaled EXPIRE command,
         as before any other command: its durability future (None when none
-        was due, or in memory). Reads call it before they look at the state."""
+        was due, or in memory). Reads call it before they look at the state.
+        A replicated follower writes nothing: it reads the state as of the
+        leader's stream, whose own commands void the holds."""
+        if self.follows():
+            return None
         if self.state.ledger.expiry_due(self._now()):
             return self.write_command(OP_EXPIRE, b"")[1]
         return None
+
+    def follows(self) -> bool:
+        """A replicated node that does not lead now (docs/replication.md)."""
+        return (self.storage is not None and getattr(self.storage.journal, "replicated", False)
+                and self.storage.journal.failed)
+
+    def apply_replicated(self, commands) -> None:
+        """A replicated follower: apply the leader's commands, (seq, Command)
+        in order, which its log has already taken as durable (they are in the
+        stream). The state must be current (`_ensure_current` first)."""
+        assert not self._stale
+        for seq, command in commands:
+            if seq != self._applied_seq + 1:
+                raise JournalError(f"replicated command {seq} does not follow the applied "
+                                   f"command {self._applied_seq}")
+            self._execute(command)
+            self._applied_seq = seq
+            if self.on_applied is not None:
+                self.on_applied(self.state, seq)
+        self.storage.after_write(self)
 
     def sync_pending(self):
         """A future that completes when everything applied so far is durable."""

@@ -112,6 +112,10 @@ class Audits:
         """In the writer, between batches: fork a child for every waiting AUDIT."""
         works, self.waiting = self.waiting, []
         engine = self.writer.engine
+        if self.writer.position is not None:    # replicated: the stream seq it reflects
+            from engine.server.writer import with_position
+            for work in works:
+                work.deliver = with_position(work.deliver, self.writer.position())
         try:
             engine._ensure_current()        # a state holding dropped commands is rebuilt first
             durable = engine.expire_due()   # as any read does first

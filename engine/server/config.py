@@ -57,6 +57,17 @@ class Config:
     direct_replies: bool = True          # PAY replies sent by the sender thread after the fsync
     journal_prealloc: bool = True        # journal segments zero-filled ahead (cheaper fsyncs)
     io_threads_nice: Range(-20, 0) = -10  # sync and sender threads ahead of the rest (threads.py)
+    # Replication (docs/replication.md): the NATS servers whose JetStream
+    # stream is the journal ("" = the local journal, as without it), the
+    # replicas the stream must have (fewer: refused at start unless
+    # allow_unreplicated), and the leader's lease.
+    replicate: str = ""
+    replicas: Range(1, 5) = 3
+    allow_unreplicated: bool = False
+    lease_ms: Range(500, 600_000) = 3000
+    # Every this many commands, the leader appends its state digest and
+    # each follower compares its own (engine/replication/checkpoint.py); 0: never.
+    checkpoint_every_entries: Range(0) = 100_000
     keys: list = field(default_factory=list)
     # Table sizes to allocate up front (Engine capacity hints: rows per
     # table, e.g. payments, visits, users, coupons): growing a big table
@@ -179,6 +190,8 @@ def check(config: Config, path: str | None = None) -> None:
                 f"configure [[keys]] in the config file, or listen on 127.0.0.1")
     if config.iso8583:
         check_iso8583(config)
+    if config.replicate:
+        check_replicate(config)
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("TLS needs both tls_cert and tls_key")
     from engine.core.engine import CAPACITY_TABLES
@@ -199,3 +212,18 @@ def check_iso8583(config: Config) -> None:
         config_from(dict(config.iso8583), {"engine": "127.0.0.1:0"})
     except IsoConfigError as e:
         raise ConfigError(f"[iso8583] {e}") from None
+
+
+def check_replicate(config: Config) -> None:
+    """The NATS servers as URLs, and the client library installed."""
+    try:
+        from engine.replication.stream import parse_servers
+    except ImportError:
+        raise ConfigError("replicate needs the NATS client: pip install 'scanpay[replicate]'"
+                          ) from None
+    try:
+        parse_servers(config.replicate)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not config.data:
+        raise ConfigError("replicate needs a data directory (data) for its snapshots")

@@ -45,15 +45,22 @@ class Server:
     def __init__(self, config: Config, engine: Engine | None = None):
         self.config = config
         self.clock = SettableClock(config.test_clock)
-        self.engine = engine or Engine(config.data, clock=self.clock,
-                                       snapshot_every_entries=config.snapshot_every_entries,
-                                       snapshot_every_mb=config.snapshot_every_mb,
-                                       snapshot_mb_per_s=config.snapshot_mb_per_s or None,
-                                       commit_interval_us=config.commit_interval_us,
-                                       commit_siblings=config.commit_siblings,
-                                       journal_prealloc=config.journal_prealloc,
-                                       io_threads_nice=config.io_threads_nice,
-                                       capacity=config.capacity)
+        # Replicated (docs/replication.md): the journal is the NATS stream.
+        self.node = None
+        options = {}
+        if config.replicate:
+            if engine is not None:
+                raise ValueError("a replicated server makes its own engine")
+            from engine.replication.node import ReplicaNode
+            self.node = ReplicaNode(config)
+            options["journal"] = self.node.log
+        try:
+            self.engine = engine or self.make_engine(config, options)
+        except BaseException:
+            if self.node is not None:
+                self.node.log.close()
+                self.node.close()
+            raise
         if engine is not None:
             engine.clock = self.clock if config.test_clock else engine.clock
         self.auth = Authenticator(config.keys)
@@ -61,6 +68,8 @@ class Server:
         self.writer = Writer(self.engine, self.metrics, config.batch_records_max,
                              config.queue_records_max, config.frame_bytes_max,
                              config.direct_replies)
+        if self.node is not None:
+            self.writer.position = self.node.position
         self.connections = set()
         self.unauthenticated = {}           # with keys, no HELLO yet: oldest first
         self.reserved = set()               # in the admin reserve (admit_unauthenticated)
@@ -69,12 +78,24 @@ class Server:
         self.stopped = asyncio.Event()
         self.iso8583 = None      # the [iso8583] adapter, when configured
 
+    def make_engine(self, config: Config, options: dict) -> Engine:
+        return Engine(config.data, clock=self.clock,
+                      snapshot_every_entries=config.snapshot_every_entries,
+                      snapshot_every_mb=config.snapshot_every_mb,
+                      snapshot_mb_per_s=config.snapshot_mb_per_s or None,
+                      commit_interval_us=config.commit_interval_us,
+                      commit_siblings=config.commit_siblings,
+                      journal_prealloc=config.journal_prealloc,
+                      io_threads_nice=config.io_threads_nice,
+                      capacity=config.capacity, **options)
+
     def hello_reply(self) -> dict:
         return {"protocol": 1, "server": SERVER_NAME, "max_frame": self.config.frame_bytes_max,
                 "max_batch": self.config.batch_records_max,
                 "durability": "fsync" if self.engine.storage else "none",
                 "currency": self.engine.currency, "tz_offset_ms": self.engine.state.tz_offset_ms,
-                "hold_ms": self.engine.hold_ms, "test_clock": self.config.test_clock}
+                "hold_ms": self.engine.hold_ms, "test_clock": self.config.test_clock,
+                **(self.node.hello() if self.node is not None else {})}
 
     def scope_array(self, identity) -> np.ndarray:
         key = identity.key_id
@@ -159,6 +180,8 @@ class Server:
         if self.config.metrics:
             host, _, port = self.config.metrics.rpartition(":")
             self.metrics.serve(host, int(port))
+        if self.node is not None:
+            self.node.start(self.engine, self.config.listen or self.config.unix)
         log.info("serving", extra={"fields": {
             "listen": self.config.listen, "unix": self.config.unix, "tls": tls is not None,
             "data": self.config.data, "test_clock": self.config.test_clock,
@@ -205,10 +228,14 @@ class Server:
         if self.iso8583 is not None:
             await self.iso8583.stop()
         await self.writer.stop()
+        if self.node is not None:
+            await self.node.stop()          # gives the lease up: a follower takes over now
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()
         self.engine.close()
+        if self.node is not None:
+            self.node.close()
         log.info("stopped")
 
     async def run_until_signal(self) -> None:

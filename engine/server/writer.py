@@ -85,6 +85,16 @@ def group_op(group: list) -> str:
     return OP_LABELS[first.op] if first.op in RESULT_DTYPES else first.spec.name
 
 
+def with_position(deliver, stream_seq: int):
+    """`deliver`, adding to a read's reply map the stream seq it reflects
+    (docs/replication.md); errors go through unchanged."""
+    def deliver_at(value) -> None:
+        if isinstance(value, dict):
+            value = {**value, "stream_seq": stream_seq}
+        deliver(value)
+    return deliver_at
+
+
 class SlowLog:
     """The writer's slow-batch and slow-fsync warnings, one line per stall.
 
@@ -205,6 +215,9 @@ class Writer:
         self.reply_builder = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="scanpay-replies")
         self.replies_building = set()           # asyncio futures of builds under way
+        # Replicated (engine/replication/node.py): the stream seq the state
+        # reflects, which every read's reply states (None: not replicated).
+        self.position = None
 
     # -- intake -----------------------------------------------------------
 
@@ -337,7 +350,10 @@ class Writer:
                 self.audits.request(group[0])
             else:
                 reply, durable = self.engine.read_command(group[0].spec, group[0].request)
-                self.schedule(durable, [(self.built_off_writer(group[0].deliver), reply)])
+                deliver = group[0].deliver
+                if self.position is not None:       # replicated: the stream seq it reflects
+                    deliver = with_position(deliver, self.position())
+                self.schedule(durable, [(self.built_off_writer(deliver), reply)])
         except EngineError as error:        # unavailable storage, a refused body
             self.schedule(None, [(w.deliver, error) for w in group])
 

@@ -19,7 +19,7 @@ import time
 from engine.storage import snapshot as snapshots
 from engine._kernel import Ledger
 from engine.core.command import decode
-from engine.protocol.errors import Unavailable
+from engine.protocol.errors import EngineError, Unavailable
 from engine.storage.journal import Journal, JournalError, JournalUnavailable
 from engine.core.tombstones import ScopedTombstones
 from engine.core.state import State
@@ -67,7 +67,7 @@ class Storage:
                  retain_snapshots: int = RETAIN_SNAPSHOTS_DEFAULT, fs=None,
                  segment_bytes_max: int | None = None,
                  snapshot_mb_per_s: int | None = SNAPSHOT_MB_PER_S_DEFAULT,
-                 journal_prealloc: bool = False):
+                 journal_prealloc: bool = False, journal=None):
         assert snapshot_every_entries >= 1 and snapshot_every_mb >= 1 and retain_snapshots >= 1
         assert snapshot_mb_per_s is None or snapshot_mb_per_s > 0
         self.path = str(path)
@@ -79,7 +79,9 @@ class Storage:
         options = {"fs": fs, "prealloc": journal_prealloc}
         if segment_bytes_max:
             options["segment_bytes_max"] = segment_bytes_max
-        self.journal = Journal.open(self.path, **options)
+        # `journal`: one opened elsewhere with the same interface, the
+        # replicated stream (engine/replication/log.py) in place of segments.
+        self.journal = journal if journal is not None else Journal.open(self.path, **options)
         self.snapshot_seq = 0
         self.snapshot_child = None          # (pid, seq, started) of a running snapshot
         self.last_snapshot = None           # info of the last finished snapshot
@@ -155,6 +157,9 @@ class Storage:
         self.reap_snapshot(block=False)
         self.snapshot_seq = 0
         self.bytes_since_snapshot = 0
+        reload = getattr(self.journal, "prepare_reload", None)
+        if reload is not None:              # the replicated stream: read as it is now
+            reload()
 
     # -- writes -----------------------------------------------------------
 
@@ -163,6 +168,9 @@ class Storage:
         engine has rebuilt its state to the journal's durable prefix before:
         the entries dropped by the failure are gone from both.)"""
         if not self.journal.failed:
+            return
+        if getattr(self.journal, "replicated", False):
+            self.journal.recover()          # NotLeader unless this node leads
             return
         if time.monotonic() >= self.recover_after:
             self.recover_after = time.monotonic() + RECOVER_INTERVAL_MS / 1000
@@ -208,6 +216,9 @@ class Storage:
         # A storage failure drops only entries that are not durable: the
         # state forked here never holds one.
         assert seq == self.journal.durable_seq, "snapshot of entries not durable"
+        # Where the snapshot stands in a replicated stream, if it is one.
+        position = getattr(self.journal, "snapshot_meta", None)
+        extra = position(seq) if position is not None else {}
         started = time.perf_counter()
         pid = os.fork()
         if pid == 0:                        # child: write and leave, touching nothing else
@@ -226,6 +237,7 @@ class Storage:
                 # they leave of the cores and, paced, of the disk.
                 os.nice(SNAPSHOT_NICE)
                 arrays, meta = state_to_snapshot(state)
+                meta.update(extra)
                 snapshots.write_snapshot(self.path, seq, arrays, meta,
                                          self.snapshot_mb_per_s << 20
                                          if self.snapshot_mb_per_s else None)
@@ -273,6 +285,6 @@ class Storage:
         self.reap_snapshot(block=True)
         try:
             self.journal.sync()
-        except JournalUnavailable:
+        except (JournalUnavailable, EngineError):     # (EngineError: a replicated log refused)
             log.error("journal close: the last entries could not be made durable")
         self.journal.close()

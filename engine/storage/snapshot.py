@@ -265,6 +265,26 @@ def load_snapshot(path: str, rows_for: RowsFor | None = None
     return seq, arrays, meta
 
 
+def load_meta(path: str) -> dict:
+    """Only the meta dict of one snapshot (its header and index, verified;
+    not its arrays): what a replicated log needs to know where the snapshot
+    stands in the stream (engine/replication/log.py)."""
+    match = SNAPSHOT_NAME.match(os.path.basename(path))
+    if match is None:
+        raise SnapshotCorrupt(path, "file name is not snapshot-<seq>.snap")
+    with open(path, "rb", buffering=0) as file:
+        header = _read_exact(file, path, SNAPSHOT_HEADER_BYTES)
+        _seq, index_bytes, _data_bytes, index_crc, _data_crc = _decode_header(
+            path, header, int(match.group(1)), os.fstat(file.fileno()).st_size)
+        index = _read_exact(file, path, index_bytes)
+    if crc32c.crc32c(index) != index_crc:
+        raise SnapshotCorrupt(path, "index checksum mismatch")
+    try:
+        return json.loads(bytes(index).rstrip(b"\0"))["meta"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise SnapshotCorrupt(path, f"index is not valid: {error}") from None
+
+
 def _decode_header(path: str, header: bytearray, name_seq: int,
                    file_bytes: int) -> tuple[int, int, int, int, int]:
     (magic, version, header_bytes, seq, index_bytes, data_bytes, expected_bytes,

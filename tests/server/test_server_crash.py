@@ -30,13 +30,13 @@ from engine import Engine
 from engine.protocol import frame
 from engine.client import Client
 from engine.protocol.ops import OP_PAY
-from engine.protocol.records import PAY_RECORD, PAY_RESULT
+from engine.protocol.records import PAY_RESULT
 from engine.protocol.status import Status
 
 from support import ROOT  # noqa: E402
+from support.servers import pay_frame
 GATEWAYS = 8
 WINDOW_FRAMES = 16                  # PAY frames each gateway keeps in flight
-RECORDS_PER_FRAME = 4
 USERS = 8
 START_TIMEOUT_S = 15
 
@@ -69,17 +69,6 @@ def build_world(port: int) -> None:
         c.call("WALLETS", {"users": list(range(1, USERS + 1))})
         c.call("TOPUP", {"topups": [{"id": u, "user": u, "amount": 10**12}
                                     for u in range(1, USERS + 1)]})
-
-
-def pay_frame(gateway: int, seq: int) -> bytes:
-    records = np.zeros(RECORDS_PER_FRAME, PAY_RECORD)
-    records["id"] = [(gateway << 40) | (seq * RECORDS_PER_FRAME + k)
-                     for k in range(RECORDS_PER_FRAME)]
-    records["payer"] = 1 + (seq + gateway) % USERS
-    records["merchant"] = 1
-    records["amount"] = 100 + seq % 50
-    body = records.tobytes()
-    return frame.encode(OP_PAY, seq, body)
 
 
 async def gateway(port: int, index: int, acked: list) -> None:

@@ -9,6 +9,8 @@ import numpy as np
 
 from engine import Engine
 from engine.cli import admin
+from engine.protocol import frame
+from engine.protocol.ops import OP_PAY
 from engine.protocol.records import PAY_RECORD
 from engine.server.config import Config
 from engine.server.server import Server
@@ -86,6 +88,18 @@ def pay_batch(n, start_id=1):
     records["payer"], records["merchant"] = 42, 7
     records["amount"] = np.arange(n) + 100
     return records
+
+
+def pay_frame(gateway: int, seq: int, records_per_frame: int = 4, users: int = 8) -> bytes:
+    """PAY frame `seq` of pipelining gateway `gateway` (the crash and failover
+    tests): ids unique across gateways and frames, payers 1..users at merchant 1."""
+    records = np.zeros(records_per_frame, PAY_RECORD)
+    records["id"] = [(gateway << 40) | (seq * records_per_frame + k)
+                     for k in range(records_per_frame)]
+    records["payer"] = 1 + (seq + gateway) % users
+    records["merchant"] = 1
+    records["amount"] = 100 + seq % 50
+    return frame.encode(OP_PAY, seq, records.tobytes())
 
 
 def admin_main(argv):

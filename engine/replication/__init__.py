@@ -1,0 +1,1 @@
+"""Replication on NATS JetStream (docs/replication.md)."""

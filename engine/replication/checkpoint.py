@@ -1,0 +1,144 @@
+"""Checkpoints: divergence is detected, not assumed away.
+
+At every command seq that is a multiple of `every`, the leader and each
+follower compute the SHA-256 of their whole state (Engine.digest's
+canonical form) right after applying that command. The digest is computed
+in a forked child from a copy-on-write image, so the writer pauses only for
+the fork. The leader appends its digest to the stream as a checkpoint
+record once the command is in the stream; a follower that reads the record
+compares it with its own and stops loudly if they differ.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import threading
+
+from engine.core import canonical, export
+
+log = logging.getLogger("scanpay.replication")
+
+DIGESTS_KEPT = 16                   # our recent digests, for records that come later
+CHILDREN_MAX = 4                    # digest children at once; beyond, a checkpoint is skipped
+DIGEST_NICE = 10                    # the child yields the cores to the engine
+DIGEST_HEX_BYTES = 64
+
+
+class DigestMismatch(Exception):
+    pass
+
+
+class Checkpoints:
+    """The digests of one node (thread-safe: the writer forks, the sync
+    thread or the event loop collects)."""
+
+    def __init__(self, every: int):
+        assert every >= 0
+        self.every = every
+        self.lock = threading.Lock()
+        self.children = {}          # seq -> (pid, read fd)
+        self.digests = {}           # seq -> our digest (hex)
+        self.claims = {}            # seq -> the leader's digest, ours not ready yet
+        self.appended = 0           # the last seq whose record the leader appended
+        self.last = None            # {"seq", "digest"}: the last appended or verified
+        self.skipped = 0
+
+    def applied(self, state, seq: int) -> None:
+        """The writer applied command `seq`: fork a digest child if it is a checkpoint."""
+        if not self.every or seq % self.every:
+            return
+        with self.lock:
+            if len(self.children) >= CHILDREN_MAX:
+                self.skipped += 1
+                log.warning("checkpoint %d skipped: %d digests are still being computed",
+                            seq, len(self.children))
+                return
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                digest_child(state, write_fd)       # never returns
+            os.close(write_fd)
+            self.children[seq] = (pid, read_fd)
+
+    def collect(self) -> None:
+        """Read the digests of the children that are done."""
+        with self.lock:
+            for seq, (pid, fd) in list(self.children.items()):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done == 0:
+                    continue
+                with os.fdopen(fd, "rb") as pipe:
+                    digest = pipe.read().decode()
+                del self.children[seq]
+                if os.waitstatus_to_exitcode(status) != 0 or len(digest) != DIGEST_HEX_BYTES:
+                    log.error("checkpoint %d: the digest child failed (exit %s)", seq,
+                              os.waitstatus_to_exitcode(status))
+                    continue
+                self.digests[seq] = digest
+                for old in sorted(self.digests)[:-DIGESTS_KEPT]:
+                    del self.digests[old]
+
+    def ready(self, durable_seq: int) -> list:
+        """The leader: (seq, digest) to append now (their command is in the stream)."""
+        self.collect()
+        with self.lock:
+            return [(seq, self.digests[seq]) for seq in sorted(self.digests)
+                    if self.appended < seq <= durable_seq]
+
+    def appended_record(self, seq: int, digest: str) -> None:
+        self.appended = seq
+        self.last = {"seq": seq, "digest": digest}
+
+    def claim(self, seq: int, digest: str) -> None:
+        """A follower read the leader's record: compared now or once ours is done."""
+        with self.lock:
+            self.claims[seq] = digest
+        self.verify()
+
+    def verify(self) -> None:
+        """Compare every claim whose digest we have; DigestMismatch if one differs."""
+        self.collect()
+        with self.lock:
+            for seq, theirs in sorted(self.claims.items()):
+                ours = self.digests.get(seq)
+                if ours is None:
+                    if seq not in self.children:
+                        del self.claims[seq]    # not computed here (replayed, or skipped)
+                    continue
+                del self.claims[seq]
+                if ours != theirs:
+                    raise DigestMismatch(f"checkpoint at command {seq}: the leader's state "
+                                         f"digest is {theirs}, this node's is {ours}")
+                self.last = {"seq": seq, "digest": ours}
+
+    def forget_after(self, seq: int) -> None:
+        """After a rebuild: digests of commands that were dropped are void
+        (and so are the children computing them)."""
+        self.collect()
+        with self.lock:
+            for old in [s for s in self.children if s > seq]:
+                pid, fd = self.children.pop(old)
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                os.close(fd)
+            for old in [s for s in self.digests if s > seq]:
+                del self.digests[old]
+            self.appended = min(self.appended, seq)
+
+
+def digest_child(state, write_fd: int) -> None:
+    """In the forked child: the digest to the pipe, then leave, touching
+    nothing the server's threads may hold (as the snapshot child)."""
+    code = 1
+    try:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        os.closerange(3, write_fd)
+        os.closerange(write_fd + 1, limit)
+        os.nice(DIGEST_NICE)
+        digest = canonical.digest(export.canonical(state))
+        os.write(write_fd, digest.encode())
+        code = 0
+    finally:
+        os._exit(code)

@@ -1,0 +1,333 @@
+"""One replicated node of `scanpay serve --replicate` (docs/replication.md):
+its role, the lease, following the stream, and taking over.
+
+Threads and loops:
+- the NATS loop (engine/replication/loop_thread.py) runs the lease: renew
+  it while leading, watch it while following, take it when it is free;
+- the server's event loop owns the engine's state: it applies the stream as
+  a follower (`follow_loop`) and, once this node holds the lease, catches up
+  to the stream's end, appends the new term's first record and only then
+  takes writes (`take_over`);
+- the engine's sync thread appends the leader's batches (engine/replication/log.py);
+  a refused append calls `deposed`.
+
+Roles: `follower` (reads, applies the stream; writes get not_leader naming
+the leader), `candidate` (holds the lease, catching up), `leader`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+
+import nats.errors
+import nats.js.errors
+
+from engine.protocol.errors import EngineError
+from engine.replication.checkpoint import Checkpoints, DigestMismatch
+from engine.replication.lease import Lease, LeaseLost
+from engine.replication.log import StreamLog, StreamUnavailable
+from engine.replication.loop_thread import LoopThread
+from engine.replication.stream import (KIND_CHECKPOINT, KIND_TERM, Names, Refused, Stream,
+                                       parse_servers)
+from engine.storage.journal import JournalError
+
+log = logging.getLogger("scanpay.replication")
+
+FOLLOWER, CANDIDATE, LEADER = "follower", "candidate", "leader"
+CONNECT_TIMEOUT_S = 40.0            # connect, and find or create the stream and the bucket
+RENEWALS_PER_LEASE = 3              # the leader renews this often per lease length
+WATCHES_PER_LEASE = 6               # a follower looks at the lease this often
+FOLLOW_POLL_S = 0.2                 # a follower reads the stream at least this often
+IDLE_POLL_S = 0.01                  # while not following (leading, pending appends)
+ERROR_WAIT_S = 0.25                 # after NATS did not answer a follower's read
+TAKEOVER_TRIES_MAX = 20             # catch up + term record, before giving the lease up
+CATCH_UP_EMPTY_READS_MAX = 400      # reads that found nothing while the stream reports more
+EXIT_STREAM_BROKEN = 3              # `scanpay serve` exit code: stopped rather than apply a bad stream
+NATS_ERRORS = (TimeoutError, asyncio.TimeoutError, nats.errors.Error, nats.js.errors.Error,
+               OSError)
+
+
+def fatal(why: str) -> None:
+    """Stop the process now, after one critical line: a node that cannot
+    trust the stream (or learn an append's outcome) must neither reply nor
+    serve reads. Its clients see lost connections: no reply, retry."""
+    log.critical("%s; this node stops (exit %d)", why, EXIT_STREAM_BROKEN)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_STREAM_BROKEN)
+
+
+class ReplicaNode:
+    """Made before the engine (it connects, and checks the stream and the
+    lease bucket: blocking); `start` once the server listens."""
+
+    def __init__(self, config, names: Names = Names()):
+        self.config = config
+        self.names = names
+        self.lease_s = config.lease_ms / 1000
+        self.nats = LoopThread()
+        self.stream = None
+        try:
+            self.stream = self.nats.call(Stream.connect(parse_servers(config.replicate), names),
+                                         CONNECT_TIMEOUT_S)
+            self.nats.call(self.stream.ensure(config.replicas, config.allow_unreplicated),
+                           CONNECT_TIMEOUT_S)
+            self.lease = Lease(self.stream, self.lease_s)
+            self.nats.call(self.lease.open(config.replicas, config.allow_unreplicated),
+                           CONNECT_TIMEOUT_S)
+            self.log = StreamLog(config.data, self.nats, self.stream)
+        except BaseException:
+            self.close()
+            raise
+        self.log.on_deposed = self.deposed
+        self.log.on_fatal = fatal
+        self.log.on_appended = self.appended
+        self.checkpoints = Checkpoints(config.checkpoint_every_entries)
+        self.seen_generation = 0
+        self.role = FOLLOWER
+        self.address = ""
+        self.engine = None
+        self.loop = None                # the server's event loop
+        self.wake = None
+        self.stopping = False
+        self.revision = None            # the lease's revision while this node holds it (NATS loop)
+        self.renewed_at = 0.0
+        self.tasks = []
+        self.lease_future = None
+        self.takeovers = 0
+
+    # -- lifecycle (server loop) ---------------------------------------------
+
+    def start(self, engine, address: str) -> None:
+        self.engine = engine
+        self.engine.on_applied = self.checkpoints.applied
+        self.seen_generation = engine.generation
+        self.address = address
+        self.loop = asyncio.get_running_loop()
+        self.wake = asyncio.Event()
+        self.nats.call(self.stream.nc.subscribe(self.names.tip, cb=self._tip), CONNECT_TIMEOUT_S)
+        self.tasks.append(self.loop.create_task(self.follow_loop()))
+        self.lease_future = self.nats.submit(self.lease_loop())
+        log.info("replicated node at %s: following stream %s from message %d (command %d)",
+                 address, self.names.stream, self.log.stream_seq, self.log.durable_seq)
+
+    async def _tip(self, _msg) -> None:
+        """NATS loop: the leader appended (a hint): wake the follower."""
+        if self.loop is not None and not self.stopping:
+            self.loop.call_soon_threadsafe(self.wake.set)
+
+    async def stop(self) -> None:
+        """After the writer stopped: give the lease up, stop following."""
+        self.stopping = True
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):     # noqa: BLE001 - stopping
+                pass
+        if self.lease_future is not None:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(self.lease_future), 5)
+            except (asyncio.TimeoutError, Exception):       # noqa: BLE001 - stopping
+                pass
+
+    def close(self) -> None:
+        """After the engine closed: the NATS connection and its thread."""
+        if self.stream is not None:
+            try:
+                self.nats.call(self.stream.close(), 5)
+            except Exception:           # noqa: BLE001 - closing anyway
+                pass
+        self.nats.stop()
+
+    def hello(self) -> dict:
+        return {"durability": "replicated", "role": self.role, "leader": self.log.leader,
+                "stream_seq": self.log.stream_seq, "checkpoint": self.checkpoints.last}
+
+    def position(self) -> int:
+        """The stream seq the state reflects (replies to reads say it)."""
+        return self.log.stream_seq
+
+    # -- the lease (NATS loop) -------------------------------------------------
+
+    def me(self) -> dict:
+        return {"address": self.address, "pid": os.getpid()}
+
+    async def lease_loop(self) -> None:
+        while not self.stopping:
+            try:
+                if self.revision is not None:
+                    await self.renew()
+                else:
+                    await self.watch()
+            except NATS_ERRORS as error:
+                log.debug("lease: NATS did not answer (%s)", error)
+            per_lease = RENEWALS_PER_LEASE if self.revision is not None else WATCHES_PER_LEASE
+            await asyncio.sleep(self.lease_s / per_lease)
+        if self.revision is not None:
+            try:
+                await self.lease.release(self.revision)
+                log.info("lease released")
+            except NATS_ERRORS:
+                pass
+
+    async def renew(self) -> None:
+        if time.monotonic() - self.renewed_at > self.lease_s:
+            return self.lost(f"not renewed for {self.lease_s:g} s")
+        try:
+            self.revision = await self.lease.renew(self.me(), self.revision)
+            self.renewed_at = time.monotonic()
+        except LeaseLost as error:
+            self.lost(str(error))
+
+    def lost(self, why: str) -> None:
+        if self.revision is None:
+            return
+        self.revision = None
+        self.log.step_down()
+        if self.role != FOLLOWER:
+            log.warning("lease lost (%s): this node follows now", why)
+        self.role = FOLLOWER
+
+    async def watch(self) -> None:
+        holder = await self.lease.holder()
+        if holder is not None:
+            self.log.leader = holder.get("address", "")
+            return
+        self.log.leader = ""
+        if self.role != FOLLOWER or not self.log.idle or self.stopping:
+            return
+        revision = await self.lease.acquire(self.me())
+        if revision is None:
+            return
+        self.revision = revision
+        self.renewed_at = time.monotonic()
+        self.role = CANDIDATE
+        self.loop.call_soon_threadsafe(self._start_takeover)
+
+    def appended(self, _stream_seq: int, durable_seq: int) -> None:
+        """Sync thread, after each message the stream acknowledged: the
+        checkpoint records whose command is in the stream now."""
+        token = self.log.token
+        for seq, digest in self.checkpoints.ready(durable_seq):
+            if token is None:
+                return
+            try:
+                self.log.append_record(KIND_CHECKPOINT, {"seq": seq, "digest": digest}, token)
+            except Refused as refusal:
+                self.log.refuse(f"the stream refused checkpoint record {seq} ({refusal})")
+                return
+            self.checkpoints.appended_record(seq, digest)
+
+    def deposed(self) -> None:
+        """Sync thread: the stream refused this node's append."""
+        self.nats.loop.call_soon_threadsafe(self.lost, "the stream refused an append")
+
+    # -- following and taking over (server loop) --------------------------------
+
+    def _start_takeover(self) -> None:
+        if not self.stopping:
+            self.tasks.append(self.loop.create_task(self.take_over()))
+
+    async def follow_loop(self) -> None:
+        while not self.stopping:
+            if self.role != FOLLOWER or not self.log.idle:
+                await asyncio.sleep(IDLE_POLL_S)
+                continue
+            try:
+                got = await self.follow_step()
+                self.checkpoints.verify()
+            except (StreamUnavailable, EngineError, *NATS_ERRORS) as error:
+                log.debug("following: %s", error)
+                await asyncio.sleep(ERROR_WAIT_S)
+                continue
+            except (JournalError, DigestMismatch) as error:
+                fatal(f"the replicated stream cannot be applied: {error}")
+            except Exception as error:      # a bug: stop loudly rather than fall behind silently
+                log.exception("following the stream failed")
+                fatal(f"following the stream failed unexpectedly: {error!r}")
+            if not got:
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), FOLLOW_POLL_S)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def follow_step(self) -> bool:
+        """Read and apply what follows the state in the stream; False if nothing."""
+        self.engine._ensure_current()       # a refused leader rebuilds first
+        self.log.settle()
+        if self.engine.generation != self.seen_generation:
+            self.seen_generation = self.engine.generation
+            self.checkpoints.forget_after(self.log.durable_seq)     # digests of dropped commands
+        after = self.log.stream_seq
+        messages = await self.nats.run(self.stream.fetch(after))
+        if not messages:
+            return False
+        if after != self.log.stream_seq or not self.log.idle:
+            return True                     # the state moved meanwhile: read again
+        decoded = self.log.decode(messages, after, self.log.durable_seq + 1,
+                                  commands_as="command")
+        if not self.log.advance(decoded):
+            return True                     # the log moved meanwhile: read again
+        self.engine.apply_replicated(decoded.commands)
+        for _stream_seq, kind, body in decoded.records:
+            if kind == KIND_CHECKPOINT:
+                self.checkpoints.claim(int(body.get("seq", -1)), str(body.get("digest", "")))
+        return True
+
+    async def take_over(self) -> None:
+        """This node holds the lease: catch up to the stream's end, append the
+        term record (after which no older leader's append can land), lead."""
+        started = time.monotonic()
+        try:
+            for _ in range(TAKEOVER_TRIES_MAX):
+                if self.revision is None or self.stopping:
+                    return
+                if await self.try_take_over():
+                    self.takeovers += 1
+                    log.warning("leading from stream message %d (command %d), %.0f ms after "
+                                "taking the lease", self.log.stream_seq, self.log.durable_seq,
+                                (time.monotonic() - started) * 1000)
+                    return
+            log.error("could not take over in %d tries; giving the lease up", TAKEOVER_TRIES_MAX)
+        except (StreamUnavailable, EngineError, *NATS_ERRORS) as error:
+            log.error("taking over failed (%s); giving the lease up", error)
+        except (JournalError, DigestMismatch) as error:
+            fatal(f"the replicated stream cannot be applied: {error}")
+        except Exception:                   # a bug: give the lease to another node
+            log.exception("taking over failed; giving the lease up")
+        self.nats.loop.call_soon_threadsafe(self.lost, "the takeover failed")
+
+    async def try_take_over(self) -> bool:
+        if not self.log.idle:
+            return False                    # its own appends are still being resolved
+        self.engine._ensure_current()
+        self.log.settle()
+        end = await self.nats.run(self.stream.last_seq())
+        for _ in range(CATCH_UP_EMPTY_READS_MAX):
+            if self.log.stream_seq >= end:
+                break
+            if not await self.follow_step():
+                await asyncio.sleep(0.005)  # the replica that answered lags its leader
+        else:
+            return False
+        token = self.log.new_token()
+        body = {"address": self.address, "token": token, "seq": self.log.durable_seq,
+                "now": self.engine._now()}
+        try:
+            self.log.append_record(KIND_TERM, body, token)
+        except Refused:
+            return False                    # the stream moved on: catch up again
+        if self.revision is None:
+            return False
+        self.log.lead(token)
+        self.checkpoints.appended = self.log.durable_seq    # the last leader's, or none
+        self.log.leader = self.address
+        self.role = LEADER
+        return True

@@ -1,0 +1,140 @@
+"""Replicated servers (`scanpay serve --replicate`): a leader that replies
+after the stream's acknowledgement, followers that apply the stream and serve
+reads stating the stream seq, and writes to a follower refused `not_leader`."""
+import time
+
+import pytest
+
+from engine.core.command import Command
+from engine.protocol.errors import NotLeader
+from engine.protocol.ops import OP_EXPIRE
+from engine.replication.node import EXIT_STREAM_BROKEN
+from engine.replication.stream import KIND_CHECKPOINT
+from engine.storage.journal import _encode_entry
+from support.replicas import Node, wait_for_leader, wait_for_seq
+from support.servers import pay_batch
+
+LEASE_MS = 1500
+
+
+CHECKPOINT_EVERY = 5
+EXIT_TIMEOUT_S = 15
+
+
+@pytest.fixture
+def nodes(logs, tmp_path):
+    made = [Node(str(tmp_path), logs.cluster.servers, LEASE_MS, f"s{i}",
+                 checkpoint_every_entries=CHECKPOINT_EVERY) for i in range(2)]
+    yield made
+    for node in made:
+        node.stop()
+
+
+def build_world(c):
+    c.call("MERCHANTS", {"merchants": [{"id": 7}]})
+    c.call("WALLETS", {"users": [42]})
+    c.call("TOPUP", {"topups": [{"id": 1, "user": 42, "amount": 10**9}]})
+
+
+def leader_and_follower_after_writes(nodes, writes: int):
+    """Both nodes started, the world built and `writes` one-payment PAY
+    batches answered by the leader; the follower has applied them."""
+    for node in nodes:
+        node.start()
+    leader = wait_for_leader(nodes)
+    follower = next(n for n in nodes if n is not leader)
+    with leader.client() as c:
+        build_world(c)
+        for i in range(writes):
+            out = c.pay(pay_batch(1, start_id=1 + i))
+            assert out["status"][0] == 0
+    wait_for_seq(follower, leader.hello()["stream_seq"])
+    return leader, follower
+
+
+def test_leader_replicates_and_a_follower_serves_reads_with_the_stream_seq(nodes):
+    leader, follower = leader_and_follower_after_writes(nodes, 20)
+    at = leader.hello()["stream_seq"]
+    hello = follower.hello()
+    assert hello["role"] == "follower" and hello["leader"] == leader.address
+    assert hello["stream_seq"] == at
+    with follower.client() as c:
+        reply = c.call("BALANCES", {"users": [42]})
+        assert reply["stream_seq"] == at
+        assert reply["users"][0]["balance"] == 10**9 - 100 * 20
+        payments = c.call("GET_PAYMENTS", {"ids": [1, 20]})
+        assert [p["status"] for p in payments["results"]] == [0, 0]
+        with pytest.raises(NotLeader, match=leader.address):
+            c.pay(pay_batch(1, start_id=99))
+        with pytest.raises(NotLeader, match=leader.address):
+            c.call("WALLETS", {"users": [43]})
+        audit = c.call("AUDIT", {})
+        assert audit["ok"] and audit["stream_seq"] == at
+    assert follower.hello()["stream_seq"] == at         # the refused writes changed nothing
+
+
+def append_foreign(logs, payload: bytes, kind=None, last_command=None) -> None:
+    """A message no Scanpay leader wrote, at the stream's end."""
+    loop, stream = logs.stream()
+    last = loop.call(stream.last_seq(), 10)
+    if last_command is None:
+        last_command = loop.call(stream.get(last), 10).last_command
+    loop.call(stream.append(payload, last, f"foreign.{last}", last_command, kind, 5), 10)
+
+
+def stopped_loudly(node: Node, words: str) -> str:
+    assert node.process.wait(EXIT_TIMEOUT_S) == EXIT_STREAM_BROKEN, node.log_tail()
+    critical = [line for line in open(node.log_path) if " CRITICAL " in line]
+    assert len(critical) == 1 and words in critical[0], node.log_tail()
+    return critical[0]
+
+
+def test_a_wrong_checkpoint_digest_stops_the_follower(nodes, logs):
+    leader, follower = leader_and_follower_after_writes(nodes, 9)
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    while (follower.hello()["checkpoint"] or {}).get("seq") != 10:
+        assert time.monotonic() < deadline, follower.hello()
+        time.sleep(0.05)
+    digest = follower.hello()["checkpoint"]["digest"]
+    assert leader.hello()["checkpoint"] == {"seq": 10, "digest": digest}
+    wrong = "0" * 64
+    append_foreign(logs, ('{"digest": "%s", "seq": 10}' % wrong).encode(), KIND_CHECKPOINT)
+    line = stopped_loudly(follower, "checkpoint at command 10")
+    assert wrong in line and digest in line
+    assert leader.running()
+
+
+def test_a_corrupted_command_message_stops_the_follower(nodes, logs):
+    leader, follower = leader_and_follower_after_writes(nodes, 2)
+    with follower.client() as c:
+        seq = c.call("AUDIT", {})["seq"]         # the last command the follower applied
+    frame, _ = _encode_entry(seq + 1, b"\x01\x00" + bytes(30))
+    bad = bytearray(b"".join(frame))
+    bad[20] ^= 0x01                             # one bit of the command
+    append_foreign(logs, bytes(bad), last_command=seq + 1)
+    stopped_loudly(follower, "entry checksum mismatch")
+    assert leader.running()
+
+
+def test_a_refused_leader_answers_not_leader_and_rejoins_by_itself(nodes, logs):
+    """Another writer appends behind the leader's back: the leader's next
+    append is refused, that write is answered not_leader (and applied
+    nowhere), and the node catches up as a follower with no request asking."""
+    leader, follower = leader_and_follower_after_writes(nodes, 2)
+    with follower.client() as c:
+        seq, now = c.call("AUDIT", {})["seq"], c.call("AUDIT", {})["now"]
+    command = Command(OP_EXPIRE, now + 1, (), b"").encode()
+    frame, _ = _encode_entry(seq + 1, command)
+    append_foreign(logs, b"".join(frame), last_command=seq + 1)
+    with leader.client() as c:
+        with pytest.raises(NotLeader):
+            c.pay(pay_batch(1, start_id=777))
+    end = wait_for_seq(follower, leader.hello()["stream_seq"] + 1)["stream_seq"]
+    hello = wait_for_seq(leader, end)
+    assert hello["role"] in ("follower", "candidate", "leader")
+    log_text = open(leader.log_path).read()
+    assert "deposed: the stream refused an append" in log_text, leader.log_tail()
+    for node in nodes:
+        with node.client() as c:
+            found = c.call("GET_PAYMENTS", {"ids": [777]})["results"][0]
+            assert found["error"] == "payment_not_found", node.name

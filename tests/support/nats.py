@@ -1,0 +1,88 @@
+"""A local NATS JetStream cluster for the replication tests
+(engine/replication/nats_servers.py): started in a temp dir on loopback
+ports, stopped by pid."""
+import asyncio
+
+import nats
+
+from engine.replication.nats_servers import NatsCluster
+
+JS_READY_TIMEOUT_S = 30.0
+
+
+async def _wait_jetstream(urls: list[str]) -> None:
+    """Until the cluster's JetStream answers (a meta leader is elected)."""
+    nc = await nats.connect(urls, connect_timeout=2)
+    try:
+        js = nc.jetstream(timeout=2)
+        deadline = asyncio.get_running_loop().time() + JS_READY_TIMEOUT_S
+        while True:
+            try:
+                await js.account_info()
+                return
+            except Exception:       # noqa: BLE001 - not ready yet; bounded by the deadline
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+def start_cluster(directory: str, nodes: int = 3) -> NatsCluster:
+    """A started cluster whose JetStream answers."""
+    cluster = NatsCluster(directory, nodes).start()
+    try:
+        asyncio.run(_wait_jetstream(cluster.urls))
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+class LogHarness:
+    """StreamLogs over one cluster, each on its own NATS connection and loop
+    thread (as separate nodes are), closed together."""
+
+    def __init__(self, cluster: NatsCluster, replicas: int = 3):
+        from engine.replication.loop_thread import LoopThread
+        from engine.replication.stream import Names
+        self.cluster = cluster
+        self.replicas = replicas
+        self.names = Names()
+        self.loops = []
+        self.streams = []
+        self.LoopThread = LoopThread
+
+    def stream(self):
+        from engine.replication.stream import Stream
+        loop = self.LoopThread()
+        self.loops.append(loop)
+        stream = loop.call(Stream.connect(self.cluster.urls, self.names), 10)
+        loop.call(stream.ensure(self.replicas, allow_unreplicated=False), 40)
+        self.streams.append((loop, stream))
+        return loop, stream
+
+    def log(self, path, lead: bool = False):
+        from engine.replication.log import StreamLog
+        loop, stream = self.stream()
+        stream_log = StreamLog(str(path), loop, stream)
+        if lead:
+            stream_log.lead(stream_log.new_token())
+        return stream_log
+
+    def delete_stream(self) -> None:
+        loop, stream = self.streams[0] if self.streams else self.stream()
+        for name in (self.names.stream, f"KV_{self.names.lease_bucket}"):
+            try:
+                loop.call(stream.js.delete_stream(name), 10)
+            except Exception:       # noqa: BLE001 - not there
+                pass
+
+    def close(self) -> None:
+        for loop, stream in self.streams:
+            try:
+                loop.call(stream.close(), 5)
+            except Exception:       # noqa: BLE001 - already closed
+                pass
+        for loop in self.loops:
+            loop.stop()
