@@ -31,12 +31,6 @@ def eng(ledger_impl, clock):
     return engine
 
 
-# The reference does not model daily budgets or per-user daily limits (its
-# STOCKS refuses them as "not supported yet", tests/support/reference.py), so
-# the tests that set them run on the Engine only; the rest run on both.
-ENGINE_ONLY = pytest.mark.parametrize("ledger_impl", ["engine"], indirect=True)
-
-
 def stock(sid, **fields):
     base = {"id": sid, "funder": "platform", "kind": "fixed", "value": 500,
             "valid_from": 0, "valid_until": 2**62, "stacking": "stackable"}
@@ -72,7 +66,6 @@ def test_lunch_slot_coupon_is_refused_at_15_00(eng):
     assert pay(eng, 5, coupons=[11])["discount"] == 500
 
 
-@ENGINE_ONLY
 def test_daily_budget_runs_out_and_comes_back_the_next_day(eng):
     eng.call("STOCKS", {"stocks": [stock(1, daily_budget=1000)]})
     issue(eng, [(10, 1, 1), (11, 1, 2), (12, 1, 3), (13, 1, 3)])
@@ -88,7 +81,6 @@ def test_daily_budget_runs_out_and_comes_back_the_next_day(eng):
     assert pay(eng, 7, user=3, coupons=[13])["discount"] == 500
 
 
-@ENGINE_ONLY
 def test_per_user_daily_limit_counts_redemptions_of_the_day(eng):
     eng.call("STOCKS", {"stocks": [stock(1, per_user_daily_limit=1)]})
     issue(eng, [(10, 1, 1), (11, 1, 1), (12, 1, 1)])
@@ -108,7 +100,6 @@ def test_goods_tags_scope_what_is_bought(eng):
     assert pay(eng, 3, goods_tag=8)["discount"] == 500
 
 
-@ENGINE_ONLY
 def test_authorizations_count_until_released(eng):
     eng.call("STOCKS", {"stocks": [stock(1, daily_budget=500)]})
     issue(eng, [(10, 1, 1), (11, 1, 2)])

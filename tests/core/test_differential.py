@@ -14,12 +14,12 @@ map replies equal once the free-text `message` keys are removed), and at the
 end the canonical tables and digests must be equal and AUDIT must pass.
 
 Scope: PAY without the authorize flag, ISSUE, MERCHANTS, WALLETS, TOPUP,
-STOCKS (campaign controls 0), PAYMENT_CODE, QUOTE, BALANCES, COUPONS. The
-engine already has AUTHORIZE, the money lifecycle, campaign controls and
+STOCKS (campaign controls included), PAYMENT_CODE, QUOTE, BALANCES, COUPONS.
+The engine already has AUTHORIZE, the money lifecycle and
 membership/analytics; those are held to their own references
-(tests/core/test_differential_money.py, ...), so here flag 4, nonzero
-daily_budget/per_user_daily_limit and those ops are not generated, and the
-final comparison covers the tables of SCOPE_TABLES only.
+(tests/core/test_differential_money.py, ...), so here flag 4 and those ops
+are not generated, and the final comparison covers the tables of
+SCOPE_TABLES only.
 
 The engine must import: a build that fails fails this module, never skips
 it. The same harness also runs the reference against a second reference (a
@@ -121,7 +121,8 @@ def draw_stock_item(data, now: int, malformed: bool = True):
     draw_stock_scope(data, item)
     for key, pool in (("min_spend", [0, 500, 2000]), ("validity_ms", [0, MIN, HOUR]),
                       ("budget", [0, 100, 250, 1000]), ("max_issued", [0, 1, 2, 3]),
-                      ("per_user_limit", [0, 1, 2])):
+                      ("per_user_limit", [0, 1, 2]), ("daily_budget", [0, 300, 700]),
+                      ("per_user_daily_limit", [0, 1, 2])):
         if data.draw(st.integers(0, 2)) == 0:
             item[key] = data.draw(st.sampled_from(pool))
     if data.draw(st.integers(0, 6)) == 0:
@@ -183,11 +184,9 @@ def mutate_stock_item(data, item: dict, mutation) -> None:
     elif mutation == 4:
         item["valid_until"] = item["valid_from"]
     elif mutation == 5:
-        # Campaign controls other than 0 are later work for the reference (the
-        # engine has them now): only the explicit 0 is compared.
-        item["daily_budget"] = 0
+        item["daily_budget"] = data.draw(st.sampled_from([-1, 2**62 + 1, "5", True, None]))
     elif mutation == 6:
-        item["per_user_daily_limit"] = 0
+        item["per_user_daily_limit"] = data.draw(st.sampled_from([-1, 2**62 + 1, 1.5]))
     elif mutation == 7:
         item["slots"] = data.draw(st.sampled_from([[[7, 0, 10]], [[0, 10, 10]], [[0, 0, 1441]],
                                                    [[0, 1, 2, 3]], [1], "x", [[0, 0, 1440]]]))

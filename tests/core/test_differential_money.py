@@ -2,7 +2,8 @@
 `tests/reference_money.MoneyReference`.
 
 Hypothesis builds a small world (merchants, wallets, top-ups, platform and
-merchant stocks of every kind, coupons) and a random sequence mixing PAY
+merchant stocks of every kind, a daily budget and a per-user daily limit among
+them, coupons) and a random sequence mixing PAY
 (direct and authorize, auto and explicit coupons, no-coupon, payment codes,
 retries with the same and with other fields), ISSUE, TOPUP, CAPTURE (map and
 records: lower, equal, above the authorization, retries), VOID, REFUND (map and
@@ -72,9 +73,12 @@ STOCKS = [
     stock(4, kind="percent", value=2000, stacking="exclusive"),       # exclusive 20 %
     stock(5, value=400, budget=700),                                  # small budget
     stock(6, kind="percent", value=500, validity_ms=30_000),          # short-lived coupons
+    stock(7, value=250, daily_budget=400),                            # daily budget
+    stock(8, kind="percent", value=1500, per_user_daily_limit=1),     # one a user a day
 ]
+STOCK_IDS = tuple(s["id"] for s in STOCKS)
 USERS = (1, 2, 3)
-COUPON_IDS = tuple(range(1, 16))
+COUPON_IDS = tuple(range(1, 20))
 
 
 def setup_world(pair: Pair, data) -> None:
@@ -85,10 +89,14 @@ def setup_world(pair: Pair, data) -> None:
         {"id": u, "user": u, "amount": data.draw(st.sampled_from([500, 20_000, 500_000]))}
         for u in USERS]})
     pair.call("STOCKS", {"stocks": STOCKS})
-    issue = np.zeros(12, ISSUE_RECORD)
+    issue = np.zeros(16, ISSUE_RECORD)
     for i in range(12):
-        issue[i] = (i + 1, data.draw(st.sampled_from([1, 2, 3, 4, 5, 6])),
+        issue[i] = (i + 1, data.draw(st.sampled_from(STOCK_IDS)),
                     data.draw(st.sampled_from(USERS)), 0)
+    # The controls are met by a second payment of the day, not only by
+    # chance: two coupons of the limited stock for one payer, and coupons of
+    # the daily-budget stock (two fit in no day) for two others.
+    issue[12:] = [(13, 8, 1, 0), (14, 8, 1, 0), (15, 7, 2, 0), (16, 7, 3, 0)]
     pair.batch("issue", issue)
 
 
@@ -230,7 +238,7 @@ def run_scenario(pair: Pair, data) -> None:
             pair.call("STATEMENT", {"settlement": data.draw(st.sampled_from([0, 1, 2, 3]))})
         elif op == "balances":
             pair.call("BALANCES", {"users": list(USERS), "merchants": [1, 2, 3],
-                                   "stocks": [1, 2, 3, 4, 5, 6]})
+                                   "stocks": list(STOCK_IDS)})
         elif op == "coupons":
             pair.call("COUPONS", {"user": data.draw(st.sampled_from(USERS))})
         elif op == "tick":
@@ -250,7 +258,7 @@ def run_scenario(pair: Pair, data) -> None:
         elif op == "issue":
             issue = np.zeros(1, ISSUE_RECORD)
             issue[0] = (data.draw(st.sampled_from(COUPON_IDS)),
-                        data.draw(st.sampled_from([1, 2, 3, 4, 5, 6])),
+                        data.draw(st.sampled_from(STOCK_IDS)),
                         data.draw(st.sampled_from(USERS)), 0)
             pair.batch("issue", issue)
     pair.finish()

@@ -571,7 +571,7 @@ def test_stock_validation_and_duplicates():
     r = ref.call("STOCKS", {"stocks": [
         dict(base, value=999), dict(base, id=0), dict(base, id=2, value=10001),
         dict(base, id=3, funder="bank"), dict(base, id=4, valid_until=base["valid_from"]),
-        dict(base, id=5, daily_budget=10), dict(base, id=6, slots=[[7, 0, 1]]),
+        dict(base, id=5, daily_budget=-1), dict(base, id=6, slots=[[7, 0, 1]]),
         stock(7, funder="merchant", merchant=9), stock(8, funder="merchant", merchant=1,
                                                        tags=[1]),
         stock(9, merchant=1), dict(base, id=10, colour=1), stock(11, funder="merchant")]})

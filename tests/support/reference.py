@@ -417,6 +417,45 @@ class Reference:
                 and now >= stock.valid_from
                 and self.in_slots(stock, now))
 
+    # --- Campaign controls (docs/reference/rules.md "Campaign controls") --------
+
+    def redeemed_today(self, user: int, stock_id: int, day: int) -> int:
+        """The coupons of the stock the user has used or locked by payments of
+        engine day `day`; a released or returned coupon is available again and
+        no longer counts."""
+        return sum(1 for c in self.coupons.values()
+                   if c.user == user and c.stock == stock_id
+                   and c.state != canonical.COUPON_AVAILABLE
+                   and self.payments[c.payment].day == day)
+
+    def within_daily_limit(self, stock: Stock, user: int, now: int) -> bool:
+        """per_user_daily_limit (0 = none): the user has redeemed fewer
+        coupons of the stock today than the limit."""
+        return (stock.per_user_daily_limit == 0
+                or self.redeemed_today(user, stock.id, self.engine_day(now))
+                < stock.per_user_daily_limit)
+
+    @staticmethod
+    def coupon_parts(payment) -> list:
+        """(coupon id, net discount) of each coupon of a payment; here every
+        payment is a completed PAY that keeps its applied parts."""
+        ids = [int(c) for c in payment.result["coupons"] if c != 0]
+        return list(zip(ids, payment.applied))
+
+    def day_discount(self, stock_id: int, day: int) -> int:
+        """The stock's net discount of engine day `day`: what its coupons keep
+        in the payments made that day (spent, plus reserved by the day's open
+        authorizations), derived from the payments themselves."""
+        return sum(part for p in self.payments.values() if p.day == day
+                   for coupon_id, part in self.coupon_parts(p)
+                   if self.coupons[coupon_id].stock == stock_id)
+
+    def daily_budget_allows(self, stock: Stock, d: int, now: int) -> bool:
+        """daily_budget (0 = none): d on top of today's net discount stays
+        within it."""
+        return (stock.daily_budget == 0
+                or self.day_discount(stock.id, self.engine_day(now)) + d <= stock.daily_budget)
+
     def fee_of(self, merchant: Merchant, amount: int, chosen: list) -> int:
         """Paying step 7: fee = (base * fee_bps + 5000) // 10000, where base =
         amount - merchant-funded applied discounts."""
@@ -457,9 +496,10 @@ class Reference:
             return Status.coupon_not_available, d
         if now >= coupon.expires_at:
             return Status.coupon_expired, d
-        if not self.applicable(stock, merchant, amount, goods_tag, now) or d < 1:
+        if (not self.applicable(stock, merchant, amount, goods_tag, now) or d < 1
+                or not self.within_daily_limit(stock, coupon.user, now)):
             return Status.coupon_not_applicable, d
-        if not self.budget_allows(stock, d):
+        if not self.budget_allows(stock, d) or not self.daily_budget_allows(stock, d, now):
             return Status.coupon_budget_exhausted, d
         return None, d
 
@@ -540,9 +580,10 @@ class Reference:
             return Status.coupon_not_available, coupon, d
         if now >= coupon.expires_at:
             return Status.coupon_expired, coupon, d
-        if not self.applicable(stock, merchant, amount, goods_tag, now):
+        if (not self.applicable(stock, merchant, amount, goods_tag, now)
+                or not self.within_daily_limit(stock, user, now)):
             return Status.coupon_not_applicable, coupon, d   # d = 0 is no failure here
-        if not self.budget_allows(stock, d):
+        if not self.budget_allows(stock, d) or not self.daily_budget_allows(stock, d, now):
             return Status.coupon_budget_exhausted, coupon, d
         # Against the coupons before it: same stock twice, or exclusive with any other.
         for other in before:
@@ -947,7 +988,8 @@ class Reference:
                 raise _Invalid(f"{key} must be in 0..2**63-1")
         if item["valid_from"] >= item["valid_until"]:
             raise _Invalid("valid_from must be before valid_until")
-        for key in ("budget", "max_issued", "per_user_limit"):
+        for key in ("budget", "max_issued", "per_user_limit", "daily_budget",
+                    "per_user_daily_limit"):
             if not _in_range(item.get(key, 0), 0, COUNT_MAX):
                 raise _Invalid(f"{key} must be in 0..2**62")
         lists, slots = Reference._parse_stock_lists(item)
@@ -958,10 +1000,6 @@ class Reference:
             raise _Invalid("a merchant stock cannot have merchants or tags lists")
         if funder == canonical.FUNDER_PLATFORM and merchant != 0:
             raise _Invalid("a platform stock cannot name a merchant")
-        # Campaign controls not supported yet (ext: Not yet supported).
-        for key in ("daily_budget", "per_user_daily_limit"):
-            if not _is_int(item.get(key, 0)) or item.get(key, 0) != 0:
-                raise _Invalid(f"{key} is not supported yet (must be 0)")
         return Stock(
             id=item["id"], funder=funder, merchant=merchant, kind=kind,
             value=item["value"],
@@ -973,7 +1011,8 @@ class Reference:
             goods_tags=lists["goods_tags"],
             budget=item.get("budget", 0), max_issued=item.get("max_issued", 0),
             per_user_limit=item.get("per_user_limit", 0), stacking=stacking,
-            daily_budget=0, per_user_daily_limit=0,
+            daily_budget=item.get("daily_budget", 0),
+            per_user_daily_limit=item.get("per_user_daily_limit", 0),
             slots=frozenset(tuple(s) for s in slots))
 
     @staticmethod

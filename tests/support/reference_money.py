@@ -192,6 +192,17 @@ class MoneyReference(Reference):
         elif day == last:
             self.stock_day[stock_id] = (day, spent + delta)
 
+    @staticmethod
+    def coupon_parts(payment: LifePayment) -> list:
+        """ext: Campaign controls: (coupon id, net discount) of each coupon of a
+        payment through its life: reserved while authorized, nothing once
+        voided or expired, the captured part less refunded parts once paid (a
+        coupon released at capture keeps 0)."""
+        if payment.state in (VOIDED, EXPIRED):
+            return []
+        return [(c, payment.applied[i] - payment.refunded_part[i])
+                for i, c in enumerate(payment.coupons)]
+
     # --- time and expiry (docs/reference/rules.md "Units, identities, time"; ext: Expiry of holds)
 
     def _stamp(self) -> int:
