@@ -47,7 +47,7 @@ def scan_payments(const uint8_t[::1] rows, const uint8_t[::1] in_scope,
     cdef int64_t n = rows.shape[0] // sizeof(Payment)
     if rows.shape[0] != n * sizeof(Payment):
         raise ValueError("rows must be whole payment rows")
-    cdef int64_t users = count.shape[0]
+    cdef int64_t users = count.shape[0], merchants = in_scope.shape[0]
     if not (gmv.shape[0] == users and last.shape[0] == users and ever.shape[0] == users
             and before.shape[0] == users):
         raise ValueError("the per-user outputs must have one length")
@@ -58,12 +58,15 @@ def scan_payments(const uint8_t[::1] rows, const uint8_t[::1] in_scope,
     with nogil:
         for i in range(n):
             p = &pay[i]
-            if not counted(p) or not in_scope[p.merchant]:
+            if not counted(p):
                 continue
             u = p.user
-            if u < 0 or u >= users:
+            if u < 0 or u >= users or p.merchant < 0 or p.merchant >= merchants:
                 with gil:
-                    raise ValueError(f"payment row {i} names wallet slot {u}")
+                    raise ValueError(f"payment row {i} names wallet slot {u}, merchant "
+                                     f"slot {p.merchant}: not in the tables given")
+            if not in_scope[p.merchant]:
+                continue
             ever[u] = 1
             at = p.completed_at
             if at < from_ms:
