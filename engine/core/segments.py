@@ -105,14 +105,14 @@ class Activity:
     latest completion; whether the user paid there ever, and before `start`."""
 
     def __init__(self, ledger, mask: np.ndarray, start: int, until: int):
-        n = ledger.n_users
-        self.count = np.zeros(n, np.int64)
-        self.gmv = np.zeros(n, np.int64)
-        self.last = np.zeros(n, np.int64)
-        self.ever = np.zeros(n, np.uint8)
-        self.before = np.zeros(n, np.uint8)
-        _marketing.scan_payments(payment_rows(ledger), mask, start, until, self.count,
-                                 self.gmv, self.last, self.ever, self.before)
+        acc = np.zeros((ledger.n_users, _marketing.ACC_FIELDS), np.int64)
+        _marketing.scan_payments(payment_rows(ledger), mask, start, until, acc)
+        self.count = acc[:, _marketing.ACC_COUNT]
+        self.gmv = acc[:, _marketing.ACC_GMV]
+        self.last = acc[:, _marketing.ACC_LAST]
+        flags = acc[:, _marketing.ACC_FLAGS]
+        self.ever = flags & _marketing.FLAG_EVER != 0
+        self.before = flags & _marketing.FLAG_BEFORE != 0
 
 
 class UserOrder:
@@ -170,7 +170,7 @@ def evaluate(state, d: dict, now: int) -> np.ndarray:
         days = (now - seen.last) // DAY_MS
         keep &= (seen.count > 0) & between(days, d["recency_days_min"], d["recency_days_max"])
     if d["never_paid"]:
-        keep &= seen.ever == 0
+        keep &= ~seen.ever
     if d["program"] is not None:
         keep &= members_of(ledger, d["program"], d["points_min"])
     order = user_order(state)

@@ -196,7 +196,7 @@ def group_sums(seen: segments.Activity, slots: np.ndarray) -> tuple[stats.Group,
     total = sum(gmv[paid].tolist())                 # exact: Python ints
     squares = sum(g * g for g in gmv[paid].tolist())
     figures = {"users": users, "converted": converted,
-               "new_converted": int((paid & (seen.before[slots] == 0)).sum()),
+               "new_converted": int((paid & ~seen.before[slots]).sum()),
                "payments": int(count.sum()), "gmv": total,
                "conversion_ppm": stats.ratio(converted * stats.PPM, users),
                "gmv_per_user": stats.ratio(total, users)}
