@@ -40,6 +40,7 @@ PAY_ROUNDS = 9                          # odd: the median round ratio is one rou
 SAVED_SEGMENTS = 64
 SEGMENT_ROUNDS = 5
 CAMPAIGN_ROUNDS = 3
+LIFT_BATCHES = 20                       # payments after the campaigns, before LIFT
 MALL = MALL_TAG_BASE                    # the first mall's tag
 SEGMENTS = {
     "lapsed mall regulars": {"tags": [MALL], "days": HISTORY_DAYS, "payments_min": 3,
@@ -64,15 +65,15 @@ def stock(stock_id: int, name: str) -> dict:
             "stacking": "stackable", "budget": 10**12, "name": name}
 
 
-def engine_with_history(users: int, payments: int):
+def engine_with_history(users: int, payments: int, more_payments: int):
     """The standard world at `users` users, then `payments` payments over
-    HISTORY_DAYS days of engine time (the clock moves between batches)."""
+    HISTORY_DAYS days of engine time (the clock moves between batches), with
+    room for `more_payments` (sized exactly: 10M payments take 4 GB)."""
     from engine import Engine
     spec = World.standard()
     spec = type(spec)(**{**spec.__dict__, "users": users})
     clock = Clock(spec.now_ms)
-    eng = Engine(clock=clock, capacity=capacity_for(spec, payments + 2 * PAY_ROUNDS * PAY_BATCHES
-                                                    * BATCH_RECORDS_MAX))
+    eng = Engine(clock=clock, capacity=capacity_for(spec, payments + more_payments))
     info = build(eng, spec)
     batches = max(1, payments // BATCH_RECORDS_MAX)
     step_ms = HISTORY_DAYS * DAY_MS // batches
@@ -90,8 +91,9 @@ def marketed_pair():
     """(plain, marketed, info): the same world and history; the marketed
     engine with saved segments and campaigns, the plain one with the same
     coupons issued by ISSUE."""
-    plain, info, plain_clock = engine_with_history(PAY_USERS, PAY_USERS * 10)
-    marketed, _, clock = engine_with_history(PAY_USERS, PAY_USERS * 10)
+    timed = PAY_ROUNDS * PAY_BATCHES * BATCH_RECORDS_MAX
+    plain, info, plain_clock = engine_with_history(PAY_USERS, PAY_USERS * 10, timed)
+    marketed, _, clock = engine_with_history(PAY_USERS, PAY_USERS * 10, timed)
     assert plain.digest() == marketed.digest()
     stocks = [stock(2**50 + k, f"win back {k}") for k in range(4)]
     for eng in (plain, marketed):
@@ -167,7 +169,8 @@ _BIG: dict = {}
 def big_world():
     if not _BIG:
         started = time.perf_counter()
-        eng, info, clock = engine_with_history(World.standard().users, PAYMENTS)
+        eng, info, clock = engine_with_history(World.standard().users, PAYMENTS,
+                                               LIFT_BATCHES * BATCH_RECORDS_MAX)
         _BIG.update(engine=eng, info=info, clock=clock,
                     build_seconds=time.perf_counter() - started)
         eng.call("SEGMENTS", {"segments": [{"id": i + 1, "name": name, **d}
@@ -235,8 +238,8 @@ def test_lift_over_1m_users(benchmark):
         eng.call("STOCKS", {"stocks": [stock(2**50 + 99, "welcome")]})
         eng.call("CAMPAIGNS", {"campaigns": [{"id": 99, "segment": 2, "stock": 2**50 + 99,
                                               "holdout_bps": 1000, "coupon_base": 2**62}]})
-    for batch in pay_batches(info, 20, seed=19, start_payment_id=2**41):
-        clock.now_ms += DAY_MS // 20
+    for batch in pay_batches(info, LIFT_BATCHES, seed=19, start_payment_id=2**41):
+        clock.now_ms += DAY_MS // LIFT_BATCHES
         eng.pay(batch)
     campaign = min(eng.state.campaigns)
     seconds = []
