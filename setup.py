@@ -42,6 +42,8 @@ extensions = [
     cython_extension("_outlet", "outlet.pyx"),
     # The client's hot path (engine/client/__init__.py; engine/_client_py.py is its twin).
     cython_extension("_client", "client.pyx"),
+    # Precision marketing's read-only passes over the tables (engine/core/segments.py).
+    cython_extension("_marketing", "marketing.pyx"),
 ]
 
 mode_changed = write_mode_header()

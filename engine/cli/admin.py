@@ -52,7 +52,7 @@ COLUMNS = {
         "min_spend": INT, "valid_from": TIME, "valid_until": TIME, "validity_ms": INT,
         "merchants": U64_LIST, "tags": U64_LIST, "goods_tags": U64_LIST, "budget": INT,
         "max_issued": INT, "per_user_limit": INT, "stacking": STR, "daily_budget": INT,
-        "per_user_daily_limit": INT, "slots": SLOTS,
+        "per_user_daily_limit": INT, "slots": SLOTS, "name": STR,
     },
     "captures": {"payment": INT, "amount": INT},
     "refunds": {"id": INT, "payment": INT, "amount": INT},

@@ -11,7 +11,7 @@ import hashlib
 
 import numpy as np
 
-from engine.protocol.limits import COUPONS_PER_PAYMENT_MAX
+from engine.protocol.limits import COUPONS_PER_PAYMENT_MAX, NAME_BYTES_MAX
 from engine.protocol.records import PAY_RECORD, PAY_RESULT
 
 # Coupon states.
@@ -122,6 +122,22 @@ MERCHANT_STATS = np.dtype([("merchant", "<u8"), ("payments", "<i8"), ("gmv", "<i
                            ("unique_payers", "<i8"), ("repeat_payers", "<i8"),
                            ("coupon_payments", "<i8"), ("points_issued", "<i8")])
 
+# Precision marketing (docs/reference/rules.md). Names are UTF-8 bytes; a
+# bound that is absent is -1 (`program` 0: none).
+NAME = f"S{NAME_BYTES_MAX}"
+STOCK_NAMES = np.dtype([("stock", "<u8"), ("name", NAME)])     # only named stocks
+SEGMENTS = np.dtype([("id", "<u8"), ("name", NAME), ("from", "<i8"), ("until", "<i8"),
+                     ("days", "<i8"), ("payments_min", "<i8"), ("payments_max", "<i8"),
+                     ("gmv_min", "<i8"), ("gmv_max", "<i8"), ("recency_days_min", "<i8"),
+                     ("recency_days_max", "<i8"), ("never_paid", "u1"), ("program", "<u8"),
+                     ("points_min", "<i8")])
+SEGMENT_LISTS = np.dtype([("segment", "<u8"), ("list", "u1"), ("value", "<u8")])  # 0 merchants, 1 tags
+CAMPAIGNS = np.dtype([("id", "<u8"), ("name", NAME), ("segment", "<u8"), ("stock", "<u8"),
+                      ("holdout_bps", "<i8"), ("coupon_base", "<u8"), ("at", "<i8")])
+CAMPAIGN_LISTS = np.dtype([("campaign", "<u8"), ("list", "u1"), ("value", "<u8")])  # its frozen scope
+CAMPAIGN_MEMBERS = np.dtype([("campaign", "<u8"), ("user", "<u8"), ("holdout", "u1"),
+                             ("status", "u1"), ("duplicate", "u1")])
+
 # name -> (dtype, sort key fields). Order here is digest order.
 TABLES = {
     "meta": (META, ()),
@@ -148,6 +164,12 @@ TABLES = {
     "visits": (VISITS, ("user", "merchant")),
     "stock_stats": (STOCK_STATS, ("stock",)),       # only stocks with a nonzero counter
     "merchant_stats": (MERCHANT_STATS, ("merchant",)),  # only merchants with payments
+    "stock_names": (STOCK_NAMES, ("stock",)),
+    "segments": (SEGMENTS, ("id",)),
+    "segment_lists": (SEGMENT_LISTS, ("segment", "list", "value")),
+    "campaigns": (CAMPAIGNS, ("id",)),
+    "campaign_lists": (CAMPAIGN_LISTS, ("campaign", "list", "value")),
+    "campaign_members": (CAMPAIGN_MEMBERS, ("campaign", "user")),
 }
 
 

@@ -4,9 +4,11 @@ engine/protocol/ops.py."""
 from dataclasses import dataclass
 from typing import Callable
 
-from engine.core.ops import membership as ops_membership, money as ops_money, query as ops_query, setup as ops_setup
+from engine.core.ops import (marketing as ops_marketing, membership as ops_membership, money as ops_money,
+                             query as ops_query, setup as ops_setup)
 from engine.core.scope import parse_scope, scoped_items
 from engine.protocol.errors import BadBody
+from engine.protocol.limits import CAMPAIGNS_PER_REQUEST_MAX
 from engine.protocol.ops import MAP_OP_CODES
 
 
@@ -19,6 +21,8 @@ class MapOp:
     draw: Callable | None = None  # (state, request, rng) -> draws, outside the apply
     list_key: str | None = None   # list operations: the key of the item list
     scoped: bool = False          # takes a gateway key's `scope` (engine/core/scope.py)
+    items_max: int = 0            # list operations: most items per request (0: no limit)
+    draw_source: str = "code_source"  # the Engine's source `draw` is given
 
     def check_body(self, request) -> None:
         """Refuse a body of the wrong shape before anything is journaled (and,
@@ -26,7 +30,10 @@ class MapOp:
         if self.list_key and self.scoped:
             scoped_items(request, self.list_key)
         elif self.list_key:
-            ops_setup.list_items(request, self.list_key)
+            items = ops_setup.list_items(request, self.list_key)
+            if self.items_max and len(items) > self.items_max:
+                raise BadBody(f"{self.name} takes at most {self.items_max} `{self.list_key}` "
+                              f"per request, got {len(items)}: split it into several requests")
         elif not isinstance(request, dict):
             raise BadBody(f"the body of {self.name} must be a map")
         else:
@@ -60,6 +67,11 @@ MAP_OPS = {op.name: op for op in (
     _map_op("BALANCES", ops_query.balances, False),
     _map_op("AUDIT", ops_query.audit, False),
     _map_op("COUPONS", ops_query.coupons, False),
+    _map_op("SEGMENTS", ops_marketing.segments_op, True, list_key="segments"),
+    _map_op("SEGMENT", ops_marketing.segment_op, False),
+    _map_op("CAMPAIGNS", ops_marketing.campaigns_op, True, ops_marketing.draw_campaign_keys,
+            list_key="campaigns", items_max=CAMPAIGNS_PER_REQUEST_MAX, draw_source="key_source"),
+    _map_op("LIFT", ops_marketing.lift_op, False),
 )}
 MAP_OPS_BY_CODE = {op.code: op for op in MAP_OPS.values()}
 assert set(MAP_OPS_BY_CODE) == set(MAP_OP_CODES.values()), "ops.py and the table disagree"

@@ -89,6 +89,11 @@ def random_payment_code() -> int:
     return PAYMENT_CODE_MIN + secrets.randbelow(PAYMENT_CODE_MAX - PAYMENT_CODE_MIN)
 
 
+def random_key() -> int:
+    """64 bits of a campaign's key from the OS CSPRNG."""
+    return secrets.randbits(64)
+
+
 class SyncFuture(concurrent.futures.Future):
     """Done once one group-commit fsync has made everything journaled before
     it durable (its result: the durable seq). The sync thread notes, before
@@ -121,6 +126,7 @@ class Engine:
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  clock: Callable[[], int] | None = None,
                  code_source: Callable[[], int] | None = None,
+                 key_source: Callable[[], int] | None = None,
                  tz_offset_ms: int = TZ_OFFSET_MS_DEFAULT,
                  hold_ms: int = HOLD_MS_DEFAULT, currency: str = "CNY",
                  capacity: dict[str, int] | None = None, commit_interval_us: int = 0,
@@ -128,6 +134,8 @@ class Engine:
                  io_threads_nice: int = 0, **storage_options: Any) -> None:
         self.clock = clock or wall_clock_ms
         self.code_source = code_source or random_payment_code
+        # Campaign keys (CAMPAIGNS' holdout draw): u64s from the OS CSPRNG.
+        self.key_source = key_source or random_key
         self.currency = currency
         self.hold_ms = hold_ms
         self.tz_offset_ms = tz_offset_ms
@@ -551,7 +559,9 @@ class Engine:
         """The random draws a map write needs, made outside the apply (from
         the current state: they depend on it)."""
         self._ensure_current()
-        return tuple(spec.draw(self.state, request, self.code_source)) if spec.draw else ()
+        if not spec.draw:
+            return ()
+        return tuple(spec.draw(self.state, request, getattr(self, spec.draw_source)))
 
     # -- state ------------------------------------------------------------
 

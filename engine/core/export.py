@@ -2,7 +2,7 @@
 vectorized over the kernel's arrays, slots replaced by ids."""
 import numpy as np
 
-from engine.core import canonical as cn
+from engine.core import campaigns, canonical as cn
 from engine.core.state import State
 
 
@@ -38,6 +38,7 @@ def canonical(state: State) -> dict:
         "scoped_tombstones": np.array(state.scoped_tombstones.rows(), cn.SCOPED_TOMBSTONES),
         "settlements": settlements_table(state.settlements),
         **membership_tables(state, user_ids, payment_ids),
+        **campaigns.canonical_tables(state),
     }
     return {name: cn.normalize(name, table) for name, table in tables.items()}
 

@@ -21,6 +21,14 @@ class State:
     programs: dict = field(default_factory=dict)     # id -> definition (PROGRAMS)
     # Reversals of unknown ids by scoped gateway keys (engine/core/scope.py).
     scoped_tombstones: ScopedTombstones = field(default_factory=ScopedTombstones)
+    # Precision marketing (engine/core/ops/marketing.py): segment definitions
+    # by id, campaigns by id (engine/core/campaigns.py), and stock names.
+    segments: dict = field(default_factory=dict)
+    campaigns: dict = field(default_factory=dict)
+    stock_names: dict = field(default_factory=dict)
+    # Derived, kept only to spare work (engine/core/segments.py UserOrder):
+    # wallet slots in user id order. Not journaled, snapshotted or compared.
+    user_order: object = None
 
     def __post_init__(self):
         if self.ledger is None:

@@ -1,5 +1,6 @@
 """Field checks for map requests: each failure is `invalid_argument` with a
 message naming the field (docs/reference/protocol.md, "General")."""
+from engine.protocol.limits import NAME_BYTES_MAX
 from engine.protocol.status import STATUS_OK, Status
 
 U64_MAX = 2**64 - 1
@@ -94,3 +95,16 @@ def result(status: Status = Status.ok, duplicate: bool = False) -> dict:
     if status != Status.ok:
         return failure(status)
     return {"status": STATUS_OK, "duplicate": True} if duplicate else {"status": STATUS_OK}
+
+
+def display_name(item: dict, key: str = "name") -> str:
+    """An optional display name: a string of at most NAME_BYTES_MAX UTF-8
+    bytes with no control character ("" when absent)."""
+    value = item.get(key, "")
+    if not isinstance(value, str):
+        raise Invalid(f"`{key}` must be a string")
+    if len(value.encode("utf-8", "surrogatepass")) > NAME_BYTES_MAX:
+        raise Invalid(f"`{key}` holds at most {NAME_BYTES_MAX} UTF-8 bytes")
+    if any(ord(ch) < 0x20 or 0xD800 <= ord(ch) < 0xE000 for ch in value):
+        raise Invalid(f"`{key}` must be printable text")
+    return value

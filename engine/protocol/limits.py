@@ -40,6 +40,17 @@ STOCK_LIST_LENGTH_MAX = 4096            # merchants or tags listed by one stock 
 STOCK_SLOTS_MAX = 64
 OFFERS_MAX = 64                         # offers of one points program
 SCOPE_MERCHANTS_MAX = 100_000           # merchants in one scope (a key's list is far shorter)
+NAME_BYTES_MAX = 128                    # a stock's, segment's or campaign's name, in UTF-8 bytes
+
+# -- precision marketing (SEGMENTS, SEGMENT, CAMPAIGNS, LIFT) ------------------
+
+SEGMENTS_MAX = 4096                     # saved segments (each is evaluated over every payment)
+CAMPAIGNS_MAX = 4096                    # campaigns (each keeps its frozen groups)
+# CAMPAIGNS items per request: each draws a 128-bit key (two u64 draws), and a
+# journal entry holds at most DRAWS_MAX (engine/core/command.py) draws.
+CAMPAIGNS_PER_REQUEST_MAX = 64
+SEGMENT_PAGE_MAX = 1024                 # SEGMENT: user ids per reply (then `next`)
+SEGMENT_DAYS_MAX = 36_600               # a window of the last n days: about a century
 
 # -- how they relate ------------------------------------------------------------
 
@@ -53,3 +64,4 @@ assert BATCH_RECORDS_MAX * AMOUNT_MAX < 2**63
 assert 0 < PAYMENT_CODE_MIN < PAYMENT_CODE_MAX < 2**64
 assert 1 <= WIRE_LOOKUP_ITEMS_MAX <= LOOKUP_IDS_MAX
 assert 1 <= COUPONS_PAGE_MAX <= LOOKUP_IDS_MAX and 1 <= QUOTE_EXPLAIN_MAX
+assert 1 <= SEGMENT_PAGE_MAX <= WIRE_LOOKUP_ITEMS_MAX

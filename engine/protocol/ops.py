@@ -35,6 +35,11 @@ OP_PROGRAMS = 47
 OP_REDEEM_POINTS = 48
 OP_COUPONS = 49
 OP_CLOCK = 50              # the test clock of a server started with test_clock
+# Precision marketing (extension; docs/reference/rules.md, "Precision marketing").
+OP_SEGMENTS = 51           # define or replace saved segments (write)
+OP_SEGMENT = 52            # evaluate a segment: count and a page of user ids (read)
+OP_CAMPAIGNS = 53          # targeted campaigns with a holdout (write)
+OP_LIFT = 54               # a campaign's measured lift over a window (read)
 OP_STATEMENT = 64          # extension
 
 # Internal: never sent by a client, only journaled.
@@ -48,6 +53,7 @@ MAP_OP_CODES: dict[str, int] = {
     "SETTLE": OP_SETTLE, "AUDIT": OP_AUDIT, "STATS": OP_STATS,
     "PROGRAMS": OP_PROGRAMS, "REDEEM_POINTS": OP_REDEEM_POINTS,
     "COUPONS": OP_COUPONS, "STATEMENT": OP_STATEMENT,
+    "SEGMENTS": OP_SEGMENTS, "SEGMENT": OP_SEGMENT, "CAMPAIGNS": OP_CAMPAIGNS, "LIFT": OP_LIFT,
 }
 """Map operations served by the dispatch table (CLOCK is the server's own)."""
 

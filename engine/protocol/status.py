@@ -41,6 +41,9 @@ class Status(IntEnum):
     program_not_found = 30
     insufficient_points = 31
     offer_not_found = 32
+    # Precision marketing (extension: SEGMENTS, SEGMENT, CAMPAIGNS, LIFT).
+    segment_not_found = 33
+    campaign_not_found = 34
 
 
 class ErrorCode(IntEnum):

@@ -18,6 +18,7 @@ import time
 
 from engine.storage import snapshot as snapshots
 from engine._kernel import Ledger
+from engine.core import campaigns
 from engine.core.command import decode
 from engine.protocol.errors import EngineError, Unavailable
 from engine.storage.journal import Journal, JournalError, JournalUnavailable
@@ -44,10 +45,14 @@ def state_to_snapshot(state: State) -> tuple[dict, dict]:
     arrays, scalars = state.ledger.dump()
     arrays = dict(arrays)
     arrays["topups"] = state.topups.to_array()
+    arrays["campaign_members"], campaign_meta = campaigns.to_snapshot(state.campaigns)
     meta = {"ledger": scalars, "now": state.now, "tz_offset_ms": state.tz_offset_ms,
             "hold_ms": state.hold_ms, "settlements": state.settlements,
             "programs": {str(k): v for k, v in state.programs.items()},
-            "scoped_tombstones": state.scoped_tombstones.to_meta()}
+            "scoped_tombstones": state.scoped_tombstones.to_meta(),
+            "segments": {str(k): d for k, d in state.segments.items()},
+            "campaigns": campaign_meta,
+            "stock_names": {str(k): v for k, v in state.stock_names.items()}}
     return arrays, meta
 
 
@@ -58,7 +63,12 @@ def state_from_snapshot(arrays: dict, meta: dict) -> State:
                  now=meta["now"], topups=topups, settlements=meta["settlements"],
                  programs={int(k): v for k, v in meta["programs"].items()},
                  # (absent from snapshots written before scoped reversals)
-                 scoped_tombstones=ScopedTombstones.from_meta(meta.get("scoped_tombstones", {})))
+                 scoped_tombstones=ScopedTombstones.from_meta(meta.get("scoped_tombstones", {})),
+                 # (absent from snapshots written before precision marketing)
+                 segments={int(k): d for k, d in meta.get("segments", {}).items()},
+                 campaigns=campaigns.from_snapshot(arrays.get("campaign_members"),
+                                                   meta.get("campaigns", {})),
+                 stock_names={int(k): v for k, v in meta.get("stock_names", {}).items()})
 
 
 class Storage:

@@ -16,14 +16,15 @@ from engine.protocol.status import STATUS_NAMES, Status
 from support.servers import RealServer
 
 from support import ROOT  # noqa: E402
-EXTENSIONS = ("engine._kernel", "engine._framing", "engine._outlet", "engine._loadgen")
+EXTENSIONS = ("engine._kernel", "engine._framing", "engine._outlet", "engine._loadgen",
+              "engine._marketing")
 
 # Makes the compiled extensions (and the packages that need them) unimportable,
 # as on a machine where only the protocol is installed.
 BLOCKER = textwrap.dedent("""
     import sys
     BLOCKED = ("engine._kernel", "engine._framing", "engine._outlet", "engine._loadgen",
-               "engine.core", "engine.server", "engine.storage", "engine._client")
+               "engine._marketing", "engine.core", "engine.server", "engine.storage", "engine._client")
 
     class Blocker:
         def find_spec(self, name, path=None, target=None):
@@ -102,7 +103,7 @@ def test_py_typed_and_stubs_ship_with_the_package():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["engine"]
     assert "py.typed" in package_data and "*.pyi" in package_data
-    for name in ("py.typed", "_kernel.pyi", "_framing.pyi", "_outlet.pyi"):
+    for name in ("py.typed", "_kernel.pyi", "_framing.pyi", "_outlet.pyi", "_marketing.pyi"):
         assert os.path.exists(os.path.join(ROOT, "engine", name)), name
 
 
@@ -262,7 +263,7 @@ def test_extension_stubs_match_the_compiled_modules():
     here, not as a wrong type in a caller."""
     out = subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", "engine._kernel", "engine._framing",
-         "engine._outlet", "--mypy-config-file", "tests/typing/mypy.ini",
+         "engine._outlet", "engine._marketing", "--mypy-config-file", "tests/typing/mypy.ini",
          "--allowlist", "tests/typing/stubtest-allowlist.txt"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
         env={**os.environ, "PYTHONPATH": ROOT})

@@ -330,7 +330,7 @@ def test_stats_new_versus_returning_payers_of_a_campaign():
     pay(ref, 2, ALICE, COFFEE_SHOP, 3000)                  # returning, coupon 1
     pay(ref, 3, BOB, COFFEE_SHOP, 3000)                    # new, coupon 2
     s = stats(ref, stocks=[70, 71])["stocks"]
-    assert s[0] == {"id": 70, "status": 0, "issued": 4, "redeemed": 2,
+    assert s[0] == {"id": 70, "status": 0, "name": "", "issued": 4, "redeemed": 2,
                     "redemption_rate_bps": 5000, "discount_spent": 1000,
                     "budget_left": 9000, "gmv": 6000, "payers_new": 1,
                     "payers_returning": 1}

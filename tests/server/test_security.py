@@ -137,6 +137,11 @@ ADMIN_OP_REQUESTS = {
     "BALANCES": {"merchants": [3]},
     "AUDIT": {},
     "CLOCK": {"now": FOREVER // 2},
+    "SEGMENTS": {"segments": [{"id": 1, "merchants": [3]}]},
+    "SEGMENT": {"definition": {"merchants": [3]}, "limit": 10},
+    "CAMPAIGNS": {"campaigns": [{"id": 1, "segment": 1, "stock": 103, "holdout_bps": 0,
+                                 "coupon_base": 900}]},
+    "LIFT": {"campaign": 1},
 }
 
 

@@ -43,6 +43,7 @@ SLOTS_MAX = 64                   # ext: STOCKS, slots
 MERCHANT_TAGS_MAX = 16           # ext: MERCHANTS, tags
 DAY_MS = 86_400_000
 CODE_DRAWS_MAX = 64              # bounded redraw loop of PAYMENT_CODE
+NAME_BYTES = 128                 # ext: STOCKS, SEGMENTS, CAMPAIGNS `name`
 
 # Stock enums as stored (the canonical numbering).
 FUNDERS = {"platform": canonical.FUNDER_PLATFORM, "merchant": canonical.FUNDER_MERCHANT}
@@ -123,6 +124,7 @@ class Stock:
     campaign: int = 0         # balance of campaign(stock); platform stocks only
     day: int = 0              # the engine day of the latest payment using the stock
     day_spent: int = 0        # the net discount of that day's payments
+    name: str = ""            # ext: STOCKS `name`
 
     def definition(self) -> tuple:
         """What STOCKS compares for a duplicate (ext: STOCKS): every field of the
@@ -131,7 +133,7 @@ class Stock:
                 self.min_spend, self.valid_from, self.valid_until, self.validity_ms,
                 self.merchants, self.tags, self.goods_tags, self.budget,
                 self.max_issued, self.per_user_limit, self.stacking,
-                self.daily_budget, self.per_user_daily_limit, self.slots)
+                self.daily_budget, self.per_user_daily_limit, self.slots, self.name)
 
 
 @dataclass
@@ -205,6 +207,14 @@ def _is_i64(x) -> bool:
 
 def _in_range(x, lo: int, hi: int) -> bool:
     return _is_int(x) and lo <= x <= hi
+
+
+def _is_name(x) -> bool:
+    """ext: a display name: a string of at most NAME_BYTES (UTF-8) with no
+    control character (nor a lone surrogate, which has no UTF-8)."""
+    if not isinstance(x, str) or any(ord(c) < 0x20 or 0xD800 <= ord(c) < 0xE000 for c in x):
+        return False
+    return len(x.encode("utf-8")) <= NAME_BYTES
 
 
 class _Invalid(Exception):
@@ -353,6 +363,8 @@ class Reference:
         t["codes"] = _table("codes", [
             dict(code=c.code, user=c.user, expires_at=c.expires_at, used=int(c.used))
             for c in self.codes.values()])
+        t["stock_names"] = _table("stock_names", [dict(stock=s.id, name=s.name.encode())
+                                                  for s in self.stocks.values() if s.name])
         for name in canonical.TABLES:      # tables of later work (refunds, ...): empty
             t.setdefault(name, _table(name, []))
         return t
@@ -927,7 +939,7 @@ class Reference:
     STOCK_KEYS = {"id", "funder", "merchant", "kind", "value", "cap", "min_spend",
                   "valid_from", "valid_until", "validity_ms", "merchants", "tags",
                   "goods_tags", "budget", "max_issued", "per_user_limit", "stacking",
-                  "daily_budget", "per_user_daily_limit", "slots"}
+                  "daily_budget", "per_user_daily_limit", "slots", "name"}
     STOCK_REQUIRED = ("funder", "kind", "value", "valid_from", "valid_until", "stacking")
 
     def _stocks_op(self, request) -> dict:
@@ -993,6 +1005,9 @@ class Reference:
             if not _in_range(item.get(key, 0), 0, COUNT_MAX):
                 raise _Invalid(f"{key} must be in 0..2**62")
         lists, slots = Reference._parse_stock_lists(item)
+        name = item.get("name", "")
+        if not _is_name(name):
+            raise _Invalid("name must be printable text of at most 128 UTF-8 bytes")
         merchant = item.get("merchant", 0)
         if not _is_u64(merchant):
             raise _Invalid("merchant must be a u64")
@@ -1013,7 +1028,7 @@ class Reference:
             per_user_limit=item.get("per_user_limit", 0), stacking=stacking,
             daily_budget=item.get("daily_budget", 0),
             per_user_daily_limit=item.get("per_user_daily_limit", 0),
-            slots=frozenset(tuple(s) for s in slots))
+            slots=frozenset(tuple(s) for s in slots), name=name)
 
     @staticmethod
     def _parse_stock_lists(item: dict) -> tuple[dict, list]:

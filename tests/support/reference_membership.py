@@ -511,7 +511,8 @@ class MembershipReference(MoneyReference):
                 continue
             ss = self.stock_stats.get(sid, StockStats())
             stocks.append({
-                "id": sid, "status": 0, "issued": s.issued, "redeemed": ss.redeemed,
+                "id": sid, "status": 0, "name": s.name, "issued": s.issued,
+                "redeemed": ss.redeemed,
                 "redemption_rate_bps": _bps(ss.redeemed, s.issued),
                 "discount_spent": s.spent,
                 "budget_left": s.budget - s.spent - s.reserved if s.budget else -1,

@@ -158,7 +158,7 @@ def stats(state: State, request, now: int, draws) -> dict:
         return failure(e.status, str(e))
     ledger = state.ledger
     return {"status": STATUS_OK,
-            "stocks": [stock_stats(ledger, i) for i in asked["stocks"]],
+            "stocks": [stock_stats(ledger, i, state.stock_names) for i in asked["stocks"]],
             "merchants": [merchant_stats(ledger, i) for i in asked["merchants"]]}
 
 
@@ -166,14 +166,14 @@ def share_bps(part: int, whole: int) -> int:
     return part * 10000 // whole if whole else 0
 
 
-def stock_stats(ledger, stock_id: int) -> dict:
+def stock_stats(ledger, stock_id: int, names: dict | None = None) -> dict:
     slot = ledger.find("stocks", stock_id) if stock_id else -1
     if slot < 0:
         return not_found(stock_id, Status.stock_not_found)
     row = {k: int(v) for k, v in zip(ledger.stocks.dtype.names, ledger.stocks[slot].tolist())
            if not isinstance(v, (tuple, list))}
     budget_left = row["budget"] - row["spent"] - row["reserved"] if row["budget"] else -1
-    return {"id": stock_id, "status": STATUS_OK, "issued": row["issued"],
+    return {"id": stock_id, "status": STATUS_OK, "name": (names or {}).get(stock_id, ""), "issued": row["issued"],
             "redeemed": row["stat_redeemed"],
             "redemption_rate_bps": share_bps(row["stat_redeemed"], row["issued"]),
             "discount_spent": row["spent"], "budget_left": budget_left,

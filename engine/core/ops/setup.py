@@ -9,7 +9,7 @@ from engine.protocol.limits import (
     TAGS_PER_MERCHANT_MAX, WALLET_BALANCE_MAX)
 from engine.core.state import State
 from engine.protocol.status import STATUS_OK, Status
-from engine.core.validate import (COUNT_MAX, I63_MAX, U32_MAX, Invalid, choice, failure,
+from engine.core.validate import (COUNT_MAX, I63_MAX, U32_MAX, Invalid, choice, display_name, failure,
                        integer, item_id, only_keys, result, u64, u64_list)
 
 MINUTES_PER_DAY = 1440
@@ -127,7 +127,7 @@ STOCK_KEYS = frozenset({
     "id", "funder", "merchant", "kind", "value", "cap", "min_spend",
     "valid_from", "valid_until", "validity_ms", "merchants", "tags",
     "goods_tags", "budget", "max_issued", "per_user_limit", "stacking",
-    "daily_budget", "per_user_daily_limit", "slots",
+    "daily_budget", "per_user_daily_limit", "slots", "name",
 })
 STOCK_SCALARS = ("funder", "merchant", "kind", "stacking", "value", "cap",
                  "min_spend", "valid_from", "valid_until", "validity_ms",
@@ -165,6 +165,7 @@ def stock_definition(item) -> tuple[int, dict]:
     d["tags"] = frozenset(u64_list(item, "tags", STOCK_LIST_LENGTH_MAX, U32_MAX))
     d["goods_tags"] = frozenset(u64_list(item, "goods_tags", STOCK_LIST_LENGTH_MAX, U32_MAX))
     d["slots"] = frozenset(parse_slots(item.get("slots", [])))
+    d["name"] = display_name(item)
     merchant = u64(item, "merchant", default=0)
     if d["funder"] == FUNDER_MERCHANT:
         if "merchant" not in item:
@@ -206,6 +207,7 @@ def stored_definition(state: State, slot: int) -> dict:
     sa, sn = int(row["slot_at"]), int(row["slots_count"])
     flat = ledger.slots[3 * sa:3 * (sa + sn)].tolist()
     d["slots"] = frozenset(tuple(flat[i:i + 3]) for i in range(0, len(flat), 3))
+    d["name"] = state.stock_names.get(int(row["id"]), "")
     return d
 
 
@@ -231,6 +233,8 @@ def create_stock(state: State, item) -> dict:
                   tags_count=len(d["tags"]), goods_count=len(d["goods_tags"]),
                   slot_at=slot_at, slots_count=len(d["slots"]))
     ledger.configure("stocks", slot, fields)
+    if d["name"]:
+        state.stock_names[stock_id] = d["name"]
     return result()
 
 
