@@ -304,9 +304,13 @@ def _stream_over_the_wire(console, eng, weekend: Weekend, clock: SimClock, data_
     console.print(f"server: durable, {data_dir}, listening on {server.host}:{server.port}")
     try:
         tally = _pay_over_the_wire(console, server, weekend, clock)
+        t0 = time.perf_counter()
         with console.status("reading the report from the server (STATS, BALANCES, LIFT)"):
             with Client.connect(server.host, server.port, client_name="scanpay-demo") as client:
                 figures = _figures(client, weekend.info)
+        lifts = sum(1 + len(windows) for windows in figures.series.values())
+        console.print(f"report read from the running server in {time.perf_counter() - t0:.1f} s "
+                      f"(STATS, BALANCES and {lifts} LIFT requests)")
     finally:
         server.stop()
     return tally, figures
