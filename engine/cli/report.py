@@ -88,9 +88,17 @@ def gather(source: Source, stocks=(), campaigns=(), merchants=(), merchant_names
         figures.series[reply["campaign"]] = series(source, reply)
     names = merchant_names or {}
     figures.merchants = [dict(m, label=names.get(m["id"], f"merchant {m['id']}"))
-                         for m in in_parts(source, "STATS", "merchants", list(merchants))
-                         if m["status"] == 0]
+                         for m in found(in_parts(source, "STATS", "merchants", list(merchants)))]
     return figures
+
+
+def found(rows: list) -> list:
+    """The rows, all found: an id the engine does not know is the caller's
+    mistake, said in one line rather than left out of the report."""
+    for row in rows:
+        if row["status"] != 0:
+            raise ReportError(f"id {row['id']}: {row.get('error')}")
+    return rows
 
 
 class ReportError(Exception):
@@ -124,14 +132,9 @@ def in_parts(source: Source, op: str, key: str, ids: list) -> list:
 
 def stock_rows(source: Source, ids: list) -> list:
     """STATS of each known stock, with its budget (BALANCES) and label."""
-    budgets = {b["id"]: b for b in in_parts(source, "BALANCES", "stocks", ids) if b["status"] == 0}
-    rows = []
-    for s in in_parts(source, "STATS", "stocks", ids):
-        if s["status"] != 0:
-            continue
-        label = s["name"] or f"stock {s['id']} (unnamed)"
-        rows.append(dict(s, label=label, budget=budgets[s["id"]]["budget"]))
-    return rows
+    budgets = {b["id"]: b["budget"] for b in found(in_parts(source, "BALANCES", "stocks", ids))}
+    return [dict(s, label=s["name"] or f"stock {s['id']} (unnamed)", budget=budgets[s["id"]])
+            for s in found(in_parts(source, "STATS", "stocks", ids))]
 
 
 def series(source: Source, reply: dict) -> list:

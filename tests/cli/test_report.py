@@ -154,4 +154,7 @@ def test_report_over_the_wire_needs_ids_and_a_server(tmp_path, capsys):
     with RealServer() as running:
         assert scanpay(["report", "--connect", f"127.0.0.1:{running.port}", "--campaigns", "9",
                         "--out", str(tmp_path)]) == 1
-    assert "campaign 9: campaign_not_found" in capsys.readouterr().err
+        assert "campaign 9: campaign_not_found" in capsys.readouterr().err
+        assert scanpay(["report", "--connect", f"127.0.0.1:{running.port}", "--stocks", "9",
+                        "--out", str(tmp_path)]) == 1
+        assert "id 9: stock_not_found" in capsys.readouterr().err
