@@ -38,6 +38,8 @@ MERCHANTS_SHOWN_MAX = 15
 UNLIMITED = "unlimited"
 PAID_OFF, NOT_PAID_OFF, TOO_EARLY = "paid off", "did not pay off", "too early to tell"
 NOT_JUDGED = "not judged"
+EARLY_REASONS = {"no_treated": "nobody in the treated group", "no_holdout": "nobody held out",
+                 "too_few": "fewer than 5 payers or 5 non-payers in a group: too few to tell"}
 
 
 @dataclass
@@ -158,8 +160,8 @@ def verdict(reply: dict, payer_value: int | None, currency: str) -> tuple[str, s
     extra payers (the conversion interval above 0) and each cost at most
     what an extra payer is worth (`payer_value`, the manager's figure)."""
     conv = reply["conversion"]
-    if conv["reason"] in ("no_treated", "no_holdout", "too_few"):
-        return TOO_EARLY, "fewer than 5 payers or 5 non-payers in a group: too few to tell"
+    if conv["reason"] in EARLY_REASONS:
+        return TOO_EARLY, EARLY_REASONS[conv["reason"]]
     if conv["reason"] == "contains_zero":
         return NOT_PAID_OFF, (f"no effect that can be told from chance: its "
                               f"{money(reply['discount'], currency)} of discounts bought no "

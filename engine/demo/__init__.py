@@ -158,8 +158,9 @@ def _run(console, args, eng, spec: World, clock: SimClock, data_dir: str | None)
     weekend = Weekend(info, shop, [r for r, _ in launched], max(args.payments - history, 0),
                       history + 1, topup_id)
     if args.embedded:
+        from engine.cli.report import Source
         tally = _stream(console, eng, weekend, clock)
-        figures = _figures(eng, info)
+        figures = _figures(Source.of_engine(eng), info)
     else:
         tally, figures = _stream_over_the_wire(console, eng, weekend, clock, data_dir)
     tally.history = history
@@ -257,12 +258,10 @@ def _launch(console, eng, info, shop: behaviour.Shoppers, clock: SimClock) -> li
 
 
 def _figures(source, info):
-    """The report's figures (engine/cli/report.py) from an Engine or a Client."""
+    """The report's figures (engine/cli/report.py) from a report.Source."""
     from engine.cli import report
-    wrap = (report.Source.of_client if hasattr(source, "server_info")
-            else report.Source.of_engine)(source)
     stocks = info.stock_ids.tolist() + [story.STOCK_ID_BASE + i for i in range(len(story.TARGETED))]
-    return report.gather(wrap, stocks, [t.campaign for t in story.TARGETED],
+    return report.gather(source, stocks, [t.campaign for t in story.TARGETED],
                          info.merchant_ids.tolist(),
                          merchant_names=dict(zip(info.merchant_ids.tolist(), info.merchant_names)),
                          payer_value=story.PAYER_VALUE)
@@ -297,6 +296,7 @@ def _stream(console, eng, weekend: Weekend, clock: SimClock) -> Tally:
 def _stream_over_the_wire(console, eng, weekend: Weekend, clock: SimClock, data_dir: str):
     """(tally, report figures): the weekend over the wire, then the report's
     figures read from the running server through a client."""
+    from engine.cli.report import Source
     from engine.client import Client
     from engine.demo.wire import BackgroundServer
 
@@ -307,7 +307,7 @@ def _stream_over_the_wire(console, eng, weekend: Weekend, clock: SimClock, data_
         t0 = time.perf_counter()
         with console.status("reading the report from the server (STATS, BALANCES, LIFT)"):
             with Client.connect(server.host, server.port, client_name="scanpay-demo") as client:
-                figures = _figures(client, weekend.info)
+                figures = _figures(Source.of_client(client), weekend.info)
         lifts = sum(1 + len(windows) for windows in figures.series.values())
         console.print(f"report read from the running server in {time.perf_counter() - t0:.1f} s "
                       f"(STATS, BALANCES and {lifts} LIFT requests)")
