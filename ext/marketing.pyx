@@ -15,6 +15,7 @@ cimport cython
 from libc.stdint cimport uint8_t, int32_t, int64_t, uint64_t
 
 from tables cimport Payment, COUPONS_PER_PAYMENT_MAX
+from index cimport prefetch_for_write
 
 from engine.core.canonical import PAYMENT_COMPLETED as _COMPLETED
 from engine.core.canonical import PAYMENT_PARTIALLY_REFUNDED as _PARTIALLY_REFUNDED
@@ -34,46 +35,67 @@ cdef inline bint counted(const Payment* p) noexcept nogil:
     return p.state == COMPLETED or p.state == PARTIALLY_REFUNDED
 
 
+# The per-user accumulators of scan_payments, one row per wallet slot: a
+# payment updates one row (one cache line), where three separate arrays
+# would cost three cache misses per payment.
+cdef enum:
+    C_COUNT = 0
+    C_GMV = 1
+    C_LAST = 2
+    C_FLAGS = 3
+    C_FIELDS = 4
+    F_EVER = 1
+    F_BEFORE = 2
+    PREFETCH_AHEAD = 16             # payments ahead whose user row is fetched early
+ACC_COUNT, ACC_GMV, ACC_LAST, ACC_FLAGS, ACC_FIELDS = C_COUNT, C_GMV, C_LAST, C_FLAGS, C_FIELDS
+FLAG_EVER, FLAG_BEFORE = F_EVER, F_BEFORE
+
+
 def scan_payments(const uint8_t[::1] rows, const uint8_t[::1] in_scope,
-                  int64_t from_ms, int64_t until_ms, int64_t[::1] count,
-                  int64_t[::1] gmv, int64_t[::1] last, uint8_t[::1] ever,
-                  uint8_t[::1] before):
+                  int64_t from_ms, int64_t until_ms, int64_t[:, ::1] acc):
     """For each wallet slot u, over its counted payments at a merchant slot m
-    with in_scope[m]: count[u], gmv[u] (net: amount - refunded_amount) and
-    last[u] (the latest completed_at, else left as it was) of those completed
-    in [from_ms, until_ms); ever[u] = 1 if any at all; before[u] = 1 if one
-    completed before from_ms. The caller zeroes the outputs. GMV saturates
-    at 2**63 - 1 (no user's net payments come near it)."""
+    with in_scope[m], into acc[u] (zeroed by the caller): ACC_COUNT, ACC_GMV
+    (net: amount - refunded_amount) and ACC_LAST (the latest completed_at)
+    of those completed in [from_ms, until_ms); ACC_FLAGS bit FLAG_EVER if any
+    at all, FLAG_BEFORE if one completed before from_ms. GMV saturates at
+    2**63 - 1 (no user's net payments come near it)."""
     cdef int64_t n = rows.shape[0] // sizeof(Payment)
     if rows.shape[0] != n * sizeof(Payment):
         raise ValueError("rows must be whole payment rows")
-    cdef int64_t users = count.shape[0]
-    if not (gmv.shape[0] == users and last.shape[0] == users and ever.shape[0] == users
-            and before.shape[0] == users):
-        raise ValueError("the per-user outputs must have one length")
+    if acc.shape[1] != C_FIELDS:
+        raise ValueError(f"acc has {C_FIELDS} columns")
+    cdef int64_t users = acc.shape[0], merchants = in_scope.shape[0]
     cdef const Payment* pay = <const Payment*>&rows[0] if n else NULL
     cdef const Payment* p
-    cdef int64_t i, at, net
+    cdef int64_t i, at, net, ahead
+    cdef int64_t* row
     cdef int32_t u
     with nogil:
         for i in range(n):
+            ahead = i + PREFETCH_AHEAD
+            if ahead < n and 0 <= pay[ahead].user < users:
+                prefetch_for_write(&acc[pay[ahead].user, 0])
             p = &pay[i]
-            if not counted(p) or not in_scope[p.merchant]:
+            if not counted(p):
                 continue
             u = p.user
-            if u < 0 or u >= users:
+            if u < 0 or u >= users or p.merchant < 0 or p.merchant >= merchants:
                 with gil:
-                    raise ValueError(f"payment row {i} names wallet slot {u}")
-            ever[u] = 1
+                    raise ValueError(f"payment row {i} names wallet slot {u}, merchant "
+                                     f"slot {p.merchant}: not in the tables given")
+            if not in_scope[p.merchant]:
+                continue
+            row = &acc[u, 0]
+            row[C_FLAGS] |= F_EVER
             at = p.completed_at
             if at < from_ms:
-                before[u] = 1
+                row[C_FLAGS] |= F_BEFORE
             elif at < until_ms:
-                count[u] += 1
+                row[C_COUNT] += 1
                 net = p.amount - p.refunded_amount
-                gmv[u] = I64_MAX if gmv[u] > I64_MAX - net else gmv[u] + net
-                if at > last[u]:
-                    last[u] = at
+                row[C_GMV] = I64_MAX if row[C_GMV] > I64_MAX - net else row[C_GMV] + net
+                if at > row[C_LAST]:
+                    row[C_LAST] = at
 
 
 def coupon_discount(const uint8_t[::1] rows, const uint8_t[::1] coupon_mask,

@@ -105,14 +105,51 @@ class Activity:
     latest completion; whether the user paid there ever, and before `start`."""
 
     def __init__(self, ledger, mask: np.ndarray, start: int, until: int):
+        acc = np.zeros((ledger.n_users, _marketing.ACC_FIELDS), np.int64)
+        _marketing.scan_payments(payment_rows(ledger), mask, start, until, acc)
+        self.count = acc[:, _marketing.ACC_COUNT]
+        self.gmv = acc[:, _marketing.ACC_GMV]
+        self.last = acc[:, _marketing.ACC_LAST]
+        flags = acc[:, _marketing.ACC_FLAGS]
+        self.ever = flags & _marketing.FLAG_EVER != 0
+        self.before = flags & _marketing.FLAG_BEFORE != 0
+
+
+class UserOrder:
+    """Wallet slots in user id order, kept between evaluations: sorting a
+    million scrambled ids costs more than a whole segment's other work, and
+    wallets are only ever appended, so the order only grows. New wallets
+    are sorted alone and merged in (a stable sort of two sorted runs is one
+    merge). Derived state: never journaled, snapshotted or compared."""
+
+    def __init__(self):
+        self.n = 0
+        self.order = np.zeros(0, np.int64)
+        self.sorted_ids = np.zeros(0, np.uint64)
+
+    def update(self, ledger) -> "UserOrder":
         n = ledger.n_users
-        self.count = np.zeros(n, np.int64)
-        self.gmv = np.zeros(n, np.int64)
-        self.last = np.zeros(n, np.int64)
-        self.ever = np.zeros(n, np.uint8)
-        self.before = np.zeros(n, np.uint8)
-        _marketing.scan_payments(payment_rows(ledger), mask, start, until, self.count,
-                                 self.gmv, self.last, self.ever, self.before)
+        assert n >= self.n, "wallets are never removed"
+        if n != self.n:
+            ids = ledger.users["id"][:n]
+            fresh = self.n + np.argsort(ids[self.n:], kind="stable")
+            merged = np.concatenate([self.order, fresh])
+            self.order = merged[np.argsort(ids[merged], kind="stable")]
+            self.sorted_ids = ids[self.order]
+            self.n = n
+        return self
+
+    def slots_of(self, user_ids: np.ndarray) -> np.ndarray:
+        """The wallet slots of user ids that all have wallets."""
+        at = np.searchsorted(self.sorted_ids, user_ids)
+        assert (self.sorted_ids[at] == user_ids).all(), "a user id without a wallet"
+        return self.order[at]
+
+
+def user_order(state) -> UserOrder:
+    if state.user_order is None:
+        state.user_order = UserOrder()
+    return state.user_order.update(state.ledger)
 
 
 def bounds(d: dict, now: int) -> tuple[int, int]:
@@ -133,10 +170,11 @@ def evaluate(state, d: dict, now: int) -> np.ndarray:
         days = (now - seen.last) // DAY_MS
         keep &= (seen.count > 0) & between(days, d["recency_days_min"], d["recency_days_max"])
     if d["never_paid"]:
-        keep &= seen.ever == 0
+        keep &= ~seen.ever
     if d["program"] is not None:
         keep &= members_of(ledger, d["program"], d["points_min"])
-    return np.sort(ledger.users["id"][:ledger.n_users][keep])
+    order = user_order(state)
+    return order.sorted_ids[keep[order.order]]
 
 
 def between(values: np.ndarray, low, high) -> np.ndarray:

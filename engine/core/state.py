@@ -26,6 +26,9 @@ class State:
     segments: dict = field(default_factory=dict)
     campaigns: dict = field(default_factory=dict)
     stock_names: dict = field(default_factory=dict)
+    # Derived, kept only to spare work (engine/core/segments.py UserOrder):
+    # wallet slots in user id order. Not journaled, snapshotted or compared.
+    user_order: object = None
 
     def __post_init__(self):
         if self.ledger is None:

@@ -812,5 +812,7 @@ class MoneyReference(Reference):
         t["settlements"] = _table("settlements", [
             dict(settlement=s["settlement"], at=s["at"], **row)
             for s in self.settlements for row in s["rows"]])
+        t["stock_names"] = _table("stock_names", [dict(stock=s.id, name=s.name.encode())
+                                                  for s in self.stocks.values() if s.name])
         # Tables of later scopes (membership, analytics) are absent: empty.
         return t

@@ -172,7 +172,7 @@ def measure(state: State, campaign_id: int, campaign: Campaign, start: int, unti
     ledger = state.ledger
     mask = segments.scope_mask(ledger, campaign.merchants, campaign.tags)
     seen = segments.Activity(ledger, mask, start, I63_MAX if until is None else until)
-    slots = user_slots(ledger, campaign.members["user"])
+    slots = segments.user_order(state).slots_of(campaign.members["user"])
     held = campaign.members["holdout"] != 0
     groups = {name: group_sums(seen, slots[which])
               for name, which in (("treated", ~held), ("holdout", held))}
@@ -188,16 +188,6 @@ def measure(state: State, campaign_id: int, campaign: Campaign, start: int, unti
     return reply
 
 
-def user_slots(ledger, user_ids: np.ndarray) -> np.ndarray:
-    """The wallet slots of user ids that all have wallets (wallets are
-    never closed, so a campaign's members always do)."""
-    ids = ledger.users["id"][:ledger.n_users]
-    order = np.argsort(ids, kind="stable")
-    slots = order[np.searchsorted(ids[order], user_ids)] if len(user_ids) else order[:0]
-    assert (ids[slots] == user_ids).all(), "a campaign member without a wallet"
-    return slots
-
-
 def group_sums(seen: segments.Activity, slots: np.ndarray) -> tuple[stats.Group, dict]:
     """(the statistics' sums, the reply's figures) of one group."""
     count, gmv = seen.count[slots], seen.gmv[slots]
@@ -206,7 +196,7 @@ def group_sums(seen: segments.Activity, slots: np.ndarray) -> tuple[stats.Group,
     total = sum(gmv[paid].tolist())                 # exact: Python ints
     squares = sum(g * g for g in gmv[paid].tolist())
     figures = {"users": users, "converted": converted,
-               "new_converted": int((paid & (seen.before[slots] == 0)).sum()),
+               "new_converted": int((paid & ~seen.before[slots]).sum()),
                "payments": int(count.sum()), "gmv": total,
                "conversion_ppm": stats.ratio(converted * stats.PPM, users),
                "gmv_per_user": stats.ratio(total, users)}
