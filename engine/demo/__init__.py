@@ -1,13 +1,20 @@
-"""Scan-to-pay demo: a weekend at Riverside Mall.
+"""Scan-to-pay demo: a weekend at Riverside Mall, and two targeted campaigns.
 
 Builds the demo world (engine/demo/world.py) in a durable engine on a temporary
-data directory, starts the socket server on it, and streams a few million
-scan-to-pay payments from 16 concurrent gateway connections while the
-engine clock walks from Saturday 09:00 to Sunday 21:00; then prints the
-throughput, the latency percentiles of the PAY frames, coupons redeemed by
-campaign and the AUDIT, and writes the campaign report. `--embedded` runs the
-same traffic through `Engine.pay` in process instead. The exit code is 0 only
-when AUDIT is ok.
+data directory eight weeks before the weekend, and pays the shoppers' mall
+visits of those eight weeks in process (engine/demo/shoppers.py: the history
+segments are drawn from). On Saturday 09:00 it issues the weekend's coupons and
+sends two targeted campaigns with a holdout, the same coupon to lapsed
+regulars and to shoppers new to the mall (engine/demo/story.py). Then it
+starts the socket server and streams the weekend's payments from 16
+concurrent gateway connections while the engine clock walks to Sunday 21:00;
+the shoppers decide to go to the mall by their own propensity and by whether
+they hold a coupon. It prints the throughput, the latency percentiles of the
+PAY frames, the coupon campaigns and the AUDIT, writes the campaign report
+(read from the running server), and ends with each targeted campaign's extra
+payers, their cost, and which campaign paid off (measured by LIFT).
+`--embedded` runs the same traffic through `Engine.pay` in process instead.
+The exit code is 0 only when AUDIT is ok.
 
     scanpay demo [--payments N] [--users N] [--seed N] [--embedded]
 """
@@ -24,11 +31,14 @@ import numpy as np
 
 from engine.protocol.records import PAY_RESULT
 from engine.protocol.status import STATUS_NAMES, Status
-from engine.demo.world import (BATCH_RECORDS_MAX, CATEGORIES, DEMO_START_MS, World, WorldBuildError,
-                    build, capacity_for, make_engine, pay_batches)
+from engine.demo import shoppers as behaviour, story
+from engine.demo.world import (CATEGORIES, DEMO_START_MS, World, WorldBuildError, build,
+                               capacity_for, issue_coupons, make_engine)
 
 PAYMENTS_DEFAULT = 1_000_000      # the main job: about a minute on 2 shared cores
 WEEKEND_MS = 36 * 3_600_000               # Saturday 09:00 to Sunday 21:00
+HISTORY_STEPS_PER_DAY = 2                 # instants a day of the eight weeks before
+WEEKEND_STEPS_MIN = 36                    # at least an instant an hour of the weekend
 AUTO_TOPUP_AMOUNT = 500_000               # 5,000 CNY, when a wallet runs dry
 STATUS_COUNT = max(STATUS_NAMES) + 1
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -48,7 +58,6 @@ class SimClock:
 class Tally:
     """Running totals over the stream, all integers (fen)."""
 
-    stocks: int
     payments: int = 0
     pay_seconds: float = 0.0
     gmv: int = 0
@@ -58,20 +67,20 @@ class Tally:
     auto_topups: int = 0
     audit_seconds: float = 0.0
     latency: object = None                          # HdrHistogram of PAY frames (server mode)
+    history: int = 0                                # payments of the eight weeks before
     statuses: np.ndarray = field(default=None)
-    redeemed: np.ndarray = field(default=None)      # coupons applied, by stock index
     gmv_by_category: np.ndarray = field(default=None)
 
     def __post_init__(self):
         self.statuses = np.zeros(STATUS_COUNT, np.int64)
-        self.redeemed = np.zeros(self.stocks, np.int64)
         self.gmv_by_category = np.zeros(len(CATEGORIES), np.int64)
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
     """The demo's options: on `python -m engine.demo` and on `scanpay demo`."""
     p.add_argument("--payments", type=int, default=PAYMENTS_DEFAULT,
-                   help=f"payments to stream (default {PAYMENTS_DEFAULT:,})")
+                   help=f"payments in all (default {PAYMENTS_DEFAULT:,}): the eight weeks' "
+                        f"mall visits first, the weekend's stream the rest")
     p.add_argument("--users", type=int, default=100_000, help="shoppers in the mall")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--embedded", action="store_true",
@@ -107,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         spec = World.demo(seed=args.seed, users=args.users)
-        clock = SimClock(DEMO_START_MS)
+        clock = SimClock(behaviour.history_start(DEMO_START_MS))
         eng = _make_engine(args, spec, clock, data_dir)
         return _run(console, args, eng, spec, clock, data_dir)
     except KeyboardInterrupt:
@@ -140,27 +149,57 @@ def _run(console, args, eng, spec: World, clock: SimClock, data_dir: str | None)
     console.rule(f"[bold]Scanpay demo: a weekend at Riverside Mall[/] ({spec.users:,} shoppers)")
     try:
         info = _build(console, eng, spec)
+        shop = behaviour.shoppers(info, clock.now_ms, DEMO_START_MS)
+        history, topup_id = _history(console, eng, info, shop, clock)
+        launched = _launch(console, eng, info, shop, clock)
     except WorldBuildError as e:
         console.print(f"[red]world build failed:[/] {e}")
         return 2
+    weekend = Weekend(info, shop, [r for r, _ in launched], max(args.payments - history, 0),
+                      history + 1, topup_id)
     if args.embedded:
-        tally = _stream(console, eng, info, clock, args.payments)
+        from engine.cli.report import Source
+        tally = _stream(console, eng, weekend, clock)
+        figures = _figures(Source.of_engine(eng), info)
     else:
-        tally = _stream_over_the_wire(console, eng, info, clock, args.payments, data_dir)
+        tally, figures = _stream_over_the_wire(console, eng, weekend, clock, data_dir)
+    tally.history = history
     t0 = time.perf_counter()
     audit = eng.call("AUDIT", {})
     tally.audit_seconds = time.perf_counter() - t0
-    _report(console, eng, info, tally, audit)
+    _report(console, eng, tally, audit, figures)
     if args.report:
         from engine.cli import report
-        paths = report.write(
-            eng, args.report,
-            stock_names=dict(zip(info.stock_ids.tolist(), info.stock_names)),
-            merchant_names=dict(zip(info.merchant_ids.tolist(), info.merchant_names)))
+        paths = report.write(figures, args.report)
         console.print("campaign report: " + ", ".join(paths))
         if report.missing_png_note(paths):
             console.print(report.missing_png_note(paths), markup=False, highlight=False)
+    _story(console, figures)
     return 0 if audit.get("ok") is True else 1
+
+
+@dataclass
+class Weekend:
+    """What the weekend's stream needs: the shoppers, the campaigns' coupon
+    ranges, how many payments (beyond the mall visits) and the first id."""
+    info: object
+    shop: behaviour.Shoppers
+    coupon_ranges: list
+    payments: int
+    first_id: int
+    topup_id: int                   # the next auto top-up's id
+
+    def batches(self, clock: SimClock):
+        """The weekend's PAY batches, the engine clock set for each."""
+        for now, batch in behaviour.stream(self.info, self.shop, 2, self.payments, DEMO_START_MS,
+                                           DEMO_START_MS + WEEKEND_MS, self.first_id,
+                                           WEEKEND_STEPS_MIN):
+            clock.now_ms = now
+            yield batch
+
+    def paid(self, batch: np.ndarray, results: np.ndarray) -> None:
+        """The shoppers whose payment used a campaign coupon hold it no more."""
+        self.shop.redeemed(self.info, batch, results, self.coupon_ranges)
 
 
 def _build(console, eng, spec: World):
@@ -176,63 +215,121 @@ def _build(console, eng, spec: World):
             progress.update(tasks[stage], completed=done)
 
         t0 = time.perf_counter()
-        info = build(eng, spec, progress=note)
+        info = build(eng, spec, progress=note, issue=False)
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in info.seconds.items())
     console.print(f"world built in {time.perf_counter() - t0:.1f} s ({stages}): "
-                  f"{spec.merchants} merchants, {len(info.stock_ids)} campaigns, "
-                  f"{len(info.coupon_ids):,} coupons issued")
+                  f"{spec.merchants} merchants, {spec.users:,} wallets, "
+                  f"{len(info.stock_ids)} coupon campaigns")
     return info
 
 
-def _stream(console, eng, info, clock: SimClock, payments: int) -> Tally:
+def _history(console, eng, info, shop: behaviour.Shoppers, clock: SimClock) -> tuple[int, int]:
+    """The eight weeks before the weekend: the shoppers' mall visits, paid in
+    process (the history the segments are drawn from). Returns the payments
+    and the next auto top-up id."""
+    t0 = time.perf_counter()
+    start = clock.now_ms
+    steps = behaviour.HISTORY_DAYS * HISTORY_STEPS_PER_DAY
+    tally = Tally()
+    topup_id = info.spec.users + 1        # build() used top-up ids 1..users
+    with console.status("paying the eight weeks before the weekend (in process)"):
+        for now, batch in behaviour.stream(info, shop, 1, 0, start, DEMO_START_MS, 1, steps):
+            clock.now_ms = now
+            res = eng.pay(batch)
+            _count(tally, info, batch, res)
+            topup_id = _auto_topup(eng, tally, batch, res, topup_id)
+    info.seconds["history"] = time.perf_counter() - t0
+    console.print(f"eight weeks before the weekend: {tally.payments:,} payments at the mall "
+                  f"(in process, {info.seconds['history']:.1f} s)")
+    return tally.payments, topup_id
+
+
+def _launch(console, eng, info, shop: behaviour.Shoppers, clock: SimClock) -> list:
+    """Saturday 09:00: the weekend's coupons, and the two targeted campaigns."""
+    clock.now_ms = DEMO_START_MS
+    issue_coupons(eng, info)
+    launched = story.launch(eng, info, shop, DEMO_START_MS)
+    console.print(f"Saturday 09:00: {len(info.coupon_ids):,} coupons of "
+                  f"{len(info.stock_ids)} campaigns issued; targeted campaigns sent:")
+    for t, (_, r) in zip(story.TARGETED, launched):
+        console.print(f"  {t.name}: {r['size']:,} shoppers in the segment, {r['issued']:,} "
+                      f"coupons issued, {r['holdout']:,} held out ({t.holdout_bps / 100:g} %)")
+    return launched
+
+
+def _figures(source, info):
+    """The report's figures (engine/cli/report.py) from a report.Source."""
+    from engine.cli import report
+    stocks = info.stock_ids.tolist() + [story.STOCK_ID_BASE + i for i in range(len(story.TARGETED))]
+    return report.gather(source, stocks, [t.campaign for t in story.TARGETED],
+                         info.merchant_ids.tolist(),
+                         merchant_names=dict(zip(info.merchant_ids.tolist(), info.merchant_names)),
+                         payer_value=story.PAYER_VALUE)
+
+
+def _stream(console, eng, weekend: Weekend, clock: SimClock) -> Tally:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
 
-    tally = Tally(stocks=len(info.stock_ids))
-    n_batches = -(-payments // BATCH_RECORDS_MAX)
-    topup_id = info.spec.users + 1        # build() used top-up ids 1..users
+    info = weekend.info
+    tally = Tally()
+    topup_id = weekend.topup_id
     columns = (TextColumn("paying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[rate]}"), TextColumn("[dim]{task.fields[clock]}"))
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("pay", total=payments, rate="", clock="")
-        left = payments
-        for i, batch in enumerate(pay_batches(info, n_batches, seed=1)):
-            batch = batch[:left]
-            left -= len(batch)
-            clock.now_ms = DEMO_START_MS + WEEKEND_MS * i // n_batches
+        task = progress.add_task("pay", total=weekend.payments, rate="", clock="")
+        for batch in weekend.batches(clock):
             t0 = time.perf_counter()
             res = eng.pay(batch)
             tally.pay_seconds += time.perf_counter() - t0
             _count(tally, info, batch, res)
+            weekend.paid(batch, res)
             topup_id = _auto_topup(eng, tally, batch, res, topup_id)
             rate = tally.payments / max(tally.pay_seconds, 1e-9)
             progress.update(task, completed=tally.payments,
+                            total=max(weekend.payments, tally.payments),
                             rate=f"{rate / 1e6:.2f} M payments/s",
                             clock=_local_time(clock.now_ms))
     return tally
 
 
-def _stream_over_the_wire(console, eng, info, clock: SimClock, payments: int,
-                          data_dir: str) -> Tally:
+def _stream_over_the_wire(console, eng, weekend: Weekend, clock: SimClock, data_dir: str):
+    """(tally, report figures): the weekend over the wire, then the report's
+    figures read from the running server through a client."""
+    from engine.cli.report import Source
+    from engine.client import Client
+    from engine.demo.wire import BackgroundServer
+
+    server = BackgroundServer(eng, data_dir)
+    console.print(f"server: durable, {data_dir}, listening on {server.host}:{server.port}")
+    try:
+        tally = _pay_over_the_wire(console, server, weekend, clock)
+        t0 = time.perf_counter()
+        with console.status("reading the report from the server (STATS, BALANCES, LIFT)"):
+            with Client.connect(server.host, server.port, client_name="scanpay-demo") as client:
+                figures = _figures(Source.of_client(client), weekend.info)
+        lifts = sum(1 + len(windows) for windows in figures.series.values())
+        console.print(f"report read from the running server in {time.perf_counter() - t0:.1f} s "
+                      f"(STATS, BALANCES and {lifts} LIFT requests)")
+    finally:
+        server.stop()
+    return tally, figures
+
+
+def _pay_over_the_wire(console, server, weekend: Weekend, clock: SimClock) -> Tally:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
 
-    from engine.demo.wire import FRAME_RECORDS, BackgroundServer, stream
+    from engine.demo.wire import FRAME_RECORDS, stream
 
-    tally = Tally(stocks=len(info.stock_ids))
-    n_batches = -(-payments // BATCH_RECORDS_MAX)
-    topup = {"id": info.spec.users + 1}
-    server = BackgroundServer(eng, data_dir)
-    console.print(f"server: durable, {data_dir}, listening on {server.host}:{server.port}")
+    info = weekend.info
+    tally = Tally()
+    topup = {"id": weekend.topup_id}
     columns = (TextColumn("paying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[rate]}"), TextColumn("[dim]{task.fields[clock]}"))
 
     def frames():
-        left = payments
-        for i, batch in enumerate(pay_batches(info, n_batches, seed=1)):
-            batch = batch[:left]
-            left -= len(batch)
-            clock.now_ms = DEMO_START_MS + WEEKEND_MS * i // n_batches
+        for batch in weekend.batches(clock):
             for at in range(0, len(batch), FRAME_RECORDS):
                 yield batch[at:at + FRAME_RECORDS]
 
@@ -245,19 +342,20 @@ def _stream_over_the_wire(console, eng, info, clock: SimClock, payments: int,
 
     started = time.perf_counter()
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("pay", total=payments, rate="", clock="")
+        task = progress.add_task("pay", total=weekend.payments, rate="", clock="")
 
         def on_reply(batch, results):
             _count(tally, info, batch, results)
+            weekend.paid(batch, results)
             rate = tally.payments / max(time.perf_counter() - started, 1e-9)
-            progress.update(task, completed=tally.payments, rate=f"{rate / 1e3:,.0f} k payments/s",
-                            clock=_local_time(clock.now_ms))
+            progress.update(task, completed=tally.payments,
+                            total=max(weekend.payments, tally.payments),
+                            rate=f"{rate / 1e3:,.0f} k payments/s", clock=_local_time(clock.now_ms))
 
         try:
             tally.latency = stream(frames(), server.host, server.port, on_reply, dry)
         finally:
             tally.pay_seconds = time.perf_counter() - started
-            server.stop()
     return tally
 
 
@@ -279,12 +377,6 @@ def _count(tally: Tally, info, batch: np.ndarray, res: np.ndarray) -> None:
     cats = info.merchant_category[(batch["merchant"][ok] - 1).astype(np.int64)]
     for c in range(len(CATEGORIES)):   # integer sums: money never goes through floats
         tally.gmv_by_category[c] += int(amounts[cats == c].sum())
-    applied = res["coupons"][ok].reshape(-1)
-    applied = applied[applied != 0]
-    if len(applied):
-        stocks = info.stock_of_coupons(applied)
-        at = np.searchsorted(info.stock_ids, stocks)
-        tally.redeemed += np.bincount(at, minlength=len(info.stock_ids))[:len(info.stock_ids)]
 
 
 def _auto_topup(eng, tally: Tally, batch, res, topup_id: int) -> int:
@@ -303,7 +395,7 @@ def _cny(fen: int) -> str:
     return f"{fen / 100:,.2f}" if abs(fen) < 10**15 else f"{fen // 100:,}"
 
 
-def _report(console, eng, info, tally: Tally, audit: dict) -> None:
+def _report(console, eng, tally: Tally, audit: dict, figures) -> None:
     from rich.table import Table
 
     console.print(_summary_table(eng, tally))
@@ -323,7 +415,7 @@ def _report(console, eng, info, tally: Tally, audit: dict) -> None:
         cat.add_row(row[0], _cny(int(tally.gmv_by_category[c])))
     console.print(cat)
 
-    console.print(_campaign_table(eng, info, tally))
+    console.print(_campaign_table(figures))
 
     au = Table(title=f"AUDIT: {'[green]ok' if audit.get('ok') else '[red]FAILED'}")
     au.add_column("check")
@@ -342,7 +434,8 @@ def _summary_table(eng, tally: Tally):
     head = Table(title="Weekend summary", show_header=False)
     head.add_column(style="bold")
     head.add_column(justify="right")
-    head.add_row("payments", f"{tally.payments:,}")
+    head.add_row("payments in the eight weeks before (in process)", f"{tally.history:,}")
+    head.add_row("payments over the weekend", f"{tally.payments:,}")
     over_the_wire = tally.latency is not None
     # What pay_seconds measured: the wall time of the whole stream over the
     # wire (16 connections, fsyncs, auto top-ups), or the time spent inside
@@ -368,24 +461,34 @@ def _summary_table(eng, tally: Tally):
     return head
 
 
-def _campaign_table(eng, info, tally: Tally):
+def _campaign_table(figures):
+    """The coupon campaigns, as the report's figures (STATS, BALANCES) have them."""
     from rich.table import Table
 
-    balances = eng.call("BALANCES", {"stocks": info.stock_ids.tolist()})
-    by_id = {s["id"]: s for s in balances.get("stocks", [])}
-    camp = Table(title="Coupons redeemed by campaign")
+    from engine.cli.report import UNLIMITED
+
+    camp = Table(title="Coupon campaigns")
     camp.add_column("campaign", no_wrap=True)
-    camp.add_column("funder")
     for col in ("issued", "redeemed", "spent (CNY)", "budget (CNY)", "used"):
         camp.add_column(col, justify="right", no_wrap=True)
-    for i, name in enumerate(info.stock_names):
-        sid = int(info.stock_ids[i])
-        s = by_id.get(sid, {})
-        spent, budget = int(s.get("spent", 0)), int(s.get("budget", info.stock_defs[i].get("budget", 0)))
-        used = f"{100 * spent / budget:.1f} %" if budget else "no limit"
-        camp.add_row(name, info.stock_defs[i]["funder"], f"{int(s.get('issued', 0)):,}",
-                     f"{int(tally.redeemed[i]):,}", _cny(spent), _cny(budget) if budget else "-", used)
+    for s in figures.stocks:
+        spent, budget = s["discount_spent"], s["budget"]
+        used = f"{100 * spent / budget:.1f} %" if budget else "-"
+        camp.add_row(s["label"], f"{s['issued']:,}", f"{s['redeemed']:,}", _cny(spent),
+                     _cny(budget) if budget else UNLIMITED, used)
     return camp
+
+
+def _story(console, figures) -> None:
+    """The end of the story: each targeted campaign's extra payers with their
+    interval, what each cost, and which campaign paid off (LIFT's figures)."""
+    from engine.cli.report import verdict_lines
+
+    console.rule("[bold]Targeted campaigns: which one paid off?[/]")
+    console.print(f"(an extra payer is worth {_cny(story.PAYER_VALUE)} CNY to the mall; "
+                  f"each campaign against its own holdout)", highlight=False)
+    for line in verdict_lines(figures):
+        console.print(line, markup=False, highlight=False)
 
 
 if __name__ == "__main__":

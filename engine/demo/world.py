@@ -120,6 +120,8 @@ class WorldInfo:
     coupon_ids: np.ndarray            # u64, sorted
     coupon_stocks: np.ndarray         # u64 stock id of coupon_ids[i]
     seconds: dict = field(default_factory=dict)   # build stage -> seconds
+    merchant_mall: np.ndarray | None = None       # bool, by merchant index: in a mall
+    coupon_users: np.ndarray | None = None        # u64 user id of coupon_ids[i]
 
     def stock_of_coupons(self, coupons: np.ndarray) -> np.ndarray:
         """Stock id of each given coupon id (0 for 0 or an unknown id)."""
@@ -295,7 +297,8 @@ def _demo_stocks(spec: World, now_ms: int, names: list[str]):
     }
     stock_names, defs, weights = [], [], []
     for i, (name, d, weight) in enumerate(_DEMO_CAMPAIGNS):
-        item = dict(d, id=i + 1, valid_from=now_ms - DAY_MS, valid_until=now_ms + 30 * DAY_MS)
+        item = dict(d, id=i + 1, name=name, valid_from=now_ms - DAY_MS,
+                    valid_until=now_ms + 30 * DAY_MS)
         if "merchant" in item:
             item["merchant"] = by_name[item["merchant"]] + 1   # demo merchant ids are 1..n
         if "merchants" in item:
@@ -433,9 +436,11 @@ def _coupon_stocks(rng: np.random.Generator, users: int, per_user: int,
     return picks
 
 
-def build(engine, spec: World, progress: ProgressFn | None = None) -> WorldInfo:
+def build(engine, spec: World, progress: ProgressFn | None = None,
+          issue: bool = True) -> WorldInfo:
     """Create the world in `engine`: merchants, wallets, top-ups, stocks, then
-    coupons issued in full batches. Raises WorldBuildError on any refused item."""
+    coupons issued in full batches (with issue=False, not yet: the demo issues
+    them later, with `issue_coupons`). Raises WorldBuildError on any refused item."""
     rng = np.random.default_rng(spec.seed)
     seconds: dict = {}
     note = progress or (lambda stage, done, total: None)
@@ -466,14 +471,7 @@ def build(engine, spec: World, progress: ProgressFn | None = None) -> WorldInfo:
         coupon_ids, coupon_user, flat = coupon_ids[keep], coupon_user[keep], flat[keep]
 
     with _timed(seconds, "merchants"):
-        items = []
-        for i in range(spec.merchants):
-            cat = int(m_cats[i])
-            tags = [CATEGORIES[cat][1], DISTRICT_TAG_BASE + int(m_dists[i])]
-            if m_mall[i]:
-                tags.append(MALL_TAG_BASE + (0 if spec.preset == "demo" else i % spec.malls))
-            items.append({"id": int(merchant_ids[i]), "fee_bps": CATEGORIES[cat][4],
-                          "tags": tags})
+        items = _merchant_items(spec, merchant_ids, m_cats, m_dists, m_mall)
         _call_chunked(engine, "MERCHANTS", "merchants", items, note)
 
     with _timed(seconds, "wallets"):
@@ -489,8 +487,9 @@ def build(engine, spec: World, progress: ProgressFn | None = None) -> WorldInfo:
     with _timed(seconds, "stocks"):
         _call_chunked(engine, "STOCKS", "stocks", s_defs, note)
 
-    with _timed(seconds, "issue"):
-        _issue_all(engine, coupon_ids, stock_ids[flat], user_ids[coupon_user], note)
+    if issue:
+        with _timed(seconds, "issue"):
+            _issue_all(engine, coupon_ids, stock_ids[flat], user_ids[coupon_user], note)
 
     order = np.argsort(coupon_ids)
     return WorldInfo(
@@ -499,8 +498,28 @@ def build(engine, spec: World, progress: ProgressFn | None = None) -> WorldInfo:
         merchant_cdf=np.cumsum(m_w) / np.sum(m_w), merchant_names=m_names,
         stock_ids=stock_ids, stock_names=s_names, stock_defs=s_defs,
         coupon_ids=coupon_ids[order], coupon_stocks=stock_ids[flat][order],
-        seconds=seconds,
+        seconds=seconds, merchant_mall=np.asarray(m_mall, bool),
+        coupon_users=user_ids[coupon_user][order],
     )
+
+
+def _merchant_items(spec: World, merchant_ids, m_cats, m_dists, m_mall) -> list[dict]:
+    """The MERCHANTS items: category and district tags, and a mall's tag."""
+    items = []
+    for i in range(spec.merchants):
+        cat = int(m_cats[i])
+        tags = [CATEGORIES[cat][1], DISTRICT_TAG_BASE + int(m_dists[i])]
+        if m_mall[i]:
+            tags.append(MALL_TAG_BASE + (0 if spec.preset == "demo" else i % spec.malls))
+        items.append({"id": int(merchant_ids[i]), "fee_bps": CATEGORIES[cat][4], "tags": tags})
+    return items
+
+
+def issue_coupons(engine, info: WorldInfo, progress: ProgressFn | None = None) -> None:
+    """Issue the world's coupons, for a world built with issue=False."""
+    with _timed(info.seconds, "issue"):
+        _issue_all(engine, info.coupon_ids, info.coupon_stocks, info.coupon_users,
+                   progress or (lambda stage, done, total: None))
 
 
 def _call_chunked(engine, op: str, key: str, items: list, note: ProgressFn) -> None:

@@ -93,6 +93,11 @@ def test_demo_end_to_end(tmp_path, capsys):
     # It timed the stream over the wire, not Engine.pay calls.
     assert "wall time of the stream over the wire" in out and "Engine.pay" not in out
     assert (report / "report.png").exists()
+    # It ends with the targeted campaigns' story, read from the running server.
+    assert "Targeted campaigns: which one paid off?" in out
+    assert out.rstrip().splitlines()[-1].startswith("paid off:")
+    lift = (report / "lift.csv").read_text().splitlines()
+    assert len(lift) == 3 and lift[1].startswith("Welcome back") and lift[2].startswith("First visit")
     # The same traffic through the embedded engine.
     assert demo.main(["--payments", "20000", "--users", "2000", "--embedded",
                       "--report", ""]) == 0
