@@ -28,6 +28,7 @@ import numpy as np
 from engine.demo.world import (BATCH_RECORDS_MAX, MALL_TAG_BASE, World, build, capacity_for,
                                pay_batches)
 from engine.protocol.records import ISSUE_RECORD, PAY_RESULT
+from engine.protocol.status import Status
 
 from _common import SUMMARY, load, machine, rss_bytes
 
@@ -97,7 +98,7 @@ def marketed_pair():
     assert plain.digest() == marketed.digest()
     stocks = [stock(2**50 + k, f"win back {k}") for k in range(4)]
     for eng in (plain, marketed):
-        assert all(r["status"] == 0 for r in eng.call("STOCKS", {"stocks": stocks})["results"])
+        assert all(r["status"] == Status.ok for r in eng.call("STOCKS", {"stocks": stocks})["results"])
     definitions = list(SEGMENTS.values())
     marketed.call("SEGMENTS", {"segments": [
         {"id": i + 1, "name": f"segment {i + 1}", **definitions[i % len(definitions)]}
@@ -105,7 +106,7 @@ def marketed_pair():
     reply = marketed.call("CAMPAIGNS", {"campaigns": [
         {"id": k + 1, "segment": k + 1, "stock": s["id"], "holdout_bps": 1000,
          "coupon_base": 2**60 + k * 2**32} for k, s in enumerate(stocks)]})
-    assert all(r["status"] == 0 for r in reply["results"]), reply
+    assert all(r["status"] == Status.ok for r in reply["results"]), reply
     assert sum(r["issued"] for r in reply["results"]) > 0, reply
     rows = marketed.canonical()["campaign_members"]
     coupons = marketed.canonical()["coupons"]
@@ -115,7 +116,7 @@ def marketed_pair():
         part = issued[lo:lo + BATCH_RECORDS_MAX]
         records = np.zeros(len(part), ISSUE_RECORD)
         records["coupon"], records["stock"], records["user"] = part["id"], part["stock"], part["user"]
-        assert (plain.issue(records)["status"] == 0).all()
+        assert (plain.issue(records)["status"] == Status.ok).all()
     assert len(rows) > 0
     return plain, marketed, info, len(issued)
 
@@ -188,7 +189,7 @@ def test_segment_evaluation_over_1m_users_and_10m_payments(benchmark):
             started = time.perf_counter()
             reply = eng.call("SEGMENT", {"id": i + 1})
             figures.setdefault(name, []).append(time.perf_counter() - started)
-            assert reply["status"] == 0
+            assert reply["status"] == Status.ok
             figures[name + " count"] = [reply["count"]]
 
     benchmark.pedantic(evaluate_all, rounds=SEGMENT_ROUNDS, iterations=1)
@@ -210,13 +211,13 @@ def test_campaign_issuance_over_1m_users(benchmark):
     def one_campaign(k: int) -> None:
         stock_id = 2**50 + 100 + k
         assert eng.call("STOCKS", {"stocks": [stock(stock_id, f"welcome {k}")]})[
-            "results"][0]["status"] == 0
+            "results"][0]["status"] == Status.ok
         started = time.perf_counter()
         reply = eng.call("CAMPAIGNS", {"campaigns": [
             {"id": 100 + k, "segment": 2, "stock": stock_id, "holdout_bps": 1000,
              "coupon_base": 2**61 + k * 2**32, "name": f"welcome {k}"}]})["results"][0]
         seconds.append(time.perf_counter() - started)
-        assert reply["status"] == 0 and reply["issued"] == reply["treated"], reply
+        assert reply["status"] == Status.ok and reply["issued"] == reply["treated"], reply
         results.append(reply)
 
     rounds = iter(range(CAMPAIGN_ROUNDS))
@@ -248,7 +249,7 @@ def test_lift_over_1m_users(benchmark):
         started = time.perf_counter()
         reply = eng.call("LIFT", {"campaign": campaign})
         seconds.append(time.perf_counter() - started)
-        assert reply["status"] == 0, reply
+        assert reply["status"] == Status.ok, reply
         return reply
 
     benchmark.pedantic(measure, rounds=3, iterations=1)

@@ -30,6 +30,7 @@ from fractions import Fraction
 
 from engine.cli.statements import local_time, major_units
 from engine.protocol.limits import WIRE_LOOKUP_ITEMS_MAX
+from engine.protocol.status import Status
 
 HOUR_MS = 3_600_000
 SERIES_WINDOWS_MAX = 12             # LIFT calls per campaign for the redemptions over time
@@ -98,7 +99,7 @@ def found(rows: list) -> list:
     """The rows, all found: an id the engine does not know is the caller's
     mistake, said in one line rather than left out of the report."""
     for row in rows:
-        if row["status"] != 0:
+        if row["status"] != Status.ok:
             raise ReportError(f"id {row['id']}: {row.get('error')}")
     return rows
 

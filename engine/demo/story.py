@@ -19,6 +19,7 @@ import numpy as np
 from engine.demo.shoppers import Shoppers
 from engine.demo.world import DAY_MS, MALL_TAG_BASE, WorldInfo, WorldBuildError
 from engine.protocol.limits import WIRE_LOOKUP_ITEMS_MAX
+from engine.protocol.status import Status
 
 COUPON_VALUE = 1_500                # 15 CNY off ...
 COUPON_MIN_SPEND = 6_000            # ... a payment of 60 CNY or more
@@ -91,7 +92,7 @@ def holders(source, first: int, last: int) -> np.ndarray:
     for at in range(first, last + 1, WIRE_LOOKUP_ITEMS_MAX):     # bounded by the range
         ids = list(range(at, min(at + WIRE_LOOKUP_ITEMS_MAX, last + 1)))
         users += [c["user"] for c in source.call("COUPONS", {"ids": ids})["results"]
-                  if c["status"] == 0]
+                  if c["status"] == Status.ok]
     return np.array(users, np.uint64)
 
 

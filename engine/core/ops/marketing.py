@@ -21,7 +21,7 @@ from engine.core.validate import (I63_MAX, U64_MAX, Invalid, display_name, failu
 from engine.protocol.limits import (BATCH_RECORDS_MAX, CAMPAIGNS_MAX, CAMPAIGNS_PER_REQUEST_MAX,
                                     SEGMENT_PAGE_MAX, SEGMENTS_MAX)
 from engine.protocol.records import ISSUE_RECORD, ISSUE_RESULT
-from engine.protocol.status import Status
+from engine.protocol.status import STATUS_OK, Status
 
 KEY_DRAWS = 2                       # a campaign's 128-bit SipHash key: two u64 draws
 assert KEY_DRAWS * CAMPAIGNS_PER_REQUEST_MAX <= DRAWS_MAX
@@ -69,7 +69,7 @@ def segment_op(state: State, request, now: int, draws) -> dict:
     ids = segments.evaluate(state, d, now)
     start = int(np.searchsorted(ids, np.uint64(after), side="right"))
     page = ids[start:start + limit]
-    reply = {"status": 0, "count": len(ids), "at": now, "users": page.tolist()}
+    reply = {"status": STATUS_OK, "count": len(ids), "at": now, "users": page.tolist()}
     if limit and start + limit < len(ids):
         reply["next"] = int(page[-1])
     return reply
@@ -107,7 +107,7 @@ def create_campaign(state: State, item, now: int, key: tuple[int, int]) -> dict:
     if known is not None:
         if known.request != request:
             return failure(Status.exists_with_different_fields)
-        return {"status": 0, "id": campaign_id, **known.summary(), "duplicate": True}
+        return {"status": STATUS_OK, "id": campaign_id, **known.summary(), "duplicate": True}
     d = state.segments.get(request["segment"])
     if d is None:
         return failure(Status.segment_not_found)
@@ -127,7 +127,7 @@ def create_campaign(state: State, item, now: int, key: tuple[int, int]) -> dict:
     campaign = Campaign(request, now, d["merchants"], d["tags"], members)
     issue(state, campaign, now)
     state.campaigns[campaign_id] = campaign
-    return {"status": 0, "id": campaign_id, **campaign.summary()}
+    return {"status": STATUS_OK, "id": campaign_id, **campaign.summary()}
 
 
 def issue(state: State, campaign: Campaign, now: int) -> None:
@@ -178,7 +178,7 @@ def measure(state: State, campaign_id: int, campaign: Campaign, start: int, unti
               for name, which in (("treated", ~held), ("holdout", held))}
     redeemed, discount = campaign_discount(ledger, campaign, start, until)
     summary = campaign.summary()
-    reply = {"status": 0, "campaign": campaign_id, **campaign.request, "at": campaign.at,
+    reply = {"status": STATUS_OK, "campaign": campaign_id, **campaign.request, "at": campaign.at,
              "from": start, "until": until, "now": now, "size": summary["size"],
              "issued": summary["issued"], "not_issued": summary["not_issued"],
              "treated": groups["treated"][1], "holdout": groups["holdout"][1],
