@@ -374,6 +374,11 @@ class StreamLog:
             self.token = None
 
     @property
+    def append_round(self):
+        """The lock held for an append round (sync): one at a time."""
+        return self._io_lock
+
+    @property
     def idle(self) -> bool:
         """No append pending: the node may read the stream as a follower."""
         return not self._pending

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 
 import nats.errors
@@ -41,7 +42,8 @@ CONNECT_TIMEOUT_S = 40.0            # connect, and find or create the stream and
 RENEWALS_PER_LEASE = 3              # the leader renews this often per lease length
 WATCHES_PER_LEASE = 6               # a follower looks at the lease this often
 FOLLOW_POLL_S = 0.2                 # a follower reads the stream at least this often
-IDLE_POLL_S = 0.01                  # while not following (leading, pending appends)
+IDLE_POLL_S = 0.01                  # while not following (taking over, pending appends)
+LEADER_POLL_S = 0.1                 # the leader looks for finished digests this often
 ERROR_WAIT_S = 0.25                 # after NATS did not answer a follower's read
 TAKEOVER_TRIES_MAX = 20             # catch up + term record, before giving the lease up
 CATCH_UP_EMPTY_READS_MAX = 400      # reads that found nothing while the stream reports more
@@ -87,6 +89,7 @@ class ReplicaNode:
         self.log.on_fatal = fatal
         self.log.on_appended = self.appended
         self.checkpoints = Checkpoints(config.checkpoint_every_entries)
+        self.checkpoint_lock = threading.Lock()     # one thread appends checkpoint records
         self.seen_generation = 0
         self.role = FOLLOWER
         self.address = ""
@@ -211,18 +214,35 @@ class ReplicaNode:
         self.loop.call_soon_threadsafe(self._start_takeover)
 
     def appended(self, _stream_seq: int, durable_seq: int) -> None:
-        """Sync thread, after each message the stream acknowledged: the
-        checkpoint records whose command is in the stream now."""
-        token = self.log.token
-        for seq, digest in self.checkpoints.ready(durable_seq):
-            if token is None:
-                return
-            try:
-                self.log.append_record(KIND_CHECKPOINT, {"seq": seq, "digest": digest}, token)
-            except Refused as refusal:
-                self.log.refuse(f"the stream refused checkpoint record {seq} ({refusal})")
-                return
-            self.checkpoints.appended_record(seq, digest)
+        """The leader's sync thread after each message the stream
+        acknowledged (or the event loop's helper thread while no write
+        comes): the checkpoint records whose command is in the stream now."""
+        with self.checkpoint_lock:
+            token = self.log.token
+            for seq, digest in self.checkpoints.ready(durable_seq):
+                if token is None:
+                    return
+                try:
+                    self.log.append_record(KIND_CHECKPOINT, {"seq": seq, "digest": digest},
+                                           token)
+                except Refused as refusal:
+                    self.log.refuse(f"the stream refused checkpoint record {seq} ({refusal})")
+                    return
+                self.checkpoints.appended_record(seq, digest)
+
+    async def lead_idle(self) -> None:
+        """The leader, between writes: a digest that finished after the last
+        append is appended now, not at the next write."""
+        durable = self.log.durable_seq
+        if self.log.token is not None and self.checkpoints.ready(durable):
+            await asyncio.to_thread(self.append_idle)
+        await asyncio.sleep(LEADER_POLL_S)
+
+    def append_idle(self) -> None:
+        # The log's append round first, then checkpoint_lock: the order the
+        # sync thread takes them in (it calls `appended` inside its round).
+        with self.log.append_round:
+            self.appended(self.log.stream_seq, self.log.durable_seq)
 
     def deposed(self) -> None:
         """Sync thread: the stream refused this node's append."""
@@ -236,6 +256,9 @@ class ReplicaNode:
 
     async def follow_loop(self) -> None:
         while not self.stopping:
+            if self.role == LEADER:
+                await self.lead_idle()
+                continue
             if self.role != FOLLOWER or not self.log.idle:
                 await asyncio.sleep(IDLE_POLL_S)
                 continue
@@ -320,8 +343,8 @@ class ReplicaNode:
         token = self.log.new_token()
         body = {"address": self.address, "token": token, "seq": self.log.durable_seq,
                 "now": self.engine._now()}
-        try:
-            self.log.append_record(KIND_TERM, body, token)
+        try:                                # off the event loop: NATS may be slow to answer
+            await asyncio.to_thread(self.log.append_record, KIND_TERM, body, token)
         except Refused:
             return False                    # the stream moved on: catch up again
         if self.revision is None:

@@ -42,6 +42,10 @@ READY_TIMEOUT_S = 30.0              # a starting cluster elects its JetStream me
 # Stream creation can fail while the cluster elects its meta leader; retried
 # this often within READY_TIMEOUT_S.
 READY_POLL_S = 0.25
+# A cluster that has not seen all its peers yet (just started, or one is
+# briefly away) answers this: retried until READY_TIMEOUT_S, as a cluster
+# still electing its meta leader is.
+PLACEMENT_PENDING = "no suitable peers for placement"
 # What one read asks for: messages, and bytes (a message is at most max_payload).
 FETCH_MESSAGES_MAX = 256
 FETCH_BYTES_MAX = 32 << 20
@@ -196,10 +200,11 @@ class Stream:
             except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
                     nats.errors.NoRespondersError) as error:
                 if self._loop_time() > deadline:
+                    why = getattr(error, "description", None) or type(error).__name__
                     raise StreamSettingsError(
-                        f"the NATS cluster's JetStream did not answer within "
-                        f"{READY_TIMEOUT_S:.0f} s ({type(error).__name__}): check that the "
-                        f"servers run with JetStream enabled and see each other") from None
+                        f"the NATS cluster's JetStream was not ready within "
+                        f"{READY_TIMEOUT_S:.0f} s ({why}): check that the servers run with "
+                        f"JetStream enabled and see each other") from None
                 await self._sleep(READY_POLL_S)
 
     async def _ensure_once(self, replicas: int, allow_unreplicated: bool) -> int:
@@ -232,6 +237,8 @@ class Stream:
         try:
             return await self.js.add_stream(config)
         except nats.js.errors.APIError as error:
+            if PLACEMENT_PENDING in (error.description or ""):
+                raise nats.js.errors.ServiceUnavailableError(description=error.description)
             if not allow_unreplicated or replicas == 1:
                 raise StreamSettingsError(
                     f"cannot create stream {self.names.stream} with {replicas} replicas "
