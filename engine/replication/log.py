@@ -55,7 +55,7 @@ log = logging.getLogger("scanpay.replication")
 
 # Room for a message's headers within the server's max_payload.
 HEADERS_BYTES_MAX = 1024
-PUBLISH_TIMEOUT_S = 5.0             # one publish; then it is sent again (same msg id)
+PUBLISH_TIMEOUT_S = 2.0             # one publish; then it is sent again (same msg id)
 # An append whose outcome is unknown is sent again this many times, waiting
 # up to APPEND_RETRY_WAIT_MAX_S between tries (about an hour in all), before
 # the node gives up and stops: it can neither acknowledge nor refuse the batch.
@@ -372,6 +372,11 @@ class StreamLog:
         """The lease is lost: refuse new appends (pending ones go on, fenced)."""
         with self._lock:
             self.token = None
+
+    @property
+    def stalled(self) -> bool:
+        """An append's outcome is being found out (NATS does not answer)."""
+        return self._stalled
 
     @property
     def append_round(self):

@@ -26,7 +26,7 @@ import time
 import nats.errors
 import nats.js.errors
 
-from engine.protocol.errors import EngineError
+from engine.protocol.errors import EngineError, Unavailable
 from engine.replication.checkpoint import Checkpoints, DigestMismatch
 from engine.replication.lease import Lease, LeaseLost
 from engine.replication.log import StreamLog, StreamUnavailable
@@ -151,6 +151,15 @@ class ReplicaNode:
     def hello(self) -> dict:
         return {"durability": "replicated", "role": self.role, "leader": self.log.leader,
                 "stream_seq": self.log.stream_seq, "checkpoint": self.checkpoints.last}
+
+    def write_refusal(self):
+        """What a write gets now without reaching the writer, or None."""
+        if self.log.failed:
+            return self.log.not_leader()
+        if self.log.stalled:
+            return Unavailable("the replicated stream does not answer (see the server log); "
+                               "nothing applied; retry later")
+        return None
 
     def position(self) -> int:
         """The stream seq the state reflects (replies to reads say it)."""

@@ -132,16 +132,18 @@ class ConnectionNotes:
         self.nc = None
         self.last_error = None
         self.logged_at = 0.0
+        self.suppressed = 0
         self.closing = False
 
     async def error(self, error: Exception) -> None:
         if self.nc is None:                 # not connected yet: the start's one line says it
             return
-        text = f"{type(error).__name__}: {error}"
         now = time.monotonic()
-        if text != self.last_error or now - self.logged_at > ERROR_LOG_INTERVAL_S:
-            log.warning("NATS: %s (reconnecting)", text)
-            self.last_error, self.logged_at = text, now
+        self.suppressed += 1
+        if self.last_error is None or now - self.logged_at > ERROR_LOG_INTERVAL_S:
+            more = f"; {self.suppressed - 1} more since the last line" if self.suppressed > 1 else ""
+            log.warning("NATS: %s: %s (reconnecting%s)", type(error).__name__, error, more)
+            self.last_error, self.logged_at, self.suppressed = str(error), now, 0
 
     async def disconnected(self) -> None:
         if not self.closing:

@@ -97,6 +97,11 @@ class Server:
                 "hold_ms": self.engine.hold_ms, "test_clock": self.config.test_clock,
                 **(self.node.hello() if self.node is not None else {})}
 
+    def write_refusal(self):
+        """None, or the error a write gets now without being queued: a
+        replicated node that does not lead, or whose stream does not answer."""
+        return self.node.write_refusal() if self.node is not None else None
+
     def scope_array(self, identity) -> np.ndarray:
         key = identity.key_id
         if key not in self.scopes:
