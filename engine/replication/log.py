@@ -336,6 +336,7 @@ class StreamLog:
             self._last_seq = self._durable_seq
             self._refused = why
             self.token = None
+            self.leader = ""
             self._stalled = False
         log.warning("deposed: %s; commands %d..%d were not stored and are answered "
                     "not_leader; rebuilding from the snapshot and the stream, as a follower",
@@ -372,6 +373,7 @@ class StreamLog:
         """The lease is lost: refuse new appends (pending ones go on, fenced)."""
         with self._lock:
             self.token = None
+            self.leader = ""                # not us any more; the lease watch names the next
 
     @property
     def stalled(self) -> bool:

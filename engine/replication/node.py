@@ -189,13 +189,21 @@ class ReplicaNode:
                 pass
 
     async def renew(self) -> None:
-        if time.monotonic() - self.renewed_at > self.lease_s:
+        """Renew the lease, counting its length from before the request (the
+        bucket counts from when it stored it, which is later); not renewed
+        within the lease: lost, even while the request is still pending."""
+        sent = time.monotonic()
+        left_s = self.lease_s - (sent - self.renewed_at)
+        if left_s <= 0:
             return self.lost(f"not renewed for {self.lease_s:g} s")
         try:
-            self.revision = await self.lease.renew(self.me(), self.revision)
-            self.renewed_at = time.monotonic()
+            self.revision = await asyncio.wait_for(
+                self.lease.renew(self.me(), self.revision), left_s)
+            self.renewed_at = sent
         except LeaseLost as error:
             self.lost(str(error))
+        except asyncio.TimeoutError:
+            self.lost(f"not renewed for {self.lease_s:g} s")
 
     def lost(self, why: str) -> None:
         if self.revision is None:
@@ -214,11 +222,12 @@ class ReplicaNode:
         self.log.leader = ""
         if self.role != FOLLOWER or not self.log.idle or self.stopping:
             return
+        sent = time.monotonic()
         revision = await self.lease.acquire(self.me())
         if revision is None:
             return
         self.revision = revision
-        self.renewed_at = time.monotonic()
+        self.renewed_at = sent
         self.role = CANDIDATE
         self.loop.call_soon_threadsafe(self._start_takeover)
 
@@ -356,6 +365,11 @@ class ReplicaNode:
             await asyncio.to_thread(self.log.append_record, KIND_TERM, body, token)
         except Refused:
             return False                    # the stream moved on: catch up again
+        return await self.nats.run(self.lead_if_held(token))
+
+    async def lead_if_held(self, token: str) -> bool:
+        """NATS loop (where `lost` runs, so the lease cannot go in between):
+        lead, if this node still holds the lease."""
         if self.revision is None:
             return False
         self.log.lead(token)
