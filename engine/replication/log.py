@@ -165,6 +165,7 @@ class StreamLog:
         self.on_deposed = None              # called (sync thread) when an append is refused
         self.on_appended = None             # called (sync thread) after each acknowledged message
         self.on_fatal = None                # called when no outcome can be found; must not return
+        self.closing = False                # the server stops: an unanswered append stops it
         self.fsync_count = 0                # messages appended (the journal's fsyncs)
         self.dropped_count = 0
         self._lock_fd: int | None = lock_data_dir(self._dir)
@@ -303,6 +304,9 @@ class StreamLog:
                     return expected + 1
                 raise
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as error:
+                if self.closing:
+                    self._fatal(f"stopping while the append of commands up to {last} has no "
+                                f"answer from the stream: its replies are not sent")
                 if not self._stalled:
                     log.error("appending to the replicated stream: no answer (%s: %s); "
                               "sending it again until the stream answers (new writes get "
@@ -345,9 +349,11 @@ class StreamLog:
             self.on_deposed()
 
     def _fatal(self, why: str):
-        log.critical("%s; stopping: restart the node, it reads the outcome from the stream", why)
+        """No outcome can be learnt: stop (on_fatal logs the one line and exits)."""
+        why = f"{why}; a restarted node reads the outcome from the stream"
         if self.on_fatal is not None:
             self.on_fatal(why)
+        log.critical("%s", why)
         raise SystemExit(why)
 
     # -- records (term, checkpoint) ------------------------------------------

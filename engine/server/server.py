@@ -232,6 +232,10 @@ class Server:
             await listener.wait_closed()
         if self.iso8583 is not None:
             await self.iso8583.stop()
+        if self.node is not None:
+            # An append the stream does not answer would hold the writer's
+            # stop for ever: the node stops without its replies instead.
+            self.node.log.closing = True
         await self.writer.stop()
         if self.node is not None:
             await self.node.stop()          # gives the lease up: a follower takes over now

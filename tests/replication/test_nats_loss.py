@@ -10,6 +10,7 @@ import nats
 import pytest
 
 from engine.protocol.errors import NotLeader, Unavailable
+from engine.replication.node import EXIT_STREAM_BROKEN
 from support.nats import start_cluster
 from support.replicas import Node, wait_for_leader
 from support.servers import pay_batch
@@ -45,9 +46,16 @@ def acked_count_grows(load: Load, timeout_s: float) -> float:
     return time.monotonic() - started
 
 
-def test_losing_nats_servers_under_load(own_cluster, tmp_path):
-    group = [Node(str(tmp_path), own_cluster.servers, LEASE_MS, f"s{i}",
-                  checkpoint_every_entries=100) for i in range(2)]
+@pytest.fixture
+def group(own_cluster, tmp_path):
+    made = [Node(str(tmp_path), own_cluster.servers, LEASE_MS, f"s{i}",
+                 checkpoint_every_entries=100) for i in range(2)]
+    yield made
+    for node in made:
+        node.stop()
+
+
+def test_losing_nats_servers_under_load(own_cluster, group):
     for node in group:
         node.start()
     load = None
@@ -80,8 +88,6 @@ def test_losing_nats_servers_under_load(own_cluster, tmp_path):
     check_acked_on(leader, load.acked)
     pass_a_checkpoint(leader)
     check_converged(leader, group)
-    for node in group:
-        node.stop()
 
 
 def refused_write(group: list, tries: int = 10):
@@ -101,3 +107,23 @@ def refused_write(group: list, tries: int = 10):
     raise AssertionError(f"no write refused in {tries} tries")
 
 
+
+
+def test_a_node_whose_stream_does_not_answer_still_stops(own_cluster, group):
+    """SIGTERM while an append has no answer: the node exits without the
+    replies it cannot know (exit 3, one critical line), not never."""
+    node = group[0].start()
+    assert wait_for_leader([node]) is node
+    build_world(node)
+    load = Load(node)
+    try:
+        time.sleep(0.5)
+        for nats_node in own_cluster.nodes:
+            own_cluster.kill(nats_node)
+        time.sleep(3.0)                     # the append in flight has timed out by now
+        node.signal(signal.SIGTERM)
+        assert node.process.wait(20) == EXIT_STREAM_BROKEN, node.log_tail()
+    finally:
+        load.stop()
+    critical = [line for line in open(node.log_path) if " CRITICAL " in line]
+    assert len(critical) == 1 and "no answer from the stream" in critical[0], critical
