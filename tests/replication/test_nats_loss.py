@@ -11,10 +11,11 @@ import pytest
 
 from engine.protocol.errors import NotLeader, Unavailable
 from engine.replication.node import EXIT_STREAM_BROKEN
+from support.failover import (CHECKPOINT_EVERY, Load, build_world, check_acked_on,
+                              check_converged, pass_a_checkpoint)
 from support.nats import start_cluster
 from support.replicas import Node, wait_for_leader
 from support.servers import pay_batch
-from test_failover import Load, build_world, check_acked_on, check_converged, pass_a_checkpoint
 
 LEASE_MS = 2000
 RESUME_BOUND_S = 30.0               # a sanity bound; the pause is measured, not asserted
@@ -49,7 +50,7 @@ def acked_count_grows(load: Load, timeout_s: float) -> float:
 @pytest.fixture
 def group(own_cluster, tmp_path):
     made = [Node(str(tmp_path), own_cluster.servers, LEASE_MS, f"s{i}",
-                 checkpoint_every_entries=100) for i in range(2)]
+                 checkpoint_every_entries=CHECKPOINT_EVERY) for i in range(2)]
     yield made
     for node in made:
         node.stop()
