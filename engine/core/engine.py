@@ -261,6 +261,12 @@ class Engine:
         self._ensure_current()
         if not self.storage.journal.failed:
             return                  # (if it fails from here on, append refuses)
+        if getattr(self.storage.journal, "replicated", False):
+            # A replicated node that does not lead: NotLeader at once. (Its
+            # sync thread may be busy for long sending an append again; a
+            # refused log recovers only by a rebuild, never here.)
+            self.storage.before_write()
+            return
         try:
             self._wait_sync_idle()
         except concurrent.futures.TimeoutError:

@@ -55,7 +55,7 @@ log = logging.getLogger("scanpay.replication")
 
 # Room for a message's headers within the server's max_payload.
 HEADERS_BYTES_MAX = 1024
-PUBLISH_TIMEOUT_S = 5.0             # one publish; then it is sent again (same msg id)
+PUBLISH_TIMEOUT_S = 2.0             # one publish; then it is sent again (same msg id)
 # An append whose outcome is unknown is sent again this many times, waiting
 # up to APPEND_RETRY_WAIT_MAX_S between tries (about an hour in all), before
 # the node gives up and stops: it can neither acknowledge nor refuse the batch.
@@ -165,6 +165,7 @@ class StreamLog:
         self.on_deposed = None              # called (sync thread) when an append is refused
         self.on_appended = None             # called (sync thread) after each acknowledged message
         self.on_fatal = None                # called when no outcome can be found; must not return
+        self.closing = False                # the server stops: an unanswered append stops it
         self.fsync_count = 0                # messages appended (the journal's fsyncs)
         self.dropped_count = 0
         self._lock_fd: int | None = lock_data_dir(self._dir)
@@ -303,6 +304,9 @@ class StreamLog:
                     return expected + 1
                 raise
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as error:
+                if self.closing:
+                    self._fatal(f"stopping while the append of commands up to {last} has no "
+                                f"answer from the stream: its replies are not sent")
                 if not self._stalled:
                     log.error("appending to the replicated stream: no answer (%s: %s); "
                               "sending it again until the stream answers (new writes get "
@@ -336,6 +340,7 @@ class StreamLog:
             self._last_seq = self._durable_seq
             self._refused = why
             self.token = None
+            self.leader = ""
             self._stalled = False
         log.warning("deposed: %s; commands %d..%d were not stored and are answered "
                     "not_leader; rebuilding from the snapshot and the stream, as a follower",
@@ -344,9 +349,11 @@ class StreamLog:
             self.on_deposed()
 
     def _fatal(self, why: str):
-        log.critical("%s; stopping: restart the node, it reads the outcome from the stream", why)
+        """No outcome can be learnt: stop (on_fatal logs the one line and exits)."""
+        why = f"{why}; a restarted node reads the outcome from the stream"
         if self.on_fatal is not None:
             self.on_fatal(why)
+        log.critical("%s", why)
         raise SystemExit(why)
 
     # -- records (term, checkpoint) ------------------------------------------
@@ -372,6 +379,17 @@ class StreamLog:
         """The lease is lost: refuse new appends (pending ones go on, fenced)."""
         with self._lock:
             self.token = None
+            self.leader = ""                # not us any more; the lease watch names the next
+
+    @property
+    def stalled(self) -> bool:
+        """An append's outcome is being found out (NATS does not answer)."""
+        return self._stalled
+
+    @property
+    def append_round(self):
+        """The lock held for an append round (sync): one at a time."""
+        return self._io_lock
 
     @property
     def idle(self) -> bool:

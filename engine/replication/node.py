@@ -20,12 +20,13 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 
 import nats.errors
 import nats.js.errors
 
-from engine.protocol.errors import EngineError
+from engine.protocol.errors import EngineError, Unavailable
 from engine.replication.checkpoint import Checkpoints, DigestMismatch
 from engine.replication.lease import Lease, LeaseLost
 from engine.replication.log import StreamLog, StreamUnavailable
@@ -41,7 +42,8 @@ CONNECT_TIMEOUT_S = 40.0            # connect, and find or create the stream and
 RENEWALS_PER_LEASE = 3              # the leader renews this often per lease length
 WATCHES_PER_LEASE = 6               # a follower looks at the lease this often
 FOLLOW_POLL_S = 0.2                 # a follower reads the stream at least this often
-IDLE_POLL_S = 0.01                  # while not following (leading, pending appends)
+IDLE_POLL_S = 0.01                  # while not following (taking over, pending appends)
+LEADER_POLL_S = 0.1                 # the leader looks for finished digests this often
 ERROR_WAIT_S = 0.25                 # after NATS did not answer a follower's read
 TAKEOVER_TRIES_MAX = 20             # catch up + term record, before giving the lease up
 CATCH_UP_EMPTY_READS_MAX = 400      # reads that found nothing while the stream reports more
@@ -87,6 +89,7 @@ class ReplicaNode:
         self.log.on_fatal = fatal
         self.log.on_appended = self.appended
         self.checkpoints = Checkpoints(config.checkpoint_every_entries)
+        self.checkpoint_lock = threading.Lock()     # one thread appends checkpoint records
         self.seen_generation = 0
         self.role = FOLLOWER
         self.address = ""
@@ -149,6 +152,15 @@ class ReplicaNode:
         return {"durability": "replicated", "role": self.role, "leader": self.log.leader,
                 "stream_seq": self.log.stream_seq, "checkpoint": self.checkpoints.last}
 
+    def write_refusal(self):
+        """What a write gets now without reaching the writer, or None."""
+        if self.log.failed:
+            return self.log.not_leader()
+        if self.log.stalled:
+            return Unavailable("the replicated stream does not answer (see the server log); "
+                               "nothing applied; retry later")
+        return None
+
     def position(self) -> int:
         """The stream seq the state reflects (replies to reads say it)."""
         return self.log.stream_seq
@@ -177,13 +189,21 @@ class ReplicaNode:
                 pass
 
     async def renew(self) -> None:
-        if time.monotonic() - self.renewed_at > self.lease_s:
+        """Renew the lease, counting its length from before the request (the
+        bucket counts from when it stored it, which is later); not renewed
+        within the lease: lost, even while the request is still pending."""
+        sent = time.monotonic()
+        left_s = self.lease_s - (sent - self.renewed_at)
+        if left_s <= 0:
             return self.lost(f"not renewed for {self.lease_s:g} s")
         try:
-            self.revision = await self.lease.renew(self.me(), self.revision)
-            self.renewed_at = time.monotonic()
+            self.revision = await asyncio.wait_for(
+                self.lease.renew(self.me(), self.revision), left_s)
+            self.renewed_at = sent
         except LeaseLost as error:
             self.lost(str(error))
+        except asyncio.TimeoutError:
+            self.lost(f"not renewed for {self.lease_s:g} s")
 
     def lost(self, why: str) -> None:
         if self.revision is None:
@@ -202,27 +222,45 @@ class ReplicaNode:
         self.log.leader = ""
         if self.role != FOLLOWER or not self.log.idle or self.stopping:
             return
+        sent = time.monotonic()
         revision = await self.lease.acquire(self.me())
         if revision is None:
             return
         self.revision = revision
-        self.renewed_at = time.monotonic()
+        self.renewed_at = sent
         self.role = CANDIDATE
         self.loop.call_soon_threadsafe(self._start_takeover)
 
     def appended(self, _stream_seq: int, durable_seq: int) -> None:
-        """Sync thread, after each message the stream acknowledged: the
-        checkpoint records whose command is in the stream now."""
-        token = self.log.token
-        for seq, digest in self.checkpoints.ready(durable_seq):
-            if token is None:
-                return
-            try:
-                self.log.append_record(KIND_CHECKPOINT, {"seq": seq, "digest": digest}, token)
-            except Refused as refusal:
-                self.log.refuse(f"the stream refused checkpoint record {seq} ({refusal})")
-                return
-            self.checkpoints.appended_record(seq, digest)
+        """The leader's sync thread after each message the stream
+        acknowledged (or the event loop's helper thread while no write
+        comes): the checkpoint records whose command is in the stream now."""
+        with self.checkpoint_lock:
+            token = self.log.token
+            for seq, digest in self.checkpoints.ready(durable_seq):
+                if token is None:
+                    return
+                try:
+                    self.log.append_record(KIND_CHECKPOINT, {"seq": seq, "digest": digest},
+                                           token)
+                except Refused as refusal:
+                    self.log.refuse(f"the stream refused checkpoint record {seq} ({refusal})")
+                    return
+                self.checkpoints.appended_record(seq, digest)
+
+    async def lead_idle(self) -> None:
+        """The leader, between writes: a digest that finished after the last
+        append is appended now, not at the next write."""
+        durable = self.log.durable_seq
+        if self.log.token is not None and self.checkpoints.ready(durable):
+            await asyncio.to_thread(self.append_idle)
+        await asyncio.sleep(LEADER_POLL_S)
+
+    def append_idle(self) -> None:
+        # The log's append round first, then checkpoint_lock: the order the
+        # sync thread takes them in (it calls `appended` inside its round).
+        with self.log.append_round:
+            self.appended(self.log.stream_seq, self.log.durable_seq)
 
     def deposed(self) -> None:
         """Sync thread: the stream refused this node's append."""
@@ -236,6 +274,9 @@ class ReplicaNode:
 
     async def follow_loop(self) -> None:
         while not self.stopping:
+            if self.role == LEADER:
+                await self.lead_idle()
+                continue
             if self.role != FOLLOWER or not self.log.idle:
                 await asyncio.sleep(IDLE_POLL_S)
                 continue
@@ -320,10 +361,15 @@ class ReplicaNode:
         token = self.log.new_token()
         body = {"address": self.address, "token": token, "seq": self.log.durable_seq,
                 "now": self.engine._now()}
-        try:
-            self.log.append_record(KIND_TERM, body, token)
+        try:                                # off the event loop: NATS may be slow to answer
+            await asyncio.to_thread(self.log.append_record, KIND_TERM, body, token)
         except Refused:
             return False                    # the stream moved on: catch up again
+        return await self.nats.run(self.lead_if_held(token))
+
+    async def lead_if_held(self, token: str) -> bool:
+        """NATS loop (where `lost` runs, so the lease cannot go in between):
+        lead, if this node still holds the lease."""
         if self.revision is None:
             return False
         self.log.lead(token)

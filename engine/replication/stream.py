@@ -42,6 +42,10 @@ READY_TIMEOUT_S = 30.0              # a starting cluster elects its JetStream me
 # Stream creation can fail while the cluster elects its meta leader; retried
 # this often within READY_TIMEOUT_S.
 READY_POLL_S = 0.25
+# A cluster that has not seen all its peers yet (just started, or one is
+# briefly away) answers this: retried until READY_TIMEOUT_S, as a cluster
+# still electing its meta leader is.
+PLACEMENT_PENDING = "no suitable peers for placement"
 # What one read asks for: messages, and bytes (a message is at most max_payload).
 FETCH_MESSAGES_MAX = 256
 FETCH_BYTES_MAX = 32 << 20
@@ -128,16 +132,18 @@ class ConnectionNotes:
         self.nc = None
         self.last_error = None
         self.logged_at = 0.0
+        self.suppressed = 0
         self.closing = False
 
     async def error(self, error: Exception) -> None:
         if self.nc is None:                 # not connected yet: the start's one line says it
             return
-        text = f"{type(error).__name__}: {error}"
         now = time.monotonic()
-        if text != self.last_error or now - self.logged_at > ERROR_LOG_INTERVAL_S:
-            log.warning("NATS: %s (reconnecting)", text)
-            self.last_error, self.logged_at = text, now
+        self.suppressed += 1
+        if self.last_error is None or now - self.logged_at > ERROR_LOG_INTERVAL_S:
+            more = f"; {self.suppressed - 1} more since the last line" if self.suppressed > 1 else ""
+            log.warning("NATS: %s: %s (reconnecting%s)", type(error).__name__, error, more)
+            self.last_error, self.logged_at, self.suppressed = str(error), now, 0
 
     async def disconnected(self) -> None:
         if not self.closing:
@@ -196,10 +202,11 @@ class Stream:
             except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
                     nats.errors.NoRespondersError) as error:
                 if self._loop_time() > deadline:
+                    why = getattr(error, "description", None) or type(error).__name__
                     raise StreamSettingsError(
-                        f"the NATS cluster's JetStream did not answer within "
-                        f"{READY_TIMEOUT_S:.0f} s ({type(error).__name__}): check that the "
-                        f"servers run with JetStream enabled and see each other") from None
+                        f"the NATS cluster's JetStream was not ready within "
+                        f"{READY_TIMEOUT_S:.0f} s ({why}): check that the servers run with "
+                        f"JetStream enabled and see each other") from None
                 await self._sleep(READY_POLL_S)
 
     async def _ensure_once(self, replicas: int, allow_unreplicated: bool) -> int:
@@ -232,6 +239,8 @@ class Stream:
         try:
             return await self.js.add_stream(config)
         except nats.js.errors.APIError as error:
+            if PLACEMENT_PENDING in (error.description or ""):
+                raise nats.js.errors.ServiceUnavailableError(description=error.description)
             if not allow_unreplicated or replicas == 1:
                 raise StreamSettingsError(
                     f"cannot create stream {self.names.stream} with {replicas} replicas "

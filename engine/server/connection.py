@@ -138,7 +138,7 @@ class Connection(asyncio.Protocol):
         self.active_at = self.loop.time()
         reader = self.reader
         at = 0
-        if not reader.buffer and self.pay_unchecked:
+        if not reader.buffer and self.pay_unchecked and self.server.write_refusal() is None:
             # The usual read of a gateway: nothing left over from the last
             # read and nothing but whole PAY frames in this one. (Once a
             # read per connection and tick: every call here counts.)
@@ -183,7 +183,7 @@ class Connection(asyncio.Protocol):
             self.server.hello_done(self)
 
     def pay_fast_path(self) -> bool:
-        return self.pay_unchecked and not self.closing
+        return self.pay_unchecked and not self.closing and self.server.write_refusal() is None
 
     def open_slot(self) -> Slot:
         """A reply slot for frames the writer takes straight into a batch; it
@@ -282,6 +282,8 @@ class Connection(asyncio.Protocol):
                                              {"now": self.server.engine._now()}))
 
     def records(self, slot, op, request_id, body) -> None:
+        if self.refuse_write(slot, op, request_id):
+            return
         dtype = RECORD_DTYPES[op]
         count = len(body) // dtype.itemsize
         if len(body) % dtype.itemsize or not 1 <= count <= self.config.batch_records_max:
@@ -327,8 +329,20 @@ class Connection(asyncio.Protocol):
             self.complete(slot, frame.encode(op, request_id, results.tobytes()))
         return deliver
 
+    def refuse_write(self, slot, op, request_id) -> bool:
+        """A replicated node that may not write now (a follower, or a leader
+        whose stream does not answer) answers a write at once, in its slot,
+        instead of queueing it behind the writer (engine/replication/node.py)."""
+        refusal = self.server.write_refusal()
+        if refusal is None:
+            return False
+        self.error(slot, op, request_id, refusal.code, refusal.message, refusal.retryable)
+        return True
+
     def map_request(self, slot, op, request_id, body) -> None:
         spec = MAP_OPS_BY_CODE[op]
+        if spec.writes and self.refuse_write(slot, op, request_id):
+            return
         if not spec.writes:                 # released by whatever answers it (complete)
             self.reserve_reply(slot, len(body))
         try:

@@ -97,6 +97,11 @@ class Server:
                 "hold_ms": self.engine.hold_ms, "test_clock": self.config.test_clock,
                 **(self.node.hello() if self.node is not None else {})}
 
+    def write_refusal(self):
+        """None, or the error a write gets now without being queued: a
+        replicated node that does not lead, or whose stream does not answer."""
+        return self.node.write_refusal() if self.node is not None else None
+
     def scope_array(self, identity) -> np.ndarray:
         key = identity.key_id
         if key not in self.scopes:
@@ -227,6 +232,10 @@ class Server:
             await listener.wait_closed()
         if self.iso8583 is not None:
             await self.iso8583.stop()
+        if self.node is not None:
+            # An append the stream does not answer would hold the writer's
+            # stop for ever: the node stops without its replies instead.
+            self.node.log.closing = True
         await self.writer.stop()
         if self.node is not None:
             await self.node.stop()          # gives the lease up: a follower takes over now

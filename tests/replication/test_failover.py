@@ -7,137 +7,19 @@ the leader, every one of those is on the node that leads at the end, with
 the same figures; AUDIT holds there and on every follower, and the
 followers hold the same balances once they reach the leader's stream seq.
 """
-import asyncio
 import random
 import signal
-import threading
 import time
 
-import numpy as np
 import pytest
 
-from engine.protocol import frame
-from engine.protocol.ops import OP_PAY
-from engine.protocol.records import PAY_RESULT
-from engine.protocol.status import Status
-from support.replicas import Node, wait_for_leader, wait_for_seq
-from support.servers import pay_frame
+from support.failover import (CHECKPOINT_EVERY, Load, build_world, check_acked_on,
+                              check_converged, pass_a_checkpoint)
+from support.replicas import Node, wait_for_leader
 
-LEASE_MS = 1500
-GATEWAYS = 4
-WINDOW_FRAMES = 8                   # PAY frames each gateway keeps in flight
-USERS = 8
+LEASE_MS = 2000
 CYCLES = 5
-REPLY_TIMEOUT_S = 1.0               # then the gateway goes to the leader the test names
 FAILOVER_BOUND_S = 15.0             # a sanity bound; bench/ measures the real figure
-LOOKUP_CHUNK = 1000
-CHECKPOINT_EVERY = 200              # commands between state digests
-
-
-class Load:
-    """Gateways on their own thread and event loop, sending to `leader`."""
-
-    def __init__(self, leader: Node):
-        self.leader = leader
-        self.acked = {}             # payment id -> (cash, discount, fee, timestamp)
-        self.errors = 0
-        self.stopping = False
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.main()), daemon=True)
-        self.thread.start()
-
-    async def main(self) -> None:
-        await asyncio.gather(*(self.gateway(g + 1) for g in range(GATEWAYS)))
-
-    async def gateway(self, index: int) -> None:
-        sent = 0
-        while not self.stopping:
-            port = self.leader.port
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", port), REPLY_TIMEOUT_S)
-            except (OSError, asyncio.TimeoutError):
-                await asyncio.sleep(0.05)
-                continue
-            try:
-                for _ in range(WINDOW_FRAMES):
-                    writer.write(pay_frame(index, sent))
-                    sent += 1
-                while not self.stopping:
-                    if not await self.one_reply(reader):
-                        break               # an error frame: to the leader again
-                    writer.write(pay_frame(index, sent))
-                    sent += 1
-            except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
-                pass
-            finally:
-                writer.close()
-            await asyncio.sleep(0.02)
-
-    async def one_reply(self, reader) -> bool:
-        header = await asyncio.wait_for(reader.readexactly(frame.HEADER.size), REPLY_TIMEOUT_S)
-        size, op, flags, _rid = frame.HEADER.unpack(header)
-        body = await asyncio.wait_for(reader.readexactly(size), REPLY_TIMEOUT_S)
-        if flags & frame.FLAG_ERROR:
-            self.errors += 1
-            return False
-        assert op == OP_PAY
-        for row in np.frombuffer(body, PAY_RESULT):
-            if row["status"] == Status.ok:
-                self.acked[int(row["id"])] = (int(row["cash"]), int(row["discount"]),
-                                              int(row["fee"]), int(row["timestamp"]))
-        return True
-
-    def stop(self) -> None:
-        self.stopping = True
-        self.thread.join(10)
-
-
-def build_world(node: Node) -> None:
-    with node.client() as c:
-        c.call("MERCHANTS", {"merchants": [{"id": 1, "fee_bps": 60}]})
-        c.call("WALLETS", {"users": list(range(1, USERS + 1))})
-        c.call("TOPUP", {"topups": [{"id": u, "user": u, "amount": 10**12}
-                                    for u in range(1, USERS + 1)]})
-
-
-def check_acked_on(node: Node, acked: dict) -> None:
-    """Every payment answered ok is on `node` with the same figures."""
-    ids = sorted(acked)
-    wrong = []
-    with node.client() as c:
-        for at in range(0, len(ids), LOOKUP_CHUNK):
-            chunk = ids[at:at + LOOKUP_CHUNK]
-            for r in c.call("GET_PAYMENTS", {"ids": chunk})["results"]:
-                if r["status"] != Status.ok:
-                    wrong.append((r["id"], "missing"))
-                elif (r["cash"], r["discount"], r["fee"], r["created_at"]) != acked[r["id"]]:
-                    wrong.append((r["id"], "figures"))
-    assert not wrong, f"{len(wrong)} of {len(ids)} answered payments are wrong: {wrong[:5]}"
-
-
-def check_converged(leader: Node, nodes: list) -> None:
-    """Followers at the leader's stream seq hold what it holds, and checked
-    the digest of the last checkpoint; AUDIT holds on each."""
-    hello = leader.hello()
-    at, checkpoint = hello["stream_seq"], hello["checkpoint"]
-    assert checkpoint is not None and checkpoint["seq"] >= CHECKPOINT_EVERY, hello
-    query = {"users": list(range(1, USERS + 1)), "merchants": [1]}
-    with leader.client() as c:
-        expected = {k: v for k, v in c.call("BALANCES", query).items() if k != "stream_seq"}
-    for node in nodes:
-        follower = wait_for_seq(node, at)
-        deadline = time.monotonic() + 10        # its digest child may still run
-        while follower["checkpoint"] is None or follower["checkpoint"]["seq"] < checkpoint["seq"]:
-            assert time.monotonic() < deadline, (node.name, follower, checkpoint)
-            time.sleep(0.05)
-            follower = node.hello()
-        assert follower["checkpoint"] == checkpoint, node.name
-        with node.client() as c:
-            reply = c.call("BALANCES", query)
-            assert reply.pop("stream_seq") == at, node.name
-            assert reply == expected, node.name
-            audit = c.call("AUDIT", {})
-            assert audit["ok"], (node.name, audit)
 
 
 @pytest.fixture
@@ -179,6 +61,7 @@ def test_sigkill_the_leader_under_pipelined_load_loses_no_answered_payment(nodes
     assert max(failovers_s) < FAILOVER_BOUND_S, failovers_s
     leader = wait_for_leader(group)
     check_acked_on(leader, load.acked)
+    pass_a_checkpoint(leader)
     check_converged(leader, group)
 
 
@@ -205,4 +88,5 @@ def test_a_paused_leader_is_refused_and_rejoins_as_a_follower(nodes):
     log_text = open(old.log_path).read()
     assert "deposed:" in log_text or "lease lost" in log_text, old.log_tail()
     check_acked_on(new, load.acked)
+    pass_a_checkpoint(new)
     check_converged(new, group)

@@ -1,9 +1,7 @@
 """The replicated log (engine/replication/log.py) under an embedded Engine:
 appends fenced by the stream's last sequence, replay from snapshot + stream,
 and Scanpay's own checks of what it reads."""
-import json
 
-import numpy as np
 import pytest
 
 from engine import Engine

@@ -17,7 +17,7 @@ START_TIMEOUT_S = 30.0
 ROLE_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 POLL_S = 0.05
-CLIENT_TIMEOUT_MS = 5000
+CLIENT_TIMEOUT_MS = 15000           # the machine may be shared and busy
 
 
 class Node:
