@@ -49,6 +49,7 @@ from engine.protocol.ops import (OP_AUDIT, OP_BALANCES, OP_CAPTURE, OP_CAPTURE_R
                                  OP_COUPONS, OP_GET_PAYMENTS, OP_HELLO, OP_ISSUE, OP_MERCHANTS,
                                  OP_PAY, OP_PING, OP_PROGRAMS, OP_QUOTE, OP_REDEEM_POINTS,
                                  OP_REFUND, OP_REFUND_RECORDS, OP_REVERSE, OP_STATEMENT, OP_STATS,
+                                 OP_SEGMENTS, OP_SEGMENT, OP_CAMPAIGNS, OP_LIFT,
                                  OP_STOCKS, OP_TOPUP, OP_VOID, OP_WALLETS)
 from engine.protocol.status import ErrorCode
 
@@ -90,6 +91,10 @@ RESENDABLE: dict[int, str] = {
     OP_COUPONS: "read-only",
     OP_STATEMENT: "read-only",
     OP_CLOCK: "sets an absolute time (test servers only)",
+    OP_SEGMENTS: "an upsert: it sets the same definition again",
+    OP_SEGMENT: "read-only",
+    OP_CAMPAIGNS: "by campaign id (duplicate)",
+    OP_LIFT: "read-only",
 }
 
 # Error frames after which nothing was applied (protocol.md): any op is sent again.
