@@ -82,6 +82,18 @@ class StreamCorrupt(JournalError):
         self.detail = detail
 
 
+class StreamTrimmed(JournalError):
+    """The messages this node needs next were purged (the stream is trimmed
+    below the oldest snapshot in the object store): it must start again from
+    a snapshot of the store."""
+
+    def __init__(self, after: int, first: int):
+        super().__init__(
+            f"this node's state ends at stream message {after}, but the stream was trimmed "
+            f"and starts at {first}: restart the node; at start it loads the newest snapshot "
+            f"from the object store (docs/replication.md, \"Snapshots in the store\")")
+
+
 class StreamUnavailable(JournalError):
     """NATS did not answer a read in time (retried by the engine's rebuild)."""
 
@@ -165,6 +177,7 @@ class StreamLog:
         self.on_deposed = None              # called (sync thread) when an append is refused
         self.on_appended = None             # called (sync thread) after each acknowledged message
         self.on_fatal = None                # called when no outcome can be found; must not return
+        self.on_snapshot = None             # called (writer thread) after a local snapshot is done
         self.closing = False                # the server stops: an unanswered append stops it
         self.fsync_count = 0                # messages appended (the journal's fsyncs)
         self.dropped_count = 0
@@ -473,10 +486,24 @@ class StreamLog:
         end, expected = self.stream_seq, from_seq
         while cursor < end:
             messages = self._fetch_reported(cursor)
+            self.check_not_trimmed(cursor, messages)
             decoded = self.decode(messages, cursor, expected, end)
             for seq, command in decoded.commands:
                 yield seq, command
             cursor, expected = decoded.stream_seq, decoded.last_seq + 1
+
+    def check_not_trimmed(self, after: int, messages: list) -> None:
+        """A gap right after `after`: StreamTrimmed if a purge made it (the
+        stream starts later), else decode reports the missing message."""
+        if not messages or messages[0].seq == after + 1:
+            return
+        try:
+            first = self.loop.call(self.stream.first_seq(),
+                                   self.publish_timeout_s + CALL_MARGIN_S)
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as error:
+            raise StreamUnavailable(f"NATS did not answer: {error}") from None
+        if first > after + 1:
+            raise StreamTrimmed(after, first)
 
     def _fetch_reported(self, after: int) -> list:
         """Messages after `after`, which the stream's leader reported: a
@@ -542,7 +569,11 @@ class StreamLog:
     # -- retention and close ----------------------------------------------------
 
     def remove_segments_before(self, seq: int) -> list:
-        """Snapshot retention: the stream is not trimmed here (docs/replication.md)."""
+        """Snapshot retention, after a local snapshot: nothing is removed
+        here; the node publishes the snapshot to the object store, and only
+        the store's retention trims the stream (docs/replication.md)."""
+        if self.on_snapshot is not None:
+            self.on_snapshot()
         return []
 
     def close(self) -> None:

@@ -30,9 +30,11 @@ from engine.protocol.errors import EngineError, Unavailable
 from engine.replication.checkpoint import Checkpoints, DigestMismatch
 from engine.replication.lease import Lease, LeaseLost
 from engine.replication.log import StreamLog, StreamUnavailable
+from engine.replication.snapshot_store import SnapshotRefused, SnapshotStore
 from engine.replication.loop_thread import LoopThread
 from engine.replication.stream import (KIND_CHECKPOINT, KIND_TERM, Names, Refused, Stream,
                                        parse_servers)
+from engine.storage import snapshot as snapshots
 from engine.storage.journal import JournalError
 
 log = logging.getLogger("scanpay.replication")
@@ -82,12 +84,18 @@ class ReplicaNode:
             self.nats.call(self.lease.open(config.replicas, config.allow_unreplicated),
                            CONNECT_TIMEOUT_S)
             self.log = StreamLog(config.data, self.nats, self.stream)
+            self.store = SnapshotStore(self.stream, config.store_snapshots)
+            self.nats.call(self.store.open(config.replicas, config.allow_unreplicated),
+                           CONNECT_TIMEOUT_S)
+            self.join_from_store()
         except BaseException:
             self.close()
             raise
         self.log.on_deposed = self.deposed
         self.log.on_fatal = fatal
         self.log.on_appended = self.appended
+        self.log.on_snapshot = self.snapshot_written
+        self.upload = None              # the snapshot upload in flight (one at a time)
         self.checkpoints = Checkpoints(config.checkpoint_every_entries)
         self.checkpoint_lock = threading.Lock()     # one thread appends checkpoint records
         self.seen_generation = 0
@@ -164,6 +172,74 @@ class ReplicaNode:
     def position(self) -> int:
         """The stream seq the state reflects (replies to reads say it)."""
         return self.log.stream_seq
+
+    # -- snapshots in the object store --------------------------------------------
+
+    def local_snapshot(self) -> tuple[str, int, int] | None:
+        """(path, command seq, stream seq) of the newest local snapshot whose
+        header and meta verify, or None."""
+        for info in reversed(snapshots.list_snapshots(self.config.data)):
+            try:
+                meta = snapshots.load_meta(info.path)
+                return info.path, info.seq, int(meta["replication"]["stream_seq"])
+            except (OSError, snapshots.SnapshotCorrupt, KeyError, TypeError, ValueError):
+                continue                # the engine's load logs and skips it too
+        return None
+
+    def join_from_store(self) -> None:
+        """At start, before the engine loads: a snapshot in the store newer
+        than the newest local one is downloaded (the newest that verifies;
+        a corrupt one is refused in one line and an older one tried). Refuses
+        the start if the stream no longer holds what the state needs."""
+        local = self.local_snapshot()
+        have = local[2] if local is not None else 0
+        for stored in reversed(self.nats.call(self.store.entries(), CONNECT_TIMEOUT_S)):
+            if stored.stream_seq <= have:
+                break
+            try:
+                self.nats.call(self.store.download(stored, self.config.data), CONNECT_TIMEOUT_S)
+            except SnapshotRefused as error:
+                log.error("snapshot store: refusing %s (%s); falling back to an older one",
+                          stored.name, error)
+                continue
+            log.warning("joined from snapshot %s of the object store (command %d, stream "
+                        "message %d)", stored.name, stored.seq, stored.stream_seq)
+            have = stored.stream_seq
+            break
+        first = self.nats.call(self.stream.first_seq(), CONNECT_TIMEOUT_S)
+        if self.log.stream_seq > have and first > have + 1:
+            raise JournalError(
+                f"the stream starts at message {first} (trimmed), but the newest snapshot this "
+                f"node can load ends at {have}: no valid snapshot in the object store "
+                f"{self.names.snapshot_bucket} covers the gap; restore one there (or in "
+                f"{self.config.data}) before starting this node")
+
+    def snapshot_written(self) -> None:
+        """Writer thread, after a local snapshot: the leader uploads it (on the
+        NATS loop, one upload at a time; a snapshot finished meanwhile is
+        skipped: the next one goes)."""
+        if self.log.token is None or (self.upload is not None and not self.upload.done()):
+            return
+        local = self.local_snapshot()
+        if local is not None:
+            self.upload = self.nats.submit(self.publish_and_trim(*local))
+
+    async def publish_and_trim(self, path: str, seq: int, stream_seq: int) -> None:
+        """NATS loop: the snapshot into the store, then the stream purged
+        below the oldest snapshot the store keeps (never further)."""
+        try:
+            kept = await self.store.publish(path, seq, stream_seq)
+            log.info("snapshot at command %d (stream message %d) published", seq, stream_seq)
+            # The purge keeps the message the oldest kept snapshot ends with
+            # (one more than it needs): the stream's last message then always
+            # stays, and a start reads the command seq from it (log.refresh).
+            if len(kept) >= self.store.keep and kept[0].stream_seq > 1:
+                await self.stream.purge_before(kept[0].stream_seq)
+                log.info("stream trimmed below message %d (the oldest snapshot kept ends "
+                         "there)", kept[0].stream_seq)
+        except (*NATS_ERRORS, SnapshotRefused) as error:
+            log.warning("snapshot at command %d not published (%s: %s); the next one will be",
+                        seq, type(error).__name__, error)
 
     # -- the lease (NATS loop) -------------------------------------------------
 
@@ -312,6 +388,8 @@ class ReplicaNode:
             return False
         if after != self.log.stream_seq or not self.log.idle:
             return True                     # the state moved meanwhile: read again
+        if messages[0].seq != after + 1:    # trimmed past this node: it says so and stops
+            await asyncio.to_thread(self.log.check_not_trimmed, after, messages)
         decoded = self.log.decode(messages, after, self.log.durable_seq + 1,
                                   commands_as="command")
         if not self.log.advance(decoded):

@@ -83,6 +83,11 @@ class Names:
     def lease_bucket(self) -> str:
         return f"scanpay_lease_{self.shard}"
 
+    @property
+    def snapshot_bucket(self) -> str:
+        """The object store of the leader's snapshots (engine/replication/snapshot_store.py)."""
+        return f"scanpay_snapshots_{self.shard}"
+
 
 @dataclasses.dataclass
 class Message:
@@ -289,6 +294,11 @@ class Stream:
     async def first_seq(self) -> int:
         info = await self.js.stream_info(self.names.stream)
         return info.state.first_seq
+
+    async def purge_before(self, seq: int) -> None:
+        """Remove the messages before `seq` (JetStream's purge keeps `seq`
+        and what follows)."""
+        await self.js.purge_stream(self.names.stream, seq=seq)
 
     async def get(self, seq: int) -> Message | None:
         """The message at `seq` (None: there is none)."""

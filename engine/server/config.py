@@ -68,6 +68,9 @@ class Config:
     # Every this many commands, the leader appends its state digest and
     # each follower compares its own (engine/replication/checkpoint.py); 0: never.
     checkpoint_every_entries: Range(0) = 100_000
+    # The leader's snapshots kept in the object store (new nodes start from
+    # them); the stream is trimmed below the oldest of them, never further.
+    store_snapshots: Range(1, 100) = 2
     keys: list = field(default_factory=list)
     # Table sizes to allocate up front (Engine capacity hints: rows per
     # table, e.g. payments, visits, users, coupons): growing a big table

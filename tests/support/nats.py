@@ -72,7 +72,8 @@ class LogHarness:
 
     def delete_stream(self) -> None:
         loop, stream = self.streams[0] if self.streams else self.stream()
-        for name in (self.names.stream, f"KV_{self.names.lease_bucket}"):
+        for name in (self.names.stream, f"KV_{self.names.lease_bucket}",
+                     f"OBJ_{self.names.snapshot_bucket}"):
             try:
                 loop.call(stream.js.delete_stream(name), 10)
             except Exception:       # noqa: BLE001 - not there

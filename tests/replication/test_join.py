@@ -1,0 +1,140 @@
+"""New nodes join by themselves (docs/replication.md, "Snapshots in the
+store"): the leader publishes its snapshots to a JetStream object store and
+trims the stream below the oldest one kept; a node with an empty data
+directory starts from the newest snapshot there and the stream after it,
+refusing a corrupt one loudly and taking an older one."""
+import time
+
+import numpy as np
+import pytest
+from nats.js.api import ObjectMeta
+
+from engine.replication.snapshot_store import SnapshotStore
+from support.replicas import Node, wait_for_leader, wait_for_seq
+from engine.protocol.records import PAY_RECORD
+from support.failover import build_world
+
+LEASE_MS = 4000
+SNAPSHOT_EVERY = 5                  # commands between snapshots: several within the test
+CHECKPOINT_EVERY = 7                # a digest the joined node checks live
+KEEP = 2
+SETTLE_TIMEOUT_S = 30.0
+
+
+def make_node(directory: str, logs, name: str) -> Node:
+    return Node(directory, logs.cluster.servers, LEASE_MS, name,
+                snapshot_every_entries=SNAPSHOT_EVERY, checkpoint_every_entries=CHECKPOINT_EVERY,
+                store_snapshots=KEEP)
+
+
+@pytest.fixture
+def started(logs, tmp_path):
+    made = []
+
+    def start(name: str) -> Node:
+        node = make_node(str(tmp_path), logs, name)
+        made.append(node)
+        return node.start()
+    yield start
+    for node in made:
+        node.stop()
+
+
+def write(leader: Node, first_id: int, count: int) -> None:
+    """`count` one-payment PAY batches (users 1 to 3 at merchant 1)."""
+    records = np.zeros(1, PAY_RECORD)
+    records["merchant"], records["amount"] = 1, 100
+    with leader.client() as c:
+        for i in range(count):
+            records["id"], records["payer"] = first_id + i, 1 + i % 3
+            assert c.pay(records)["status"][0] == 0
+
+
+def store_of(logs):
+    loop, stream = logs.stream()
+    store = SnapshotStore(stream, KEEP)
+    loop.call(store.open(3, False), 20)
+    return loop, stream, store
+
+
+def settled_store(logs, leader: Node | None) -> tuple:
+    """Once the leader has published and trimmed: (entries, stream first
+    seq). A finished snapshot is reaped, so published, at the next write:
+    with a running `leader`, one payment per poll; without, until the store
+    stays the same for a poll."""
+    loop, stream, store = store_of(logs)
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    seen, next_id = None, 10_000
+    while True:
+        entries = loop.call(store.entries(), 10)
+        first = loop.call(stream.first_seq(), 10)
+        now = ([e.name for e in entries], first)
+        trimmed = len(entries) == KEEP and first == entries[0].stream_seq
+        if trimmed and (leader is not None or now == seen):
+            return entries, first
+        assert time.monotonic() < deadline, now
+        seen = now
+        if leader is not None:
+            write(leader, next_id, 1)
+            next_id += 1
+        time.sleep(0.3)
+
+
+def joins_and_agrees(leader: Node, fresh: Node, next_id: int) -> None:
+    """`fresh` reaches the leader's stream seq, then checks a checkpoint
+    digest live (a mismatch would stop it) and agrees with the leader."""
+    wait_for_seq(fresh, leader.hello()["stream_seq"])
+    write(leader, next_id, 2 * CHECKPOINT_EVERY)
+    at = leader.hello()["stream_seq"]
+    wait_for_seq(fresh, at)
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while fresh.hello()["checkpoint"] != leader.hello()["checkpoint"]:
+        assert time.monotonic() < deadline, (fresh.hello(), leader.hello())
+        time.sleep(0.1)
+    assert fresh.running(), fresh.log_tail()
+    query = {"users": [1, 2, 3], "merchants": [1]}
+    with leader.client() as c, fresh.client() as f:
+        expected = c.call("BALANCES", query)
+        got = f.call("BALANCES", query)
+        assert got.pop("stream_seq") >= expected.pop("stream_seq") - 1
+        assert got == expected
+        assert f.call("AUDIT", {})["ok"]
+
+
+def test_a_fresh_node_joins_from_the_store_after_the_stream_was_trimmed(started, logs):
+    leader = started("s0")
+    assert wait_for_leader([leader]) is leader
+    build_world(leader)
+    write(leader, 1, 6 * SNAPSHOT_EVERY)
+    entries, first = settled_store(logs, leader)
+    assert first > 1, "the stream was not trimmed"
+    fresh = started("s1")
+    log_text = open(fresh.log_path).read()
+    assert f"joined from snapshot {entries[-1].name}" in log_text, fresh.log_tail()
+    joins_and_agrees(leader, fresh, 1000)
+
+
+def test_a_corrupt_newest_snapshot_is_refused_and_an_older_one_used(started, logs):
+    leader = started("s0")
+    assert wait_for_leader([leader]) is leader
+    build_world(leader)
+    write(leader, 1, 6 * SNAPSHOT_EVERY)
+    settled_store(logs, leader)
+    leader.stop()                       # nothing publishes while the test corrupts the store
+    entries, _first = settled_store(logs, None)
+    loop, _stream, store = store_of(logs)
+    newest = entries[-1]
+    got = loop.call(store.store.get(newest.name), 20)
+    data = bytearray(got.data)
+    data[len(data) // 2] ^= 0x01        # one bit; the description keeps the true SHA-256
+    loop.call(store.store.put(newest.name, bytes(data), meta=ObjectMeta(
+        name=newest.name, description=got.info.description)), 20)
+    fresh = started("s1")
+    lines = [line for line in open(fresh.log_path) if "snapshot store: refusing" in line]
+    assert len(lines) == 1 and newest.name in lines[0] and "checksum mismatch" in lines[0], \
+        fresh.log_tail()
+    assert f"joined from snapshot {entries[-2].name}" in open(fresh.log_path).read()
+    leader.start()
+    now_leader = wait_for_leader([leader, fresh])
+    other = fresh if now_leader is leader else leader
+    joins_and_agrees(now_leader, other, 1000)
