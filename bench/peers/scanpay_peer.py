@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from engine.server.config import Config
 from engine.protocol.limits import BATCH_RECORDS_MAX, WIRE_LOOKUP_ITEMS_MAX
 from engine.protocol.records import ISSUE_RECORD, PAY_RECORD, RESULT_DUPLICATE
 from engine.protocol.status import Status
+from engine.storage.journal import SEGMENT_BYTES_MAX_DEFAULT, SPARE_NAME
 
 from .common import Run, chunks, free_port, stop_process, wait_port
 from .workload import (KIND_FIXED, VALID_UNTIL_MS, FinalState, Payment, Workload,
@@ -26,6 +28,7 @@ MAP_ITEMS = 50_000              # items per setup map call
 LOOKUP_ITEMS = WIRE_LOOKUP_ITEMS_MAX  # ids per BALANCES/COUPONS list: the wire's bound
 FRAMES_IN_FLIGHT = 4            # batched mode over the wire: frames pipelined on one connection
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SPARE_WAIT_S_MAX = 30           # for the server's first spare segment (wait_spare_filled)
 
 
 def records(payments: list[Payment]) -> np.ndarray:
@@ -97,9 +100,11 @@ def capacity(wl: Workload) -> dict:
 # -- embedded -----------------------------------------------------------------
 
 def run_engine(eng: Engine, wl: Workload, payments: list[Payment], *, batched: bool,
-               clock) -> tuple[list[str], float, list[float]]:
+               clock, path: str | None = None) -> tuple[list[str], float, list[float]]:
     """Engine.pay in batches of 8,190, or one 1-record call at a time."""
     setup(eng, wl)
+    if path is not None:
+        wait_spare_filled(path, "Scanpay embedded, durable")
     recs = records(payments)
     size = BATCH if batched else 1
     names, latencies = [], []
@@ -118,7 +123,8 @@ def embedded(wl, payments, *, batched: bool, path: str | None, clock) -> Run:
                                        "io_threads_nice": config.io_threads_nice}
     eng = Engine(path, capacity=capacity(wl), **options)
     try:
-        names, seconds, latencies = run_engine(eng, wl, payments, batched=batched, clock=clock)
+        names, seconds, latencies = run_engine(eng, wl, payments, batched=batched, clock=clock,
+                                               path=path)
         audit = eng.audit()
         if not audit["ok"]:
             raise RuntimeError(f"scanpay AUDIT failed: {audit}")
@@ -141,7 +147,7 @@ class Server:
     def __init__(self, tmp: str, wl: Workload, name: str):
         self.port = free_port()
         base = tempfile.mkdtemp(prefix=f"scanpay-{name}-", dir=tmp)
-        data = os.path.join(base, "data")
+        data = self.data = os.path.join(base, "data")
         self.log_path = os.path.join(base, "server.log")
         cmd = [sys.executable, "-m", "engine.cli", "serve", "--data", data,
                "--listen", f"127.0.0.1:{self.port}"]
@@ -159,6 +165,25 @@ class Server:
 
     def stop(self) -> None:
         stop_process(self.proc)
+
+
+def wait_spare_filled(data: str, what: str, timeout_s: float = SPARE_WAIT_S_MAX) -> None:
+    """Until the journal in `data` has its first spare segment zero-filled
+    (a fresh journal fills one in its first seconds, paced at 32 MB/s, and
+    every fsync meanwhile may wait behind its writeback): the start-up's
+    work, not the run's, as PostgreSQL's run starts after a CHECKPOINT and
+    its WAL segments were zero-filled by initdb. Says so if it took longer."""
+    spare = os.path.join(data, SPARE_NAME)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sizes = [os.path.getsize(os.path.join(data, n)) for n in os.listdir(data)
+                 if n == SPARE_NAME or n.startswith("journal-") and n.endswith(".seg")]
+        if max(sizes, default=0) >= SEGMENT_BYTES_MAX_DEFAULT:
+            time.sleep(0.2)                 # its closing fdatasync
+            return
+        time.sleep(0.05)
+    print(f"  ({what}: the journal's first spare segment was not filled within {timeout_s} s "
+          f"of its setup; measuring anyway)", flush=True)
 
 
 async def _batched(port: int, payments: list[Payment], clock):
@@ -229,6 +254,7 @@ def over_the_wire(wl: Workload, payments: list[Payment], *, mode: str, callers: 
     try:
         with Client.connect("127.0.0.1", server.port, timeout_ms=120_000) as admin:
             setup(admin, wl)
+            wait_spare_filled(server.data, f"Scanpay over TCP, {mode}")
             if mode == "batched":
                 names, seconds, lat = uvloop.run(_batched(server.port, payments, clock))
                 how, lat_of, column = (f"AsyncClient.pay, frames of {BATCH:,}, "

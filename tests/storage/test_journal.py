@@ -294,10 +294,46 @@ def test_zero_tail_is_space_allocated_ahead(tmp_path):
 
 
 def wait_for_spare(journal, timeout_s=10.0):
+    """Until the spare is ready, if the journal has asked for one yet."""
     deadline = time.monotonic() + timeout_s
-    while not journal._spare.ready():
+    while journal._spare.requested and not journal._spare.ready():
         assert time.monotonic() < deadline, "the spare segment was never filled"
         time.sleep(0.001)
+
+
+def test_the_next_spare_is_made_only_once_the_active_segment_fills(tmp_path):
+    """A fill's writeback slows the fsyncs that run meanwhile, so the next
+    spare is not made as soon as the last was taken (right after every
+    start), only once the active segment is SPARE_AHEAD_FRACTION full; while
+    the journal appends (no spare taken yet) it is wanted at once."""
+    from engine.storage.journal import SPARE_AHEAD_FRACTION
+    segment_bytes = 64 * 1024
+    with Journal.open(tmp_path, segment_bytes_max=segment_bytes, prealloc=True) as journal:
+        assert journal._spare.requested         # nothing preallocated yet
+        journal.append(b"first")
+        journal.sync()                          # an appended segment: the spare is due
+        wait_for_spare(journal)
+        journal.append(b"second")
+        journal.sync()                          # moves to the spare
+        assert journal._active_preallocated and not journal._spare.requested
+        filled = os.path.getsize(tmp_path / segments_in(tmp_path)[-1])
+        assert filled == segment_bytes
+    # Reopened with the active segment under a quarter full: no fill at start.
+    with Journal.open(tmp_path, segment_bytes_max=segment_bytes, prealloc=True) as journal:
+        assert journal._active_preallocated and not journal._spare.requested
+        payload = bytes(1000)
+        while journal._active_bytes + 1100 < segment_bytes * SPARE_AHEAD_FRACTION:
+            journal.append(payload)
+            journal.sync()
+            assert not journal._spare.requested  # no fill under these fsyncs
+        journal.append(payload)
+        journal.append(payload)
+        journal.sync()
+        assert journal._spare.requested         # a quarter full: the next one is made
+        wait_for_spare(journal)
+        assert journal._spare.ready()
+    with Journal.open(tmp_path, segment_bytes_max=segment_bytes, prealloc=True) as journal:
+        assert journal._spare.requested         # past a quarter: made at start
 
 
 def test_preallocated_segments(tmp_path):
