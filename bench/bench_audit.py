@@ -9,14 +9,17 @@ reuses: named on the command line, never collected by CI.)
 
 One server: the world of bench_server.py, then SCANPAY_AUDIT_PAYMENTS
 (default 1,000,000) payments in frames of 8,190, then three measured runs of
-bench/loadgen.py, each SCANPAY_BENCH_SECONDS (default 10) after 2 s of
+bench/loadgen.py, each SCANPAY_AUDIT_SECONDS (default 5) after 2 s of
 warmup, small frames (1 record, 64 connections, 32 in flight each, closed
 loop), alternating: no AUDIT, AUDITs back to back from another connection
 for the whole run, no AUDIT, AUDITs, no AUDIT. Each AUDIT run is compared
 with the mean of the two runs around it (they bracket the drift of a shared
 machine); the figure is the mean of those ratios. After an AUDIT run the
 running audit is waited for, so that no child runs into the next run.
-SCANPAY_AUDIT_ROUNDS (default 1) sets the number of AUDIT runs.
+SCANPAY_AUDIT_ROUNDS (default 1) sets the number of AUDIT runs. Every run
+adds its payments (up to ~5 M) to the state the next AUDITs check: the
+table says how many each checked, and how much of the machine's 2 cores
+was idle during each run (the time an audit under SCHED_IDLE can use).
 
 A second test measures, in process, the page faults and CPU per payment of
 kernel PAY while a forked child holds its copy-on-write image: a child that
@@ -42,7 +45,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_server  # noqa: E402
-from bench_server import (BATCH, SECONDS, Bench, ServerProcess, load, machine,  # noqa: E402
+from bench_server import (BATCH, WARMUP, Bench, ServerProcess, load, machine,  # noqa: E402
                           run_loadgen)
 from engine.server import audit_fork  # noqa: E402
 from engine.client import Client  # noqa: E402
@@ -51,9 +54,15 @@ from engine.demo.world import pay_batches  # noqa: E402
 
 PAYMENTS = int(os.environ.get("SCANPAY_AUDIT_PAYMENTS", "1000000"))
 ROUNDS = int(os.environ.get("SCANPAY_AUDIT_ROUNDS", "1"))
-# Room for each run's payments (small frames reach 300-500 k/s here, 10 s of
-# them with the warmup): the server allocates it up front, as an operator would.
-PAYMENTS_PER_RUN_MAX = 2_700_000
+# Each run adds its payments to the state: short runs keep the state the
+# AUDITs check near PAYMENTS (a run of 12 s added 6-8 M).
+RUN_SECONDS = float(os.environ.get("SCANPAY_AUDIT_SECONDS", "5"))
+# Room for each run's payments (small frames reach 650 k/s on a quiet
+# machine, RUN_SECONDS of them with the warmup): the server allocates it up
+# front, as an operator would. A server that outgrows it copies its tables
+# into bigger ones within a batch (seconds at these sizes), a stall that has
+# nothing to do with AUDIT and once landed in the middle of a run.
+PAYMENTS_PER_RUN_MAX = int(700_000 * (RUN_SECONDS + WARMUP))
 TARGET_RATIO = 0.90
 AUDITS_MAX = 1_000                   # bound on the back-to-back AUDITs of one run
 AUDIT_TIMEOUT_MS = 300_000
@@ -78,7 +87,7 @@ class Auditor(threading.Thread):
         super().__init__(daemon=True)
         self.client = Client.connect("127.0.0.1", port, timeout_ms=AUDIT_TIMEOUT_MS)
         self.stop = threading.Event()
-        self.runs = []                   # (seconds, ok, seq)
+        self.runs = []                   # (seconds, ok, seq, payments checked)
 
     def run(self) -> None:
         for _ in range(AUDITS_MAX):
@@ -86,13 +95,26 @@ class Auditor(threading.Thread):
                 break
             t0 = time.perf_counter()
             reply = self.client.call("AUDIT", {})
-            self.runs.append((time.perf_counter() - t0, reply["ok"], reply.get("seq")))
+            self.runs.append((time.perf_counter() - t0, reply["ok"], reply.get("seq"),
+                              payments_checked(reply)))
 
     def finish(self) -> list:
         self.stop.set()
         self.join(AUDIT_TIMEOUT_MS / 1000)
         self.client.close()
         return self.runs
+
+
+def payments_checked(report: dict) -> int:
+    """How many payments an AUDIT report checked ("all N payments ...")."""
+    return int(report["checks"]["payments_balanced"]["detail"].split()[1])
+
+
+def idle_core_seconds() -> float:
+    """The machine's idle time so far, in core-seconds (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    return (int(fields[3]) + int(fields[4])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_audit(port: int) -> tuple[float, dict]:
@@ -108,14 +130,19 @@ def measure(server: ServerProcess, bench: Bench, with_audits: bool) -> dict:
         auditor.start()
     load_before = load()
     records0, cpu0 = server.metric("scanpay_batch_records_sum"), server.cpu_seconds()
+    idle0, wall0 = idle_core_seconds(), time.perf_counter()
     try:
-        out = run_loadgen(server.port, bench.pool_path, bench.id_base(), seconds=SECONDS, **LOAD)
+        out = run_loadgen(server.port, bench.pool_path, bench.id_base(), seconds=RUN_SECONDS,
+                          **LOAD)
     finally:
-        # (the server's own CPU: an audit child's is not in it)
+        # (the server's own CPU: an audit process's is not in it)
         records, cpu = (server.metric("scanpay_batch_records_sum") - records0,
                         server.cpu_seconds() - cpu0)
+        idle = (idle_core_seconds() - idle0) / (time.perf_counter() - wall0)
         audits = auditor.finish() if auditor else []
     out["per_cpu_s"] = records / max(cpu, 1e-9)
+    out["idle_cores"] = idle
+    out["payments_after"] = server.metric("scanpay_batch_records_sum")
     out["audits"] = audits
     out["load"] = f"{load_before} -> {load()}"
     return out
@@ -150,7 +177,7 @@ def test_payment_rate_while_audit_runs(bench):
                 for i in range(1, len(runs), 2)]
     report_table(runs, fill_s, idle_audit_s, report.get("seq"), ratios("rate"),
                  ratios("per_cpu_s"), logged)
-    assert all(ok for _name, r in runs for _s, ok, _seq in r["audits"])
+    assert all(ok for _name, r in runs for _s, ok, _seq, _n in r["audits"])
     assert all(r["audits"] for name, r in runs if name.startswith("AUDITs"))
     assert all(r["error_count"] == 0 for _name, r in runs)
 
@@ -161,15 +188,18 @@ def report_table(runs: list, fill_s: float, idle_audit_s: float, seq, ratios: li
     print(f"{PAYMENTS:,} payments filled in {fill_s:.1f} s; one AUDIT on the idle server "
           f"took {idle_audit_s:.2f} s (journal entry {seq})")
     head = (f"{'run':<22} {'rate/s':>10} {'/srv CPU-s':>10} {'p50ms':>7} {'p99ms':>7} {'maxms':>8} "
-            f"{'audits':>7} {'audit s':>11} {'load':>18}")
+            f"{'idle':>5} {'audits':>7} {'audit s':>11} {'of payments':>12} {'load':>18}")
     print(head)
     print("-" * len(head))
     for name, r in runs:
         lat = r["latency_us"]
-        took = [s for s, _ok, _seq in r["audits"]]
+        took = [s for s, _ok, _seq, _n in r["audits"]]
         spread = f"{min(took):.1f}-{max(took):.1f}" if took else "-"
+        checked = (f"{max(n for _s, _ok, _seq, n in r['audits']) / 1e6:.1f} M" if took
+                   else f"({r['payments_after'] / 1e6:.1f} M)")
         print(f"{name:<22} {r['rate']:>10,.0f} {r['per_cpu_s']:>10,.0f} {lat['p50'] / 1000:>7.2f} {lat['p99'] / 1000:>7.2f} "
-              f"{lat['max'] / 1000:>8.2f} {len(took):>7} {spread:>11} {r['load']:>18}")
+              f"{lat['max'] / 1000:>8.2f} {r['idle_cores']:>5.2f} {len(took):>7} {spread:>11} "
+              f"{checked:>12} {r['load']:>18}")
     mean = sum(ratios) / len(ratios)
     met = "met" if mean >= TARGET_RATIO else "NOT met"
     print(f"rate under AUDIT / mean of the runs around it: "
