@@ -307,12 +307,12 @@ def copy_image(eng, target: mmap.mmap) -> None:
         into[entry["offset"]:entry["offset"] + entry["bytes"]] = view
 
 
-def start_audit(eng, kind: str):
+def start_audit(eng, kind: str, prepared):
     """Start what an AUDIT would start; returns (pause s, cleanup)."""
     if kind == "no AUDIT":
         return 0.0, lambda: None
     if kind == "image copy, no child":
-        fd, target = prepared_image(eng)
+        fd, target = prepared
         t0 = time.perf_counter()
         copy_image(eng, target)
         pause_s = time.perf_counter() - t0
@@ -342,9 +342,10 @@ def test_writer_cost_of_an_audit(bench):
     rows = {kind: [] for kind in COW_KINDS}
     for _round in range(COW_ROUNDS):
         for kind in COW_KINDS:
+            prepared = prepared_image(eng) if kind == "image copy, no child" else None
             faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             cpu0 = time.thread_time()
-            pause_s, cleanup = start_audit(eng, kind)
+            pause_s, cleanup = start_audit(eng, kind, prepared)
             for i in range(COW_BATCHES):
                 batch = batches[i % len(batches)]
                 batch["id"] += np.uint64(1 << 32)          # fresh ids each time
