@@ -128,6 +128,12 @@ def payments_checked(report: dict) -> int:
     return int(report["checks"]["payments_balanced"]["detail"].split()[1])
 
 
+def minor_faults(pid: int) -> int:
+    """A process's minor page faults so far (copy-on-write among them)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
 def idle_core_seconds() -> float:
     """The machine's idle time so far, in core-seconds (/proc/stat)."""
     with open("/proc/stat") as f:
@@ -169,6 +175,7 @@ def measure(server: ServerProcess, bench: Bench, with_audits: bool) -> dict:
     records0, cpu0 = server.metric("scanpay_batch_records_sum"), server.cpu_seconds()
     idle0, wall0 = idle_core_seconds(), time.perf_counter()
     child0 = children_cpu_s(server.proc.pid)
+    faults0 = minor_faults(server.proc.pid)
     try:
         out = run_loadgen(server.port, bench.pool_path, bench.id_base(), seconds=RUN_SECONDS,
                           **LOAD)
@@ -179,10 +186,12 @@ def measure(server: ServerProcess, bench: Bench, with_audits: bool) -> dict:
         wall = time.perf_counter() - wall0
         idle = (idle_core_seconds() - idle0) / wall
         child = sum(s - child0.get(pid, 0.0) for pid, s in children_cpu_s(server.proc.pid).items())
+        faults = minor_faults(server.proc.pid) - faults0
         audits = auditor.finish() if auditor else []
     out["per_cpu_s"] = records / max(cpu, 1e-9)
     out["idle_cores"] = idle
     out["child_cores"] = child / wall      # the audit child's share of the machine meanwhile
+    out["faults_per_1000"] = 1000 * faults / max(records, 1)
     out["payments_after"] = server.metric("scanpay_batch_records_sum")
     out["audits"] = audits
     out["load"] = f"{load_before} -> {load()}"
@@ -229,7 +238,7 @@ def report_table(runs: list, fill_s: float, idle_audit_s: float, seq, ratios: li
     print(f"{PAYMENTS:,} payments filled in {fill_s:.1f} s; one AUDIT on the idle server "
           f"took {idle_audit_s:.2f} s (journal entry {seq})")
     head = (f"{'run':<22} {'rate/s':>10} {'/srv CPU-s':>10} {'p50ms':>7} {'p99ms':>7} {'maxms':>8} "
-            f"{'idle':>5} {'child':>6} {'audits':>7} {'audit s':>11} {'of payments':>12} "
+            f"{'idle':>5} {'child':>6} {'flt/1k':>7} {'audits':>7} {'audit s':>11} {'of payments':>12} "
             f"{'load':>18}")
     print(head)
     print("-" * len(head))
@@ -241,6 +250,7 @@ def report_table(runs: list, fill_s: float, idle_audit_s: float, seq, ratios: li
                    else f"({r['payments_after'] / 1e6:.1f} M)")
         print(f"{name:<22} {r['rate']:>10,.0f} {r['per_cpu_s']:>10,.0f} {lat['p50'] / 1000:>7.2f} {lat['p99'] / 1000:>7.2f} "
               f"{lat['max'] / 1000:>8.2f} {r['idle_cores']:>5.2f} {r['child_cores']:>6.3f} "
+              f"{r['faults_per_1000']:>7.1f} "
               f"{len(took):>7} {spread:>11} "
               f"{checked:>12} {r['load']:>18}")
     mean = sum(ratios) / len(ratios)

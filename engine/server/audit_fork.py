@@ -19,7 +19,7 @@ batches.
   gives an `unavailable` error reply (retryable), never a hang.
 - The child runs under SCHED_IDLE: it gets a core only when no other thread
   wants one, and a waking writer takes the core back at once (a nice-19
-  child ran out its time slice first). Under full load the payments keep
+  child could keep it until its deadline). Under full load the payments keep
   their CPU and the audit takes longer (docs/performance.md, "AUDIT under
   load"). A stopping server lets it run at normal priority.
 - The child first lets go of the pages the writer writes and the checks do
@@ -53,8 +53,10 @@ log = logging.getLogger("scanpay.audit")
 
 AUDIT_TIMEOUT_S = 600               # a child still running after this is killed
 # The child's scheduling: SCHED_IDLE (None), or a nice value (to measure
-# against: at nice 19 a child still took ~13 % of a core from a busy writer,
-# since a nice-19 task that holds a core keeps it until its slice ends).
+# against). A waking thread preempts an idle-policy task at once; a nice-19
+# task on the core is preempted only once its virtual deadline has passed
+# (wakeup preemption in the kernel's kernel/sched/fair.c), so the writer may
+# wait for it.
 AUDIT_NICE = None
 AUDITS_WAITING_MAX = 64             # AUDITs waiting for the next child; more get busy
 REPORT_BYTES_MAX = 16 << 20         # a report is a few KiB; a child sending more is broken
