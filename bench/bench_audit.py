@@ -18,8 +18,8 @@ with the mean of the two runs around it (they bracket the drift of a shared
 machine); the figure is the mean of those ratios. After an AUDIT run the
 running audit is waited for, so that no child runs into the next run.
 SCANPAY_AUDIT_ROUNDS (default 1) sets the number of AUDIT runs (each needs
-room for two more runs: ~2.7 GB); repeat the test instead. Every run adds
-its payments (up to ~3.5 M) to the state the next AUDITs check: the
+room for two more runs: ~3 GB); repeat the test instead. Every run adds
+its payments (up to ~4 M) to the state the next AUDITs check: the
 table says how many each checked, how much of the machine's 2 cores was
 idle during each run (the time an audit under SCHED_IDLE can use), and how
 many cores the audit child used meanwhile.
@@ -69,12 +69,12 @@ ROUNDS = int(os.environ.get("SCANPAY_AUDIT_ROUNDS", "1"))
 # preallocated tables within the machine's memory (~380 bytes a payment:
 # room for 5 runs of 7 s was 9 GB, and the kernel's OOM killer stopped it).
 RUN_SECONDS = float(os.environ.get("SCANPAY_AUDIT_SECONDS", "3"))
-# Room for each run's payments (small frames reach 650 k/s on a quiet
-# machine, RUN_SECONDS of them with the warmup): the server allocates it up
+# Room for each run's payments (small frames reached 780 k/s in a quiet
+# moment, RUN_SECONDS of them with the warmup): the server allocates it up
 # front, as an operator would. A server that outgrows it copies its tables
 # into bigger ones within a batch (seconds at these sizes), a stall that has
 # nothing to do with AUDIT and once landed in the middle of a run.
-PAYMENTS_PER_RUN_MAX = int(700_000 * (RUN_SECONDS + WARMUP))
+PAYMENTS_PER_RUN_MAX = int(800_000 * (RUN_SECONDS + WARMUP))
 TARGET_RATIO = 0.90
 AUDITS_MAX = 1_000                   # bound on the back-to-back AUDITs of one run
 # The first AUDIT of a run goes out after the load generator's warmup (and
