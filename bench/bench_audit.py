@@ -21,8 +21,9 @@ SCANPAY_AUDIT_ROUNDS (default 1) sets the number of AUDIT runs (each needs
 room for two more runs: ~3 GB); repeat the test instead. Every run adds
 its payments (up to ~4 M) to the state the next AUDITs check: the
 table says how many each checked, how much of the machine's 2 cores was
-idle during each run (the time an audit under SCHED_IDLE can use), and how
-many cores the audit child used meanwhile.
+idle during each run (the time an audit under SCHED_IDLE can use), how
+many cores the audit child used meanwhile, and the server's page faults
+per 1,000 payments (copy-on-write faults while a child shares its pages).
 
 A second test measures, in process, the writer's cost of one AUDIT: the
 pause to start it and the CPU of the kernel PAY batches after it, while a
