@@ -17,13 +17,23 @@ batches.
   at least as new as its request.
 - A child that fails, dies or outlives `timeout_s` (it is then killed)
   gives an `unavailable` error reply (retryable), never a hang.
-- The child runs at the lowest priority, and first lets go of the pages the
-  writer writes and the checks do not read, so that the writer does not
-  copy a shared page at every other write (release_writer_pages says why).
+- The child runs under SCHED_IDLE: it gets a core only when no other thread
+  wants one, and a waking writer takes the core back at once (a nice-19
+  child could keep it until its deadline). Under full load the payments keep
+  their CPU and the audit takes longer (docs/performance.md, "AUDIT under
+  load"). A stopping server lets it run at normal priority.
+- The child first lets go of the pages the writer writes and the checks do
+  not read, so that the writer does not copy a shared page at every other
+  write (release_writer_pages says why).
+- The event loop never waits for the child: it reads the report as the
+  child writes it, and answers once the child's pidfd says it has exited
+  (exiting frees the child's gigabytes, which at SCHED_IDLE on a busy
+  machine may take seconds).
 
 The embedded `Engine` keeps AUDIT in process (its caller waits for it
 anyway). Linux only, as the snapshots.
 """
+import contextlib
 import ctypes
 import logging
 import os
@@ -42,10 +52,12 @@ from engine.core.ops.query import audit_refusal
 log = logging.getLogger("scanpay.audit")
 
 AUDIT_TIMEOUT_S = 600               # a child still running after this is killed
-# The child's nice value: the lowest priority. It is all CPU (the snapshot
-# child, at 10, mostly waits for its paced writes), and on a machine with no
-# core to spare it would otherwise take ~10 % of one from the writer.
-AUDIT_NICE = 19
+# The child's scheduling: SCHED_IDLE (None), or a nice value (to measure
+# against). A waking thread preempts an idle-policy task at once; a nice-19
+# task on the core is preempted only once its virtual deadline has passed
+# (wakeup preemption in the kernel's kernel/sched/fair.c), so the writer may
+# wait for it.
+AUDIT_NICE = None
 AUDITS_WAITING_MAX = 64             # AUDITs waiting for the next child; more get busy
 REPORT_BYTES_MAX = 16 << 20         # a report is a few KiB; a child sending more is broken
 READ_CHUNK_BYTES = 1 << 16
@@ -61,11 +73,12 @@ CHILD_HOOK = None
 
 class AuditRun:
     """One audit child: the AUDITs it answers and what its report reflects."""
-    __slots__ = ("pid", "fd", "works", "durable", "seq", "now", "started", "pause_ms",
-                 "timer", "chunks", "size", "killed_because", "generation")
+    __slots__ = ("pid", "fd", "pidfd", "works", "durable", "seq", "now", "started",
+                 "pause_ms", "timer", "chunks", "size", "killed_because", "generation")
 
-    def __init__(self, pid, fd, works, durable, seq, now, started, generation):
-        self.pid, self.fd, self.works, self.durable = pid, fd, works, durable
+    def __init__(self, pid, fd, pidfd, works, durable, seq, now, started, generation):
+        self.pid, self.fd, self.pidfd = pid, fd, pidfd
+        self.works, self.durable = works, durable
         self.seq, self.now = seq, now
         # The engine's rebuild count at the fork: if a storage failure drops
         # commands before the report comes back, the report saw them.
@@ -84,7 +97,7 @@ class Audits:
     def __init__(self, writer, timeout_s: float = AUDIT_TIMEOUT_S):
         self.writer = writer
         self.timeout_s = timeout_s
-        self.running = None                 # the AuditRun of the child, if one runs
+        self.running = None                 # the AuditRun of the child, until it is reaped
         self.waiting = []                   # Work: AUDITs for the next child
         self.children = 0                   # children forked so far (metrics, tests)
 
@@ -123,70 +136,83 @@ class Audits:
             return self.writer.schedule(None, [(w.deliver, error) for w in works])
         seq = engine.storage.journal.last_seq if engine.storage is not None else 0
         now = engine._now()
-        read_fd, write_fd = os.pipe()
         started = time.perf_counter()
         try:
-            pid = os.fork()
+            pid, read_fd, pidfd = fork_child(engine.state, not self.writer.stopping)
         except OSError as e:
-            os.close(read_fd)
-            os.close(write_fd)
             log.error("could not fork the audit process: %s", e)
             error = Unavailable(f"could not start the audit process ({e}); retry later")
             return self.writer.schedule(durable, [(w.deliver, error) for w in works])
-        if pid == 0:
-            child_main(engine.state, write_fd)      # never returns
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
         self.children += 1
-        run = self.running = AuditRun(pid, read_fd, works, durable, seq, now, started,
+        run = self.running = AuditRun(pid, read_fd, pidfd, works, durable, seq, now, started,
                                       engine.generation)
         loop = self.writer.loop
         loop.add_reader(read_fd, self.readable, run)
+        loop.add_reader(pidfd, self.exited, run)
         run.timer = loop.call_later(self.timeout_s, self.kill, run, "timed out")
+
+    def hurry(self) -> None:
+        """The server stops: the running child may take a core like any
+        other process (payments no longer need them)."""
+        if self.running is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(self.running.pid, os.SCHED_OTHER, os.sched_param(0))
 
     def readable(self, run: AuditRun) -> None:
         """In the event loop: the child's report, until end of file."""
-        try:
-            data = os.read(run.fd, READ_CHUNK_BYTES)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            log.error("reading the audit report failed: %s", e)
-            data = b""
-        if data:
+        while run.fd is not None:
+            try:
+                data = os.read(run.fd, READ_CHUNK_BYTES)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.error("reading the audit report failed: %s", e)
+                data = b""
+            if not data:                    # answered once the child is reaped
+                self.stop_reading(run)
+                return
             run.chunks.append(data)
             run.size += len(data)
             if run.size > REPORT_BYTES_MAX:
+                self.stop_reading(run)
                 self.kill(run, f"sent more than {REPORT_BYTES_MAX} bytes")
-            return
-        self.finish(run)
+
+    def stop_reading(self, run: AuditRun) -> None:
+        self.writer.loop.remove_reader(run.fd)
+        os.close(run.fd)
+        run.fd = None
 
     def kill(self, run: AuditRun, because: str) -> None:
-        """Stop a child; its end of file then finishes the run as failed."""
+        """Stop a child; its exit then finishes the run as failed."""
         if run.killed_because is None:
             run.killed_because = because
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(run.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
-    def finish(self, run: AuditRun) -> None:
+    def exited(self, run: AuditRun) -> None:
+        """In the event loop: the child has exited (its pidfd is readable)."""
         loop = self.writer.loop
-        loop.remove_reader(run.fd)
-        os.close(run.fd)
+        loop.remove_reader(run.pidfd)
+        os.close(run.pidfd)
         run.timer.cancel()
-        # End of file: the child has exited or is exiting (its pipe closed).
+        cpu_s = 0.0
         try:
-            exit_code = os.waitstatus_to_exitcode(os.waitpid(run.pid, 0)[1])
+            # (WNOHANG all the same: a pidfd is readable once the child is a zombie)
+            reaped, status, usage = os.wait4(run.pid, os.WNOHANG)
+            exit_code = os.waitstatus_to_exitcode(status) if reaped else 0
+            cpu_s = usage.ru_utime + usage.ru_stime
         except ChildProcessError:           # reaped elsewhere: judge by its report
             exit_code = 0
-        took_s = time.perf_counter() - run.started
-        reply = self.reply(run, exit_code, took_s)
+        if run.fd is not None:              # the rest of what it wrote (no writer left)
+            self.readable(run)
+            if run.fd is not None:
+                self.stop_reading(run)
+        reply = self.reply(run, exit_code, time.perf_counter() - run.started, cpu_s)
         self.running = None
         self.writer.schedule(run.durable, [(w.deliver, reply) for w in run.works])
         self.writer.wake.set()              # the writer starts the next child, or stops
 
-    def reply(self, run: AuditRun, exit_code: int, took_s: float):
+    def reply(self, run: AuditRun, exit_code: int, took_s: float, cpu_s: float):
         """The reply for the run's AUDITs: the report, or an Unavailable."""
         what = f"audit at entry {run.seq}"
         if run.generation != self.writer.engine.generation:
@@ -200,20 +226,51 @@ class Audits:
         elif exit_code != 0:
             message = f"the audit process died (exit code {exit_code})"
         else:
-            try:
-                report = msgspec.msgpack.decode(b"".join(run.chunks))
-            except msgspec.DecodeError:
+            report = decoded(run.chunks)
+            if report is None:
                 report = {"failed": "its report is not MessagePack"}
             if "failed" not in report:
-                log.info("%s: %s in %.1f s (fork pause %.1f ms)", what,
-                         "ok" if report["ok"] else "FAILED", took_s, run.pause_ms)
+                log.info("%s: %s in %.1f s (%.1f CPU-s; fork pause %.1f ms)", what,
+                         "ok" if report["ok"] else "FAILED", took_s, cpu_s, run.pause_ms)
                 return {**report, "seq": run.seq, "now": run.now}
             message = f"the audit failed to run: {report['failed']}"
         log.error("%s: %s", what, message)
         return Unavailable(f"{message}; nothing was changed; retry AUDIT (see the server log)")
 
 
-def child_main(state, write_fd: int) -> None:
+def decoded(chunks: list):
+    """The report in `chunks`, or None if it is not (all of) one."""
+    try:
+        report = msgspec.msgpack.decode(b"".join(chunks))
+    except msgspec.DecodeError:
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def fork_child(state, idle: bool) -> tuple[int, int, int]:
+    """(pid, read end of its report pipe, its pidfd). `idle`: SCHED_IDLE."""
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
+    if pid == 0:
+        child_main(state, write_fd, idle)       # never returns
+    os.close(write_fd)
+    os.set_blocking(read_fd, False)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:                             # (not before Linux 5.3)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_fd)
+        raise
+    return pid, read_fd, pidfd
+
+
+def child_main(state, write_fd: int, idle: bool) -> None:
     """The audit child: compute, write the pipe, leave. It touches nothing
     the server's other threads may hold (no logging, no journal, no
     sockets), as the snapshot child (engine/storage/durability.py)."""
@@ -230,7 +287,10 @@ def child_main(state, write_fd: int) -> None:
         try:
             release_writer_pages(state)
             # The writer and its threads come first: we use what they leave.
-            os.nice(AUDIT_NICE)
+            if idle and AUDIT_NICE is None:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            elif idle:
+                os.nice(AUDIT_NICE)
             if CHILD_HOOK is not None:
                 CHILD_HOOK()
             payload = msgspec.msgpack.encode(audit_checks.audit(export.canonical(state)))
@@ -239,6 +299,9 @@ def child_main(state, write_fd: int) -> None:
         view = memoryview(payload)
         while view:                         # blocking: the event loop reads as we write
             view = view[os.write(write_fd, view):]
+        # End of file for the server now: exiting frees this process's
+        # gigabytes, which takes a while at SCHED_IDLE on a busy machine.
+        os.close(write_fd)
         code = 0
     finally:
         os._exit(code)

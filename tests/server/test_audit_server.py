@@ -189,6 +189,60 @@ def test_a_graceful_stop_answers_a_running_audit(tmp_path, monkeypatch):
     run(main())
 
 
+def test_the_audit_child_runs_under_sched_idle_until_the_server_stops(tmp_path, monkeypatch):
+    """It takes a core only when no other thread wants one (a nice-19 child
+    held one for its whole time slice while the writer waited); a stopping
+    server lets it run like any other process."""
+    gate = str(tmp_path / "gate")
+    monkeypatch.setattr(audit_fork, "CHILD_HOOK", gate_hook(gate))
+
+    async def main():
+        server, c = await started_with_world(tmp_path)
+        audit = await send_audit(server, c)
+        audits = server.writer.audits
+        await until(lambda: audits.running is not None, "the audit child")
+        pid = audits.running.pid
+        await until(lambda: os.sched_getscheduler(pid) == os.SCHED_IDLE, "SCHED_IDLE")
+        stopping = asyncio.ensure_future(server.stop())
+        await until(lambda: os.sched_getscheduler(pid) == os.SCHED_OTHER, "normal priority")
+        open(gate, "w").close()
+        assert report_of(await audit)["ok"] is True
+        await asyncio.wait_for(stopping, 30)
+    run(main())
+
+
+def test_payments_go_on_while_the_audit_child_exits(tmp_path, monkeypatch):
+    """A child that has closed its pipe may still take long to exit (it
+    frees gigabytes, at SCHED_IDLE). The event loop does not wait for it:
+    payments are answered meanwhile, and the AUDIT once it has exited (here
+    with no report: unavailable)."""
+    closed, gate = str(tmp_path / "closed"), str(tmp_path / "gate")
+
+    def close_then_wait():
+        os.closerange(3, 1 << 16)           # the report pipe among them
+        open(closed, "w").close()
+        gate_wait = time.monotonic() + GATE_WAIT_S_MAX
+        while not os.path.exists(gate) and time.monotonic() < gate_wait:
+            time.sleep(0.005)
+        os._exit(0)
+    monkeypatch.setattr(audit_fork, "CHILD_HOOK", close_then_wait)
+
+    async def main():
+        server, c = await started_with_world(tmp_path)
+        auditor = await Raw.open(server)
+        audit = await send_audit(server, auditor)
+        await until(lambda: os.path.exists(closed), "the child closing its pipe")
+        for payment_id in range(1, 21):
+            await pay_ok(c, payment_id)
+            assert not audit.done(), f"AUDIT answered before payment {payment_id}"
+        open(gate, "w").close()
+        error = error_of(await audit)
+        assert error["name"] == "unavailable" and "not MessagePack" in error["message"]
+        assert server.writer.audits.running is None
+        await server.stop()
+    run(main())
+
+
 def test_scanpay_audit_says_which_journal_entry_it_reflects(tmp_path):
     from support.servers import admin_main
 
