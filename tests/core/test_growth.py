@@ -18,18 +18,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from engine._kernel import Ledger, tune_growth
-from engine.protocol.records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, REFUND_RECORD
-from engine.protocol.status import Status
 
 import test_differential_membership as membership
 from support import differential_pair
-from support.clock import Clock
-from support.growth import Twin, tiny_growth
-
-T0 = membership.T0
-HOLD_MS = differential_pair.HOLD_MS
-STEPS_MAX = 24
-BATCH_MAX = 400
+from support.growth import STEPS_MAX, Twin, World, tiny_growth
 
 
 # ---------------------------------------------------------------------------
@@ -126,106 +118,13 @@ def test_growth_settings_are_checked():
 # Random sequences against a sized engine
 # ---------------------------------------------------------------------------
 
-PROGRAMS = [{"id": 1, "kind": "points", "rate": 5, "offers": [{"stock": 3, "price": 300}]},
-            {"id": 2, "kind": "stamps", "threshold": 1000, "stamps": 2, "reward_stock": 4}]
-STOCKS = [{"id": s, "funder": "platform", "kind": kind, "value": value, "valid_from": 0,
-           "valid_until": T0 + 365 * membership.DAY, "stacking": "stackable"}
-          for s, kind, value in ((1, "fixed", 100), (2, "percent", 1000), (3, "fixed", 500),
-                                 (4, "fixed", 200))]
-
-
-class World:
-    """The growing engine (a Twin) and what the steps draw from."""
-
-    def __init__(self, data):
-        self.clock = Clock(T0)
-        self.eng = Twin(clock=self.clock, hold_ms=HOLD_MS)
-        self.users, self.merchants = 0, data.draw(st.integers(1, 30))
-        self.next_payment, self.next_coupon, self.next_refund = 1, 1, 1
-        self.authorized: list[int] = []
-        self.paid: list[int] = []
-        self.eng.call("MERCHANTS", {"merchants": [{"id": m, "fee_bps": 60}
-                                                  for m in range(1, self.merchants + 1)]})
-        self.eng.call("STOCKS", {"stocks": STOCKS})
-        if data.draw(st.booleans()):
-            self.eng.call("PROGRAMS", {"programs": PROGRAMS})
-        self.add_users(data)
-
-    def add_users(self, data):
-        n = data.draw(st.integers(1, 200))
-        users = list(range(self.users + 1, self.users + n + 1))
-        self.users += n
-        self.eng.call("WALLETS", {"users": users})
-        self.eng.call("TOPUP", {"topups": [{"id": u, "user": u, "amount": 10**7} for u in users]})
-
-    def pay(self, data):
-        n = data.draw(st.integers(1, BATCH_MAX))
-        rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-        records = np.zeros(n, PAY_RECORD)
-        fresh = np.arange(self.next_payment, self.next_payment + n, dtype=np.uint64)
-        again = rng.integers(1, self.next_payment + 1, n).astype(np.uint64)
-        records["id"] = np.where(rng.random(n) < 0.1, again, fresh)     # some re-sent
-        self.next_payment += n
-        records["payer"] = rng.integers(1, self.users + 2, n)            # some unknown
-        records["merchant"] = rng.integers(1, self.merchants + 1, n)
-        records["amount"] = rng.integers(1, 5000, n)
-        records["flags"] = rng.choice([0, 0, 1, 4], n)
-        results = self.eng.pay(records)
-        ok = (results["status"] == Status.ok) & ((results["flags"] & 1) == 0)
-        self.authorized += [int(i) for i in records["id"][ok & (records["flags"] == 4)]]
-        self.paid += [int(i) for i in records["id"][ok & (records["flags"] != 4)]]
-
-    def issue(self, data):
-        n = data.draw(st.integers(1, BATCH_MAX))
-        rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-        records = np.zeros(n, ISSUE_RECORD)
-        records["coupon"] = np.arange(self.next_coupon, self.next_coupon + n)
-        self.next_coupon += n
-        records["stock"] = rng.integers(1, 5, n)
-        records["user"] = rng.integers(1, self.users + 1, n)
-        self.eng.issue(records)
-
-    def capture(self, data):
-        chosen = self.authorized[:data.draw(st.integers(0, BATCH_MAX))]
-        del self.authorized[:len(chosen)]
-        records = np.zeros(len(chosen), CAPTURE_RECORD)
-        records["payment"] = chosen
-        records["amount"] = 1                       # partial: the rest is released
-        if len(records):
-            self.eng.capture(records)
-            self.paid += chosen
-
-    def refund(self, data):
-        chosen = self.paid[:data.draw(st.integers(0, BATCH_MAX))]
-        del self.paid[:len(chosen)]
-        records = np.zeros(len(chosen), REFUND_RECORD)
-        records["id"] = np.arange(self.next_refund, self.next_refund + len(chosen))
-        self.next_refund += len(chosen)
-        records["payment"] = chosen
-        records["amount"] = 1
-        if len(records):
-            self.eng.refund(records)
-
-    def reverse(self, data):
-        # Unknown ids leave tombstones: a later PAY with the id is refused.
-        first = self.next_payment + data.draw(st.integers(0, 50))
-        self.eng.call("REVERSE", {"payments": list(range(first, first + data.draw(
-            st.integers(1, 40))))})
-
-    def tick(self, data):
-        self.clock.now_ms += data.draw(st.sampled_from([1, HOLD_MS, membership.DAY]))
-
-
-STEP_NAMES = ("pay", "pay", "pay", "issue", "add_users", "capture", "refund", "reverse", "tick")
-
-
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_an_engine_growing_at_every_step_matches_one_sized_up_front(data):
     with tiny_growth():
         world = World(data)
         for _ in range(data.draw(st.integers(3, STEPS_MAX))):
-            getattr(world, data.draw(st.sampled_from(STEP_NAMES)))(data)
+            world.step(data)
         world.eng.canonical()                   # compared table by table (Twin)
         world.eng.digest()
         assert world.eng.call("AUDIT", {})["ok"]
@@ -238,7 +137,7 @@ class GrowingPair(membership.Pair):
     def __init__(self):
         super().__init__()
         self.eng = Twin(clock=self.clock, code_source=differential_pair.Codes(),
-                        hold_ms=HOLD_MS)
+                        hold_ms=differential_pair.HOLD_MS)
 
 
 @settings(max_examples=30, deadline=None)
