@@ -1,9 +1,17 @@
 # Open-addressing hash index from a u64 id to a row slot.
 #
-# Entries are 8 bytes: a 32-bit fingerprint of the hash and the slot. The id
-# itself lives only in the row (at offset 0 of every row type), so the index
-# costs 8 bytes per entry; the fingerprint lets a miss (every new payment id)
-# finish without touching rows. Linear probing; load kept <= LOAD_MAX_PCT.
+# Entries are 8 bytes: a 32-bit fingerprint of the hash and the slot + 1 (0:
+# empty, so freshly mapped zero pages are an empty table with nothing to
+# fill). The id itself lives only in the row (at offset 0 of every row
+# type), so the index costs 8 bytes per entry; the fingerprint lets a miss
+# (every new payment id) finish without touching rows. Linear probing; load
+# kept <= LOAD_MAX_PCT.
+#
+# Growing is incremental, as Redis rehashes: a resize allocates the larger
+# table (zero pages, no fill) and from then on new ids go into it, while
+# each reserve moves a bounded number of the old table's rows across
+# (IdIndex.reserve, index.pxi); lookups try the new table, then the old one,
+# until every row has moved. Outside a resize a miss is one bucket read.
 from libc.stdint cimport uint32_t, int32_t, int64_t, uint64_t
 
 cdef enum:
@@ -11,14 +19,21 @@ cdef enum:
 
 cdef struct Entry:
     uint32_t fp
-    int32_t slot            # -1 = empty
+    int32_t slot1           # slot + 1; 0 = empty
 
 cdef struct Index:
     Entry* entries
     uint64_t mask           # capacity - 1 (capacity is a power of two)
-    int64_t count
+    int64_t count           # entries in `entries`
     const char* rows        # base of the rows whose first field is the id
     int64_t row_bytes
+    # A resize under way (else old is NULL): `old` is the table before it,
+    # no longer written; rows [0, moved) are in `entries` too, rows
+    # [moved, old_rows) only in `old`; rows added since are in `entries`.
+    const Entry* old
+    uint64_t old_mask
+    int64_t moved
+    int64_t old_rows
 
 
 cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
@@ -35,19 +50,33 @@ cdef inline uint64_t row_id(const Index* ix, int32_t slot) noexcept nogil:
     return (<const uint64_t*>(ix.rows + slot * ix.row_bytes))[0]
 
 
+cdef inline int64_t index_size(const Index* ix) noexcept nogil:
+    """Rows indexed (in either table while a resize is under way)."""
+    return ix.count + (ix.old_rows - ix.moved if ix.old != NULL else 0)
+
+
+cdef inline int32_t probe(const Index* ix, const Entry* entries, uint64_t mask,
+                          uint64_t h, uint64_t key) noexcept nogil:
+    """The slot of `key` (hash `h`) in one table, or -1."""
+    cdef uint32_t fp = <uint32_t>(h >> 32)
+    cdef uint64_t i = h & mask
+    cdef Entry e
+    while True:
+        e = entries[i]
+        if e.slot1 == 0:
+            return -1
+        if e.fp == fp and row_id(ix, e.slot1 - 1) == key:
+            return e.slot1 - 1
+        i = (i + 1) & mask
+
+
 cdef inline int32_t index_get(const Index* ix, uint64_t key) noexcept nogil:
     """The slot of `key`, or -1."""
     cdef uint64_t h = mix64(key)
-    cdef uint32_t fp = <uint32_t>(h >> 32)
-    cdef uint64_t i = h & ix.mask
-    cdef Entry e
-    while True:
-        e = ix.entries[i]
-        if e.slot < 0:
-            return -1
-        if e.fp == fp and row_id(ix, e.slot) == key:
-            return e.slot
-        i = (i + 1) & ix.mask
+    cdef int32_t slot = probe(ix, ix.entries, ix.mask, h, key)
+    if slot >= 0 or ix.old == NULL:
+        return slot
+    return probe(ix, ix.old, ix.old_mask, h, key)
 
 
 cdef extern from *:
@@ -69,29 +98,39 @@ cdef inline void prefetch_row(const void* row, size_t row_bytes) noexcept nogil:
 
 cdef inline void index_prefetch(const Index* ix, uint64_t key) noexcept nogil:
     """Start loading the bucket of `key` (first step of a batch pipeline)."""
-    __builtin_prefetch(&ix.entries[mix64(key) & ix.mask])
+    cdef uint64_t h = mix64(key)
+    __builtin_prefetch(&ix.entries[h & ix.mask])
+    if ix.old != NULL:
+        __builtin_prefetch(&ix.old[h & ix.old_mask])
+
+
+cdef inline int32_t guess(const Entry* entries, uint64_t mask, uint64_t h) noexcept nogil:
+    cdef uint32_t fp = <uint32_t>(h >> 32)
+    cdef uint64_t i = h & mask
+    cdef Entry e
+    while True:
+        e = entries[i]
+        if e.slot1 == 0 or e.fp == fp:
+            return e.slot1 - 1
+        i = (i + 1) & mask
 
 
 cdef inline int32_t index_guess(const Index* ix, uint64_t key) noexcept nogil:
     """The slot of the first entry whose fingerprint matches `key`, or -1,
     without touching rows: a guess good enough to prefetch the row."""
     cdef uint64_t h = mix64(key)
-    cdef uint32_t fp = <uint32_t>(h >> 32)
-    cdef uint64_t i = h & ix.mask
-    cdef Entry e
-    while True:
-        e = ix.entries[i]
-        if e.slot < 0 or e.fp == fp:
-            return e.slot
-        i = (i + 1) & ix.mask
+    cdef int32_t slot = guess(ix.entries, ix.mask, h)
+    if slot >= 0 or ix.old == NULL:
+        return slot
+    return guess(ix.old, ix.old_mask, h)
 
 
 cdef inline void index_put(Index* ix, uint64_t key, int32_t slot) noexcept nogil:
     """Insert `key` (known absent). The caller keeps the load below the limit."""
     cdef uint64_t h = mix64(key)
     cdef uint64_t i = h & ix.mask
-    while ix.entries[i].slot >= 0:
+    while ix.entries[i].slot1 != 0:
         i = (i + 1) & ix.mask
     ix.entries[i].fp = <uint32_t>(h >> 32)
-    ix.entries[i].slot = slot
+    ix.entries[i].slot1 = slot + 1
     ix.count += 1

@@ -331,6 +331,9 @@ def release_writer_pages(state) -> None:
         if (isinstance(whole, np.ndarray) and whole.dtype == array.dtype and whole.ndim == 1
                 and whole.ctypes.data == array.ctypes.data and len(whole) > len(array)):
             release(whole[len(array):])
+    # Large tables: their row spaces past the used rows, with the pages
+    # faulted in ahead of the writer (ext/kernel/rowspace.pxi).
+    state.ledger.release_free_pages()
 
 
 def release(array: np.ndarray) -> None:

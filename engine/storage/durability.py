@@ -126,7 +126,7 @@ class Storage:
         return found[-1].seq if found else 0
 
     def load_state(self, rows_for: snapshots.RowsFor | None = None) -> State | None:
-        loaded = snapshots.load_latest(self.path, rows_for)
+        loaded = snapshots.load_latest(self.path, rows_for, Ledger.allocate)
         if loaded is None:
             return None
         seq, arrays, meta = loaded

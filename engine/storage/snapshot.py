@@ -45,6 +45,10 @@ TEMP_NAME = re.compile(r"^\.snapshot-(\d{20})\.snap\.tmp$")
 assert SNAPSHOT_HEADER_BYTES == 64
 
 RowsFor = Callable[[str, int], int]     # (array name, rows in the file) -> rows wanted
+# (array name, dtype, rows) -> a zeroed 1-D array of that many rows to read
+# the array into, or None for a plain numpy one (the kernel's Ledger.allocate:
+# a large table is read straight into the row space it grows in).
+Allocate = Callable[[str, np.dtype, int], "np.ndarray | None"]
 
 
 class SnapshotCorrupt(Exception):
@@ -235,13 +239,14 @@ def _fsync_dir(dir: str) -> None:
 
 # ---------------------------------------------------------------------- load
 
-def load_snapshot(path: str, rows_for: RowsFor | None = None
+def load_snapshot(path: str, rows_for: RowsFor | None = None, allocate: Allocate | None = None
                   ) -> tuple[int, dict[str, np.ndarray], dict]:
     """Loads and fully verifies one snapshot; raises SnapshotCorrupt.
 
     `rows_for(name, rows)` may ask for more rows than array `name` has in the
     file: the array is then allocated that long, zeroed past the loaded rows,
-    so that a table about to grow is not copied again right after loading."""
+    so that a table about to grow is not copied again right after loading.
+    `allocate`, if given, allocates the 1-D arrays (see Allocate)."""
     match = SNAPSHOT_NAME.match(os.path.basename(path))
     if match is None:
         raise SnapshotCorrupt(path, "file name is not snapshot-<seq>.snap")
@@ -258,7 +263,7 @@ def load_snapshot(path: str, rows_for: RowsFor | None = None
             meta, layout = decoded["meta"], decoded["arrays"]
         except (ValueError, KeyError, TypeError) as error:
             raise SnapshotCorrupt(path, f"index is not valid: {error}") from None
-        arrays, stored = _allocate(path, layout, data_bytes, rows_for)
+        arrays, stored = _allocate(path, layout, data_bytes, rows_for, allocate)
         crc = _read_data(file, path, layout, stored, data_bytes)
         if crc != data_crc:
             raise SnapshotCorrupt(path, "array data checksum mismatch")
@@ -304,7 +309,8 @@ def _decode_header(path: str, header: bytearray, name_seq: int,
     return seq, index_bytes, data_bytes, index_crc, data_crc
 
 
-def _allocate(path: str, layout: list, data_bytes: int, rows_for: RowsFor | None
+def _allocate(path: str, layout: list, data_bytes: int, rows_for: RowsFor | None,
+              allocate: Allocate | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(arrays, stored): the arrays to return, and the views of them that the
     file's bytes are read into (the same arrays unless given headroom)."""
@@ -316,7 +322,11 @@ def _allocate(path: str, layout: list, data_bytes: int, rows_for: RowsFor | None
             dtype = np.lib.format.descr_to_dtype(ast.literal_eval(entry["descr"]))
             shape = tuple(int(n) for n in entry["shape"])
             rows = rows_for(name, shape[0]) if rows_for and shape else 0
-            if shape and rows > shape[0]:
+            array = (allocate(name, dtype, max(rows, shape[0]))
+                     if allocate is not None and len(shape) == 1 else None)
+            if array is not None:
+                view = array[:shape[0]]
+            elif shape and rows > shape[0]:
                 # np.zeros: calloc'ed pages, zeroed by the OS as they are touched.
                 array = np.zeros((rows,) + shape[1:], dtype)
                 view = array[:shape[0]]
@@ -377,12 +387,12 @@ def list_snapshots(dir: str) -> list[SnapshotInfo]:
     return found
 
 
-def load_latest(dir: str, rows_for: RowsFor | None = None
+def load_latest(dir: str, rows_for: RowsFor | None = None, allocate: Allocate | None = None
                 ) -> tuple[int, dict[str, np.ndarray], dict] | None:
     """The newest snapshot that verifies, or None. Invalid ones are logged and skipped."""
     for info in reversed(list_snapshots(dir)):
         try:
-            return load_snapshot(info.path, rows_for)
+            return load_snapshot(info.path, rows_for, allocate)
         except (SnapshotCorrupt, OSError) as error:
             log.warning("snapshot: skipping %s: %s; falling back to an older snapshot",
                         info.path, error)

@@ -1,5 +1,7 @@
 # Ledger part 1: the tables. Every table's rows, their growth, snapshots
-# (dump/load) and the capacity that a batch reserves before it runs.
+# (dump/load) and the capacity that a batch reserves before it runs. Rows
+# live in row spaces (rowspace.pxi) and grow in place; indexes resize a
+# step per reserve (index.pxi): growing never stops the writer.
 
 def read_only(arr):
     """A view of `arr` that numpy refuses to write through: what Python sees
@@ -7,6 +9,19 @@ def read_only(arr):
     view = arr.view()
     view.flags.writeable = False
     return view
+
+
+def grown_copy(arr, int64_t need):
+    """`arr` copied into a longer array of at least `need` rows (small
+    tables only: see SPACE_FROM_BYTES). Zeroed by writing, not calloc: the
+    pages fault in here rather than one by one inside the batch apply. Rows
+    past the used count are always zero (nothing writes a row it does not
+    keep), so the kernel fills a new row's fields without clearing it first."""
+    cdef int64_t capacity = len(arr)
+    grown = np.empty(max(need, capacity + capacity // 2), arr.dtype)
+    grown[:capacity] = arr
+    grown[capacity:].view(np.uint8).fill(0)
+    return grown
 
 
 def owned(arr):
@@ -56,6 +71,38 @@ def check_loadable(dict current, dict arrays, dict scalars):
             raise LayoutError(f"{name} index: {capacity} entries, not a power of two >= 16")
 
 
+# Rows a new ledger's tables start with, at most (tune_growth).
+cdef int64_t INITIAL_ROWS_MAX = 1 << 20
+
+
+def tune_growth(**settings):
+    """Set growth thresholds and return the previous ones, for tests: tiny
+    ones make a ledger grow, move into row spaces and resize its indexes at
+    nearly every step. Results and digests never depend on them. Names:
+    initial_rows_max, space_from_bytes, space_bytes_max, move_rows_min,
+    move_per_row, mapped_entries_from_bytes."""
+    global INITIAL_ROWS_MAX, SPACE_FROM_BYTES, SPACE_BYTES_MAX, MOVE_ROWS_MIN
+    global MOVE_PER_ROW, MAPPED_ENTRIES_FROM_BYTES
+    previous = {"initial_rows_max": INITIAL_ROWS_MAX, "space_from_bytes": SPACE_FROM_BYTES,
+                "space_bytes_max": SPACE_BYTES_MAX, "move_rows_min": MOVE_ROWS_MIN,
+                "move_per_row": MOVE_PER_ROW,
+                "mapped_entries_from_bytes": MAPPED_ENTRIES_FROM_BYTES}
+    unknown = set(settings) - set(previous)
+    if unknown:
+        raise ValueError(f"unknown growth settings {sorted(unknown)}")
+    if any(int(v) < (1 if k in ("initial_rows_max", "move_per_row", "space_bytes_max") else 0)
+           for k, v in settings.items()):
+        raise ValueError(f"growth settings out of range: {settings}")
+    INITIAL_ROWS_MAX = settings.get("initial_rows_max", INITIAL_ROWS_MAX)
+    SPACE_FROM_BYTES = settings.get("space_from_bytes", SPACE_FROM_BYTES)
+    SPACE_BYTES_MAX = settings.get("space_bytes_max", SPACE_BYTES_MAX)
+    MOVE_ROWS_MIN = settings.get("move_rows_min", MOVE_ROWS_MIN)
+    MOVE_PER_ROW = settings.get("move_per_row", MOVE_PER_ROW)
+    MAPPED_ENTRIES_FROM_BYTES = settings.get("mapped_entries_from_bytes",
+                                             MAPPED_ENTRIES_FROM_BYTES)
+    return previous
+
+
 # Row arrays Python may read (through read_only views).
 READABLE = frozenset(("users", "merchants", "stocks", "coupons", "codes", "pay_req",
                       "pay_res", "pay_meta", "lists", "slots", "refunds", "tombstones",
@@ -69,6 +116,8 @@ cdef class _Tables:
     # private, so that every write goes through a kernel function; Python
     # reads them as read-only views (__getattr__ below).
     cdef dict t
+    cdef dict spaces            # name -> the RowSpace of t[name] (the arrays that grow)
+    cdef list resizing          # the IdIndexes with a resize under way
     cdef readonly IdIndex users_ix, merchants_ix, stocks_ix, coupons_ix
     cdef readonly IdIndex payments_ix, codes_ix, refunds_ix, tombstones_ix
     cdef readonly IdIndex programs_ix, visits_ix, redemptions_ix
@@ -115,40 +164,33 @@ cdef class _Tables:
     def __init__(self, int64_t tz_offset_ms=8 * 3600 * 1000,
                  int64_t hold_ms=7 * 24 * 3600 * 1000):
         self.t = {}
+        self.spaces = {}
+        self.resizing = []
         self.tz_offset_ms = tz_offset_ms
         self.hold_ms = hold_ms
-        self.t["refunds"] = np.zeros(64, REFUND)
-        self.t["tombstones"] = np.zeros(64, TOMBSTONE)
-        self.t["auth_queue"] = np.zeros(64, np.int32)
+        for name, dtype, rows in (
+                ("refunds", REFUND, 64), ("tombstones", TOMBSTONE, 64),
+                ("auth_queue", np.int32, 64), ("programs", PROGRAM, 16),
+                ("memberships", MEMBERSHIP, 1024), ("earnings", EARNING, 1024),
+                ("visits", VISIT, 1024), ("redemptions", REDEMPTION, 64),
+                ("users", USER, 1024), ("merchants", MERCHANT, 64), ("stocks", STOCK, 64),
+                ("coupons", COUPON, 1024), ("codes", CODE, 64), ("pay_req", PAY_RECORD, 1024),
+                ("pay_res", PAY_RESULT, 1024), ("pay_meta", PAYMENT, 1024),
+                ("lists", np.uint64, 256), ("slots", np.int32, 3 * 64),
+                ("stock_mark", np.int64, 64), ("stock_cand", np.int32, 64)):
+            self.t[name] = np.zeros(min(rows, INITIAL_ROWS_MAX), dtype)
+        self.t["program_order"] = np.zeros(PROGRAMS_MAX, np.int32)
         self.refunds_ix = IdIndex()
         self.tombstones_ix = IdIndex()
-        self.t["programs"] = np.zeros(16, PROGRAM)
-        self.t["program_order"] = np.zeros(PROGRAMS_MAX, np.int32)
-        self.t["memberships"] = np.zeros(1024, MEMBERSHIP)
-        self.t["earnings"] = np.zeros(1024, EARNING)
-        self.t["visits"] = np.zeros(1024, VISIT)
-        self.t["redemptions"] = np.zeros(64, REDEMPTION)
         self.programs_ix = IdIndex()
         self.visits_ix = IdIndex()
         self.redemptions_ix = IdIndex()
-        self.t["users"] = np.zeros(1024, USER)
-        self.t["merchants"] = np.zeros(64, MERCHANT)
-        self.t["stocks"] = np.zeros(64, STOCK)
-        self.t["coupons"] = np.zeros(1024, COUPON)
-        self.t["codes"] = np.zeros(64, CODE)
-        self.t["pay_req"] = np.zeros(1024, PAY_RECORD)
-        self.t["pay_res"] = np.zeros(1024, PAY_RESULT)
-        self.t["pay_meta"] = np.zeros(1024, PAYMENT)
-        self.t["lists"] = np.zeros(256, np.uint64)
-        self.t["slots"] = np.zeros(3 * 64, np.int32)
         self.users_ix = IdIndex()
         self.merchants_ix = IdIndex()
         self.stocks_ix = IdIndex()
         self.coupons_ix = IdIndex()
         self.payments_ix = IdIndex()
         self.codes_ix = IdIndex()
-        self.t["stock_mark"] = np.zeros(64, np.int64)
-        self.t["stock_cand"] = np.zeros(64, np.int32)
         self.t["cands"] = np.zeros(16 * 48, np.uint8)
         self.cands_capacity = 16
         self.generation = 0
@@ -192,36 +234,73 @@ cdef class _Tables:
         self.visits_ix.bind(self.t["visits"])
         self.redemptions_ix.bind(self.t["redemptions"])
 
-    @staticmethod
-    def _grown(arr, int64_t need):
-        cdef int64_t capacity = len(arr)
-        if need <= capacity:
-            return arr
-        # Zeroed by writing, not calloc: the pages fault in here, at growth,
-        # rather than one by one inside the batch apply. Rows past the used
-        # count are always zero (nothing writes a row it does not keep), so
-        # the kernel fills a new row's fields without clearing it first.
-        grown = np.empty(max(need, capacity + capacity // 2), arr.dtype)
-        grown[:capacity] = arr
-        grown[capacity:].view(np.uint8).fill(0)
-        return grown
+    cdef _place(self, str name, RowSpace space, int64_t rows):
+        """Array `name` is the rows [0, rows) of `space`."""
+        self.spaces[name] = space
+        self.t[name] = space.rows(<size_t>rows * space.dtype.itemsize)
+
+    cdef bint _grow(self, str name, int64_t rows, int64_t more) except -1:
+        """Room for `rows` rows in array `name`, their pages faulted in, of
+        which `more` are new. A large table gets more of its row space,
+        never a copy; a small one is copied into a larger array, or into a
+        row space once it outgrows SPACE_FROM_BYTES. True if the rows moved:
+        then _bind()."""
+        arr = self.t[name]
+        cdef RowSpace space = self.spaces.get(name)
+        cdef size_t itemsize = arr.dtype.itemsize
+        cdef size_t need = <size_t>rows * itemsize
+        cdef size_t ahead = min(AHEAD_BYTES_MAX, AHEAD_STEPS * <size_t>max(more, 0) * itemsize)
+        if space is not None and need <= space.reserved:
+            space.grow(need, ahead)
+            if need > len(arr) * itemsize:
+                self._place(name, space, rows)
+            return False
+        if rows <= len(arr):
+            return False
+        if space is None and need <= SPACE_FROM_BYTES:
+            self.t[name] = grown_copy(arr, rows)
+        else:
+            # Once, when the table outgrows SPACE_FROM_BYTES; or past its
+            # space's reservation, only if the process could not reserve
+            # the whole of it (space_bytes_for).
+            self._place(name, space_with(arr.dtype, rows, arr), rows)
+        return True
 
     def reserve(self, str table, int64_t more):
         """Room for `more` new rows of `table` (rows and index)."""
         if table not in TABLE_ROWS:
             raise ValueError(f"unknown table {table!r}")
         cdef int64_t need = getattr(self, "n_" + table) + more
+        cdef bint moved = False
         for name in TABLE_ROWS[table]:
-            self.t[name] = self._grown(self.t[name], need)
+            moved |= self._grow(name, need, more)
         if table == "payments":     # each payment may become an authorization to expire
-            self.t["auth_queue"] = self._grown(self.t["auth_queue"], self.n_auth + more)
-        self._bind()
+            moved |= self._grow("auth_queue", self.n_auth + more, more)
+        if moved:
+            self._bind()
         cdef IdIndex ix
         if table not in UNINDEXED_TABLES:
             ix = getattr(self, table + "_ix")
-            # The rehash relies on it: rows 0..n-1 are exactly the indexed ones.
-            assert ix.ix.count == need - more, f"{table}: index out of step with rows"
+            # The resize relies on it: rows 0..n-1 are exactly the indexed ones.
+            assert index_size(&ix.ix) == need - more, f"{table}: index out of step with rows"
             ix.reserve(need)
+            if ix.ix.old != NULL and ix not in self.resizing:
+                self.resizing.append(ix)
+        else:
+            ix = None
+        if self.resizing:
+            self._step_resizes(ix, more)
+
+    cdef _step_resizes(self, IdIndex skip, int64_t more):
+        """A step of every other index's resize under way, as large as a
+        reserve of `more` rows makes: a table that stopped growing (the
+        wallets, once the world is built) would otherwise leave its lookups
+        trying two tables for good."""
+        cdef IdIndex ix
+        for ix in self.resizing:
+            if ix is not skip:
+                ix.move(max(MOVE_ROWS_MIN, MOVE_PER_ROW * more))
+        self.resizing = [ix for ix in self.resizing if ix.ix.old != NULL]
 
     def rows(self, str table):
         """Rows in use in `table`."""
@@ -281,23 +360,23 @@ cdef class _Tables:
         """Append u64 values to the stock list pool; return where they start."""
         cdef int64_t n = len(values)
         cdef int64_t at = self.n_lists
-        self.t["lists"] = self._grown(self.t["lists"], at + n)
+        if self._grow("lists", at + n, n):
+            self._bind()
         self.t["lists"][at:at + n] = values
         self.n_lists = at + n
-        self._bind()
         return at
 
     def append_slots(self, triples):
         """Append (weekday, start, end) slots; return the index of the first."""
         cdef int64_t n = len(triples)
         cdef int64_t at = self.n_slots
-        self.t["slots"] = self._grown(self.t["slots"], 3 * (at + n))
+        if self._grow("slots", 3 * (at + n), 3 * n):
+            self._bind()
         for i, (w, s, e) in enumerate(triples):
             self.t["slots"][3 * (at + i)] = w
             self.t["slots"][3 * (at + i) + 1] = s
             self.t["slots"][3 * (at + i) + 2] = e
         self.n_slots = at + n
-        self._bind()
         return at
 
     # -- snapshots --------------------------------------------------------
@@ -315,7 +394,12 @@ cdef class _Tables:
             "programs", "memberships", "earnings", "visits", "redemptions")
 
     def dump(self):
-        """(arrays, scalars): the whole ledger as views of its used rows."""
+        """(arrays, scalars): the whole ledger as views of its used rows.
+        Finishes any index resize under way first (a snapshot stores one
+        table per index): the writer never calls it, the snapshot and audit
+        children do, after the fork."""
+        for name in self.INDEXES:
+            (<IdIndex>getattr(self, name + "_ix")).settle()
         arrays = {
             "users": self.t["users"][:self.n_users],
             "merchants": self.t["merchants"][:self.n_merchants],
@@ -340,6 +424,20 @@ cdef class _Tables:
             arrays[name + "_ix"] = (<IdIndex>getattr(self, name + "_ix")).entries
         scalars = {name: int(getattr(self, name)) for name in self.SCALARS}
         return {name: read_only(arr) for name, arr in arrays.items()}, scalars
+
+    def release_free_pages(self):
+        """In a forked child that only reads (the audit's): drop this
+        process's share of the pages of every row space past the used rows,
+        the reserved rows and those the populate thread faulted in ahead, so
+        that the writer's first write to one does not copy it. They read as
+        zero afterwards, as they were."""
+        arrays, _scalars = self.dump()
+        cdef RowSpace space
+        cdef size_t start
+        for name, space in self.spaces.items():
+            start = round_up(arrays[name].nbytes, PAGE_BYTES) if name in arrays else 0
+            if name in arrays and start < space.committed:
+                madvise(space.base + start, space.committed - start, MADV_DONTNEED)
 
     def __getattr__(self, str name):
         """ledger.users etc.: a read-only view of the whole row array."""
@@ -383,10 +481,13 @@ cdef class _Tables:
             current = ledger.t[name]
             loaded = owned(arrays[name])
             ledger.t[name] = loaded if len(loaded) else current
+
+
+        for name in cls.ROWS:
+            ledger._adopt(name, arrays[name])
         ledger._set_scalars(scalars)
-        n_stocks = max(ledger.n_stocks, 64)
-        ledger.t["stock_mark"] = np.zeros(n_stocks, np.int64)
-        ledger.t["stock_cand"] = np.zeros(n_stocks, np.int32)
+        ledger._grow("stock_mark", max(ledger.n_stocks, 64), 0)
+        ledger._grow("stock_cand", max(ledger.n_stocks, 64), 0)
         for name in cls.INDEXES:
             ix = getattr(ledger, name + "_ix")
             entries = owned(np.ascontiguousarray(arrays[name + "_ix"], np.int64))
@@ -395,10 +496,45 @@ cdef class _Tables:
             ix.ix.entries = <Entry*>data_of(entries)
             ix.ix.mask = capacity - 1
             ix.ix.count = int((entries >> 32 >= 0).sum())
+
+
+            (<IdIndex>getattr(ledger, name + "_ix")).adopt(arrays[name + "_ix"])
         ledger._bind()
         ledger.sort_programs()
         ledger._reserve_cands()
         return ledger
+
+    cdef _adopt(self, str name, object loaded):
+        """Array `name` from a snapshot: taken over with its row space if
+        the snapshot was read into one (allocate below); else a large one is
+        copied into a new row space, and a small one taken over as it is
+        (copied if read-only, such as another ledger's dump: two ledgers
+        share no rows)."""
+        current = self.t[name]
+        assert loaded.dtype == current.dtype, f"{name}: dtype {loaded.dtype}"
+        if not len(loaded):
+            return
+        cdef RowSpace space = space_of(loaded)
+        if space is not None and space.claim():
+            self._place(name, space, len(loaded))
+        elif loaded.nbytes > SPACE_FROM_BYTES:
+            self._place(name, space_with(loaded.dtype, len(loaded), loaded), len(loaded))
+        else:
+            self.t[name] = owned(loaded)
+
+    @staticmethod
+    def allocate(str name, dtype, int64_t rows):
+        """A zeroed array of `rows` rows for the snapshot loader to read table
+        `name` into, in a row space that load() then takes over without a
+        copy; None if `name` is not a table or the table is small (a plain
+        numpy array then, see SPACE_FROM_BYTES)."""
+        dtype = np.dtype(dtype)
+        if name not in _Tables.ROWS or <size_t>rows * dtype.itemsize <= SPACE_FROM_BYTES:
+            return None
+        cdef RowSpace space = RowSpace(dtype, space_bytes_for(dtype.itemsize),
+                                       <size_t>max(rows, 1) * dtype.itemsize)
+        space.adoptable = True
+        return space.rows(<size_t>rows * dtype.itemsize)[:rows]
 
     def user_coupon_slots(self, int32_t user):
         """Slots of a user's coupons, newest first."""

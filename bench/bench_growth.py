@@ -1,0 +1,124 @@
+"""Growth without stalls (issue 16): the same payments through an engine
+sized up front and through one that was not, batch by batch, side by side.
+
+    .venv/bin/python -m pytest bench/bench_growth.py --benchmark-only -p no:cacheprovider
+    .venv/bin/python bench/bench_growth.py [--users N] [--payments N]   # the same, as a script
+
+Two engines get the same world (`World.standard()`: 1M users, 3M coupons):
+one with capacity hints for the world and the payments (`capacity_for`), one
+as a new user writes it, `Engine()`. Then the same batches of 8,190
+payments go through `Engine.pay` on both, alternating which engine goes
+first, so that the machine's noise falls on both alike. Every batch's
+results must be identical on both; so must the digests at the end.
+
+Targets: without hints, at least 90 % of the hinted rate; no batch over 10x
+the median batch.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from engine.demo.world import (BATCH_RECORDS_MAX, World, build, capacity_for, make_engine,
+                               pay_batches)
+
+from _common import SUMMARY, load, machine
+
+PAYMENTS = 2_000_000
+RATE_SHARE_MIN = 0.90           # unhinted rate / hinted rate
+BATCH_OVER_MEDIAN_MAX = 10      # the slowest batch / the median batch
+
+
+def _engines(spec: World, payments: int) -> tuple[dict, dict, object]:
+    """(engines by name, build seconds by name, the world info): the world in an engine with
+    hints and in one without."""
+    clock_ms = spec.now_ms
+    engines, build_s = {}, {}
+    for name, capacity in (("hinted", capacity_for(spec, payments)), ("unhinted", None)):  # noqa: E501
+        started = time.perf_counter()
+        eng = make_engine(lambda: clock_ms, capacity)
+        info = build(eng, spec)
+        build_s[name] = time.perf_counter() - started
+        engines[name] = eng
+    return engines, build_s, info
+
+
+def run(users: int = 1_000_000, payments: int = PAYMENTS) -> dict:
+    """Both engines, the same batches; batch times by engine and the verdicts."""
+    spec = World.standard()
+    if users != spec.users:
+        spec = spec.replace(users=users, preset="custom")
+    n_batches = -(-payments // BATCH_RECORDS_MAX)
+    engines, build_s, info = _engines(spec, n_batches * BATCH_RECORDS_MAX)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    order = list(engines)
+    for i, batch in enumerate(pay_batches(info, n_batches, seed=16)):
+        results = []
+        for name in (order if i % 2 == 0 else order[::-1]):
+            started = time.perf_counter()
+            out = engines[name].pay(batch)
+            times[name].append(time.perf_counter() - started)
+            results.append(out)
+        assert np.array_equal(results[0], results[1]), f"batch {i}: results differ"
+    digests = {name: eng.digest() for name, eng in engines.items()}
+    assert digests["hinted"] == digests["unhinted"], "the engines' states differ"
+    return _figures(times, n_batches * BATCH_RECORDS_MAX, build_s)
+
+
+def _figures(times: dict[str, list[float]], records: int, build_s: dict) -> dict:
+    figures: dict = {"records": records, "batches": len(times["hinted"]), "load": load(),
+                     "machine": machine()}
+    for name, batch_s in times.items():
+        median_s = statistics.median(batch_s)
+        figures[name] = {
+            "payments_per_second": records / sum(batch_s), "total_s": sum(batch_s),
+            "median_batch_ms": median_s * 1e3, "max_batch_ms": max(batch_s) * 1e3,
+            "max_over_median": max(batch_s) / median_s,
+            "batches_over_10x_median": sum(s > 10 * median_s for s in batch_s),
+            "slowest_batches_ms": {i: round(batch_s[i] * 1e3, 2) for i in sorted(
+                range(len(batch_s)), key=batch_s.__getitem__)[-5:]},
+            "build_s": build_s[name]}
+    figures["rate_share"] = (figures["unhinted"]["payments_per_second"]
+                             / figures["hinted"]["payments_per_second"])
+    figures["met"] = (figures["rate_share"] >= RATE_SHARE_MIN
+                      and figures["unhinted"]["max_over_median"] <= BATCH_OVER_MEDIAN_MAX)
+    return figures
+
+
+def describe(figures: dict) -> list[str]:
+    lines = []
+    for name in ("hinted", "unhinted"):
+        f = figures[name]
+        lines.append(f"{name}: {f['payments_per_second']:,.0f} payments/s ({f['total_s']:.2f} s), "
+                     f"median batch {f['median_batch_ms']:.2f} ms, slowest {f['max_batch_ms']:.2f} ms "
+                     f"(x{f['max_over_median']:.1f}), {f['batches_over_10x_median']} over 10x; "
+                     f"world built in {f['build_s']:.1f} s; slowest (batch: ms) {f['slowest_batches_ms']}")
+    lines.append(f"unhinted / hinted rate {figures['rate_share']:.1%} (target >= "
+                 f"{RATE_SHARE_MIN:.0%}); targets met: {figures['met']}; {figures['load']}")
+    return lines
+
+
+def test_growth_no_stall(benchmark):
+    """2 M payments over 1 M users, with and without capacity hints."""
+    figures = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(figures)
+    for i, line in enumerate(describe(figures)):
+        SUMMARY[f"growth {i + 1}"] = line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--payments", type=int, default=PAYMENTS)
+    args = parser.parse_args(argv)
+    for line in describe(run(args.users, args.payments)):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Growth without stalls (issue 16): tables that grow in row spaces and
+indexes that resize a step at a time give the same results and digests as
+an engine sized up front.
+
+Under `tiny_growth` (tests/support/growth.py) every table starts with one
+row, moves into a row space after a few, outgrows that space's reservation
+(and moves again), and every index resize moves a row or two per reserve,
+so lookups run across two tables most of the time. `Twin` feeds each call to
+such an engine and to one sized up front and requires identical results;
+hypothesis draws the sequences.
+
+Run: .venv/bin/python -m pytest tests/core/test_growth.py
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from engine._kernel import Ledger, tune_growth
+
+import test_differential_membership as membership
+from support import differential_pair
+from support.growth import STEPS_MAX, Twin, World, tiny_growth
+
+
+# ---------------------------------------------------------------------------
+# The kernel's pieces
+# ---------------------------------------------------------------------------
+
+def test_an_index_resize_moves_a_step_per_reserve_and_finds_every_row_meanwhile():
+    with tiny_growth(move_rows_min=4, move_per_row=1):
+        ledger = Ledger()
+        ids = [(k * 2654435761) % 2**61 + 1 for k in range(1, 400)]
+        resizing_seen = 0
+        for n, key in enumerate(ids):
+            ledger.append("users", key)
+            resizing_seen = max(resizing_seen, ledger.users_ix.resizing)
+            # every id added so far is found, in whichever table it is
+            assert all(ledger.find("users", k) == i for i, k in enumerate(ids[:n + 1]))
+            assert ledger.find("users", key + 1) == -1
+            assert ledger.users_ix.count == n + 1
+        assert resizing_seen > 4, "no resize ran across several reserves"
+        ledger.dump()                   # a dump settles the index: one table
+        assert ledger.users_ix.resizing == 0
+        assert all(ledger.find("users", k) == i for i, k in enumerate(ids))
+
+
+def test_a_table_in_a_row_space_grows_in_place():
+    with tiny_growth(space_bytes_max=1 << 30):
+        ledger = Ledger()
+        first = ledger.append("users", 1)
+        ledger.topup(first, 5)
+        for key in range(2, 2000):
+            ledger.append("users", key)
+        before = ledger.users                   # a view of the rows so far
+        address = before.ctypes.data
+        for key in range(2000, 20_000):
+            ledger.append("users", key)
+        ledger.topup(first, 7)
+        assert ledger.users.ctypes.data == address, "the rows moved"
+        assert len(ledger.users) > len(before)
+        # the old view is the same memory: it sees the later write
+        assert int(before["balance"][first]) == int(ledger.users["balance"][first]) == 12
+
+
+def test_a_table_outgrowing_its_reservation_moves_once_and_keeps_its_rows():
+    with tiny_growth(space_bytes_max=64 << 10):
+        ledger = Ledger()
+        for key in range(1, 5000):              # 200 kB of rows: past 64 kB
+            ledger.append("users", key)
+        ledger.topup(ledger.find("users", 4321), 9)
+        assert int(ledger.users["balance"][ledger.find("users", 4321)]) == 9
+        assert [ledger.find("users", k) for k in (1, 2500, 4999)] == [0, 2499, 4998]
+
+
+def test_releasing_the_free_pages_keeps_the_used_rows():
+    """What the audit child does after the fork (engine/server/audit_fork.py):
+    the pages past the used rows go, the rows stay, and the free rows read
+    as zero, as a later append expects."""
+    with tiny_growth(space_bytes_max=1 << 30):
+        ledger = Ledger()
+        for key in range(1, 30_000):
+            ledger.append("users", key)
+        ledger.topup(ledger.find("users", 777), 5)
+        before = ledger.users[:ledger.n_users].copy()
+        ledger.release_free_pages()
+        assert ledger.users[:ledger.n_users].tobytes() == before.tobytes()
+        assert not ledger.users[ledger.n_users:].view(np.uint8).any()
+        slot = ledger.append("users", 10**9)
+        assert ledger.find("users", 10**9) == slot == 29_999
+
+
+def test_a_snapshot_index_of_the_old_encoding_loads():
+    """Snapshots written before issue 16 store an empty entry as -1 and the
+    slot as is; the present encoding stores slot + 1 and 0 for empty."""
+    ledger = Ledger()
+    for key in range(1, 300):
+        ledger.append("users", key * 7)
+    arrays, scalars = ledger.dump()
+    new = arrays["users_ix"]
+    old = np.where(new == 0, -1, new - (1 << 32))
+    assert (old < 0).any() and not (new < 0).any()
+    loaded = Ledger.load({**arrays, "users_ix": old}, scalars)
+    assert [loaded.find("users", k * 7) for k in (1, 150, 299)] == [0, 149, 298]
+    assert loaded.find("users", 8) == -1 and loaded.users_ix.count == 299
+
+
+def test_growth_settings_are_checked():
+    with pytest.raises(ValueError):
+        tune_growth(move_per_row=0)
+    with pytest.raises(ValueError):
+        tune_growth(rows_max=1)
+    assert tune_growth() == tune_growth()
+
+
+# ---------------------------------------------------------------------------
+# Random sequences against a sized engine
+# ---------------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_an_engine_growing_at_every_step_matches_one_sized_up_front(data):
+    with tiny_growth():
+        world = World(data)
+        for _ in range(data.draw(st.integers(3, STEPS_MAX))):
+            world.step(data)
+        world.eng.canonical()                   # compared table by table (Twin)
+        world.eng.digest()
+        assert world.eng.call("AUDIT", {})["ok"]
+
+
+class GrowingPair(membership.Pair):
+    """The membership differential scenario (engine against the reference)
+    with a Twin as the engine: it also matches a sized engine call by call."""
+
+    def __init__(self):
+        super().__init__()
+        self.eng = Twin(clock=self.clock, code_source=differential_pair.Codes(),
+                        hold_ms=differential_pair.HOLD_MS)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_the_membership_scenario_growing_at_every_step(data):
+    with tiny_growth():
+        membership.run_scenario(GrowingPair(), data)
