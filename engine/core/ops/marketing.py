@@ -20,7 +20,7 @@ from engine.core.validate import (I63_MAX, U64_MAX, Invalid, display_name, failu
                                   only_keys, result, u64)
 from engine.protocol.limits import (BATCH_RECORDS_MAX, CAMPAIGNS_MAX, CAMPAIGNS_PER_REQUEST_MAX,
                                     SEGMENT_PAGE_MAX, SEGMENTS_MAX)
-from engine.protocol.records import ISSUE_RECORD, ISSUE_RESULT
+from engine.protocol.records import ISSUE_RECORD, ISSUE_RESULT, RESULT_DUPLICATE
 from engine.protocol.status import STATUS_OK, Status
 
 KEY_DRAWS = 2                       # a campaign's 128-bit SipHash key: two u64 draws
@@ -146,7 +146,7 @@ def issue(state: State, campaign: Campaign, now: int) -> None:
         state.ledger.issue(batch.view(np.uint8), now, out.view(np.uint8))
         rows = treated[at:at + len(batch)]
         members["status"][rows] = out["status"]
-        members["duplicate"][rows] = out["flags"] & 1
+        members["duplicate"][rows] = (out["flags"] & RESULT_DUPLICATE) != 0
 
 
 # -- LIFT -------------------------------------------------------------------
