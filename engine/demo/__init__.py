@@ -10,6 +10,7 @@ same traffic through `Engine.pay` in process instead. The exit code is 0 only
 when AUDIT is ok.
 
     scanpay demo [--payments N] [--users N] [--seed N] [--embedded]
+    scanpay demo --cluster [--connect HOST:PORT,..] [--no-kill]   (engine/demo/cluster.py)
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class Tally:
     auto_topups: int = 0
     audit_seconds: float = 0.0
     latency: object = None                          # HdrHistogram of PAY frames (server mode)
+    path: str = ""                                  # how it paid, when not the two defaults
     statuses: np.ndarray = field(default=None)
     redeemed: np.ndarray = field(default=None)      # coupons applied, by stock index
     gmv_by_category: np.ndarray = field(default=None)
@@ -78,11 +80,22 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="pay through the embedded engine instead of the socket server")
     p.add_argument("--report", default="scanpay-report", metavar="DIR",
                    help="where to write the campaign report (CSV + PNG); '' for none")
+    p.add_argument("--cluster", action="store_true",
+                   help="through a replicated cluster: a local one (3 NATS servers, 3 nodes) "
+                        "whose leader is killed mid-run, or --connect's (engine/demo/cluster.py)")
+    p.add_argument("--connect", metavar="HOST:PORT,..",
+                   help="with --cluster: the nodes of a running cluster (scanpay cluster up)")
+    p.add_argument("--no-kill", dest="no_kill", action="store_true",
+                   help="with --cluster: do not kill the leader mid-run")
 
 
 def check_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.payments < 1 or args.users < 10:
         p.error("--payments must be >= 1 and --users >= 10")
+    if (args.connect or args.no_kill) and not args.cluster:
+        p.error("--connect and --no-kill go with --cluster")
+    if args.cluster and args.embedded:
+        p.error("--cluster runs over the wire: leave --embedded out")
 
 
 def parse(argv) -> argparse.Namespace:
@@ -99,9 +112,10 @@ def main(argv=None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The demo; Ctrl-C stops it and still removes its data directory."""
-    from rich.console import Console
-    # Piped output gets 80 columns from rich; the campaign table needs more.
-    console = Console() if sys.stdout.isatty() else Console(width=120)
+    if getattr(args, "cluster", False):
+        from engine.demo.cluster import run_cluster
+        return run_cluster(args, make_console())
+    console = make_console()
     data_dir = None if args.embedded else tempfile.mkdtemp(prefix="scanpay-demo-")
     eng = None
     interrupted = False
@@ -121,6 +135,12 @@ def run(args: argparse.Namespace) -> int:
         if interrupted:
             where = f"; removed its data directory {data_dir}" if data_dir else ""
             print(f"scanpay demo: interrupted{where}", file=sys.stderr, flush=True)
+
+
+def make_console():
+    from rich.console import Console
+    # Piped output gets 80 columns from rich; the campaign table needs more.
+    return Console() if sys.stdout.isatty() else Console(width=120)
 
 
 def _make_engine(args, spec: World, clock: SimClock, data_dir: str | None):
@@ -214,16 +234,31 @@ def _stream(console, eng, info, clock: SimClock, payments: int) -> Tally:
 
 def _stream_over_the_wire(console, eng, info, clock: SimClock, payments: int,
                           data_dir: str) -> Tally:
+    from engine.demo.wire import BackgroundServer
+
+    tally = Tally(stocks=len(info.stock_ids))
+    server = BackgroundServer(eng, data_dir)
+    console.print(f"server: durable, {data_dir}, listening on {server.host}:{server.port}")
+    try:
+        stream_payments(console, info, clock, payments, tally, server.host, server.port)
+    finally:
+        server.stop()
+    return tally
+
+
+def stream_payments(console, info, clock: SimClock, payments: int, tally: Tally, host, port: int,
+                    on_answer=None, send_clock: bool = False) -> None:
+    """The weekend's PAY frames to `host` (several addresses: a cluster),
+    counted into `tally` with a progress bar; dry wallets topped up.
+    `on_answer(batch, results, server)` after each reply; `send_clock`: a
+    CLOCK before each batch (a server with a test clock walks the weekend)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
 
-    from engine.demo.wire import FRAME_RECORDS, BackgroundServer, stream
+    from engine.demo.wire import FRAME_RECORDS, stream
 
-    tally = Tally(stocks=len(info.stock_ids))
     n_batches = -(-payments // BATCH_RECORDS_MAX)
     topup = {"id": info.spec.users + 1}
-    server = BackgroundServer(eng, data_dir)
-    console.print(f"server: durable, {data_dir}, listening on {server.host}:{server.port}")
     columns = (TextColumn("paying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[rate]}"), TextColumn("[dim]{task.fields[clock]}"))
 
@@ -232,7 +267,9 @@ def _stream_over_the_wire(console, eng, info, clock: SimClock, payments: int,
         for i, batch in enumerate(pay_batches(info, n_batches, seed=1)):
             batch = batch[:left]
             left -= len(batch)
-            clock.now_ms = DEMO_START_MS + WEEKEND_MS * i // n_batches
+            clock.now_ms = info.now_ms + WEEKEND_MS * i // n_batches
+            if send_clock:
+                yield ("CLOCK", clock.now_ms)
             for at in range(0, len(batch), FRAME_RECORDS):
                 yield batch[at:at + FRAME_RECORDS]
 
@@ -247,18 +284,19 @@ def _stream_over_the_wire(console, eng, info, clock: SimClock, payments: int,
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("pay", total=payments, rate="", clock="")
 
-        def on_reply(batch, results):
+        def on_reply(batch, results, server=None):
             _count(tally, info, batch, results)
+            if on_answer is not None:
+                on_answer(batch, results, server)
             rate = tally.payments / max(time.perf_counter() - started, 1e-9)
             progress.update(task, completed=tally.payments, rate=f"{rate / 1e3:,.0f} k payments/s",
                             clock=_local_time(clock.now_ms))
 
         try:
-            tally.latency = stream(frames(), server.host, server.port, on_reply, dry)
+            tally.latency = stream(frames(), host, port, on_reply, dry,
+                                   server_of=on_answer is not None)
         finally:
             tally.pay_seconds = time.perf_counter() - started
-            server.stop()
-    return tally
 
 
 def _local_time(now_ms: int) -> str:
@@ -350,6 +388,7 @@ def _summary_table(eng, tally: Tally):
     head.add_row("wall time of the stream over the wire" if over_the_wire
                  else "time in Engine.pay", f"{tally.pay_seconds:.2f} s")
     path = "over the wire, durable" if over_the_wire else "Engine.pay, in memory"
+    path = tally.path or path
     head.add_row(f"payments/second ({path})", f"{rate:,.0f}")
     head.add_row("payments ok", f"{ok:,}")
     head.add_row("payments failed", f"{tally.payments - ok:,}")
@@ -358,8 +397,10 @@ def _summary_table(eng, tally: Tally):
     head.add_row("coupon discounts (CNY)", _cny(tally.discount))
     head.add_row("platform fees (CNY)", _cny(tally.fees))
     head.add_row("auto top-ups (wallets ran dry)", f"{tally.auto_topups:,}")
-    mem = eng.memory_bytes()
-    head.add_row("engine tables (MiB)", ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in mem.items() if v))
+    if hasattr(eng, "memory_bytes"):        # an engine here, not a client of a cluster
+        mem = eng.memory_bytes()
+        head.add_row("engine tables (MiB)", ", ".join(f"{k} {v / 2**20:,.0f}"
+                                                      for k, v in mem.items() if v))
     head.add_row("AUDIT time", f"{tally.audit_seconds:.1f} s")
     if tally.latency is not None:
         p = {q: tally.latency.get_value_at_percentile(q) / 1000 for q in (50, 99, 99.9)}

@@ -311,7 +311,7 @@ class LocalCluster:
         return self
 
     def check_ports(self) -> None:
-        for member in self.nats + self.nodes:
+        for member in self.nodes + self.nats:       # the base port first
             for port in (member.port, member.cluster_port):
                 if port and not port_free(port):
                     raise ClusterError(
