@@ -148,9 +148,11 @@ class Settings:
     checkpoint_every_entries: int = 100_000
     test_clock: bool = False
     capacity: dict = dataclasses.field(default_factory=dict)
+    server: dict = dataclasses.field(default_factory=dict)     # more [server] settings
 
     def toml(self, servers: str, replicas: int) -> str:
-        server = {"replicate": servers, "replicas": replicas, "lease_ms": self.lease_ms,
+        server = {**self.server, "replicate": servers, "replicas": replicas,
+                  "lease_ms": self.lease_ms,
                   "checkpoint_every_entries": self.checkpoint_every_entries,
                   "test_clock": self.test_clock}
         lines = ["[server]"] + [f"{key} = {json.dumps(value)}" for key, value in server.items()]
@@ -336,6 +338,28 @@ class LocalCluster:
         for node, member in zip(cluster.nodes, self.nats):
             self._record(member, node.process)
         self.save()
+
+    def start_nats_member(self, member: Member) -> None:
+        """Start NATS server `member` again (after a kill): same config and store."""
+        assert member in self.nats and not member.alive(), member
+        cluster = NatsCluster(os.path.join(self.directory, "nats"), len(self.nats),
+                              detached=True)
+        node = next(n for n in cluster.nodes if n.name == member.name)
+        node.port, node.cluster_port = member.port, member.cluster_port
+        try:
+            cluster.start_node(node)
+        except RuntimeError as error:
+            raise ClusterError(f"NATS server {member.name} did not start: {error}") from None
+        self._record(member, node.process)
+        self.save()
+
+    def stream_leader(self) -> Member | None:
+        """The NATS server that leads the stream now (JetStream's stream info)."""
+        import asyncio
+        urls = [f"nats://{m.address}" for m in self.nats if m.alive()]
+        stream = asyncio.run(nats_view(urls)).get("stream") if urls else None
+        name = (stream or {}).get("leader")
+        return next((m for m in self.nats if m.name == name), None)
 
     def _record(self, member: Member, process: subprocess.Popen) -> None:
         member.pid = process.pid
