@@ -62,9 +62,13 @@ def run(args, stdout=None, stderr=None) -> int:
     except ClusterError as error:
         print(f"scanpay cluster {args.cluster_action}: {error}", file=stderr)
         return EXIT_USAGE
+    except OSError as error:            # the directory cannot be made or written
+        print(f"scanpay cluster {args.cluster_action}: {error.strerror or error} "
+              f"({error.filename or directory}): give a --dir this user may write", file=stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"scanpay cluster {args.cluster_action}: interrupted; `scanpay cluster down"
-              f"{dir_flag(directory)}` stops what was started", file=stderr)
+        done = "what it had started is stopped" if args.cluster_action == "up" else "stopped"
+        print(f"scanpay cluster {args.cluster_action}: interrupted; {done}", file=stderr)
         return 130
 
 

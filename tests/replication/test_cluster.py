@@ -154,6 +154,8 @@ def test_up_refuses_a_directory_holding_something_else(tmp_path):
     code, _, err = in_process("up", "--dir", str(tmp_path), "--base-port", "0")
     assert code == 2 and "is not empty and holds no cluster" in err, err
     assert (tmp_path / "mine.txt").read_text() == "not a cluster"
+    code, _, err = in_process("up", "--dir", str(tmp_path / "mine.txt" / "c"), "--base-port", "0")
+    assert code == 2 and "give a --dir this user may write" in err and err.count("\n") == 1
 
 
 def test_status_and_down_without_a_cluster_say_how_to_start_one(tmp_path):
