@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     statements.add_parsers(sub)
     journal_cli.add_parsers(sub)
     report.add_parsers(sub)
+    from engine.cli import cluster
+    cluster.add_parsers(sub)
     from engine import iso8583
     iso8583.add_parser(sub)
     describe_subcommands(sub)
@@ -182,6 +184,9 @@ def main(argv=None) -> int:
         return demo_module.run(args)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "cluster":
+        from engine.cli import cluster
+        return cluster.run(args)
     if args.command == "iso8583":
         return iso8583.run_command(args)
     parser.error(f"unknown command {args.command}")

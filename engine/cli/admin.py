@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.client import (Client, ConnectionLost, Forbidden, NotAuthenticated, PORT_DEFAULT,
-                     ProtocolError, is_unix_path, parse_address)
+                     ProtocolError, RetryDeadlineExceeded, is_unix_path, parse_address)
 from engine.protocol.errors import EngineError
 from engine.protocol.status import STATUS_OK, Status
 
@@ -174,7 +174,9 @@ def _connection_options(p) -> None:
     g = p.add_argument_group("connection")
     g.add_argument("--connect", default=f"127.0.0.1:{PORT_DEFAULT}", metavar="HOST:PORT",
                    help="server address: HOST:PORT, [IPv6]:PORT, a bare PORT (127.0.0.1:PORT) "
-                        "or a Unix socket path with a / in it (default %(default)s)")
+                        "or a Unix socket path with a / in it (default %(default)s); "
+                        "several, comma-separated, for a replicated cluster: the request "
+                        "goes to the leader (docs/client.md, Several addresses)")
     g.add_argument("--unix", metavar="PATH", help="Unix socket path (instead of --connect)")
     g.add_argument("--key-id", default=os.environ.get("SCANPAY_KEY_ID"),
                    help="key id for HELLO (env SCANPAY_KEY_ID)")
@@ -227,6 +229,9 @@ def run(args, stdout=None, stderr=None) -> int:
                   f"{unix}` running?", file=stderr)
         else:
             print(f"error: {e}", file=stderr)
+    except RetryDeadlineExceeded as e:
+        print(f"error: no server of {where} took the request: {e}; is the cluster up "
+              f"(`scanpay cluster status`)?", file=stderr)
     except NotAuthenticated as e:
         print(f"error: {where} requires a key ({e.message}): pass --key-id and "
               f"--secret-file (or set SCANPAY_KEY_ID and SCANPAY_SECRET)", file=stderr)
@@ -267,7 +272,11 @@ def _connect(args) -> Client:
         return Client.connect(unix=unix, key_id=args.key_id, secret=secret,
                               timeout_ms=args.timeout_ms, client_name="scanpay-admin")
     try:
-        host, port = parse_address(args.connect)
+        if "," in args.connect:             # a cluster: the failover client follows its leader
+            from engine.client.failover import parse_addresses
+            host, port = [a.label for a in parse_addresses(args.connect)], PORT_DEFAULT
+        else:
+            host, port = parse_address(args.connect)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return Client.connect(host, port, key_id=args.key_id, secret=secret,

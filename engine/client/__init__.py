@@ -206,6 +206,7 @@ class HelloInfo(msgspec.Struct, frozen=True):
     tz_offset_ms: int = 0
     hold_ms: int = 0
     role: str = ""                 # "leader", "follower" or "single" (replication); "" if not sent
+    leader: str = ""               # a follower's leader, HOST:PORT ("" if none known or not sent)
 
 
 class _Outcome:

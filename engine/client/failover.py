@@ -272,9 +272,15 @@ class _Route:
 
     def admits(self, address: Address, info: HelloInfo | None) -> bool:
         """Whether a server that connected and said HELLO is used: yes,
-        unless its HELLO says it is a follower (no role: yes)."""
+        unless its HELLO says it is a follower (no role: yes). The leader a
+        follower names is added to the addresses (tried next round), as a
+        not_leader's is: a client given followers only still finds it."""
         if info is not None and info.role == "follower":
             self.last_error = f"{address.label}: a follower (HELLO role)"
+            if info.leader and len(self.addresses) < ADDRESSES_MAX:
+                named = Address.parse(info.leader)
+                if all(a.label != named.label for a in self.addresses):
+                    self.addresses.append(named)
             return False
         self.start = (self.addresses.index(address) + 1) % len(self.addresses)
         self.address = address.label

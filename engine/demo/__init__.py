@@ -17,6 +17,7 @@ payers, their cost, and which campaign paid off (measured by LIFT).
 The exit code is 0 only when AUDIT is ok.
 
     scanpay demo [--payments N] [--users N] [--seed N] [--embedded]
+    scanpay demo --cluster [--connect HOST:PORT,..] [--no-kill]   (engine/demo/cluster.py)
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class Tally:
     audit_seconds: float = 0.0
     latency: object = None                          # HdrHistogram of PAY frames (server mode)
     history: int = 0                                # payments of the eight weeks before
+    path: str = ""                                  # how it paid, when not the two defaults
     statuses: np.ndarray = field(default=None)
     gmv_by_category: np.ndarray = field(default=None)
 
@@ -87,11 +89,22 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="pay through the embedded engine instead of the socket server")
     p.add_argument("--report", default="scanpay-report", metavar="DIR",
                    help="where to write the campaign report (CSV + PNG); '' for none")
+    p.add_argument("--cluster", action="store_true",
+                   help="through a replicated cluster: a local one (3 NATS servers, 3 nodes) "
+                        "whose leader is killed mid-run, or --connect's (engine/demo/cluster.py)")
+    p.add_argument("--connect", metavar="HOST:PORT,..",
+                   help="with --cluster: the nodes of a running cluster (scanpay cluster up)")
+    p.add_argument("--no-kill", dest="no_kill", action="store_true",
+                   help="with --cluster: do not kill the leader mid-run")
 
 
 def check_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.payments < 1 or args.users < 10:
         p.error("--payments must be >= 1 and --users >= 10")
+    if (args.connect or args.no_kill) and not args.cluster:
+        p.error("--connect and --no-kill go with --cluster")
+    if args.cluster and args.embedded:
+        p.error("--cluster runs over the wire: leave --embedded out")
 
 
 def parse(argv) -> argparse.Namespace:
@@ -108,9 +121,10 @@ def main(argv=None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The demo; Ctrl-C stops it and still removes its data directory."""
-    from rich.console import Console
-    # Piped output gets 80 columns from rich; the campaign table needs more.
-    console = Console() if sys.stdout.isatty() else Console(width=120)
+    if getattr(args, "cluster", False):
+        from engine.demo.cluster import run_cluster
+        return run_cluster(args, make_console())
+    console = make_console()
     data_dir = None if args.embedded else tempfile.mkdtemp(prefix="scanpay-demo-")
     eng = None
     interrupted = False
@@ -130,6 +144,12 @@ def run(args: argparse.Namespace) -> int:
         if interrupted:
             where = f"; removed its data directory {data_dir}" if data_dir else ""
             print(f"scanpay demo: interrupted{where}", file=sys.stderr, flush=True)
+
+
+def make_console():
+    from rich.console import Console
+    # Piped output gets 80 columns from rich; the campaign table needs more.
+    return Console() if sys.stdout.isatty() else Console(width=120)
 
 
 def _make_engine(args, spec: World, clock: SimClock, data_dir: str | None):
@@ -169,11 +189,7 @@ def _run(console, args, eng, spec: World, clock: SimClock, data_dir: str | None)
     tally.audit_seconds = time.perf_counter() - t0
     _report(console, eng, tally, audit, figures)
     if args.report:
-        from engine.cli import report
-        paths = report.write(figures, args.report)
-        console.print("campaign report: " + ", ".join(paths))
-        if report.missing_png_note(paths):
-            console.print(report.missing_png_note(paths), markup=False, highlight=False)
+        _write_report(console, figures, args.report)
     _story(console, figures)
     return 0 if audit.get("ok") is True else 1
 
@@ -200,6 +216,14 @@ class Weekend:
     def paid(self, batch: np.ndarray, results: np.ndarray) -> None:
         """The shoppers whose payment used a campaign coupon hold it no more."""
         self.shop.redeemed(self.info, batch, results, self.coupon_ranges)
+
+
+def _write_report(console, figures, out_dir: str) -> None:
+    from engine.cli import report
+    paths = report.write(figures, out_dir)
+    console.print("campaign report: " + ", ".join(paths))
+    if report.missing_png_note(paths):
+        console.print(report.missing_png_note(paths), markup=False, highlight=False)
 
 
 def _build(console, eng, spec: World):
@@ -257,11 +281,15 @@ def _launch(console, eng, info, shop: behaviour.Shoppers, clock: SimClock) -> li
     return launched
 
 
-def _figures(source, info):
-    """The report's figures (engine/cli/report.py) from a report.Source."""
+def _figures(source, info, targeted: bool = True):
+    """The report's figures (engine/cli/report.py) from a report.Source;
+    without the two targeted campaigns when not `targeted` (the cluster
+    demo's weekend has none)."""
     from engine.cli import report
-    stocks = info.stock_ids.tolist() + [story.STOCK_ID_BASE + i for i in range(len(story.TARGETED))]
-    return report.gather(source, stocks, [t.campaign for t in story.TARGETED],
+    stocks = info.stock_ids.tolist()
+    if targeted:
+        stocks += [story.STOCK_ID_BASE + i for i in range(len(story.TARGETED))]
+    return report.gather(source, stocks, [t.campaign for t in story.TARGETED] if targeted else [],
                          info.merchant_ids.tolist(),
                          merchant_names=dict(zip(info.merchant_ids.tolist(), info.merchant_names)),
                          payer_value=story.PAYER_VALUE)
@@ -303,7 +331,10 @@ def _stream_over_the_wire(console, eng, weekend: Weekend, clock: SimClock, data_
     server = BackgroundServer(eng, data_dir)
     console.print(f"server: durable, {data_dir}, listening on {server.host}:{server.port}")
     try:
-        tally = _pay_over_the_wire(console, server, weekend, clock)
+        tally = Tally()
+        stream_payments(console, weekend.info, weekend.batches(clock), clock, weekend.payments,
+                        tally, weekend.topup_id, server.host, server.port,
+                        on_answer=weekend.paid)
         t0 = time.perf_counter()
         with console.status("reading the report from the server (STATS, BALANCES, LIFT)"):
             with Client.connect(server.host, server.port, client_name="scanpay-demo") as client:
@@ -316,20 +347,30 @@ def _stream_over_the_wire(console, eng, weekend: Weekend, clock: SimClock, data_
     return tally, figures
 
 
-def _pay_over_the_wire(console, server, weekend: Weekend, clock: SimClock) -> Tally:
+def stream_payments(console, info, batches, clock: SimClock, payments: int, tally: Tally,
+                    topup_id: int, host, port: int, on_answer=None,
+                    server_of: bool = False) -> None:
+    """The PAY frames of `batches` (each sets `clock` as it is drawn) to
+    `host` (several addresses: a cluster), counted into `tally` with a
+    progress bar out of `payments`; dry wallets topped up from id
+    `topup_id`. A `("CLOCK", now_ms)` item among the batches goes to the
+    server as is (engine/demo/wire.py). `on_answer(batch, results)` after
+    each reply, with the answering server's address as a third argument
+    when `server_of` (`scanpay demo --cluster`)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
 
     from engine.demo.wire import FRAME_RECORDS, stream
 
-    info = weekend.info
-    tally = Tally()
-    topup = {"id": weekend.topup_id}
+    topup = {"id": topup_id}
     columns = (TextColumn("paying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[rate]}"), TextColumn("[dim]{task.fields[clock]}"))
 
     def frames():
-        for batch in weekend.batches(clock):
+        for batch in batches:
+            if isinstance(batch, tuple):
+                yield batch
+                continue
             for at in range(0, len(batch), FRAME_RECORDS):
                 yield batch[at:at + FRAME_RECORDS]
 
@@ -342,21 +383,21 @@ def _pay_over_the_wire(console, server, weekend: Weekend, clock: SimClock) -> Ta
 
     started = time.perf_counter()
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("pay", total=weekend.payments, rate="", clock="")
+        task = progress.add_task("pay", total=payments, rate="", clock="")
 
-        def on_reply(batch, results):
+        def on_reply(batch, results, *server):
             _count(tally, info, batch, results)
-            weekend.paid(batch, results)
+            if on_answer is not None:
+                on_answer(batch, results, *server)
             rate = tally.payments / max(time.perf_counter() - started, 1e-9)
             progress.update(task, completed=tally.payments,
-                            total=max(weekend.payments, tally.payments),
+                            total=max(payments, tally.payments),
                             rate=f"{rate / 1e3:,.0f} k payments/s", clock=_local_time(clock.now_ms))
 
         try:
-            tally.latency = stream(frames(), server.host, server.port, on_reply, dry)
+            tally.latency = stream(frames(), host, port, on_reply, dry, server_of=server_of)
         finally:
             tally.pay_seconds = time.perf_counter() - started
-    return tally
 
 
 def _local_time(now_ms: int) -> str:
@@ -434,7 +475,8 @@ def _summary_table(eng, tally: Tally):
     head = Table(title="Weekend summary", show_header=False)
     head.add_column(style="bold")
     head.add_column(justify="right")
-    head.add_row("payments in the eight weeks before (in process)", f"{tally.history:,}")
+    if not tally.path:              # the cluster demo (its own path) has no weeks before
+        head.add_row("payments in the eight weeks before (in process)", f"{tally.history:,}")
     head.add_row("payments over the weekend", f"{tally.payments:,}")
     over_the_wire = tally.latency is not None
     # What pay_seconds measured: the wall time of the whole stream over the
@@ -443,6 +485,7 @@ def _summary_table(eng, tally: Tally):
     head.add_row("wall time of the stream over the wire" if over_the_wire
                  else "time in Engine.pay", f"{tally.pay_seconds:.2f} s")
     path = "over the wire, durable" if over_the_wire else "Engine.pay, in memory"
+    path = tally.path or path
     head.add_row(f"payments/second ({path})", f"{rate:,.0f}")
     head.add_row("payments ok", f"{ok:,}")
     head.add_row("payments failed", f"{tally.payments - ok:,}")
@@ -451,8 +494,10 @@ def _summary_table(eng, tally: Tally):
     head.add_row("coupon discounts (CNY)", _cny(tally.discount))
     head.add_row("platform fees (CNY)", _cny(tally.fees))
     head.add_row("auto top-ups (wallets ran dry)", f"{tally.auto_topups:,}")
-    mem = eng.memory_bytes()
-    head.add_row("engine tables (MiB)", ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in mem.items() if v))
+    if hasattr(eng, "memory_bytes"):        # an engine here, not a client of a cluster
+        mem = eng.memory_bytes()
+        head.add_row("engine tables (MiB)", ", ".join(f"{k} {v / 2**20:,.0f}"
+                                                      for k, v in mem.items() if v))
     head.add_row("AUDIT time", f"{tally.audit_seconds:.1f} s")
     if tally.latency is not None:
         p = {q: tally.latency.get_value_at_percentile(q) / 1000 for q in (50, 99, 99.9)}

@@ -52,9 +52,15 @@ class BackgroundServer:
         self.thread.join(30)
 
 
-def stream(frames, host: str, port: int, on_reply, on_dry) -> HdrHistogram:
+def stream(frames, host, port: int, on_reply, on_dry, server_of: bool = False) -> HdrHistogram:
     """Send every frame over CONNECTIONS pipelined connections; call
-    on_reply(frame, results) as replies come; return the latency histogram."""
+    on_reply(frame, results) as replies come; return the latency histogram.
+
+    `host` may name several servers (a replicated cluster: the gateways are
+    failover clients, engine/client/failover.py); with `server_of`,
+    on_reply gets a third argument, the address of the server that answered.
+    A `(CLOCK, now_ms)` item among the frames sets the engine clock there
+    (a server started with a test clock: `scanpay demo --cluster`)."""
     latency = HdrHistogram(1, LATENCY_US_MAX, 3)
 
     async def gateway(queue: asyncio.Queue) -> None:
@@ -64,10 +70,16 @@ def stream(frames, host: str, port: int, on_reply, on_dry) -> HdrHistogram:
                 item = await queue.get()
                 if item is None:
                     return
+                if isinstance(item, tuple):
+                    await client.call(item[0], {"now": item[1]})
+                    continue
                 started = time.perf_counter()
                 results = await client.pay(item)
                 latency.record_value(max(1, int((time.perf_counter() - started) * 1e6)))
-                on_reply(item, results)
+                if server_of:
+                    on_reply(item, results, getattr(client, "address", f"{host}:{port}"))
+                else:
+                    on_reply(item, results)
                 dry = np.unique(item["payer"][results["status"] == Status.insufficient_funds])
                 if len(dry):
                     await client.call("TOPUP", {"topups": on_dry(dry)})

@@ -103,12 +103,15 @@ class NatsCluster:
     """`NatsCluster(directory, nodes=3)`: N nodes, each in `directory`/n<i>.
     `start()` writes the configs (once) and starts every node; `stop()` stops
     them by pid. A node can be killed, paused and started again
-    (`kill`, `start_node`): its store stays."""
+    (`kill`, `start_node`): its store stays. `detached`: each server in a
+    session of its own, so that it outlives this process and the terminal's
+    Ctrl-C (`scanpay cluster up`, engine/replication/cluster.py)."""
 
-    def __init__(self, directory: str, nodes: int = 3):
+    def __init__(self, directory: str, nodes: int = 3, detached: bool = False):
         if not 1 <= nodes <= 9:
             raise ValueError(f"a local cluster has 1 to 9 nodes, not {nodes}")
         self.directory = os.path.abspath(directory)
+        self.detached = detached
         self.nodes = [NatsNode(f"n{i + 1}", free_port(), free_port(),
                                os.path.join(self.directory, f"n{i + 1}"))
                       for i in range(nodes)]
@@ -142,7 +145,8 @@ class NatsCluster:
         with open(node.log_path, "ab") as log:
             node.process = subprocess.Popen(
                 [nats_server_binary(), "-c", node.config_path], stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=self.detached)
         if wait:
             self.wait_ready(node)
 
