@@ -127,7 +127,11 @@ cdef inline int32_t index_guess(const Index* ix, uint64_t key) noexcept nogil:
 
 cdef inline void index_put(Index* ix, uint64_t key, int32_t slot) noexcept nogil:
     """Insert `key` (known absent). The caller keeps the load below the limit."""
-    cdef uint64_t h = mix64(key)
+    index_put_hashed(ix, mix64(key), slot)
+
+
+cdef inline void index_put_hashed(Index* ix, uint64_t h, int32_t slot) noexcept nogil:
+    """index_put of a key whose hash `h` is known."""
     cdef uint64_t i = h & ix.mask
     while ix.entries[i].slot1 != 0:
         i = (i + 1) & ix.mask
