@@ -67,10 +67,23 @@ def run(users: int = 1_000_000, payments: int = PAYMENTS) -> dict:
     # after loading: a full collection over them is a pause of its own.
     gc.collect()
     gc.freeze()
+    populated = populate_stats()
+    times, cpu = _timed(engines, batches)
+    populated = {k: round(v - populated[k], 2) if k.endswith("_s") else (v - populated[k]) >> 20
+                 for k, v in populate_stats().items()}
+    digests = {name: eng.digest() for name, eng in engines.items()}
+    assert digests["hinted"] == digests["unhinted"], "the engines' states differ"
+    figures = _figures(times, cpu, n_batches * BATCH_RECORDS_MAX, build_s)
+    figures.update(populated_mib=populated, tuning=tuning or "defaults")
+    return figures
+
+
+def _timed(engines: dict, batches: list) -> tuple[dict, dict]:
+    """(wall seconds, writer CPU seconds) of each batch on each engine,
+    alternating which goes first; the results must be identical."""
     times: dict[str, list[float]] = {name: [] for name in engines}
     cpu: dict[str, list[float]] = {name: [] for name in engines}
     order = list(engines)
-    populated = populate_stats()
     for i, batch in enumerate(batches):
         results = []
         for name in (order if i % 2 == 0 else order[::-1]):
@@ -80,12 +93,7 @@ def run(users: int = 1_000_000, payments: int = PAYMENTS) -> dict:
             cpu[name].append(time.thread_time() - cpu_started)
             results.append(out)
         assert np.array_equal(results[0], results[1]), f"batch {i}: results differ"
-    populated = {k: (v - populated[k]) >> 20 for k, v in populate_stats().items()}
-    digests = {name: eng.digest() for name, eng in engines.items()}
-    assert digests["hinted"] == digests["unhinted"], "the engines' states differ"
-    figures = _figures(times, cpu, n_batches * BATCH_RECORDS_MAX, build_s)
-    figures.update(populated_mib=populated, tuning=tuning or "defaults")
-    return figures
+    return times, cpu
 
 
 def _figures(times: dict[str, list[float]], cpu: dict[str, list[float]], records: int,
@@ -124,8 +132,8 @@ def describe(figures: dict) -> list[str]:
                      f"median batch {f['median_batch_ms']:.2f} ms, slowest {f['max_batch_ms']:.2f} ms "
                      f"(x{f['max_over_median']:.1f}), {f['batches_over_10x_median']} over 10x; "
                      f"world built in {f['build_s']:.1f} s; slowest (batch: ms) {f['slowest_batches_ms']}")
-    lines.append(f"pages faulted in during the run (MiB): {figures['populated_mib']}; "
-                 f"growth settings: {figures['tuning']}")
+    lines.append(f"pages faulted in during the run (MiB; the thread's CPU s): "
+                 f"{figures['populated_mib']}; growth settings: {figures['tuning']}")
     lines.append(f"unhinted / hinted rate {figures['rate_share']:.1%} (per CPU-second "
                  f"{figures['cpu_rate_share']:.1%}; target >= "
                  f"{RATE_SHARE_MIN:.0%}); targets met: {figures['met']}; {figures['load']}")

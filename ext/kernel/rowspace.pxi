@@ -101,6 +101,7 @@ cdef enum:
     POPULATE_AT_RESERVE = 1     # the writer, in one call per reserve
     POPULATE_AHEAD = 2          # the populate thread ahead, the apply what it has not reached
 cdef int POPULATE_MODE = POPULATE_AHEAD
+cdef int POPULATE_NICE = 0          # the populate thread's nice, over the process's
 # Bytes of pages faulted in by the writer (populate(): a capacity hint, or
 # populate_mode 1) and by the populate thread: populate_stats().
 cdef size_t populated_by_writer = 0
@@ -108,10 +109,23 @@ cdef size_t populated_by_thread_bytes = 0
 
 
 def populate_stats():
-    """{"writer_bytes", "thread_bytes"}: pages faulted in so far by the
-    writer (populate()) and by the populate thread, in bytes; not those the
-    apply faulted in itself."""
-    return {"writer_bytes": populated_by_writer, "thread_bytes": populated_by_thread_bytes}
+    """{"writer_bytes", "thread_bytes", "thread_cpu_s"}: pages faulted in so
+    far by the writer (populate()) and by the populate thread, in bytes (not
+    those the apply faulted in itself), and the thread's CPU seconds."""
+    return {"writer_bytes": populated_by_writer, "thread_bytes": populated_by_thread_bytes,
+            "thread_cpu_s": _thread_cpu_s(_populator.get("thread"))}
+
+
+def _thread_cpu_s(thread) -> float:
+    """CPU seconds of a thread of this process, from /proc (0.0 if unknown)."""
+    if thread is None or _populator["pid"] != _os.getpid():
+        return 0.0
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 cdef inline size_t round_up(size_t n, size_t grain) noexcept nogil:
@@ -383,14 +397,21 @@ cdef class Populator:
 
 # One per process: a forked child (a snapshot, an audit) has no thread of its
 # parent's, and its copy of the queue may hold a lock the parent's thread had.
-_populator = {"pid": 0, "populator": None}
+_populator = {"pid": 0, "populator": None, "thread": None}
 
 
 cdef Populator populator():
     if _populator["pid"] != _os.getpid():
         made = Populator()
-        _threading.Thread(target=made.run, daemon=True, name="scanpay-populate").start()
-        _populator.update(pid=_os.getpid(), populator=made)
+        thread = _threading.Thread(target=made.run, daemon=True, name="scanpay-populate")
+        thread.start()
+        if POPULATE_NICE:
+            try:
+                _os.setpriority(_os.PRIO_PROCESS, thread.native_id,
+                                min(19, _os.getpriority(_os.PRIO_PROCESS, 0) + POPULATE_NICE))
+            except OSError:         # lowering needs no privilege; never fatal if it fails
+                pass
+        _populator.update(pid=_os.getpid(), populator=made, thread=thread)
     return _populator["populator"]
 
 

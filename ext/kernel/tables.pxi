@@ -40,16 +40,17 @@ def tune_growth(**settings):
     nearly every step. Results and digests never depend on them. Names:
     initial_rows_max, space_from_bytes, space_bytes_max, move_rows_min,
     move_per_row, mapped_entries_from_bytes, growth_factor, populate_mode,
-    ahead_steps, ahead_bytes_max."""
+    ahead_steps, ahead_bytes_max, populate_nice (before the thread starts)."""
     global INITIAL_ROWS_MAX, SPACE_FROM_BYTES, SPACE_BYTES_MAX, MOVE_ROWS_MIN
     global MOVE_PER_ROW, MAPPED_ENTRIES_FROM_BYTES, GROWTH_FACTOR, POPULATE_MODE
-    global AHEAD_STEPS, AHEAD_BYTES_MAX
+    global AHEAD_STEPS, AHEAD_BYTES_MAX, POPULATE_NICE
     previous = {"initial_rows_max": INITIAL_ROWS_MAX, "space_from_bytes": SPACE_FROM_BYTES,
                 "space_bytes_max": SPACE_BYTES_MAX, "move_rows_min": MOVE_ROWS_MIN,
                 "move_per_row": MOVE_PER_ROW,
                 "mapped_entries_from_bytes": MAPPED_ENTRIES_FROM_BYTES,
                 "growth_factor": GROWTH_FACTOR, "populate_mode": POPULATE_MODE,
-                "ahead_steps": AHEAD_STEPS, "ahead_bytes_max": AHEAD_BYTES_MAX}
+                "ahead_steps": AHEAD_STEPS, "ahead_bytes_max": AHEAD_BYTES_MAX,
+                "populate_nice": POPULATE_NICE}
     unknown = set(settings) - set(previous)
     if unknown:
         raise ValueError(f"unknown growth settings {sorted(unknown)}")
@@ -68,6 +69,7 @@ def tune_growth(**settings):
     POPULATE_MODE = settings.get("populate_mode", POPULATE_MODE)
     AHEAD_STEPS = settings.get("ahead_steps", AHEAD_STEPS)
     AHEAD_BYTES_MAX = settings.get("ahead_bytes_max", AHEAD_BYTES_MAX)
+    POPULATE_NICE = settings.get("populate_nice", POPULATE_NICE)
     return previous
 
 
