@@ -7,16 +7,25 @@ cdef inline void* data_of(object arr):
 # An incremental resize moves MOVE_PER_ROW old rows across for every row a
 # reserve makes room for, and at least MOVE_ROWS_MIN per reserve (a map
 # operation adds its rows one at a time). A batch of 8,190 payments then
-# moves 16,380 rows of the payment index, about a tenth of the batch's own
-# time, and the resize is over long before the new table fills (resize()
-# sizes it for that). Redis moves a few buckets per command for the same
-# reason: one big rehash stopped every caller for as long as it took.
-cdef int64_t MOVE_PER_ROW = 2
+# moves 32,760 rows of the payment index (16 ns a row measured, about half
+# a millisecond), and the resize is over long before the new table fills
+# (resize() sizes it for that): lookups try two tables only meanwhile.
+# Redis moves a few buckets per command for the same reason: one big
+# rehash stopped every caller for as long as it took.
+cdef int64_t MOVE_PER_ROW = 4
+cdef enum:
+    MOVE_BLOCK_ROWS = 32        # rows whose buckets are prefetched together
 cdef int64_t MOVE_ROWS_MIN = 1024
 # A resize grows the table 4x, not 2x: every row moves about once in all,
 # not twice, for a load between 17 % and 70 % (8 bytes an entry: at most
 # 46 bytes per row, next to rows of 24-208 bytes).
 cdef int64_t GROWTH_FACTOR = 4
+# From this load on, an index that has grown by resizing (not one sized by
+# a capacity hint) allocates the table its next resize moves into, and the
+# populate thread (rowspace.pxi) faults it in, so that the resize finds it
+# ready: the writer would otherwise fault in the pages of a table 4x as
+# large, at random, as the first rows move across.
+cdef int64_t PREPARE_PCT = 50
 # Index tables from this size on are mapped zero pages (a RowSpace), not
 # allocated and filled: a new table is ready at once, whatever its size.
 cdef int64_t MAPPED_ENTRIES_FROM_BYTES = 1 << 20
@@ -45,6 +54,8 @@ cdef class IdIndex:
     cdef Index ix
     cdef object entries
     cdef object old_entries     # the table a resize moves rows out of (Index.old)
+    cdef object next_entries    # the table the next resize moves into, once prepared
+    cdef bint grown             # a resize has moved rows: the table grows as it goes
 
     def __cinit__(self):
         self.entries = zeroed_entries(16, True)
@@ -68,9 +79,13 @@ cdef class IdIndex:
         if any, then a new resize if the table would pass its load limit.
         The rows themselves are in place (bind) before it is called."""
         cdef int64_t more = count_need - index_size(&self.ix)
+        cdef int64_t capacity = self.ix.mask + 1
         if self.ix.old != NULL:
             self.move(max(MOVE_ROWS_MIN, MOVE_PER_ROW * more))
-        if fits(count_need, self.ix.mask + 1):
+        elif (self.grown and self.next_entries is None and count_need > MOVE_ROWS_MIN
+                and count_need * 100 > capacity * PREPARE_PCT):
+            self.next_entries = zeroed_entries(capacity * GROWTH_FACTOR, False)
+        if fits(count_need, capacity):
             return
         if self.ix.old != NULL:
             # A new resize before the last one is over: only after a jump
@@ -85,6 +100,7 @@ cdef class IdIndex:
         assert self.ix.old == NULL
         cdef int64_t count = self.ix.count
         cdef int64_t capacity = (self.ix.mask + 1) * GROWTH_FACTOR
+        self.grown |= count > 0
         while not fits(count_need + count // MOVE_PER_ROW, capacity):
             capacity *= 2
         self.old_entries = self.entries
@@ -94,7 +110,11 @@ cdef class IdIndex:
         self.ix.moved = 0
         # A resize with next to nothing to move is a jump (a capacity hint,
         # a first batch): its table is faulted in at once, as a hint asks.
-        self.entries = zeroed_entries(capacity, count <= MOVE_ROWS_MIN)
+        if self.next_entries is not None and len(self.next_entries) == capacity:
+            self.entries = self.next_entries
+        else:
+            self.entries = zeroed_entries(capacity, count <= MOVE_ROWS_MIN)
+        self.next_entries = None
         self.ix.entries = <Entry*>data_of(self.entries)
         self.ix.mask = capacity - 1
         self.ix.count = 0
@@ -105,14 +125,20 @@ cdef class IdIndex:
         """Move up to `rows` rows of the old table across, in slot order:
         every row [0, old_rows) is indexed (rows are never removed), so this
         reads the rows as a stream instead of chasing old entries to random
-        rows; the new buckets are prefetched a few rows ahead."""
-        cdef int64_t slot, end = min(self.ix.moved + rows, self.ix.old_rows)
+        rows. By blocks: the block's new buckets are all prefetched before
+        the first insert, so their cache misses overlap."""
+        cdef int64_t slot, j, stop, end = min(self.ix.moved + rows, self.ix.old_rows)
+        cdef uint64_t hashes[MOVE_BLOCK_ROWS]
         with nogil:
-            for slot in range(self.ix.moved, end):
-                if slot + 8 < end:
-                    prefetch_for_write(&self.ix.entries[
-                        mix64(row_id(&self.ix, <int32_t>(slot + 8))) & self.ix.mask])
-                index_put(&self.ix, row_id(&self.ix, <int32_t>slot), <int32_t>slot)
+            slot = self.ix.moved
+            while slot < end:
+                stop = min(slot + MOVE_BLOCK_ROWS, end)
+                for j in range(slot, stop):
+                    hashes[j - slot] = mix64(row_id(&self.ix, <int32_t>j))
+                    prefetch_for_write(&self.ix.entries[hashes[j - slot] & self.ix.mask])
+                for j in range(slot, stop):
+                    index_put_hashed(&self.ix, hashes[j - slot], <int32_t>j)
+                slot = stop
         self.ix.moved = end
         if end == self.ix.old_rows:
             self.ix.old = NULL
@@ -150,7 +176,8 @@ cdef class IdIndex:
 
     @property
     def nbytes(self):
-        return self.entries.nbytes + (self.old_entries.nbytes if self.old_entries is not None else 0)
+        return sum(t.nbytes for t in (self.entries, self.old_entries, self.next_entries)
+                   if t is not None)
 
     @property
     def count(self):

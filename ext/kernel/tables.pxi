@@ -80,18 +80,24 @@ def tune_growth(**settings):
     ones make a ledger grow, move into row spaces and resize its indexes at
     nearly every step. Results and digests never depend on them. Names:
     initial_rows_max, space_from_bytes, space_bytes_max, move_rows_min,
-    move_per_row, mapped_entries_from_bytes."""
+    move_per_row, mapped_entries_from_bytes, growth_factor, populate_mode,
+    ahead_steps, ahead_bytes_max, populate_nice (before the thread starts)."""
     global INITIAL_ROWS_MAX, SPACE_FROM_BYTES, SPACE_BYTES_MAX, MOVE_ROWS_MIN
-    global MOVE_PER_ROW, MAPPED_ENTRIES_FROM_BYTES
+    global MOVE_PER_ROW, MAPPED_ENTRIES_FROM_BYTES, GROWTH_FACTOR, POPULATE_MODE
+    global AHEAD_STEPS, AHEAD_BYTES_MAX, POPULATE_NICE
     previous = {"initial_rows_max": INITIAL_ROWS_MAX, "space_from_bytes": SPACE_FROM_BYTES,
                 "space_bytes_max": SPACE_BYTES_MAX, "move_rows_min": MOVE_ROWS_MIN,
                 "move_per_row": MOVE_PER_ROW,
-                "mapped_entries_from_bytes": MAPPED_ENTRIES_FROM_BYTES}
+                "mapped_entries_from_bytes": MAPPED_ENTRIES_FROM_BYTES,
+                "growth_factor": GROWTH_FACTOR, "populate_mode": POPULATE_MODE,
+                "ahead_steps": AHEAD_STEPS, "ahead_bytes_max": AHEAD_BYTES_MAX,
+                "populate_nice": POPULATE_NICE}
     unknown = set(settings) - set(previous)
     if unknown:
         raise ValueError(f"unknown growth settings {sorted(unknown)}")
     if any(int(v) < (1 if k in ("initial_rows_max", "move_per_row", "space_bytes_max") else 0)
-           for k, v in settings.items()):
+           for k, v in settings.items()) or settings.get("growth_factor", 2) not in (2, 4, 8) \
+            or settings.get("populate_mode", 0) not in (0, 1, 2):
         raise ValueError(f"growth settings out of range: {settings}")
     INITIAL_ROWS_MAX = settings.get("initial_rows_max", INITIAL_ROWS_MAX)
     SPACE_FROM_BYTES = settings.get("space_from_bytes", SPACE_FROM_BYTES)
@@ -100,6 +106,11 @@ def tune_growth(**settings):
     MOVE_PER_ROW = settings.get("move_per_row", MOVE_PER_ROW)
     MAPPED_ENTRIES_FROM_BYTES = settings.get("mapped_entries_from_bytes",
                                              MAPPED_ENTRIES_FROM_BYTES)
+    GROWTH_FACTOR = settings.get("growth_factor", GROWTH_FACTOR)
+    POPULATE_MODE = settings.get("populate_mode", POPULATE_MODE)
+    AHEAD_STEPS = settings.get("ahead_steps", AHEAD_STEPS)
+    AHEAD_BYTES_MAX = settings.get("ahead_bytes_max", AHEAD_BYTES_MAX)
+    POPULATE_NICE = settings.get("populate_nice", POPULATE_NICE)
     return previous
 
 
@@ -118,6 +129,7 @@ cdef class _Tables:
     cdef dict t
     cdef dict spaces            # name -> the RowSpace of t[name] (the arrays that grow)
     cdef list resizing          # the IdIndexes with a resize under way
+    cdef dict prepared          # name -> the RowSpace a small table will move into
     cdef readonly IdIndex users_ix, merchants_ix, stocks_ix, coupons_ix
     cdef readonly IdIndex payments_ix, codes_ix, refunds_ix, tombstones_ix
     cdef readonly IdIndex programs_ix, visits_ix, redemptions_ix
@@ -166,6 +178,7 @@ cdef class _Tables:
         self.t = {}
         self.spaces = {}
         self.resizing = []
+        self.prepared = {}
         self.tz_offset_ms = tz_offset_ms
         self.hold_ms = hold_ms
         for name, dtype, rows in (
@@ -258,12 +271,16 @@ cdef class _Tables:
         if rows <= len(arr):
             return False
         if space is None and need <= SPACE_FROM_BYTES:
+            if need * 2 > SPACE_FROM_BYTES and name not in self.prepared:
+                # Half way: the space it will move into, made ready meanwhile.
+                self.prepared[name] = prepared_space(arr.dtype, 2 * SPACE_FROM_BYTES)
             self.t[name] = grown_copy(arr, rows)
         else:
             # Once, when the table outgrows SPACE_FROM_BYTES; or past its
             # space's reservation, only if the process could not reserve
             # the whole of it (space_bytes_for).
-            self._place(name, space_with(arr.dtype, rows, arr), rows)
+            prepared = self.prepared.pop(name, None) if space is None else None
+            self._place(name, space_with(arr.dtype, rows, arr, prepared), rows)
         return True
 
     def reserve(self, str table, int64_t more):
@@ -438,6 +455,8 @@ cdef class _Tables:
             start = round_up(arrays[name].nbytes, PAGE_BYTES) if name in arrays else 0
             if name in arrays and start < space.committed:
                 madvise(space.base + start, space.committed - start, MADV_DONTNEED)
+        for space in self.prepared.values():
+            madvise(space.base, space.committed, MADV_DONTNEED)
 
     def __getattr__(self, str name):
         """ledger.users etc.: a read-only view of the whole row array."""

@@ -13,15 +13,17 @@ Run: .venv/bin/python -m pytest tests/core/test_growth.py
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from engine._kernel import Ledger, tune_growth
+from engine._kernel import Ledger, populate_stats, tune_growth
 
 import test_differential_membership as membership
 from support import differential_pair
-from support.growth import STEPS_MAX, Twin, World, tiny_growth
+from support.growth import STEPS_MAX, Twin, World, row_space, tiny_growth
 
 
 # ---------------------------------------------------------------------------
@@ -72,6 +74,24 @@ def test_a_table_outgrowing_its_reservation_moves_once_and_keeps_its_rows():
         ledger.topup(ledger.find("users", 4321), 9)
         assert int(ledger.users["balance"][ledger.find("users", 4321)]) == 9
         assert [ledger.find("users", k) for k in (1, 2500, 4999)] == [0, 2499, 4998]
+
+
+def test_the_populate_thread_faults_in_pages_ahead_of_the_rows_reserved():
+    with tiny_growth(space_bytes_max=1 << 30):
+        ledger = Ledger()
+        for key in range(1, 5000):
+            ledger.append("users", key)
+        before = populate_stats()["thread_bytes"]
+        ledger.reserve("users", 4096)           # and the thread 8 x 4,096 rows beyond
+        space = row_space(ledger.users)
+        ahead = (ledger.n_users + 9 * 4096) * ledger.users.itemsize
+        deadline = time.monotonic() + 30
+        while space.populated < ahead and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert space.populated >= ahead and space.committed >= ahead
+        assert populate_stats()["thread_bytes"] > before
+        assert len(ledger.users) == ledger.n_users + 4096     # the capacity shown: the reserve
+        assert ledger.find("users", 4999) == 4998
 
 
 def test_releasing_the_free_pages_keeps_the_used_rows():

@@ -108,6 +108,16 @@ def same(what: str, a, b) -> None:
         assert a == b, f"{what}: {a!r} != {b!r}"
 
 
+def row_space(array: np.ndarray):
+    """The RowSpace a table array views (ext/kernel/rowspace.pxi), or None."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return base if type(base).__name__ == "RowSpace" else None
+
+
 def mid_resize(engine: Engine) -> bool:
     """Some index of `engine` is between two tables."""
     ledger = engine.state.ledger
