@@ -210,6 +210,7 @@ cdef class Sends:
     cdef readonly bint done             # no more entries (sending began, or never will)
     cdef readonly bint handed           # given to the sender thread: its replies wait for it
     cdef readonly bint finished         # its sends have run (or never will)
+    cdef readonly bint sent_here        # by the sync thread (Courier.send_here), not the sender
     cdef readonly double finished_at    # time.perf_counter() when they had
     cdef readonly Py_ssize_t whole      # entries sent whole
 
@@ -307,6 +308,8 @@ cdef class Courier:
     cdef readonly Py_ssize_t capacity
     cdef Py_ssize_t head, count
     cdef bint closed
+    cdef bint sending                   # the sender thread is sending a parcel
+    cdef bint here                      # `send_here` is sending one on its own thread
 
     def __cinit__(self, Py_ssize_t capacity):
         assert capacity > 0
@@ -346,6 +349,36 @@ cdef class Courier:
             Py_DECREF(sends)
         return queued
 
+    def send_here(self, Sends sends) -> bool:
+        """Send a handed `Sends` now, on the calling thread (the sync thread,
+        right after its fdatasync), instead of waking the sender thread for
+        it: only when the sender thread is idle with nothing queued, so that
+        every earlier fsync's replies have been sent and none can be
+        overtaken. False: nothing was
+        done (`put` it). Saves the wake-up of another thread, and a core to
+        run it on, between a lone request's fsync and its reply. (A `put`
+        meanwhile waits: the sender thread takes nothing until this is sent.)"""
+        cdef bint mine = False
+        cdef Py_ssize_t whole = 0
+        assert sends.handed and not sends.finished
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            if not self.closed and self.count == 0 and not self.sending:
+                mine = True
+                self.here = True            # the sender waits until it is sent
+            pthread_mutex_unlock(&self.lock)
+            if mine:
+                whole = send_entries(sends.entries, sends.count)
+                pthread_mutex_lock(&self.lock)
+                self.here = False
+                if self.count or self.closed:   # the sender waited for this one
+                    pthread_cond_signal(&self.ready)
+                pthread_mutex_unlock(&self.lock)
+        if mine:
+            sends.sent_here = True
+            sends.finish(max(whole, 0))     # out of memory: none sent, the event loop writes
+        return mine
+
     def close(self) -> None:
         """The sender thread's `next_sent` returns None once the queue is empty."""
         with nogil:
@@ -362,16 +395,20 @@ cdef class Courier:
         cdef Py_ssize_t whole = 0
         with nogil:
             pthread_mutex_lock(&self.lock)
-            while self.count == 0 and not self.closed:
+            while (self.count == 0 and not self.closed) or self.here:
                 pthread_cond_wait(&self.ready, &self.lock)
             if self.count:
                 parcel = self.ring[self.head]
                 self.head = (self.head + 1) % self.capacity
                 self.count -= 1
                 got = True
+                self.sending = True
             pthread_mutex_unlock(&self.lock)
             if got:
                 whole = send_entries(parcel.entries, parcel.count)
+                pthread_mutex_lock(&self.lock)
+                self.sending = False
+                pthread_mutex_unlock(&self.lock)
         if not got:
             return None
         sends = <Sends>parcel.sends

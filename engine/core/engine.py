@@ -356,6 +356,11 @@ class Engine:
                     self._sync_pool.submit(self._sync_worker)
             return self._sync_waiting
 
+    def fsync_waiting(self) -> bool:
+        """Whether a command journaled since the running fsync began waits
+        for the next one (a hint: read without the lock)."""
+        return self._sync_waiting is not None
+
     def _commit_wait(self) -> bool:
         """Before an fsync: the group-commit window, if the rule says it
         pays. True if it waited."""

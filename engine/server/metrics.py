@@ -168,6 +168,7 @@ class Metrics:
             "scanpay_pay_reply_writes", "Writes of PAY replies by sender", ["sender"], registry=r)
         self.pay_reply_writes_sender = self.pay_reply_writes.labels("sender_thread")
         self.pay_reply_writes_loop = self.pay_reply_writes.labels("event_loop")
+        self.pay_reply_writes_sync = self.pay_reply_writes.labels("sync_thread")
         self.commit_waits = Counter(
             "scanpay_commit_waits", "Fsyncs that waited for the group-commit window "
             "(commit_interval_us, commit_siblings)", registry=r)

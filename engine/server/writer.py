@@ -38,6 +38,10 @@ log = logging.getLogger("scanpay.writer")
 
 DELIVERIES_INFLIGHT_MAX = 64       # batches applied but awaiting their fsync
 SENDS_WAITING_MAX = 2 * DELIVERIES_INFLIGHT_MAX   # fsyncs' replies handed, not yet sent
+# An fsync's replies to at most this many connections are sent by the sync
+# thread itself when no other fsync waits (Writer.send_replies): a few
+# sendmsgs, instead of a wake-up of the sender thread.
+SENDS_HERE_MAX = 8
 SLOW_MS = 100                      # a batch or a wait for its fsync longer than this is logged
 RESULT_DTYPES = {OP_PAY: PAY_RESULT, OP_ISSUE: ISSUE_RESULT,
                  OP_CAPTURE_RECORDS: PAY_RESULT, OP_REFUND_RECORDS: REFUND_RESULT}
@@ -455,10 +459,15 @@ class Writer:
 
     def send_replies(self, durable) -> None:
         """In the sync thread, once `durable`'s fsync has returned
-        (Engine.on_durable): its replies to the sender thread."""
+        (Engine.on_durable): its replies to the sender thread; or, when no
+        other fsync waits for this thread and they are few (a lone caller's
+        reply), sent by this thread at once, with no other thread to wake."""
         sends = self.sends.pop(durable, None)
         if sends is not None:
             sends.hand()
+            if (len(sends) <= SENDS_HERE_MAX and not self.engine.fsync_waiting()
+                    and self.courier.send_here(sends)):
+                return
             if not self.courier.put(sends):
                 sends.abandon()                 # the event loop writes them
                 self.loop.call_soon_threadsafe(self.release_ready)
@@ -500,7 +509,9 @@ class Writer:
             conn.complete(slot, replies[start:end])
             start = end
         if self.metrics:
-            self.metrics.pay_reply_writes_sender.inc(sent_whole)
+            by_sync = sends is not None and sends.sent_here
+            (self.metrics.pay_reply_writes_sync if by_sync
+             else self.metrics.pay_reply_writes_sender).inc(sent_whole)
             self.metrics.pay_reply_writes_loop.inc(len(ends) - sent_whole)
 
     def count_records(self, op, results) -> None:

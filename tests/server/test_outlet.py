@@ -201,3 +201,27 @@ def test_the_courier_sends_while_another_thread_holds_the_gil(pair):
     courier.close()
     release_all(outlet, 1)
     outlet.close()
+
+
+def test_send_here_sends_on_the_calling_thread_only_when_nothing_is_queued(pair):
+    """The sync thread sends a lone request's replies itself (no wake-up of
+    the sender thread), but only when no earlier fsync's replies are queued
+    or being sent: those must go out first."""
+    a, b = pair
+    outlet = Outlet(a.fileno())
+    courier = Courier(4)
+    lone = handed(outlet, b"lone;")
+    assert courier.send_here(lone)
+    assert lone.finished and lone.sent_here and lone.whole == 1
+    assert receive_all(b) == b"lone;"                   # sent before it returned
+    queued, behind = handed(outlet, b"queued;"), handed(outlet, b"behind;")
+    assert courier.put(queued)
+    assert not courier.send_here(behind)                 # would overtake `queued`
+    assert not behind.finished and not behind.sent_here
+    assert courier.put(behind)
+    assert courier.next_sent() is queued and courier.next_sent() is behind
+    assert not queued.sent_here and receive_all(b) == b"queued;behind;"
+    courier.close()
+    assert not courier.send_here(handed(outlet, b"late"))  # closed: the event loop writes it
+    release_all(outlet, 4)
+    outlet.close()

@@ -3,6 +3,7 @@ authentication and roles, limits, ordering, durability and shutdown."""
 import asyncio
 import ssl
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -339,7 +340,8 @@ def test_unix_socket_and_tls(tmp_path):
         assert all(np.frombuffer(r[3], PAY_RESULT)["status"][0] == Status.ok for r in replies)
         await all_released(server)
         writes = reply_writes(server)
-        assert writes["sender_thread"] == 0 and 1 <= writes["event_loop"] <= 3
+        assert writes["sender_thread"] == writes["sync_thread"] == 0
+        assert 1 <= writes["event_loop"] <= 3
         await server.stop()
         plain = await started(unix=unix)
         u = await Raw.open(plain, unix=unix)
@@ -390,9 +392,13 @@ def test_metrics_time_each_stage_of_a_batch(tmp_path):
         assert count["queue"] == count["apply"] == count["commit"] == count["release"] == pays
         assert grew("scanpay_fsync_seconds_count") == pays
         assert grew("scanpay_fsync_seconds_sum") > 0
-        # One Sends per fsync, each reply in one write by the sender thread.
-        assert count["send"] == grew('scanpay_pay_reply_writes_total{sender="sender_thread"}')
-        assert count["send"] + grew('scanpay_pay_reply_writes_total{sender="event_loop"}') == pays
+        # One Sends per fsync, each reply in one write after the fsync (by the
+        # sync thread: no other fsync waits), or by the event loop if the
+        # fsync returned before the writer had queued it.
+        direct = sum(grew(f'scanpay_pay_reply_writes_total{{sender="{s}"}}')
+                     for s in ("sync_thread", "sender_thread"))
+        assert count["send"] == direct
+        assert direct + grew('scanpay_pay_reply_writes_total{sender="event_loop"}') == pays
         before_fsync_returned_s = total_s["queue"] + total_s["apply"] + total_s["commit"]
         assert 0 < before_fsync_returned_s < waited_s
         assert all(total_s[s] >= 0 for s in STAGES)
@@ -404,17 +410,25 @@ def reply_writes(server) -> dict:
     text = generate_latest(server.metrics.registry).decode()
     return {sender: float(text.split(f'scanpay_pay_reply_writes_total{{sender="{sender}"}} ')[1]
                           .split()[0])
-            for sender in ("sender_thread", "event_loop")}
+            for sender in ("sender_thread", "sync_thread", "event_loop")}
 
 
-async def pay_until_the_sender_thread_sends(server, c, first_id: int) -> int:
-    """Lone PAYs until the sender thread has sent one more reply; how many.
-    A reply whose fsync returns before the writer queued it goes out from
-    the event loop (a race a busy machine can win), so one lone PAY proves
-    nothing; an outlet that stays blocked never sends again (bounded)."""
-    before = reply_writes(server)["sender_thread"]
+def direct_writes(server) -> float:
+    """PAY reply writes after the fsync, not by the event loop: by the
+    sender thread, or by the sync thread for a lone request."""
+    writes = reply_writes(server)
+    return writes["sender_thread"] + writes["sync_thread"]
+
+
+async def pay_until_sent_directly(server, c, first_id: int) -> int:
+    """Lone PAYs until one more reply was sent directly after its fsync
+    (ext/outlet.pyx); how many. A reply whose fsync returns before the
+    writer queued it goes out from the event loop (a race a busy machine can
+    win), so one lone PAY proves nothing; an outlet that stays blocked never
+    sends again (bounded)."""
+    before = direct_writes(server)
     paid = 0
-    while reply_writes(server)["sender_thread"] == before:
+    while direct_writes(server) == before:
         assert paid < 50, reply_writes(server)
         rid = 10_000_000 + first_id + paid
         assert (await c.call(16, pay_body([first_id + paid], amount=1), request_id=rid))[2] == rid
@@ -432,13 +446,13 @@ def test_replies_sent_after_the_fsync_by_the_sender_thread(tmp_path):
         unix = str(tmp_path / "scanpay.sock")
         # The fixed window (commit_siblings = 0), long: every fsync starts
         # after the writer has queued its replies for the sender thread. (A
-        # lone request is otherwise synced at once, and a fast fsync may
-        # return first: then the event loop writes its reply.)
+        # big frame's fsync otherwise starts before its apply, and a fast
+        # one may return first: then the event loop writes its reply.)
         server = await started(tmp_path, unix=unix, commit_siblings=0, commit_interval_us=20_000)
         c = await Raw.open(server, unix=unix)
         await world(c)
-        first = await pay_until_the_sender_thread_sends(server, c, 1)
-        assert reply_writes(server)["sender_thread"] == 1
+        first = await pay_until_sent_directly(server, c, 1)
+        assert direct_writes(server) == 1 and first == 1
         frames = 40                         # 40 x 88 KB of replies: more than the socket holds
         ids = [[10_000 * (f + 1) + k for k in range(1000)] for f in range(frames)]
         for f in range(frames):
@@ -453,9 +467,57 @@ def test_replies_sent_after_the_fsync_by_the_sender_thread(tmp_path):
         await all_released(server)
         writes = reply_writes(server)
         assert writes["event_loop"] >= 1, writes     # the socket filled: the event loop took over
-        paid = await pay_until_the_sender_thread_sends(server, c, 900)   # drained: again
+        paid = await pay_until_sent_directly(server, c, 900)   # drained: again
         assert sum(reply_writes(server).values()) == sum(writes.values()) + paid
         assert server.engine.counts()["payments"] == first + frames * 1000 + paid
+        await server.stop()
+    run(main())
+
+
+def test_the_sync_thread_sends_the_replies_when_no_other_fsync_waits(tmp_path):
+    """Writer.send_replies: after an fsync, its few replies are sent by the
+    sync thread itself when no other fsync waits (no wake-up of the sender
+    thread on a lone caller's path), and handed to the sender thread when
+    one does, so that the next fsync starts at once."""
+    from support.faulty_fs import FaultyFs
+
+    class SlowFs(FaultyFs):
+        def __init__(self):
+            super().__init__()
+            self.syncing = threading.Event()
+
+        def fdatasync(self, fd):
+            self.syncing.set()
+            time.sleep(0.05)                # the second request arrives during it
+            super().fdatasync(fd)
+
+    async def main():
+        fs = SlowFs()
+        eng = Engine(str(tmp_path / "data"), fs=fs)
+        server, setup = await started_with_world(tmp_path, engine=eng)
+        a, b = await Raw.open(server), await Raw.open(server)
+        await all_released(server)
+        before = reply_writes(server)
+        for i in range(3):                  # a lone caller
+            assert (await a.call(16, pay_body([100 + i], amount=1), i))[2] == i
+        await all_released(server)
+        lone = reply_writes(server)
+        # Each lone reply by the sync thread, or (if its fsync returned before
+        # the writer queued it: not with a 50 ms fsync) by the event loop.
+        assert lone["sync_thread"] - before["sync_thread"] == 3, lone
+        assert lone["sender_thread"] == before["sender_thread"]
+        fs.syncing.clear()
+        a.send(16, 10, pay_body([200], amount=1))
+        for _ in range(1000):               # its fsync has begun
+            if fs.syncing.is_set():
+                break
+            await asyncio.sleep(0.001)
+        b.send(16, 11, pay_body([201], amount=1))   # journaled during it: waits for the next
+        assert (await a.recv(timeout=10))[2] == 10 and (await b.recv(timeout=10))[2] == 11
+        await all_released(server)
+        after = reply_writes(server)
+        assert after["sender_thread"] - lone["sender_thread"] == 1, after   # a's: b's fsync waited
+        assert after["sync_thread"] - lone["sync_thread"] == 1, after       # b's: nothing did
         await server.stop()
     run(main())
 
@@ -484,7 +546,7 @@ def test_replies_the_courier_refuses_are_written_by_the_event_loop(tmp_path):
         assert all(np.frombuffer(body, PAY_RESULT)["status"].tolist() == [Status.ok]
                    for *_, body in replies)
         await all_released(server)
-        assert reply_writes(server)["sender_thread"] == 0
+        assert direct_writes(server) == 0
         assert server.engine.counts()["payments"] == 30
         await server.stop()
     run(main())
