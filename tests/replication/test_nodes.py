@@ -8,10 +8,9 @@ import pytest
 from engine.core.command import Command
 from engine.protocol.errors import NotLeader
 from engine.protocol.ops import OP_EXPIRE
-from engine.replication.node import EXIT_STREAM_BROKEN
 from engine.replication.stream import KIND_CHECKPOINT
 from engine.storage.journal import _encode_entry
-from support.replicas import Node, wait_for_leader, wait_for_seq
+from support.replicas import Node, stopped_loudly, wait_for_leader, wait_for_seq
 from support.servers import pay_batch
 
 LEASE_MS = 4000                     # no failover here: none spurious on a busy machine
@@ -80,13 +79,6 @@ def append_foreign(logs, payload: bytes, kind=None, last_command=None) -> None:
     if last_command is None:
         last_command = loop.call(stream.get(last), 10).last_command
     loop.call(stream.append(payload, last, f"foreign.{last}", last_command, kind, 5), 10)
-
-
-def stopped_loudly(node: Node, words: str) -> str:
-    assert node.process.wait(EXIT_TIMEOUT_S) == EXIT_STREAM_BROKEN, node.log_tail()
-    critical = [line for line in open(node.log_path) if " CRITICAL " in line]
-    assert len(critical) == 1 and words in critical[0], node.log_tail()
-    return critical[0]
 
 
 def test_a_wrong_checkpoint_digest_stops_the_follower(nodes, logs):
