@@ -29,7 +29,7 @@ import nats.js.errors
 from engine.protocol.errors import EngineError, Unavailable
 from engine.replication.checkpoint import Checkpoints, DigestMismatch
 from engine.replication.lease import Lease, LeaseLost
-from engine.replication.log import StreamLog, StreamUnavailable
+from engine.replication.log import StreamLog, StreamTrimmed, StreamUnavailable
 from engine.replication.snapshot_store import SnapshotRefused, SnapshotStore
 from engine.replication.loop_thread import LoopThread
 from engine.replication.stream import (KIND_CHECKPOINT, KIND_TERM, Names, Refused, Stream,
@@ -401,7 +401,11 @@ class ReplicaNode:
 
     async def follow_step(self) -> bool:
         """Read and apply what follows the state in the stream; False if nothing."""
-        self.engine._ensure_current()       # a refused leader rebuilds first
+        try:
+            self.engine._ensure_current()   # a refused leader rebuilds first
+        except EngineError:
+            await self.check_rebuildable()  # (the rebuild failed: it is retried)
+            raise
         self.log.settle()
         if self.engine.generation != self.seen_generation:
             self.seen_generation = self.engine.generation
@@ -423,6 +427,17 @@ class ReplicaNode:
             if kind == KIND_CHECKPOINT:
                 self.checkpoints.claim(int(body.get("seq", -1)), str(body.get("digest", "")))
         return True
+
+    async def check_rebuildable(self) -> None:
+        """After a failed rebuild: StreamTrimmed (the node stops, saying to
+        restart it: a start loads the store's newest snapshot) if the stream
+        no longer holds what follows the snapshot the rebuild starts from,
+        which no retry can change."""
+        local = await asyncio.to_thread(self.local_snapshot)
+        have = local[2] if local is not None else 0
+        first = await self.nats.run(self.stream.first_seq())
+        if first > have + 1:
+            raise StreamTrimmed(have, first)
 
     async def take_over(self) -> None:
         """This node holds the lease: catch up to the stream's end, append the
