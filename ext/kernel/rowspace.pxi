@@ -88,9 +88,9 @@ def _strict_overcommit() -> bool:
 cdef bint STRICT_COMMIT = _strict_overcommit()
 # Tables above this size live in a row space (see above). 1 MiB, not 8: a
 # table growing by batches of 8,190 payments is copied at nearly every batch
-# until it moves (the 1.5x step is less than a batch), and up to 8 MiB those
-# copies cost the writer 40-50 ms of the first 30 batches of bench_growth
-# (17-30 ms at 1 MiB; issue 16, docs/performance.md).
+# until it moves (the 1.5x step is less than a batch): with the index moves,
+# the writer's reserve took 59-92 ms of the first 30 batches of bench_growth
+# up to 8 MiB, 40-53 ms up to 1 MiB (issue 16, docs/performance.md).
 cdef size_t SPACE_FROM_BYTES = 1 << 20
 # How far ahead of the rows reserved the populate thread faults pages in:
 # AHEAD_STEPS times the rows the reserve added, at most AHEAD_BYTES_MAX.
