@@ -331,12 +331,13 @@ def test_demo_ctrl_c_removes_its_data_directory(tmp_path):
                 break
         assert data_dir and os.path.isdir(data_dir), data_dir
         proc.send_signal(signal.SIGINT)     # the stream (several seconds) starts now
-        _out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err
+    # Where the demo was if it ran on: the end of its output says.
+    assert proc.returncode == 130, f"stdout tail: {out[-1500:]!r}\nstderr: {err}"
     assert not os.path.exists(data_dir)
     assert f"scanpay demo: interrupted; removed its data directory {data_dir}" in err
     assert "Traceback" not in err, err
