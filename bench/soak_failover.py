@@ -73,6 +73,7 @@ CONVERGE_TRIES = 4
 AGREE_TIMEOUT_S = 10.0
 POLL_S = 0.02
 LEADER_LOOK_S = 0.5                 # while waiting for a first ok, look for a new leader
+LOOK_TIMEOUT_MS = 200               # ... asking each node this long
 
 
 class SoakFailure(Exception):
@@ -110,12 +111,15 @@ class Answered:
 
 
 def current_leader(nodes: list) -> Node | None:
-    """The running node whose HELLO says leader now, or None (no waiting)."""
+    """The running node whose HELLO says leader now, or None: a short look
+    (a paused node accepts a connection but never answers)."""
+    from engine.client import Client, hello_request
     for node in nodes:
         if node.running():
             try:
-                if node.hello()["role"] == "leader":
-                    return node
+                with Client.connect("127.0.0.1", node.port, timeout_ms=LOOK_TIMEOUT_MS) as c:
+                    if c.call("HELLO", hello_request())["role"] == "leader":
+                        return node
             except Exception:       # noqa: BLE001 - killed, paused or starting
                 continue
     return None
@@ -153,15 +157,16 @@ class Soak:
             return PAUSE
         return KILL
 
-    def first_ok(self, load: Load, since: float) -> float:
+    def first_ok(self, load: Load, since: float, look: bool = False) -> float:
         """Seconds from `since` to the first payment answered ok after now
-        (the load is pointed at whichever node leads meanwhile)."""
+        (with `look`, the load is pointed at whichever node leads meanwhile:
+        after a NATS server's loss the lease may move)."""
         before, looked = len(load.acked), time.monotonic()
         while len(load.acked) <= before:
             now = time.monotonic()
             if now - since > FAULT_BOUND_S:
                 raise SoakFailure(f"no payment answered ok {FAULT_BOUND_S:g} s after the fault")
-            if now - looked > LEADER_LOOK_S:
+            if look and now - looked > LEADER_LOOK_S:
                 load.leader = current_leader(self.group) or load.leader
                 looked = now
             time.sleep(POLL_S)
@@ -201,7 +206,7 @@ class Soak:
         victim = next(n for n in self.cluster.nodes if n.name == name)
         since = time.monotonic()
         self.cluster.kill(victim)
-        to_ok_s = self.first_ok(load, since)
+        to_ok_s = self.first_ok(load, since, look=True)
         self.cluster.start_node(victim)
         wait_replicas_current(self.cluster.urls, STREAMS, REJOIN_BOUND_S)
         return None, to_ok_s
