@@ -24,7 +24,8 @@ import re
 import nats.js.errors
 from nats.js.api import ObjectMeta, ObjectStoreConfig, StorageType
 
-from engine.replication.stream import StreamSettingsError
+from engine.replication.stream import (PLACEMENT_PENDING, READY_POLL_S, READY_TIMEOUT_S,
+                                       StreamSettingsError)
 from engine.storage import snapshot as snapshots
 
 log = logging.getLogger("scanpay.replication")
@@ -70,7 +71,20 @@ class SnapshotStore:
         self.store = None
 
     async def open(self, replicas: int, allow_unreplicated: bool) -> None:
-        """The bucket, created if missing (`replicas`, file storage)."""
+        """The bucket, created if missing (`replicas`, file storage). A
+        starting cluster may not place the replicas yet (a peer not yet seen):
+        retried until READY_TIMEOUT_S, as the stream and the lease bucket are."""
+        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
+        while True:
+            try:
+                return await self._open(replicas, allow_unreplicated)
+            except StreamSettingsError as error:
+                if (PLACEMENT_PENDING not in str(error)
+                        or asyncio.get_running_loop().time() > deadline):
+                    raise
+                await asyncio.sleep(READY_POLL_S)
+
+    async def _open(self, replicas: int, allow_unreplicated: bool) -> None:
         try:
             self.store = await self.js.object_store(self.bucket)
         except nats.js.errors.BucketNotFoundError:
