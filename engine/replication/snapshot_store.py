@@ -24,8 +24,7 @@ import re
 import nats.js.errors
 from nats.js.api import ObjectMeta, ObjectStoreConfig, StorageType
 
-from engine.replication.stream import (PLACEMENT_PENDING, READY_POLL_S, READY_TIMEOUT_S,
-                                       StreamSettingsError)
+from engine.replication.stream import StreamSettingsError, while_placement_pending
 from engine.storage import snapshot as snapshots
 
 log = logging.getLogger("scanpay.replication")
@@ -74,15 +73,7 @@ class SnapshotStore:
         """The bucket, created if missing (`replicas`, file storage). A
         starting cluster may not place the replicas yet (a peer not yet seen):
         retried until READY_TIMEOUT_S, as the stream and the lease bucket are."""
-        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
-        while True:
-            try:
-                return await self._open(replicas, allow_unreplicated)
-            except StreamSettingsError as error:
-                if (PLACEMENT_PENDING not in str(error)
-                        or asyncio.get_running_loop().time() > deadline):
-                    raise
-                await asyncio.sleep(READY_POLL_S)
+        await while_placement_pending(lambda: self._open(replicas, allow_unreplicated))
 
     async def _open(self, replicas: int, allow_unreplicated: bool) -> None:
         try:
