@@ -20,17 +20,19 @@ random 1-4 s, then a fault, then 1 s more of load on whoever leads:
 Then the load stops and the cycle is checked (the support module's checks):
 every payment answered `ok` in the cycle, and a sample of older ones, is on
 the leader with the figures it was answered with (GET_PAYMENTS); a checkpoint
-is passed and the digests of all nodes agree at it; the nodes hold the same
-balances; AUDIT holds on every node. At the end every payment answered `ok`
+is passed and the digests of all nodes agree at it (another is passed, up to
+CONVERGE_TRIES, when a node busy digesting skipped it); the nodes hold the
+same balances; AUDIT holds on every node. At the end every payment answered `ok`
 in the whole run is looked up on the leader.
 
 Prints a line per cycle and a summary (cycles, payments answered ok, losses,
 failover p50/max per fault: to a node saying `leader`, and to the first `ok`
 after the fault; the payment rate; the load average). Exit code 0 when every
 check held, 1 on any loss or failed check (the directory is kept then and the
-nodes' log tails printed), 2 on bad arguments. Runs with whatever kernel the
-tree holds (this is not a throughput benchmark); docs/replication.md has the
-figures of a run.
+nodes' log tails printed), 2 on bad arguments, 130 when stopped (Ctrl-C,
+SIGTERM: the processes are stopped and the directory removed). Runs with
+whatever kernel the tree holds (this is not a throughput benchmark);
+docs/replication.md has the figures of a run.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from support import failover  # noqa: E402
 from support.failover import (Load, build_world, check_acked_on,  # noqa: E402
-                              check_converged, pass_a_checkpoint)
+                              check_converged, checkpoints_agree, pass_a_checkpoint)
 from support.nats import start_cluster, stream_leader_name, wait_replicas_current  # noqa: E402
 from support.replicas import Node, wait_for_leader  # noqa: E402
 
@@ -64,8 +66,14 @@ REJOIN_BOUND_S = 60.0               # a paused leader follows again / NATS caugh
 OLDER_SAMPLE = 2000                 # older answered payments looked up per cycle
 CYCLES_MAX = 10_000                 # gateway numbers stay below 2**16 (ids: gateway << 40)
 CHECK_IDS = 1 << 56                 # the ids of pass_a_checkpoint's payments
+# A node whose digest children are all busy (a big state, under load) skips
+# a checkpoint (engine/replication/checkpoint.py, CHILDREN_MAX) and shows
+# the one before: then another is passed, at most this many in all.
+CONVERGE_TRIES = 4
+AGREE_TIMEOUT_S = 10.0
 POLL_S = 0.02
 LEADER_LOOK_S = 0.5                 # while waiting for a first ok, look for a new leader
+LOOK_TIMEOUT_MS = 200               # ... asking each node this long
 
 
 class SoakFailure(Exception):
@@ -103,12 +111,15 @@ class Answered:
 
 
 def current_leader(nodes: list) -> Node | None:
-    """The running node whose HELLO says leader now, or None (no waiting)."""
+    """The running node whose HELLO says leader now, or None: a short look
+    (a paused node accepts a connection but never answers)."""
+    from engine.client import Client, hello_request
     for node in nodes:
         if node.running():
             try:
-                if node.hello()["role"] == "leader":
-                    return node
+                with Client.connect("127.0.0.1", node.port, timeout_ms=LOOK_TIMEOUT_MS) as c:
+                    if c.call("HELLO", hello_request())["role"] == "leader":
+                        return node
             except Exception:       # noqa: BLE001 - killed, paused or starting
                 continue
     return None
@@ -120,13 +131,14 @@ class Soak:
         self.rng = random.Random(args.seed)
         self.cluster = start_cluster(os.path.join(directory, "nats"), nodes=3)
         self.group = [Node(directory, self.cluster.servers, args.lease_ms, f"s{i}",
-                           checkpoint_every_entries=failover.CHECKPOINT_EVERY,
+                           checkpoint_every_entries=args.checkpoint_every,
                            snapshot_every_entries=args.snapshot_every, store_snapshots=2)
                       for i in range(3)]
         self.answered = Answered()
         self.failovers = {KILL: [], PAUSE: [], NATS: []}     # (to leader s, to first ok s)
         self.load_s = 0.0
         self.cycle = 0
+        self.check_id = CHECK_IDS           # the next id pass_a_checkpoint may use
 
     def start(self) -> None:
         for node in self.group:
@@ -145,15 +157,16 @@ class Soak:
             return PAUSE
         return KILL
 
-    def first_ok(self, load: Load, since: float) -> float:
+    def first_ok(self, load: Load, since: float, look: bool = False) -> float:
         """Seconds from `since` to the first payment answered ok after now
-        (the load is pointed at whichever node leads meanwhile)."""
+        (with `look`, the load is pointed at whichever node leads meanwhile:
+        after a NATS server's loss the lease may move)."""
         before, looked = len(load.acked), time.monotonic()
         while len(load.acked) <= before:
             now = time.monotonic()
             if now - since > FAULT_BOUND_S:
                 raise SoakFailure(f"no payment answered ok {FAULT_BOUND_S:g} s after the fault")
-            if now - looked > LEADER_LOOK_S:
+            if look and now - looked > LEADER_LOOK_S:
                 load.leader = current_leader(self.group) or load.leader
                 looked = now
             time.sleep(POLL_S)
@@ -193,7 +206,7 @@ class Soak:
         victim = next(n for n in self.cluster.nodes if n.name == name)
         since = time.monotonic()
         self.cluster.kill(victim)
-        to_ok_s = self.first_ok(load, since)
+        to_ok_s = self.first_ok(load, since, look=True)
         self.cluster.start_node(victim)
         wait_replicas_current(self.cluster.urls, STREAMS, REJOIN_BOUND_S)
         return None, to_ok_s
@@ -226,19 +239,36 @@ class Soak:
             except AssertionError as error:
                 raise SoakFailure(f"LOSS: payments {what}: {error}") from None
         try:
-            pass_a_checkpoint(leader, CHECK_IDS + self.cycle * 3 * failover.CHECKPOINT_EVERY)
-            check_converged(leader, self.group)
+            passed = self.converge(leader)
         except AssertionError as error:
             raise SoakFailure(f"the nodes do not agree: {error}") from None
         self.answered.add(acked)
-        return leader.hello()["checkpoint"]
+        return dict(leader.hello()["checkpoint"], passed=passed)
+
+    def converge(self, leader: Node) -> int:
+        """Checkpoints passed until every node shows the same last one, then
+        the tests' convergence check (balances, AUDIT); how many passed."""
+        every = self.args.checkpoint_every
+        for passed in range(1, CONVERGE_TRIES + 1):
+            pass_a_checkpoint(leader, self.check_id, every)
+            self.check_id += 3 * every
+            try:
+                checkpoints_agree(self.group, AGREE_TIMEOUT_S)
+                break
+            except AssertionError:
+                if passed == CONVERGE_TRIES:
+                    raise
+        check_converged(leader, self.group)
+        return passed
 
     def line(self, kind: str, times: tuple, acked: dict, checkpoint: dict) -> str:
         to_leader_s, to_ok_s = times
         leader = "" if to_leader_s is None else f"leader in {to_leader_s:.2f} s, "
+        skipped = (f" (checkpoint {checkpoint['passed']} after the load: a busy node skipped "
+                   f"the ones before)" if checkpoint["passed"] > 1 else "")
         return (f"cycle {self.cycle:3d} {kind:5s}: {leader}first ok in {to_ok_s:.2f} s; "
                 f"{len(acked):,} answered ok, all there ({len(self.answered):,} in all); "
-                f"digests agree at command {checkpoint['seq']:,}; AUDIT ok on 3 nodes; "
+                f"digests agree at command {checkpoint['seq']:,}{skipped}; AUDIT ok on 3 nodes; "
                 f"{load_average()}")
 
 
@@ -293,6 +323,8 @@ def parse(argv: list) -> argparse.Namespace:
     parser.add_argument("--nats-every", type=int, default=0,
                         help="every Nth cycle kills the stream's NATS leader instead (0: never)")
     parser.add_argument("--lease-ms", type=int, default=2000)
+    parser.add_argument("--checkpoint-every", type=int, default=500,
+                        help="commands between state digests compared by every node")
     parser.add_argument("--snapshot-every", type=int, default=5000,
                         help="commands between snapshots (published to the store, then trimmed)")
     parser.add_argument("--seed", type=int, default=17)
@@ -301,30 +333,41 @@ def parse(argv: list) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.cycles < 0 or args.pause_every < 0 or args.nats_every < 0:
         parser.error("--minutes must be positive; --cycles, --pause-every, --nats-every >= 0")
+    if args.checkpoint_every < failover.CHECKPOINT_EVERY or args.snapshot_every < 1:
+        parser.error(f"--checkpoint-every must be >= {failover.CHECKPOINT_EVERY}, "
+                     f"--snapshot-every >= 1")
     return args
+
+
+def interrupted(_signum, _frame) -> None:
+    raise KeyboardInterrupt         # SIGTERM as Ctrl-C: the processes are stopped
 
 
 def main(argv: list | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, interrupted)
     directory = args.dir or tempfile.mkdtemp(prefix="scanpay-soak-")
     os.makedirs(directory, exist_ok=True)
     soak = Soak(args, directory)
-    failed = True
+    code = 1
     try:
         elapsed_s = soak_until(soak, args)
         print("\n".join(summary(soak, elapsed_s)), flush=True)
-        failed = False
+        code = 0
     except (SoakFailure, AssertionError) as error:
         print(f"FAILED in cycle {soak.cycle}: {error}", flush=True)
         for node in soak.group:
             print(f"--- {node.name} ({node.log_path}):\n{node.log_tail(10)}", flush=True)
+    except KeyboardInterrupt:
+        print(f"interrupted in cycle {soak.cycle}", flush=True)
+        code = 130
     finally:
         soak.stop()
-        if failed or args.dir:
+        if code == 1 or args.dir:
             print(f"kept {directory}", flush=True)
         else:
             shutil.rmtree(directory, ignore_errors=True)
-    return 1 if failed else 0
+    return code
 
 
 if __name__ == "__main__":

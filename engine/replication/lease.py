@@ -11,14 +11,12 @@ Nats-Expected-Last-Sequence is what fences a deposed writer
 """
 from __future__ import annotations
 
-import asyncio
 import json
 
 import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
 
-from engine.replication.stream import (PLACEMENT_PENDING, READY_POLL_S, READY_TIMEOUT_S,
-                                       StreamSettingsError)
+from engine.replication.stream import StreamSettingsError, while_placement_pending
 
 LEASE_KEY = "leader"
 
@@ -39,15 +37,7 @@ class Lease:
     async def open(self, replicas: int, allow_unreplicated: bool) -> None:
         """The bucket, created if missing; refused if its TTL or replicas
         are not this node's (every node must agree on the lease)."""
-        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
-        while True:
-            try:
-                return await self._open(replicas, allow_unreplicated)
-            except StreamSettingsError as error:
-                if (PLACEMENT_PENDING not in str(error)
-                        or asyncio.get_running_loop().time() > deadline):
-                    raise
-                await asyncio.sleep(READY_POLL_S)
+        await while_placement_pending(lambda: self._open(replicas, allow_unreplicated))
 
     async def _open(self, replicas: int, allow_unreplicated: bool) -> None:
         try:

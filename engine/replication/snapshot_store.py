@@ -24,7 +24,7 @@ import re
 import nats.js.errors
 from nats.js.api import ObjectMeta, ObjectStoreConfig, StorageType
 
-from engine.replication.stream import StreamSettingsError
+from engine.replication.stream import StreamSettingsError, while_placement_pending
 from engine.storage import snapshot as snapshots
 
 log = logging.getLogger("scanpay.replication")
@@ -70,7 +70,12 @@ class SnapshotStore:
         self.store = None
 
     async def open(self, replicas: int, allow_unreplicated: bool) -> None:
-        """The bucket, created if missing (`replicas`, file storage)."""
+        """The bucket, created if missing (`replicas`, file storage). A
+        starting cluster may not place the replicas yet (a peer not yet seen):
+        retried until READY_TIMEOUT_S, as the stream and the lease bucket are."""
+        await while_placement_pending(lambda: self._open(replicas, allow_unreplicated))
+
+    async def _open(self, replicas: int, allow_unreplicated: bool) -> None:
         try:
             self.store = await self.js.object_store(self.bucket)
         except nats.js.errors.BucketNotFoundError:

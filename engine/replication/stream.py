@@ -343,3 +343,17 @@ class Stream:
     @staticmethod
     async def _sleep(seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+async def while_placement_pending(attempt):
+    """`await attempt()` again while it fails with PLACEMENT_PENDING (a
+    starting cluster that has not seen every peer yet), until
+    READY_TIMEOUT_S: creating the lease and snapshot buckets."""
+    deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
+    while True:
+        try:
+            return await attempt()
+        except StreamSettingsError as error:
+            if PLACEMENT_PENDING not in str(error) or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(READY_POLL_S)

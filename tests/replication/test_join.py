@@ -5,11 +5,14 @@ directory starts from the newest snapshot there and the stream after it,
 refusing a corrupt one loudly and taking an older one. A node whose state
 is behind the trimmed point is refused at start when nothing covers the gap,
 and stops loudly when it finds out while running."""
+import asyncio
 import os
 import re
 import signal
 import time
+import types
 
+import nats.js.errors
 import numpy as np
 import pytest
 from nats.js.api import ObjectMeta
@@ -245,3 +248,27 @@ def test_an_idle_leader_publishes_its_newest_snapshot(started, logs):
         time.sleep(0.2)
     with leader.client() as c:
         assert c.call("AUDIT", {})["seq"] == seq, "a write came in: the test proves nothing"
+
+
+def test_the_snapshot_bucket_is_retried_while_a_starting_cluster_cannot_place_it():
+    """A starting NATS cluster answers `no suitable peers for placement`
+    until it has seen every peer: the bucket is created once it can (as the
+    stream and the lease bucket are), not refused."""
+    class Js:
+        creates = 0
+
+        async def object_store(self, _name):
+            raise nats.js.errors.BucketNotFoundError()
+
+        async def create_object_store(self, _name, _config):
+            Js.creates += 1
+            if Js.creates == 1:
+                raise nats.js.errors.APIError(
+                    description="no suitable peers for placement, peer offline")
+            return "the bucket"
+
+    stream = types.SimpleNamespace(js=Js(), names=types.SimpleNamespace(
+        snapshot_bucket="scanpay_snapshots_0"))
+    store = SnapshotStore(stream, KEEP)
+    asyncio.run(store.open(3, False))
+    assert store.store == "the bucket" and Js.creates == 2

@@ -107,21 +107,23 @@ def check_acked_on(node: Node, acked: dict) -> None:
     assert not wrong, f"{len(wrong)} of {len(ids)} answered payments are wrong: {wrong[:5]}"
 
 
-def pass_a_checkpoint(leader: Node, first_id: int = 1 << 50) -> None:
-    """One-payment writes (ids from `first_id`, at most 3 * CHECKPOINT_EVERY)
-    until the leader appends a new checkpoint record: every running node then
-    applies that command live and checks it (a node restarted by the test
-    replayed the older ones and has no digest there)."""
+def pass_a_checkpoint(leader: Node, first_id: int = 1 << 50, every: int = CHECKPOINT_EVERY
+                      ) -> None:
+    """One-payment writes (ids from `first_id`, at most 3 * `every`, the
+    nodes' checkpoint interval) until the leader appends a new checkpoint
+    record: every running node then applies that command live and checks it
+    (a node restarted by the test replayed the older ones and has no digest
+    there)."""
     before = (leader.hello()["checkpoint"] or {}).get("seq", 0)
     records = np.zeros(1, PAY_RECORD)
     records["payer"], records["merchant"], records["amount"] = 1, 1, 100
     with leader.client() as c:
-        for i in range(3 * CHECKPOINT_EVERY):
+        for i in range(3 * every):
             records["id"] = first_id + i
             assert c.pay(records)["status"][0] == Status.ok
             if i % 10 == 0 and (leader.hello()["checkpoint"] or {}).get("seq", 0) > before:
                 return
-    raise AssertionError(f"no checkpoint after {before} in {3 * CHECKPOINT_EVERY} writes")
+    raise AssertionError(f"no checkpoint after {before} in {3 * every} writes")
 
 
 def checkpoints_agree(nodes: list, timeout_s: float = 15.0) -> dict:
