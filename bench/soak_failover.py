@@ -21,7 +21,7 @@ Then the load stops and the cycle is checked (the support module's checks):
 every payment answered `ok` in the cycle, and a sample of older ones, is on
 the leader with the figures it was answered with (GET_PAYMENTS); a checkpoint
 is passed and the digests of all nodes agree at it (another is passed, up to
-CONVERGE_TRIES, when a node busy digesting skipped it); the nodes hold the
+failover.CONVERGE_TRIES, when a node busy digesting skipped it); the nodes hold the
 same balances; AUDIT holds on every node. At the end every payment answered `ok`
 in the whole run is looked up on the leader.
 
@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from support import failover  # noqa: E402
 from support.failover import (Load, build_world, check_acked_on,  # noqa: E402
-                              check_converged, checkpoints_agree, pass_a_checkpoint)
+                              check_converged, pass_checkpoints_until_agreed)
 from support.nats import start_cluster, stream_leader_name, wait_replicas_current  # noqa: E402
 from support.replicas import Node, wait_for_leader  # noqa: E402
 
@@ -66,10 +66,6 @@ REJOIN_BOUND_S = 60.0               # a paused leader follows again / NATS caugh
 OLDER_SAMPLE = 2000                 # older answered payments looked up per cycle
 CYCLES_MAX = 10_000                 # gateway numbers stay below 2**16 (ids: gateway << 40)
 CHECK_IDS = 1 << 56                 # the ids of pass_a_checkpoint's payments
-# A node whose digest children are all busy (a big state, under load) skips
-# a checkpoint (engine/replication/checkpoint.py, CHILDREN_MAX) and shows
-# the one before: then another is passed, at most this many in all.
-CONVERGE_TRIES = 4
 AGREE_TIMEOUT_S = 10.0
 POLL_S = 0.02
 LEADER_LOOK_S = 0.5                 # while waiting for a first ok, look for a new leader
@@ -248,16 +244,8 @@ class Soak:
     def converge(self, leader: Node) -> int:
         """Checkpoints passed until every node shows the same last one, then
         the tests' convergence check (balances, AUDIT); how many passed."""
-        every = self.args.checkpoint_every
-        for passed in range(1, CONVERGE_TRIES + 1):
-            pass_a_checkpoint(leader, self.check_id, every)
-            self.check_id += 3 * every
-            try:
-                checkpoints_agree(self.group, AGREE_TIMEOUT_S)
-                break
-            except AssertionError:
-                if passed == CONVERGE_TRIES:
-                    raise
+        passed, self.check_id = pass_checkpoints_until_agreed(
+            leader, self.group, self.check_id, self.args.checkpoint_every, AGREE_TIMEOUT_S)
         check_converged(leader, self.group)
         return passed
 

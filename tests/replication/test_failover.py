@@ -14,7 +14,7 @@ import time
 import pytest
 
 from support.failover import (CHECKPOINT_EVERY, Load, build_world, check_acked_on,
-                              check_converged, pass_a_checkpoint)
+                              check_converged, pass_checkpoints_until_agreed)
 from support.replicas import Node, wait_for_leader
 
 LEASE_MS = 2000
@@ -61,7 +61,7 @@ def test_sigkill_the_leader_under_pipelined_load_loses_no_answered_payment(nodes
     assert max(failovers_s) < FAILOVER_BOUND_S, failovers_s
     leader = wait_for_leader(group)
     check_acked_on(leader, load.acked)
-    pass_a_checkpoint(leader)
+    pass_checkpoints_until_agreed(leader, group)
     check_converged(leader, group)
 
 
@@ -88,5 +88,5 @@ def test_a_paused_leader_is_refused_and_rejoins_as_a_follower(nodes):
     log_text = open(old.log_path).read()
     assert "deposed:" in log_text or "lease lost" in log_text, old.log_tail()
     check_acked_on(new, load.acked)
-    pass_a_checkpoint(new)
+    pass_checkpoints_until_agreed(new, group)
     check_converged(new, group)

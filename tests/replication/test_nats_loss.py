@@ -10,7 +10,7 @@ import pytest
 from engine.protocol.errors import NotLeader, Unavailable
 from engine.replication.node import EXIT_STREAM_BROKEN
 from support.failover import (CHECKPOINT_EVERY, Load, build_world, check_acked_on,
-                              check_converged, pass_a_checkpoint)
+                              check_converged, pass_checkpoints_until_agreed)
 from support.nats import start_cluster, stream_leader_name
 from support.replicas import Node, wait_for_leader
 from support.servers import pay_batch
@@ -76,7 +76,7 @@ def test_losing_nats_servers_under_load(own_cluster, group):
             load.stop()
     leader = wait_for_leader(group)
     check_acked_on(leader, load.acked)
-    pass_a_checkpoint(leader)
+    pass_checkpoints_until_agreed(leader, group)
     check_converged(leader, group)
 
 

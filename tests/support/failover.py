@@ -139,6 +139,29 @@ def checkpoints_agree(nodes: list, timeout_s: float = 15.0) -> dict:
         time.sleep(0.1)
 
 
+# A node whose digest children are all busy (a big state, under load) skips
+# a checkpoint (engine/replication/checkpoint.py, CHILDREN_MAX) and shows
+# the one before: then another is passed, at most this many in all.
+CONVERGE_TRIES = 4
+
+
+def pass_checkpoints_until_agreed(leader: Node, nodes: list, first_id: int = 1 << 50,
+                                  every: int = CHECKPOINT_EVERY,
+                                  agree_timeout_s: float = 15.0) -> tuple[int, int]:
+    """Checkpoints passed (pass_a_checkpoint) until every node shows the same
+    last one, at most CONVERGE_TRIES: (how many passed, the next id free)."""
+    for passed in range(1, CONVERGE_TRIES + 1):
+        pass_a_checkpoint(leader, first_id, every)
+        first_id += 3 * every
+        try:
+            checkpoints_agree(nodes, agree_timeout_s)
+            return passed, first_id
+        except AssertionError:
+            if passed == CONVERGE_TRIES:
+                raise
+    raise AssertionError("unreachable")
+
+
 def check_converged(leader: Node, nodes: list) -> None:
     """Every node agrees on the last checkpoint's digest and, at the
     leader's stream seq, holds the same balances; AUDIT holds on each."""
