@@ -104,6 +104,15 @@ def msg_ids(log) -> list:
     return ids
 
 
+def three_held(logs, path, hold: str):
+    """A leader with three appends in flight, `hold` ("hold_sends" or
+    "hold_answers") set: (engine, log, held, futures, their msg ids)."""
+    engine, log, held = held_leader(logs, path)
+    setattr(held, hold, True)
+    futures = three_in_flight(engine, log)
+    return engine, log, held, futures, msg_ids(log)
+
+
 def completion_order(futures) -> list:
     order = []
     for index, future in enumerate(futures):
@@ -112,11 +121,9 @@ def completion_order(futures) -> list:
 
 
 def test_answers_out_of_order_complete_the_replies_in_order(logs, tmp_path):
-    engine, log, held = held_leader(logs, tmp_path / "a")
-    held.hold_answers = True
-    futures = three_in_flight(engine, log)
+    engine, log, held, futures, (first, second, third) = three_held(logs, tmp_path / "a",
+                                                                    "hold_answers")
     order = completion_order(futures)
-    first, second, third = msg_ids(log)
     held.released |= {third, second}
     later = list(log._in_flight)[1:]
     wait_until(lambda: all(m.future.done() for m in later), "the last two answered")
@@ -130,10 +137,8 @@ def test_answers_out_of_order_complete_the_replies_in_order(logs, tmp_path):
 
 
 def test_a_refusal_in_the_middle_fails_every_later_append_and_the_node_follows(logs, tmp_path):
-    engine, log, held = held_leader(logs, tmp_path / "a")
-    held.hold_sends = True
-    futures = three_in_flight(engine, log)
-    first, second, third = msg_ids(log)
+    engine, log, held, futures, (first, second, third) = three_held(logs, tmp_path / "a",
+                                                                    "hold_sends")
     held.released.add(first)
     assert futures[0].result(WAIT_S) == 4
     # A new leader takes over: its term record (a fence of copies) lands
@@ -198,10 +203,8 @@ def test_a_term_fence_refuses_every_append_in_flight_of_the_old_leader(logs):
 
 
 def test_a_lost_answer_is_sent_again_with_those_after_it_and_stored_once(logs, tmp_path):
-    engine, log, held = held_leader(logs, tmp_path / "a")
-    held.hold_answers = True
-    futures = three_in_flight(engine, log)
-    first, second, third = msg_ids(log)
+    engine, log, held, futures, (first, second, third) = three_held(logs, tmp_path / "a",
+                                                                    "hold_answers")
     held.lose.add(first)
     held.released |= {first, second, third}
     assert [f.result(WAIT_S) for f in futures] == [4, 5, 6]
