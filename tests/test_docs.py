@@ -72,6 +72,19 @@ def test_no_tracked_file_refers_to_the_upstream_folder():
     assert offenders == [], "cite docs/reference/ instead:\n" + "\n".join(offenders)
 
 
+CONFLICT_MARK = re.compile(r"^(<{7} |>{7} |={7}$)", re.M)
+
+
+def test_no_tracked_file_holds_a_merge_conflict_marker():
+    """A merge resolved by hand must not leave both sides in a page."""
+    offenders = []
+    for path in tracked_files():
+        text = text_of(path)
+        if text is not None and CONFLICT_MARK.search(text):
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == [], offenders
+
+
 def markdown_links(text: str) -> list[str]:
     """Relative link targets of a Markdown text, outside code."""
     prose = CODE_SPAN.sub("", FENCE.sub("", text))

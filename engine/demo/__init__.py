@@ -204,11 +204,12 @@ class Weekend:
     payments: int
     first_id: int
     topup_id: int                   # the next auto top-up's id
+    start_ms: int = DEMO_START_MS   # Saturday 09:00 (a cluster's demo: a later one)
 
     def batches(self, clock: SimClock):
         """The weekend's PAY batches, the engine clock set for each."""
-        for now, batch in behaviour.stream(self.info, self.shop, 2, self.payments, DEMO_START_MS,
-                                           DEMO_START_MS + WEEKEND_MS, self.first_id,
+        for now, batch in behaviour.stream(self.info, self.shop, 2, self.payments, self.start_ms,
+                                           self.start_ms + WEEKEND_MS, self.first_id,
                                            WEEKEND_STEPS_MIN):
             clock.now_ms = now
             yield batch
@@ -268,11 +269,14 @@ def _history(console, eng, info, shop: behaviour.Shoppers, clock: SimClock) -> t
     return tally.payments, topup_id
 
 
-def _launch(console, eng, info, shop: behaviour.Shoppers, clock: SimClock) -> list:
-    """Saturday 09:00: the weekend's coupons, and the two targeted campaigns."""
-    clock.now_ms = DEMO_START_MS
+def _launch(console, eng, info, shop: behaviour.Shoppers, clock: SimClock,
+            start_ms: int = DEMO_START_MS) -> list:
+    """Saturday 09:00 (`start_ms`): the weekend's coupons, and the two
+    targeted campaigns (`eng`: an Engine, or a client of a server whose
+    clock is there)."""
+    clock.now_ms = start_ms
     issue_coupons(eng, info)
-    launched = story.launch(eng, info, shop, DEMO_START_MS)
+    launched = story.launch(eng, info, shop, start_ms)
     console.print(f"Saturday 09:00: {len(info.coupon_ids):,} coupons of "
                   f"{len(info.stock_ids)} campaigns issued; targeted campaigns sent:")
     for t, (_, r) in zip(story.TARGETED, launched):
@@ -475,8 +479,9 @@ def _summary_table(eng, tally: Tally):
     head = Table(title="Weekend summary", show_header=False)
     head.add_column(style="bold")
     head.add_column(justify="right")
-    if not tally.path:              # the cluster demo (its own path) has no weeks before
-        head.add_row("payments in the eight weeks before (in process)", f"{tally.history:,}")
+    if tally.history or not tally.path:     # (the cluster demo's plain weekend has none)
+        where = "over the wire" if tally.path else "in process"
+        head.add_row(f"payments in the eight weeks before ({where})", f"{tally.history:,}")
     head.add_row("payments over the weekend", f"{tally.payments:,}")
     over_the_wire = tally.latency is not None
     # What pay_seconds measured: the wall time of the whole stream over the

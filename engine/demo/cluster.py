@@ -1,13 +1,26 @@
-"""`scanpay demo --cluster`: the demo's weekend through a replicated cluster.
+"""`scanpay demo --cluster`: the demo's story through a replicated cluster.
 
 Brings up a local cluster (engine/replication/cluster.py: 3 NATS servers and
-3 scanpay nodes, in a temporary directory removed at the end), or uses the
-nodes `--connect` names. The world is built and the payments stream through
-failover clients given every node's address (engine/client/failover.py). At
-KILL_AT_SHARE of the payments the leader of a local cluster is killed
-(SIGKILL); a follower takes the lease over, the gateways follow it, and the
-killed node is started again and rejoins as a follower. At the end the demo
-shows that no acknowledged payment was lost:
+3 scanpay nodes with a test clock, in a temporary directory removed at the
+end), or uses the nodes `--connect` names. Everything goes through failover
+clients given every node's address (engine/client/failover.py), to the
+leader: the same story as `scanpay demo` (engine/demo/__init__.py), on a
+demo weekend far enough ahead that the cluster's clock can walk to it (the
+engine's time never goes back). The world is built eight weeks before; the
+shoppers' mall visits of those weeks are paid (engine/demo/shoppers.py);
+on Saturday 09:00 the coupons are issued and the two targeted campaigns sent
+(engine/demo/story.py); the weekend's payments follow, the shoppers going to
+the mall by their propensity and their coupons. The report (STATS, BALANCES,
+LIFT: reads) is read from a follower once it has applied the leader's last
+write, and the story ends with which campaign paid off. A cluster without a
+test clock (`--connect` to `scanpay cluster up` without `--test-clock`)
+cannot walk the eight weeks: it gets the world's plain weekend traffic,
+stamped with today's time, and no campaign story.
+
+At KILL_AT_SHARE of the weekend's payments the leader of a local cluster is
+killed (SIGKILL); a follower takes the lease over, the gateways follow it,
+and the killed node is started again and rejoins as a follower. At the end
+the demo shows that no acknowledged payment was lost:
 
 - every merchant's payment count and GMV on the leader (STATS) equal those
   of the payments the gateways saw answered `ok`;
@@ -31,7 +44,7 @@ import time
 
 import numpy as np
 
-from engine.demo import world as world_module
+from engine.demo import shoppers as behaviour, world as world_module
 from engine.demo.world import DAY_MS, DEMO_START_MS, World, WorldBuildError, capacity_for
 from engine.protocol.limits import BATCH_RECORDS_MAX, WIRE_LOOKUP_ITEMS_MAX
 from engine.protocol.status import Status
@@ -48,6 +61,7 @@ NUDGE_TAIL_MAX = 100                # then one per look, at most this many
 NUDGE_PAUSE_S = 0.1
 NUDGES_REMOTE_MAX = 500             # --connect: its checkpoint interval is not known here
 AUDIT_TIMEOUT_MS = 600_000
+FOLLOWER_WAIT_S = 30.0              # a follower reaches the leader's last write, for the report
 CLIENT_TIMEOUT_MS = 120_000
 WEEK_MS = 7 * DAY_MS
 MAP_ITEMS_OVER_WIRE = 10_000        # items per world-building call (bench/bench_server.py's figure)
@@ -95,9 +109,12 @@ class Watch:
 
 
 def demo_start_ms(now_ms: int) -> int:
-    """The first demo Saturday 09:00 (UTC+8) a week or more after `now_ms`:
-    the engine's time never goes back, so the weekend must lie ahead."""
-    weeks = max(0, (now_ms - DEMO_START_MS) // WEEK_MS + 1)
+    """The first demo Saturday 09:00 (UTC+8) whose eight weeks before (the
+    story's history) begin after `now_ms`: the engine's time never goes
+    back, so all of it must lie ahead. Whole weeks from DEMO_START_MS: the
+    same weekdays, the same shoppers' behaviour."""
+    earliest = now_ms + behaviour.HISTORY_DAYS * DAY_MS
+    weeks = max(0, (earliest - DEMO_START_MS) // WEEK_MS + 1)
     return DEMO_START_MS + weeks * WEEK_MS
 
 
@@ -160,89 +177,172 @@ def start_cluster(console, directory: str, spec: World, payments: int):
     return cluster
 
 
-def set_clock(client, console) -> tuple[int, bool]:
-    """(the weekend's start, whether the cluster's clock walks it): CLOCK
-    on a cluster with a test clock, else today's time."""
+def set_clock(client, console) -> int | None:
+    """The story's weekend start, the cluster's clock set to the eight
+    weeks before it (CLOCK: a test clock); None without a test clock."""
     from engine.protocol.errors import EngineError
-    start_ms = demo_start_ms(time.time_ns() // 1_000_000)
+    weekend_ms = demo_start_ms(time.time_ns() // 1_000_000)
     try:
-        client.call("CLOCK", {"now": start_ms})
-        return start_ms, True
+        client.call("CLOCK", {"now": behaviour.history_start(weekend_ms)})
+        return weekend_ms
     except EngineError:                 # unknown_op: no test clock there
         console.print("the cluster has no test clock (`scanpay cluster up --test-clock`): the "
-                      "payments are stamped with today's time, not the demo's weekend")
-        return time.time_ns() // 1_000_000, False
+                      "payments are stamped with today's time, not the demo's weekend; no "
+                      "campaign story (it needs the eight weeks before)")
+        return None
+
+
+@dataclasses.dataclass
+class Run:
+    """What one demo run through a cluster shares."""
+    console: object
+    args: object
+    cluster: object                 # a LocalCluster, or None (--connect)
+    addresses: list
+    client: object                  # a failover Client: it talks to whoever leads
+    watch: Watch
 
 
 def run_on(console, args, spec: World, cluster, addresses: list[str]) -> int:
     from engine import demo
-    from engine.cli.report import Source
     from engine.client import Client
     with Client.connect(addresses, timeout_ms=CLIENT_TIMEOUT_MS,
                         client_name="scanpay-demo") as client:
         # The world's map calls go over the wire here: small enough for the
         # server's max_frame (1 MiB by default; 50,000 top-ups are 1.3 MB).
         world_module.MAP_ITEMS_PER_CALL = MAP_ITEMS_OVER_WIRE
-        start_ms, walks = set_clock(client, console)
-        spec = spec.replace(now_ms=start_ms)
-        console.rule(f"[bold]Scanpay demo: a weekend at Riverside Mall[/] ({spec.users:,} "
-                     f"shoppers), through a cluster of {len(addresses)}")
-        info = demo._build(console, client, spec)
-        with console.status(f"issuing {len(info.coupon_ids):,} coupons ..."):
-            world_module.issue_coupons(client, info)
-        watch = Watch(spec.merchants)
-        tally = demo.Tally(path=f"over the wire, replicated on {len(addresses)} nodes")
-        killer = pay(console, args, info, cluster, addresses, watch, tally, walks)
+        run = Run(console, args, cluster, addresses, client, Watch(spec.merchants))
+        weekend_ms = set_clock(client, console)
+        told = weekend_ms is not None
+        info, tally, killer = (tell_story(run, spec, weekend_ms) if told
+                               else plain_weekend(run, spec))
         started = time.perf_counter()
         audit = client.call("AUDIT", {}, timeout_ms=AUDIT_TIMEOUT_MS)
         audited = client.address                # the leader that answered it
         tally.audit_seconds = time.perf_counter() - started
-        # The figures come from the leader (STATS, BALANCES): this weekend has
-        # no targeted campaigns, so no LIFT and no verdict.
-        figures = demo._figures(Source.of_client(client), info, targeted=False)
+        figures = report_figures(run, info, told)
         demo._report(console, client, tally, audit, figures)
         if args.report:
             demo._write_report(console, figures, args.report)
+        if told:
+            demo._story(console, figures)
         if killer is not None:
             killer.join(ROLE_WAIT_S)
         every = checkpoint_every(args.payments) if cluster is not None else None
-        checks = verify(client, watch, addresses, int(info.user_ids[0]), (audited, audit), every)
-    print_replication(console, cluster, addresses, watch.failover, checks)
+        checks = verify(client, run.watch, addresses, int(info.user_ids[0]), (audited, audit),
+                        every)
+    print_replication(console, cluster, addresses, run.watch.failover, checks)
     return 0 if audit.get("ok") is True and all(ok for _, ok, _ in checks) else 1
 
 
 ROLE_WAIT_S = 120.0                 # the killed node rejoins (catching up) after the payments
 
 
-def pay(console, args, info, cluster, addresses, watch: Watch, tally, walks: bool):
-    """Stream the payments; kill the leader once on the way (a local
-    cluster). The thread that kills it and restarts it, or None."""
+def title(run: Run, spec: World) -> None:
+    run.console.rule(f"[bold]Scanpay demo: a weekend at Riverside Mall[/] ({spec.users:,} "
+                     f"shoppers), through a cluster of {len(run.addresses)}")
+
+
+def tally_of(run: Run):
     from engine import demo
-    kill_at = None if cluster is None or args.no_kill else max(1, int(args.payments *
-                                                                     KILL_AT_SHARE))
+    return demo.Tally(path=f"over the wire, replicated on {len(run.addresses)} nodes")
+
+
+def tell_story(run: Run, spec: World, weekend_ms: int):
+    """The single-node demo's story on the cluster's leader (the module's
+    docstring); the cluster's clock is at the eight weeks before
+    `weekend_ms`. (info, the weekend's tally, the killer thread or None)."""
+    from engine import demo
+    console, start_ms = run.console, behaviour.history_start(weekend_ms)
+    spec = spec.replace(now_ms=weekend_ms)
+    title(run, spec)
+    info = demo._build(console, run.client, spec)
+    shop = behaviour.shoppers(info, start_ms, weekend_ms)
+    clock = demo.SimClock(start_ms)
+    history = tally_of(run)
+    steps = behaviour.HISTORY_DAYS * demo.HISTORY_STEPS_PER_DAY
+    pay(run, info, clocked(timed(behaviour.stream(info, shop, 1, 0, start_ms, weekend_ms, 1,
+                                                  steps), clock), clock),
+        clock, 0, history, info.spec.users + 1, kill=False)
+    console.print(f"eight weeks before the weekend: {history.payments:,} payments at the mall "
+                  f"(over the wire, {history.pay_seconds:.1f} s)")
+    run.client.call("CLOCK", {"now": weekend_ms})
+    launched = demo._launch(console, run.client, info, shop, clock, weekend_ms)
+    weekend = demo.Weekend(info, shop, [r for r, _ in launched],
+                           max(run.args.payments - history.payments, 0), history.payments + 1,
+                           info.spec.users + 1 + history.auto_topups, start_ms=weekend_ms)
+    tally = tally_of(run)
+    tally.history = history.payments
+    killer = pay(run, info, clocked(weekend.batches(clock), clock), clock, weekend.payments,
+                 tally, weekend.topup_id, kill=True, also=weekend.paid)
+    return info, tally, killer
+
+
+def plain_weekend(run: Run, spec: World):
+    """No test clock: the world's plain weekend traffic (world.pay_batches),
+    stamped with today's time. (info, tally, the killer thread or None)."""
+    from engine import demo
+    spec = spec.replace(now_ms=time.time_ns() // 1_000_000)
+    title(run, spec)
+    info = demo._build(run.console, run.client, spec)
+    with run.console.status(f"issuing {len(info.coupon_ids):,} coupons ..."):
+        world_module.issue_coupons(run.client, info)
+    tally = tally_of(run)
+    clock = demo.SimClock(info.now_ms)
+    killer = pay(run, info, weekend_batches(info, clock, run.args.payments), clock,
+                 run.args.payments, tally, info.spec.users + 1, kill=True)
+    return info, tally, killer
+
+
+def timed(stream, clock):
+    """The batches of (engine time, batch) pairs, `clock` set for each."""
+    for now_ms, batch in stream:
+        clock.now_ms = now_ms
+        yield batch
+
+
+def clocked(batches, clock):
+    """`batches` with a ("CLOCK", now_ms) item before each one whose time
+    moved: the cluster's test clock walks with the story."""
+    sent = None
+    for batch in batches:
+        if clock.now_ms != sent:
+            sent = clock.now_ms
+            yield ("CLOCK", sent)
+        yield batch
+
+
+def pay(run: Run, info, batches, clock, payments: int, tally, topup_id: int, kill: bool,
+        also=None):
+    """Stream `batches` (out of `payments`, for the progress bar), noting
+    every answer (Watch; then `also(batch, results)`); with `kill`, kill
+    the leader once on the way (a local cluster). The thread that kills it
+    and restarts it, or None."""
+    from engine import demo
+    args, cluster = run.args, run.cluster
+    kill_at = None if not kill or cluster is None or args.no_kill else max(
+        1, int(payments * KILL_AT_SHARE))
     killer = []
 
     def on_answer(batch, results, server) -> None:
-        watch.answered(batch, results, server)
+        run.watch.answered(batch, results, server)
+        if also is not None:
+            also(batch, results)
         if kill_at is not None and not killer and tally.payments >= kill_at:
             killer.append(threading.Thread(target=kill_leader, name="scanpay-demo-kill",
-                                           args=(cluster, watch.failover, tally.payments),
+                                           args=(cluster, run.watch.failover, tally.payments),
                                            daemon=True))
             killer[0].start()
 
-    clock = demo.SimClock(info.now_ms)
-    topup_id = info.spec.users + 1          # build() used top-up ids 1..users
-    demo.stream_payments(console, info, weekend_batches(info, clock, args.payments, walks), clock,
-                         args.payments, tally, topup_id, addresses, 0, on_answer=on_answer,
-                         server_of=True)
+    demo.stream_payments(run.console, info, batches, clock, payments, tally, topup_id,
+                         run.addresses, 0, on_answer=on_answer, server_of=True)
     return killer[0] if killer else None
 
 
-def weekend_batches(info, clock, payments: int, send_clock: bool):
+def weekend_batches(info, clock, payments: int):
     """The world's plain weekend traffic (world.pay_batches: no shoppers'
-    story, no targeted campaigns), the engine clock walking the weekend from
-    the world's time; with `send_clock`, a ("CLOCK", now_ms) item before
-    each batch (a cluster with a test clock walks it too)."""
+    story, no targeted campaigns), `clock` walking the weekend from the
+    world's time (only the progress bar shows it: no test clock here)."""
     from engine.demo import WEEKEND_MS
     n_batches = -(-payments // BATCH_RECORDS_MAX)
     left = payments
@@ -250,9 +350,39 @@ def weekend_batches(info, clock, payments: int, send_clock: bool):
         batch = batch[:left]
         left -= len(batch)
         clock.now_ms = info.now_ms + WEEKEND_MS * i // n_batches
-        if send_clock:
-            yield ("CLOCK", clock.now_ms)
         yield batch
+
+
+def report_figures(run: Run, info, targeted: bool):
+    """The report's figures (STATS, BALANCES, LIFT: reads) from a follower
+    once it has applied the stream up to the leader's last write; from the
+    leader if no follower gets there in FOLLOWER_WAIT_S."""
+    from engine import demo
+    from engine.cli.report import Source
+    from engine.client import hello_request
+    from engine.protocol.errors import EngineError
+    end = run.client.call("HELLO", hello_request())["stream_seq"]
+    for address in (a for a in run.addresses if a != run.client.address):
+        try:
+            with one_node(address) as node:
+                deadline = time.monotonic() + FOLLOWER_WAIT_S
+                hello = node.call("HELLO", hello_request())
+                while hello["role"] == "follower" and hello["stream_seq"] < end:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+                    hello = node.call("HELLO", hello_request())
+                if hello["role"] != "follower" or hello["stream_seq"] < end:
+                    continue
+                figures = demo._figures(Source.of_client(node), info, targeted)
+        except (EngineError, OSError, TimeoutError):      # that follower is down: another one
+            continue
+        run.console.print(f"report read from follower {address} at stream seq "
+                          f"{hello['stream_seq']:,} (the leader's last write: {end:,})",
+                          highlight=False)
+        return figures
+    run.console.print("report read from the leader (no follower had applied its last write)")
+    return demo._figures(Source.of_client(run.client), info, targeted)
 
 
 def kill_leader(cluster, failover: Failover, payments: int) -> None:

@@ -29,7 +29,7 @@ import nats.js.errors
 from engine.protocol.errors import EngineError, Unavailable
 from engine.replication.checkpoint import Checkpoints, DigestMismatch
 from engine.replication.lease import Lease, LeaseLost
-from engine.replication.log import StreamLog, StreamUnavailable
+from engine.replication.log import StreamLog, StreamTrimmed, StreamUnavailable
 from engine.replication.snapshot_store import SnapshotRefused, SnapshotStore
 from engine.replication.loop_thread import LoopThread
 from engine.replication.stream import (KIND_CHECKPOINT, KIND_TERM, Names, Refused, Stream,
@@ -46,6 +46,9 @@ WATCHES_PER_LEASE = 6               # a follower looks at the lease this often
 FOLLOW_POLL_S = 0.2                 # a follower reads the stream at least this often
 IDLE_POLL_S = 0.01                  # while not following (taking over, pending appends)
 LEADER_POLL_S = 0.1                 # the leader looks for finished digests this often
+# The leader looks for a finished snapshot to publish this often: the engine
+# reaps its snapshots only at writes, and an idle leader has none.
+SNAPSHOT_LOOK_S = 1.0
 ERROR_WAIT_S = 0.25                 # after NATS did not answer a follower's read
 TAKEOVER_TRIES_MAX = 20             # catch up + term record, before giving the lease up
 CATCH_UP_EMPTY_READS_MAX = 400      # reads that found nothing while the stream reports more
@@ -96,6 +99,9 @@ class ReplicaNode:
         self.log.on_appended = self.appended
         self.log.on_snapshot = self.snapshot_written
         self.upload = None              # the snapshot upload in flight (one at a time)
+        self.upload_lock = threading.Lock()     # writer thread and the idle look start uploads
+        self.published_seq = 0          # command seq of the last snapshot sent for upload
+        self.snapshot_looked_at = 0.0   # monotonic time of the idle leader's last look
         self.checkpoints = Checkpoints(config.checkpoint_every_entries)
         self.checkpoint_lock = threading.Lock()     # one thread appends checkpoint records
         self.seen_generation = 0
@@ -215,19 +221,32 @@ class ReplicaNode:
                 f"{self.config.data}) before starting this node")
 
     def snapshot_written(self) -> None:
-        """Writer thread, after a local snapshot: the leader uploads it (on the
-        NATS loop, one upload at a time; a snapshot finished meanwhile is
-        skipped: the next one goes)."""
-        if self.log.token is None or (self.upload is not None and not self.upload.done()):
-            return
-        local = self.local_snapshot()
-        if local is not None:
+        """Writer thread, after a local snapshot was reaped: the leader uploads it."""
+        self.publish_newest()
+
+    def publish_newest(self) -> None:
+        """The leader uploads its newest local snapshot if it has not sent it
+        yet (on the NATS loop, one upload at a time: a snapshot finished
+        meanwhile waits for the next look). From the writer thread after a
+        snapshot is reaped, and from the idle leader's look (`lead_idle`):
+        a finished snapshot file is complete (written under a temp name, then
+        renamed), reaped or not."""
+        with self.upload_lock:
+            if self.log.token is None or (self.upload is not None and not self.upload.done()):
+                return
+            local = self.local_snapshot()
+            if local is None or local[1] <= self.published_seq:
+                return
+            self.published_seq = local[1]
             self.upload = self.nats.submit(self.publish_and_trim(*local))
 
     async def publish_and_trim(self, path: str, seq: int, stream_seq: int) -> None:
         """NATS loop: the snapshot into the store, then the stream purged
         below the oldest snapshot the store keeps (never further)."""
         try:
+            stored = await self.store.entries()
+            if stored and stored[-1].stream_seq >= stream_seq:
+                return                  # (a new leader's snapshot from before it led)
             kept = await self.store.publish(path, seq, stream_seq)
             log.info("snapshot at command %d (stream message %d) published", seq, stream_seq)
             # The purge keeps the message the oldest kept snapshot ends with
@@ -326,10 +345,15 @@ class ReplicaNode:
 
     async def lead_idle(self) -> None:
         """The leader, between writes: a digest that finished after the last
-        append is appended now, not at the next write."""
+        append is appended now, not at the next write; a snapshot that
+        finished is published (about once a second)."""
         durable = self.log.durable_seq
         if self.log.token is not None and self.checkpoints.ready(durable):
             await asyncio.to_thread(self.append_idle)
+        now = time.monotonic()
+        if now - self.snapshot_looked_at >= SNAPSHOT_LOOK_S:
+            self.snapshot_looked_at = now
+            await asyncio.to_thread(self.publish_newest)   # (reads a snapshot's header)
         await asyncio.sleep(LEADER_POLL_S)
 
     def append_idle(self) -> None:
@@ -377,7 +401,11 @@ class ReplicaNode:
 
     async def follow_step(self) -> bool:
         """Read and apply what follows the state in the stream; False if nothing."""
-        self.engine._ensure_current()       # a refused leader rebuilds first
+        try:
+            self.engine._ensure_current()   # a refused leader rebuilds first
+        except EngineError:
+            await self.check_rebuildable()  # (the rebuild failed: it is retried)
+            raise
         self.log.settle()
         if self.engine.generation != self.seen_generation:
             self.seen_generation = self.engine.generation
@@ -399,6 +427,17 @@ class ReplicaNode:
             if kind == KIND_CHECKPOINT:
                 self.checkpoints.claim(int(body.get("seq", -1)), str(body.get("digest", "")))
         return True
+
+    async def check_rebuildable(self) -> None:
+        """After a failed rebuild: StreamTrimmed (the node stops, saying to
+        restart it: a start loads the store's newest snapshot) if the stream
+        no longer holds what follows the snapshot the rebuild starts from,
+        which no retry can change."""
+        local = await asyncio.to_thread(self.local_snapshot)
+        have = local[2] if local is not None else 0
+        first = await self.nats.run(self.stream.first_seq())
+        if first > have + 1:
+            raise StreamTrimmed(have, first)
 
     async def take_over(self) -> None:
         """This node holds the lease: catch up to the stream's end, append the

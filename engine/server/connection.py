@@ -34,6 +34,13 @@ PROTOCOL_VERSION = 1
 # build more than inflight_bytes_max of them.
 READ_REPLY_BYTES_PER_BODY_BYTE = 64
 READ_REPLY_BYTES_MIN = 16 << 10
+# How long a connection the server closes keeps reading (and discarding)
+# after its last reply, half-closed: closing a socket with unread input
+# makes the kernel send a reset, which discards the error reply not yet
+# sent or read, so a client still sending (a slowloris, a pipelining
+# gateway) would never learn why it was closed. Bounded, as nginx's
+# lingering close: the peer's EOF ends it sooner.
+LINGER_MS = 1_000
 
 
 class Slot:
@@ -472,14 +479,23 @@ class Connection(asyncio.Protocol):
         log.info("closing %s: %s", self.peer, message)
         self.server.count(OP_NAMES.get(op, str(op)), code.name)
         self.transport.write(frame.encode_error(op, request_id, code, message))
-        self.closing = True
-        self.stop_outlet()
-        self.transport.close()
+        self.close_after_flush()
 
     def close_after_flush(self) -> None:
+        """Close once what is written has left: half-closed first, input
+        read and discarded for up to LINGER_MS (where the transport can
+        half-close; TLS cannot), so that the last reply is not lost to a
+        reset."""
         self.closing = True
         self.stop_outlet()
-        self.transport.close()
+        transport = self.transport
+        if not transport.can_write_eof():
+            return transport.close()
+        if self.paused:                     # the kernel must not hold unread input
+            transport.resume_reading()
+            self.paused = False
+        transport.write_eof()
+        self.loop.call_later(LINGER_MS / 1000, transport.close)
 
     # -- limits -----------------------------------------------------------
 

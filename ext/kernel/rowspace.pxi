@@ -25,7 +25,7 @@
 # reserve time, populate_mode 1, measured slower than both).
 #
 # Small tables stay plain numpy arrays, grown by copying (at most
-# SPACE_FROM_BYTES a copy, a millisecond or two): a space reserves up to the
+# SPACE_FROM_BYTES a copy, well under a millisecond): a space reserves up to the
 # machine's memory in address space, and the tests keep hundreds of small
 # ledgers alive at once, more than the 128 TiB of a process could reserve.
 # A table moves into its row space, once, when it first outgrows that; the
@@ -86,8 +86,12 @@ def _strict_overcommit() -> bool:
 
 
 cdef bint STRICT_COMMIT = _strict_overcommit()
-# Tables above this size live in a row space (see above).
-cdef size_t SPACE_FROM_BYTES = 8 << 20
+# Tables above this size live in a row space (see above). 1 MiB, not 8: a
+# table growing by batches of 8,190 payments is copied at nearly every batch
+# until it moves (the 1.5x step is less than a batch): with the index moves,
+# the writer's reserve took 59-92 ms of the first 30 batches of bench_growth
+# up to 8 MiB, 40-53 ms up to 1 MiB (issue 16, docs/performance.md).
+cdef size_t SPACE_FROM_BYTES = 1 << 20
 # How far ahead of the rows reserved the populate thread faults pages in:
 # AHEAD_STEPS times the rows the reserve added, at most AHEAD_BYTES_MAX.
 # Eight batches of slack absorb the thread's delays on a busy machine.
@@ -311,21 +315,24 @@ cdef struct PopulateJob:
     size_t end
 
 
-cdef void populate_job(PopulateJob* job) noexcept nogil:
-    """Fault in [*populated, end) of a space, in chunks: mprotect (a reserve
-    under strict overcommit) and fork (a snapshot) wait for the memory map's
-    lock, which one madvise holds for its whole range. `populated` is read
-    and written by both threads without a lock: an aligned 8-byte store,
-    and a stale value only repeats work that changes nothing."""
+cdef bint populate_job(PopulateJob* job) noexcept nogil:
+    """Fault in the next chunk of [*populated, end) of a space; True once
+    the job is done. A chunk at a time: mprotect (a reserve under strict
+    overcommit) and fork (a snapshot) wait for the memory map's lock, which
+    one madvise holds for its whole range; and the thread takes its jobs in
+    turns, a chunk each (Populator.run). `populated` is read and written by
+    both threads without a lock: an aligned 8-byte store, and a stale value
+    only repeats work that changes nothing."""
     global populated_by_thread_bytes
     cdef size_t start = job.populated[0] // PAGE_BYTES * PAGE_BYTES, stop
-    while start < job.end:
-        stop = min(start + POPULATE_CHUNK_BYTES, job.end)
-        fault_in(job.base + start, stop - start)
-        populated_by_thread_bytes += stop - start
-        if stop > job.populated[0]:
-            job.populated[0] = stop
-        start = stop
+    if start >= job.end:
+        return True
+    stop = min(start + POPULATE_CHUNK_BYTES, job.end)
+    fault_in(job.base + start, stop - start)
+    populated_by_thread_bytes += stop - start
+    if stop > job.populated[0]:
+        job.populated[0] = stop
+    return stop >= job.end
 
 
 cdef class Populator:
@@ -377,8 +384,15 @@ cdef class Populator:
         return queued
 
     def run(self):
-        """The thread: forever, without the GIL."""
+        """The thread: forever, without the GIL. Jobs take turns, a chunk
+        each (round robin): a large one (an index table prepared for its
+        next resize, 32 MiB and more, a capacity hint on a loaded table)
+        must not hold up the next rows' pages of the tables growing batch by
+        batch, or the writer catches up with them and faults them in itself
+        (measured: 8 faults of 2 MiB in 4 batches, 15 ms each, behind a
+        prepared payment index)."""
         cdef PopulateJob job
+        cdef bint done
         with nogil:
             while True:
                 pthread_mutex_lock(&self.lock)
@@ -386,12 +400,15 @@ cdef class Populator:
                     pthread_cond_wait(&self.ready, &self.lock)
                 job = self.waiting[self.head]
                 pthread_mutex_unlock(&self.lock)
-                populate_job(&job)
+                done = populate_job(&job)
                 pthread_mutex_lock(&self.lock)
                 self.head = (self.head + 1) % POPULATE_JOBS_MAX
-                self.count -= 1
-                self.finished[self.n_finished] = job.space
-                self.n_finished += 1
+                if done:
+                    self.count -= 1
+                    self.finished[self.n_finished] = job.space
+                    self.n_finished += 1
+                else:       # to the back of the queue (the slot just left is free)
+                    self.waiting[(self.head + self.count - 1) % POPULATE_JOBS_MAX] = job
                 pthread_mutex_unlock(&self.lock)
 
 

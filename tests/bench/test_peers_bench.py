@@ -14,7 +14,7 @@ if ROOT not in sys.path:
 
 from bench.peers import ledger, scanpay_peer, sqlite_peer  # noqa: E402
 from bench.peers.__main__ import Mismatch, check  # noqa: E402
-from bench.peers.workload import OUTCOMES, Workload, generate  # noqa: E402
+from bench.peers.workload import OUTCOMES, Workload, generate, tally  # noqa: E402
 
 CLOCK = time.perf_counter
 
@@ -72,3 +72,41 @@ def test_a_peer_in_another_state_is_refused_with_the_difference(oracle, wl):
     assert f"- user {user} {oracle.users[user]}" in str(refused.value)
     assert f"+ user {user} {oracle.users[user] + 1}" in str(refused.value)
     assert runs == []
+
+
+def test_in_turns_each_peer_pays_every_payment_in_blocks_and_ends_in_scanpays_state(
+        wl, tmp_path):
+    """bench/peers/turns.py: one caller alternates blocks between the peers
+    (here the naive ledger and SQLite, in process), each in payment order."""
+    import asyncio
+    import threading
+    from bench.peers.turns import blocking_payer, in_turns
+    prefix = wl.payments[:250]
+    expected = scanpay_peer.embedded(wl, prefix, batched=True, path=None, clock=CLOCK).state
+    book = ledger.Ledger(wl)
+    db = str(tmp_path / "turns.db")
+    sqlite_peer.setup(db, wl)
+    conn = sqlite_peer.connect(db)
+    calls = []
+
+    def logged(name, pay):
+        async def pay_k(k):
+            calls.append((name, k))
+            return await pay(k)
+        return pay_k
+    out = asyncio.run(in_turns({
+        "ledger": logged("ledger", blocking_payer(book.pay, prefix)),
+        "sqlite": logged("sqlite", blocking_payer(sqlite_peer.payer(conn, threading.Lock()),
+                                                  prefix))}, len(prefix), 100))
+    runs = [book.final_state(tally(out["ledger"][0])),
+            sqlite_peer.final_state(conn, tally(out["sqlite"][0]))]
+    assert [s.digest() for s in runs] == [expected.digest()] * 2
+    assert [len(out[n][1]) for n in ("ledger", "sqlite")] == [250, 250]
+    # Blocks of 100, 100 and 50 payments: in each, one peer's whole block, then the other's.
+    for lo, size in ((0, 100), (100, 100), (200, 50)):
+        at = 2 * lo
+        halves = [calls[at:at + size], calls[at + size:at + 2 * size]]
+        assert {h[0][0] for h in halves} == {"ledger", "sqlite"}
+        for half in halves:
+            assert len({name for name, _ in half}) == 1
+            assert [k for _, k in half] == list(range(lo, lo + size))

@@ -318,7 +318,7 @@ def test_demo_ctrl_c_removes_its_data_directory(tmp_path):
     """SIGINT while it streams payments over the wire: the temp data
     directory is gone and one line says so."""
     proc = subprocess.Popen(
-        [PY, "-m", "engine.cli", "demo", "--payments", "300000", "--users", "1000",
+        [PY, "-m", "engine.cli", "demo", "--payments", "3000000", "--users", "1000",
          "--report", ""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(env_here(), TMPDIR=str(tmp_path)), cwd=tmp_path)
     try:
@@ -330,7 +330,7 @@ def test_demo_ctrl_c_removes_its_data_directory(tmp_path):
                 data_dir = line.split(", ")[1]
                 break
         assert data_dir and os.path.isdir(data_dir), data_dir
-        proc.send_signal(signal.SIGINT)     # the stream (about a second) starts now
+        proc.send_signal(signal.SIGINT)     # the stream (several seconds) starts now
         _out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -94,6 +94,29 @@ def test_the_populate_thread_faults_in_pages_ahead_of_the_rows_reserved():
         assert ledger.find("users", 4999) == 4998
 
 
+def test_a_large_populate_job_does_not_hold_up_a_small_one():
+    """The thread takes its jobs in turns, a chunk each: the next rows'
+    pages of a table growing batch by batch are not held up behind a jump of
+    another table (a capacity hint, an index table prepared for a resize),
+    or the writer catches up with them and faults them in itself."""
+    with tiny_growth(space_bytes_max=1 << 30):
+        large, small = Ledger(), Ledger()
+        for ledger in (large, small):
+            for key in range(1, 5000):
+                ledger.append("users", key)
+        large.reserve("users", 2_000_000)       # 80 MB of pages: 20 chunks for the thread
+        small.reserve("users", 4096)            # then 9 x 4,096 rows' pages
+        large_space, small_space = row_space(large.users), row_space(small.users)
+        small_end = (small.n_users + 9 * 4096) * small.users.itemsize
+        large_end = len(large.users) * large.users.itemsize
+        deadline = time.monotonic() + 30
+        while small_space.populated < small_end and time.monotonic() < deadline:
+            time.sleep(0.001)
+        large_populated = large_space.populated
+        assert small_space.populated >= small_end
+        assert large_populated < large_end, "the small job waited for the large one"
+
+
 def test_releasing_the_free_pages_keeps_the_used_rows():
     """What the audit child does after the fork (engine/server/audit_fork.py):
     the pages past the used rows go, the rows stay, and the free rows read

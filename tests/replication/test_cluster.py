@@ -5,6 +5,7 @@ use or holding something else, no cluster)."""
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from engine import cli
 from engine.cli import admin, cluster as cluster_cli
 from engine.client import Client
+from engine.demo import story
 from engine.replication.cluster import LocalCluster, process_start_ticks
 from support import ROOT
 
@@ -119,6 +121,7 @@ def test_cluster_up_status_down_in_a_temp_dir(cluster_dir, tmp_path):
     out = flat(demo.stdout)
     assert demo.returncode == 0, out[-2000:] + demo.stderr
     assert "no test clock" in out and "leader killed no (--connect" in out
+    assert "which one paid off" not in out          # no story without the eight weeks
     assert "3 nodes agree" in out and "FAILED" not in out
     pids = [m["pid"] for m in view["nodes"]] + [s["pid"] for s in view["nats"]]
     down = scanpay("cluster", "down", "--dir", str(cluster_dir))
@@ -165,14 +168,29 @@ def test_status_and_down_without_a_cluster_say_how_to_start_one(tmp_path):
         assert f"no cluster in {tmp_path}" in err and "cluster up" in err
 
 
-def test_demo_cluster_kills_the_leader_and_loses_no_answered_payment(tmp_path):
-    """`scanpay demo --cluster`, small: its own cluster, the leader killed
-    mid-run; the exit code is 0 only when every check of the demo holds."""
-    done = scanpay("demo", "--cluster", "--payments", "20000", "--users", "500", "--report", "",
-                   TMPDIR=str(tmp_path))
+def test_demo_cluster_tells_the_story_kills_the_leader_and_loses_no_answered_payment(tmp_path):
+    """`scanpay demo --cluster`, small: its own cluster, the single-node
+    demo's story (eight weeks of mall visits, two targeted campaigns, the
+    verdicts by LIFT read from a follower), the leader killed mid-weekend;
+    the exit code is 0 only when every check of the demo holds."""
+    report = tmp_path / "report"
+    done = scanpay("demo", "--cluster", "--payments", "20000", "--users", "500", "--report",
+                   str(report), TMPDIR=str(tmp_path))
     out = flat(done.stdout)
     assert done.returncode == 0, out[-3000:] + done.stderr
+    history = int(re.search(r"eight weeks before the weekend: ([\d,]+) payments at the mall "
+                            r"\(over the wire", out).group(1).replace(",", ""))
+    assert history > 0, out[:3000]
+    for t in story.TARGETED:                        # sent to their segments, with a holdout
+        assert re.search(re.escape(t.name) + r": [\d,]+ shoppers in the segment, [1-9][\d,]* "
+                         r"coupons issued, [1-9][\d,]* held out", out), out[:3000]
+    assert re.search(r"report read from follower \S+ at stream seq ([\d,]+) \(the leader's "
+                     r"last write: \1\)", out), out[:4000]
+    assert "Targeted campaigns: which one paid off?" in out and "paid off: " in out
+    lift = (report / "lift.csv").read_text().splitlines()
+    assert len(lift) == 3
+    assert all(row.startswith(t.name) for row, t in zip(lift[1:], story.TARGETED)), lift
     assert "SIGKILL, after" in out and "killed node started again; follows" in out, out[-3000:]
     assert "AUDIT: ok" in out and "FAILED" not in out
     assert "3 nodes agree" in out
-    assert os.listdir(tmp_path) == []               # the cluster's directory is removed
+    assert os.listdir(tmp_path) == ["report"]       # the cluster's directory is removed

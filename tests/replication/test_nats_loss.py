@@ -2,18 +2,16 @@
 while JetStream elects another, then go on), then a quorum is lost (writes
 are refused, nothing is acknowledged), then the servers come back (writes
 resume). Every payment answered ok is in the final state, with its figures."""
-import asyncio
 import signal
 import time
 
-import nats
 import pytest
 
 from engine.protocol.errors import NotLeader, Unavailable
 from engine.replication.node import EXIT_STREAM_BROKEN
 from support.failover import (CHECKPOINT_EVERY, Load, build_world, check_acked_on,
                               check_converged, pass_a_checkpoint)
-from support.nats import start_cluster
+from support.nats import start_cluster, stream_leader_name
 from support.replicas import Node, wait_for_leader
 from support.servers import pay_batch
 
@@ -26,15 +24,6 @@ def own_cluster(tmp_path):
     cluster = start_cluster(str(tmp_path / "nats"), nodes=3)
     yield cluster
     cluster.stop()
-
-
-async def stream_leader_name(urls) -> str:
-    nc = await nats.connect(urls)
-    try:
-        info = await nc.jetstream(timeout=5).stream_info("scanpay_0")
-        return info.cluster.leader
-    finally:
-        await nc.close()
 
 
 def acked_count_grows(load: Load, timeout_s: float) -> float:
@@ -65,7 +54,7 @@ def test_losing_nats_servers_under_load(own_cluster, group):
         build_world(leader)
         load = Load(leader)
         time.sleep(0.5)
-        name = asyncio.run(stream_leader_name(own_cluster.urls))
+        name = stream_leader_name(own_cluster.urls)
         victim = next(n for n in own_cluster.nodes if n.name == name)
         own_cluster.kill(victim)
         pause_s = acked_count_grows(load, RESUME_BOUND_S)

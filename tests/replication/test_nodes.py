@@ -8,10 +8,9 @@ import pytest
 from engine.core.command import Command
 from engine.protocol.errors import NotLeader
 from engine.protocol.ops import OP_EXPIRE
-from engine.replication.node import EXIT_STREAM_BROKEN
 from engine.replication.stream import KIND_CHECKPOINT
 from engine.storage.journal import _encode_entry
-from support.replicas import Node, wait_for_leader, wait_for_seq
+from support.replicas import Node, stopped_loudly, wait_for_leader, wait_for_seq
 from support.servers import pay_batch
 
 LEASE_MS = 4000                     # no failover here: none spurious on a busy machine
@@ -82,11 +81,14 @@ def append_foreign(logs, payload: bytes, kind=None, last_command=None) -> None:
     loop.call(stream.append(payload, last, f"foreign.{last}", last_command, kind, 5), 10)
 
 
-def stopped_loudly(node: Node, words: str) -> str:
-    assert node.process.wait(EXIT_TIMEOUT_S) == EXIT_STREAM_BROKEN, node.log_tail()
-    critical = [line for line in open(node.log_path) if " CRITICAL " in line]
-    assert len(critical) == 1 and words in critical[0], node.log_tail()
-    return critical[0]
+def append_foreign_command(logs, follower: Node) -> None:
+    """A valid command (an EXPIRE that changes nothing) that no Scanpay
+    leader wrote, after the last command `follower` applied."""
+    with follower.client() as c:
+        seq, now = c.call("AUDIT", {})["seq"], c.call("AUDIT", {})["now"]
+    command = Command(OP_EXPIRE, now + 1, (), b"").encode()
+    frame, _ = _encode_entry(seq + 1, command)
+    append_foreign(logs, b"".join(frame), last_command=seq + 1)
 
 
 def test_a_wrong_checkpoint_digest_stops_the_follower(nodes, logs):
@@ -121,11 +123,7 @@ def test_a_refused_leader_answers_not_leader_and_rejoins_by_itself(nodes, logs):
     append is refused, that write is answered not_leader (and applied
     nowhere), and the node catches up as a follower with no request asking."""
     leader, follower = leader_and_follower_after_writes(nodes, 2)
-    with follower.client() as c:
-        seq, now = c.call("AUDIT", {})["seq"], c.call("AUDIT", {})["now"]
-    command = Command(OP_EXPIRE, now + 1, (), b"").encode()
-    frame, _ = _encode_entry(seq + 1, command)
-    append_foreign(logs, b"".join(frame), last_command=seq + 1)
+    append_foreign_command(logs, follower)
     with leader.client() as c:
         with pytest.raises(NotLeader):
             c.pay(pay_batch(1, start_id=777))
@@ -138,3 +136,19 @@ def test_a_refused_leader_answers_not_leader_and_rejoins_by_itself(nodes, logs):
         with node.client() as c:
             found = c.call("GET_PAYMENTS", {"ids": [777]})["results"][0]
             assert found["error"] == "payment_not_found", node.name
+
+
+def test_a_refused_leader_whose_snapshot_the_stream_no_longer_covers_stops_loudly(nodes, logs):
+    """A refused leader rebuilds from its snapshot (none here: the stream's
+    start) and the stream after it; trimmed past that (an operator's purge
+    here), no retry can succeed: it stops in one critical line saying to
+    restart it, rather than refuse everything for ever."""
+    leader, follower = leader_and_follower_after_writes(nodes, 2)
+    append_foreign_command(logs, follower)
+    loop, stream = logs.stream()
+    loop.call(stream.purge_before(loop.call(stream.last_seq(), 10)), 10)
+    with leader.client() as c:
+        with pytest.raises(NotLeader):
+            c.pay(pay_batch(1, start_id=777))
+    line = stopped_loudly(leader, "state ends at stream message 0, but the stream was trimmed")
+    assert "restart the node" in line

@@ -202,6 +202,24 @@ async def gone(server, attribute: str) -> None:
     raise AssertionError(f"server.{attribute} still holds {getattr(server, attribute)}")
 
 
+def test_a_client_still_sending_when_closed_reads_its_error_and_then_eof():
+    """A bad frame header followed by megabytes more: the server closes the
+    connection while unread input waits in the kernel. Closing then would
+    reset the connection and discard the error reply; the server half-closes
+    and drains first, so the client reads the error, then a clean EOF."""
+    async def main():
+        server = await started()
+        for _round in range(5):
+            c = await Raw.open(server)
+            c.writer.write(frame.HEADER.pack(0xFFFF_FFFF, OP_PING, 0, 9) + b"\x00" * (8 << 20))
+            code = error_of(await c.recv())
+            assert code["name"] == "frame_too_large", code
+            assert await c.reader.read(1) == b""     # EOF, not ConnectionResetError
+            c.writer.close()
+        await server.stop()
+    run(main())
+
+
 def test_admins_keep_a_reserved_slot_when_every_connection_is_taken():
     async def main():
         server = await started(keys=gateway_config(), connections_max=3, admin_reserve=1,

@@ -24,10 +24,13 @@ CHECKPOINT_EVERY = 100              # commands between state digests (the nodes'
 
 
 class Load:
-    """Gateways on their own thread and event loop, sending to `leader`."""
+    """Gateways on their own thread and event loop, sending to `leader`.
+    Gateways are numbered from `first_gateway` (payment ids carry the
+    number: a later Load with other numbers sends other ids)."""
 
-    def __init__(self, leader: Node):
+    def __init__(self, leader: Node, first_gateway: int = 1):
         self.leader = leader
+        self.first_gateway = first_gateway
         self.acked = {}             # payment id -> (cash, discount, fee, timestamp)
         self.errors = 0
         self.stopping = False
@@ -35,7 +38,7 @@ class Load:
         self.thread.start()
 
     async def main(self) -> None:
-        await asyncio.gather(*(self.gateway(g + 1) for g in range(GATEWAYS)))
+        await asyncio.gather(*(self.gateway(self.first_gateway + g) for g in range(GATEWAYS)))
 
     async def gateway(self, index: int) -> None:
         sent = 0
@@ -104,16 +107,17 @@ def check_acked_on(node: Node, acked: dict) -> None:
     assert not wrong, f"{len(wrong)} of {len(ids)} answered payments are wrong: {wrong[:5]}"
 
 
-def pass_a_checkpoint(leader: Node) -> None:
-    """One-payment writes until the leader appends a new checkpoint record:
-    every running node then applies that command live and checks it (a node
-    restarted by the test replayed the older ones and has no digest there)."""
+def pass_a_checkpoint(leader: Node, first_id: int = 1 << 50) -> None:
+    """One-payment writes (ids from `first_id`, at most 3 * CHECKPOINT_EVERY)
+    until the leader appends a new checkpoint record: every running node then
+    applies that command live and checks it (a node restarted by the test
+    replayed the older ones and has no digest there)."""
     before = (leader.hello()["checkpoint"] or {}).get("seq", 0)
     records = np.zeros(1, PAY_RECORD)
     records["payer"], records["merchant"], records["amount"] = 1, 1, 100
     with leader.client() as c:
         for i in range(3 * CHECKPOINT_EVERY):
-            records["id"] = (1 << 50) + i
+            records["id"] = first_id + i
             assert c.pay(records)["status"][0] == Status.ok
             if i % 10 == 0 and (leader.hello()["checkpoint"] or {}).get("seq", 0) > before:
                 return

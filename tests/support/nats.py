@@ -2,6 +2,7 @@
 (engine/replication/nats_servers.py): started in a temp dir on loopback
 ports, stopped by pid."""
 import asyncio
+import time
 
 import nats
 
@@ -37,6 +38,39 @@ def start_cluster(directory: str, nodes: int = 3) -> NatsCluster:
         cluster.stop()
         raise
     return cluster
+
+
+async def _stream_info(urls: list[str], name: str):
+    nc = await nats.connect(urls, connect_timeout=2)
+    try:
+        return await nc.jetstream(timeout=5).stream_info(name)
+    finally:
+        await nc.close()
+
+
+def stream_leader_name(urls: list[str], stream: str = "scanpay_0") -> str:
+    """The name of the NATS server that leads `stream` (JetStream's stream info)."""
+    return asyncio.run(_stream_info(urls, stream)).cluster.leader
+
+
+def wait_replicas_current(urls: list[str], streams: tuple, timeout_s: float) -> None:
+    """Until every stream of `streams` has a leader and all its replicas are
+    current (a restarted NATS server has caught up): losing another server
+    then keeps a quorum."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            infos = [asyncio.run(_stream_info(urls, name)) for name in streams]
+            if all(info.cluster.leader and info.cluster.replicas
+                   and all(r.current and not r.offline for r in info.cluster.replicas)
+                   for info in infos):
+                return
+        except Exception:           # noqa: BLE001 - electing; bounded by the deadline
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the replicas of {streams} are not current after "
+                                 f"{timeout_s:g} s")
+        time.sleep(0.2)
 
 
 class LogHarness:

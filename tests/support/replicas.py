@@ -11,6 +11,7 @@ import time
 
 from engine.client import Client, hello_request
 from engine.replication.nats_servers import free_port
+from engine.replication.node import EXIT_STREAM_BROKEN
 from support import ROOT
 
 START_TIMEOUT_S = 30.0
@@ -18,6 +19,7 @@ ROLE_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 POLL_S = 0.05
 CLIENT_TIMEOUT_MS = 15000           # the machine may be shared and busy
+EXIT_TIMEOUT_S = 15.0               # a node that must stop by itself
 
 
 class Node:
@@ -123,3 +125,12 @@ def wait_for_seq(node: Node, stream_seq: int, timeout_s: float = ROLE_TIMEOUT_S)
             return hello
         assert time.monotonic() < deadline, f"{node.name} stuck at {hello}"
         time.sleep(POLL_S)
+
+
+def stopped_loudly(node: Node, words: str) -> str:
+    """`node` stops by itself with exit code 3 and one critical line that
+    says `words`: that line."""
+    assert node.process.wait(EXIT_TIMEOUT_S) == EXIT_STREAM_BROKEN, node.log_tail()
+    critical = [line for line in open(node.log_path) if " CRITICAL " in line]
+    assert len(critical) == 1 and words in critical[0], node.log_tail()
+    return critical[0]
