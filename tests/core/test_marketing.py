@@ -308,11 +308,21 @@ def test_lift_statistics_match_the_reference(data):
                                  min_size=n, max_size=n))
         sides.append(gmv)
     discount = data.draw(st.sampled_from([0, 1, 12_345, 10**12]))
+    assert_lift_matches_the_reference(sides, discount)
+
+
+def assert_lift_matches_the_reference(sides: list, discount: int) -> None:
     groups_ = [lift.Group(len(g), sum(1 for x in g if x), sum(g), sum(x * x for x in g))
                for g in sides]
     ours = lift.figures(groups_[0], groups_[1], discount)
     theirs = lift_figures(*[[len(g), sum(1 for x in g if x), g] for g in sides], discount)
     assert ours == theirs
+
+
+def test_an_interval_end_that_is_an_integer_from_a_mean_in_thirds():
+    """d + sqrt(q) exactly 767,551,000 with d = -2e9 / 3: the reference's
+    Decimals once put the ceiling one higher (found by hypothesis)."""
+    assert_lift_matches_the_reference([[0, 0], [0, 10**9, 10**9]], 0)
 
 
 # ---------------------------------------------------------------------------

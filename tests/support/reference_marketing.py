@@ -268,13 +268,38 @@ def _round(x: Fraction) -> int:
 
 
 def _sqrt_bounds(d: Fraction, q: Fraction) -> tuple[int, int]:
-    """(floor(d - sqrt(q)), ceil(d + sqrt(q))) with 80-digit Decimals."""
+    """(floor(d - sqrt(q)), ceil(d + sqrt(q))): estimated with 80-digit
+    Decimals, then settled by exact comparisons in Fractions. The estimate
+    alone is off by one when d + sqrt(q) is an integer and d is not a finite
+    decimal (d = -2e9 / 3: the rounded Decimal lands just past the integer,
+    and the ceiling goes one too far; hypothesis found it)."""
     with localcontext() as ctx:
         ctx.prec = 80
         root = (Decimal(q.numerator) / Decimal(q.denominator)).sqrt()
         mid = Decimal(d.numerator) / Decimal(d.denominator)
-        return (int((mid - root).to_integral_value(ROUND_FLOOR)),
-                int((mid + root).to_integral_value(ROUND_CEILING)))
+        low = int((mid - root).to_integral_value(ROUND_FLOOR))
+        high = int((mid + root).to_integral_value(ROUND_CEILING))
+
+    def below(k: int) -> bool:              # k <= d - sqrt(q)
+        return d - k >= 0 and (d - k) ** 2 >= q
+
+    def above(k: int) -> bool:              # k >= d + sqrt(q)
+        return k - d >= 0 and (k - d) ** 2 >= q
+    for _ in range(SETTLE_STEPS_MAX):       # the estimate is within one
+        if below(low + 1):
+            low += 1
+        elif not below(low):
+            low -= 1
+        elif above(high - 1):
+            high -= 1
+        elif not above(high):
+            high += 1
+        else:
+            return low, high
+    raise AssertionError(f"_sqrt_bounds did not settle: {d}, {q}")
+
+
+SETTLE_STEPS_MAX = 8
 
 
 # ---------------------------------------------------------------------------
