@@ -11,7 +11,6 @@ the commands that were not durable (their callers get `unavailable`), and
 before the next read or write the engine rebuilds its state from the
 snapshot and the durable journal, exactly as at start (`_ensure_current`).
 """
-import collections
 import concurrent.futures
 import os
 import logging
@@ -46,9 +45,6 @@ from engine.server.threads import NICE_MIN, raise_thread_priority
 log = logging.getLogger("scanpay.engine")
 
 SYNC_IDLE_WAIT_S = 5.0          # a rebuild waits this long for the sync thread to finish
-# With appends in flight, the sync thread looks again this often while it
-# waits for an answer or a new request (each also wakes it at once).
-SYNC_WAKE_WAIT_S = 0.05
 # Record ops: op -> (record dtype, result dtype, the kernel's batch apply).
 RECORD_OPS = {
     OP_PAY: (PAY_RECORD, PAY_RESULT, "pay"),
@@ -175,7 +171,6 @@ class Engine:
         self._sync_lock = threading.Lock()
         self._sync_waiting = None       # the future the next fsync completes
         self._sync_busy = False         # the sync thread is running fsyncs
-        self._sync_wake = threading.Event()     # a new request, or an answer (appends in flight)
         # Group commit window (engine/core/group_commit.py): under load (the
         # fsync covers at least commit_siblings requesters) an fsync starts
         # up to this long after the one before, and covers everything
@@ -356,7 +351,6 @@ class Engine:
             self._sync_requesters += requesters
             if self._sync_waiting is None:
                 self._sync_waiting = SyncFuture()
-                self._sync_wake.set()
                 if not self._sync_busy:
                     self._sync_busy = True
                     self._sync_pool.submit(self._sync_worker)
@@ -386,8 +380,6 @@ class Engine:
 
     def _sync_worker(self) -> None:
         """The sync thread: fsync for the waiting requests until none wait."""
-        if getattr(self.storage.journal, "appends_in_flight_max", 1) > 1:
-            return self._sync_worker_in_flight(self.storage.journal)
         while True:
             waited = self._commit_wait()
             with self._sync_lock:
@@ -403,63 +395,13 @@ class Engine:
             except BaseException as error:  # Unavailable: those writes are not acknowledged
                 future.set_exception(error)
                 continue
-            self._sync_done(future, durable_seq)
-
-    def _sync_done(self, future: SyncFuture, durable_seq: int) -> None:
-        future.synced_at = time.perf_counter()
-        if self.on_durable is not None:
-            try:
-                self.on_durable(future)
-            except Exception:               # the replies then go out from the event loop
-                log.exception("the on_durable hook failed")
-        future.set_result(durable_seq)
-
-    def _sync_worker_in_flight(self, journal) -> None:
-        """The sync thread of a journal that takes several appends in flight
-        (the replicated stream, engine/replication/log.py): each request's
-        append is sent without waiting for those before it; their futures
-        complete strictly in order, each once its own append is acknowledged
-        (a refused or failed one fails every later one the same way)."""
-        in_flight = collections.deque()     # (future, the command seq it waits for)
-        while True:
-            self._complete_in_flight(journal, in_flight)
-            waited = self._commit_wait()
-            with self._sync_lock:
-                future, self._sync_waiting = self._sync_waiting, None
-                self._sync_requesters = 0
-                if future is None and not in_flight:
-                    self._sync_busy = False
-                    return
-            if future is None:
-                continue
-            future.waited = waited
-            future.sync_started_at = time.perf_counter()
-            try:
-                in_flight.append((future, journal.sync_begin(self._sync_wake.set)))
-            except BaseException as error:  # the earlier ones first, then this one
-                self._complete_in_flight(journal, in_flight, everything=True)
-                future.set_exception(error)
-
-    def _complete_in_flight(self, journal, in_flight, everything: bool = False) -> None:
-        """Complete the oldest futures whose appends are answered; wait for an
-        answer while all the appends allowed are in flight, or while no new
-        request waits (else return: its append goes out now)."""
-        while in_flight:
-            self._sync_wake.clear()
-            future, seq = in_flight[0]
-            if (everything or len(in_flight) >= journal.appends_in_flight_max
-                    or journal.answered(seq)):
-                in_flight.popleft()
+            future.synced_at = time.perf_counter()
+            if self.on_durable is not None:
                 try:
-                    durable_seq = journal.sync_wait(seq)
-                except BaseException as error:  # NotLeader, Unavailable: not acknowledged
-                    future.set_exception(error)
-                    continue
-                self._sync_done(future, durable_seq)
-                continue
-            if self._sync_waiting is not None:
-                return
-            self._sync_wake.wait(SYNC_WAKE_WAIT_S)
+                    self.on_durable(future)
+                except Exception:           # the replies then go out from the event loop
+                    log.exception("the on_durable hook failed")
+            future.set_result(durable_seq)
 
     def _write(self, op: int, body, draws=()):
         """Journal, apply and make durable one command; then return its result."""

@@ -31,8 +31,6 @@ from there.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import fcntl
 import json
@@ -48,7 +46,7 @@ import nats.js.errors
 from engine.core.command import decode as decode_command
 from engine.protocol.errors import NotLeader, Unavailable
 from engine.replication.loop_thread import LoopThread
-from engine.replication.stream import KIND_TERM, Message, Refused, Stream
+from engine.replication.stream import Message, Refused, Stream
 from engine.storage import snapshot as snapshots
 from engine.storage.journal import (ENTRY_BYTES_MAX_DEFAULT, LOCK_NAME, JournalError,
                                     _encode_entry, _walk)
@@ -58,12 +56,6 @@ log = logging.getLogger("scanpay.replication")
 # Room for a message's headers within the server's max_payload.
 HEADERS_BYTES_MAX = 1024
 PUBLISH_TIMEOUT_S = 2.0             # one publish; then it is sent again (same msg id)
-# Appends in flight at once (sent, not yet acknowledged): each expects the
-# stream sequence the one before it will get. A new leader's term record is
-# this many records in one atomic batch, so that no append of the old leader
-# still in flight can land after it (docs/replication.md, "Appends in flight").
-# Every node of a cluster must use the same value.
-APPENDS_IN_FLIGHT_MAX = 4
 # An append whose outcome is unknown is sent again this many times, waiting
 # up to APPEND_RETRY_WAIT_MAX_S between tries (about an hour in all), before
 # the node gives up and stops: it can neither acknowledge nor refuse the batch.
@@ -104,18 +96,6 @@ class StreamTrimmed(JournalError):
 
 class StreamUnavailable(JournalError):
     """NATS did not answer a read in time (retried by the engine's rebuild)."""
-
-
-@dataclasses.dataclass
-class InFlight:
-    """One message of commands sent and not yet resolved."""
-    first: int                      # its command seqs
-    last: int
-    payload: bytes
-    msg_id: str
-    expected: int                   # the stream seq it must follow
-    future: concurrent.futures.Future | None    # its first send (None: send it again)
-    round_first: int                # the first command of its sync round (one reply's)
 
 
 @dataclasses.dataclass
@@ -177,11 +157,7 @@ class StreamLog:
 
     def __init__(self, path: str, loop: LoopThread, stream: Stream, *,
                  publish_timeout_s: float = PUBLISH_TIMEOUT_S,
-                 entry_bytes_max: int = ENTRY_BYTES_MAX_DEFAULT,
-                 appends_in_flight_max: int = APPENDS_IN_FLIGHT_MAX):
-        if not 1 <= appends_in_flight_max <= APPENDS_IN_FLIGHT_MAX:
-            raise ValueError(f"appends_in_flight_max: 1 to {APPENDS_IN_FLIGHT_MAX} (the term "
-                             f"record's fence), not {appends_in_flight_max}")
+                 entry_bytes_max: int = ENTRY_BYTES_MAX_DEFAULT):
         self._dir = str(path)
         self.loop = loop
         self.stream = stream
@@ -190,15 +166,12 @@ class StreamLog:
         self.message_bytes_max = stream.max_payload - HEADERS_BYTES_MAX
         self._lock = threading.Lock()       # the fields below, against the sync thread
         self._io_lock = threading.RLock()   # one append round (or reload) at a time
-        self.appends_in_flight_max = appends_in_flight_max
         self._pending: list = []            # (seq, entry buffers, bytes), not in the stream yet
-        self._in_flight = collections.deque()   # InFlight, in stream order (under _io_lock)
         self._last_seq = 0
         self._durable_seq = 0
         self.stream_seq = 0                 # the stream seq the durable prefix ends at
         self._refused: str | None = None    # an append was refused: rebuild before anything
         self._stalled = False               # an append's outcome is being found out
-        self._quiet = False                 # on_appended is not called (a record drains)
         self.token: str | None = None       # while leading: the writer's token (message ids)
         self.leader = ""                    # the leader's client address, for not_leader
         self.on_deposed = None              # called (sync thread) when an append is refused
@@ -271,128 +244,23 @@ class StreamLog:
     def sync(self) -> int:
         """Everything appended so far into the stream; the durable seq."""
         with self._io_lock:
-            return self.sync_wait(self.sync_begin())
-
-    def sync_begin(self, on_answer=None) -> int:
-        """Send what was appended since the last message sent, without waiting
-        for its acknowledgement: its messages go in flight behind those not yet
-        acknowledged (at most appends_in_flight_max; beyond, this resolves the
-        oldest first). Returns the command seq `sync_wait` waits for.
-        `on_answer`: called (on the NATS loop) when any of them is answered."""
-        with self._io_lock:
             with self._lock:
                 if self._refused is not None:
                     raise self.not_leader()
-                unsent = self._last_seq - self._sent_seq
-                batch = self._pending[len(self._pending) - unsent:] if unsent else []
-            round_first = batch[0][0] if batch else 0
+                batch = list(self._pending)
+            stored = False
             for first, last, buffers in self._messages(batch):
-                while len(self._in_flight) >= self.appends_in_flight_max:
-                    self._resolve_oldest()
-                self._send(first, last, b"".join(buffers), round_first, on_answer)
-            return self._sent_seq
-
-    def sync_wait(self, seq: int) -> int:
-        """Until the commands up to `seq` are in the stream (their messages
-        resolved in order); the durable seq. NotLeader if one was refused:
-        then every message after it fails the same way."""
-        with self._io_lock:
-            while self._durable_seq < seq:
-                if self._refused is not None or not self._in_flight:
+                if self._refused is not None:       # (a checkpoint record was refused)
                     raise self.not_leader()
-                self._resolve_oldest()
+                try:
+                    self._append_commands(first, last, buffers)
+                except NotLeader:
+                    if stored:          # one future covers stored and refused commands
+                        self._fatal(f"commands up to {first - 1} are in the stream, those "
+                                    f"after were refused, and one reply covers both")
+                    raise
+                stored = True
             return self._durable_seq
-
-    def answered(self, seq: int) -> bool:
-        """Whether `sync_wait(seq)` has what it needs to go on now: every
-        message of commands up to `seq` is answered, or is to be sent again
-        (which `sync_wait` does, waiting). A hint for the sync thread."""
-        if not self._io_lock.acquire(blocking=False):
-            return False
-        try:
-            for message in self._in_flight:
-                if message.first > seq:
-                    break
-                if message.future is not None and not message.future.done():
-                    return False
-            return True
-        finally:
-            self._io_lock.release()
-
-    @property
-    def _sent_seq(self) -> int:
-        """The last command seq sent in a message (acknowledged or in flight)."""
-        return self._in_flight[-1].last if self._in_flight else self._durable_seq
-
-    def _send(self, first: int, last: int, payload: bytes, round_first: int,
-              on_answer) -> None:
-        expected = self.stream_seq + len(self._in_flight)
-        msg_id = f"{self.token or 'none'}.{first}"      # (deposed meanwhile: fenced all the same)
-        future = self.loop.submit(self.stream.append(payload, expected, msg_id, last, None,
-                                                     self.publish_timeout_s))
-        if on_answer is not None:
-            future.add_done_callback(lambda _future: on_answer())
-        self._in_flight.append(InFlight(first, last, payload, msg_id, expected, future,
-                                        round_first))
-
-    def _resolve_oldest(self) -> None:
-        """The oldest message in flight: acknowledged (the durable prefix grows),
-        or refused (every later one is dropped with it: NotLeader)."""
-        message = self._in_flight[0]
-        try:
-            stream_seq = self._outcome(message)
-        except Refused as refusal:
-            for later in self._in_flight:
-                if later.future is not None:
-                    later.future.cancel()
-            self._in_flight.clear()
-            if message.first > message.round_first:     # one reply covers stored and refused
-                self._fatal(f"commands up to {message.first - 1} are in the stream, those "
-                            f"after were refused, and one reply covers both")
-            self.refuse(f"the stream refused an append after message {message.expected} "
-                        f"({refusal})")
-            raise self.not_leader() from None
-        self._in_flight.popleft()
-        self._acknowledged(message.last, stream_seq)
-
-    def _outcome(self, message: InFlight) -> int:
-        """The stream seq of `message`, from its first send's answer; when
-        that has none (a timeout, a lost connection), it and every message
-        after it are sent again, in order (their first answers may reflect
-        the lost one), until the stream answers."""
-        if message.future is not None:
-            try:
-                stream_seq = message.future.result(self.publish_timeout_s + CALL_MARGIN_S)
-                self._stalled = False
-                return stream_seq
-            except Refused:
-                self._stalled = False
-                if self._stored_as(message.expected + 1, message.msg_id):
-                    return message.expected + 1
-                raise
-            except (concurrent.futures.TimeoutError, TimeoutError, nats.errors.Error,
-                    nats.js.errors.Error, OSError, concurrent.futures.CancelledError) as error:
-                log.warning("an append in flight after stream message %d has no answer (%s: "
-                            "%s); sending it and the %d after it again", message.expected,
-                            type(error).__name__, error, len(self._in_flight) - 1)
-                for later in self._in_flight:
-                    if later.future is not None:
-                        later.future.cancel()
-                        later.future = None
-        return self._append(message.payload, message.msg_id, message.last, None,
-                            message.expected)
-
-    def _acknowledged(self, last: int, stream_seq: int) -> None:
-        with self._lock:
-            done = 0
-            while done < len(self._pending) and self._pending[done][0] <= last:
-                done += 1
-            del self._pending[:done]
-            self._durable_seq = last
-            self.stream_seq = stream_seq
-            self.fsync_count += 1
-        if self.on_appended is not None and not self._quiet:
-            self.on_appended(stream_seq, last)
 
     def _messages(self, batch: list):
         """The pending entries cut into messages of at most message_bytes_max."""
@@ -407,29 +275,46 @@ class StreamLog:
         if buffers:
             yield first, batch[-1][0], buffers
 
-    def _append(self, payload: bytes, msg_id: str, last: int, kind: str | None,
-                expected: int, fence: int = 1) -> int:
-        """One message into the stream after stream seq `expected` (`fence` > 1:
-        that many copies of a record, one atomic batch); its (last) stream
-        seq. Raises Refused if another writer's message is there; an unknown
+    def _append_commands(self, first: int, last: int, buffers: list) -> None:
+        token = self.token
+        payload = b"".join(buffers)
+        if token is None:                   # deposed meanwhile: fenced all the same
+            token = "none"
+        try:
+            stream_seq = self._append(payload, f"{token}.{first}", last, None)
+        except Refused as refusal:
+            self.refuse(f"the stream refused an append after message {self.stream_seq} "
+                        f"({refusal})")
+            raise self.not_leader() from None
+        with self._lock:
+            done = 0
+            while done < len(self._pending) and self._pending[done][0] <= last:
+                done += 1
+            del self._pending[:done]
+            self._durable_seq = last
+            self.stream_seq = stream_seq
+            self.fsync_count += 1
+        if self.on_appended is not None:
+            self.on_appended(stream_seq, last)
+
+    def _append(self, payload: bytes, msg_id: str, last: int, kind: str | None) -> int:
+        """One message into the stream after self.stream_seq; its stream seq.
+        Raises Refused if another writer's message is there; an unknown
         outcome (no answer) is sent again, same message id."""
+        expected = self.stream_seq
         wait_s = 0.01
-        first_id = msg_id if fence == 1 else f"{msg_id}.1"
         for _ in range(APPEND_TRIES_MAX):
             try:
-                if fence == 1:
-                    publish = self.stream.append(payload, expected, msg_id, last, kind,
-                                                 self.publish_timeout_s)
-                else:
-                    publish = self.stream.append_fence(payload, expected, msg_id, last, kind,
-                                                       fence, self.publish_timeout_s)
-                seq = self.loop.call(publish, self.publish_timeout_s + CALL_MARGIN_S)
+                seq = self.loop.call(
+                    self.stream.append(payload, expected, msg_id, last, kind,
+                                       self.publish_timeout_s),
+                    self.publish_timeout_s + CALL_MARGIN_S)
                 self._stalled = False
                 return seq
             except Refused:
                 self._stalled = False
-                if self._stored_as(expected + 1, first_id):
-                    return expected + fence
+                if self._stored_as(expected + 1, msg_id):
+                    return expected + 1
                 raise
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as error:
                 if self.closing:
@@ -465,7 +350,6 @@ class StreamLog:
             self.dropped_count += dropped
             first = self._durable_seq + 1
             self._pending.clear()
-            self._in_flight.clear()
             self._last_seq = self._durable_seq
             self._refused = why
             self.token = None
@@ -488,24 +372,13 @@ class StreamLog:
     # -- records (term, checkpoint) ------------------------------------------
 
     def append_record(self, kind: str, body: dict, token: str) -> int:
-        """A record message after the messages in flight (from the leader's
+        """A record message after the current stream seq (from the leader's
         append round, or a new leader's first); its stream seq. Raises
-        Refused (nothing dropped: a record has no command behind it). A term
-        record is APPENDS_IN_FLIGHT_MAX copies in one atomic batch: an old
-        leader's appends in flight expect stream seqs before its last copy,
-        so the stream refuses every one of them after it."""
+        Refused (nothing dropped: a record has no command behind it)."""
         with self._io_lock:
-            self._quiet = True              # (on_appended is what appends records)
-            try:
-                while self._in_flight:
-                    self._resolve_oldest()
-            finally:
-                self._quiet = False
             expected = self.stream_seq
             payload = json.dumps(body, sort_keys=True).encode()
-            fence = APPENDS_IN_FLIGHT_MAX if kind == KIND_TERM else 1
-            seq = self._append(payload, f"{token}.{kind}.{expected}", self._durable_seq, kind,
-                               expected, fence)
+            seq = self._append(payload, f"{token}.{kind}.{expected}", self._durable_seq, kind)
             self.stream_seq = seq
             return seq
 
@@ -561,7 +434,6 @@ class StreamLog:
                 raise StreamCorrupt(last, "not a Scanpay message (no Scanpay-Last header)")
         with self._lock:
             self._pending.clear()
-            self._in_flight.clear()
             self._last_seq = self._durable_seq = last_command
             self.stream_seq = last
 

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import re
 import time
 
 import nats
@@ -24,12 +23,6 @@ log = logging.getLogger("scanpay.replication")
 # JetStream's error code for a publish whose Nats-Expected-Last-Sequence is
 # not the stream's last sequence: another writer appended first.
 ERR_WRONG_LAST_SEQUENCE = 10071
-# An atomic batch (a term fence) that repeats message ids already stored: a
-# fence sent again; the caller looks whether its first copy is there.
-ERR_BATCH_DUPLICATE_MSG_ID = 10201
-BATCH_ID = "Nats-Batch-Id"
-BATCH_SEQUENCE = "Nats-Batch-Sequence"
-BATCH_COMMIT = "Nats-Batch-Commit"
 EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
 MSG_ID = "Nats-Msg-Id"
 # Our headers: the last command seq the stream holds up to and including this
@@ -66,25 +59,6 @@ class StreamSettingsError(Exception):
 class Refused(Exception):
     """The stream refused an append: its last sequence was not the one the
     append expected (another writer appended first)."""
-
-
-class StreamBehind(nats.js.errors.Error):
-    """The stream's leader answered that its last sequence is before the one
-    the append expected, which follows a message it acknowledged: its view
-    lags (seen right after the stream's leader changed), or the append's
-    predecessor in flight was lost on the way. Not a refusal: the outcome is
-    unknown, and the append is sent again."""
-
-
-WRONG_LAST_SEQUENCE = re.compile(r"wrong last sequence: (\d+)")
-
-
-def refusal(expected: int, description: str) -> Exception:
-    """The exception for a wrong-last-sequence answer to an append after `expected`."""
-    found = WRONG_LAST_SEQUENCE.search(description or "")
-    if found is not None and int(found.group(1)) < expected:
-        return StreamBehind(description)
-    return Refused(description)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,35 +230,17 @@ class Stream:
                 f"configured: a lost NATS node could lose acknowledged payments; raise its "
                 f"replicas (nats stream edit {self.names.stream} --replicas {replicas}) or "
                 f"start with --allow-unreplicated")
-        if not info.config.allow_atomic:
-            await self._allow_atomic(info.config)
         if have < replicas:
             log.warning("UNREPLICATED: stream %s has %d replica(s), fewer than the %d "
                         "configured (--allow-unreplicated)", self.names.stream, have, replicas)
         return have
-
-    async def _allow_atomic(self, config) -> None:
-        """A new leader's term record is an atomic batch (its fence of the
-        old leader's appends in flight: engine/replication/log.py), which the
-        stream must allow (nats-server 2.12 or later)."""
-        config.allow_atomic = True
-        try:
-            await self.js.update_stream(config)
-        except nats.js.errors.APIError as error:
-            raise StreamSettingsError(
-                f"stream {self.names.stream} does not allow atomic batches and cannot be "
-                f"changed to ({error.description}): run nats-server 2.12 or later, or set "
-                f"allow_atomic on the stream") from None
-        log.warning("stream %s now allows atomic batches (a new leader's term record "
-                    "needs them)", self.names.stream)
 
     async def _create(self, replicas: int, allow_unreplicated: bool):
         config = StreamConfig(
             name=self.names.stream, subjects=[self.names.subject], storage=StorageType.FILE,
             num_replicas=replicas, retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.NEW, allow_direct=True, duplicate_window=DUPLICATE_WINDOW_S,
-            max_msg_size=self.max_payload, deny_delete=False, deny_purge=False,
-            allow_atomic=True)
+            max_msg_size=self.max_payload, deny_delete=False, deny_purge=False)
         try:
             return await self.js.add_stream(config)
         except nats.js.errors.APIError as error:
@@ -316,43 +272,11 @@ class Stream:
                                         headers=headers)
         except nats.js.errors.APIError as error:
             if error.err_code == ERR_WRONG_LAST_SEQUENCE:
-                raise refusal(expected, error.description) from None
+                raise Refused(error.description) from None
             raise
         if ack.seq != expected + 1:     # a duplicate of our own earlier append
             raise Refused(f"the stream holds this append at {ack.seq}, not at {expected + 1}")
         return ack.seq
-
-    async def append_fence(self, payload: bytes, expected: int, msg_id: str, last_command: int,
-                           kind: str, count: int, timeout_s: float) -> int:
-        """`count` copies of a record as one atomic batch after stream seq
-        `expected` (JetStream stores all or none, at consecutive sequences);
-        the last one's stream sequence. Raises Refused as `append` does."""
-        batch_id = f"{msg_id}.b"
-        for index in range(1, count + 1):
-            headers = {EXPECTED_LAST_SEQUENCE: str(expected), MSG_ID: f"{msg_id}.{index}",
-                       HEADER_LAST: str(last_command), HEADER_KIND: kind, BATCH_ID: batch_id,
-                       BATCH_SEQUENCE: str(index)}
-            if index > 1:               # (only the first may carry the expectation)
-                del headers[EXPECTED_LAST_SEQUENCE]
-            if index < count:
-                await self.nc.publish(self.names.subject, payload, headers=headers)
-                continue
-            headers[BATCH_COMMIT] = "1"
-            reply = await self.nc.request(self.names.subject, payload, timeout=timeout_s,
-                                          headers=headers)
-        answer = json.loads(reply.data)
-        error = answer.get("error")
-        if error is not None:
-            if error.get("err_code") == ERR_WRONG_LAST_SEQUENCE:
-                raise refusal(expected, error.get("description", ""))
-            if error.get("err_code") == ERR_BATCH_DUPLICATE_MSG_ID:
-                raise Refused(error.get("description", ""))
-            raise nats.js.errors.APIError(code=error.get("code"), err_code=error.get("err_code"),
-                                          description=error.get("description"))
-        if answer.get("seq") != expected + count or answer.get("count") != count:
-            raise Refused(f"the stream holds this fence at {answer.get('seq')}, not at "
-                          f"{expected + count}")
-        return answer["seq"]
 
     async def announce(self, seq: int) -> None:
         """The tip hint (nats-py only buffers it): its loss delays followers
