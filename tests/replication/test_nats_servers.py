@@ -5,6 +5,7 @@ import os
 
 import nats
 from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import NoStreamResponseError
 
 from engine.replication.nats_servers import NatsCluster, node_config
 from support.nats import start_cluster
@@ -20,13 +21,27 @@ def test_every_node_config_syncs_always_and_routes_to_the_others(tmp_path):
     assert len({n.port for n in cluster.nodes} | {n.cluster_port for n in cluster.nodes}) == 6
 
 
+STREAM_READY_TIMEOUT_S = 30.0
+
+
 async def publish_r3(urls):
     nc = await nats.connect(urls)
     try:
         js = nc.jetstream(timeout=10)
         info = await js.add_stream(StreamConfig(name="probe", subjects=["probe"],
                                                 storage=StorageType.FILE, num_replicas=3))
-        ack = await js.publish("probe", b"x")
+        # A new R3 stream answers once its replicas have elected a leader:
+        # until then a publish finds no responder. Re-sent with one
+        # Nats-Msg-Id, so that it is stored once however often it is sent.
+        deadline = asyncio.get_running_loop().time() + STREAM_READY_TIMEOUT_S
+        while True:
+            try:
+                ack = await js.publish("probe", b"x", headers={"Nats-Msg-Id": "probe-1"})
+                break
+            except NoStreamResponseError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
         info = await js.stream_info("probe")
         return ack.seq, info.config.num_replicas, len(info.cluster.replicas or [])
     finally:
