@@ -17,6 +17,11 @@ from support.servers import pay_batch
 
 LEASE_MS = 2000
 RESUME_BOUND_S = 30.0               # a sanity bound; the pause is measured, not asserted
+# After two of three NATS servers come back: the cluster re-forms, the old
+# leader's lease runs out, and a takeover may retry for seconds (20 tries
+# took 12 s in one run) before the first write; 30 s was exceeded in about
+# one run in six on the loaded 2-core machine (2026-12-06).
+REJOIN_BOUND_S = 60.0
 
 
 @pytest.fixture
@@ -34,6 +39,24 @@ def acked_count_grows(load: Load, timeout_s: float) -> float:
         assert time.monotonic() - started < timeout_s, "payments did not resume"
         time.sleep(0.02)
     return time.monotonic() - started
+
+
+LEADER_TRY_S = 5.0
+
+
+def resumes_on_the_leader(load: Load, group: list, timeout_s: float) -> None:
+    """Point the load at whichever node leads until its acknowledged count
+    grows: while NATS comes back, the node that led may still say so until
+    its lease (which it could not renew) runs out, and another takes over."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        load.leader = wait_for_leader(group, timeout_s=60)
+        try:
+            acked_count_grows(load, LEADER_TRY_S)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
 
 
 @pytest.fixture
@@ -68,9 +91,7 @@ def test_losing_nats_servers_under_load(own_cluster, group):
         assert isinstance(refused, (Unavailable, NotLeader)), refused
         own_cluster.start_node(victim)
         own_cluster.start_node(second)
-        leader = wait_for_leader(group, timeout_s=60)
-        load.leader = leader
-        acked_count_grows(load, RESUME_BOUND_S)
+        resumes_on_the_leader(load, group, REJOIN_BOUND_S)
     finally:
         if load is not None:
             load.stop()
