@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from engine.ports import free_port  # noqa: F401 (the benchmarks' one way to a port)
+
 SUMMARY: dict[str, str] = {}      # figure -> text, printed at the end of the session
 
 
@@ -31,13 +33,6 @@ def load() -> str:
     """The machine is shared: say how busy it was when a figure was taken."""
     one, five, _ = os.getloadavg()
     return f"load avg {one:.1f}/{five:.1f} on {os.cpu_count()} cores"
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

@@ -63,6 +63,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from engine.demo import world as world_module  # noqa: E402
 from engine.client import Client  # noqa: E402
+from engine.ports import free_port  # noqa: E402
 from engine.server.metrics import STAGES  # noqa: E402
 from engine.protocol.limits import BATCH_RECORDS_MAX  # noqa: E402
 from engine.protocol.records import PAY_RESULT  # noqa: E402
@@ -134,11 +135,6 @@ def world_spec() -> World:
                  topup_per_user_min=10**11, topup_per_user_max=10**11, preset="standard",
                  now_ms=time.time_ns() // 1_000_000)     # the server runs on the wall clock
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- the server

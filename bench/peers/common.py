@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from engine.ports import free_port  # noqa: F401 (the peers' one way to a port)
+
 from .workload import FinalState, Payment
 
 STOP_TIMEOUT_S = 30
@@ -45,11 +47,6 @@ class Run:
                 "p99_ms": round(self.percentile_ms(99), 4),
                 "state_hash": self.state.digest()}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen | None, log_path: str,

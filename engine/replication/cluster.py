@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 
+from engine.ports import bindable, free_ports
 from engine.replication.nats_servers import NatsCluster, nats_server_binary
 
 STATE_NAME = "cluster.json"
@@ -85,31 +86,6 @@ class Member:
     @property
     def address(self) -> str:
         return f"{HOST}:{self.port}"
-
-
-def port_free(port: int) -> bool:
-    """Whether a listener could bind `port` now: SO_REUSEADDR as nats-server
-    and asyncio set it, so connections of an earlier run in TIME_WAIT do not count."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-            return True
-        except OSError:
-            return False
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports nothing listens on now (held open together, so
-    the system gives each once)."""
-    holders = [socket.socket() for _ in range(count)]
-    try:
-        for s in holders:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in holders]
-    finally:
-        for s in holders:
-            s.close()
 
 
 def plan_ports(nodes: int, base_port: int) -> tuple[list[int], list[int], list[int]]:
@@ -315,7 +291,7 @@ class LocalCluster:
     def check_ports(self) -> None:
         for member in self.nodes + self.nats:       # the base port first
             for port in (member.port, member.cluster_port):
-                if port and not port_free(port):
+                if port and not bindable(port, HOST):
                     raise ClusterError(
                         f"port {port} on {HOST} is taken (another process listens there): "
                         f"stop it, or give other ports with --base-port P (scanpay P.., NATS "

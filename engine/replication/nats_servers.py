@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from engine.ports import free_ports
+
 CLUSTER_NAME = "scanpay"
 START_TIMEOUT_S = 20.0            # all nodes accept clients and JetStream has a meta leader
 STOP_TIMEOUT_S = 10.0             # SIGTERM, then SIGKILL
@@ -29,12 +31,6 @@ POLL_S = 0.05
 # the group-commit batches around it (engine/replication/log.py splits above it).
 MAX_PAYLOAD_BYTES = 8 << 20
 
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def nats_server_binary() -> str:
@@ -112,7 +108,8 @@ class NatsCluster:
             raise ValueError(f"a local cluster has 1 to 9 nodes, not {nodes}")
         self.directory = os.path.abspath(directory)
         self.detached = detached
-        self.nodes = [NatsNode(f"n{i + 1}", free_port(), free_port(),
+        ports = free_ports(2 * nodes)
+        self.nodes = [NatsNode(f"n{i + 1}", ports[2 * i], ports[2 * i + 1],
                                os.path.join(self.directory, f"n{i + 1}"))
                       for i in range(nodes)]
 

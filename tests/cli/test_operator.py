@@ -14,6 +14,7 @@ import pytest
 
 from engine import cli, client as client_module
 from engine.client import Client
+from engine.ports import free_port
 from support.servers import RealServer, setup_world
 
 from support import ROOT  # noqa: E402
@@ -23,11 +24,6 @@ PY = sys.executable
 def env_here() -> dict:
     return dict(os.environ, PYTHONPATH=ROOT)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scanpay(capsys, *argv) -> tuple[int, str, str]:

@@ -26,6 +26,7 @@ from engine.client import (AsyncClient, BadFrame, Client, ConnectionLost, Forbid
 from engine.protocol.limits import BATCH_RECORDS_MAX
 from engine.protocol.errors import BadBody, Busy, EngineError, NotLeader, Unavailable, UnknownOp
 from engine.protocol.records import ISSUE_RECORD, ISSUE_RESULT, PAY_RECORD, PAY_RESULT
+from engine.ports import free_port
 from engine.protocol.status import ErrorCode
 
 from support import ROOT  # noqa: E402
@@ -383,9 +384,7 @@ def test_default_timeouts_expire_in_order_without_a_timer_each(fake):
 
 
 def test_connect_refused():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with pytest.raises(ConnectionRefusedError):
         run(AsyncClient.connect("127.0.0.1", port))
     with pytest.raises(ConnectionRefusedError):
@@ -494,9 +493,7 @@ def test_admin_writes_from_csv_and_json(engine_server, tmp_path):
 
 
 def test_admin_errors_say_what_to_do(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     code, _, err = admin_main(["audit", "--connect", f"127.0.0.1:{port}"])
     assert code == 2 and "is `scanpay serve` running there?" in err
     code, _, err = admin_main(["audit", "--unix", str(tmp_path / "nope.sock")])
@@ -641,9 +638,7 @@ def test_scanpay_serve_command_with_locust(tmp_path):
     scanpay = os.path.join(ROOT, ".venv", "bin", "scanpay")
     locust = os.path.join(ROOT, ".venv", "bin", "locust")
     assert os.path.exists(scanpay), "no scanpay script: pip install -e '.[test]'"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([scanpay, "serve", "--data", str(tmp_path / "data"),
                                "--listen", f"127.0.0.1:{port}"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

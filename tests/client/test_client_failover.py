@@ -30,7 +30,7 @@ from engine.protocol.records import PAY_RESULT
 
 from support import ROOT
 from support.fake_server import FakeServer
-from support.servers import RealServer, free_port, pay_batch, setup_world
+from support.servers import RealServer, pay_batch, setup_world
 
 FAST = dict(retry_deadline_ms=5_000, backoff_initial_ms=5, backoff_max_ms=50)
 

@@ -27,6 +27,7 @@ from engine.server.config import Config, parse_key
 from engine.iso8583 import Adapter
 from engine.iso8583.mapping import IsoConfigError, config_from, load_config
 from engine.server.server import Server
+from engine.ports import free_port
 
 from support import ROOT  # noqa: E402
 EXAMPLE_CONFIG = os.path.join(ROOT, "docs", "iso8583.example.toml")
@@ -44,9 +45,7 @@ TIMEOUT_S = 10
 def engine_port(tmp_path_factory):
     """A real `scanpay serve` process (durable, on a temp dir) with two merchants."""
     data = tmp_path_factory.mktemp("iso") / "data"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--data", str(data),
                              "--listen", f"127.0.0.1:{port}"], env=env, cwd=ROOT,
@@ -350,9 +349,7 @@ def test_response_codes_of_the_mapping(engine_port):
 
 
 def test_engine_unavailable_is_91(engine_port):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]      # nothing listens here once closed
+    dead = free_port()      # nothing listens here once closed
 
     async def main():
         adapter = Adapter(adapter_config(dead, engine_timeout_ms=2000))
@@ -672,9 +669,7 @@ def test_binary_bitmap_spec(engine_port):
 # -- metrics and logs ---------------------------------------------------------------------------------
 
 def test_metrics_by_mti_and_de39_and_logs_never_hold_a_full_code(engine_port, caplog):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        metrics_port = s.getsockname()[1]
+    metrics_port = free_port()
     codes = []
 
     async def scenario(adapter, client):
@@ -731,9 +726,7 @@ def test_payment_id_is_the_documented_derivation_and_depends_on_every_field():
 
 
 def test_scanpay_iso8583_command(engine_port, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT)
     bad = subprocess.run([sys.executable, "-m", "engine.cli", "iso8583", "--listen", "nope"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)

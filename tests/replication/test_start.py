@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from engine.replication.nats_servers import free_port
+from engine.ports import free_port
 from support import ROOT
 from support.nats import start_cluster
 from support.replicas import Node, wait_for_leader

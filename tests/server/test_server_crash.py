@@ -30,6 +30,7 @@ from engine import Engine
 from engine.protocol import frame
 from engine.client import Client
 from engine.protocol.ops import OP_PAY
+from engine.ports import free_port
 from engine.protocol.records import PAY_RESULT
 from engine.protocol.status import Status
 
@@ -40,11 +41,6 @@ WINDOW_FRAMES = 16                  # PAY frames each gateway keeps in flight
 USERS = 8
 START_TIMEOUT_S = 15
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(data: str, port: int) -> subprocess.Popen:

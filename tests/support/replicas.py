@@ -10,7 +10,7 @@ import sys
 import time
 
 from engine.client import Client, hello_request
-from engine.replication.nats_servers import free_port
+from engine.ports import free_port
 from engine.replication.node import EXIT_STREAM_BROKEN
 from support import ROOT
 

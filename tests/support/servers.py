@@ -10,6 +10,7 @@ import numpy as np
 from engine import Engine
 from engine.cli import admin
 from engine.protocol import frame
+from engine.ports import free_port
 from engine.protocol.ops import OP_PAY
 from engine.protocol.records import PAY_RECORD
 from engine.server.config import Config
@@ -17,12 +18,6 @@ from engine.server.server import Server
 
 START_TIMEOUT_S = 10
 
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on (as the kernel hands them out)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RealServer:
