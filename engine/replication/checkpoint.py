@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import threading
+import time
 
 from engine.core import canonical, export
 
@@ -24,6 +25,11 @@ DIGESTS_KEPT = 16                   # our recent digests, for records that come 
 CHILDREN_MAX = 4                    # digest children at once; beyond, a checkpoint is skipped
 DIGEST_NICE = 10                    # the child yields the cores to the engine
 DIGEST_HEX_BYTES = 64
+# A digest of even a large state takes seconds; a child still running after
+# this is stuck (or starved): it is killed and its checkpoint counted as
+# skipped, so that a stuck child cannot hold one of CHILDREN_MAX slots, and
+# with four of them every later checkpoint, for ever.
+DIGEST_TIMEOUT_S = 300.0
 
 
 class DigestMismatch(Exception):
@@ -38,7 +44,7 @@ class Checkpoints:
         assert every >= 0
         self.every = every
         self.lock = threading.Lock()
-        self.children = {}          # seq -> (pid, read fd)
+        self.children = {}          # seq -> (pid, read fd, started at: monotonic s)
         self.digests = {}           # seq -> our digest (hex)
         self.claims = {}            # seq -> the leader's digest, ours not ready yet
         self.appended = 0           # the last seq whose record the leader appended
@@ -60,14 +66,20 @@ class Checkpoints:
             if pid == 0:
                 digest_child(state, write_fd)       # never returns
             os.close(write_fd)
-            self.children[seq] = (pid, read_fd)
+            self.children[seq] = (pid, read_fd, time.monotonic())
 
     def collect(self) -> None:
         """Read the digests of the children that are done."""
         with self.lock:
-            for seq, (pid, fd) in list(self.children.items()):
+            for seq, (pid, fd, started) in list(self.children.items()):
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done == 0:
+                    if time.monotonic() - started > DIGEST_TIMEOUT_S:
+                        self.kill_child(seq)
+                        self.skipped += 1
+                        log.error("checkpoint %d skipped: its digest child ran over %.0f s "
+                                  "and was killed (a machine this busy checks fewer "
+                                  "checkpoints)", seq, DIGEST_TIMEOUT_S)
                     continue
                 with os.fdopen(fd, "rb") as pipe:
                     digest = pipe.read().decode()
@@ -119,13 +131,17 @@ class Checkpoints:
         self.collect()
         with self.lock:
             for old in [s for s in self.children if s > seq]:
-                pid, fd = self.children.pop(old)
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                os.close(fd)
+                self.kill_child(old)
             for old in [s for s in self.digests if s > seq]:
                 del self.digests[old]
             self.appended = min(self.appended, seq)
+
+    def kill_child(self, seq: int) -> None:
+        """(Holding the lock.) Stop the digest child of `seq`, and forget it."""
+        pid, fd, _started = self.children.pop(seq)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
 
 
 def digest_child(state, write_fd: int) -> None:

@@ -53,10 +53,9 @@ def leader_and_follower_after_writes(nodes, writes: int):
 
 def test_leader_replicates_and_a_follower_serves_reads_with_the_stream_seq(nodes):
     leader, follower = leader_and_follower_after_writes(nodes, 20)
-    at = leader.hello()["stream_seq"]
-    hello = follower.hello()
+    at = leader.hello()["stream_seq"]       # (a checkpoint record may follow the writes)
+    hello = wait_for_seq(follower, at)
     assert hello["role"] == "follower" and hello["leader"] == leader.address
-    assert hello["stream_seq"] >= at        # (a checkpoint record may follow the writes)
     with follower.client() as c:
         reply = c.call("BALANCES", {"users": [42]})
         assert reply["stream_seq"] >= at
@@ -95,7 +94,7 @@ def test_a_wrong_checkpoint_digest_stops_the_follower(nodes, logs):
     leader, follower = leader_and_follower_after_writes(nodes, 9)
     deadline = time.monotonic() + EXIT_TIMEOUT_S
     while (follower.hello()["checkpoint"] or {}).get("seq") != 10:
-        assert time.monotonic() < deadline, follower.hello()
+        assert time.monotonic() < deadline, (follower.hello(), follower.log_tail())
         time.sleep(0.05)
     digest = follower.hello()["checkpoint"]["digest"]
     assert leader.hello()["checkpoint"] == {"seq": 10, "digest": digest}

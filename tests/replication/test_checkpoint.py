@@ -1,0 +1,65 @@
+"""Checkpoint digests computed in forked children (engine/replication/checkpoint.py),
+without NATS: a digest matches the state's, and a stuck child is killed, not
+left to hold a slot for ever."""
+import logging
+import os
+import time
+
+import pytest
+
+from engine import Engine
+from engine.core import canonical, export
+from engine.replication import checkpoint
+from engine.replication.checkpoint import Checkpoints, DigestMismatch
+
+WAIT_S = 10.0
+
+
+def collected(points: Checkpoints, seq: int) -> str:
+    deadline = time.monotonic() + WAIT_S
+    while seq not in points.digests:
+        assert time.monotonic() < deadline, points.children
+        time.sleep(0.01)
+        points.collect()
+    return points.digests[seq]
+
+
+def test_a_checkpoint_digest_is_the_states_digest():
+    state = Engine().state
+    points = Checkpoints(every=5)
+    points.applied(state, 4)                    # not a checkpoint: no child
+    assert points.children == {}
+    points.applied(state, 5)
+    assert collected(points, 5) == canonical.digest(export.canonical(state))
+    with pytest.raises(DigestMismatch, match="checkpoint at command 5"):
+        points.claim(5, "f" * 64)               # compared at once: it differs
+    points.applied(state, 10)
+    points.claim(10, canonical.digest(export.canonical(state)))
+    collected(points, 10)
+    points.verify()
+    assert points.last == {"seq": 10, "digest": points.digests[10]}
+
+
+def hang(_state, write_fd):
+    """A digest child that never finishes (as one stuck on a lock would)."""
+    os.close(write_fd)
+    time.sleep(60)
+    os._exit(0)
+
+
+def test_a_stuck_digest_child_is_killed_and_its_checkpoint_skipped(monkeypatch, caplog):
+    monkeypatch.setattr(checkpoint, "digest_child", hang)
+    monkeypatch.setattr(checkpoint, "DIGEST_TIMEOUT_S", 0.2)
+    points = Checkpoints(every=5)
+    points.applied(Engine().state, 5)
+    (pid, _fd, _started), = points.children.values()
+    time.sleep(0.3)
+    with caplog.at_level(logging.ERROR, logger="scanpay.replication"):
+        points.collect()
+    assert points.children == {} and points.skipped == 1 and 5 not in points.digests
+    assert "checkpoint 5 skipped: its digest child ran over" in caplog.text
+    try:
+        os.kill(pid, 0)
+        raise AssertionError(f"the stuck child {pid} still exists")
+    except ProcessLookupError:
+        pass                                    # killed and reaped
