@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from engine import Engine
 from engine import client as client_module
+from engine.ports import free_port
 from engine.client import (AsyncClient, Client, ConnectionLost, OutcomeUnknown,
                            RetryDeadlineExceeded)
 from engine.client.failover import (FINAL, LOST, NOT_SENT, REFUSED, RESENDABLE, FailoverAsyncClient,
