@@ -72,8 +72,8 @@ class Lease:
                 f"the lease bucket {self.bucket} has {have} replica(s), fewer than the "
                 f"{replicas} configured; recreate it or start with --allow-unreplicated")
 
-    async def holder(self) -> dict | None:
-        """Who holds the lease now (None: nobody)."""
+    async def holder(self) -> tuple[dict, int] | None:
+        """Who holds the lease now, and the key's revision (None: nobody)."""
         try:
             entry = await self.kv.get(LEASE_KEY)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
@@ -82,7 +82,7 @@ class Lease:
             holder = json.loads(entry.value or b"")
         except ValueError:
             holder = None
-        return holder if isinstance(holder, dict) else {"address": ""}
+        return (holder if isinstance(holder, dict) else {"address": ""}), entry.revision
 
     async def acquire(self, me: dict) -> int | None:
         """Take the lease if nobody holds it: its revision, or None."""

@@ -356,8 +356,18 @@ class ReplicaNode:
         self.role = FOLLOWER
 
     async def watch(self) -> None:
-        holder = await asyncio.wait_for(self.lease.holder(), LEASE_LOOK_TIMEOUT_S)
-        if holder is not None:
+        found = await asyncio.wait_for(self.lease.holder(), LEASE_LOOK_TIMEOUT_S)
+        if found is not None:
+            holder, revision = found
+            if holder == self.me():
+                # This node's own entry, though it holds no lease: a create or
+                # a renewal NATS took after its answer was lost (it times out
+                # while the bucket elects a leader, then lands). Freed now,
+                # not a whole lease after the bucket came back.
+                if await self.release(revision):
+                    log.info("lease: the key held this node's entry from a request whose "
+                             "answer was lost; released")
+                return
             self.log.leader = holder.get("address", "")
             return
         self.log.leader = ""

@@ -72,3 +72,20 @@ def test_a_holder_whose_renewals_fail_wakes_at_the_end_of_its_lease():
     assert node.lease_wait_s() <= 0.1
     node.renewed_at = time.monotonic()
     assert abs(node.lease_wait_s() - LEASE_S / 3) < 0.05
+
+
+def test_a_follower_frees_a_key_that_holds_its_own_entry():
+    """A create (or renewal) whose answer was lost while the bucket elected
+    a leader, and that NATS took all the same: the key names this node, which
+    holds no lease. It is released at once (at its revision), not left for a
+    whole lease in which no node leads."""
+    class Stale(Bucket):
+        async def holder(self):
+            return node.me(), 7
+
+    bucket = Stale()
+    node = holder(bucket, None)
+    node.role = FOLLOWER
+    node.log.leader = "127.0.0.1:2"
+    asyncio.run(node.watch())
+    assert bucket.released == [7] and node.revision is None
