@@ -23,11 +23,12 @@ LEASE_MS = 2000
 # Payments resume after the stream leader's server dies: JetStream elects
 # another (4 to 9 s, its Raft timeout), and if that server also led the
 # lease bucket the lease lapses meanwhile and a node takes over. Measured
-# 4.7-9.5 s over 30 runs at load 6-11 (docs/replication.md, "Failure modes").
+# 4.3-9.5 s over 40 runs at load 6-11 (docs/replication.md, "Takeovers
+# while NATS elects its leaders").
 RESUME_BOUND_S = 30.0
 # After two of three NATS servers come back: the cluster re-forms, the
 # stream and the lease bucket elect leaders, a node leads and writes.
-# Measured 1.5-6.9 s over 20 runs at load 6-11 (8.1 s before a node freed
+# Measured 1.5-7.5 s over 30 runs at load 6-11 (8.1 s before a node freed
 # its own late-landed lease entry; 30 s was exceeded in one run in six when
 # a takeover gave the lease up after one unanswered request).
 REJOIN_BOUND_S = 30.0
