@@ -98,9 +98,11 @@ class Lease:
         except nats.js.errors.KeyWrongLastSequenceError:
             raise LeaseLost(f"the lease key is no longer at revision {revision}") from None
 
-    async def release(self, revision: int) -> None:
-        """Give the lease up (a clean stop): a follower may take it at once."""
+    async def release(self, revision: int) -> bool:
+        """Give the lease up (a clean stop): a follower may take it at once.
+        False if the key was no longer at `revision` (nothing deleted)."""
         try:
             await self.kv.delete(LEASE_KEY, last=revision)
+            return True
         except nats.js.errors.KeyWrongLastSequenceError:
-            pass
+            return False

@@ -330,10 +330,10 @@ class ReplicaNode:
 
     async def release(self, revision: int) -> bool:
         """Give the key at `revision` up (a follower may take it at once
-        rather than after its TTL); False if NATS did not answer."""
+        rather than after its TTL); False if it was not there any more or
+        NATS did not answer."""
         try:
-            await asyncio.wait_for(self.lease.release(revision), LEASE_LOOK_TIMEOUT_S)
-            return True
+            return await asyncio.wait_for(self.lease.release(revision), LEASE_LOOK_TIMEOUT_S)
         except NATS_ERRORS as error:
             log.debug("lease: not released (%s); it expires", error)
             return False
@@ -545,7 +545,7 @@ class ReplicaNode:
                 await asyncio.sleep(0.005)  # the replica that answered lags its leader
         else:
             raise TakeoverRetry(f"caught up to stream message {self.log.stream_seq} of {end} "
-                                f"only (the replicas read lag)")
+                                f"only (the replica that answered lags)")
         token = self.log.new_token()
         body = {"address": self.address, "token": token, "seq": self.log.durable_seq,
                 "now": self.engine._now()}

@@ -21,8 +21,9 @@ class Bucket:
         await self.answer.wait()
         return revision + 1
 
-    async def release(self, revision: int) -> None:
+    async def release(self, revision: int) -> bool:
         self.released.append(revision)
+        return True
 
 
 def holder(bucket: Bucket, revision: int) -> ReplicaNode:
