@@ -72,8 +72,8 @@ class Lease:
                 f"the lease bucket {self.bucket} has {have} replica(s), fewer than the "
                 f"{replicas} configured; recreate it or start with --allow-unreplicated")
 
-    async def holder(self) -> dict | None:
-        """Who holds the lease now (None: nobody)."""
+    async def holder(self) -> tuple[dict, int] | None:
+        """Who holds the lease now, and the key's revision (None: nobody)."""
         try:
             entry = await self.kv.get(LEASE_KEY)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
@@ -82,7 +82,7 @@ class Lease:
             holder = json.loads(entry.value or b"")
         except ValueError:
             holder = None
-        return holder if isinstance(holder, dict) else {"address": ""}
+        return (holder if isinstance(holder, dict) else {"address": ""}), entry.revision
 
     async def acquire(self, me: dict) -> int | None:
         """Take the lease if nobody holds it: its revision, or None."""
@@ -98,9 +98,11 @@ class Lease:
         except nats.js.errors.KeyWrongLastSequenceError:
             raise LeaseLost(f"the lease key is no longer at revision {revision}") from None
 
-    async def release(self, revision: int) -> None:
-        """Give the lease up (a clean stop): a follower may take it at once."""
+    async def release(self, revision: int) -> bool:
+        """Give the lease up (a clean stop): a follower may take it at once.
+        False if the key was no longer at `revision` (nothing deleted)."""
         try:
             await self.kv.delete(LEASE_KEY, last=revision)
+            return True
         except nats.js.errors.KeyWrongLastSequenceError:
-            pass
+            return False

@@ -32,8 +32,8 @@ from engine.replication.lease import Lease, LeaseLost
 from engine.replication.log import StreamLog, StreamTrimmed, StreamUnavailable
 from engine.replication.snapshot_store import SnapshotRefused, SnapshotStore
 from engine.replication.loop_thread import LoopThread
-from engine.replication.stream import (KIND_CHECKPOINT, KIND_TERM, Names, Refused, Stream,
-                                       parse_servers)
+from engine.replication.stream import (API_TIMEOUT_S, KIND_CHECKPOINT, KIND_TERM, Names, Refused,
+                                       Stream, parse_servers)
 from engine.storage import snapshot as snapshots
 from engine.storage.journal import JournalError
 
@@ -43,6 +43,10 @@ FOLLOWER, CANDIDATE, LEADER = "follower", "candidate", "leader"
 CONNECT_TIMEOUT_S = 40.0            # connect, and find or create the stream and the bucket
 RENEWALS_PER_LEASE = 3              # the leader renews this often per lease length
 WATCHES_PER_LEASE = 6               # a follower looks at the lease this often
+# A look at the key, and a release: JetStream leaves a read unanswered while
+# the bucket has no leader, and a look sent then must not wait out the
+# API's 5 s once a leader is back.
+LEASE_LOOK_TIMEOUT_S = 1.0
 FOLLOW_POLL_S = 0.2                 # a follower reads the stream at least this often
 IDLE_POLL_S = 0.01                  # while not following (taking over, pending appends)
 LEADER_POLL_S = 0.1                 # the leader looks for finished digests this often
@@ -50,11 +54,24 @@ LEADER_POLL_S = 0.1                 # the leader looks for finished digests this
 # reaps its snapshots only at writes, and an idle leader has none.
 SNAPSHOT_LOOK_S = 1.0
 ERROR_WAIT_S = 0.25                 # after NATS did not answer a follower's read
-TAKEOVER_TRIES_MAX = 20             # catch up + term record, before giving the lease up
+# A lease holder waits this long for the stream to answer (it may have no
+# leader yet: JetStream elects one in 4 to 9 s) before giving the lease up.
+# Another node could do no better meanwhile, and the holder keeps renewing.
+TAKEOVER_TIMEOUT_S = 30.0
+TAKEOVER_TRIES_MAX = 120            # catch up + term record (the loop's bound)
+TAKEOVER_RETRY_WAIT_S = 0.25
+# One takeover read: JetStream leaves a request to a leaderless stream
+# unanswered, so a short timeout re-asks soon after a leader is elected
+# (the API's own 5 s made one lost request cost 5 s, and gave the lease up).
+TAKEOVER_READ_TIMEOUT_S = 1.0
 CATCH_UP_EMPTY_READS_MAX = 400      # reads that found nothing while the stream reports more
 EXIT_STREAM_BROKEN = 3              # `scanpay serve` exit code: stopped rather than apply a bad stream
 NATS_ERRORS = (TimeoutError, asyncio.TimeoutError, nats.errors.Error, nats.js.errors.Error,
                OSError)
+
+
+class TakeoverRetry(Exception):
+    """A takeover try found the stream not ready (the message says why): try again."""
 
 
 def fatal(why: str) -> None:
@@ -274,31 +291,60 @@ class ReplicaNode:
                     await self.watch()
             except NATS_ERRORS as error:
                 log.debug("lease: NATS did not answer (%s)", error)
-            per_lease = RENEWALS_PER_LEASE if self.revision is not None else WATCHES_PER_LEASE
-            await asyncio.sleep(self.lease_s / per_lease)
-        if self.revision is not None:
-            try:
-                await self.lease.release(self.revision)
-                log.info("lease released")
-            except NATS_ERRORS:
-                pass
+            await asyncio.sleep(self.lease_wait_s())
+        if self.revision is not None and await self.release(self.revision):
+            log.info("lease released")
+
+    def lease_wait_s(self) -> float:
+        """Until the next renewal or look. A holder whose renewals fail
+        wakes at the end of its lease by its own clock (which ends before
+        the bucket's: it counts from before the request) and steps down
+        then, not up to a renewal interval later."""
+        if self.revision is None:
+            return self.lease_s / WATCHES_PER_LEASE
+        left_s = self.renewed_at + self.lease_s - time.monotonic()
+        return max(0.0, min(self.lease_s / RENEWALS_PER_LEASE, left_s))
 
     async def renew(self) -> None:
         """Renew the lease, counting its length from before the request (the
         bucket counts from when it stored it, which is later); not renewed
         within the lease: lost, even while the request is still pending."""
         sent = time.monotonic()
+        revision = self.revision
         left_s = self.lease_s - (sent - self.renewed_at)
         if left_s <= 0:
             return self.lost(f"not renewed for {self.lease_s:g} s")
         try:
-            self.revision = await asyncio.wait_for(
-                self.lease.renew(self.me(), self.revision), left_s)
-            self.renewed_at = sent
+            renewed = await asyncio.wait_for(self.lease.renew(self.me(), revision), left_s)
         except LeaseLost as error:
-            self.lost(str(error))
+            return self.lost(str(error))
         except asyncio.TimeoutError:
-            self.lost(f"not renewed for {self.lease_s:g} s")
+            return self.lost(f"not renewed for {self.lease_s:g} s")
+        if self.revision != revision:
+            # Lost while the request was out (deposed, or the takeover gave
+            # up): that stays so; the key it renewed is released.
+            await self.release(renewed)
+            return
+        self.revision = renewed
+        self.renewed_at = sent
+
+    async def release(self, revision: int) -> bool:
+        """Give the key at `revision` up (a follower may take it at once
+        rather than after its TTL); False if it was not there any more or
+        NATS did not answer."""
+        try:
+            return await asyncio.wait_for(self.lease.release(revision), LEASE_LOOK_TIMEOUT_S)
+        except NATS_ERRORS as error:
+            log.debug("lease: not released (%s); it expires", error)
+            return False
+
+    async def give_up(self, why: str) -> None:
+        """NATS loop: a takeover that could not finish. This node follows and
+        releases the key: the other node need not wait for its TTL."""
+        revision = self.revision
+        self.lost(why)
+        if revision is not None and await self.release(revision):
+            log.info("lease released")
 
     def lost(self, why: str) -> None:
         if self.revision is None:
@@ -310,8 +356,18 @@ class ReplicaNode:
         self.role = FOLLOWER
 
     async def watch(self) -> None:
-        holder = await self.lease.holder()
-        if holder is not None:
+        found = await asyncio.wait_for(self.lease.holder(), LEASE_LOOK_TIMEOUT_S)
+        if found is not None:
+            holder, revision = found
+            if holder == self.me():
+                # This node's own entry, though it holds no lease: a create or
+                # a renewal NATS took after its answer was lost (it times out
+                # while the bucket elects a leader, then lands). Freed now,
+                # not a whole lease after the bucket came back.
+                if await self.release(revision):
+                    log.info("lease: the key held this node's entry from a request whose "
+                             "answer was lost; released")
+                return
             self.log.leader = holder.get("address", "")
             return
         self.log.leader = ""
@@ -399,7 +455,7 @@ class ReplicaNode:
                 except asyncio.TimeoutError:
                     pass
 
-    async def follow_step(self) -> bool:
+    async def follow_step(self, timeout_s: float = API_TIMEOUT_S) -> bool:
         """Read and apply what follows the state in the stream; False if nothing."""
         try:
             self.engine._ensure_current()   # a refused leader rebuilds first
@@ -411,7 +467,7 @@ class ReplicaNode:
             self.seen_generation = self.engine.generation
             self.checkpoints.forget_after(self.log.durable_seq)     # digests of dropped commands
         after = self.log.stream_seq
-        messages = await self.nats.run(self.stream.fetch(after))
+        messages = await self.nats.run(self.stream.fetch(after, timeout_s=timeout_s))
         if not messages:
             return False
         if after != self.log.stream_seq or not self.log.idle:
@@ -441,47 +497,62 @@ class ReplicaNode:
 
     async def take_over(self) -> None:
         """This node holds the lease: catch up to the stream's end, append the
-        term record (after which no older leader's append can land), lead."""
+        term record (after which no older leader's append can land), lead.
+        A try the stream does not answer (no leader yet) is tried again
+        while this node holds the lease, up to TAKEOVER_TIMEOUT_S."""
         started = time.monotonic()
+        why = "no try"
         try:
-            for _ in range(TAKEOVER_TRIES_MAX):
+            for tries in range(1, TAKEOVER_TRIES_MAX + 1):
                 if self.revision is None or self.stopping:
                     return
-                if await self.try_take_over():
-                    self.takeovers += 1
-                    log.warning("leading from stream message %d (command %d), %.0f ms after "
-                                "taking the lease", self.log.stream_seq, self.log.durable_seq,
-                                (time.monotonic() - started) * 1000)
+                try:
+                    if await self.try_take_over():
+                        self.takeovers += 1
+                        log.warning("leading from stream message %d (command %d), %.0f ms after "
+                                    "taking the lease (%d tries)", self.log.stream_seq,
+                                    self.log.durable_seq, (time.monotonic() - started) * 1000,
+                                    tries)
                     return
-            log.error("could not take over in %d tries; giving the lease up", TAKEOVER_TRIES_MAX)
-        except (StreamUnavailable, EngineError, *NATS_ERRORS) as error:
-            log.error("taking over failed (%s); giving the lease up", error)
+                except TakeoverRetry as retry:
+                    why = str(retry)
+                except (StreamUnavailable, EngineError, *NATS_ERRORS) as error:
+                    why = f"the stream did not answer: {type(error).__name__}: {error}"
+                log.debug("takeover try %d: %s", tries, why)
+                if time.monotonic() - started >= TAKEOVER_TIMEOUT_S:
+                    break
+                await asyncio.sleep(TAKEOVER_RETRY_WAIT_S)
+            log.error("could not take over in %d tries over %.1f s (the last: %s); giving the "
+                      "lease up", tries, time.monotonic() - started, why)
         except (JournalError, DigestMismatch) as error:
             fatal(f"the replicated stream cannot be applied: {error}")
         except Exception:                   # a bug: give the lease to another node
             log.exception("taking over failed; giving the lease up")
-        self.nats.loop.call_soon_threadsafe(self.lost, "the takeover failed")
+        self.nats.submit(self.give_up("the takeover failed"))
 
     async def try_take_over(self) -> bool:
+        """One try: True once leading, False if the lease went meanwhile;
+        TakeoverRetry (or a NATS error) if the stream was not ready."""
         if not self.log.idle:
-            return False                    # its own appends are still being resolved
+            raise TakeoverRetry("its own appends are still being resolved")
         self.engine._ensure_current()
         self.log.settle()
-        end = await self.nats.run(self.stream.last_seq())
+        end = await self.nats.run(self.stream.last_seq(TAKEOVER_READ_TIMEOUT_S))
         for _ in range(CATCH_UP_EMPTY_READS_MAX):
             if self.log.stream_seq >= end:
                 break
-            if not await self.follow_step():
+            if not await self.follow_step(TAKEOVER_READ_TIMEOUT_S):
                 await asyncio.sleep(0.005)  # the replica that answered lags its leader
         else:
-            return False
+            raise TakeoverRetry(f"caught up to stream message {self.log.stream_seq} of {end} "
+                                f"only (the replica that answered lags)")
         token = self.log.new_token()
         body = {"address": self.address, "token": token, "seq": self.log.durable_seq,
                 "now": self.engine._now()}
         try:                                # off the event loop: NATS may be slow to answer
             await asyncio.to_thread(self.log.append_record, KIND_TERM, body, token)
-        except Refused:
-            return False                    # the stream moved on: catch up again
+        except Refused as refusal:          # the stream moved on: catch up again
+            raise TakeoverRetry(f"the term record was refused ({refusal})") from None
         return await self.nats.run(self.lead_if_held(token))
 
     async def lead_if_held(self, token: str) -> bool:

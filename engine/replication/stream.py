@@ -286,9 +286,12 @@ class Stream:
         except nats.errors.Error:
             pass
 
-    async def last_seq(self) -> int:
-        """The stream's last sequence, from its leader."""
-        info = await self.js.stream_info(self.names.stream)
+    async def last_seq(self, timeout_s: float = API_TIMEOUT_S) -> int:
+        """The stream's last sequence, from its leader. JetStream does not
+        answer this request while the stream has no leader (not even with
+        an error): a request sent then times out, however soon a leader is
+        elected; a takeover asks with a short `timeout_s` and asks again."""
+        info = await asyncio.wait_for(self.js.stream_info(self.names.stream), timeout_s)
         return info.state.last_seq
 
     async def first_seq(self) -> int:

@@ -17,6 +17,10 @@ from support.servers import pay_frame
 
 GATEWAYS = 4
 WINDOW_FRAMES = 8                   # PAY frames each gateway keeps in flight
+RECORDS_PER_FRAME = 4
+# Payments whose frames were in flight at any moment: more answered ok after
+# a moment means a frame sent after it was answered (an append after it).
+IN_FLIGHT_PAYMENTS_MAX = GATEWAYS * WINDOW_FRAMES * RECORDS_PER_FRAME
 USERS = 8
 REPLY_TIMEOUT_S = 1.0               # then the gateway goes to the leader the test names
 LOOKUP_CHUNK = 1000
@@ -52,12 +56,12 @@ class Load:
                 continue
             try:
                 for _ in range(WINDOW_FRAMES):
-                    writer.write(pay_frame(index, sent))
+                    writer.write(pay_frame(index, sent, RECORDS_PER_FRAME))
                     sent += 1
                 while not self.stopping:
                     if not await self.one_reply(reader):
                         break               # an error frame: to the leader again
-                    writer.write(pay_frame(index, sent))
+                    writer.write(pay_frame(index, sent, RECORDS_PER_FRAME))
                     sent += 1
             except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
                 pass

@@ -53,6 +53,22 @@ def stream_leader_name(urls: list[str], stream: str = "scanpay_0") -> str:
     return asyncio.run(_stream_info(urls, stream)).cluster.leader
 
 
+def create_stream(urls: list[str], replicas: int) -> str:
+    """The shard's stream created as a node creates it, with `replicas`
+    (a node started with allow_unreplicated takes it as it is): the name
+    of the NATS server that leads it."""
+    from engine.replication.stream import Names, Stream
+
+    async def create() -> str:
+        stream = await Stream.connect(urls, Names())
+        try:
+            await stream.ensure(replicas, allow_unreplicated=False)
+            return (await stream.js.stream_info(stream.names.stream)).cluster.leader
+        finally:
+            await stream.close()
+    return asyncio.run(create())
+
+
 def wait_replicas_current(urls: list[str], streams: tuple, timeout_s: float) -> None:
     """Until every stream of `streams` has a leader and all its replicas are
     current (a restarted NATS server has caught up): losing another server

@@ -116,6 +116,15 @@ def wait_for_leader(nodes: list, timeout_s: float = ROLE_TIMEOUT_S) -> Node:
         time.sleep(POLL_S * 4)
 
 
+def wait_for_role(node: Node, role: str, timeout_s: float = ROLE_TIMEOUT_S) -> None:
+    """Until `node`'s HELLO says `role` (`candidate`: it holds the lease and
+    has not led yet)."""
+    deadline = time.monotonic() + timeout_s
+    while node.hello()["role"] != role:
+        assert time.monotonic() < deadline, f"{node.name} is not {role}: {node.log_tail()}"
+        time.sleep(POLL_S)
+
+
 def wait_for_seq(node: Node, stream_seq: int, timeout_s: float = ROLE_TIMEOUT_S) -> dict:
     """Until `node` reflects the stream up to `stream_seq`: its HELLO."""
     deadline = time.monotonic() + timeout_s
