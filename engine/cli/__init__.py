@@ -168,8 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:           # Ctrl-C while the commands load (seconds on a busy box)
+        import signal
+
+        from engine.demo.stop import EXIT_CODES
+        print("scanpay: interrupted", file=sys.stderr, flush=True)
+        return EXIT_CODES[signal.SIGINT]
     from engine.cli import admin, journal as journal_cli, report
     from engine import iso8583
     if args.command == "report":

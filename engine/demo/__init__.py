@@ -33,6 +33,7 @@ import numpy as np
 from engine.protocol.records import PAY_RESULT
 from engine.protocol.status import STATUS_NAMES, Status
 from engine.demo import shoppers as behaviour, story
+from engine.demo.stop import STOP
 from engine.demo.world import (CATEGORIES, DEMO_START_MS, World, WorldBuildError, build,
                                capacity_for, issue_coupons, make_engine)
 
@@ -120,30 +121,43 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The demo; Ctrl-C stops it and still removes its data directory."""
-    if getattr(args, "cluster", False):
-        from engine.demo.cluster import run_cluster
-        return run_cluster(args, make_console())
-    console = make_console()
-    data_dir = None if args.embedded else tempfile.mkdtemp(prefix="scanpay-demo-")
-    eng = None
-    interrupted = False
+    """The demo. Ctrl-C (or SIGTERM) stops it at any moment: its server is
+    stopped, its engine closed and its data directory removed, and one line
+    says so (engine/demo/stop.py, docs/operations.md)."""
+    STOP.install()
     try:
+        if getattr(args, "cluster", False):
+            from engine.demo.cluster import run_cluster
+            return run_cluster(args, make_console())
+        return _run_here(args)
+    finally:
+        STOP.uninstall()
+
+
+def _run_here(args: argparse.Namespace) -> int:
+    """The demo in this process (the embedded engine, or its own server)."""
+    data_dir = None
+    eng = None
+    code = 1
+    try:
+        console = make_console()
+        with STOP.deferred():           # made and named at once, so that it is removed
+            data_dir = None if args.embedded else tempfile.mkdtemp(prefix="scanpay-demo-")
+        STOP.check()
         spec = World.demo(seed=args.seed, users=args.users)
         clock = SimClock(behaviour.history_start(DEMO_START_MS))
         eng = _make_engine(args, spec, clock, data_dir)
-        return _run(console, args, eng, spec, clock, data_dir)
+        code = _run(console, args, eng, spec, clock, data_dir)
+        STOP.check()                    # a press some code swallowed: never 0 after one
     except KeyboardInterrupt:
-        interrupted = True
-        return 130                          # the shell's code for "stopped by SIGINT"
+        STOP.interrupted()
     finally:
-        if eng is not None:
-            eng.close()
-        if data_dir:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        if interrupted:
-            where = f"; removed its data directory {data_dir}" if data_dir else ""
-            print(f"scanpay demo: interrupted{where}", file=sys.stderr, flush=True)
+        with STOP.deferred():           # not cut in half by a (second) press
+            if eng is not None:
+                eng.close()
+            if data_dir:
+                shutil.rmtree(data_dir, ignore_errors=True)
+    return STOP.outcome(code, f"; removed its data directory {data_dir}" if data_dir else "")
 
 
 def make_console():
@@ -187,6 +201,7 @@ def _run(console, args, eng, spec: World, clock: SimClock, data_dir: str | None)
     t0 = time.perf_counter()
     audit = eng.call("AUDIT", {})
     tally.audit_seconds = time.perf_counter() - t0
+    STOP.check()
     _report(console, eng, tally, audit, figures)
     if args.report:
         _write_report(console, figures, args.report)
@@ -211,6 +226,7 @@ class Weekend:
         for now, batch in behaviour.stream(self.info, self.shop, 2, self.payments, self.start_ms,
                                            self.start_ms + WEEKEND_MS, self.first_id,
                                            WEEKEND_STEPS_MIN):
+            STOP.check()                # (over the wire: the stream's task is cancelled)
             clock.now_ms = now
             yield batch
 
@@ -235,6 +251,7 @@ def _build(console, eng, spec: World):
         tasks: dict = {}
 
         def note(stage: str, done: int, total: int) -> None:
+            STOP.check()
             if stage not in tasks:
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done)
@@ -259,6 +276,7 @@ def _history(console, eng, info, shop: behaviour.Shoppers, clock: SimClock) -> t
     topup_id = info.spec.users + 1        # build() used top-up ids 1..users
     with console.status("paying the eight weeks before the weekend (in process)"):
         for now, batch in behaviour.stream(info, shop, 1, 0, start, DEMO_START_MS, 1, steps):
+            STOP.check()
             clock.now_ms = now
             res = eng.pay(batch)
             _count(tally, info, batch, res)
@@ -332,9 +350,11 @@ def _stream_over_the_wire(console, eng, weekend: Weekend, clock: SimClock, data_
     from engine.client import Client
     from engine.demo.wire import BackgroundServer
 
-    server = BackgroundServer(eng, data_dir)
-    console.print(f"server: durable, {data_dir}, listening on {server.host}:{server.port}")
+    with STOP.deferred():               # started whole, so that it is stopped whole
+        server = BackgroundServer(eng, data_dir)
     try:
+        STOP.check()
+        console.print(f"server: durable, {data_dir}, listening on {server.host}:{server.port}")
         tally = Tally()
         stream_payments(console, weekend.info, weekend.batches(clock), clock, weekend.payments,
                         tally, weekend.topup_id, server.host, server.port,
@@ -347,7 +367,9 @@ def _stream_over_the_wire(console, eng, weekend: Weekend, clock: SimClock, data_
         console.print(f"report read from the running server in {time.perf_counter() - t0:.1f} s "
                       f"(STATS, BALANCES and {lifts} LIFT requests)")
     finally:
-        server.stop()
+        with STOP.deferred():           # it drains and fsyncs before the engine closes
+            server.stop()
+    STOP.check()
     return tally, figures
 
 

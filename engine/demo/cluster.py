@@ -37,7 +37,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -45,6 +44,7 @@ import time
 import numpy as np
 
 from engine.demo import shoppers as behaviour, world as world_module
+from engine.demo.stop import STOP
 from engine.demo.world import DAY_MS, DEMO_START_MS, World, WorldBuildError, capacity_for
 from engine.protocol.limits import BATCH_RECORDS_MAX, WIRE_LOOKUP_ITEMS_MAX
 from engine.protocol.status import Status
@@ -124,34 +124,34 @@ def checkpoint_every(payments: int) -> int:
 
 
 def run_cluster(args, console) -> int:
-    """The demo through a cluster (the module's docstring); Ctrl-C stops a
-    local cluster and removes its directory."""
+    """The demo through a cluster (the module's docstring); Ctrl-C (or
+    SIGTERM) stops a local cluster and removes its directory."""
     from engine.protocol.errors import EngineError
     from engine.replication.cluster import ClusterError
     spec = World.demo(seed=args.seed, users=args.users)
-    directory, cluster, interrupted = None, None, False
+    directory, cluster, code = None, None, 1
     try:
         if args.connect:
             addresses = connect_addresses(args.connect)
         else:
-            directory = tempfile.mkdtemp(prefix="scanpay-demo-cluster-")
+            with STOP.deferred():       # made and named at once, so that it is removed
+                directory = tempfile.mkdtemp(prefix="scanpay-demo-cluster-")
             cluster = start_cluster(console, directory, spec, args.payments)
             addresses = cluster.addresses
-        return run_on(console, args, spec, cluster, addresses)
+        code = run_on(console, args, spec, cluster, addresses)
+        STOP.check()                    # a press some code swallowed: never 0 after one
     except (ClusterError, WorldBuildError, EngineError, OSError, TimeoutError) as error:
         console.print(f"[red]scanpay demo --cluster:[/] {error}", highlight=False)
-        return 2
+        code = 2
     except KeyboardInterrupt:
-        interrupted = True
-        return 130
+        STOP.interrupted()
     finally:
-        if cluster is not None:
-            cluster.stop_all()
-        if directory:
-            shutil.rmtree(directory, ignore_errors=True)
-        if interrupted:
-            where = f"; stopped its cluster and removed {directory}" if directory else ""
-            print(f"scanpay demo: interrupted{where}", file=sys.stderr, flush=True)
+        with STOP.deferred():           # not cut in half by a (second) press
+            if cluster is not None:
+                cluster.stop_all()
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
+    return STOP.outcome(code, f"; stopped its cluster and removed {directory}" if directory else "")
 
 
 def connect_addresses(text: str) -> list[str]:

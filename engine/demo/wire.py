@@ -16,6 +16,7 @@ import numpy as np
 from hdrh.histogram import HdrHistogram
 
 from engine.client import AsyncClient
+from engine.demo.stop import STOP
 from engine.server.config import Config
 from engine.server.server import Server
 from engine.protocol.status import Status
@@ -85,13 +86,21 @@ def stream(frames, host, port: int, on_reply, on_dry, server_of: bool = False) -
                     await client.call("TOPUP", {"topups": on_dry(dry)})
 
     async def main() -> None:
-        queues = [asyncio.Queue(maxsize=4) for _ in range(CONNECTIONS)]
-        workers = [asyncio.ensure_future(gateway(q)) for q in queues]
-        for i, frame in enumerate(frames):
-            await queues[i % CONNECTIONS].put(frame)
-        for q in queues:
-            await q.put(None)
-        await asyncio.gather(*workers)
+        # Ctrl-C cancels this task (engine/demo/stop.py): the gateways are
+        # cancelled with it and close their connections.
+        with STOP.cancels(asyncio.current_task()):
+            queues = [asyncio.Queue(maxsize=4) for _ in range(CONNECTIONS)]
+            workers = [asyncio.ensure_future(gateway(q)) for q in queues]
+            for i, frame in enumerate(frames):
+                await queues[i % CONNECTIONS].put(frame)
+            for q in queues:
+                await q.put(None)
+            await asyncio.gather(*workers)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except asyncio.CancelledError:
+        STOP.check()                    # cancelled by a stop signal: KeyboardInterrupt
+        raise
+    STOP.check()
     return latency
