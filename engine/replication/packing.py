@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
-
+from engine import _packing
 from engine.core.command import HEADER as COMMAND_HEADER
 from engine.protocol.records import RECORD_DTYPES_BY_OP
 from engine.storage.journal import ENTRY_ALIGN_BYTES, ENTRY_HEADER_BYTES
@@ -50,9 +49,10 @@ PLANES_RECORDS_MIN = 64
 # unpacked size, at most NATS's max_payload, itself at most 64 MiB.
 UNPACKED_BYTES_MAX = 64 << 20
 # Record sizes by op: the records of every fixed-record op are whole u64
-# words (the planes' test reads them as such).
+# words (ext/packing.pyx compares them as such).
 STRIDES = {op: dtype.itemsize for op, dtype in RECORD_DTYPES_BY_OP.items()}
-assert all(stride % 8 == 0 for stride in STRIDES.values())
+STRIDE_MAX = _packing.STRIDE_MAX
+assert all(stride % 8 == 0 and stride <= STRIDE_MAX for stride in STRIDES.values())
 
 
 class PackingError(ValueError):
@@ -95,27 +95,39 @@ def _planes(frame: tuple) -> list | None:
     count = body_bytes // stride
     if count < PLANES_RECORDS_MIN:
         return None
-    words = np.frombuffer(payload, "<u8", count * stride // 8, head).reshape(count, -1)
-    varies = np.bitwise_or.reduce(words ^ words[0], axis=0).view(np.uint8) != 0
-    records = np.frombuffer(payload, np.uint8, count * stride, head).reshape(count, stride)
-    planes_bytes = int(varies.sum()) * count
-    if planes_bytes + 2 * stride + 2 * BLOCK.size >= body_bytes:
+    records = memoryview(payload)[head:]
+    flags = _packing.varying(records, stride)
+    if flags.count(1) * count + 2 * stride + 2 * BLOCK.size >= body_bytes:
         return None                     # saves less than a block header: as is
-    planes = records.T[varies]          # (planes sent, count), one copy
-    head_bytes = len(header) + head
-    return [BLOCK.pack(TAG_PLANES, 0, stride, head_bytes, count), header,
-            memoryview(payload)[:head], varies.view(np.uint8).tobytes(), records[0].tobytes(),
-            planes]
+    return [BLOCK.pack(TAG_PLANES, 0, stride, len(header) + head, count), header,
+            memoryview(payload)[:head], flags, records[:stride],
+            _packing.gather(records, flags)]
 
 
-def unpack(data):
-    """The journal entries of a packed payload (a bytes-like object).
-    Raises PackingError."""
+def unpack(data) -> bytearray:
+    """The journal entries of a packed payload (a bytes-like object), in
+    one buffer. Raises PackingError."""
     mv = memoryview(data)
+    blocks = list(_blocks(mv))
+    out = bytearray(sum(block[-1] for block in blocks))
+    at = 0
+    for tag, offset, head_bytes, flags, count, size in blocks:
+        out[at:at + head_bytes] = mv[offset:offset + head_bytes]
+        if tag == TAG_PLANES:
+            stride = len(flags)
+            offset += head_bytes + 2 * stride
+            _packing.scatter(memoryview(out)[at + head_bytes:at + head_bytes + stride * count],
+                             mv[offset - stride:offset], flags,
+                             mv[offset:offset + flags.count(1) * count])
+        at += size                      # (the padding after the records: zeros already)
+    return out
+
+
+def _blocks(mv: memoryview):
+    """(tag, offset after the header, head bytes, plane flags, count,
+    unpacked bytes) of every block, checked. Raises PackingError."""
     size = len(mv)
-    pieces: list = []
-    total = 0
-    offset = 0
+    total = offset = 0
     while offset < size:
         if size - offset < BLOCK.size:
             raise PackingError(f"a block header is cut short at byte {offset}")
@@ -127,14 +139,15 @@ def unpack(data):
         if tag == TAG_RAW:
             if stride or count:
                 raise PackingError(f"a raw block with stride {stride}, count {count}")
-            piece, offset = _take(mv, offset, head_bytes), offset + head_bytes
+            _take(mv, offset, head_bytes)
+            block = (tag, offset, head_bytes, b"", 0, head_bytes)
+            offset += head_bytes
         else:
-            piece, offset = _unplane(mv, offset, stride, head_bytes, count)
-        total += len(piece)
+            block, offset = _planes_block(mv, offset, stride, head_bytes, count)
+        total += block[-1]
         if total > UNPACKED_BYTES_MAX:
             raise PackingError(f"unpacks to more than {UNPACKED_BYTES_MAX} bytes")
-        pieces.append(piece)
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        yield block
 
 
 def _take(mv: memoryview, offset: int, length: int) -> memoryview:
@@ -144,30 +157,22 @@ def _take(mv: memoryview, offset: int, length: int) -> memoryview:
     return mv[offset:offset + length]
 
 
-def _unplane(mv: memoryview, offset: int, stride: int, head_bytes: int,
-             count: int) -> tuple[bytes, int]:
-    """One PLANES block at `offset` (after its header): the entry, and the
-    offset after the block."""
-    if stride == 0 or head_bytes < ENTRY_HEADER_BYTES + COMMAND_HEADER.size or count == 0:
+def _planes_block(mv: memoryview, offset: int, stride: int, head_bytes: int,
+                  count: int) -> tuple[tuple, int]:
+    """A PLANES block at `offset` (after its header), checked: its
+    description (as `_blocks` yields it) and the offset after it."""
+    if (not 0 < stride <= STRIDE_MAX or count == 0
+            or head_bytes < ENTRY_HEADER_BYTES + COMMAND_HEADER.size):
         raise PackingError(f"a planes block of stride {stride}, head {head_bytes} bytes, "
                            f"{count} records")
     body_bytes = stride * count
     if head_bytes + body_bytes > UNPACKED_BYTES_MAX:
         raise PackingError(f"a planes block of {count} records of {stride} bytes")
-    head = _take(mv, offset, head_bytes)
-    offset += head_bytes
-    sent = np.frombuffer(_take(mv, offset, stride), np.uint8)
-    if sent.max() > 1:
+    flags = bytes(_take(mv, offset + head_bytes, stride))
+    sent = flags.count(1)
+    if sent + flags.count(0) != stride:
         raise PackingError("a planes block's plane flags are not 0 or 1")
-    first = np.frombuffer(_take(mv, offset + stride, stride), np.uint8)
-    offset += 2 * stride
-    varies = sent.astype(bool)
-    planes_bytes = int(varies.sum()) * count
-    planes = np.frombuffer(_take(mv, offset, planes_bytes), np.uint8).reshape(-1, count)
+    end = offset + head_bytes + 2 * stride + sent * count
+    _take(mv, offset, end - offset)
     padding = -(head_bytes - ENTRY_HEADER_BYTES + body_bytes) % ENTRY_ALIGN_BYTES
-    entry = bytearray(head_bytes + body_bytes + padding)
-    entry[:head_bytes] = head
-    records = np.frombuffer(entry, np.uint8, body_bytes, head_bytes).reshape(count, stride)
-    records[:] = first
-    records[:, varies] = planes.T
-    return entry, offset + planes_bytes
+    return (TAG_PLANES, offset, head_bytes, flags, count, head_bytes + body_bytes + padding), end

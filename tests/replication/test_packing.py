@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core.command import Command
+from engine.protocol.limits import BATCH_RECORDS_MAX
 from engine.protocol.ops import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_WALLETS
 from engine.protocol.records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD
 from engine.replication import packing
@@ -50,7 +51,7 @@ def test_a_mixed_message_unpacks_to_the_entries_framed_and_packs_pay_batches_sma
     issue = np.zeros(300, ISSUE_RECORD)
     issue["coupon"] = np.arange(300) + 9
     frames = [entry(1, OP_WALLETS, b"\x81\xa5users\x91\x2a"),
-              entry(2, OP_PAY, pay_records(8190).tobytes(), draws=(5, 6)),
+              entry(2, OP_PAY, pay_records(BATCH_RECORDS_MAX).tobytes(), draws=(5, 6)),
               entry(3, OP_PAY, pay_records(10).tobytes()),              # small: as is
               entry(4, OP_ISSUE, issue.tobytes()),
               entry(5, OP_PAY, pay_records(3000, seed=1).tobytes()),
@@ -108,6 +109,10 @@ def test_a_payload_that_does_not_unpack_is_refused():
     packing.BLOCK.pack_into(huge, 0, packing.TAG_PLANES, 0, 80,
                             packing.BLOCK.unpack_from(packed)[3], 2**32 - 1)
     cases["too many records"] = bytes(huge)
+    wide = bytearray(packed)
+    packing.BLOCK.pack_into(wide, 0, packing.TAG_PLANES, 0, packing.STRIDE_MAX + 8,
+                            packing.BLOCK.unpack_from(packed)[3], 500)
+    cases["records too wide"] = bytes(wide)
     for name, payload in cases.items():
         with pytest.raises(packing.PackingError):
             packing.unpack(payload)
