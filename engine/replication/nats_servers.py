@@ -77,9 +77,10 @@ class NatsNode:
 def server_env(servers: int) -> dict:
     """The environment of a local cluster's servers: each gets its share of
     the cores this process may run on (GOMAXPROCS, at least 1) unless the
-    caller set GOMAXPROCS. Go's default, every core for each server, had the
-    three servers of a cluster on 2 cores spin for work the others held: 17-30 %
-    more of their CPU per payment (docs/replication.md, "Benchmarks")."""
+    caller set GOMAXPROCS. With Go's default, every core for each server,
+    the three servers of a cluster on 2 cores spun for work: 0.66-0.87 µs of
+    their CPU a replicated payment against 0.51-0.68 with one each
+    (docs/replication.md, "Where the CPU went")."""
     env = dict(os.environ)
     if "GOMAXPROCS" not in env:
         env["GOMAXPROCS"] = str(max(1, len(os.sched_getaffinity(0)) // max(1, servers)))
