@@ -85,7 +85,7 @@ def pack(frames: list) -> bytes:
 def _planes(frame: tuple) -> list | None:
     """A PLANES block of one entry (header, command payload, padding), or
     None when it is not a big enough batch of records."""
-    header, payload, _padding = frame
+    header, payload, padding = frame
     op, _reserved, draws, _now = COMMAND_HEADER.unpack_from(payload)
     stride = STRIDES.get(op)
     head = COMMAND_HEADER.size + 8 * draws
@@ -95,6 +95,7 @@ def _planes(frame: tuple) -> list | None:
     count = body_bytes // stride
     if count < PLANES_RECORDS_MIN:
         return None
+    assert not padding, "whole u64 words need no padding (the reader writes none)"
     records = memoryview(payload)[head:]
     flags = _packing.varying(records, stride)
     if flags.count(1) * count + 2 * stride + 2 * BLOCK.size >= body_bytes:
