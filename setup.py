@@ -44,6 +44,8 @@ extensions = [
     cython_extension("_client", "client.pyx"),
     # Precision marketing's read-only passes over the tables (engine/core/segments.py).
     cython_extension("_marketing", "marketing.pyx"),
+    # Byte planes of record batches in the replicated stream (engine/replication/packing.py).
+    cython_extension("_packing", "packing.pyx"),
 ]
 
 mode_changed = write_mode_header()

@@ -30,16 +30,14 @@ import msgspec
 from engine.storage import journal as journal_module
 from engine.storage import snapshot as snapshot_module
 from engine.core.command import decode
-from engine.protocol.ops import (OP_CAPTURE_RECORDS, OP_EXPIRE, OP_ISSUE, OP_NAMES, OP_PAY,
-                                 OP_REFUND_RECORDS)
-from engine.protocol.records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, REFUND_RECORD
+from engine.protocol.ops import OP_EXPIRE, OP_NAMES, OP_PAY
+from engine.protocol.records import RECORD_DTYPES_BY_OP
 from engine.core.state import HOLD_MS_DEFAULT, TZ_OFFSET_MS_DEFAULT
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 NAMES = OP_NAMES                  # every op, the internal EXPIRE included
 
-RECORD_OPS = {OP_PAY: PAY_RECORD, OP_ISSUE: ISSUE_RECORD,
-              OP_CAPTURE_RECORDS: CAPTURE_RECORD, OP_REFUND_RECORDS: REFUND_RECORD}
+RECORD_OPS = RECORD_DTYPES_BY_OP
 
 
 def add_parsers(subparsers) -> None:

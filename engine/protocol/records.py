@@ -7,6 +7,7 @@ tables of docs/reference/protocol.md.
 import numpy as np
 
 from engine.protocol.limits import COUPONS_PER_PAYMENT_MAX, RECORD_BYTES_MAX
+from engine.protocol.ops import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_REFUND_RECORDS, RECORD_OPS
 
 PAY_RECORD = np.dtype([
     ("id", "<u8"),
@@ -61,6 +62,11 @@ REFUND_RESULT = np.dtype([
     ("discount", "<i8"),
     ("fee", "<i8"),
 ])
+
+# The record of each fixed-record op (engine/protocol/ops.py, RECORD_OPS).
+RECORD_DTYPES_BY_OP = {OP_PAY: PAY_RECORD, OP_ISSUE: ISSUE_RECORD,
+                       OP_CAPTURE_RECORDS: CAPTURE_RECORD, OP_REFUND_RECORDS: REFUND_RECORD}
+assert set(RECORD_DTYPES_BY_OP) == RECORD_OPS
 
 assert PAY_RECORD.itemsize == 80 and PAY_RESULT.itemsize == 80
 assert CAPTURE_RECORD.itemsize == 16 and REFUND_RECORD.itemsize == 32

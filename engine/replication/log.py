@@ -45,6 +45,7 @@ import nats.js.errors
 
 from engine.core.command import decode as decode_command
 from engine.protocol.errors import NotLeader, Unavailable
+from engine.replication import packing
 from engine.replication.loop_thread import LoopThread
 from engine.replication.stream import Message, Refused, Stream
 from engine.storage import snapshot as snapshots
@@ -133,7 +134,7 @@ def message_entries(message: Message, expected: int, entry_bytes_max: int):
             raise StreamCorrupt(message.seq, f"a {message.kind} record at command {last}, "
                                              f"expected {expected - 1}")
         return []
-    mv = memoryview(message.data)
+    mv = memoryview(message_payload(message))
     stop: list = []
     found = []
     end = 0
@@ -150,6 +151,25 @@ def message_entries(message: Message, expected: int, entry_bytes_max: int):
     return found
 
 
+def message_payload(message: Message):
+    """A command message's journal entries, unpacked as its format says.
+    Raises StreamCorrupt (an unknown format: written by a newer node)."""
+    message_format = message.format
+    if message_format == packing.FORMAT_ENTRIES:
+        return message.data
+    if message_format != packing.FORMAT_PLANES:
+        named = message.headers.get(packing.HEADER_FORMAT)
+        raise StreamCorrupt(message.seq, f"message format {named!r} is unknown to this node "
+                                         f"(it reads formats "
+                                         f"{', '.join(map(str, packing.FORMATS))}): a newer "
+                                         f"Scanpay wrote it; upgrade this node")
+    try:
+        return packing.unpack(message.data)
+    except packing.PackingError as error:
+        raise StreamCorrupt(message.seq, f"a packed message that does not unpack "
+                                         f"({error})") from None
+
+
 class StreamLog:
     """The journal interface over one shard's stream. See the module docstring."""
 
@@ -157,12 +177,19 @@ class StreamLog:
 
     def __init__(self, path: str, loop: LoopThread, stream: Stream, *,
                  publish_timeout_s: float = PUBLISH_TIMEOUT_S,
-                 entry_bytes_max: int = ENTRY_BYTES_MAX_DEFAULT):
+                 entry_bytes_max: int = ENTRY_BYTES_MAX_DEFAULT,
+                 message_format: int = packing.FORMAT_PLANES):
+        if message_format not in packing.FORMATS:
+            raise ValueError(f"stream message format {message_format}: expected one of "
+                             f"{packing.FORMATS}")
         self._dir = str(path)
+        self.message_format = message_format    # of the command messages it appends
         self.loop = loop
         self.stream = stream
         self.publish_timeout_s = publish_timeout_s
         self.entry_bytes_max = entry_bytes_max
+        # Messages are cut by their unpacked size: a packed one is at most
+        # one block header bigger (packing.pack), within the headers' room.
         self.message_bytes_max = stream.max_payload - HEADERS_BYTES_MAX
         self._lock = threading.Lock()       # the fields below, against the sync thread
         self._io_lock = threading.RLock()   # one append round (or reload) at a time
@@ -249,11 +276,11 @@ class StreamLog:
                     raise self.not_leader()
                 batch = list(self._pending)
             stored = False
-            for first, last, buffers in self._messages(batch):
+            for first, last, frames in self._messages(batch):
                 if self._refused is not None:       # (a checkpoint record was refused)
                     raise self.not_leader()
                 try:
-                    self._append_commands(first, last, buffers)
+                    self._append_commands(first, last, frames)
                 except NotLeader:
                     if stored:          # one future covers stored and refused commands
                         self._fatal(f"commands up to {first - 1} are in the stream, those "
@@ -263,25 +290,30 @@ class StreamLog:
             return self._durable_seq
 
     def _messages(self, batch: list):
-        """The pending entries cut into messages of at most message_bytes_max."""
-        buffers, size, first = [], 0, None
+        """The pending entries cut into messages of at most message_bytes_max
+        (unpacked): (first seq, last seq, the entries' frames)."""
+        frames, size, first = [], 0, None
         for seq, frame, frame_bytes in batch:
-            if buffers and size + frame_bytes > self.message_bytes_max:
-                yield first, seq - 1, buffers
-                buffers, size, first = [], 0, None
+            if frames and size + frame_bytes > self.message_bytes_max:
+                yield first, seq - 1, frames
+                frames, size, first = [], 0, None
             first = seq if first is None else first
-            buffers.extend(frame)
+            frames.append(frame)
             size += frame_bytes
-        if buffers:
-            yield first, batch[-1][0], buffers
+        if frames:
+            yield first, batch[-1][0], frames
 
-    def _append_commands(self, first: int, last: int, buffers: list) -> None:
+    def _append_commands(self, first: int, last: int, frames: list) -> None:
         token = self.token
-        payload = b"".join(buffers)
+        if self.message_format == packing.FORMAT_PLANES:
+            payload = packing.pack(frames)
+        else:
+            payload = b"".join(part for frame in frames for part in frame)
         if token is None:                   # deposed meanwhile: fenced all the same
             token = "none"
         try:
-            stream_seq = self._append(payload, f"{token}.{first}", last, None)
+            stream_seq = self._append(payload, f"{token}.{first}", last, None,
+                                      self.message_format)
         except Refused as refusal:
             self.refuse(f"the stream refused an append after message {self.stream_seq} "
                         f"({refusal})")
@@ -297,7 +329,8 @@ class StreamLog:
         if self.on_appended is not None:
             self.on_appended(stream_seq, last)
 
-    def _append(self, payload: bytes, msg_id: str, last: int, kind: str | None) -> int:
+    def _append(self, payload: bytes, msg_id: str, last: int, kind: str | None,
+                message_format: int = packing.FORMAT_ENTRIES) -> int:
         """One message into the stream after self.stream_seq; its stream seq.
         Raises Refused if another writer's message is there; an unknown
         outcome (no answer) is sent again, same message id."""
@@ -307,7 +340,7 @@ class StreamLog:
             try:
                 seq = self.loop.call(
                     self.stream.append(payload, expected, msg_id, last, kind,
-                                       self.publish_timeout_s),
+                                       self.publish_timeout_s, message_format),
                     self.publish_timeout_s + CALL_MARGIN_S)
                 self._stalled = False
                 return seq

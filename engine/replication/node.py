@@ -103,7 +103,8 @@ class ReplicaNode:
             self.lease = Lease(self.stream, self.lease_s)
             self.nats.call(self.lease.open(config.replicas, config.allow_unreplicated),
                            CONNECT_TIMEOUT_S)
-            self.log = StreamLog(config.data, self.nats, self.stream)
+            self.log = StreamLog(config.data, self.nats, self.stream,
+                                 message_format=config.stream_format)
             self.store = SnapshotStore(self.stream, config.store_snapshots)
             self.nats.call(self.store.open(config.replicas, config.allow_unreplicated),
                            CONNECT_TIMEOUT_S)

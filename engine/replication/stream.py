@@ -18,6 +18,8 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
+from engine.replication.packing import FORMAT_ENTRIES, HEADER_FORMAT
+
 log = logging.getLogger("scanpay.replication")
 
 # JetStream's error code for a publish whose Nats-Expected-Last-Sequence is
@@ -102,6 +104,15 @@ class Message:
     @property
     def last_command(self) -> int:
         return int(self.headers.get(HEADER_LAST, "-1"))
+
+    @property
+    def format(self) -> int:
+        """Its payload's format (engine/replication/packing.py); 0 when the
+        header is not a number (unknown)."""
+        value = self.headers.get(HEADER_FORMAT)
+        if value is None:
+            return FORMAT_ENTRIES
+        return int(value) if value.isdigit() else 0
 
 
 def parse_servers(text: str) -> list[str]:
@@ -259,7 +270,8 @@ class Stream:
     # -- appends and reads --------------------------------------------------
 
     async def append(self, payload: bytes, expected: int, msg_id: str, last_command: int,
-                     kind: str | None, timeout_s: float) -> int:
+                     kind: str | None, timeout_s: float,
+                     message_format: int = FORMAT_ENTRIES) -> int:
         """Append one message if the stream's last sequence is `expected`;
         its stream sequence. Raises Refused when it is not; any other error
         (a timeout: stored or not) leaves the outcome unknown."""
@@ -267,6 +279,8 @@ class Stream:
                    HEADER_LAST: str(last_command)}
         if kind is not None:
             headers[HEADER_KIND] = kind
+        if message_format != FORMAT_ENTRIES:
+            headers[HEADER_FORMAT] = str(message_format)
         try:
             ack = await self.js.publish(self.names.subject, payload, timeout=timeout_s,
                                         headers=headers)

@@ -14,18 +14,16 @@ from engine._framing import intake_pay
 from engine._outlet import Outlet
 from engine.protocol.auth import ANONYMOUS_ADMIN, ROLE_ADMIN, hello_shape_error
 from engine.core.dispatch import MAP_OPS_BY_CODE
-from engine.protocol.ops import (OP_CAPTURE_RECORDS, OP_CLOCK, OP_HELLO, OP_ISSUE, OP_NAMES, OP_PAY,
-                                 OP_PING, OP_REFUND_RECORDS)
+from engine.protocol.ops import OP_CLOCK, OP_HELLO, OP_NAMES, OP_PAY, OP_PING
 from engine.protocol.errors import EngineError
 from engine.core.scope import SCOPE_KEY
-from engine.protocol.records import CAPTURE_RECORD, ISSUE_RECORD, PAY_RECORD, PAY_RESULT, REFUND_RECORD
+from engine.protocol.records import PAY_RECORD, PAY_RESULT, RECORD_DTYPES_BY_OP
 from engine.protocol.status import ErrorCode, Status
 from engine.server.writer import Work
 
 log = logging.getLogger("scanpay.connection")
 
-RECORD_DTYPES = {OP_PAY: PAY_RECORD, OP_ISSUE: ISSUE_RECORD,
-                 OP_CAPTURE_RECORDS: CAPTURE_RECORD, OP_REFUND_RECORDS: REFUND_RECORD}
+RECORD_DTYPES = RECORD_DTYPES_BY_OP
 PROTOCOL_VERSION = 1
 # What a read's reply may grow to, held against the connection's in-flight
 # bytes from the moment it is accepted (reserve_reply): replies of reads are

@@ -263,7 +263,8 @@ def test_extension_stubs_match_the_compiled_modules():
     here, not as a wrong type in a caller."""
     out = subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", "engine._kernel", "engine._framing",
-         "engine._outlet", "engine._marketing", "--mypy-config-file", "tests/typing/mypy.ini",
+         "engine._outlet", "engine._marketing", "engine._packing",
+         "--mypy-config-file", "tests/typing/mypy.ini",
          "--allowlist", "tests/typing/stubtest-allowlist.txt"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
         env={**os.environ, "PYTHONPATH": ROOT})

@@ -7,7 +7,7 @@ import nats
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NoStreamResponseError
 
-from engine.replication.nats_servers import NatsCluster, node_config
+from engine.replication.nats_servers import NatsCluster, node_config, server_env
 from support.nats import start_cluster
 
 
@@ -56,8 +56,22 @@ def test_a_three_node_cluster_stores_r3_and_stops_by_pid(tmp_path):
         assert (seq, replicas, followers) == (1, 3, 2)
         for node in cluster.nodes:
             assert os.path.isdir(os.path.join(node.directory, "jetstream"))
+            with open(f"/proc/{node.pid}/environ", "rb") as f:
+                environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if item)
+            assert environ[b"GOMAXPROCS"] == server_env(3)["GOMAXPROCS"].encode()
     finally:
         cluster.stop()
     assert not any(node.running() for node in cluster.nodes)
     for node in cluster.nodes:
         assert node.process.returncode is not None
+
+
+def test_each_server_gets_its_share_of_the_cores_unless_told(monkeypatch):
+    """Three servers on 2 cores spun for work with Go's default (every core
+    each): a local cluster's servers share the cores this process may use."""
+    monkeypatch.delenv("GOMAXPROCS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert server_env(3)["GOMAXPROCS"] == str(max(1, cores // 3))
+    assert server_env(1)["GOMAXPROCS"] == str(cores)
+    monkeypatch.setenv("GOMAXPROCS", "7")
+    assert server_env(3)["GOMAXPROCS"] == "7"

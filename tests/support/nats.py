@@ -112,10 +112,10 @@ class LogHarness:
         self.streams.append((loop, stream))
         return loop, stream
 
-    def log(self, path, lead: bool = False):
+    def log(self, path, lead: bool = False, **options):
         from engine.replication.log import StreamLog
         loop, stream = self.stream()
-        stream_log = StreamLog(str(path), loop, stream)
+        stream_log = StreamLog(str(path), loop, stream, **options)
         if lead:
             stream_log.lead(stream_log.new_token())
         return stream_log
