@@ -323,6 +323,24 @@ cdef class _Tables:
                 ix.move(max(MOVE_ROWS_MIN, MOVE_PER_ROW * more))
         self.resizing = [ix for ix in self.resizing if ix.ix.old != NULL]
 
+    def step_resizes(self, int64_t entries):
+        """Move up to `entries` entries of every index resize under way and
+        return how many moved (0: none is under way). For a writer with
+        nothing else to do (the server's, its queue empty), as Redis
+        rehashes when idle: a table that stopped growing mid-resize (the
+        coupons once the world is built) is then settled before the next
+        batches, which would otherwise step it."""
+        if entries < 1:
+            raise ValueError("entries must be >= 1")
+        cdef IdIndex ix
+        cdef int64_t before = 0, after = 0
+        for ix in self.resizing:
+            before += ix.resizing
+            ix.move(entries)
+            after += ix.resizing
+        self.resizing = [ix for ix in self.resizing if ix.ix.old != NULL]
+        return before - after
+
     def rows(self, str table):
         """Rows in use in `table`."""
         if table not in TABLE_ROWS:

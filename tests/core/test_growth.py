@@ -48,6 +48,28 @@ def test_an_index_resize_moves_a_step_per_reserve_and_finds_every_row_meanwhile(
         assert all(ledger.find("users", k) == i for i, k in enumerate(ids))
 
 
+def test_step_resizes_moves_a_bounded_step_of_every_resize_under_way():
+    """What an idle writer calls: each call moves at most its entries per
+    index, lookups find every id in between, and 0 once none is under way."""
+    with tiny_growth(move_rows_min=1, move_per_row=1):
+        ledger = Ledger()
+        for key in range(1, 800):           # the resize from 1,024 to 4,096 buckets at 717
+            ledger.append("users", key * 3)
+        left = ledger.users_ix.resizing
+        assert left > 10, "no resize left under way"
+        with pytest.raises(ValueError):
+            ledger.step_resizes(0)
+        steps = 0
+        while ledger.users_ix.resizing and steps < 200:
+            moved = ledger.step_resizes(5)
+            assert moved == min(5, left) and ledger.users_ix.resizing == left - moved
+            left -= moved
+            steps += 1
+            assert ledger.find("users", 3 * 350) == 349 and ledger.find("users", 4) == -1
+        assert ledger.users_ix.resizing == 0 and ledger.step_resizes(5) == 0
+        assert all(ledger.find("users", k * 3) == k - 1 for k in range(1, 800))
+
+
 def test_a_table_in_a_row_space_grows_in_place():
     with tiny_growth(space_bytes_max=1 << 30):
         ledger = Ledger()
