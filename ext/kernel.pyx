@@ -22,8 +22,8 @@ from tables cimport (PayRecord, PayResult, IssueRecord, IssueResult, User,
                      Program, Membership, Earning, Visit, Redemption,
                      Merchant, Stock, Coupon, Payment, Code, Refund, Tombstone)
 from index cimport (Entry, Index, index_get, index_put, index_prefetch, index_guess,
-                   index_put_hashed, index_size, mix64, row_id, LOAD_MAX_PCT, __builtin_prefetch, prefetch_row,
-                   prefetch_for_write)
+                   index_put_hashed, index_size, mix64, row_id, LOAD_MAX_PCT, INDEX_LAYOUT,
+                   __builtin_prefetch, prefetch_row, prefetch_for_write)
 
 from engine.protocol import limits as _limits, records as _records
 from engine.protocol.status import Status as _Status

@@ -43,6 +43,12 @@ SENDS_WAITING_MAX = 2 * DELIVERIES_INFLIGHT_MAX   # fsyncs' replies handed, not 
 # sendmsgs, instead of a wake-up of the sender thread.
 SENDS_HERE_MAX = 8
 SLOW_MS = 100                      # a batch or a wait for its fsync longer than this is logged
+# Index entries the writer moves between looks at its empty queue while an
+# index resize is under way (a fraction of a millisecond in bucket order,
+# ext/index.pxd), as Redis rehashes when idle: a table that stopped growing
+# mid-resize (the coupons, once the world is built) is settled before the
+# payments come, not by the first tens of PAY batches (issue 16).
+IDLE_MOVE_ENTRIES = 32_768
 RESULT_DTYPES = {OP_PAY: PAY_RESULT, OP_ISSUE: ISSUE_RESULT,
                  OP_CAPTURE_RECORDS: PAY_RESULT, OP_REFUND_RECORDS: REFUND_RESULT}
 OP_LABELS = {OP_PAY: "PAY", OP_ISSUE: "ISSUE", OP_CAPTURE_RECORDS: "CAPTURE_RECORDS",
@@ -300,6 +306,9 @@ class Writer:
             if not self.queue:
                 if self.stopping and not self.audits.active:
                     break
+                if self.engine.state.ledger.step_resizes(IDLE_MOVE_ENTRIES):
+                    await asyncio.sleep(0)  # the queue again before the next step
+                    continue
                 self.wake.clear()
                 await self.wake.wait()
                 continue

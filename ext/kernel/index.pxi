@@ -4,17 +4,23 @@ cdef inline void* data_of(object arr):
     return cnp.PyArray_DATA(<cnp.ndarray>arr)
 
 
-# An incremental resize moves MOVE_PER_ROW old rows across for every row a
-# reserve makes room for, and at least MOVE_ROWS_MIN per reserve (a map
-# operation adds its rows one at a time). A batch of 8,190 payments then
-# moves 32,760 rows of the payment index (16 ns a row measured, about half
-# a millisecond), and the resize is over long before the new table fills
-# (resize() sizes it for that): lookups try two tables only meanwhile.
+# An incremental resize moves MOVE_PER_ROW old entries across for every row
+# a reserve makes room for, and at least MOVE_ROWS_MIN per reserve (a map
+# operation adds its rows one at a time). Entries move in bucket order
+# (index.pxd): the old table read and the new one written as streams, no
+# row read, about 6 ns an entry measured (24 ns in row order, which wrote
+# the new table at random). A batch of 8,190 payments then moves 131,040
+# entries, under a millisecond, and an operation adding at least a
+# sixteenth of a table's rows finishes the resize it started (the world's
+# last ISSUE batches move most of the coupon index's). The resize is over
+# long before the new table fills (resize() sizes it for that), and the
+# fewer batches it spans, the fewer look every new id up in two tables (a
+# new payment id misses both). 4 an entry, in row order: the payment
+# index's resize at 734 k payments spanned 22 batches, and the coupon
+# index's, left by the world build, the first 40 PAY batches (issue 16).
 # Redis moves a few buckets per command for the same reason: one big
 # rehash stopped every caller for as long as it took.
-cdef int64_t MOVE_PER_ROW = 4
-cdef enum:
-    MOVE_BLOCK_ROWS = 32        # rows whose buckets are prefetched together
+cdef int64_t MOVE_PER_ROW = 16
 cdef int64_t MOVE_ROWS_MIN = 1024
 # A resize grows the table 4x, not 2x: every row moves about once in all,
 # not twice, for a load between 17 % and 70 % (8 bytes an entry: at most
@@ -31,8 +37,23 @@ cdef int64_t PREPARE_PCT = 50
 cdef int64_t MAPPED_ENTRIES_FROM_BYTES = 1 << 20
 
 
+# Buckets an index table has at most: a home bucket is the top bits of the
+# fingerprint (index.pxd). 2^31 rows (the most a table holds) fit at 50 %.
+cdef int64_t INDEX_CAPACITY_MAX = 1LL << 32
+
+
 cdef inline bint fits(int64_t rows, int64_t capacity) noexcept nogil:
     return rows * 100 <= capacity * LOAD_MAX_PCT
+
+
+cdef int shift_for(int64_t capacity) noexcept:
+    """64 - log2(capacity), for a power of two 16 <= capacity <= INDEX_CAPACITY_MAX."""
+    assert 16 <= capacity <= INDEX_CAPACITY_MAX and capacity & (capacity - 1) == 0
+    cdef int shift = 64
+    while capacity > 1:
+        capacity >>= 1
+        shift -= 1
+    return shift
 
 
 cdef object zeroed_entries(int64_t capacity, bint now):
@@ -49,6 +70,26 @@ cdef object zeroed_entries(int64_t capacity, bint now):
     return space.rows(capacity * 8)[:capacity]
 
 
+cdef object rehomed(object entries):
+    """A table of index layout 1 (home bucket: the hash's low bits) placed
+    anew in the present one (its top bits, index.pxd), the same size. The
+    fingerprint is the hash's top 32 bits in both: no row is read."""
+    cdef int64_t capacity = len(entries)
+    placed = np.zeros(capacity, np.int64)
+    cdef Index ix
+    ix.entries = <Entry*>data_of(placed)
+    ix.mask = capacity - 1
+    ix.shift = shift_for(capacity)
+    ix.count = 0
+    cdef const Entry* source = <const Entry*>data_of(entries)
+    cdef int64_t b
+    with nogil:
+        for b in range(capacity):
+            if source[b].slot1 != 0:
+                index_put_hashed(&ix, (<uint64_t>source[b].fp) << 32, source[b].slot1 - 1)
+    return placed
+
+
 cdef class IdIndex:
     """u64 id -> row slot over one table's rows (see index.pxd)."""
     cdef Index ix
@@ -61,11 +102,14 @@ cdef class IdIndex:
         self.entries = zeroed_entries(16, True)
         self.ix.entries = <Entry*>data_of(self.entries)
         self.ix.mask = 15
+        self.ix.shift = shift_for(16)
         self.ix.count = 0
         self.ix.rows = NULL
         self.ix.row_bytes = 0
         self.ix.old = NULL
         self.ix.old_mask = 0
+        self.ix.old_shift = 0
+        self.ix.old_next = 0
         self.ix.moved = 0
         self.ix.old_rows = 0
 
@@ -101,11 +145,16 @@ cdef class IdIndex:
         cdef int64_t count = self.ix.count
         cdef int64_t capacity = (self.ix.mask + 1) * GROWTH_FACTOR
         self.grown |= count > 0
-        while not fits(count_need + count // MOVE_PER_ROW, capacity):
+        while not fits(count_need + count // MOVE_PER_ROW, capacity) \
+                and capacity < INDEX_CAPACITY_MAX:
             capacity *= 2
+        capacity = min(capacity, INDEX_CAPACITY_MAX)
+        assert fits(count_need, capacity), "an index past the most rows a table holds"
         self.old_entries = self.entries
         self.ix.old = self.ix.entries
         self.ix.old_mask = self.ix.mask
+        self.ix.old_shift = self.ix.shift
+        self.ix.old_next = 0
         self.ix.old_rows = count
         self.ix.moved = 0
         # A resize with next to nothing to move is a jump (a capacity hint,
@@ -117,32 +166,38 @@ cdef class IdIndex:
         self.next_entries = None
         self.ix.entries = <Entry*>data_of(self.entries)
         self.ix.mask = capacity - 1
+        self.ix.shift = shift_for(capacity)
         self.ix.count = 0
         if count <= MOVE_ROWS_MIN:
             self.move(count)
 
-    cdef move(self, int64_t rows):
-        """Move up to `rows` rows of the old table across, in slot order:
-        every row [0, old_rows) is indexed (rows are never removed), so this
-        reads the rows as a stream instead of chasing old entries to random
-        rows. By blocks: the block's new buckets are all prefetched before
-        the first insert, so their cache misses overlap."""
-        cdef int64_t slot, j, stop, end = min(self.ix.moved + rows, self.ix.old_rows)
-        cdef uint64_t hashes[MOVE_BLOCK_ROWS]
+    cdef move(self, int64_t entries):
+        """Move up to `entries` entries of the old table across, in bucket
+        order: an entry's home bucket in the new table follows from its
+        fingerprint (index.pxd), so this reads the old table as a stream
+        and writes the new one as a stream, old bucket b's entries from new
+        bucket GROWTH_FACTOR * b on; no row is read, no id hashed."""
+        cdef int64_t moved = self.ix.moved
+        cdef int64_t end = min(moved + entries, self.ix.old_rows)
+        cdef uint64_t b = self.ix.old_next
+        cdef Entry e
         with nogil:
-            slot = self.ix.moved
-            while slot < end:
-                stop = min(slot + MOVE_BLOCK_ROWS, end)
-                for j in range(slot, stop):
-                    hashes[j - slot] = mix64(row_id(&self.ix, <int32_t>j))
-                    prefetch_for_write(&self.ix.entries[hashes[j - slot] & self.ix.mask])
-                for j in range(slot, stop):
-                    index_put_hashed(&self.ix, hashes[j - slot], <int32_t>j)
-                slot = stop
-        self.ix.moved = end
-        if end == self.ix.old_rows:
+            # The old table holds old_rows entries: the loop meets them all
+            # before its last bucket.
+            while moved < end and b <= self.ix.old_mask:
+                e = self.ix.old[b]
+                b += 1
+                if e.slot1 != 0:
+                    index_put_hashed(&self.ix, (<uint64_t>e.fp) << 32, e.slot1 - 1)
+                    moved += 1
+        assert moved == end, "an index's old table held fewer entries than counted"
+        self.ix.old_next = b
+        self.ix.moved = moved
+        if moved == self.ix.old_rows:
             self.ix.old = NULL
             self.ix.old_mask = 0
+            self.ix.old_shift = 0
+            self.ix.old_next = 0
             self.ix.moved = 0
             self.ix.old_rows = 0
             self.old_entries = None
@@ -152,8 +207,10 @@ cdef class IdIndex:
         if self.ix.old != NULL:
             self.move(self.ix.old_rows)
 
-    cdef adopt(self, object entries):
-        """Take over a table from a snapshot (settled: no resize under way)."""
+    cdef adopt(self, object entries, int layout):
+        """Take over a table from a snapshot (settled: no resize under way)
+        whose ids' home buckets are of `layout` (INDEX_LAYOUT, or an older
+        one: then its entries are placed anew, from their fingerprints)."""
         entries = owned(np.ascontiguousarray(entries, np.int64))
         cdef int64_t capacity = len(entries)
         assert capacity >= 16 and capacity & (capacity - 1) == 0
@@ -162,12 +219,16 @@ cdef class IdIndex:
             # is. Every such table has an empty entry; the present encoding
             # never makes a negative one.
             entries = np.where(entries == -1, 0, entries + (1 << 32))
+        if layout != INDEX_LAYOUT:
+            entries = rehomed(entries)
         self.entries = entries
         self.old_entries = None
         self.ix.entries = <Entry*>data_of(entries)
         self.ix.mask = capacity - 1
+        self.ix.shift = shift_for(capacity)
         self.ix.count = int((entries >> 32 != 0).sum())
         self.ix.old = NULL
+        self.ix.old_next = 0
         self.ix.moved = 0
         self.ix.old_rows = 0
 

@@ -67,8 +67,12 @@ def check_loadable(dict current, dict arrays, dict scalars):
         raise LayoutError(f"n_programs is {scalars['n_programs']}, over {PROGRAMS_MAX}")
     for name in _Tables.INDEXES:
         capacity = len(arrays[name + "_ix"])
-        if capacity < 16 or capacity & (capacity - 1):
-            raise LayoutError(f"{name} index: {capacity} entries, not a power of two >= 16")
+        if capacity < 16 or capacity & (capacity - 1) or capacity > INDEX_CAPACITY_MAX:
+            raise LayoutError(f"{name} index: {capacity} entries, not a power of two"
+                              f" from 16 to {INDEX_CAPACITY_MAX}")
+    if scalars.get("index_layout", 1) not in (1, INDEX_LAYOUT):
+        raise LayoutError(f"index_layout is {scalars['index_layout']}; this version reads"
+                          f" 1 and {INDEX_LAYOUT}")
 
 
 # Rows a new ledger's tables start with, at most (tune_growth).
@@ -319,6 +323,24 @@ cdef class _Tables:
                 ix.move(max(MOVE_ROWS_MIN, MOVE_PER_ROW * more))
         self.resizing = [ix for ix in self.resizing if ix.ix.old != NULL]
 
+    def step_resizes(self, int64_t entries):
+        """Move up to `entries` entries of every index resize under way and
+        return how many moved (0: none is under way). For a writer with
+        nothing else to do (the server's, its queue empty), as Redis
+        rehashes when idle: a table that stopped growing mid-resize (the
+        coupons once the world is built) is then settled before the next
+        batches, which would otherwise step it."""
+        if entries < 1:
+            raise ValueError("entries must be >= 1")
+        cdef IdIndex ix
+        cdef int64_t before = 0, after = 0
+        for ix in self.resizing:
+            before += ix.resizing
+            ix.move(entries)
+            after += ix.resizing
+        self.resizing = [ix for ix in self.resizing if ix.ix.old != NULL]
+        return before - after
+
     def rows(self, str table):
         """Rows in use in `table`."""
         if table not in TABLE_ROWS:
@@ -440,6 +462,9 @@ cdef class _Tables:
         for name in self.INDEXES:
             arrays[name + "_ix"] = (<IdIndex>getattr(self, name + "_ix")).entries
         scalars = {name: int(getattr(self, name)) for name in self.SCALARS}
+        # How the index tables place ids (index.pxd); a snapshot without it
+        # was written before layout 2, and load() places its entries anew.
+        scalars["index_layout"] = INDEX_LAYOUT
         return {name: read_only(arr) for name, arr in arrays.items()}, scalars
 
     def release_free_pages(self):
@@ -494,7 +519,6 @@ cdef class _Tables:
         """A ledger from dump() output (arrays are taken over, not copied).
         Raises LayoutError for tables this kernel cannot take."""
         cdef _Tables ledger = cls(scalars["tz_offset_ms"], scalars["hold_ms"])
-        cdef IdIndex ix
         check_loadable(ledger.t, arrays, scalars)
         for name in cls.ROWS:
             current = ledger.t[name]
@@ -508,16 +532,8 @@ cdef class _Tables:
         ledger._grow("stock_mark", max(ledger.n_stocks, 64), 0)
         ledger._grow("stock_cand", max(ledger.n_stocks, 64), 0)
         for name in cls.INDEXES:
-            ix = getattr(ledger, name + "_ix")
-            entries = owned(np.ascontiguousarray(arrays[name + "_ix"], np.int64))
-            capacity = len(entries)
-            ix.entries = entries
-            ix.ix.entries = <Entry*>data_of(entries)
-            ix.ix.mask = capacity - 1
-            ix.ix.count = int((entries >> 32 >= 0).sum())
-
-
-            (<IdIndex>getattr(ledger, name + "_ix")).adopt(arrays[name + "_ix"])
+            (<IdIndex>getattr(ledger, name + "_ix")).adopt(
+                arrays[name + "_ix"], scalars.get("index_layout", 1))
         ledger._bind()
         ledger.sort_programs()
         ledger._reserve_cands()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from engine._kernel import Ledger, populate_stats, tune_growth
+from engine._kernel import LayoutError, Ledger, populate_stats, tune_growth
 
 import test_differential_membership as membership
 from support import differential_pair
@@ -46,6 +46,28 @@ def test_an_index_resize_moves_a_step_per_reserve_and_finds_every_row_meanwhile(
         ledger.dump()                   # a dump settles the index: one table
         assert ledger.users_ix.resizing == 0
         assert all(ledger.find("users", k) == i for i, k in enumerate(ids))
+
+
+def test_step_resizes_moves_a_bounded_step_of_every_resize_under_way():
+    """What an idle writer calls: each call moves at most its entries per
+    index, lookups find every id in between, and 0 once none is under way."""
+    with tiny_growth(move_rows_min=1, move_per_row=1):
+        ledger = Ledger()
+        for key in range(1, 800):           # the resize from 1,024 to 4,096 buckets at 717
+            ledger.append("users", key * 3)
+        left = ledger.users_ix.resizing
+        assert left > 10, "no resize left under way"
+        with pytest.raises(ValueError):
+            ledger.step_resizes(0)
+        steps = 0
+        while ledger.users_ix.resizing and steps < 200:
+            moved = ledger.step_resizes(5)
+            assert moved == min(5, left) and ledger.users_ix.resizing == left - moved
+            left -= moved
+            steps += 1
+            assert ledger.find("users", 3 * 350) == 349 and ledger.find("users", 4) == -1
+        assert ledger.users_ix.resizing == 0 and ledger.step_resizes(5) == 0
+        assert all(ledger.find("users", k * 3) == k - 1 for k in range(1, 800))
 
 
 def test_a_table_in_a_row_space_grows_in_place():
@@ -147,6 +169,85 @@ def test_a_snapshot_index_of_the_old_encoding_loads():
     loaded = Ledger.load({**arrays, "users_ix": old}, scalars)
     assert [loaded.find("users", k * 7) for k in (1, 150, 299)] == [0, 149, 298]
     assert loaded.find("users", 8) == -1 and loaded.users_ix.count == 299
+
+
+def mix64(ids: np.ndarray) -> np.ndarray:
+    """The kernel's id hash (ext/index.pxd), over uint64 ids."""
+    x = ids.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(0xFF51AFD7ED558CCD)
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(0xC4CEB9FE1A85EC53)
+        x ^= x >> np.uint64(33)
+    return x
+
+
+def homes(hashes: np.ndarray, capacity: int, layout: int) -> np.ndarray:
+    """Home buckets of `hashes` in a table of `capacity` buckets: index
+    layout 1, the hash's low bits; 2 (the present one), its top bits."""
+    bits = capacity.bit_length() - 1
+    if layout == 1:
+        return (hashes & np.uint64(capacity - 1)).astype(np.int64)
+    return (hashes >> np.uint64(64 - bits)).astype(np.int64)
+
+
+def placed(ids: np.ndarray, capacity: int, layout: int) -> np.ndarray:
+    """An index table of `layout` over rows whose ids are `ids`, as the
+    kernel's linear probing places them (slot + 1 high, fingerprint low)."""
+    hashes = mix64(ids)
+    table = np.zeros(capacity, np.int64)
+    for slot, (h, b) in enumerate(zip(hashes.tolist(), homes(hashes, capacity, layout).tolist())):
+        while table[b]:
+            b = (b + 1) % capacity
+        table[b] = (slot + 1) << 32 | h >> 32
+    return table
+
+
+def assert_in_runs_from_top_bit_homes(table: np.ndarray, ids_by_slot: np.ndarray) -> None:
+    """Every entry of index `table` holds its id's fingerprint (the hash's
+    top 32 bits) and sits in the run of full buckets from its home bucket,
+    the hash's top bits (layout 2)."""
+    capacity = len(table)
+    at = np.nonzero(table)[0]
+    hashes = mix64(ids_by_slot[(table[at] >> 32) - 1])
+    assert ((table[at] & 0xFFFFFFFF) == (hashes >> np.uint64(32)).astype(np.int64)).all()
+    for b, h in zip(at.tolist(), homes(hashes, capacity, 2).tolist()):
+        run = [(h + d) % capacity for d in range((b - h) % capacity + 1)]
+        assert table[run].all(), f"bucket {b}: not in the run from its home {h}"
+
+
+def test_an_id_sits_in_the_run_from_its_home_bucket_named_by_the_hash_top_bits():
+    """Layout 2: an entry's home bucket follows from its fingerprint, so a
+    resize moves entries without reading their rows, in bucket order."""
+    with tiny_growth(move_rows_min=4, move_per_row=1):
+        ledger = Ledger()
+        for key in range(1, 3000):
+            ledger.append("users", key * 7919)
+        arrays, scalars = ledger.dump()
+    table = np.asarray(arrays["users_ix"])
+    assert np.count_nonzero(table) == 2999 and scalars["index_layout"] == 2
+    assert_in_runs_from_top_bit_homes(table, np.asarray(arrays["users"]["id"]))
+
+
+def test_a_snapshot_index_of_the_low_bits_layout_loads():
+    """Snapshots written before index layout 2 (no "index_layout" in their
+    scalars) place an id by its hash's low bits: loaded, every id is found."""
+    ledger = Ledger()
+    for key in range(1, 1200):
+        ledger.append("users", key * 13)
+    arrays, scalars = ledger.dump()
+    ids = np.asarray(arrays["users"]["id"])
+    old = placed(ids, len(arrays["users_ix"]), 1)
+    legacy = {k: v for k, v in scalars.items() if k != "index_layout"}
+    loaded = Ledger.load({**arrays, "users_ix": old}, legacy)
+    assert [loaded.find("users", k * 13) for k in range(1, 1200)] == list(range(1199))
+    assert loaded.find("users", 14) == -1 and loaded.users_ix.count == 1199
+    table = np.asarray(loaded.dump()[0]["users_ix"])
+    assert len(table) == len(old) and np.count_nonzero(table) == 1199
+    assert_in_runs_from_top_bit_homes(table, ids)
+    with pytest.raises(LayoutError):
+        Ledger.load({**arrays}, {**scalars, "index_layout": 3})
 
 
 def test_growth_settings_are_checked():

@@ -19,6 +19,7 @@ from engine.server.metrics import STAGES, FastHistogram
 from engine.protocol.records import PAY_RECORD, PAY_RESULT
 from engine.server.server import Server
 from engine.protocol.status import ErrorCode, Status
+from support.growth import mid_resize, tiny_growth
 from support.wire import (SECRET_ADMIN, SECRET_GW, Raw, all_released, enc, error_of,
                           gateway_config, hello, pay_body, run, started, started_with_world,
                           world)
@@ -862,3 +863,27 @@ async def retry_after_a_restart(datadir: str, acked: list, failed: list, before:
     _flags, audit = await c.map(45, {}, 11)
     assert audit["ok"]
     await server.stop()
+
+
+def test_an_idle_writer_finishes_the_index_resize_the_last_write_left():
+    """As Redis rehashes when idle (issue 16): an index left mid-resize by
+    the last write (the wallets, under tiny growth steps) is settled while
+    the writer's queue is empty, not by the batches that come next."""
+    users = {"users": list(range(1, 300))}
+    with tiny_growth():
+        alone = Engine()
+        alone.call("WALLETS", users)
+        assert mid_resize(alone), "the wallets left no resize under way"
+
+        async def main():
+            server = await started()
+            c = await Raw.open(server)
+            flags, _reply = await c.map(33, users)
+            assert flags == 0
+            deadline = time.monotonic() + 10
+            while mid_resize(server.engine) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert not mid_resize(server.engine)
+            assert server.engine.state.ledger.find("users", 299) == 298
+            await server.stop()
+        run(main())
