@@ -187,6 +187,7 @@ class Engine:
         # has returned, before the future completes: the server's writer
         # hands the replies it covers to its sender thread (ext/outlet.pyx).
         self.on_durable = None
+        self.lone_sync = None   # the server's lone-request fsync (engine/server/lone_sync.py)
         # Called with (state, seq) right after each journaled command is
         # applied, live (not on replay): a replicated node's checkpoints
         # (engine/replication/checkpoint.py).
@@ -252,6 +253,8 @@ class Engine:
         After a failure each of them finds the journal failed and fails, so
         none can complete `ok` for a dropped command once the journal has
         recovered: the journal may recover only after this."""
+        if self.lone_sync is not None:
+            self.lone_sync.settle(SYNC_IDLE_WAIT_S)     # raises TimeoutError like the pool
         self._sync_pool.submit(lambda: None).result(timeout=SYNC_IDLE_WAIT_S)
 
     def _storage_ready(self) -> None:
@@ -350,11 +353,34 @@ class Engine:
         with self._sync_lock:
             self._sync_requesters += requesters
             if self._sync_waiting is None:
+                if not self._sync_busy and requesters == 1 and self.lone_sync is not None:
+                    lone = self.lone_sync.begin()
+                    if lone is not None:        # a lone request on an idle journal
+                        self._sync_busy = True  # what comes meanwhile waits for the next
+                        self._sync_requesters = 0
+                        self._sync_started_at = time.perf_counter()
+                        return lone
                 self._sync_waiting = SyncFuture()
                 if not self._sync_busy:
                     self._sync_busy = True
                     self._sync_pool.submit(self._sync_worker)
             return self._sync_waiting
+
+    def lone_synced(self, future: SyncFuture, write, error: int) -> None:
+        """A lone sync (`lone_sync.begin`) has returned, with `error` (0 or
+        an errno): its entries durable, or the journal failed; `future`
+        completes accordingly. Then the fsync that requests made meanwhile
+        wait for starts on the sync thread, as after any fsync."""
+        try:
+            durable_seq = self.storage.lone_written(write, error)
+        except Unavailable as failure:      # those writes are not acknowledged
+            future.set_exception(failure)
+        else:
+            future.set_result(durable_seq)
+        with self._sync_lock:
+            self._sync_busy = self._sync_waiting is not None
+            if self._sync_busy:
+                self._sync_pool.submit(self._sync_worker)
 
     def fsync_waiting(self) -> bool:
         """Whether a command journaled since the running fsync began waits
