@@ -171,6 +171,7 @@ class Engine:
         self._sync_lock = threading.Lock()
         self._sync_waiting = None       # the future the next fsync completes
         self._sync_busy = False         # the sync thread is running fsyncs
+        self._lone_out = False          # a lone sync is out (lone_sync.begin)
         # Group commit window (engine/core/group_commit.py): under load (the
         # fsync covers at least commit_siblings requesters) an fsync starts
         # up to this long after the one before, and covers everything
@@ -353,13 +354,16 @@ class Engine:
         with self._sync_lock:
             self._sync_requesters += requesters
             if self._sync_waiting is None:
-                if not self._sync_busy and requesters == 1 and self.lone_sync is not None:
+                if (requesters == 1 and not self._sync_busy and not self._lone_out
+                        and self.lone_sync is not None):
                     lone = self.lone_sync.begin()
                     if lone is not None:        # a lone request on an idle journal
-                        self._sync_busy = True  # what comes meanwhile waits for the next
+                        self._lone_out = True
                         self._sync_requesters = 0
                         self._sync_started_at = time.perf_counter()
                         return lone
+                # (While a lone sync is out, the sync thread's `sync` waits for
+                # it first, without the event loop: journal.py `_settle_offload`.)
                 self._sync_waiting = SyncFuture()
                 if not self._sync_busy:
                     self._sync_busy = True
@@ -368,9 +372,9 @@ class Engine:
 
     def lone_synced(self, future: SyncFuture, write, error: int) -> None:
         """A lone sync (`lone_sync.begin`) has returned, with `error` (0 or
-        an errno): its entries durable, or the journal failed; `future`
-        completes accordingly. Then the fsync that requests made meanwhile
-        wait for starts on the sync thread, as after any fsync."""
+        an errno): its entries are durable, or the journal failed; `future`
+        completes accordingly. (On the event loop, or on the sync thread
+        when an fsync there waited for it.)"""
         try:
             durable_seq = self.storage.lone_written(write, error)
         except Unavailable as failure:      # those writes are not acknowledged
@@ -378,9 +382,7 @@ class Engine:
         else:
             future.set_result(durable_seq)
         with self._sync_lock:
-            self._sync_busy = self._sync_waiting is not None
-            if self._sync_busy:
-                self._sync_pool.submit(self._sync_worker)
+            self._lone_out = False
 
     def fsync_waiting(self) -> bool:
         """Whether a command journaled since the running fsync began waits

@@ -51,7 +51,9 @@ class LoneSync:
         self.journal = writer.engine.storage.journal
         self.syncer = Syncer(writer.courier)
         self.job = None                 # (future, journal write) in flight
+        self.last = None                # the future of the last lone sync begun
         self.thread = None
+        self.syncs = 0                  # lone syncs started (observability)
 
     @staticmethod
     def supported(engine) -> bool:
@@ -85,6 +87,8 @@ class LoneSync:
         future = SyncFuture()
         self.syncer.start(write.fd, write.buffers, write.offset)
         self.job = (future, write)
+        self.last = future
+        self.syncs += 1
         return future
 
     def attach(self, durable, sends) -> bool:
@@ -92,14 +96,18 @@ class LoneSync:
         after its fdatasync. False if that fdatasync has already returned
         (the apply took longer): the entries are withdrawn, and the writer's
         release writes them, as for replies queued too late for the sender."""
-        if self.job is None or self.job[0] is not durable or self.syncer.attach(sends):
+        if durable is not self.last:
+            return True                     # not a lone sync's
+        job = self.job
+        if job is not None and job[0] is durable and self.syncer.attach(sends):
             return True
         sends.withdraw()
         self.writer.sends.pop(durable, None)
         return False
 
     def reap(self) -> None:
-        """The eventfd is readable (or a wait): take the finished job's outcome."""
+        """The eventfd is readable (or a wait): take the finished job's
+        outcome. Only one thread takes it (`Syncer.take`)."""
         outcome = self.syncer.take()
         if outcome is None:
             return
@@ -110,9 +118,10 @@ class LoneSync:
         self.engine.lone_synced(future, write, error)
 
     def wait(self) -> None:
-        """For the journal's own I/O (Journal.lone_write's `wait`): until the
-        job is done and reaped, however long the disk takes, as a sync
-        holding the journal would."""
+        """For the journal's own I/O (Journal.lone_write's `wait`; on the sync
+        thread when an fsync waits for this one, or on the event loop): until
+        the job is done, then its outcome taken here unless another thread
+        took it, however long the disk takes, as a sync holding the journal would."""
         for _ in range(SETTLE_ROUNDS_MAX):
             if self.syncer.wait_done(SETTLE_WARN_S):
                 self.reap()

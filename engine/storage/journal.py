@@ -130,6 +130,9 @@ ADVICE_UNAVAILABLE = (
 # entry (8,190 records, 655 KB) would fail the next write at once.
 PROBE_NAME = "journal-probe.tmp"
 PROBE_BYTES = 1 << 20
+# The journal's own I/O waits this long for the outcome of a lone write that
+# has returned (`lone_written` from the thread that took it: bookkeeping only).
+LONE_SETTLE_S = 60
 
 
 class JournalError(Exception):
@@ -235,8 +238,9 @@ class LoneWrite:
     target: int
     size: int
     entries: int
-    wait: Callable[[], object]      # returns once `lone_written` was called for it
+    wait: Callable[[], object]      # returns once the write is done (its outcome taken)
     outcome: "int | JournalUnavailable | None" = None
+    settled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 class Journal:
@@ -457,8 +461,9 @@ class Journal:
         return self._sync_io()
 
     def _sync_io(self) -> int:
+        self._settle_offload()
         with self._io_lock:
-            self._settle_offload()
+            assert self._offload is None, "a lone write began during a sync"
             with self._lock:
                 if self._failure is not None:
                     raise self._unavailable()
@@ -576,8 +581,9 @@ class Journal:
         running. None otherwise: `sync` as usual.
 
         Until its outcome is given to `lone_written`, the journal does no
-        I/O of its own: `sync`, `recover` and `close` first call `wait()`,
-        which must return once `lone_written` has been called for it."""
+        I/O of its own: `sync`, `recover` and `close` first call `wait()`
+        (before they take the journal's I/O lock, which `lone_written`
+        needs), and then wait until some thread has given that outcome."""
         if self._fs is not os or self._offload is not None:
             return None
         if not self._io_lock.acquire(blocking=False):
@@ -616,9 +622,11 @@ class Journal:
         JournalUnavailable). Called again for the same write, the same answer."""
         if write.outcome is None:
             with self._io_lock:
-                assert self._offload is write and write.outcome is None
-                write.outcome = self._lone_outcome(write, error)
-                self._offload = None
+                if write.outcome is None:
+                    assert self._offload is write
+                    write.outcome = self._lone_outcome(write, error)
+                    self._offload = None
+                    write.settled.set()
         if isinstance(write.outcome, JournalUnavailable):
             raise write.outcome
         return write.outcome
@@ -641,12 +649,15 @@ class Journal:
         return write.target
 
     def _settle_offload(self) -> None:
-        """Before the journal's own I/O (under `_io_lock`): a lone write
-        still out is waited for, and its outcome taken."""
+        """Before the journal's own I/O (not under `_io_lock`): a lone write
+        still out is waited for, until its outcome was given to
+        `lone_written` (here, through `wait`, or by another thread)."""
         write = self._offload
         if write is not None:
             write.wait()
-            assert write.outcome is not None, "a lone write's wait returned before its outcome"
+            if not write.settled.wait(LONE_SETTLE_S):
+                raise JournalError(f"a lone write's outcome was not taken within "
+                                   f"{LONE_SETTLE_S} s")
 
     # ------------------------------------------------------------- failures
 
@@ -693,8 +704,8 @@ class Journal:
         (`_probe`), then accepts appends from durable_seq + 1. The entries
         dropped at the failure are not rewritten. Returns durable_seq; raises
         JournalUnavailable (still failed) if the storage still fails."""
+        self._settle_offload()
         with self._io_lock:
-            self._settle_offload()
             if self._failure is None:
                 return self._sync_io()
             assert not self._pending and self._last_seq == self._durable_seq
@@ -843,8 +854,8 @@ class Journal:
         finally:
             if self._spare is not None:
                 self._spare.stop()
+            self._settle_offload()
             with self._io_lock:
-                self._settle_offload()
                 if self._failure is not None:
                     self._cut_back()        # a restart must not find dropped entries
                 if self._fd is not None:

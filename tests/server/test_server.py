@@ -21,7 +21,7 @@ from engine.server.server import Server
 from engine.protocol.status import ErrorCode, Status
 from support.wire import (SECRET_ADMIN, SECRET_GW, Raw, all_released, enc, error_of,
                           gateway_config, hello, pay_body, run, started, started_with_world,
-                          world)
+                          until, world)
 
 
 def test_hello_and_ping():
@@ -750,15 +750,6 @@ def test_a_storage_failure_answers_each_batched_pay_frame_and_a_retry_is_applied
         assert server.engine.counts()["payments"] == 1
         await server.stop()
     run(main())
-
-
-async def until(condition, what: str, limit_s: float = 10.0) -> None:
-    """Poll `condition` while the server runs in this event loop (bounded)."""
-    for _ in range(int(limit_s / 0.002)):
-        if condition():
-            return
-        await asyncio.sleep(0.002)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def paid(client, ids, request_id=900) -> list[int]:
