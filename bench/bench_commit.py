@@ -118,6 +118,7 @@ def loadgen(server, pool_path: str, id_base: int, seconds: float, records: int,
 def measure(server, pool_path: str, id_base: int, seconds: float, kw: dict) -> dict:
     f_n0 = server.metric("scanpay_fsync_seconds_count")
     w_n0 = server.metric("scanpay_commit_waits_total")
+    l_n0 = server.metric("scanpay_lone_syncs_total")
     b_sum0, b_n0 = (server.metric("scanpay_batch_records_sum"),
                     server.metric("scanpay_batch_records_count"))
     out = loadgen(server, pool_path, id_base, seconds, **kw)
@@ -128,6 +129,7 @@ def measure(server, pool_path: str, id_base: int, seconds: float, kw: dict) -> d
     return {"rate": round(out["rate"]), "p50_ms": lat["p50"] / 1000, "p99_ms": lat["p99"] / 1000,
             "fsyncs_per_s": round((server.metric("scanpay_fsync_seconds_count") - f_n0) / wall),
             "waits_per_s": round((server.metric("scanpay_commit_waits_total") - w_n0) / wall),
+            "lone_per_s": round((server.metric("scanpay_lone_syncs_total") - l_n0) / wall),
             "mean_batch": round((server.metric("scanpay_batch_records_sum") - b_sum0) / b_n, 1)
             if b_n else None, "errors": errors}
 
@@ -191,7 +193,8 @@ def run_scenario(tmp: str, name: str, kw: dict, capacity: int, seconds: float, a
             results[policy].append(r)
             print(f"{name:34} round {rnd + 1} {policy:8} {r['rate']:>9,}/s  "
                   f"p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  "
-                  f"fsyncs {r['fsyncs_per_s']:>5}/s (waited {r['waits_per_s']:>5}/s)  "
+                  f"fsyncs {r['fsyncs_per_s']:>5}/s (waited {r['waits_per_s']:>5}/s, "
+                  f"lone {r['lone_per_s']:>5}/s)  "
                   f"batch {r['mean_batch']}  errors {r['errors']}  load {bs.load()}", flush=True)
 
 

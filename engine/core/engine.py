@@ -106,6 +106,7 @@ class SyncFuture(concurrent.futures.Future):
         self.sync_started_at = 0.0
         self.synced_at = 0.0
         self.waited = False     # it waited for the group-commit window first
+        self.lone = False       # made by the lone-sync thread (engine/server/lone_sync.py)
 
     def cancel(self) -> bool:
         """Refused: every command the fsync covers shares this future, so

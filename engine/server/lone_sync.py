@@ -85,6 +85,7 @@ class LoneSync:
         if write is None:
             return None
         future = SyncFuture()
+        future.lone = True
         self.syncer.start(write.fd, write.buffers, write.offset)
         self.job = (future, write)
         self.last = future

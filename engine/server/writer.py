@@ -591,6 +591,8 @@ class Writer:
             self.metrics.fsync_seconds.observe(durable.synced_at - durable.sync_started_at)
             if durable.waited:
                 self.metrics.commit_waits.inc()
+            if durable.lone:
+                self.metrics.lone_syncs.inc()
         if sends is not None and sends is not self.observed_sends and sends.finished and len(sends):
             self.observed_sends = sends
             stage["send"].observe(sends.finished_at - durable.synced_at)

@@ -88,6 +88,7 @@ def test_a_lone_reply_leaves_only_after_its_fdatasync(tmp_path):
         sent_here = float(text.split('scanpay_pay_reply_writes_total{sender="sync_thread"} ')[1]
                           .split()[0])
         assert sent_here >= 1                       # by the lone-sync thread
+        assert float(text.split("\nscanpay_lone_syncs_total ")[1].split()[0]) == lone.syncs
         await server.stop()
         assert reopened_payments(str(tmp_path / "data")) == pay_id - 99
     run(main())
