@@ -15,10 +15,14 @@ the buffers, the offset) and hands it to a `Syncer` (ext/outlet.pyx) whose
 thread waits on a C condition: it writes, fdatasyncs and sends the PAY
 replies the writer attached meanwhile (`attach`), all without the GIL, then
 makes an eventfd readable. The event loop takes the outcome (`reap`) and
-does the bookkeeping: the journal's durable mark, the fsync future, the
-next fsync for whatever arrived meanwhile, which goes to the group-commit
-sync thread as before. No reply leaves before its fdatasync returned, and a
-failed write fails the journal exactly as a failed `sync` does.
+does the bookkeeping: the journal's durable mark, the fsync future.
+Whatever is journaled meanwhile waits for the next fsync, on the
+group-commit sync thread as before, which starts at once: its `sync` first
+waits for the lone write (without the GIL) and takes the outcome itself if
+the event loop has not yet (`wait`), so the fsync cadence under load does
+not depend on when the loop gets to the eventfd. No reply leaves before its
+fdatasync returned, and a failed write fails the journal exactly as a
+failed `sync` does.
 """
 from __future__ import annotations
 
@@ -42,8 +46,8 @@ SETTLE_ROUNDS_MAX = 120         # ... and gives up after this many rounds (10 mi
 
 
 class LoneSync:
-    """The writer's lone-request path (`Engine.lone_sync`). Event loop only,
-    except the thread in `serve`."""
+    """The writer's lone-request path (`Engine.lone_sync`). On the event
+    loop, except the thread in `serve` and `wait` (the sync thread's)."""
 
     def __init__(self, writer):
         self.writer = writer
@@ -79,8 +83,12 @@ class LoneSync:
     def begin(self) -> SyncFuture | None:
         """Engine._request_sync, for a lone requester on an idle journal: the
         future of a sync started on the thread, or None (then the sync thread)."""
-        if self.job is not None or self.writer.queue:
-            return None                 # something is queued behind it: a group is forming
+        writer = self.writer
+        if self.job is not None or writer.queue or writer.deliveries:
+            # Something queued behind it, or earlier replies not yet released:
+            # others are paying too (a group is forming; under load the sync
+            # thread, which goes on from fsync to fsync, serves them better).
+            return None
         write = self.journal.lone_write(LONE_BYTES_MAX, LONE_BUFFERS_MAX, self.wait)
         if write is None:
             return None

@@ -18,7 +18,10 @@ has already been told it failed (docs/operations-durability.md).
 Threading: `append` runs on the caller's thread (the event loop) and only
 encodes into memory. Writing and fsync happen in `sync`, which the engine's
 group commit (`Engine._request_sync`, engine/core/engine.py) calls on its sync
-thread, one fdatasync for every command journaled meanwhile.
+thread, one fdatasync for every command journaled meanwhile; or, for a lone
+request on an idle journal, in a write planned by `lone_write` that the
+server's lone-sync thread makes without the GIL (engine/server/lone_sync.py),
+its outcome given back to `lone_written`.
 """
 from __future__ import annotations
 
