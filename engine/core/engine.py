@@ -352,6 +352,10 @@ class Engine:
         per command would queue thousands a second behind one another, each
         waiting for the GIL, and every reply behind them.) `requesters`: how
         many reply destinations wait for this command (the window's rule)."""
+        if self._lone_out and requesters == 1 and self.lone_sync is not None:
+            # The last lone sync may have returned with the event loop not yet
+            # at its eventfd (the caller's next request came first): take it now.
+            self.lone_sync.reap()
         with self._sync_lock:
             self._sync_requesters += requesters
             if self._sync_waiting is None:

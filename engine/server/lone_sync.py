@@ -84,10 +84,13 @@ class LoneSync:
         """Engine._request_sync, for a lone requester on an idle journal: the
         future of a sync started on the thread, or None (then the sync thread)."""
         writer = self.writer
-        if self.job is not None or writer.queue or writer.deliveries:
-            # Something queued behind it, or earlier replies not yet released:
-            # others are paying too (a group is forming; under load the sync
-            # thread, which goes on from fsync to fsync, serves them better).
+        deliveries = writer.deliveries
+        if (self.job is not None or writer.queue or len(deliveries) > 1
+                or deliveries and deliveries[0][0] is not self.last):
+            # Something queued behind it, or earlier replies not yet released
+            # (other than the last lone sync's, done): others are paying too
+            # (a group is forming; under load the sync thread, which goes on
+            # from fsync to fsync, serves them better).
             return None
         write = self.journal.lone_write(LONE_BYTES_MAX, LONE_BUFFERS_MAX, self.wait)
         if write is None:
