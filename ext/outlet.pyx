@@ -494,6 +494,17 @@ cdef int write_all(int fd, iovec* iov, int count, int64_t offset) noexcept nogil
     return 0
 
 
+cdef int sync_data(int fd) noexcept nogil:
+    """fdatasync, retried on EINTR as Python's os.fdatasync is (PEP 475); 0
+    or the errno."""
+    for _ in range(1000):               # a signal storm: bounded, then EINTR is the answer
+        if fdatasync(fd) == 0:
+            return 0
+        if errno != EINTR:
+            return errno
+    return EINTR
+
+
 cdef class Syncer:
     """A lone request's journal write, fdatasync and reply, on a thread that
     never takes the GIL (issue 16; engine/server/lone_sync.py).
@@ -680,8 +691,8 @@ cdef class Syncer:
             error = write_all(fd, iov, count, offset)
             if hooked:                      # (tests only: no lock taken otherwise)
                 error = self.gate(error)
-            if error == 0 and fdatasync(fd) != 0:
-                error = errno
+            if error == 0:
+                error = sync_data(fd)
             synced = monotonic_s()
             pthread_mutex_lock(&self.lock)
             self.state = JOB_SENDING        # `attach` refuses from here
