@@ -243,7 +243,6 @@ class LoneWrite:
     entries: int
     wait: Callable[[], object]      # returns once the write is done (its outcome taken)
     outcome: "int | JournalUnavailable | None" = None
-    settled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 class Journal:
@@ -283,8 +282,10 @@ class Journal:
         # retention (engine thread) and the sync worker both rewrite it.
         self._manifest: Manifest | None = None
         self._manifest_lock = threading.Lock()
-        # A write another thread makes now (`lone_write`), until its outcome is taken.
+        # A write another thread makes now (`lone_write`), until its outcome is
+        # taken; notified when it is (for a sync that waits for it).
         self._offload: LoneWrite | None = None
+        self._offload_taken = threading.Condition(threading.Lock())
         self.fsync_count = 0  # fdatasync calls that covered new entries (observability).
         self.dropped_count = 0  # entries dropped by storage failures (observability).
 
@@ -628,8 +629,9 @@ class Journal:
                 if write.outcome is None:
                     assert self._offload is write
                     write.outcome = self._lone_outcome(write, error)
-                    self._offload = None
-                    write.settled.set()
+                    with self._offload_taken:
+                        self._offload = None
+                        self._offload_taken.notify_all()
         if isinstance(write.outcome, JournalUnavailable):
             raise write.outcome
         return write.outcome
@@ -658,9 +660,11 @@ class Journal:
         write = self._offload
         if write is not None:
             write.wait()
-            if not write.settled.wait(LONE_SETTLE_S):
-                raise JournalError(f"a lone write's outcome was not taken within "
-                                   f"{LONE_SETTLE_S} s")
+            with self._offload_taken:
+                if not self._offload_taken.wait_for(lambda: self._offload is not write,
+                                                    LONE_SETTLE_S):
+                    raise JournalError(f"a lone write's outcome was not taken within "
+                                       f"{LONE_SETTLE_S} s")
 
     # ------------------------------------------------------------- failures
 
