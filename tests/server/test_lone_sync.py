@@ -75,7 +75,8 @@ def test_a_lone_reply_leaves_only_after_its_fdatasync(tmp_path):
         assert lone.syncs == syncs + 1 and lone.job is not None
         written = journal.last_seq
         assert journal.durable_seq < written
-        await asyncio.sleep(0.3)                    # the writer has applied and queued it
+        await until(lambda: server.writer.deliveries, "the PAY applied, its reply queued")
+        await asyncio.sleep(0.2)
         assert not reply.done()                     # no reply before the fdatasync
         assert server.engine.counts()["payments"] >= 1     # applied, not acknowledged
         server.writer.lone.syncer.hold_before_fdatasync(False)
