@@ -3,6 +3,7 @@
 one run (engine/core/group_commit.py; issue 16).
 
     .venv/bin/python bench/bench_commit.py [--seconds 5] [--rounds 2] [--out r.json]
+    .venv/bin/python bench/bench_commit.py --compare lone     # lone_sync off / on
 
 `scanpay serve` on loopback with a world built over the socket and the
 default `commit_interval_us` (1500), in two settings: "fixed" with
@@ -11,7 +12,9 @@ previous one started: the rule before issue 16) and "adaptive" with the
 default `commit_siblings`. Each scenario is measured in both settings in
 turn, `--rounds` times, in ABBA order (fixed, adaptive, adaptive, fixed,
 ...): a run can meet the writeback of the one before it, so neither setting
-always goes second; before each run the disk is synced and the machine
+always goes second; `--compare lone` compares `lone_sync = false` (every
+fsync on the sync thread) with the default (a lone request's fsync on the
+lone-sync thread, engine/server/lone_sync.py) the same way; before each run the disk is synced and the machine
 rests `--pause` seconds. Every figure is printed per round.
 
 Every run is on a fresh server (one server at a time: the payments table
@@ -52,7 +55,11 @@ from engine.demo import world as world_module  # noqa: E402
 from engine.demo.world import World, build, pay_batches  # noqa: E402
 from engine.protocol.limits import BATCH_RECORDS_MAX  # noqa: E402
 
-POLICIES = {"fixed": 0, "adaptive": None}        # commit_siblings (None: the default)
+# --compare -> {setting name: its [server] lines}; the first is "before".
+COMPARISONS = {
+    "commit": {"fixed": "commit_siblings = 0\n", "adaptive": ""},
+    "lone": {"threaded": "lone_sync = false\n", "lone": ""},
+}
 # name -> (loadgen arguments, payments table capacity, longest measured seconds):
 # each run on a fresh server (one at a time: the machine's memory is shared).
 SCENARIOS = {
@@ -69,12 +76,12 @@ ROUNDS_MAX = 10
 WARMUP_S = 1.0
 
 
-def start(root: str, siblings: int | None, spec: World, capacity_payments: int):
-    """A server with the commit rule `siblings`, its world built; (server, pool path)."""
+def start(root: str, settings: str, spec: World, capacity_payments: int):
+    """A server with these [server] `settings`, its world built; (server, pool path)."""
     os.makedirs(root)
     config = os.path.join(root, "scanpay.toml")
     with open(config, "w") as f:
-        f.write("[server]\n" + (f"commit_siblings = {siblings}\n" if siblings is not None else ""))
+        f.write("[server]\n" + settings)
     bs.SERVER_ARGS = ["--config", config]
     server = bs.ServerProcess(os.path.join(root, "data"), capacity_payments=capacity_payments)
     try:
@@ -111,6 +118,7 @@ def loadgen(server, pool_path: str, id_base: int, seconds: float, records: int,
 def measure(server, pool_path: str, id_base: int, seconds: float, kw: dict) -> dict:
     f_n0 = server.metric("scanpay_fsync_seconds_count")
     w_n0 = server.metric("scanpay_commit_waits_total")
+    l_n0 = server.metric("scanpay_lone_syncs_total")
     b_sum0, b_n0 = (server.metric("scanpay_batch_records_sum"),
                     server.metric("scanpay_batch_records_count"))
     out = loadgen(server, pool_path, id_base, seconds, **kw)
@@ -121,6 +129,7 @@ def measure(server, pool_path: str, id_base: int, seconds: float, kw: dict) -> d
     return {"rate": round(out["rate"]), "p50_ms": lat["p50"] / 1000, "p99_ms": lat["p99"] / 1000,
             "fsyncs_per_s": round((server.metric("scanpay_fsync_seconds_count") - f_n0) / wall),
             "waits_per_s": round((server.metric("scanpay_commit_waits_total") - w_n0) / wall),
+            "lone_per_s": round((server.metric("scanpay_lone_syncs_total") - l_n0) / wall),
             "mean_batch": round((server.metric("scanpay_batch_records_sum") - b_sum0) / b_n, 1)
             if b_n else None, "errors": errors}
 
@@ -134,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--pause", type=float, default=3.0,
                    help="seconds of rest (after a sync) before each run (default 3)")
     p.add_argument("--out", help="also write every figure as JSON here")
+    p.add_argument("--compare", choices=sorted(COMPARISONS), default="commit",
+                   help="commit: the fixed window vs adaptive (default); lone: lone_sync off vs on")
     args = p.parse_args(argv)
     if not 1 <= args.rounds <= ROUNDS_MAX or args.seconds <= 0 or not 0 <= args.pause <= 60:
         p.error(f"--rounds in 1..{ROUNDS_MAX}, --seconds > 0 and --pause in 0..60")
@@ -144,13 +155,13 @@ def main(argv=None) -> int:
     wanted = [s for s in args.scenarios.split(",") if s]
     scenarios = {n: v for n, v in SCENARIOS.items() if not wanted or any(w in n for w in wanted)}
     print(f"machine: {bs.machine()}; load before: {bs.load()}", flush=True)
-    results = {name: {policy: [] for policy in POLICIES} for name in scenarios}
+    results = {name: {policy: [] for policy in COMPARISONS[args.compare]} for name in scenarios}
     with tempfile.TemporaryDirectory(prefix="scanpay-bench-commit-") as tmp:
         for name, (kw, capacity, seconds_max) in scenarios.items():
             run_scenario(tmp, name, kw, capacity, min(args.seconds, seconds_max), args, spec,
                          results[name])
     print(f"load after: {bs.load()}")
-    print_table(results)
+    print_table(results, COMPARISONS[args.compare])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
@@ -164,13 +175,13 @@ def run_scenario(tmp: str, name: str, kw: dict, capacity: int, seconds: float, a
     for rnd in range(args.rounds):
         # ABBA: the second run of a pair may meet the first's writeback,
         # so each setting goes first in every other round.
-        order = list(POLICIES.items())[::1 if rnd % 2 == 0 else -1]
-        for policy, siblings in order:
+        order = list(COMPARISONS[args.compare].items())[::1 if rnd % 2 == 0 else -1]
+        for policy, settings in order:
             os.sync()                       # the last run's journal written back first
             time.sleep(args.pause)
             root = tempfile.mkdtemp(prefix="run-", dir=tmp)
             os.rmdir(root)                  # start() makes it
-            server, pool_path = start(root, siblings, spec, capacity)
+            server, pool_path = start(root, settings, spec, capacity)
             try:
                 r = measure(server, pool_path, 1 << 40, seconds, kw)
             except (RuntimeError, subprocess.TimeoutExpired) as error:
@@ -182,16 +193,17 @@ def run_scenario(tmp: str, name: str, kw: dict, capacity: int, seconds: float, a
             results[policy].append(r)
             print(f"{name:34} round {rnd + 1} {policy:8} {r['rate']:>9,}/s  "
                   f"p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms  "
-                  f"fsyncs {r['fsyncs_per_s']:>5}/s (waited {r['waits_per_s']:>5}/s)  "
+                  f"fsyncs {r['fsyncs_per_s']:>5}/s (waited {r['waits_per_s']:>5}/s, "
+                  f"lone {r['lone_per_s']:>5}/s)  "
                   f"batch {r['mean_batch']}  errors {r['errors']}  load {bs.load()}", flush=True)
 
 
-def print_table(results: dict) -> None:
-    print("\n| scenario | fixed window: payments/s, p50 / p99 ms | adaptive: payments/s, "
-          "p50 / p99 ms |\n|---|---|---|")
+def print_table(results: dict, settings: dict) -> None:
+    print("\n| scenario | " + " | ".join(f"{name}: payments/s, p50 / p99 ms" for name in settings)
+          + " |\n|---|---|---|")
     for name, by_policy in results.items():
         cells = []
-        for policy in POLICIES:
+        for policy in settings:
             runs = by_policy[policy]
             cells.append("; ".join(f"{r['rate']:,} ({r['p50_ms']:.2f} / {r['p99_ms']:.2f})"
                                    for r in runs))

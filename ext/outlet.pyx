@@ -35,11 +35,12 @@ closed once the connection is gone and nothing is queued.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
-from libc.errno cimport EINTR, errno
-from libc.stdint cimport int64_t, uint8_t
+from libc.errno cimport EINTR, EIO, errno
+from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memset
-from posix.unistd cimport close, dup
+from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+from posix.unistd cimport close, dup, fdatasync, read, write
 
 from time import perf_counter
 
@@ -48,6 +49,13 @@ cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
         void* iov_base
         size_t iov_len
+    ssize_t pwritev(int fd, const iovec* iov, int iovcnt, int64_t offset)
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum: EFD_NONBLOCK
+    enum: EFD_CLOEXEC
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -71,7 +79,10 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_init(pthread_cond_t* cond, const void* attr)
     int pthread_cond_destroy(pthread_cond_t* cond)
     int pthread_cond_wait(pthread_cond_t* cond, pthread_mutex_t* mutex)
+    int pthread_cond_timedwait(pthread_cond_t* cond, pthread_mutex_t* mutex,
+                               const timespec* abstime)
     int pthread_cond_signal(pthread_cond_t* cond)
+    int pthread_cond_broadcast(pthread_cond_t* cond)
 
 
 cdef class Outlet:
@@ -262,6 +273,21 @@ cdef class Sends:
         """No more entries, and no sends: what was not sent stays unsent."""
         self.done = True
 
+    def withdraw(self) -> None:
+        """Take every entry back, as if never added, and close: right after
+        they were added (none was sent, and each is the last queued on its
+        outlet), so that the event loop writes them and no outlet blocks."""
+        cdef Outlet outlet
+        assert not self.handed
+        for i in range(self.count - 1, -1, -1):
+            outlet = <Outlet>self.keep[2 * i]
+            assert self.entries[i].seq == outlet.queued - 1, "withdrawn after a later add"
+            outlet.queued -= 1
+            outlet.outstanding -= 1
+        self.count = 0
+        self.keep = []
+        self.done = True
+
     def hand(self) -> None:
         """Its fsync returned and it is queued for the sender thread: no
         more entries, and the event loop waits for `finished`."""
@@ -362,22 +388,34 @@ cdef class Courier:
         cdef Py_ssize_t whole = 0
         assert sends.handed and not sends.finished
         with nogil:
-            pthread_mutex_lock(&self.lock)
-            if not self.closed and self.count == 0 and not self.sending:
-                mine = True
-                self.here = True            # the sender waits until it is sent
-            pthread_mutex_unlock(&self.lock)
+            mine = self.claim_here()
             if mine:
                 whole = send_entries(sends.entries, sends.count)
-                pthread_mutex_lock(&self.lock)
-                self.here = False
-                if self.count or self.closed:   # the sender waited for this one
-                    pthread_cond_signal(&self.ready)
-                pthread_mutex_unlock(&self.lock)
+                self.release_here()
         if mine:
             sends.sent_here = True
             sends.finish(max(whole, 0))     # out of memory: none sent, the event loop writes
         return mine
+
+    cdef bint claim_here(self) noexcept nogil:
+        """True if the calling thread may send now, ahead of the sender
+        thread: it is idle with nothing queued, so every earlier fsync's
+        replies have gone out and none can be overtaken. Then the sender
+        thread takes nothing until `release_here`."""
+        cdef bint mine = False
+        pthread_mutex_lock(&self.lock)
+        if not self.closed and self.count == 0 and not self.sending and not self.here:
+            mine = True
+            self.here = True            # the sender waits until it is sent
+        pthread_mutex_unlock(&self.lock)
+        return mine
+
+    cdef void release_here(self) noexcept nogil:
+        pthread_mutex_lock(&self.lock)
+        self.here = False
+        if self.count or self.closed:   # the sender waited for this one
+            pthread_cond_signal(&self.ready)
+        pthread_mutex_unlock(&self.lock)
 
     def close(self) -> None:
         """The sender thread's `next_sent` returns None once the queue is empty."""
@@ -415,3 +453,312 @@ cdef class Courier:
         Py_DECREF(sends)                    # the courier's reference; `sends` holds its own
         sends.finish(max(whole, 0))        # out of memory: none sent, the event loop writes
         return sends
+
+
+cdef enum:
+    JOB_NONE = 0                        # no job
+    JOB_QUEUED = 1                      # a write waits for the thread
+    JOB_WRITING = 2                     # being written and synced; sends may still attach
+    JOB_SENDING = 3                     # synced (or failed): its sends are fixed
+    JOB_DONE = 4                        # finished; the event loop has not taken it yet
+    JOB_BUFFERS_MAX = 64                # buffers in one write (a journal entry has 1-3)
+
+
+cdef double monotonic_s() noexcept nogil:
+    """time.perf_counter()'s clock (CLOCK_MONOTONIC on Linux)."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef int write_all(int fd, iovec* iov, int count, int64_t offset) noexcept nogil:
+    """pwritev until every byte is written (a regular file may write short);
+    0, or the errno of the failure. Advances `iov`."""
+    cdef ssize_t written
+    cdef int i = 0
+    while i < count:                    # each round writes at least a byte, or returns
+        written = pwritev(fd, iov + i, count - i, offset)
+        if written < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        if written == 0:
+            return EIO
+        offset += written
+        while i < count and <size_t>written >= iov[i].iov_len:
+            written -= iov[i].iov_len
+            i += 1
+        if i < count and written:
+            iov[i].iov_base = <uint8_t*>iov[i].iov_base + written
+            iov[i].iov_len -= written
+    return 0
+
+
+cdef int sync_data(int fd) noexcept nogil:
+    """fdatasync, retried on EINTR as Python's os.fdatasync is (PEP 475); 0
+    or the errno."""
+    for _ in range(1000):               # a signal storm: bounded, then EINTR is the answer
+        if fdatasync(fd) == 0:
+            return 0
+        if errno != EINTR:
+            return errno
+    return EINTR
+
+
+cdef class Syncer:
+    """A lone request's journal write, fdatasync and reply, on a thread that
+    never takes the GIL (issue 16; engine/server/lone_sync.py).
+
+    A caller paying one at a time used to cost two hand-offs of the GIL per
+    payment on top of the fsync: the sync thread, woken by an executor job,
+    waited for the event loop to release the GIL before it could write, and
+    took it again after. Here the event loop hands over a write it has fully
+    planned (`start`: the journal's fd, its buffers, the offset); the thread,
+    waiting on a C condition, does pwritev + fdatasync and sends the replies
+    attached meanwhile (`attach`, the PAY batch's `Sends`, through the
+    courier's ordering) without the GIL, then makes `fileno` (an eventfd)
+    readable. The event loop takes the outcome (`take`) and does the
+    journal's bookkeeping itself. One job at a time."""
+    cdef pthread_mutex_t lock
+    cdef pthread_cond_t wake            # a job queued, the test gate opened, or closing
+    cdef pthread_cond_t finished        # a job is done
+    cdef Courier courier
+    cdef readonly int fileno            # eventfd: readable once a job is done
+    cdef int state
+    cdef bint closed
+    cdef list keep                      # the job's buffers
+    cdef Sends sends                    # attached to the job (its Entry array is read)
+    cdef iovec iov[JOB_BUFFERS_MAX]
+    cdef int iov_count
+    cdef int fd
+    cdef int64_t offset
+    cdef Entry* entries
+    cdef Py_ssize_t entry_count
+    cdef bint attached
+    cdef int error                      # the outcome: 0 or an errno
+    cdef double started_at
+    cdef double synced_at
+    cdef Py_ssize_t whole               # entries sent whole; -1: not sent here
+    # Test hooks: stop before the fdatasync; fail the next one with an errno.
+    cdef bint hold
+    cdef bint at_gate
+    cdef int fail_errno
+
+    def __cinit__(self, Courier courier):
+        self.courier = courier
+        self.fileno = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.fileno < 0:
+            raise OSError(errno, "eventfd failed")
+        pthread_mutex_init(&self.lock, NULL)
+        pthread_cond_init(&self.wake, NULL)
+        pthread_cond_init(&self.finished, NULL)
+
+    def __dealloc__(self):
+        if self.fileno >= 0:
+            close(self.fileno)
+        pthread_cond_destroy(&self.finished)
+        pthread_cond_destroy(&self.wake)
+        pthread_mutex_destroy(&self.lock)
+
+    @property
+    def busy(self) -> bool:
+        """A job was started and not yet taken."""
+        return self.state != JOB_NONE
+
+    def start(self, int fd, list buffers, int64_t offset) -> None:
+        """Queue a write of `buffers` (bytes) at `offset` into `fd`, then an
+        fdatasync of `fd`; the thread runs it. One job at a time: the last
+        one must have been taken."""
+        cdef iovec iov[JOB_BUFFERS_MAX]
+        cdef int count = len(buffers)
+        cdef bint queued = False
+        if not 0 < count <= JOB_BUFFERS_MAX:
+            raise ValueError(f"a write of 1..{JOB_BUFFERS_MAX} buffers, not {count}")
+        for i in range(count):
+            buffer = buffers[i]
+            if type(buffer) is not bytes:
+                raise TypeError("the buffers must be bytes")
+            iov[i].iov_base = <void*>PyBytes_AS_STRING(buffer)
+            iov[i].iov_len = PyBytes_GET_SIZE(buffer)
+        pthread_mutex_lock(&self.lock)
+        if self.state == JOB_NONE and not self.closed:
+            memcpy(self.iov, iov, count * sizeof(iovec))
+            self.iov_count = count
+            self.fd = fd
+            self.offset = offset
+            self.attached = False
+            self.state = JOB_QUEUED
+            queued = True
+        pthread_mutex_unlock(&self.lock)
+        if not queued:
+            raise RuntimeError("the syncer is closed, or its last job was not taken")
+        # After the unlock: a thread woken while the lock is still held would
+        # sleep again at once, on the lock (a second wake-up for one job).
+        pthread_cond_signal(&self.wake)
+        self.keep = list(buffers)
+
+    def attach(self, Sends sends) -> bool:
+        """The replies the running job releases: the thread sends them right
+        after its fdatasync (if the sender thread has nothing left to send,
+        so that none is overtaken). False if too late (the job has synced,
+        or there is none): the caller sends them otherwise."""
+        cdef bint ok = False
+        if sends.done:
+            return False
+        pthread_mutex_lock(&self.lock)
+        if (self.state == JOB_QUEUED or self.state == JOB_WRITING) and not self.attached:
+            self.entries = sends.entries
+            self.entry_count = sends.count
+            self.attached = True
+            ok = True
+        pthread_mutex_unlock(&self.lock)
+        if ok:
+            sends.hand()                    # no more entries; the loop waits for `finished`
+            self.sends = sends
+        return ok
+
+    def take(self):
+        """The outcome of the finished job, (errno or 0, started_at, synced_at),
+        once; None while it runs or when there is none. Marks its attached
+        sends finished."""
+        cdef uint64_t count
+        cdef Py_ssize_t whole
+        pthread_mutex_lock(&self.lock)
+        if self.state != JOB_DONE:
+            pthread_mutex_unlock(&self.lock)
+            return None
+        outcome = (self.error, self.started_at, self.synced_at)
+        whole = self.whole
+        self.state = JOB_NONE
+        self.attached = False
+        self.entries = NULL
+        pthread_mutex_unlock(&self.lock)
+        read(self.fileno, &count, sizeof(count))    # drained (EAGAIN if already)
+        sends, self.sends, self.keep = self.sends, None, None
+        if sends is not None:
+            sends.sent_here = whole >= 0
+            sends.finish(max(whole, 0))     # not sent here: the event loop writes them
+        return outcome
+
+    def wait_done(self, double timeout_s) -> bool:
+        """Until the job (if any) has finished, at most `timeout_s`; True if
+        none runs now."""
+        cdef timespec deadline
+        cdef int rc = 0
+        cdef bint idle
+        clock_gettime(CLOCK_REALTIME, &deadline)
+        deadline.tv_sec += <long>timeout_s
+        deadline.tv_nsec += <long>((timeout_s - <long>timeout_s) * 1e9)
+        if deadline.tv_nsec >= 1000000000:
+            deadline.tv_sec += 1
+            deadline.tv_nsec -= 1000000000
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            while self.state != JOB_NONE and self.state != JOB_DONE and rc == 0:
+                rc = pthread_cond_timedwait(&self.finished, &self.lock, &deadline)
+            idle = self.state == JOB_NONE or self.state == JOB_DONE
+            pthread_mutex_unlock(&self.lock)
+        return idle
+
+    def serve(self) -> None:
+        """The thread's body: run each job as it is queued; return once
+        closed (a job queued before still runs)."""
+        cdef Courier courier = self.courier
+        with nogil:
+            self.run(courier)
+
+    cdef void run(self, Courier courier) noexcept nogil:
+        cdef iovec iov[JOB_BUFFERS_MAX]
+        cdef int count, fd, error
+        cdef int64_t offset
+        cdef double started, synced
+        cdef Py_ssize_t whole
+        cdef bint attached, hooked
+        pthread_mutex_lock(&self.lock)
+        while True:                         # one job a round; ends when closed
+            while self.state != JOB_QUEUED and not self.closed:
+                pthread_cond_wait(&self.wake, &self.lock)
+            if self.state != JOB_QUEUED:
+                break
+            self.state = JOB_WRITING
+            count = self.iov_count
+            memcpy(iov, self.iov, count * sizeof(iovec))
+            fd = self.fd
+            offset = self.offset
+            hooked = self.hold or self.fail_errno != 0
+            pthread_mutex_unlock(&self.lock)
+            started = monotonic_s()
+            error = write_all(fd, iov, count, offset)
+            if hooked:                      # (tests only: no lock taken otherwise)
+                error = self.gate(error)
+            if error == 0:
+                error = sync_data(fd)
+            synced = monotonic_s()
+            pthread_mutex_lock(&self.lock)
+            self.state = JOB_SENDING        # `attach` refuses from here
+            attached = self.attached
+            pthread_mutex_unlock(&self.lock)
+            whole = -1
+            if error == 0 and attached and courier.claim_here():
+                whole = send_entries(self.entries, self.entry_count)
+                courier.release_here()
+                if whole < 0:               # out of memory: none sent, the event loop writes
+                    whole = 0
+            pthread_mutex_lock(&self.lock)
+            self.error = error
+            self.started_at = started
+            self.synced_at = synced
+            self.whole = whole
+            self.state = JOB_DONE
+            pthread_mutex_unlock(&self.lock)
+            pthread_cond_broadcast(&self.finished)
+            self.notify()
+            pthread_mutex_lock(&self.lock)
+        pthread_mutex_unlock(&self.lock)
+
+    cdef int gate(self, int error) noexcept nogil:
+        """The test hooks, between the write and the fdatasync."""
+        pthread_mutex_lock(&self.lock)
+        while self.hold and not self.closed:
+            self.at_gate = True
+            pthread_cond_wait(&self.wake, &self.lock)
+        self.at_gate = False
+        if error == 0 and self.fail_errno:
+            error = self.fail_errno
+            self.fail_errno = 0
+        pthread_mutex_unlock(&self.lock)
+        return error
+
+    cdef void notify(self) noexcept nogil:
+        cdef uint64_t one = 1
+        write(self.fileno, &one, sizeof(one))   # cannot fill: the loop drains it each time
+
+    def close(self) -> None:
+        """The thread returns from `serve` once its queued job (if any) ran."""
+        with nogil:
+            pthread_mutex_lock(&self.lock)
+            self.closed = True
+            pthread_cond_broadcast(&self.wake)
+            pthread_mutex_unlock(&self.lock)
+
+    # -- test hooks --------------------------------------------------------
+
+    def hold_before_fdatasync(self, bint hold) -> None:
+        """Tests: jobs started from now on stop after their write, before
+        their fdatasync, until released (hold False)."""
+        pthread_mutex_lock(&self.lock)
+        self.hold = hold
+        pthread_cond_broadcast(&self.wake)
+        pthread_mutex_unlock(&self.lock)
+
+    @property
+    def held(self) -> bool:
+        """Tests: a job waits at the gate now."""
+        return self.at_gate
+
+    def fail_next_fdatasync(self, int error) -> None:
+        """Tests: the next job started fails with errno `error` instead of
+        its fdatasync (not run)."""
+        pthread_mutex_lock(&self.lock)
+        self.fail_errno = error
+        pthread_mutex_unlock(&self.lock)

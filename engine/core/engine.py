@@ -106,6 +106,7 @@ class SyncFuture(concurrent.futures.Future):
         self.sync_started_at = 0.0
         self.synced_at = 0.0
         self.waited = False     # it waited for the group-commit window first
+        self.lone = False       # made by the lone-sync thread (engine/server/lone_sync.py)
 
     def cancel(self) -> bool:
         """Refused: every command the fsync covers shares this future, so
@@ -171,6 +172,7 @@ class Engine:
         self._sync_lock = threading.Lock()
         self._sync_waiting = None       # the future the next fsync completes
         self._sync_busy = False         # the sync thread is running fsyncs
+        self._lone_out = False          # a lone sync is out (lone_sync.begin)
         # Group commit window (engine/core/group_commit.py): under load (the
         # fsync covers at least commit_siblings requesters) an fsync starts
         # up to this long after the one before, and covers everything
@@ -187,6 +189,7 @@ class Engine:
         # has returned, before the future completes: the server's writer
         # hands the replies it covers to its sender thread (ext/outlet.pyx).
         self.on_durable = None
+        self.lone_sync = None   # the server's lone-request fsync (engine/server/lone_sync.py)
         # Called with (state, seq) right after each journaled command is
         # applied, live (not on replay): a replicated node's checkpoints
         # (engine/replication/checkpoint.py).
@@ -252,6 +255,8 @@ class Engine:
         After a failure each of them finds the journal failed and fails, so
         none can complete `ok` for a dropped command once the journal has
         recovered: the journal may recover only after this."""
+        if self.lone_sync is not None:
+            self.lone_sync.settle(SYNC_IDLE_WAIT_S)     # raises TimeoutError like the pool
         self._sync_pool.submit(lambda: None).result(timeout=SYNC_IDLE_WAIT_S)
 
     def _storage_ready(self) -> None:
@@ -347,14 +352,42 @@ class Engine:
         per command would queue thousands a second behind one another, each
         waiting for the GIL, and every reply behind them.) `requesters`: how
         many reply destinations wait for this command (the window's rule)."""
+        if self._lone_out and requesters == 1 and self.lone_sync is not None:
+            # The last lone sync may have returned with the event loop not yet
+            # at its eventfd (the caller's next request came first): take it now.
+            self.lone_sync.reap()
         with self._sync_lock:
             self._sync_requesters += requesters
             if self._sync_waiting is None:
+                if (requesters == 1 and not self._sync_busy and not self._lone_out
+                        and self.lone_sync is not None):
+                    lone = self.lone_sync.begin()
+                    if lone is not None:        # a lone request on an idle journal
+                        self._lone_out = True
+                        self._sync_requesters = 0
+                        self._sync_started_at = time.perf_counter()
+                        return lone
+                # (While a lone sync is out, the sync thread's `sync` waits for
+                # it first, without the event loop: journal.py `_settle_offload`.)
                 self._sync_waiting = SyncFuture()
                 if not self._sync_busy:
                     self._sync_busy = True
                     self._sync_pool.submit(self._sync_worker)
             return self._sync_waiting
+
+    def lone_synced(self, future: SyncFuture, write, error: int) -> None:
+        """A lone sync (`lone_sync.begin`) has returned, with `error` (0 or
+        an errno): its entries are durable, or the journal failed; `future`
+        completes accordingly. (On the event loop, or on the sync thread
+        when an fsync there waited for it.)"""
+        try:
+            durable_seq = self.storage.lone_written(write, error)
+        except Unavailable as failure:      # those writes are not acknowledged
+            future.set_exception(failure)
+        else:
+            future.set_result(durable_seq)
+        with self._sync_lock:
+            self._lone_out = False
 
     def fsync_waiting(self) -> bool:
         """Whether a command journaled since the running fsync began waits

@@ -55,6 +55,7 @@ class Config:
     # requesters (engine/core/group_commit.py); 0 = always (the fixed window).
     commit_siblings: Range(0, 1_000_000) = COMMIT_SIBLINGS_DEFAULT
     direct_replies: bool = True          # PAY replies sent by the sender thread after the fsync
+    lone_sync: bool = True               # a lone request's fsync and reply with no GIL (lone_sync.py)
     journal_prealloc: bool = True        # journal segments zero-filled ahead (cheaper fsyncs)
     io_threads_nice: Range(-20, 0) = -10  # sync and sender threads ahead of the rest (threads.py)
     # Replication (docs/replication.md): the NATS servers whose JetStream

@@ -172,6 +172,9 @@ class Metrics:
         self.commit_waits = Counter(
             "scanpay_commit_waits", "Fsyncs that waited for the group-commit window "
             "(commit_interval_us, commit_siblings)", registry=r)
+        self.lone_syncs = Counter(
+            "scanpay_lone_syncs", "Fsyncs of a lone request on an idle journal, made by "
+            "the lone-sync thread (lone_sync)", registry=r)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -67,7 +67,7 @@ class Server:
         self.metrics = Metrics(OP_LABELS)
         self.writer = Writer(self.engine, self.metrics, config.batch_records_max,
                              config.queue_records_max, config.frame_bytes_max,
-                             config.direct_replies)
+                             config.direct_replies, config.lone_sync)
         if self.node is not None:
             self.writer.position = self.node.position
         self.connections = set()

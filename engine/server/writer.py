@@ -30,6 +30,7 @@ from engine.protocol.ops import OP_CAPTURE_RECORDS, OP_ISSUE, OP_PAY, OP_REFUND_
 from engine.protocol.errors import EngineError, Unavailable
 from engine.protocol.records import ISSUE_RESULT, PAY_RECORD, PAY_RESULT, REFUND_RESULT
 from engine.core.scope import SCOPED_RECORD_OPS, filter_records
+from engine.server.lone_sync import LoneSync
 from engine.server.threads import raise_thread_priority
 from engine.server.audit_fork import Audits
 from engine.core.ops.money import BuiltLater
@@ -176,7 +177,7 @@ class Writer:
     def __init__(self, engine, metrics=None, batch_records_max: int = BATCH_RECORDS_MAX,
                  queue_records_max: int = 262_144,
                  frame_bytes_max: int = frame.FRAME_BYTES_MAX_DEFAULT,
-                 direct_replies: bool = True):
+                 direct_replies: bool = True, lone_sync: bool = True):
         self.engine = engine
         self.metrics = metrics
         self.batch_records_max = batch_records_max
@@ -210,7 +211,12 @@ class Writer:
         self.sender = None
         if self.direct_replies:
             engine.on_durable = self.send_replies
+        # A lone request's fsync and reply on a thread with no GIL
+        # (engine/server/lone_sync.py); it sends through the courier's order.
+        self.lone = (LoneSync(self) if lone_sync and self.direct_replies
+                     and LoneSync.supported(engine) else None)
         self.loop = None
+        self.loop_thread = None
         self.stopping = False
         self.task = None
         self.slow_log = SlowLog()
@@ -261,6 +267,10 @@ class Writer:
     def start(self):
         self.loop = asyncio.get_running_loop()
         self.task = self.loop.create_task(self.run())
+        self.loop_thread = threading.get_ident()
+        if self.lone is not None:
+            self.lone.start(self.loop)
+            self.engine.lone_sync = self.lone
         if self.direct_replies:
             self.sender = threading.Thread(target=self.send_loop, name="scanpay-send",
                                            daemon=True)
@@ -276,6 +286,9 @@ class Writer:
         if self.replies_building:            # released reads still being built
             await asyncio.wait(set(self.replies_building))
         self.reply_builder.shutdown(wait=True)
+        if self.lone is not None and self.engine.lone_sync is self.lone:
+            self.engine.lone_sync = None
+            self.lone.stop(self.loop)
         if self.sender is not None:
             self.courier.close()
             self.sender.join()
@@ -442,6 +455,8 @@ class Writer:
         replies, ends = batch.replies(results.view(np.uint8))
         ends = ends.tolist()
         sends, direct = self.queue_direct(batch, replies, ends, durable)
+        if sends is not None and self.lone is not None and not self.lone.attach(durable, sends):
+            sends, direct = None, None
 
         def deliver(value):
             self.deliver_pay_batch(batch, value, replies, ends, sends, direct, durable)
@@ -551,8 +566,12 @@ class Writer:
             durable.add_done_callback(self.durable_done)
 
     def durable_done(self, _future) -> None:
-        """In the sync thread: hand over to the event loop."""
-        self.loop.call_soon_threadsafe(self.release_ready)
+        """In the sync thread: hand over to the event loop (on the event
+        loop itself, after a lone sync: no wake-up needed)."""
+        if threading.get_ident() == self.loop_thread:
+            self.loop.call_soon(self.release_ready)
+        else:
+            self.loop.call_soon_threadsafe(self.release_ready)
 
     def release_ready(self) -> None:
         """Deliver, in order, every release whose fsync has returned; then
@@ -581,6 +600,8 @@ class Writer:
             self.metrics.fsync_seconds.observe(durable.synced_at - durable.sync_started_at)
             if durable.waited:
                 self.metrics.commit_waits.inc()
+            if durable.lone:
+                self.metrics.lone_syncs.inc()
         if sends is not None and sends is not self.observed_sends and sends.finished and len(sends):
             self.observed_sends = sends
             stage["send"].observe(sends.finished_at - durable.synced_at)

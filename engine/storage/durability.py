@@ -207,6 +207,13 @@ class Storage:
         except JournalUnavailable as e:
             raise Unavailable(f"storage failed, the change is not acknowledged: {e}") from None
 
+    def lone_written(self, write, error: int) -> int:
+        """Journal.lone_written, its failure as `sync`'s."""
+        try:
+            return self.journal.lone_written(write, error)
+        except JournalUnavailable as e:
+            raise Unavailable(f"storage failed, the change is not acknowledged: {e}") from None
+
     def after_write(self, engine) -> None:
         self.reap_snapshot(block=False)
         due = (self.journal.last_seq - self.snapshot_seq >= self.snapshot_every_entries

@@ -18,7 +18,10 @@ has already been told it failed (docs/operations-durability.md).
 Threading: `append` runs on the caller's thread (the event loop) and only
 encodes into memory. Writing and fsync happen in `sync`, which the engine's
 group commit (`Engine._request_sync`, engine/core/engine.py) calls on its sync
-thread, one fdatasync for every command journaled meanwhile.
+thread, one fdatasync for every command journaled meanwhile; or, for a lone
+request on an idle journal, in a write planned by `lone_write` that the
+server's lone-sync thread makes without the GIL (engine/server/lone_sync.py),
+its outcome given back to `lone_written`.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import re
 import struct
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import crc32c
 import numpy as np
@@ -130,6 +133,9 @@ ADVICE_UNAVAILABLE = (
 # entry (8,190 records, 655 KB) would fail the next write at once.
 PROBE_NAME = "journal-probe.tmp"
 PROBE_BYTES = 1 << 20
+# The journal's own I/O waits this long for the outcome of a lone write that
+# has returned (`lone_written` from the thread that took it: bookkeeping only).
+LONE_SETTLE_S = 60
 
 
 class JournalError(Exception):
@@ -224,6 +230,21 @@ class _Segment:
     path: str
 
 
+@dataclasses.dataclass(eq=False)
+class LoneWrite:
+    """A sync that another thread makes (`Journal.lone_write`): `buffers`
+    written at `offset` into `fd`, then an fdatasync of `fd`; `size` bytes,
+    the journal's first `entries` pending entries, up to seq `target`."""
+    fd: int
+    buffers: list
+    offset: int
+    target: int
+    size: int
+    entries: int
+    wait: Callable[[], object]      # returns once the write is done (its outcome taken)
+    outcome: "int | JournalUnavailable | None" = None
+
+
 class Journal:
     """An open journal directory. Use `Journal.open`."""
 
@@ -261,6 +282,10 @@ class Journal:
         # retention (engine thread) and the sync worker both rewrite it.
         self._manifest: Manifest | None = None
         self._manifest_lock = threading.Lock()
+        # A write another thread makes now (`lone_write`), until its outcome is
+        # taken; notified when it is (for a sync that waits for it).
+        self._offload: LoneWrite | None = None
+        self._offload_taken = threading.Condition(threading.Lock())
         self.fsync_count = 0  # fdatasync calls that covered new entries (observability).
         self.dropped_count = 0  # entries dropped by storage failures (observability).
 
@@ -440,7 +465,9 @@ class Journal:
         return self._sync_io()
 
     def _sync_io(self) -> int:
+        self._settle_offload()
         with self._io_lock:
+            assert self._offload is None, "a lone write began during a sync"
             with self._lock:
                 if self._failure is not None:
                     raise self._unavailable()
@@ -546,6 +573,99 @@ class Journal:
             self._fs.close(fd)
         self._dir_dirty = False
 
+    # ------------------------------------------------------- a lone write
+
+    def lone_write(self, bytes_max: int, buffers_max: int, wait) -> "LoneWrite | None":
+        """The entries not yet durable as one write that another thread
+        makes: a pwritev of `buffers` at `offset` into `fd`, then an
+        fdatasync of `fd` (the server's lone request, engine/server/lone_sync.py).
+        Only when that is all their sync would do: the real `os` (no test
+        `fs`), no roll, no directory or manifest to fsync, at most
+        `bytes_max` in at most `buffers_max` buffers, and no other I/O
+        running. None otherwise: `sync` as usual.
+
+        Until its outcome is given to `lone_written`, the journal does no
+        I/O of its own: `sync`, `recover` and `close` first call `wait()`
+        (before they take the journal's I/O lock, which `lone_written`
+        needs), and then wait until some thread has given that outcome."""
+        if self._fs is not os or self._offload is not None:
+            return None
+        if not self._io_lock.acquire(blocking=False):
+            return None                     # a sync is running
+        try:
+            with self._lock:
+                if self._failure is not None or self._closed or not self._pending:
+                    return None
+                batch = list(self._pending)
+            size = sum(frame_bytes for _seq, _frame, frame_bytes in batch)
+            buffers = [buffer for _seq, frame, _bytes in batch for buffer in frame]
+            if (self._fd is None or self._dir_dirty or size > bytes_max
+                    or len(buffers) > buffers_max or self._roll_due(size)):
+                return None
+            write = LoneWrite(self._fd, buffers, self._write_at, batch[-1][0], size,
+                              len(batch), wait)
+            self._offload = write
+            return write
+        finally:
+            self._io_lock.release()
+
+    def _roll_due(self, size: int) -> bool:
+        """Whether writing `size` bytes now would do more than write: roll
+        to a new segment, or rewrite the manifest first (`_write_batch`)."""
+        if self._manifest is not None and (self._durable_segment_seq or 0) != self._manifest.segment_seq:
+            return True
+        if (self._spare is not None and not self._active_preallocated and self._spare.ready()
+                and self._active_bytes > SEGMENT_HEADER_BYTES):
+            return True
+        return self._active_bytes + size > self._segment_bytes_max
+
+    def lone_written(self, write: "LoneWrite", error: int) -> int:
+        """The outcome of a `lone_write` (0, or the errno its pwritev or
+        fdatasync failed with): its entries are durable (returns
+        durable_seq), or the journal fails as in `sync` (raises
+        JournalUnavailable). Called again for the same write, the same answer."""
+        if write.outcome is None:
+            with self._io_lock:
+                if write.outcome is None:
+                    assert self._offload is write
+                    write.outcome = self._lone_outcome(write, error)
+                    with self._offload_taken:
+                        self._offload = None
+                        self._offload_taken.notify_all()
+        if isinstance(write.outcome, JournalUnavailable):
+            raise write.outcome
+        return write.outcome
+
+    def _lone_outcome(self, write: "LoneWrite", error: int) -> "int | JournalUnavailable":
+        if error:
+            self._fail(OSError(error, os.strerror(error)))
+            self._cut_back()                # (a partial write is past the durable end)
+            return self._unavailable()
+        self._write_at += write.size
+        self._active_bytes += write.size
+        with self._lock:
+            assert self._pending[write.entries - 1][0] == write.target
+            del self._pending[:write.entries]
+            self._durable_seq = write.target
+            self._durable_segment_seq = self._segments[-1].first_seq
+            self._durable_bytes = self._active_bytes
+            self.fsync_count += 1
+        self._want_spare()
+        return write.target
+
+    def _settle_offload(self) -> None:
+        """Before the journal's own I/O (not under `_io_lock`): a lone write
+        still out is waited for, until its outcome was given to
+        `lone_written` (here, through `wait`, or by another thread)."""
+        write = self._offload
+        if write is not None:
+            write.wait()
+            with self._offload_taken:
+                if not self._offload_taken.wait_for(lambda: self._offload is not write,
+                                                    LONE_SETTLE_S):
+                    raise JournalError(f"a lone write's outcome was not taken within "
+                                       f"{LONE_SETTLE_S} s")
+
     # ------------------------------------------------------------- failures
 
     def _fail(self, error: OSError) -> None:
@@ -591,6 +711,7 @@ class Journal:
         (`_probe`), then accepts appends from durable_seq + 1. The entries
         dropped at the failure are not rewritten. Returns durable_seq; raises
         JournalUnavailable (still failed) if the storage still fails."""
+        self._settle_offload()
         with self._io_lock:
             if self._failure is None:
                 return self._sync_io()
@@ -740,6 +861,7 @@ class Journal:
         finally:
             if self._spare is not None:
                 self._spare.stop()
+            self._settle_offload()
             with self._io_lock:
                 if self._failure is not None:
                     self._cut_back()        # a restart must not find dropped entries

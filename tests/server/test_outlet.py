@@ -225,3 +225,117 @@ def test_send_here_sends_on_the_calling_thread_only_when_nothing_is_queued(pair)
     assert not courier.send_here(handed(outlet, b"late"))  # closed: the event loop writes it
     release_all(outlet, 4)
     outlet.close()
+
+
+@pytest.fixture
+def syncer():
+    """A Syncer with its thread serving, and the Courier it sends through."""
+    from engine._outlet import Syncer
+    courier = Courier(4)
+    syncer = Syncer(courier)
+    thread = threading.Thread(target=syncer.serve, daemon=True)
+    thread.start()
+    yield syncer, courier
+    syncer.hold_before_fdatasync(False)
+    syncer.close()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def finished(syncer, timeout_s=5.0):
+    assert syncer.wait_done(timeout_s)
+    outcome = syncer.take()
+    assert outcome is not None and syncer.take() is None     # taken once
+    return outcome
+
+
+def test_the_syncer_writes_syncs_then_sends_what_was_attached(tmp_path, pair, syncer):
+    """Syncer (the lone-sync thread): pwritev at the offset, fdatasync, then
+    the attached replies, all on its own thread; held before the fdatasync,
+    nothing is sent; the eventfd says when it is done."""
+    import os
+    import select
+    syncer, _courier = syncer
+    a, b = pair
+    outlet = Outlet(a.fileno())
+    fd = os.open(tmp_path / "journal", os.O_RDWR | os.O_CREAT)
+    os.pwrite(fd, b"0" * 16, 0)
+    syncer.hold_before_fdatasync(True)
+    syncer.start(fd, [b"abc", b"defg"], 4)
+    with pytest.raises(RuntimeError):
+        syncer.start(fd, [b"x"], 0)                  # one job at a time
+    replies = Sends()
+    assert replies.add(outlet, b"reply;", 0, 6) == 0
+    assert syncer.attach(replies) and replies.handed and replies.done
+    for _ in range(1000):
+        if syncer.held:
+            break
+        time.sleep(0.001)
+    assert syncer.held and not syncer.wait_done(0.05)
+    assert receive_all(b) == b""                     # not before its fdatasync
+    assert os.pread(fd, 16, 0) == b"0000abcdefg00000"   # written, at its offset
+    assert select.select([syncer.fileno], [], [], 0)[0] == []
+    syncer.hold_before_fdatasync(False)
+    error, started_at, synced_at = finished(syncer)
+    assert error == 0 and 0 < started_at <= synced_at <= time.perf_counter()
+    assert receive_all(b) == b"reply;"
+    assert replies.finished and replies.sent_here and replies.sent(0) == 6
+    late = Sends()
+    late.add(outlet, b"late", 0, 4)
+    assert not syncer.attach(late) and not late.handed      # no job: the writer sends it
+    late.withdraw()
+    assert outlet.queued == 1 and outlet.outstanding == 1   # as if never added
+    release_all(outlet, 1)
+    os.close(fd)
+    outlet.close()
+
+
+def test_a_failed_sync_sends_nothing_and_says_why(tmp_path, pair, syncer):
+    """The fdatasync's errno is the outcome, and the attached replies are
+    left unsent (the event loop answers `unavailable` instead)."""
+    import errno
+    import os
+    syncer, _courier = syncer
+    a, b = pair
+    outlet = Outlet(a.fileno())
+    fd = os.open(tmp_path / "journal", os.O_RDWR | os.O_CREAT)
+    syncer.fail_next_fdatasync(errno.EIO)
+    syncer.hold_before_fdatasync(True)
+    syncer.start(fd, [b"abc"], 0)
+    replies = Sends()
+    replies.add(outlet, b"reply;", 0, 6)
+    assert syncer.attach(replies)
+    syncer.hold_before_fdatasync(False)
+    assert finished(syncer)[0] == errno.EIO
+    assert replies.finished and not replies.sent_here and replies.sent(0) == 0
+    assert receive_all(b) == b""
+    bad = os.open(tmp_path / "journal", os.O_RDONLY)     # read only: pwritev fails
+    syncer.start(bad, [b"abc"], 0)
+    assert finished(syncer)[0] == errno.EBADF
+    os.close(bad)
+    os.close(fd)
+    release_all(outlet, 1)
+    outlet.close()
+
+
+def test_the_syncer_waits_for_the_sender_threads_replies_first(tmp_path, pair, syncer):
+    """Replies the sender thread has not sent yet are never overtaken: while
+    the courier holds some, the syncer sends nothing (the event loop writes
+    its replies after them)."""
+    import os
+    syncer, courier = syncer
+    a, b = pair
+    outlet = Outlet(a.fileno())
+    fd = os.open(tmp_path / "journal", os.O_RDWR | os.O_CREAT)
+    earlier = handed(outlet, b"earlier;")
+    assert courier.put(earlier)                          # no sender thread takes it yet
+    syncer.start(fd, [b"abc"], 0)
+    replies = Sends()
+    replies.add(outlet, b"reply;", 0, 6)
+    syncer.attach(replies)
+    finished(syncer)
+    assert not replies.sent_here and replies.sent(0) == 0 and receive_all(b) == b""
+    assert courier.next_sent() is earlier and receive_all(b) == b"earlier;"
+    os.close(fd)
+    release_all(outlet, 2)
+    outlet.close()

@@ -22,7 +22,7 @@ from engine.protocol.status import ErrorCode, Status
 from support.growth import mid_resize, tiny_growth
 from support.wire import (SECRET_ADMIN, SECRET_GW, Raw, all_released, enc, error_of,
                           gateway_config, hello, pay_body, run, started, started_with_world,
-                          world)
+                          until, world)
 
 
 def test_hello_and_ping():
@@ -555,7 +555,8 @@ def test_replies_the_courier_refuses_are_written_by_the_event_loop(tmp_path):
 
 def test_the_sync_and_sender_threads_run_ahead_of_the_event_loop(tmp_path):
     """io_threads_nice (engine/server/threads.py): the threads every durable reply
-    waits on get the CPU first; the event loop keeps the process's priority."""
+    waits on (sync, sender, lone sync) get the CPU first; the event loop keeps
+    the process's priority."""
     import os
     import threading
 
@@ -567,11 +568,11 @@ def test_the_sync_and_sender_threads_run_ahead_of_the_event_loop(tmp_path):
         assert (await c.call(16, pay_body([1]), request_id=1))[2] == 1
         await all_released(server)
         sync_ids = [t.native_id for t in server.engine._sync_pool._threads]
-        io_ids = sync_ids + [server.writer.sender.native_id]
-        assert len(io_ids) == 2
+        io_ids = sync_ids + [server.writer.sender.native_id, server.writer.lone.thread.native_id]
+        assert len(io_ids) == 3
         permitted = os.geteuid() == 0 or os.getpriority(os.PRIO_PROCESS, io_ids[0]) != base
         want = max(-20, base - 4) if permitted else base
-        assert [os.getpriority(os.PRIO_PROCESS, i) for i in io_ids] == [want, want]
+        assert [os.getpriority(os.PRIO_PROCESS, i) for i in io_ids] == [want] * 3
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
         await server.stop()
     run(main())
@@ -751,15 +752,6 @@ def test_a_storage_failure_answers_each_batched_pay_frame_and_a_retry_is_applied
         assert server.engine.counts()["payments"] == 1
         await server.stop()
     run(main())
-
-
-async def until(condition, what: str, limit_s: float = 10.0) -> None:
-    """Poll `condition` while the server runs in this event loop (bounded)."""
-    for _ in range(int(limit_s / 0.002)):
-        if condition():
-            return
-        await asyncio.sleep(0.002)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def paid(client, ids, request_id=900) -> list[int]:

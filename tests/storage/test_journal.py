@@ -1038,3 +1038,114 @@ def test_an_entry_with_an_unwritten_sector_is_a_torn_write(tmp_path, caplog):
     assert "torn tail" in caplog.text and "1 entries from seq 2" in caplog.text
     kept, = quarantined(directory).values()
     assert kept == bytes(entry).rstrip(b"\0")
+
+
+# ------------------------------------------------------------- lone writes
+
+def preallocated_journal(directory, segment_bytes=64 * 1024):
+    """A journal writing into a preallocated segment, two entries durable
+    (the manifest rewritten after the roll: a lone write refuses until then)."""
+    journal = Journal.open(directory, segment_bytes_max=segment_bytes, prealloc=True)
+    journal.append(b"first")
+    journal.sync()
+    wait_for_spare(journal)
+    journal.append(b"second")
+    journal.sync()                          # moves to the spare
+    assert journal._active_preallocated
+    journal.append(b"x")
+    assert journal.lone_write(1 << 16, 64, wait=lambda: None) is None   # the manifest is due
+    assert journal.sync() == 3
+    return journal
+
+
+def make(write) -> int:
+    """What the lone-sync thread does with a LoneWrite (ext/outlet.pyx Syncer)."""
+    os.pwritev(write.fd, write.buffers, write.offset)
+    os.fdatasync(write.fd)
+    return 0
+
+
+def test_a_lone_write_made_elsewhere_is_durable_once_its_outcome_is_taken(tmp_path):
+    """Journal.lone_write: the pending entries as one pwritev + fdatasync that
+    another thread makes; durable_seq moves only once `lone_written` has
+    the outcome, and the entries read back after a reopen."""
+    journal = preallocated_journal(tmp_path)
+    journal.append(b"four")
+    journal.append(payload_of(5, 700))
+    write = journal.lone_write(1 << 16, 64, wait=lambda: None)
+    assert (write.target, write.entries) == (5, 2)
+    assert journal.lone_write(1 << 16, 64, wait=lambda: None) is None   # one at a time
+    assert make(write) == 0
+    assert journal.durable_seq == 3             # not before its outcome is taken
+    assert journal.lone_written(write, 0) == 5
+    assert journal.lone_written(write, 0) == 5  # taken again: the same answer
+    assert journal.durable_seq == 5
+    journal.append(b"six")
+    assert journal.sync() == 6                  # the journal's own writes go on after it
+    journal.close()
+    with Journal.open(tmp_path) as journal:
+        assert read_all(journal) == [(1, b"first"), (2, b"second"), (3, b"x"), (4, b"four"),
+                                     (5, payload_of(5, 700)), (6, b"six")]
+
+
+def test_a_sync_while_a_lone_write_is_out_waits_for_it_first(tmp_path):
+    """The journal does no I/O of its own while a lone write is out: `sync`
+    first calls the write's `wait` (which takes its outcome), then writes
+    what was appended after it, after it in the file."""
+    journal = preallocated_journal(tmp_path)
+    journal.append(b"four")
+    waited = []
+
+    def wait():
+        waited.append(True)
+        journal.lone_written(write, make(write))
+    write = journal.lone_write(1 << 16, 64, wait)
+    journal.append(b"five")                     # appended while the write is out
+    assert journal.sync() == 5 and waited == [True]
+    journal.close()
+    with Journal.open(tmp_path) as journal:
+        assert [p for _s, p in read_all(journal)] == [b"first", b"second", b"x", b"four",
+                                                      b"five"]
+
+
+def test_a_failed_lone_write_fails_the_journal_as_a_failed_sync(tmp_path):
+    """An errno from the lone write's pwritev or fdatasync: the journal fails
+    (entries after the durable one dropped, the file cut back, appends
+    refused) and the outcome is JournalUnavailable, as from `sync`."""
+    journal = preallocated_journal(tmp_path)
+    journal.append(b"four")
+    write = journal.lone_write(1 << 16, 64, wait=lambda: None)
+    os.pwritev(write.fd, write.buffers, write.offset)    # written, never synced
+    journal.append(b"five")                     # appended meanwhile: dropped too
+    with pytest.raises(JournalUnavailable, match="EIO"):
+        journal.lone_written(write, errno.EIO)
+    with pytest.raises(JournalUnavailable):
+        journal.lone_written(write, errno.EIO)  # the same answer again
+    assert journal.failed and journal.durable_seq == 3 and journal.last_seq == 3
+    assert journal.dropped_count == 2
+    with pytest.raises(JournalUnavailable):
+        journal.append(b"refused")
+    assert journal.lone_write(1 << 16, 64, wait=lambda: None) is None    # failed: none
+    assert journal.recover() == 3
+    assert journal.append(b"after") == 4 and journal.sync() == 4
+    journal.close()
+    with Journal.open(tmp_path) as journal:
+        assert [p for _s, p in read_all(journal)] == [b"first", b"second", b"x", b"after"]
+
+
+def test_a_lone_write_is_refused_whenever_a_sync_would_do_more(tmp_path):
+    """None (the sync thread's `sync` instead): nothing pending, a test `fs`,
+    too many bytes or buffers, a segment roll due."""
+    journal = preallocated_journal(tmp_path, segment_bytes=16 * 1024)
+    assert journal.lone_write(1 << 16, 64, wait=lambda: None) is None    # nothing pending
+    journal.append(payload_of(4, 5000))
+    assert journal.lone_write(4096, 64, wait=lambda: None) is None       # too big
+    assert journal.lone_write(1 << 16, 1, wait=lambda: None) is None     # too many buffers
+    journal.append(payload_of(5, 12000))
+    assert journal.lone_write(1 << 16, 64, wait=lambda: None) is None    # a roll is due
+    assert journal.sync() == 5
+    journal.close()
+    faulty = Journal.open(tmp_path / "faulty", fs=FaultyFs())
+    faulty.append(b"x")
+    assert faulty.lone_write(1 << 16, 64, wait=lambda: None) is None     # a test fs
+    faulty.close()

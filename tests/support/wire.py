@@ -120,3 +120,12 @@ async def all_released(server) -> None:
             return
         await asyncio.sleep(0.005)
     raise AssertionError("the writer still holds deliveries")
+
+
+async def until(condition, what: str, limit_s: float = 10.0) -> None:
+    """Poll `condition` while the server runs in this event loop (bounded)."""
+    for _ in range(int(limit_s / 0.002)):
+        if condition():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"timed out waiting for {what}")
