@@ -28,6 +28,7 @@ from engine.protocol.records import ISSUE_RECORD, PAY_RECORD
 
 from support import differential_pair
 from support.differential_pair import HOLD_MS, Codes, strip_messages
+from support.keys import Keys
 from support.reference_marketing import MarketingReference
 
 T0 = 1_700_000_000_000 + 2 * 86_400_000 + 13 * 3_600_000
@@ -35,17 +36,6 @@ DAY = 86_400_000
 USERS = tuple(range(1, 13))
 SEGMENT_IDS = (1, 2, 3)
 CAMPAIGN_IDS = (1, 2, 3)
-
-
-class Keys:
-    """A deterministic campaign key source; both sides draw the same keys."""
-
-    def __init__(self):
-        self.n = 0
-
-    def __call__(self) -> int:
-        self.n += 1
-        return (self.n * 0x9E3779B97F4A7C15) % 2**64
 
 
 def no_draws() -> int:

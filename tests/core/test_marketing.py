@@ -21,6 +21,7 @@ from engine.storage import durability
 
 from support.clock import Clock
 from support.differential_pair import Codes, strip_messages
+from support.keys import Keys
 from support.reference_marketing import (T_TABLE, Z, MarketingReference, lift_figures,
                                          siphash24)
 
@@ -31,14 +32,6 @@ OK, INVALID_ARGUMENT, INVALID_ID = 0, 29, 1
 SEGMENT_NOT_FOUND, CAMPAIGN_NOT_FOUND, PROGRAM_NOT_FOUND, STOCK_NOT_FOUND = 33, 34, 30, 18
 CAFE, MALL_SHOP, ELSEWHERE = 1, 2, 3
 MALL = 7
-
-
-class Keys:
-    def __init__(self, seed: int = 1):
-        self.rng = random.Random(seed)
-
-    def __call__(self) -> int:
-        return self.rng.getrandbits(64)
 
 
 def stock(sid: int, **fields) -> dict:
