@@ -124,6 +124,8 @@ class Engine:
     {'results': [{'status': 0}]}
     """
 
+    sync_thread_synced_at = 0.0     # perf_counter when the sync thread's last fsync returned
+
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  clock: Callable[[], int] | None = None,
                  code_source: Callable[[], int] | None = None,
@@ -428,7 +430,7 @@ class Engine:
             except BaseException as error:  # Unavailable: those writes are not acknowledged
                 future.set_exception(error)
                 continue
-            future.synced_at = time.perf_counter()
+            future.synced_at = self.sync_thread_synced_at = time.perf_counter()
             if self.on_durable is not None:
                 try:
                     self.on_durable(future)
