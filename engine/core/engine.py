@@ -124,7 +124,9 @@ class Engine:
     {'results': [{'status': 0}]}
     """
 
-    sync_thread_synced_at = 0.0     # perf_counter when the sync thread's last fsync returned
+    # perf_counter when the sync thread last returned from an fsync that
+    # covered more than one requester (engine/server/lone_sync.py reads it).
+    group_synced_at = 0.0
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  clock: Callable[[], int] | None = None,
@@ -419,7 +421,7 @@ class Engine:
             waited = self._commit_wait()
             with self._sync_lock:
                 future, self._sync_waiting = self._sync_waiting, None
-                self._sync_requesters = 0
+                grouped, self._sync_requesters = self._sync_requesters > 1, 0
                 if future is None:
                     self._sync_busy = False
                     return
@@ -430,7 +432,9 @@ class Engine:
             except BaseException as error:  # Unavailable: those writes are not acknowledged
                 future.set_exception(error)
                 continue
-            future.synced_at = self.sync_thread_synced_at = time.perf_counter()
+            future.synced_at = time.perf_counter()
+            if grouped:
+                self.group_synced_at = future.synced_at
             if self.on_durable is not None:
                 try:
                     self.on_durable(future)

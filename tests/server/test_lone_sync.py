@@ -55,7 +55,7 @@ async def held_lone_pay(server, client, first_id: int, request_id: int):
             return pay_id, reply
         assert ok_ids(reply.result()) == [pay_id]
         await all_released(server)
-        await asyncio.sleep(LONE_AFTER_GROUP_S)     # none just after the sync thread's
+        await asyncio.sleep(LONE_AFTER_GROUP_S)     # none just after a group fsync
     raise AssertionError("no PAY took the lone sync")
 
 
@@ -175,7 +175,7 @@ def test_a_failed_lone_fdatasync_fails_the_journal_and_nothing_is_applied(tmp_pa
 
 def test_many_callers_switching_between_lone_and_group_syncs_lose_nothing(tmp_path):
     """Rounds of one caller paying alone (lone syncs, once the sync thread
-    has been idle LONE_AFTER_GROUP_S) and then eight connections at once,
+    has synced no group for LONE_AFTER_GROUP_S) and then eight connections at once,
     each with 1-4 PAY frames in flight at random (group syncs on the sync
     thread): every reply arrives in request order and ok, and a restart
     finds every payment."""
