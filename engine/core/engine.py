@@ -124,6 +124,10 @@ class Engine:
     {'results': [{'status': 0}]}
     """
 
+    # perf_counter when the sync thread last returned from an fsync that
+    # covered more than one requester (engine/server/lone_sync.py reads it).
+    group_synced_at = 0.0
+
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  clock: Callable[[], int] | None = None,
                  code_source: Callable[[], int] | None = None,
@@ -417,7 +421,7 @@ class Engine:
             waited = self._commit_wait()
             with self._sync_lock:
                 future, self._sync_waiting = self._sync_waiting, None
-                self._sync_requesters = 0
+                grouped, self._sync_requesters = self._sync_requesters > 1, 0
                 if future is None:
                     self._sync_busy = False
                     return
@@ -429,6 +433,8 @@ class Engine:
                 future.set_exception(error)
                 continue
             future.synced_at = time.perf_counter()
+            if grouped:
+                self.group_synced_at = future.synced_at
             if self.on_durable is not None:
                 try:
                     self.on_durable(future)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from engine._outlet import Syncer
 from engine.core.engine import SyncFuture
@@ -41,6 +42,14 @@ log = logging.getLogger("scanpay.writer")
 # one's outcome between two applies.
 LONE_BYTES_MAX = 64 << 10
 LONE_BUFFERS_MAX = 64           # Syncer's JOB_BUFFERS_MAX (a journal entry has 1-3)
+# No lone sync this soon after the sync thread's last fsync of a group (more
+# than one requester): while many callers keep it busy (a group every few
+# ms), the moments the server is drained would otherwise send an fsync now
+# and then the other way (5-40 a second under 16 connections x 64), and the
+# many-caller path should stay the sync thread's alone. A lone caller's
+# fsyncs on the sync thread (after a segment roll, say) cover one
+# requester each, so they do not keep it from the lone path.
+LONE_AFTER_GROUP_S = 0.010
 SETTLE_WARN_S = 5.0             # a journal I/O waiting for a lone write says so this often
 SETTLE_ROUNDS_MAX = 120         # ... and gives up after this many rounds (10 min)
 
@@ -86,7 +95,8 @@ class LoneSync:
         writer = self.writer
         deliveries = writer.deliveries
         if (self.job is not None or writer.queue or len(deliveries) > 1
-                or deliveries and deliveries[0][0] is not self.last):
+                or deliveries and deliveries[0][0] is not self.last
+                or time.perf_counter() - self.engine.group_synced_at < LONE_AFTER_GROUP_S):
             # Something queued behind it, or earlier replies not yet released
             # (other than the last lone sync's, done): others are paying too
             # (a group is forming; under load the sync thread, which goes on

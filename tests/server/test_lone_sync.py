@@ -15,6 +15,7 @@ import pytest
 from engine import Engine
 from engine.protocol.records import PAY_RESULT
 from engine.protocol.status import Status
+from engine.server.lone_sync import LONE_AFTER_GROUP_S
 from support.wire import (Raw, all_released, error_of, pay_body, run, started_with_world,
                           until)
 
@@ -54,6 +55,7 @@ async def held_lone_pay(server, client, first_id: int, request_id: int):
             return pay_id, reply
         assert ok_ids(reply.result()) == [pay_id]
         await all_released(server)
+        await asyncio.sleep(LONE_AFTER_GROUP_S)     # none just after a group fsync
     raise AssertionError("no PAY took the lone sync")
 
 
@@ -172,38 +174,47 @@ def test_a_failed_lone_fdatasync_fails_the_journal_and_nothing_is_applied(tmp_pa
 
 
 def test_many_callers_switching_between_lone_and_group_syncs_lose_nothing(tmp_path):
-    """Eight connections, each with 1-4 PAY frames in flight at random, so
-    fsyncs alternate between the lone-sync thread (one frame alone on an
-    idle journal) and the sync thread (groups): every reply arrives in
-    request order and ok, and a restart finds every payment."""
-    frames = 120
+    """Rounds of one caller paying alone (lone syncs, once the sync thread
+    has synced no group for LONE_AFTER_GROUP_S) and then eight connections at once,
+    each with 1-4 PAY frames in flight at random (group syncs on the sync
+    thread): every reply arrives in request order and ok, and a restart
+    finds every payment."""
+    rounds, alone, together = 4, 5, 25
     rng = random.Random(16)
 
-    async def caller(client, index: int) -> None:
+    async def caller(client, index: int, frames: int) -> None:
         sent = received = 0
-        while received < frames:            # bounded: each round receives one
+        base = client.paid
+        while received < frames:            # bounded: each turn receives one
             depth = rng.randint(1, 4)
             while sent < frames and sent - received < depth:
-                client.send(PAY, sent, pay_body([10_000 * (index + 1) + sent], amount=1))
+                client.send(PAY, base + sent, pay_body([10_000 * (index + 1) + base + sent],
+                                                       amount=1))
                 sent += 1
             reply = await client.recv(timeout=30)
-            assert reply[2] == received
-            assert ok_ids(reply) == [10_000 * (index + 1) + received]
+            assert reply[2] == base + received
+            assert ok_ids(reply) == [10_000 * (index + 1) + base + received]
             received += 1
-            if rng.random() < 0.3:
-                await asyncio.sleep(rng.random() * 0.003)
+        client.paid += frames
 
     async def main():
         server, first = await started_with_world(tmp_path)
         clients = [first] + [await Raw.open(server) for _ in range(7)]
+        for client in clients:
+            client.paid = 0
         lone, journal = server.writer.lone, server.engine.storage.journal
         syncs, fsyncs = lone.syncs, journal.fsync_count
-        await asyncio.gather(*(caller(client, i) for i, client in enumerate(clients)))
+        for _ in range(rounds):
+            await asyncio.sleep(2 * LONE_AFTER_GROUP_S)
+            for _ in range(alone):
+                await caller(first, 0, 1)
+            await asyncio.gather(*(caller(client, i, together)
+                                   for i, client in enumerate(clients)))
         await all_released(server)
-        assert lone.syncs > syncs                   # both paths were taken
+        assert lone.syncs - syncs >= rounds * (alone - 1)     # both paths were taken
         assert journal.fsync_count - fsyncs > lone.syncs - syncs
         paid = server.engine.counts()["payments"]
-        assert paid == 8 * frames
+        assert paid == rounds * (alone + 8 * together)
         await server.stop()
         assert reopened_payments(str(tmp_path / "data")) == paid
     run(main())
