@@ -123,7 +123,10 @@ class Checkpoints:
                 if ours != theirs:
                     raise DigestMismatch(f"checkpoint at command {seq}: the leader's state "
                                          f"digest is {theirs}, this node's is {ours}")
-                self.last = {"seq": seq, "digest": ours}
+                # Children finish in any order: an older checkpoint checked
+                # late must not hide a newer one checked before it.
+                if self.last is None or seq > self.last["seq"]:
+                    self.last = {"seq": seq, "digest": ours}
 
     def forget_after(self, seq: int) -> None:
         """After a rebuild: digests of commands that were dropped are void

@@ -83,7 +83,7 @@ def test_lapsed_regulars_pay_off_and_new_to_the_mall_does_not():
     did not pay off with shoppers new to the mall.
 
     The groups are drawn from a fixed key. Over 400 keys (2026-12-07) the
-    lapsed campaign paid off every time, at 11.9-16.8 CNY per extra payer
+    lapsed campaign paid off every time, at 11.9-19.1 CNY per extra payer
     against the 20 CNY one is worth. The new-to-mall campaign, whose true
     effect is close to none, had a conversion interval clear of 0 with 17
     keys (4 %), as a 95 % interval does by chance, and then "paid off" at

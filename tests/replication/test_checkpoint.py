@@ -40,6 +40,26 @@ def test_a_checkpoint_digest_is_the_states_digest():
     assert points.last == {"seq": 10, "digest": points.digests[10]}
 
 
+def test_the_last_checkpoint_is_the_newest_checked_whatever_order_children_finish_in():
+    """Seen in the node tests: the child of checkpoint 10 finished before
+    the child of 5, and the node showed 5 as its last for ever after."""
+    state = Engine().state
+    points = Checkpoints(every=5)
+    points.applied(state, 5)
+    points.applied(state, 10)
+    digest = canonical.digest(export.canonical(state))
+    five = points.children.pop(5)                       # 5's child out of sight
+    points.claim(10, digest)
+    ten = collected(points, 10)
+    points.verify()
+    assert points.last == {"seq": 10, "digest": ten}
+    points.children[5] = five                           # 5's child done after 10's
+    points.claim(5, digest)
+    collected(points, 5)
+    points.verify()
+    assert points.claims == {} and points.last == {"seq": 10, "digest": ten}
+
+
 def hang(_state, write_fd):
     """A digest child that never finishes (as one stuck on a lock would)."""
     os.close(write_fd)
