@@ -100,13 +100,17 @@ class Checkpoints:
                     if self.appended < seq <= durable_seq]
 
     def appended_record(self, seq: int, digest: str) -> None:
+        assert seq > self.appended, (seq, self.appended)
         self.appended = seq
         self.last = {"seq": seq, "digest": digest}
 
     def claim(self, seq: int, digest: str) -> None:
-        """A follower read the leader's record: compared now or once ours is done."""
+        """A follower read the leader's record: compared now or once ours is
+        done. The record is in the stream: were this node to lead, it would
+        not append one for `seq` or an older checkpoint again."""
         with self.lock:
             self.claims[seq] = digest
+            self.appended = max(self.appended, seq)
         self.verify()
 
     def verify(self) -> None:

@@ -60,6 +60,22 @@ def test_the_last_checkpoint_is_the_newest_checked_whatever_order_children_finis
     assert points.claims == {} and points.last == {"seq": 10, "digest": ten}
 
 
+def test_a_follower_that_leads_appends_only_checkpoints_the_stream_lacks():
+    """Checkpoints 5 and 10 computed as a follower, 5's record read from the
+    stream; leading, the node appends 10 only (a record for 5 again would
+    show an older checkpoint as the leader's last)."""
+    state = Engine().state
+    points = Checkpoints(every=5)
+    points.applied(state, 5)
+    points.applied(state, 10)
+    collected(points, 5)
+    points.claim(5, points.digests[5])
+    ten = collected(points, 10)
+    assert points.ready(durable_seq=10) == [(10, ten)]
+    points.appended_record(10, ten)
+    assert points.ready(durable_seq=10) == [] and points.last == {"seq": 10, "digest": ten}
+
+
 def hang(_state, write_fd):
     """A digest child that never finishes (as one stuck on a lock would)."""
     os.close(write_fd)
