@@ -23,15 +23,23 @@ cdef inline void* data_of(object arr):
 cdef int64_t MOVE_PER_ROW = 16
 cdef int64_t MOVE_ROWS_MIN = 1024
 # A resize grows the table 4x, not 2x: every row moves about once in all,
-# not twice, for a load between 17 % and 70 % (8 bytes an entry: at most
-# 46 bytes per row, next to rows of 24-208 bytes).
+# not twice, for a load between 12 % and 50 % (GROW_PCT; up to 70 % while
+# the next table is not in yet: 8 bytes an entry, at most 64 bytes per row,
+# next to rows of 24-208 bytes).
 cdef int64_t GROWTH_FACTOR = 4
 # From this load on, an index that has grown by resizing (not one sized by
 # a capacity hint) allocates the table its next resize moves into, and the
 # populate thread (rowspace.pxi) faults it in, so that the resize finds it
 # ready: the writer would otherwise fault in the pages of a table 4x as
 # large, at random, as the first rows move across.
-cdef int64_t PREPARE_PCT = 50
+cdef int64_t PREPARE_PCT = 35
+# The load at which an index that has grown by resizing starts its next
+# resize, once that table's pages are in (`next_ready`); one sized by a
+# hint resizes only past LOAD_MAX_PCT. Resizing at 50 % rather than 70 %
+# keeps probes short while the table fills (the unhinted growth bench with
+# memory warm: 90.6-100.9 % of the hinted rate in 5 runs, 87.3-89.6 % at
+# 70 %, issue 16) for index tables of 8 bytes an entry.
+cdef int64_t GROW_PCT = 50
 # Index tables from this size on are mapped zero pages (a RowSpace), not
 # allocated and filled: a new table is ready at once, whatever its size.
 cdef int64_t MAPPED_ENTRIES_FROM_BYTES = 1 << 20
@@ -60,14 +68,20 @@ cdef object zeroed_entries(int64_t capacity, bint now):
     """An empty table of `capacity` entries (zero is empty), its pages
     faulted in `now`, or by the populate thread (rowspace.pxi) while the
     first rows move across."""
+    return zeroed_table(capacity, now)[0]
+
+
+cdef tuple zeroed_table(int64_t capacity, bint now):
+    """(zeroed_entries, the RowSpace its pages are in; None: allocated and
+    filled, every page in)."""
     if capacity * 8 < MAPPED_ENTRIES_FROM_BYTES:
-        return np.zeros(capacity, np.int64)
+        return np.zeros(capacity, np.int64), None
     cdef RowSpace space = RowSpace(np.int64, capacity * 8, capacity * 8)
     if now:
         space.populate(capacity * 8)
     else:
         space.populate_later(capacity * 8)
-    return space.rows(capacity * 8)[:capacity]
+    return space.rows(capacity * 8)[:capacity], space
 
 
 cdef object rehomed(object entries):
@@ -96,6 +110,7 @@ cdef class IdIndex:
     cdef object entries
     cdef object old_entries     # the table a resize moves rows out of (Index.old)
     cdef object next_entries    # the table the next resize moves into, once prepared
+    cdef RowSpace next_space    # its pages (None: all in)
     cdef bint grown             # a resize has moved rows: the table grows as it goes
 
     def __cinit__(self):
@@ -128,8 +143,9 @@ cdef class IdIndex:
             self.move(max(MOVE_ROWS_MIN, MOVE_PER_ROW * more))
         elif (self.grown and self.next_entries is None and count_need > MOVE_ROWS_MIN
                 and count_need * 100 > capacity * PREPARE_PCT):
-            self.next_entries = zeroed_entries(capacity * GROWTH_FACTOR, False)
-        if fits(count_need, capacity):
+            self.next_entries, self.next_space = zeroed_table(capacity * GROWTH_FACTOR, False)
+        if fits(count_need, capacity) and not (
+                self.grown and count_need * 100 > capacity * GROW_PCT and self.next_ready()):
             return
         if self.ix.old != NULL:
             # A new resize before the last one is over: only after a jump
@@ -137,6 +153,17 @@ cdef class IdIndex:
             # for its moving to end first (see resize).
             self.move(self.ix.old_rows)
         self.resize(count_need)
+
+    cdef bint next_ready(self):
+        """Whether a resize now would find its table's pages in: the table
+        prepared (or none prepared: a small one, filled at once) and the
+        populate thread done with it. Past GROW_PCT a grown index waits for
+        it, up to LOAD_MAX_PCT: a resize into pages not yet in has the
+        writer fault them in at random as the first rows move (40-100 ms
+        when fresh memory is dear)."""
+        if self.next_space is None:
+            return True
+        return self.next_space.populated >= <size_t>len(self.next_entries) * 8
 
     cdef resize(self, int64_t count_need):
         """Start moving to a larger table, with room for `count_need` rows
@@ -164,6 +191,7 @@ cdef class IdIndex:
         else:
             self.entries = zeroed_entries(capacity, count <= MOVE_ROWS_MIN)
         self.next_entries = None
+        self.next_space = None
         self.ix.entries = <Entry*>data_of(self.entries)
         self.ix.mask = capacity - 1
         self.ix.shift = shift_for(capacity)
@@ -243,6 +271,16 @@ cdef class IdIndex:
     @property
     def count(self):
         return index_size(&self.ix)
+
+    @property
+    def capacity(self):
+        """Buckets of the table new ids go into."""
+        return self.ix.mask + 1
+
+    @property
+    def next_table_ready(self):
+        """The table the next resize moves into is prepared, its pages in."""
+        return self.next_entries is not None and self.next_ready()
 
     @property
     def resizing(self):

@@ -85,23 +85,26 @@ def tune_growth(**settings):
     nearly every step. Results and digests never depend on them. Names:
     initial_rows_max, space_from_bytes, space_bytes_max, move_rows_min,
     move_per_row, mapped_entries_from_bytes, growth_factor, populate_mode,
-    ahead_steps, ahead_bytes_max, populate_nice (before the thread starts)."""
+    ahead_steps, ahead_bytes_max, populate_nice (before the thread starts),
+    prepare_pct, grow_pct."""
     global INITIAL_ROWS_MAX, SPACE_FROM_BYTES, SPACE_BYTES_MAX, MOVE_ROWS_MIN
     global MOVE_PER_ROW, MAPPED_ENTRIES_FROM_BYTES, GROWTH_FACTOR, POPULATE_MODE
-    global AHEAD_STEPS, AHEAD_BYTES_MAX, POPULATE_NICE
+    global AHEAD_STEPS, AHEAD_BYTES_MAX, POPULATE_NICE, PREPARE_PCT, GROW_PCT
     previous = {"initial_rows_max": INITIAL_ROWS_MAX, "space_from_bytes": SPACE_FROM_BYTES,
                 "space_bytes_max": SPACE_BYTES_MAX, "move_rows_min": MOVE_ROWS_MIN,
                 "move_per_row": MOVE_PER_ROW,
                 "mapped_entries_from_bytes": MAPPED_ENTRIES_FROM_BYTES,
                 "growth_factor": GROWTH_FACTOR, "populate_mode": POPULATE_MODE,
                 "ahead_steps": AHEAD_STEPS, "ahead_bytes_max": AHEAD_BYTES_MAX,
-                "populate_nice": POPULATE_NICE}
+                "populate_nice": POPULATE_NICE, "prepare_pct": PREPARE_PCT, "grow_pct": GROW_PCT}
     unknown = set(settings) - set(previous)
     if unknown:
         raise ValueError(f"unknown growth settings {sorted(unknown)}")
     if any(int(v) < (1 if k in ("initial_rows_max", "move_per_row", "space_bytes_max") else 0)
            for k, v in settings.items()) or settings.get("growth_factor", 2) not in (2, 4, 8) \
-            or settings.get("populate_mode", 0) not in (0, 1, 2):
+            or settings.get("populate_mode", 0) not in (0, 1, 2) \
+            or not 10 <= settings.get("grow_pct", GROW_PCT) <= LOAD_MAX_PCT \
+            or not 0 <= settings.get("prepare_pct", PREPARE_PCT) <= LOAD_MAX_PCT:
         raise ValueError(f"growth settings out of range: {settings}")
     INITIAL_ROWS_MAX = settings.get("initial_rows_max", INITIAL_ROWS_MAX)
     SPACE_FROM_BYTES = settings.get("space_from_bytes", SPACE_FROM_BYTES)
@@ -115,6 +118,8 @@ def tune_growth(**settings):
     AHEAD_STEPS = settings.get("ahead_steps", AHEAD_STEPS)
     AHEAD_BYTES_MAX = settings.get("ahead_bytes_max", AHEAD_BYTES_MAX)
     POPULATE_NICE = settings.get("populate_nice", POPULATE_NICE)
+    PREPARE_PCT = settings.get("prepare_pct", PREPARE_PCT)
+    GROW_PCT = settings.get("grow_pct", GROW_PCT)
     return previous
 
 

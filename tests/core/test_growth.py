@@ -70,6 +70,50 @@ def test_step_resizes_moves_a_bounded_step_of_every_resize_under_way():
         assert all(ledger.find("users", k * 3) == k - 1 for k in range(1, 800))
 
 
+def grow_until_resize(ledger: Ledger, keys) -> tuple[int, int]:
+    """Users appended from `keys` until the index starts a resize: (its
+    rows then, the buckets of the table before it)."""
+    capacity = ledger.users_ix.capacity
+    for key in keys:                                # bounded by keys
+        ledger.append("users", key)
+        if ledger.users_ix.capacity != capacity:
+            return ledger.users_ix.count, capacity
+    raise AssertionError("no resize")
+
+
+def grown_ledger() -> Ledger:
+    """A ledger whose users index has resized with rows in it, and is done."""
+    ledger = Ledger()
+    grow_until_resize(ledger, range(1, 100))
+    while ledger.users_ix.resizing:                 # bounded: it moves 1,024 a step
+        ledger.step_resizes(1024)
+    return ledger
+
+
+def test_a_grown_index_resizes_at_grow_pct_once_its_next_table_is_in():
+    """Past grow_pct a grown index resizes only once the populate thread has
+    faulted in the table it moves into, and waits for it up to the load
+    limit (70 %): a resize into pages not yet in stalls the writer."""
+    keys = iter(range(1_000, 10**7, 3))
+    settings = {"move_rows_min": 1, "move_per_row": 16, "grow_pct": 50, "prepare_pct": 35}
+    with tiny_growth(**settings, populate_mode=0):  # nothing faults a prepared table in
+        ledger = grown_ledger()
+        rows, capacity = grow_until_resize(ledger, keys)
+        assert not ledger.users_ix.next_table_ready
+        assert capacity * 70 < rows * 100 <= capacity * 70 + 100
+    with tiny_growth(**settings, populate_mode=2):  # the populate thread does
+        ledger = grown_ledger()
+        capacity = ledger.users_ix.capacity
+        while ledger.users_ix.count * 100 <= capacity * 40:   # prepared at 35 %
+            ledger.append("users", next(keys))
+        deadline = time.monotonic() + 10
+        while not ledger.users_ix.next_table_ready:     # the thread faults it in
+            assert time.monotonic() < deadline, "the populate thread never did"
+            time.sleep(0.01)
+        rows, capacity = grow_until_resize(ledger, keys)
+        assert capacity * 50 < rows * 100 <= capacity * 50 + 100
+
+
 def test_a_table_in_a_row_space_grows_in_place():
     with tiny_growth(space_bytes_max=1 << 30):
         ledger = Ledger()
