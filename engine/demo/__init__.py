@@ -139,7 +139,14 @@ def _run_here(args: argparse.Namespace) -> int:
     data_dir = None
     eng = None
     code = 1
-    try:
+
+    def clean_up() -> None:
+        if eng is not None:
+            eng.close()
+        if data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+    with STOP.stopping(clean_up):
         console = make_console()
         with STOP.deferred():           # made and named at once, so that it is removed
             data_dir = None if args.embedded else tempfile.mkdtemp(prefix="scanpay-demo-")
@@ -148,15 +155,6 @@ def _run_here(args: argparse.Namespace) -> int:
         clock = SimClock(behaviour.history_start(DEMO_START_MS))
         eng = _make_engine(args, spec, clock, data_dir)
         code = _run(console, args, eng, spec, clock, data_dir)
-        STOP.check()                    # a press some code swallowed: never 0 after one
-    except KeyboardInterrupt:
-        STOP.interrupted()
-    finally:
-        with STOP.deferred():           # not cut in half by a (second) press
-            if eng is not None:
-                eng.close()
-            if data_dir:
-                shutil.rmtree(data_dir, ignore_errors=True)
     return STOP.outcome(code, f"; removed its data directory {data_dir}" if data_dir else "")
 
 

@@ -130,27 +130,26 @@ def run_cluster(args, console) -> int:
     from engine.replication.cluster import ClusterError
     spec = World.demo(seed=args.seed, users=args.users)
     directory, cluster, code = None, None, 1
-    try:
-        if args.connect:
-            addresses = connect_addresses(args.connect)
-        else:
-            with STOP.deferred():       # made and named at once, so that it is removed
-                directory = tempfile.mkdtemp(prefix="scanpay-demo-cluster-")
-            cluster = start_cluster(console, directory, spec, args.payments)
-            addresses = cluster.addresses
-        code = run_on(console, args, spec, cluster, addresses)
-        STOP.check()                    # a press some code swallowed: never 0 after one
-    except (ClusterError, WorldBuildError, EngineError, OSError, TimeoutError) as error:
-        console.print(f"[red]scanpay demo --cluster:[/] {error}", highlight=False)
-        code = 2
-    except KeyboardInterrupt:
-        STOP.interrupted()
-    finally:
-        with STOP.deferred():           # not cut in half by a (second) press
-            if cluster is not None:
-                cluster.stop_all()
-            if directory:
-                shutil.rmtree(directory, ignore_errors=True)
+
+    def clean_up() -> None:
+        if cluster is not None:
+            cluster.stop_all()
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    with STOP.stopping(clean_up):
+        try:
+            if args.connect:
+                addresses = connect_addresses(args.connect)
+            else:
+                with STOP.deferred():   # made and named at once, so that it is removed
+                    directory = tempfile.mkdtemp(prefix="scanpay-demo-cluster-")
+                cluster = start_cluster(console, directory, spec, args.payments)
+                addresses = cluster.addresses
+            code = run_on(console, args, spec, cluster, addresses)
+        except (ClusterError, WorldBuildError, EngineError, OSError, TimeoutError) as error:
+            console.print(f"[red]scanpay demo --cluster:[/] {error}", highlight=False)
+            code = 2
     return STOP.outcome(code, f"; stopped its cluster and removed {directory}" if directory else "")
 
 

@@ -107,6 +107,22 @@ class StopSignals:
         return self.exit_code
 
     @contextlib.contextmanager
+    def stopping(self, cleanup):
+        """The demo's top level: the block ends at a stop signal's
+        KeyboardInterrupt (noted here, not raised further) or at its end,
+        where a press some code swallowed is acted on, so that the demo never
+        exits 0 after one; `cleanup` runs after it either way, not cut in half
+        by a second press. The exit code is then outcome()'s."""
+        try:
+            yield
+            self.check()
+        except KeyboardInterrupt:
+            self.interrupted()
+        finally:
+            with self.deferred():
+                cleanup()
+
+    @contextlib.contextmanager
     def deferred(self):
         """A section a stop signal does not cut: it is latched, and check()
         after the section acts on it."""
