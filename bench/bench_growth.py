@@ -18,8 +18,8 @@ the median batch.
 engine will grow by, right before the timed batches, so that its fresh pages
 cost what a machine charges to zero them, not what this VM's host charges to
 back guest pages it took back (virtio-balloon free page reporting returns
-freed guest memory within seconds; backing it again costs 1-2 CPU-s per
-840 MiB here, 0.1-0.2 right after a free). Both engines run the same batches
+freed guest memory within seconds; backing it again costs 1.0-2.1 CPU-s per
+840 MiB here, 0.09-0.16 right after a free). Both engines run the same batches
 either way; the warm-up only changes what the unhinted engine's growth costs.
 Every run prints what fresh memory cost (the warm-up's first touch, or the
 populate thread's CPU).

@@ -159,7 +159,7 @@ cdef class IdIndex:
         prepared (or none prepared: a small one, filled at once) and the
         populate thread done with it. Past GROW_PCT a grown index waits for
         it, up to LOAD_MAX_PCT: a resize into pages not yet in has the
-        writer fault them in at random as the first rows move (40-100 ms
+        writer fault them in at random as the first rows move (45-100 ms
         when fresh memory is dear)."""
         if self.next_space is None:
             return True
