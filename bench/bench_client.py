@@ -50,6 +50,8 @@ from engine.protocol.status import STATUS_OK        # noqa: E402
 
 HEADER, PAY_RECORD = client_after.HEADER, client_after.PAY_RECORD
 
+ONE_PAY_FRAME = np.dtype([("size", "<u4"), ("op", "<u2"), ("flags", "<u2"),
+                          ("request_id", "<u8"), ("body", "u1", 80)])
 HELLO_REPLY = bytes.fromhex("81a870726f746f636f6c01")   # msgpack {"protocol": 1}
 
 USERS = 10_000
@@ -132,14 +134,27 @@ class EchoTransport:
     written is answered at the next loop iteration (HELLO with a map, PAY
     with one ok result per record carrying its id), so a round measures the
     client's own CPU per payment, with no kernel and no server sharing the
-    cores. The echo costs the same for both clients (about 0.3 us a record)."""
+    cores. The echo costs the same for both clients (about 0.3 us a record; 1-record
+    PAY frames are answered with numpy, at a fraction of that)."""
     ZEROS = bytes(72)
 
     def __init__(self, protocol, loop):
         self.protocol, self.loop = protocol, loop
 
     def write(self, data) -> None:
-        data, replies, at = bytes(data), [], 0
+        data = bytes(data)
+        frames = np.frombuffer(data, ONE_PAY_FRAME) if len(data) % 96 == 0 else None
+        if (frames is not None and (frames["size"] == 80).all()
+                and (frames["op"] == 16).all()):
+            # The usual write of `pay1`: only 1-record PAY frames; answered
+            # with numpy so that the echo costs a fraction of the client.
+            replies = np.zeros(len(frames), ONE_PAY_FRAME)
+            replies["size"], replies["op"] = 80, 16
+            replies["request_id"] = frames["request_id"]
+            replies["body"][:, :8] = frames["body"][:, :8]
+            self.loop.call_soon(self.protocol.data_received, replies.tobytes())
+            return
+        replies, at = [], 0
         while at < len(data):
             size, op, _, rid = HEADER.unpack_from(data, at)
             body = data[at + 16:at + 16 + size]

@@ -14,16 +14,31 @@ text of a record field; the Cython twin repeats them word for word.
   reply body as PayResult / IssueResult structs of plain ints.
 - `append_frame(out, op, request_id, body)`: append a request frame (header
   and body: bytes, or any C-contiguous buffer such as a record array).
+- `batch_body(records, dtype, batch_max)`: a record array as a frame body:
+  checked (TypeError, ValueError) and C-contiguous.
+- `batch_reply(body, dtype, n)`: a reply body as a read-only array of n
+  results, no copy (ProtocolError if the size differs).
 - `resolve(futures, results)`: each caller of a coalesced frame gets its
   result (callers that gave up are skipped); ProtocolError when the counts
   differ, before any future is touched.
 - `FrameCutter().feed(data)`: the complete reply frames of the stream so
   far, as (frames, error): a list of (op, flags, request_id, body) and None,
   or the frames before a broken header and the ProtocolError that ends it.
+  `FrameCutter().deliver(data, pending, room_waiters, slow)` feeds the same
+  way and hands each frame over as it is cut: a plain reply (no flags, the
+  op sent) to a Future that waits under its request id in `pending` (the
+  client's request id -> (waiter, op, timer, deadline)) with no timer of its
+  own, while `room_waiters` is empty, resolves that Future and leaves
+  `pending`; every other frame goes to `slow(op, flags, request_id, body)`.
+  It returns the error that broke the stream, or None. (A 1-record `pay()`
+  is a frame a call: this is half the client's CPU per call, see
+  docs/performance.md.)
 """
 from __future__ import annotations
 
 import struct
+
+import numpy as np
 
 U64_MAX = 2**64 - 1
 U32_MAX = 2**32 - 1
@@ -40,10 +55,10 @@ _ISSUE_RESULT = struct.Struct("<QIIQ")
 _types: dict = {}                     # PayResult, IssueResult, ProtocolError: configure()
 
 
-def configure(pay_result, issue_result, protocol_error) -> None:
-    """engine/client.py hands over its result and error classes (it owns them)."""
+def configure(pay_result, issue_result, protocol_error, batch_waiter) -> None:
+    """engine/client.py hands over its result, error and batch classes (it owns them)."""
     _types.update(pay_result=pay_result, issue_result=issue_result,
-                  protocol_error=protocol_error)
+                  protocol_error=protocol_error, batch_waiter=batch_waiter)
 
 
 def check_range(name: str, value, low: int, high: int) -> int:
@@ -113,6 +128,24 @@ def append_frame(out: bytearray, op: int, request_id: int, body) -> None:
     out += view
 
 
+def batch_body(records, dtype: np.dtype, batch_max: int) -> np.ndarray:
+    if not isinstance(records, np.ndarray) or records.dtype != dtype:
+        raise TypeError(f"records must be a numpy array of dtype {dtype}, "
+                        f"got {getattr(records, 'dtype', type(records).__name__)}")
+    if records.ndim != 1 or not 1 <= len(records) <= batch_max:
+        raise ValueError(f"a batch holds 1..{batch_max} records, got "
+                         f"{len(records) if records.ndim == 1 else records.shape}; "
+                         "split it into several calls")
+    return records if records.flags.c_contiguous else np.ascontiguousarray(records)
+
+
+def batch_reply(body: bytes, dtype: np.dtype, n: int) -> np.ndarray:
+    if len(body) != n * dtype.itemsize:
+        raise _types["protocol_error"](f"expected {n} results of {dtype.itemsize} bytes, "
+                                       f"got a body of {len(body)} bytes")
+    return np.frombuffer(body, dtype)   # read-only view of the reply, no copy
+
+
 def resolve(futures: list, results: list) -> None:
     if len(results) != len(futures):
         raise _types["protocol_error"](f"expected {len(futures)} results, got {len(results)}")
@@ -148,6 +181,21 @@ class FrameCutter:
         if at:
             del buffer[:at]
         return frames, self.error
+
+    def deliver(self, data, pending: dict, room_waiters, slow) -> Exception | None:
+        frames, error = self.feed(data)
+        batch_waiter = _types["batch_waiter"]
+        for op, flags, request_id, body in frames:
+            entry = pending.get(request_id)
+            if (entry is not None and flags == 0 and entry[2] is None
+                    and type(entry[0]) is not batch_waiter and entry[1] == op
+                    and not room_waiters):
+                del pending[request_id]
+                if not entry[0].done():
+                    entry[0].set_result(body)
+            else:
+                slow(op, flags, request_id, body)
+        return error
 
     @property
     def buffered_bytes(self) -> int:

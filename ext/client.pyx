@@ -12,12 +12,27 @@ PayResult structs of plain ints in one pass, with no numpy in between.
 """
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.dict cimport PyDict_DelItem, PyDict_GetItem
+from cpython.ref cimport Py_INCREF, PyObject
+cimport numpy as cnp
+from cpython.object cimport PyTypeObject
 from cpython.long cimport PyLong_AsLongLong, PyLong_AsUnsignedLongLong
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 import sys
+
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    # numpy's own __init__.pxd leaves it out; it steals a reference to descr.
+    PyTypeObject PyArray_Type
+    object PyArray_NewFromDescr(PyTypeObject* subtype, cnp.PyArray_Descr* descr, int nd,
+                                cnp.npy_intp* dims, cnp.npy_intp* strides, void* data,
+                                int flags, PyObject* obj)
 
 assert sys.byteorder == "little", "frames and records are little-endian; so are the structs here"
 
@@ -83,14 +98,16 @@ assert sizeof(PayRecord) == PAY_BYTES and sizeof(PayResultRow) == PAY_RESULT_BYT
 assert sizeof(IssueRecord) == ISSUE_BYTES and sizeof(IssueResultRow) == ISSUE_RESULT_BYTES
 
 cdef object PayResult = None
+cdef object BatchWaiter = None
 cdef object IssueResult = None
 cdef object ProtocolError = None
 
 
-def configure(pay_result, issue_result, protocol_error):
-    """engine/client.py hands over its result and error classes (it owns them)."""
-    global PayResult, IssueResult, ProtocolError
+def configure(pay_result, issue_result, protocol_error, batch_waiter):
+    """engine/client.py hands over its result, error and batch classes (it owns them)."""
+    global PayResult, IssueResult, ProtocolError, BatchWaiter
     PayResult, IssueResult, ProtocolError = pay_result, issue_result, protocol_error
+    BatchWaiter = batch_waiter
 
 
 cdef inline bint is_int(object value):
@@ -212,6 +229,40 @@ def append_frame(bytearray out, uint16_t op, uint64_t request_id, body):
         PyBuffer_Release(&view)
 
 
+def batch_body(records, dtype, Py_ssize_t batch_max):
+    cdef cnp.ndarray a
+    cdef Py_ssize_t n
+    if not isinstance(records, cnp.ndarray) or (
+            <object>cnp.PyArray_DESCR(<cnp.ndarray>records) is not dtype
+            and records.dtype != dtype):
+        raise TypeError(f"records must be a numpy array of dtype {dtype}, "
+                        f"got {getattr(records, 'dtype', type(records).__name__)}")
+    a = <cnp.ndarray>records
+    n = cnp.PyArray_DIM(a, 0) if cnp.PyArray_NDIM(a) == 1 else 0
+    if cnp.PyArray_NDIM(a) != 1 or not 1 <= n <= batch_max:
+        raise ValueError(f"a batch holds 1..{batch_max} records, got "
+                         f"{n if cnp.PyArray_NDIM(a) == 1 else records.shape}; split it into several calls")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def batch_reply(bytes body, cnp.dtype dtype, Py_ssize_t n):
+    cdef cnp.npy_intp dims[1]
+    cdef Py_ssize_t size = len(body)
+    if size != n * dtype.itemsize:
+        raise ProtocolError(f"expected {n} results of {dtype.itemsize} bytes, "
+                            f"got a body of {size} bytes")
+    dims[0] = n
+    Py_INCREF(dtype)                # PyArray_NewFromDescr steals a reference to it
+    # Read-only (no NPY_ARRAY_WRITEABLE) over the reply's bytes, no copy: what
+    # np.frombuffer gives, without its argument parsing and buffer export.
+    reply = PyArray_NewFromDescr(&PyArray_Type, <cnp.PyArray_Descr*>dtype, 1, dims, NULL,
+                                 <void*>PyBytes_AS_STRING(body), 0, NULL)
+    cnp.set_array_base(reply, body)
+    return reply
+
+
 def resolve(list futures, list results):
     cdef Py_ssize_t i, n = len(futures)
     if len(results) != n:
@@ -249,6 +300,56 @@ cdef class FrameCutter:
             if at:
                 del self.buffer[:at]
         return frames, self.error
+
+    def deliver(self, data, dict pending, room_waiters, slow):
+        cdef const uint8_t[::1] view
+        cdef Py_ssize_t at
+        if self.error is not None:
+            return self.error
+        if PyByteArray_GET_SIZE(self.buffer) == 0 and type(data) is bytes:
+            view = data                     # the usual case: nothing left over, no copy
+            at = self.hand_over(view, pending, room_waiters, slow)
+            if at < view.shape[0]:
+                self.buffer += view[at:]
+        else:
+            self.buffer += data
+            view = self.buffer
+            at = self.hand_over(view, pending, room_waiters, slow)
+            view = None                     # release the buffer before resizing it
+            if at:
+                del self.buffer[:at]
+        return self.error
+
+    cdef Py_ssize_t hand_over(self, const uint8_t[::1] view, dict pending, room_waiters,
+                              slow) except -1:
+        """deliver()'s loop: cut() with each frame handed over as it is cut."""
+        cdef Py_ssize_t at = 0, end, n = view.shape[0]
+        cdef Header h
+        cdef PyObject* found
+        cdef tuple entry
+        while n - at >= HEADER_BYTES:
+            memcpy(&h, &view[at], HEADER_BYTES)
+            if h.size > REPLY_BYTES_MAX:
+                self.error = ProtocolError(f"reply of {h.size} bytes: the stream is broken")
+                break
+            end = at + HEADER_BYTES + h.size
+            if end > n:
+                break
+            body = PyBytes_FromStringAndSize(<const char*>&view[at + HEADER_BYTES], h.size)
+            request_id = h.request_id
+            found = PyDict_GetItem(pending, request_id)
+            entry = <tuple>found if found is not NULL else None
+            if (entry is not None and h.flags == 0 and entry[2] is None
+                    and type(entry[0]) is not BatchWaiter and entry[1] == h.op
+                    and len(room_waiters) == 0):
+                PyDict_DelItem(pending, request_id)
+                waiter = entry[0]
+                if not waiter.done():
+                    waiter.set_result(body)
+            else:
+                slow(h.op, h.flags, request_id, body)
+            at = end
+        return at
 
     cdef tuple cut(self, const uint8_t[::1] view):
         cdef Py_ssize_t at = 0, end, n = view.shape[0]

@@ -259,8 +259,6 @@ assert PAY_RESULT.itemsize == _client_py._PAY_RESULT.size
 IMPLEMENTATIONS = {"python": _client_py}
 if _client_c is not None:
     IMPLEMENTATIONS["cython"] = _client_c
-for _module in IMPLEMENTATIONS.values():
-    _module.configure(PayResult, IssueResult, ProtocolError)
 IMPLEMENTATION = "cython" if _client_c is not None else "python"
 _impl = IMPLEMENTATIONS[IMPLEMENTATION]
 
@@ -296,27 +294,6 @@ def issue_results(results: np.ndarray) -> list[IssueResult]:
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
-
-
-def _batch_body(records: np.ndarray, dtype: np.dtype, batch_max: int) -> np.ndarray:
-    """The records, checked and C-contiguous: a frame body as they are."""
-    if type(records) is not np.ndarray or records.dtype != dtype:
-        if not isinstance(records, np.ndarray) or records.dtype != dtype:
-            raise TypeError(f"records must be a numpy array of dtype {dtype}, "
-                            f"got {getattr(records, 'dtype', type(records).__name__)}")
-    if records.ndim != 1 or not 1 <= len(records) <= batch_max:
-        raise ValueError(f"a batch holds 1..{batch_max} records, got {len(records) if records.ndim == 1 else records.shape}; "
-                         "split it into several calls")
-    if not records.flags.c_contiguous:
-        records = np.ascontiguousarray(records)
-    return records
-
-
-def _batch_reply(body: bytes, dtype: np.dtype, n: int) -> np.ndarray:
-    if len(body) != n * dtype.itemsize:
-        raise ProtocolError(f"expected {n} results of {dtype.itemsize} bytes, "
-                            f"got a body of {len(body)} bytes")
-    return np.frombuffer(body, dtype)   # read-only view of the reply, no copy
 
 
 def _op_code(op: str | int) -> int:
@@ -418,12 +395,13 @@ class _Protocol(asyncio.Protocol):
         self.client._transport = transport
 
     def data_received(self, data):
-        frames, error = self.cutter.feed(data)
-        deliver = self.client._deliver
-        for op, flags, request_id, body in frames:
-            deliver(op, flags, request_id, body)
+        client = self.client
+        # Plain replies resolve their caller's Future in the hot path; the rest
+        # (errors, coalesced frames, own timers, waiters for room) go to _deliver.
+        error = self.cutter.deliver(data, client._pending, client._room_waiters,
+                                    client._deliver)
         if error is not None:
-            self.client._fail(error)
+            client._fail(error)
 
     def connection_lost(self, exc):
         self.client._fail(ConnectionLost(f"connection closed: {exc}" if exc else "connection closed"))
@@ -431,9 +409,11 @@ class _Protocol(asyncio.Protocol):
             self.client._lost.set_result(None)
 
     def pause_writing(self):
+        self.client._paused = True
         self.client._writable.clear()
 
     def resume_writing(self):
+        self.client._paused = False
         self.client._writable.set()
 
 
@@ -462,6 +442,10 @@ class _Batch:
         for future in self.futures:
             if not future.done():
                 future.set_exception(error)
+
+
+for _module in IMPLEMENTATIONS.values():
+    _module.configure(PayResult, IssueResult, ProtocolError, _Batch)
 
 
 class _Coalescer:
@@ -532,8 +516,9 @@ class AsyncClient:
         self._out = bytearray()        # frames of this loop tick, written in one go
         self._tick_scheduled = False   # _end_of_tick is due
         self._open_frames = 0          # coalesced frames being filled (count as in flight)
-        self._writable = asyncio.Event()
+        self._writable = asyncio.Event()   # set while the transport takes writes
         self._writable.set()
+        self._paused = False               # not _writable.is_set(), read on every request
         self._closed: BaseException | None = None
         self._lost = self._loop.create_future()   # done when the transport is gone
         self._max_batch = BATCH_RECORDS_MAX_DEFAULT    # until HELLO says otherwise
@@ -598,14 +583,16 @@ class AsyncClient:
 
     async def pay(self, records: np.ndarray, *, timeout_ms: int | None = None) -> np.ndarray:
         """One PAY frame: PAY_RECORD array in, PAY_RESULT array (read-only) out."""
-        body = _batch_body(records, PAY_RECORD, self.max_batch)
+        impl = self._impl
+        body = impl.batch_body(records, PAY_RECORD, self.max_batch)
         reply = await self._request(OP_PAY, body, timeout_ms)
-        return _batch_reply(reply, PAY_RESULT, len(records))
+        return impl.batch_reply(reply, PAY_RESULT, len(body))
 
     async def issue(self, records: np.ndarray, *, timeout_ms: int | None = None) -> np.ndarray:
-        body = _batch_body(records, ISSUE_RECORD, self.max_batch)
+        impl = self._impl
+        body = impl.batch_body(records, ISSUE_RECORD, self.max_batch)
         reply = await self._request(OP_ISSUE, body, timeout_ms)
-        return _batch_reply(reply, ISSUE_RESULT, len(records))
+        return impl.batch_reply(reply, ISSUE_RESULT, len(body))
 
     async def call(self, op: str | int, request: dict[str, Any] | None = None, *,
                    timeout_ms: int | None = None) -> dict[str, Any]:
@@ -666,7 +653,7 @@ class AsyncClient:
 
     def _has_room(self) -> bool:
         return (len(self._pending) + self._open_frames < self._in_flight_max
-                and self._writable.is_set())
+                and not self._paused)
 
     async def _wait_for_room(self, coalescer: "_Coalescer | None" = None) -> None:
         """Wait until fewer than in_flight_max requests await a reply and the
@@ -677,8 +664,8 @@ class AsyncClient:
         for _ in range(ROOM_WAITS_MAX):
             if self._has_room() or (coalescer is not None and coalescer.futures):
                 return
-            if not self._writable.is_set():
-                await self._writable.wait()
+            if self._paused:
+                await self._writable.wait()    # set again by resume_writing or _fail
             else:
                 waiter = self._loop.create_future()
                 self._room_waiters.append(waiter)
@@ -1113,12 +1100,13 @@ class Client:
         self._request(OP_PING, b"", timeout_ms)
 
     def pay(self, records: np.ndarray, *, timeout_ms: int | None = None) -> np.ndarray:
-        body = _batch_body(records, PAY_RECORD, self.max_batch)
-        return _batch_reply(self._request(OP_PAY, body, timeout_ms), PAY_RESULT, len(records))
+        body = _impl.batch_body(records, PAY_RECORD, self.max_batch)
+        return _impl.batch_reply(self._request(OP_PAY, body, timeout_ms), PAY_RESULT, len(body))
 
     def issue(self, records: np.ndarray, *, timeout_ms: int | None = None) -> np.ndarray:
-        body = _batch_body(records, ISSUE_RECORD, self.max_batch)
-        return _batch_reply(self._request(OP_ISSUE, body, timeout_ms), ISSUE_RESULT, len(records))
+        body = _impl.batch_body(records, ISSUE_RECORD, self.max_batch)
+        return _impl.batch_reply(self._request(OP_ISSUE, body, timeout_ms), ISSUE_RESULT,
+                                 len(body))
 
     def call(self, op: str | int, request: dict[str, Any] | None = None, *,
              timeout_ms: int | None = None) -> dict[str, Any]:

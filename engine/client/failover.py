@@ -40,6 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import engine.client as client_module
 from engine.client import (BATCH_RECORDS_MAX_DEFAULT, CLIENT_NAME, PORT_DEFAULT,
                            RETRY_DEADLINE_MS_DEFAULT, AsyncClient, Client, ConnectionLost,
                            HelloInfo, IssueResult, OutcomeUnknown, PayResult,
@@ -444,6 +445,7 @@ class FailoverAsyncClient(_Observed, AsyncClient):
     def __init__(self, route: _Route, connect_kwargs: dict[str, Any]):
         self._route = route
         self._connect_kwargs = connect_kwargs
+        self._impl = client_module._impl   # pay()/issue() check and read records with it
         self.timeout_ms = connect_kwargs["timeout_ms"]
         self._loop = asyncio.get_running_loop()
         self._conn: AsyncClient | None = None
@@ -771,6 +773,7 @@ class FailoverClient(_Observed, Client):
         super().__init__(None, timeout_ms=connect_kwargs["timeout_ms"])   # type: ignore[arg-type]
         self._route = route
         self._connect_kwargs = connect_kwargs
+        self._impl = client_module._impl   # pay()/issue() check and read records with it
         self._closed_by: str | None = None
 
     def hello(self, key_id: str | None = None, secret: str | None = None, *,

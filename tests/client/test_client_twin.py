@@ -272,3 +272,106 @@ def test_whole_clients_agree_on_any_reply_stream(pays, frames, cuts, results, at
     pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
     outcomes = [_client_outcome(name, pays, pieces) for name in ("cython", "python")]
     assert outcomes[0] == outcomes[1]
+
+
+class Waiter:
+    """A stand-in for an asyncio Future that records what it was given."""
+
+    def __init__(self, done=False):
+        self._done, self.result = done, None
+
+    def done(self):
+        return self._done
+
+    def set_result(self, value):
+        assert not self._done
+        self._done, self.result = True, value
+
+
+def a_pending_table(data, request_ids):
+    """request id -> (waiter, op, timer, deadline), of every kind deliver() meets."""
+    pending = {}
+    for rid in request_ids:
+        kind = data.draw(st.sampled_from(["plain", "plain", "done", "timer", "batch"]))
+        waiter = (client_module._Batch([], None) if kind == "batch"
+                  else Waiter(done=kind == "done"))
+        op = data.draw(st.sampled_from([16, 17, 1]))
+        pending[rid] = (waiter, op, object() if kind == "timer" else None, 0.0)
+    return pending
+
+
+def what_deliver_should_do(table, cut, room_waited):
+    """The model: each cut frame in order, a plain reply to a plain waiter
+    resolves it (once: its entry leaves), every other frame goes to slow."""
+    pending, slow, resolved = dict(table), [], {}
+    for op, flags, rid, body in cut:
+        entry = pending.get(rid)
+        if (entry is not None and flags == 0 and entry[2] is None and not room_waited
+                and type(entry[0]) is Waiter and entry[1] == op):
+            del pending[rid]
+            if not entry[0].done():
+                resolved[rid] = body
+        else:
+            slow.append((op, flags, rid, body))
+    return slow, sorted(pending), resolved
+
+
+@SETTINGS
+@given(frames, st.lists(st.integers(0, 400), max_size=6), st.booleans(), st.data())
+def test_deliver_twins_hand_over_the_frames_as_the_model_says(headers, cuts, room_waited,
+                                                                data):
+    """deliver() resolves exactly the plain replies to plain waiters (no flags,
+    the op sent, no timer of their own, nobody waiting for room) and hands
+    every other frame to `slow` in stream order; both twins, on any stream
+    cut anywhere, with the frames that feed() cuts."""
+    stream = bytearray()
+    for size, op, flags, rid in headers:
+        body = bytes((rid + i) & 0xFF for i in range(min(size, 300)))
+        stream += client_module.HEADER.pack(size, op, flags, rid % 8) + body
+    points = sorted({min(c, len(stream)) for c in cuts})
+    pieces = [bytes(stream[a:b]) for a, b in zip([0, *points], [*points, len(stream)])]
+    table = a_pending_table(data, range(8))
+    fed = python.FrameCutter()
+    cut = [frame for piece in pieces for frame in fed.feed(piece)[0]]
+    expected = what_deliver_should_do(table, cut, room_waited)
+    for module in TWINS:
+        pending = {rid: (Waiter(w.done()) if type(w) is Waiter else w, *rest)
+                   for rid, (w, *rest) in table.items()}
+        waiters = {rid: entry[0] for rid, entry in pending.items()}
+        slow, cutter = [], module.FrameCutter()
+        errors = [cutter.deliver(piece, pending, [object()] if room_waited else [],
+                                 lambda *frame: slow.append(frame)) for piece in pieces]
+        resolved = {rid: w.result for rid, w in waiters.items()
+                    if type(w) is Waiter and w.result is not None}
+        assert (slow, sorted(pending), resolved) == expected, module.__name__
+        assert [e and str(e) for e in errors] == [
+            e and str(e) for e in (python.FrameCutter().feed(b"".join(pieces[:k + 1]))[1]
+                                   for k in range(len(pieces)))]
+        assert cutter.buffered_bytes == fed.buffered_bytes
+
+
+@SETTINGS
+@given(st.integers(0, 3), st.integers(1, 6), st.sampled_from(["pay", "issue", "other"]),
+       st.booleans(), st.booleans())
+def test_batch_body_and_reply_twins_agree(n, batch_max, kind, strided, two_d):
+    dtype = {"pay": PAY_RECORD, "issue": ISSUE_RECORD, "other": np.dtype("<u8")}[kind]
+    records = np.arange(max(n, 1) * 2 * dtype.itemsize, dtype=np.uint8).view(dtype)[:2 * n]
+    records = records[::2] if strided else records[:n]
+    if two_d:
+        records = records.reshape(1, -1)
+    got = [outcome(m.batch_body, records, PAY_RECORD, batch_max) for m in TWINS]
+    if got[0][0] == "ok":
+        assert got[1][0] == "ok" and got[0][1].tobytes() == got[1][1].tobytes()
+        assert got[0][1].flags.c_contiguous and got[0][1].tobytes() == records.tobytes()
+    else:
+        assert got[0] == got[1]
+    for result_dtype in (PAY_RESULT, ISSUE_RESULT):
+        for size in (n * result_dtype.itemsize, n * result_dtype.itemsize + 1):
+            body = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+            replies = [outcome(m.batch_reply, body, result_dtype, n) for m in TWINS]
+            if replies[0][0] == "error":
+                assert replies[0] == replies[1] and replies[0][1] is client_module.ProtocolError
+                continue
+            a, b = replies[0][1], replies[1][1]
+            assert a.dtype == b.dtype == result_dtype and a.tobytes() == b.tobytes() == body
+            assert not a.flags.writeable and not b.flags.writeable
