@@ -212,6 +212,16 @@ def append_frame(bytearray out, uint16_t op, uint64_t request_id, body):
     cdef Py_buffer view
     cdef Header h
     cdef char* p
+    if (type(body) is cnp.ndarray and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>body)
+            and cnp.PyArray_NBYTES(<cnp.ndarray>body) <= 0xFFFFFFFF):
+        # A record array (pay(), issue()): its bytes straight from the array,
+        # a quarter of what exporting a structured array's buffer costs.
+        h.size = <uint32_t>cnp.PyArray_NBYTES(<cnp.ndarray>body)
+        h.op, h.flags, h.request_id = op, 0, request_id
+        p = grow(out, HEADER_BYTES + h.size)
+        memcpy(p, &h, HEADER_BYTES)
+        memcpy(p + HEADER_BYTES, cnp.PyArray_DATA(<cnp.ndarray>body), h.size)
+        return
     # PyBUF_SIMPLE: the bytes of any C-contiguous exporter (a structured
     # numpy array too) without building its format string.
     PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
