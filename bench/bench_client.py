@@ -24,13 +24,16 @@ kind of connection: what routing each call to the leader costs when
 nothing fails.
 Reported per round: payments/s, client CPU microseconds per payment (this
 process's CPU time / payments), server CPU microseconds per payment, p50 and
-p99 latency of a call. Bounded: every round has a deadline; the server is
+p99 latency of a call, and the share of the client's CPU that the garbage
+collector took (`--gc-threshold N` sets its young-generation threshold).
+Bounded: every round has a deadline; the server is
 always stopped.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import os
 import pathlib
@@ -197,6 +200,23 @@ async def failover_client(port: int | None):
     return client
 
 
+class GcMeter:
+    """The collections the garbage collector ran, and the time it took, while on."""
+
+    def __init__(self):
+        self.collections, self.seconds, self._started = 0, 0.0, 0.0
+        self.on = False
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if not self.on:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.collections += 1
+            self.seconds += time.perf_counter() - self._started
+
+
 async def one_round(module, port: int | None, workload: str, seconds: float,
                     connections: int, window: int, id_base: int) -> dict:
     clients = [await (failover_client(port) if module == "failover" else
@@ -229,11 +249,14 @@ async def one_round(module, port: int | None, workload: str, seconds: float,
 
     tasks = [asyncio.ensure_future(worker(c, k)) for c in clients for k in range(window)]
     await asyncio.sleep(0.5)                     # warm-up
-    state["measuring"] = True
+    meter = GcMeter()
+    gc.callbacks.append(meter)
+    state["measuring"] = meter.on = True
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.sleep(seconds)
-    state["measuring"] = False
+    state["measuring"] = meter.on = False
     cpu, elapsed = time.process_time() - cpu0, time.perf_counter() - t0
+    gc.callbacks.remove(meter)
     state["go"] = False
     await asyncio.wait(tasks, timeout=ROUND_DEADLINE_S)
     for client in clients:
@@ -244,12 +267,15 @@ async def one_round(module, port: int | None, workload: str, seconds: float,
             "client_us_per_payment": 1e6 * cpu / max(n, 1),
             "p50_ms": latencies_ns[n // 2] / 1e6 if n else None,
             "p99_ms": latencies_ns[min(n - 1, n * 99 // 100)] / 1e6 if n else None,
+            "gc_collections": meter.collections, "gc_share": meter.seconds / max(cpu, 1e-9),
             "next_id": next_id[0]}
 
 
 async def main_async(args, server: Server | None) -> list[dict]:
     if server is not None:
         await setup_world(server.port)
+    if args.gc_threshold:
+        gc.set_threshold(args.gc_threshold)
     chosen = args.clients.split(",")
     modules = {"before": client_before(args.before) if "before" in chosen else None,
                "after": client_after, "failover": "failover"}
@@ -271,6 +297,7 @@ async def main_async(args, server: Server | None) -> list[dict]:
                       f"client {row['client_us_per_payment']:5.1f} us/pay  "
                       f"server {row['server_us_per_payment']:5.1f} us/pay  "
                       f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  "
+                      f"gc {row['gc_share']:4.0%} of the CPU ({row['gc_collections']}x)  "
                       f"bad {row['bad']}  ({row['load']})", flush=True)
     return rows
 
@@ -288,6 +315,9 @@ def main(argv=None) -> int:
     p.add_argument("--inproc", action="store_true",
                    help="no server, no socket: an in-process echo answers (client CPU alone)")
     p.add_argument("--workloads", default="pay_one,pay1", help="which workloads to run")
+    p.add_argument("--gc-threshold", type=int, default=0,
+                   help="the collector's young-generation threshold (default: Python's, 700); "
+                        "see docs/client.md, 'A gateway process'")
     p.add_argument("--profile", help="cProfile this process into PATH (distorts the rates)")
     args = p.parse_args(argv)
     kind = "none (in-process echo)" if args.inproc else "in-memory" if args.memory else "durable"
