@@ -66,32 +66,39 @@ def world_module():
     return world
 
 
-def pay_result_dtype():
+def pay_result_dtype_and_ok():
+    """PAY_RESULT and Status.ok, from engine.protocol or, in trees before
+    the package split, from engine."""
     try:
         from engine.protocol.records import PAY_RESULT
+        from engine.protocol.status import Status
     except ImportError:
         from engine.records import PAY_RESULT
-    return PAY_RESULT
+        from engine.status import Status
+    return PAY_RESULT, Status.ok
 
 
-def limit_address_space(space_bytes_max: int) -> None:
+def tune(space_bytes_max: int, growth: str) -> None:
     """Reserve at most `space_bytes_max` of address space a row space (trees
     with row spaces; the default is the machine's memory, 32 GiB here, a
-    table, more than valgrind lets a process map). The kernel's results never
-    depend on it (tune_growth's docstring); the calibration shows its counts
-    do not either."""
+    table, more than valgrind lets a process map; the kernel's results never
+    depend on it, tune_growth's docstring), and the growth settings in
+    `growth` ("name=value,...", as bench_growth.py's SCANPAY_GROWTH)."""
+    settings = {k: int(v) for k, v in (kv.split("=") for kv in growth.split(",") if kv)}
     try:
         from engine._kernel import tune_growth
     except ImportError:             # a kernel without row spaces
+        if settings:
+            raise SystemExit("--growth: this kernel has no growth settings")
         return
-    tune_growth(space_bytes_max=space_bytes_max)
+    tune_growth(space_bytes_max=space_bytes_max, **settings)
 
 
-def build_world(users: int | None, payments: int, space_bytes_max: int):
+def build_world(users: int | None, payments: int, space_bytes_max: int, growth: str = ""):
     """The standard world (or one with `users` users) with capacity hints for
     `payments` payments, as bench/ab_kernel.py's worker builds it."""
     world = world_module()
-    limit_address_space(space_bytes_max)
+    tune(space_bytes_max, growth)
     spec = world.World.standard()
     if users is not None:
         spec = dataclasses.replace(spec, users=users)
@@ -120,10 +127,11 @@ def worker(args) -> None:
         raise SystemExit(f"{engine._kernel.__file__} is the debug kernel: build the release one")
     total = WARMUP_BATCHES + args.batches
     world, eng, info, now_ms = build_world(args.users, total * world_module().BATCH_RECORDS_MAX,
-                                           args.space_mib << 20)
+                                           args.space_mib << 20, args.growth)
     drawn = list(world.pay_batches(info, total, seed=SEED, start_payment_id=1,
                                    no_coupon_share=0.0))
-    out = np.zeros(world.BATCH_RECORDS_MAX, pay_result_dtype())
+    pay_result, status_ok = pay_result_dtype_and_ok()
+    out = np.zeros(world.BATCH_RECORDS_MAX, pay_result)
     results = hashlib.sha256()
     for batch in drawn[:WARMUP_BATCHES]:
         eng.kernel_pay(batch, now_ms, out)
@@ -133,11 +141,12 @@ def worker(args) -> None:
     helper.count_start()
     for batch in drawn[WARMUP_BATCHES:]:
         eng.kernel_pay(batch, now_ms, out)
-        ok = ok and bool((out["status"] == 0).all())
+        ok = ok and bool((out["status"] == status_ok).all())
         results.update(out.tobytes())
     helper.count_stop()
     batches = hashlib.sha256(b"".join(b.tobytes() for b in drawn)).hexdigest()
-    print(json.dumps({"kernel": engine._kernel.__file__, "ok": ok, "batches": batches[:16],
+    print(json.dumps({"kernel": engine._kernel.__file__, "ok": ok, "records": len(out),
+                      "batches": batches[:16],
                       "results": results.hexdigest()[:16]}), flush=True)
 
 
@@ -182,7 +191,8 @@ def count_tree(tree: str, n: int, args, tmp: str) -> dict:
     cmd = ["valgrind", "-q", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
            f"--toggle-collect={symbol}", f"--callgrind-out-file={out_file}",
            sys.executable, os.path.abspath(__file__), "--worker", "--helper", args.helper,
-           "--batches", str(args.batches), "--space-mib", str(args.space_mib)]
+           "--batches", str(args.batches), "--space-mib", str(args.space_mib),
+           "--growth", args.growth]
     if args.users is not None:
         cmd += ["--users", str(args.users)]
     note(f"{tree}: counting inside {symbol}")
@@ -228,7 +238,7 @@ def coordinate(args) -> None:
                 os.makedirs(args.keep, exist_ok=True)
                 shutil.copy(reports[-1]["out"], args.keep)
         note(f"load at end: {os.getloadavg()}")
-        print_table(reports, args.batches, 8190)
+        print_table(reports, args.batches, reports[0]["records"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -240,6 +250,8 @@ def main() -> None:
     p.add_argument("--users", type=int, help="users in the world (default: the standard 1M)")
     p.add_argument("--space-mib", type=int, default=SPACE_MIB,
                    help=f"address space a row space reserves, MiB (default {SPACE_MIB})")
+    p.add_argument("--growth", default="", metavar="NAME=VALUE,...",
+                   help="tune_growth settings for every tree (e.g. grow_pct=70,prepare_pct=50)")
     p.add_argument("--keep", metavar="DIR", help="copy the callgrind.out.<n> files to DIR")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--helper", help=argparse.SUPPRESS)
