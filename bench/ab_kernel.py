@@ -4,7 +4,8 @@
 
 Each tree is a checkout with its own release kernel built in place
 (`python setup.py build_ext --inplace -q`, SCANPAY_KERNEL_DEBUG unset). One
-worker process per tree builds the standard world (engine/demo/world.py) and
+worker process per tree builds the standard world (engine/demo/world.py, or
+engine/world.py in trees before the package split) and
 draws the same fresh automatic-selection batches of 8,190 records, as
 bench_engine.py's kernel PAY does. The coordinator then has the workers take
 turns, a slice of K batches each (the first of each pair alternating), so
@@ -32,11 +33,13 @@ def worker(slices: int, batches: int) -> None:
     import numpy as np
 
     import engine._kernel
-    from engine.demo.world import (BATCH_RECORDS_MAX, World, build, capacity_for, make_engine,
-                                   pay_batches)
-    from engine.protocol.records import PAY_RESULT
-    from engine.protocol.status import Status
-    if engine._kernel.DEBUG:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from count_kernel import pay_result_dtype_and_ok, world_module   # either package layout
+    world = world_module()
+    BATCH_RECORDS_MAX, World, build = world.BATCH_RECORDS_MAX, world.World, world.build  # noqa: N806
+    capacity_for, make_engine, pay_batches = world.capacity_for, world.make_engine, world.pay_batches
+    PAY_RESULT, status_ok = pay_result_dtype_and_ok()                                    # noqa: N806
+    if getattr(engine._kernel, "DEBUG", False):   # trees before the debug build had none
         raise SystemExit(f"{engine._kernel.__file__} is the debug kernel: build the release one")
     spec = World.standard()
     now_ms = spec.now_ms
@@ -59,7 +62,7 @@ def worker(slices: int, batches: int) -> None:
         wall_s, cpu_s = time.perf_counter() - t0, time.thread_time() - c0
         at += batches
         print(json.dumps({"wall_s": wall_s, "cpu_s": cpu_s, "records": batches * len(out),
-                          "ok": bool((out["status"] == Status.ok).all())}), flush=True)
+                          "ok": bool((out["status"] == status_ok).all())}), flush=True)
 
 
 def start(tree: str, args) -> subprocess.Popen:
