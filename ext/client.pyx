@@ -21,6 +21,8 @@ from cpython.long cimport PyLong_AsLongLong, PyLong_AsUnsignedLongLong
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
+cimport cython
+
 import sys
 
 import numpy as np
@@ -209,6 +211,11 @@ def issue_results(const uint8_t[::1] body):
 
 
 def append_frame(bytearray out, uint16_t op, uint64_t request_id, body):
+    frame_into(out, op, request_id, body)
+
+
+cdef int frame_into(bytearray out, uint16_t op, uint64_t request_id, body) except -1:
+    """append_frame's work, callable from Requests.send without a Python call."""
     cdef Py_buffer view
     cdef Header h
     cdef char* p
@@ -221,7 +228,7 @@ def append_frame(bytearray out, uint16_t op, uint64_t request_id, body):
         p = grow(out, HEADER_BYTES + h.size)
         memcpy(p, &h, HEADER_BYTES)
         memcpy(p + HEADER_BYTES, cnp.PyArray_DATA(<cnp.ndarray>body), h.size)
-        return
+        return 0
     # PyBUF_SIMPLE: the bytes of any C-contiguous exporter (a structured
     # numpy array too) without building its format string.
     PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
@@ -237,6 +244,7 @@ def append_frame(bytearray out, uint16_t op, uint64_t request_id, body):
         memcpy(p + HEADER_BYTES, view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
+    return 0
 
 
 def batch_body(records, dtype, Py_ssize_t batch_max):
@@ -381,3 +389,72 @@ cdef class FrameCutter:
     @property
     def buffered_bytes(self):
         return PyByteArray_GET_SIZE(self.buffer)
+
+
+@cython.final                 # no subclass: send() and has_slot() are direct C calls
+cdef class Requests:
+    """One connection's requests in flight and the frames of this loop tick
+    (see engine/_client_py.py): what AsyncClient's request path reads on
+    every call, as C fields, and the room check, the Future, the frame and
+    the pending entry of a request in one call."""
+    cdef public bytearray out
+    cdef public dict pending
+    cdef public object sweep
+    cdef public Py_ssize_t open_frames
+    cdef public bint paused, tick_scheduled, closed
+    cdef readonly uint64_t next_id, last_id
+    cdef readonly Py_ssize_t in_flight_max
+    cdef readonly object timeout_ms
+    cdef double timeout_s
+    cdef object loop, create_future, time, on_tick, on_sweep, on_expire
+
+    def __init__(self, loop, timeout_ms, Py_ssize_t in_flight_max, on_tick, on_sweep,
+                 on_expire):
+        self.out, self.pending, self.sweep = bytearray(), {}, None
+        self.open_frames, self.paused, self.tick_scheduled, self.closed = 0, False, False, False
+        self.next_id, self.last_id = 1, 0
+        self.in_flight_max, self.timeout_ms = in_flight_max, timeout_ms
+        self.timeout_s = timeout_ms / 1000
+        self.loop, self.create_future, self.time = loop, loop.create_future, loop.time
+        self.on_tick, self.on_sweep, self.on_expire = on_tick, on_sweep, on_expire
+
+    cpdef bint has_slot(self):
+        return len(self.pending) + self.open_frames < self.in_flight_max
+
+    def has_room(self):
+        return self.has_slot() and not self.paused
+
+    def request(self, uint16_t op, body, timeout_ms):
+        if self.closed or self.paused or not self.has_slot():
+            return None
+        future = self.create_future()
+        self.send(op, body, future, timeout_ms)
+        return future
+
+    cpdef send(self, uint16_t op, body, waiter, timeout_ms):
+        cdef uint64_t request_id = self.next_id
+        cdef double deadline = 0.0
+        frame_into(self.out, op, request_id, body)      # may refuse the body
+        self.next_id += 1
+        self.last_id = request_id
+        if not timeout_ms or timeout_ms == self.timeout_ms:
+            timer, deadline = None, self.time() + self.timeout_s
+            if self.sweep is None:
+                self.sweep = self.loop.call_at(deadline, self.on_sweep)
+        else:
+            timer = self.loop.call_later(timeout_ms / 1000, self.on_expire, request_id)
+        self.pending[request_id] = (waiter, op, timer, deadline)
+        if not self.tick_scheduled:
+            self.tick_scheduled = True
+            self.loop.call_soon(self.on_tick)
+        return request_id
+
+    def forget(self, request_id):
+        cdef PyObject* found = PyDict_GetItem(self.pending, request_id)
+        if found is NULL:
+            return False
+        entry = <tuple>found
+        PyDict_DelItem(self.pending, request_id)
+        if entry[2] is not None:
+            entry[2].cancel()
+        return True

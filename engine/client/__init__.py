@@ -398,7 +398,7 @@ class _Protocol(asyncio.Protocol):
         client = self.client
         # Plain replies resolve their caller's Future in the hot path; the rest
         # (errors, coalesced frames, own timers, waiters for room) go to _deliver.
-        error = self.cutter.deliver(data, client._pending, client._room_waiters,
+        error = self.cutter.deliver(data, client._state.pending, client._room_waiters,
                                     client._deliver)
         if error is not None:
             client._fail(error)
@@ -409,11 +409,11 @@ class _Protocol(asyncio.Protocol):
             self.client._lost.set_result(None)
 
     def pause_writing(self):
-        self.client._paused = True
+        self.client._state.paused = True
         self.client._writable.clear()
 
     def resume_writing(self):
-        self.client._paused = False
+        self.client._state.paused = False
         self.client._writable.set()
 
 
@@ -467,9 +467,9 @@ class _Coalescer:
         future = client._loop.create_future()
         futures = self.futures
         if not futures:
-            client._open_frames += 1       # it takes an in-flight slot from now on
+            client._state.open_frames += 1     # it takes an in-flight slot from now on
         futures.append(future)
-        if not client._tick_scheduled:
+        if not client._state.tick_scheduled:
             client._schedule_tick()
         if len(futures) >= client._max_batch:
             self.flush()
@@ -480,12 +480,12 @@ class _Coalescer:
             return
         batch = _Batch(self.futures, self.to_structs)
         body, self.body, self.futures = self.body, bytearray(), []
-        self.client._open_frames -= 1
+        self.client._state.open_frames -= 1
         if self.client._closed is not None:
             batch.fail(not_sent(f"the connection is closed ({self.client._closed})"))
             return
         self.client.batches_sent += 1
-        self.client._send(self.op, body, batch, None)
+        self.client._state.send(self.op, body, batch, None)
 
 
 class AsyncClient:
@@ -506,24 +506,21 @@ class AsyncClient:
         self._impl = _impl             # the hot path in use when the client was made
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        # request id -> (Future or _Batch, op, TimerHandle or None, deadline):
-        # in request id order, which _sweep_expired relies on
-        self._pending: dict[int, tuple[Any, int, Any, float]] = {}
-        self._sweep: asyncio.TimerHandle | None = None
-        self._next_id = 1
-        self._in_flight_max = in_flight_max
+        # The requests in flight (pending: request id -> (Future or _Batch, op,
+        # TimerHandle or None, deadline), in request id order, which
+        # _sweep_expired relies on), this tick's frames, the in-flight count
+        # and the paused flag: read on every request, so kept in the hot
+        # path's class (C fields in the compiled one). It took timeout_ms now.
+        self._state = self._impl.Requests(self._loop, timeout_ms, in_flight_max,
+                                          self._end_of_tick, self._sweep_expired, self._expire)
+        self._has_room = self._state.has_room      # no Python frame in between
         self._room_waiters: collections.deque[asyncio.Future] = collections.deque()
-        self._out = bytearray()        # frames of this loop tick, written in one go
-        self._tick_scheduled = False   # _end_of_tick is due
-        self._open_frames = 0          # coalesced frames being filled (count as in flight)
         self._writable = asyncio.Event()   # set while the transport takes writes
         self._writable.set()
-        self._paused = False               # not _writable.is_set(), read on every request
         self._closed: BaseException | None = None
         self._lost = self._loop.create_future()   # done when the transport is gone
         self._max_batch = BATCH_RECORDS_MAX_DEFAULT    # until HELLO says otherwise
         self._pack_pay, self._pack_issue = self._impl.pack_pay, self._impl.pack_issue
-        self._append_frame = self._impl.append_frame
         self._pay = _Coalescer(self, OP_PAY, self._impl.pay_results)
         self._issue = _Coalescer(self, OP_ISSUE, self._impl.issue_results)
 
@@ -625,7 +622,19 @@ class AsyncClient:
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return len(self._state.pending)
+
+    @property
+    def _pending(self) -> dict[int, tuple[Any, int, Any, float]]:
+        return self._state.pending                # type: ignore[no-any-return]
+
+    @property
+    def _open_frames(self) -> int:
+        return self._state.open_frames            # type: ignore[no-any-return]
+
+    @property
+    def _sweep(self) -> asyncio.TimerHandle | None:
+        return self._state.sweep                  # type: ignore[no-any-return]
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -651,10 +660,6 @@ class AsyncClient:
         if self._closed is not None:
             raise not_sent(f"the connection is closed ({self._closed})")
 
-    def _has_room(self) -> bool:
-        return (len(self._pending) + self._open_frames < self._in_flight_max
-                and not self._paused)
-
     async def _wait_for_room(self, coalescer: "_Coalescer | None" = None) -> None:
         """Wait until fewer than in_flight_max requests await a reply and the
         transport takes writes; raises once the connection is closed. Each
@@ -664,7 +669,7 @@ class AsyncClient:
         for _ in range(ROOM_WAITS_MAX):
             if self._has_room() or (coalescer is not None and coalescer.futures):
                 return
-            if self._paused:
+            if self._state.paused:
                 await self._writable.wait()    # set again by resume_writing or _fail
             else:
                 waiter = self._loop.create_future()
@@ -679,69 +684,51 @@ class AsyncClient:
         raise RuntimeError(f"no room for a request after {ROOM_WAITS_MAX} wake-ups")
 
     def _wake_room_waiter(self) -> None:
-        waiters = self._room_waiters
-        while waiters and len(self._pending) + self._open_frames < self._in_flight_max:
+        waiters, state = self._room_waiters, self._state
+        while waiters and state.has_slot():
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
 
     async def _request(self, op: int, body, timeout_ms: int | None = None) -> bytes:
-        if self._closed is not None or not self._has_room():
-            await self._wait_for_room()
-        future = self._loop.create_future()
-        request_id = self._send(op, body, future, timeout_ms)
+        state = self._state
+        # One call checks for room, makes the Future, frames the request and
+        # registers it (the frames of one loop tick leave in one write).
+        future = state.request(op, body, timeout_ms)
+        if future is None:
+            await self._wait_for_room()            # raises once the connection is closed
+            future = self._loop.create_future()
+            state.send(op, body, future, timeout_ms)
+        request_id = state.last_id
         try:
-            return await future
+            return await future                    # type: ignore[no-any-return]
         finally:
-            entry = self._pending.pop(request_id, None)
-            if entry is not None:          # cancelled or failed before its reply
-                if entry[2] is not None:
-                    entry[2].cancel()
+            if state.forget(request_id):           # cancelled or failed before its reply
                 self._wake_room_waiter()
 
-    def _send(self, op: int, body, waiter, timeout_ms: int | None) -> int:
-        """Register `waiter` (a Future, or a _Batch) under a fresh request id
-        and queue the frame; the frames of one loop tick leave in one write."""
-        request_id = self._next_id
-        self._append_frame(self._out, op, request_id, body)    # may refuse the body
-        self._next_id += 1
-        if not timeout_ms or timeout_ms == self.timeout_ms:
-            # The default timeout: no timer of its own (a timer and its cancel
-            # cost more than the rest of a request); deadlines grow with the
-            # request id, so one sweep timer finds the expired ones in order.
-            timer, deadline = None, self._loop.time() + self.timeout_ms / 1000
-            if self._sweep is None:
-                self._sweep = self._loop.call_at(deadline, self._sweep_expired)
-        else:
-            timer, deadline = self._loop.call_later(timeout_ms / 1000, self._expire,
-                                                    request_id), 0.0
-        self._pending[request_id] = (waiter, op, timer, deadline)
-        if not self._tick_scheduled:
-            self._schedule_tick()
-        return request_id
-
     def _schedule_tick(self) -> None:
-        self._tick_scheduled = True
+        self._state.tick_scheduled = True
         # Runs after every callback already ready in this loop iteration, so
         # all calls made in this tick are in its frames and its one write.
         self._loop.call_soon(self._end_of_tick)
 
     def _end_of_tick(self) -> None:
         """Send the coalesced frames, then every frame of this tick in one write."""
-        self._tick_scheduled = False
+        state = self._state
+        state.tick_scheduled = False
         self._pay.flush()
         self._issue.flush()
-        out, self._out = self._out, bytearray()
+        out, state.out = state.out, bytearray()
         if out and self._closed is None:
             self._transport.write(out)
 
     def _sweep_expired(self) -> None:
         """Expire the default-timeout requests whose deadline has passed, then
         sleep until the earliest deadline left."""
-        self._sweep = None
+        self._state.sweep = None
         now, expired, next_deadline = self._loop.time(), [], None
-        for request_id, (_, _, timer, deadline) in self._pending.items():
+        for request_id, (_, _, timer, deadline) in self._state.pending.items():
             if timer is not None:
                 continue                   # its own timer expires it
             if deadline > now:
@@ -751,10 +738,10 @@ class AsyncClient:
         for request_id in expired:
             self._expire(request_id)
         if next_deadline is not None and self._closed is None:
-            self._sweep = self._loop.call_at(next_deadline, self._sweep_expired)
+            self._state.sweep = self._loop.call_at(next_deadline, self._sweep_expired)
 
     def _expire(self, request_id: int):
-        entry = self._pending.pop(request_id, None)
+        entry = self._state.pending.pop(request_id, None)
         if entry is None:
             return
         error = TimeoutError(f"no reply to {OP_NAMES.get(entry[1], entry[1])} in the timeout")
@@ -766,7 +753,7 @@ class AsyncClient:
         self._wake_room_waiter()
 
     def _deliver(self, op: int, flags: int, request_id: int, body: bytes):
-        entry = self._pending.pop(request_id, None)
+        entry = self._state.pending.pop(request_id, None)
         if entry is None:
             # A late reply to a request that timed out or was cancelled; or an
             # error about the connection itself (request id 0, e.g. busy: too
@@ -795,13 +782,15 @@ class AsyncClient:
 
     def _fail(self, error: BaseException):
         """Every request in flight fails with `error`; the client is closed."""
+        state = self._state
         if self._closed is None:
             self._closed = error
-        pending, self._pending = self._pending, {}
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
-        unsent_from = _first_request_id(self._out) if isinstance(error, ConnectionLost) else None
+            state.closed = True
+        pending, state.pending = state.pending, {}
+        if state.sweep is not None:
+            state.sweep.cancel()
+            state.sweep = None
+        unsent_from = _first_request_id(state.out) if isinstance(error, ConnectionLost) else None
         for request_id, (waiter, _, timer, _) in pending.items():
             if timer is not None:
                 timer.cancel()
