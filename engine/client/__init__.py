@@ -494,6 +494,10 @@ class AsyncClient:
     Use `await AsyncClient.connect(...)`; `async with` closes it.
     """
 
+    # The connection's request state (set by __init__; the failover client,
+    # which does not run it, has none and sends every call through _request).
+    _state: Any = None
+
     def __init__(self, *, timeout_ms: int = TIMEOUT_MS_DEFAULT,
                  in_flight_max: int = IN_FLIGHT_MAX_DEFAULT):
         if timeout_ms <= 0:
@@ -580,9 +584,22 @@ class AsyncClient:
 
     async def pay(self, records: np.ndarray, *, timeout_ms: int | None = None) -> np.ndarray:
         """One PAY frame: PAY_RECORD array in, PAY_RESULT array (read-only) out."""
-        impl = self._impl
+        impl, state = self._impl, self._state
         body = impl.batch_body(records, PAY_RECORD, self.max_batch)
-        reply = await self._request(OP_PAY, body, timeout_ms)
+        # _request's work inlined (a coroutine less a call: a gateway sends
+        # one record a call); _request when there is no room or the client is
+        # closed (it waits or raises), and for the failover client (no _state)
+        # whose _request picks the connection.
+        future = None if state is None else state.request(OP_PAY, body, timeout_ms)
+        if future is None:
+            reply = await self._request(OP_PAY, body, timeout_ms)
+        else:
+            request_id = state.last_id
+            try:
+                reply = await future
+            finally:
+                if state.forget(request_id):       # cancelled or failed before its reply
+                    self._wake_room_waiter()
         return impl.batch_reply(reply, PAY_RESULT, len(body))
 
     async def issue(self, records: np.ndarray, *, timeout_ms: int | None = None) -> np.ndarray:

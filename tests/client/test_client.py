@@ -367,6 +367,28 @@ def test_a_woken_waiter_that_is_cancelled_passes_the_slot_on(fake):
     run(main())
 
 
+def test_pay_waits_for_room_and_a_cancelled_pay_passes_its_slot_on(fake):
+    """pay() sends on its own (not through _request) when there is room: it
+    must still keep to in_flight_max, and a caller that gives up while its
+    frame is in flight must free the slot for the one waiting."""
+    async def main():
+        async with await AsyncClient.connect("127.0.0.1", fake.port, in_flight_max=3) as c:
+            wire = c._transport = CountingTransport(c)
+            outs = await asyncio.gather(*(c.pay(pay_batch(2, start_id=10 * i)) for i in range(1, 21)))
+            assert [list(o["id"]) for o in outs] == [[10 * i, 10 * i + 1] for i in range(1, 21)]
+            assert wire.peak == 3 and c.in_flight == 0
+        async with await AsyncClient.connect("127.0.0.1", fake.port, in_flight_max=1) as c:
+            first = asyncio.ensure_future(c.pay(pay_batch(1, start_id=1)))
+            second = asyncio.ensure_future(c.pay(pay_batch(1, start_id=2)))
+            await asyncio.sleep(0)
+            assert c.in_flight == 1 and len(c._room_waiters) == 1
+            first.cancel()
+            out = await asyncio.wait_for(second, 5)
+            assert first.cancelled() and list(out["id"]) == [2]
+            assert c.in_flight == 0 and list((await c.pay(pay_batch(1, start_id=3)))["id"]) == [3]
+    run(main())
+
+
 def test_default_timeouts_expire_in_order_without_a_timer_each(fake):
     """Requests on the client's own timeout share one sweep timer; those on a
     timeout of their own keep a timer; both expire, answered ones do not."""
