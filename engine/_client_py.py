@@ -36,8 +36,9 @@ text of a record field; the Cython twin repeats them word for word.
 - `Requests(loop, timeout_ms, in_flight_max, on_tick, on_sweep, on_expire)`:
   one connection's requests in flight (`pending`: request id -> (waiter,
   op, timer, deadline), in request id order) and the frames of this loop
-  tick (`out`), with `open_frames` (coalesced frames being filled, each
-  holds a slot), `paused`, `closed` and `tick_scheduled`. `has_room()`:
+  tick (`out`), with `timeout_ms` (the default timeout, settable),
+  `open_frames` (coalesced frames being filled, each holds a slot),
+  `paused`, `closed` and `tick_scheduled`. `has_room()`:
   fewer than `in_flight_max` in flight, not paused. `send(op, body,
   waiter, timeout_ms)` frames the request under the next id (`last_id`
   then), registers `waiter` with the deadline `loop.time() + timeout_ms`
@@ -221,7 +222,7 @@ class FrameCutter:
 class Requests:
     """One connection's requests in flight and the frames of this loop tick."""
     __slots__ = ("out", "pending", "sweep", "open_frames", "paused", "tick_scheduled",
-                 "closed", "next_id", "last_id", "in_flight_max", "timeout_ms", "_timeout_s",
+                 "closed", "next_id", "last_id", "in_flight_max", "_timeout_ms", "_timeout_s",
                  "_loop", "_on_tick", "_on_sweep", "_on_expire")
 
     def __init__(self, loop, timeout_ms, in_flight_max: int, on_tick, on_sweep, on_expire):
@@ -229,9 +230,17 @@ class Requests:
         self.open_frames, self.paused, self.tick_scheduled, self.closed = 0, False, False, False
         self.next_id, self.last_id = 1, 0
         self.in_flight_max, self.timeout_ms = in_flight_max, timeout_ms
-        self._timeout_s = timeout_ms / 1000
         self._loop = loop
         self._on_tick, self._on_sweep, self._on_expire = on_tick, on_sweep, on_expire
+
+    @property
+    def timeout_ms(self):
+        return self._timeout_ms
+
+    @timeout_ms.setter
+    def timeout_ms(self, timeout_ms) -> None:
+        # AsyncClient.timeout_ms sets it: the default timeout of later requests
+        self._timeout_ms, self._timeout_s = timeout_ms, timeout_ms / 1000
 
     def has_slot(self) -> bool:
         return len(self.pending) + self.open_frames < self.in_flight_max
@@ -251,7 +260,7 @@ class Requests:
         append_frame(self.out, op, request_id, body)      # may refuse the body
         self.next_id += 1
         self.last_id = request_id
-        if not timeout_ms or timeout_ms == self.timeout_ms:
+        if not timeout_ms or timeout_ms == self._timeout_ms:
             # The default timeout: no timer of its own (a timer and its cancel
             # cost more than the rest of a request); deadlines grow with the
             # request id, so one sweep timer finds the expired ones in order.

@@ -404,7 +404,7 @@ cdef class Requests:
     cdef public bint paused, tick_scheduled, closed
     cdef readonly uint64_t next_id, last_id
     cdef readonly Py_ssize_t in_flight_max
-    cdef readonly object timeout_ms
+    cdef object _timeout_ms
     cdef double timeout_s
     cdef object loop, create_future, time, on_tick, on_sweep, on_expire
 
@@ -414,9 +414,17 @@ cdef class Requests:
         self.open_frames, self.paused, self.tick_scheduled, self.closed = 0, False, False, False
         self.next_id, self.last_id = 1, 0
         self.in_flight_max, self.timeout_ms = in_flight_max, timeout_ms
-        self.timeout_s = timeout_ms / 1000
         self.loop, self.create_future, self.time = loop, loop.create_future, loop.time
         self.on_tick, self.on_sweep, self.on_expire = on_tick, on_sweep, on_expire
+
+    @property
+    def timeout_ms(self):
+        return self._timeout_ms
+
+    @timeout_ms.setter
+    def timeout_ms(self, timeout_ms):
+        # AsyncClient.timeout_ms sets it: the default timeout of later requests
+        self._timeout_ms, self.timeout_s = timeout_ms, timeout_ms / 1000
 
     cpdef bint has_slot(self):
         return len(self.pending) + self.open_frames < self.in_flight_max
@@ -437,7 +445,7 @@ cdef class Requests:
         frame_into(self.out, op, request_id, body)      # may refuse the body
         self.next_id += 1
         self.last_id = request_id
-        if not timeout_ms or timeout_ms == self.timeout_ms:
+        if not timeout_ms or timeout_ms == self._timeout_ms:
             timer, deadline = None, self.time() + self.timeout_s
             if self.sweep is None:
                 self.sweep = self.loop.call_at(deadline, self.on_sweep)

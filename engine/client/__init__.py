@@ -504,7 +504,7 @@ class AsyncClient:
             raise ValueError("timeout_ms must be > 0")
         if in_flight_max <= 0:
             raise ValueError("in_flight_max must be > 0")
-        self.timeout_ms = timeout_ms
+        self._timeout_ms = timeout_ms
         self.server_info: HelloInfo | None = None
         self.batches_sent = 0          # coalesced PAY/ISSUE frames (observability, tests)
         self._impl = _impl             # the hot path in use when the client was made
@@ -514,7 +514,7 @@ class AsyncClient:
         # TimerHandle or None, deadline), in request id order, which
         # _sweep_expired relies on), this tick's frames, the in-flight count
         # and the paused flag: read on every request, so kept in the hot
-        # path's class (C fields in the compiled one). It took timeout_ms now.
+        # path's class (C fields in the compiled one).
         self._state = self._impl.Requests(self._loop, timeout_ms, in_flight_max,
                                           self._end_of_tick, self._sweep_expired, self._expire)
         self._has_room = self._state.has_room      # no Python frame in between
@@ -636,6 +636,17 @@ class AsyncClient:
     @property
     def max_batch(self) -> int:
         return self._max_batch
+
+    @property
+    def timeout_ms(self) -> int:
+        """The default timeout of a request; setting it applies to later ones."""
+        return self._timeout_ms
+
+    @timeout_ms.setter
+    def timeout_ms(self, timeout_ms: int) -> None:
+        self._timeout_ms = timeout_ms
+        if self._state is not None:           # the failover client has none
+            self._state.timeout_ms = timeout_ms
 
     @property
     def in_flight(self) -> int:

@@ -402,6 +402,9 @@ def test_default_timeouts_expire_in_order_without_a_timer_each(fake):
                 "TimeoutError", "dict", "TimeoutError", "TimeoutError", "dict", "dict"]
             assert c.in_flight == 0 and c._sweep is None
             assert (await c.call("QUOTE", {"n": 9}))["echo"] == {"n": 9}
+            c.timeout_ms = 1000               # the default of the requests sent from now on
+            assert (await c.call("QUOTE", {"delay_ms": 300}))["echo"] == {"delay_ms": 300}
+            assert c.timeout_ms == 1000 and c.in_flight == 0
     run(main())
 
 

@@ -184,3 +184,19 @@ def test_a_refused_body_changes_nothing():
         else:
             raise AssertionError(f"{module.__name__}: an int body was framed")
         assert (bytes(state.out), state.pending, state.next_id, loop.log) == (b"", {}, 1, [])
+
+
+def test_a_new_default_timeout_applies_to_later_requests():
+    """AsyncClient.timeout_ms is settable (it was a plain attribute): the
+    state takes it for the deadlines of the requests sent afterwards."""
+    for module in TWINS:
+        loop = FakeLoop()
+        state = module.Requests(loop, TIMEOUT_MS, 4, "tick", "sweep", "expire")
+        state.request(16, b"", None)
+        state.timeout_ms = 1000
+        state.request(16, b"", None)
+        state.request(16, b"", TIMEOUT_MS)            # no longer the default: a timer
+        assert state.timeout_ms == 1000
+        assert [entry[3] for entry in state.pending.values()] == [
+            1000.125 + 0.25, 1000.25 + 1.0, 0.0], module.__name__
+        assert loop.log[-1] == ("later", 0.25, "expire", (3,))
