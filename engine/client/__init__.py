@@ -467,10 +467,13 @@ class _Coalescer:
         future = client._loop.create_future()
         futures = self.futures
         if not futures:
-            client._state.open_frames += 1     # it takes an in-flight slot from now on
+            state = client._state
+            state.open_frames += 1         # it takes an in-flight slot from now on
+            # Only the first record checks: _end_of_tick empties every open
+            # frame, so one with records always has its tick due.
+            if not state.tick_scheduled:
+                client._schedule_tick()
         futures.append(future)
-        if not client._state.tick_scheduled:
-            client._schedule_tick()
         if len(futures) >= client._max_batch:
             self.flush()
         return future
