@@ -291,6 +291,25 @@ def resolve(list futures, list results):
             future.set_result(results[i])
 
 
+cdef int hand_over(uint16_t op, uint16_t flags, uint64_t request_id, bytes body,
+                   dict pending, room_waiters, slow) except -1:
+    """A plain reply (no flags, the op sent) to a Future waiting under its
+    request id with no timer of its own, while nobody waits for room,
+    resolves that Future here; any other frame goes to slow()."""
+    cdef PyObject* found = PyDict_GetItem(pending, request_id)
+    cdef tuple entry = <tuple>found if found is not NULL else None
+    if (entry is not None and flags == 0 and entry[2] is None
+            and type(entry[0]) is not BatchWaiter and entry[1] == op
+            and len(room_waiters) == 0):
+        PyDict_DelItem(pending, request_id)
+        waiter = entry[0]
+        if not waiter.done():
+            waiter.set_result(body)
+    else:
+        slow(op, flags, request_id, body)
+    return 0
+
+
 cdef class FrameCutter:
     """Cuts the reply stream into frames; keeps a partial frame for the next feed."""
     cdef bytearray buffer
@@ -301,50 +320,40 @@ cdef class FrameCutter:
         self.error = None
 
     def feed(self, data):
-        cdef const uint8_t[::1] view
-        cdef Py_ssize_t at
-        if self.error is not None:
-            return [], self.error
-        if PyByteArray_GET_SIZE(self.buffer) == 0 and type(data) is bytes:
-            view = data                     # the usual case: nothing left over, no copy
-            frames, at = self.cut(view)
-            if at < view.shape[0]:
-                self.buffer += view[at:]
-        else:
-            self.buffer += data
-            view = self.buffer
-            frames, at = self.cut(view)
-            view = None                     # release the buffer before resizing it
-            if at:
-                del self.buffer[:at]
+        cdef list frames = []
+        if self.error is None:
+            self.consume(data, frames, None, None, None)
         return frames, self.error
 
     def deliver(self, data, dict pending, room_waiters, slow):
+        if self.error is None:
+            self.consume(data, None, pending, room_waiters, slow)
+        return self.error
+
+    cdef int consume(self, data, list frames, dict pending, room_waiters, slow) except -1:
+        """Cut `data` after what is buffered: each complete frame goes to
+        `frames` (feed) or is handed over (deliver); a partial one stays."""
         cdef const uint8_t[::1] view
         cdef Py_ssize_t at
-        if self.error is not None:
-            return self.error
         if PyByteArray_GET_SIZE(self.buffer) == 0 and type(data) is bytes:
             view = data                     # the usual case: nothing left over, no copy
-            at = self.hand_over(view, pending, room_waiters, slow)
+            at = self.cut(view, frames, pending, room_waiters, slow)
             if at < view.shape[0]:
                 self.buffer += view[at:]
         else:
             self.buffer += data
             view = self.buffer
-            at = self.hand_over(view, pending, room_waiters, slow)
+            at = self.cut(view, frames, pending, room_waiters, slow)
             view = None                     # release the buffer before resizing it
             if at:
                 del self.buffer[:at]
-        return self.error
+        return 0
 
-    cdef Py_ssize_t hand_over(self, const uint8_t[::1] view, dict pending, room_waiters,
-                              slow) except -1:
-        """deliver()'s loop: cut() with each frame handed over as it is cut."""
+    cdef Py_ssize_t cut(self, const uint8_t[::1] view, list frames, dict pending,
+                        room_waiters, slow) except -1:
+        """The offset after the last complete frame; a broken header sets `error`."""
         cdef Py_ssize_t at = 0, end, n = view.shape[0]
         cdef Header h
-        cdef PyObject* found
-        cdef tuple entry
         while n - at >= HEADER_BYTES:
             memcpy(&h, &view[at], HEADER_BYTES)
             if h.size > REPLY_BYTES_MAX:
@@ -354,37 +363,12 @@ cdef class FrameCutter:
             if end > n:
                 break
             body = PyBytes_FromStringAndSize(<const char*>&view[at + HEADER_BYTES], h.size)
-            request_id = h.request_id
-            found = PyDict_GetItem(pending, request_id)
-            entry = <tuple>found if found is not NULL else None
-            if (entry is not None and h.flags == 0 and entry[2] is None
-                    and type(entry[0]) is not BatchWaiter and entry[1] == h.op
-                    and len(room_waiters) == 0):
-                PyDict_DelItem(pending, request_id)
-                waiter = entry[0]
-                if not waiter.done():
-                    waiter.set_result(body)
+            if frames is not None:
+                frames.append((h.op, h.flags, h.request_id, body))
             else:
-                slow(h.op, h.flags, request_id, body)
+                hand_over(h.op, h.flags, h.request_id, body, pending, room_waiters, slow)
             at = end
         return at
-
-    cdef tuple cut(self, const uint8_t[::1] view):
-        cdef Py_ssize_t at = 0, end, n = view.shape[0]
-        cdef Header h
-        cdef list frames = []
-        while n - at >= HEADER_BYTES:
-            memcpy(&h, &view[at], HEADER_BYTES)
-            if h.size > REPLY_BYTES_MAX:
-                self.error = ProtocolError(f"reply of {h.size} bytes: the stream is broken")
-                break
-            end = at + HEADER_BYTES + h.size
-            if end > n:
-                break
-            frames.append((h.op, h.flags, h.request_id, PyBytes_FromStringAndSize(
-                <const char*>&view[at + HEADER_BYTES], h.size)))
-            at = end
-        return frames, at
 
     @property
     def buffered_bytes(self):
