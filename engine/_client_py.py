@@ -31,7 +31,7 @@ text of a record field; the Cython twin repeats them word for word.
   own, while `room_waiters` is empty, resolves that Future and leaves
   `pending`; every other frame goes to `slow(op, flags, request_id, body)`.
   It returns the error that broke the stream, or None. (A 1-record `pay()`
-  is a frame a call: this is half the client's CPU per call, see
+  is a frame a call, so a frame's delivery is on every call's path; see
   docs/performance.md.)
 - `Requests(loop, timeout_ms, in_flight_max, on_tick, on_sweep, on_expire)`:
   one connection's requests in flight (`pending`: request id -> (waiter,
@@ -45,7 +45,8 @@ text of a record field; the Cython twin repeats them word for word.
   for the default timeout (and starts the sweep, `loop.call_at(deadline,
   on_sweep)`, if none is due) or an own timer (`loop.call_later(...,
   on_expire, request_id)`), and schedules `on_tick` once per tick; a body
-  append_frame refuses changes nothing. `request(op, body, timeout_ms)`:
+  append_frame refuses changes nothing; `schedule_tick()` does the latter
+  alone (a coalesced frame's first record). `request(op, body, timeout_ms)`:
   None when closed or without room, else a new Future sent as above.
   `forget(request_id)`: drop the entry (cancelling its timer), True if
   there was one. (AsyncClient's request path: one call instead of a dozen
@@ -272,9 +273,14 @@ class Requests:
                                                     request_id), 0.0
         self.pending[request_id] = (waiter, op, timer, deadline)
         if not self.tick_scheduled:
-            self.tick_scheduled = True
-            self._loop.call_soon(self._on_tick)
+            self.schedule_tick()
         return request_id
+
+    def schedule_tick(self) -> None:
+        # on_tick runs after every callback already ready in this loop
+        # iteration, so all calls made in this tick are in its one write.
+        self.tick_scheduled = True
+        self._loop.call_soon(self._on_tick)
 
     def forget(self, request_id: int) -> bool:
         entry = self.pending.pop(request_id, None)

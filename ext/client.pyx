@@ -437,9 +437,14 @@ cdef class Requests:
             timer = self.loop.call_later(timeout_ms / 1000, self.on_expire, request_id)
         self.pending[request_id] = (waiter, op, timer, deadline)
         if not self.tick_scheduled:
-            self.tick_scheduled = True
-            self.loop.call_soon(self.on_tick)
+            self.schedule_tick()
         return request_id
+
+    cpdef schedule_tick(self):
+        # on_tick runs after every callback already ready in this loop
+        # iteration, so all calls made in this tick are in its one write.
+        self.tick_scheduled = True
+        self.loop.call_soon(self.on_tick)
 
     def forget(self, request_id):
         cdef PyObject* found = PyDict_GetItem(self.pending, request_id)

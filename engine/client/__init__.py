@@ -472,7 +472,7 @@ class _Coalescer:
             # Only the first record checks: _end_of_tick empties every open
             # frame, so one with records always has its tick due.
             if not state.tick_scheduled:
-                client._schedule_tick()
+                state.schedule_tick()
         futures.append(future)
         if len(futures) >= client._max_batch:
             self.flush()
@@ -737,12 +737,6 @@ class AsyncClient:
         finally:
             if state.forget(request_id):           # cancelled or failed before its reply
                 self._wake_room_waiter()
-
-    def _schedule_tick(self) -> None:
-        self._state.tick_scheduled = True
-        # Runs after every callback already ready in this loop iteration, so
-        # all calls made in this tick are in its frames and its one write.
-        self._loop.call_soon(self._end_of_tick)
 
     def _end_of_tick(self) -> None:
         """Send the coalesced frames, then every frame of this tick in one write."""
