@@ -16,7 +16,7 @@ import json
 import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
 
-from engine.replication.stream import StreamSettingsError, while_placement_pending
+from engine.replication.stream import StreamSettingsError, until_ready
 
 LEASE_KEY = "leader"
 
@@ -37,7 +37,7 @@ class Lease:
     async def open(self, replicas: int, allow_unreplicated: bool) -> None:
         """The bucket, created if missing; refused if its TTL or replicas
         are not this node's (every node must agree on the lease)."""
-        await while_placement_pending(lambda: self._open(replicas, allow_unreplicated))
+        await until_ready(lambda: self._open(replicas, allow_unreplicated))
 
     async def _open(self, replicas: int, allow_unreplicated: bool) -> None:
         try:

@@ -24,7 +24,7 @@ import re
 import nats.js.errors
 from nats.js.api import ObjectMeta, ObjectStoreConfig, StorageType
 
-from engine.replication.stream import StreamSettingsError, while_placement_pending
+from engine.replication.stream import StreamSettingsError, until_ready
 from engine.storage import snapshot as snapshots
 
 log = logging.getLogger("scanpay.replication")
@@ -71,9 +71,10 @@ class SnapshotStore:
 
     async def open(self, replicas: int, allow_unreplicated: bool) -> None:
         """The bucket, created if missing (`replicas`, file storage). A
-        starting cluster may not place the replicas yet (a peer not yet seen):
-        retried until READY_TIMEOUT_S, as the stream and the lease bucket are."""
-        await while_placement_pending(lambda: self._open(replicas, allow_unreplicated))
+        starting cluster may not place the replicas yet (a peer not yet seen)
+        or still elect its meta leader: retried until READY_TIMEOUT_S
+        (until_ready), as the stream and the lease bucket are."""
+        await until_ready(lambda: self._open(replicas, allow_unreplicated))
 
     async def _open(self, replicas: int, allow_unreplicated: bool) -> None:
         try:

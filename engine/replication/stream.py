@@ -211,19 +211,8 @@ class Stream:
         """The stream, created if missing (file storage, `replicas`
         replicas); refuses one with fewer replicas unless allow_unreplicated.
         Returns its replica count."""
-        deadline = self._loop_time() + READY_TIMEOUT_S
-        while True:
-            try:
-                return await self._ensure_once(replicas, allow_unreplicated)
-            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
-                    nats.errors.NoRespondersError) as error:
-                if self._loop_time() > deadline:
-                    why = getattr(error, "description", None) or type(error).__name__
-                    raise StreamSettingsError(
-                        f"the NATS cluster's JetStream was not ready within "
-                        f"{READY_TIMEOUT_S:.0f} s ({why}): check that the servers run with "
-                        f"JetStream enabled and see each other") from None
-                await self._sleep(READY_POLL_S)
+        found: int = await until_ready(lambda: self._ensure_once(replicas, allow_unreplicated))
+        return found
 
     async def _ensure_once(self, replicas: int, allow_unreplicated: bool) -> int:
         try:
@@ -353,24 +342,33 @@ class Stream:
         finally:
             await sub.unsubscribe()
 
-    @staticmethod
-    def _loop_time() -> float:
-        return asyncio.get_running_loop().time()
-
-    @staticmethod
-    async def _sleep(seconds: float) -> None:
-        await asyncio.sleep(seconds)
+# What a starting cluster answers while it elects its JetStream meta leader
+# (or has just lost it): retried until READY_TIMEOUT_S.
+NOT_READY_ERRORS = (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
+                    nats.errors.NoRespondersError)
 
 
-async def while_placement_pending(attempt):
-    """`await attempt()` again while it fails with PLACEMENT_PENDING (a
-    starting cluster that has not seen every peer yet), until
-    READY_TIMEOUT_S: creating the lease and snapshot buckets."""
-    deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
+async def until_ready(attempt):
+    """`await attempt()` again while the NATS cluster is not ready, until
+    READY_TIMEOUT_S: while it elects its JetStream meta leader (an API call
+    times out, no responders, unavailable) or has not seen every peer yet
+    (a StreamSettingsError naming PLACEMENT_PENDING). Finding or creating
+    the stream, the lease bucket and the snapshot bucket at start all wait
+    the same way; an attempt that times out after the server acted is safe
+    to repeat, as each one looks for what exists first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + READY_TIMEOUT_S
     while True:
         try:
             return await attempt()
+        except NOT_READY_ERRORS as error:
+            if loop.time() > deadline:
+                why = getattr(error, "description", None) or type(error).__name__
+                raise StreamSettingsError(
+                    f"the NATS cluster's JetStream was not ready within "
+                    f"{READY_TIMEOUT_S:.0f} s ({why}): check that the servers run with "
+                    f"JetStream enabled and see each other") from None
         except StreamSettingsError as error:
-            if PLACEMENT_PENDING not in str(error) or asyncio.get_running_loop().time() > deadline:
+            if PLACEMENT_PENDING not in str(error) or loop.time() > deadline:
                 raise
-            await asyncio.sleep(READY_POLL_S)
+        await asyncio.sleep(READY_POLL_S)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from engine.ports import free_port
 from support import ROOT
 from support.nats import start_cluster
@@ -42,3 +44,44 @@ def test_nats_servers_that_do_not_answer_are_one_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "the NATS servers do not answer" in lines[0], result.stderr
+
+
+def test_a_cluster_not_ready_yet_is_waited_for_then_refused_in_one_line(monkeypatch):
+    """Finding or creating the stream, the lease bucket and the snapshot
+    bucket at start all go through until_ready: an API call that times out
+    while a starting cluster elects its meta leader is tried again (a lease
+    bucket create that timed out once failed a node's start), placement not
+    yet possible too; other refusals and a cluster that never gets ready end
+    in a StreamSettingsError that says what to check."""
+    import asyncio
+
+    import nats.errors
+
+    from engine.replication import stream
+
+    monkeypatch.setattr(stream, "READY_POLL_S", 0.001)
+    failures = [nats.errors.TimeoutError(), nats.errors.NoRespondersError(),
+                stream.StreamSettingsError(f"cannot create ({stream.PLACEMENT_PENDING})")]
+    attempts = []
+
+    async def flaky():
+        attempts.append(1)
+        if failures:
+            raise failures.pop(0)
+        return "opened"
+
+    assert asyncio.run(stream.until_ready(flaky)) == "opened" and len(attempts) == 4
+
+    async def refused():
+        raise stream.StreamSettingsError("the lease bucket has a TTL of 3 s")
+    attempts.clear()
+    with pytest.raises(stream.StreamSettingsError, match="TTL"):
+        asyncio.run(stream.until_ready(lambda: (attempts.append(1), refused())[1]))
+    assert len(attempts) == 1                       # a refusal is not tried again
+
+    monkeypatch.setattr(stream, "READY_TIMEOUT_S", 0.01)
+
+    async def never():
+        raise nats.errors.TimeoutError()
+    with pytest.raises(stream.StreamSettingsError, match="not ready within .*JetStream enabled"):
+        asyncio.run(stream.until_ready(never))
