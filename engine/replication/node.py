@@ -33,7 +33,7 @@ from engine.replication.log import StreamLog, StreamTrimmed, StreamUnavailable
 from engine.replication.snapshot_store import SnapshotRefused, SnapshotStore
 from engine.replication.loop_thread import LoopThread
 from engine.replication.stream import (API_TIMEOUT_S, KIND_CHECKPOINT, KIND_TERM, Names, Refused,
-                                       Stream, parse_servers)
+                                       Stream, parse_servers, until_ready)
 from engine.storage import snapshot as snapshots
 from engine.storage.journal import JournalError
 
@@ -217,7 +217,9 @@ class ReplicaNode:
         the start if the stream no longer holds what the state needs."""
         local = self.local_snapshot()
         have = local[2] if local is not None else 0
-        for stored in reversed(self.nats.call(self.store.entries(), CONNECT_TIMEOUT_S)):
+        # Reads at start: a cluster still starting is waited for (until_ready).
+        for stored in reversed(self.nats.call(until_ready(self.store.entries),
+                                              CONNECT_TIMEOUT_S)):
             if stored.stream_seq <= have:
                 break
             try:
@@ -230,7 +232,7 @@ class ReplicaNode:
                         "message %d)", stored.name, stored.seq, stored.stream_seq)
             have = stored.stream_seq
             break
-        first = self.nats.call(self.stream.first_seq(), CONNECT_TIMEOUT_S)
+        first = self.nats.call(until_ready(self.stream.first_seq), CONNECT_TIMEOUT_S)
         if self.log.stream_seq > have and first > have + 1:
             raise JournalError(
                 f"the stream starts at message {first} (trimmed), but the newest snapshot this "

@@ -352,10 +352,12 @@ async def until_ready(attempt):
     """`await attempt()` again while the NATS cluster is not ready, until
     READY_TIMEOUT_S: while it elects its JetStream meta leader (an API call
     times out, no responders, unavailable) or has not seen every peer yet
-    (a StreamSettingsError naming PLACEMENT_PENDING). Finding or creating
-    the stream, the lease bucket and the snapshot bucket at start all wait
-    the same way; an attempt that times out after the server acted is safe
-    to repeat, as each one looks for what exists first."""
+    (a StreamSettingsError naming PLACEMENT_PENDING). A node's start waits
+    this way for each JetStream call it makes before it serves: finding or
+    creating the stream, the lease bucket and the snapshot bucket, and
+    reading the stored snapshots and the stream's first message. An attempt
+    that timed out after the server acted is safe to repeat: each one looks
+    for what exists first."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READY_TIMEOUT_S
     while True:
